@@ -1,0 +1,50 @@
+// Declares the oes_fast operators (schemas) and the Python module oes_fast._C.
+// CPU kernels register in csrc/cpu/*.cpp. The CUDA dispatch is registered from Python in
+// oes_fast/ops.py, which chooses between the CUDA C++ kernels exposed here and Triton.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+TORCH_LIBRARY(oes_fast, m) {
+  // float32 uniforms shaped like `like`, on its device: element j gets stream (seed, offset + j).
+  m.def("philox_uniform(Tensor like, int seed, int offset) -> Tensor");
+  // weight * sigmoid((logits + log(u) - log(1 - u)) / tau), u = philox_uniform(seed, offset + j).
+  m.def("gumbel_mask(Tensor logits, Tensor weight, int seed, int offset, float tau) -> Tensor");
+  // (grad_logits, grad_weight); grad_weight is an empty tensor unless weight_grad is true.
+  m.def(
+      "gumbel_mask_backward(Tensor grad, Tensor logits, Tensor weight, int seed, int offset, float tau, "
+      "bool weight_grad) -> (Tensor, Tensor)");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+#ifdef OES_FAST_WITH_CUDA
+  m.attr("with_cuda") = true;
+  m.def("philox_uniform_cuda", &oes_fast::philox_uniform_cuda);
+  m.def("gumbel_mask_cuda", &oes_fast::gumbel_mask_cuda);
+  m.def("gumbel_mask_backward_cuda", &oes_fast::gumbel_mask_backward_cuda);
+#else
+  m.attr("with_cuda") = false;
+#endif
+}
+
+namespace oes_fast {
+
+void check_gumbel_mask_inputs(const at::Tensor& logits, const at::Tensor& weight, int64_t seed, int64_t offset,
+                              double tau) {
+  TORCH_CHECK(logits.sizes() == weight.sizes(), "gumbel_mask: logits and weight must have the same shape, got ",
+              logits.sizes(), " and ", weight.sizes());
+  TORCH_CHECK(logits.scalar_type() == weight.scalar_type(), "gumbel_mask: logits and weight must have the same dtype, got ",
+              logits.scalar_type(), " and ", weight.scalar_type());
+  TORCH_CHECK(logits.device() == weight.device(), "gumbel_mask: logits and weight must be on the same device, got ",
+              logits.device(), " and ", weight.device());
+  const auto dtype = logits.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16,
+              "gumbel_mask: dtype must be float32, float64 or bfloat16, got ", dtype);
+  TORCH_CHECK(tau > 0.0 && std::isfinite(tau), "gumbel_mask: tau must be positive and finite, got ", tau);
+  TORCH_CHECK(seed >= 0, "gumbel_mask: seed must be non-negative, got ", seed);
+  TORCH_CHECK(offset >= 0 && offset <= INT64_MAX - logits.numel(),
+              "gumbel_mask: offset must be non-negative and offset + numel must fit in int64, got ", offset);
+}
+
+}  // namespace oes_fast

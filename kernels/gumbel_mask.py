@@ -1,0 +1,229 @@
+"""Triton kernels for the Gumbel (logistic-noise) mask and their Python launchers.
+
+Same ops and random stream as the C++ kernels in csrc/ (see csrc/philox.h): element j of a
+tensor uses tl.rand(seed, offset + j), i.e. Philox4x32-10 with key (seed lo, seed hi) and
+counter (offset lo, offset hi, 0, 0), offsets as int64 so 64-bit offsets work.
+
+    forward:  out = w * m,   m = sigmoid((p + log(u) - log(1 - u)) / tau)
+    backward: grad_p = g * w * m * (1 - m) / tau,   grad_w = g * m   (noise regenerated)
+
+float32 and bfloat16 compute in float32, float64 in float64 (u is always the float32 uniform
+of the contract, clamped, then widened). Works on CUDA tensors, and on CPU tensors when
+TRITON_INTERPRET=1 was set before triton was imported.
+"""
+import contextlib
+import operator
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["philox_uniform", "gumbel_mask_forward", "gumbel_mask_backward"]
+
+# 1024 elements per program with 4 warps = 8 elements per thread: enough independent Philox
+# chains per thread to hide the latency of its 10 mul-hi rounds, loads still vectorize to
+# 128 bits, and a flat grid of cdiv(n, 1024) programs fills every SM for the tensor sizes
+# this package sees (>= ~1e5 elements).
+BLOCK = 1024
+NUM_WARPS = 4
+
+# Uniforms are clamped to [2^-24, 1 - 2^-24] before the logs (kUniformMin/kUniformMax in
+# csrc/philox.h); both ends are exact in float32.
+U_MIN: tl.constexpr = tl.constexpr(5.9604644775390625e-08)
+U_MAX: tl.constexpr = tl.constexpr(0.99999994039535522)
+
+_INT64_MAX = 2**63 - 1
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
+@triton.jit
+def _logistic_noise(seed, offs, COMPUTE: tl.constexpr):
+    """log(u) - log(1 - u) in COMPUTE for int64 offsets; u is the clamped float32 uniform."""
+    u = tl.rand(seed, offs)
+    u = tl.minimum(tl.maximum(u, U_MIN), U_MAX).to(COMPUTE)
+    return tl.log(u) - tl.log(1.0 - u)
+
+
+@triton.jit
+def _tau(tau_bits, COMPUTE: tl.constexpr):
+    # tau arrives as the int64 bit pattern of a double: Triton passes Python floats as fp32,
+    # which would round tau for the float64 path. Rounded to float32 here for float32/bf16,
+    # as the C++ kernels do.
+    return tau_bits.to(tl.int64).to(tl.float64, bitcast=True).to(COMPUTE)
+
+
+@triton.jit(do_not_specialize=["seed", "offset"])
+def _philox_uniform_kernel(out_ptr, n, seed: tl.int64, offset: tl.int64, BLOCK: tl.constexpr):
+    # 64-bit flat index: tensors past 2^31 elements and offsets past 2^32 stay exact.
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < n
+    u = tl.rand(seed, idx + offset.to(tl.int64))  # unclamped, as the op promises
+    tl.store(out_ptr + idx, u, mask=mask)
+
+
+@triton.jit(do_not_specialize=["seed", "offset", "tau_bits"])
+def _gumbel_mask_fwd_kernel(p_ptr, w_ptr, out_ptr, n, seed: tl.int64, offset: tl.int64, tau_bits: tl.int64,
+                            COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < n
+    p = tl.load(p_ptr + idx, mask=mask).to(COMPUTE)
+    w = tl.load(w_ptr + idx, mask=mask).to(COMPUTE)
+    noise = _logistic_noise(seed, idx + offset.to(tl.int64), COMPUTE)
+    tau = _tau(tau_bits, COMPUTE)
+    # Same expression order as the CPU kernel: 1 / (1 + exp(-(p + noise) / tau)).
+    m = 1.0 / (1.0 + tl.exp(-(p + noise) / tau))
+    tl.store(out_ptr + idx, (w * m).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["seed", "offset", "tau_bits"])
+def _gumbel_mask_bwd_kernel(g_ptr, p_ptr, w_ptr, gp_ptr, gw_ptr, n, seed: tl.int64, offset: tl.int64,
+                            tau_bits: tl.int64, WEIGHT_GRAD: tl.constexpr, COMPUTE: tl.constexpr,
+                            BLOCK: tl.constexpr):
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < n
+    g = tl.load(g_ptr + idx, mask=mask).to(COMPUTE)
+    p = tl.load(p_ptr + idx, mask=mask).to(COMPUTE)
+    w = tl.load(w_ptr + idx, mask=mask).to(COMPUTE)
+    # The noise is regenerated from (seed, offset), never stored by the forward.
+    noise = _logistic_noise(seed, idx + offset.to(tl.int64), COMPUTE)
+    tau = _tau(tau_bits, COMPUTE)
+    m = 1.0 / (1.0 + tl.exp(-(p + noise) / tau))
+    # d/dp [w * sigmoid((p + L) / tau)] = w * m * (1 - m) / tau
+    gp = g * w * m * (1.0 - m) / tau
+    tl.store(gp_ptr + idx, gp.to(gp_ptr.dtype.element_ty), mask=mask)
+    if WEIGHT_GRAD:
+        tl.store(gw_ptr + idx, (g * m).to(gw_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _as_int(name, value):
+    if isinstance(value, bool):
+        raise TypeError(f"gumbel_mask: {name} must be an int, got bool")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"gumbel_mask: {name} must be an int, got {type(value).__name__}") from None
+
+
+def _check_seed_offset(op, seed, offset, numel):
+    seed, offset = _as_int("seed", seed), _as_int("offset", offset)
+    if not 0 <= seed <= _INT64_MAX:
+        raise ValueError(f"{op}: seed must be non-negative and fit in int64, got {seed}")
+    if not (offset >= 0 and offset <= _INT64_MAX - numel):
+        raise ValueError(f"{op}: offset must be non-negative and offset + numel must fit in int64, got {offset}")
+    return seed, offset
+
+
+# Whether @triton.jit made interpreter functions, which it does when TRITON_INTERPRET=1 was
+# set before this module was imported; only then can the kernels run on CPU tensors.
+INTERPRETED = not isinstance(_philox_uniform_kernel, triton.runtime.JITFunction)
+
+
+def _check_device(op, t):
+    if t.device.type != "cuda" and not INTERPRETED:
+        raise ValueError(f"{op}: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU), got {t.device}")
+
+
+def _check_inputs(logits, weight, seed, offset, tau):
+    """Mirror of check_gumbel_mask_inputs (csrc/ops.cpp); returns (seed, offset, tau)."""
+    for name, t in (("logits", logits), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"gumbel_mask: {name} must be a Tensor, got {type(t).__name__}")
+    if logits.shape != weight.shape:
+        raise ValueError(f"gumbel_mask: logits and weight must have the same shape, got {tuple(logits.shape)} "
+                         f"and {tuple(weight.shape)}")
+    if logits.dtype != weight.dtype:
+        raise TypeError(f"gumbel_mask: logits and weight must have the same dtype, got {logits.dtype} and {weight.dtype}")
+    if logits.device != weight.device:
+        raise ValueError(f"gumbel_mask: logits and weight must be on the same device, got {logits.device} "
+                         f"and {weight.device}")
+    if logits.dtype not in _DTYPES:
+        raise TypeError(f"gumbel_mask: dtype must be float32, float64 or bfloat16, got {logits.dtype}")
+    try:
+        tau = float(tau)
+    except (TypeError, ValueError):
+        raise TypeError(f"gumbel_mask: tau must be a float, got {type(tau).__name__}") from None
+    if not (tau > 0.0 and tau != float("inf")):  # also rejects nan
+        raise ValueError(f"gumbel_mask: tau must be positive and finite, got {tau}")
+    _check_device("gumbel_mask", logits)
+    seed, offset = _check_seed_offset("gumbel_mask", seed, offset, logits.numel())
+    return seed, offset, tau
+
+
+def _compute_dtype(dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _tau_bits(tau):
+    # Bit pattern of the double as a (non-negative, since tau > 0) int64; see _tau().
+    return struct.unpack("<q", struct.pack("<d", tau))[0]
+
+
+def _on_device(t):
+    # Triton launches on the current CUDA device and stream: make that the tensor's device.
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _grid(n):
+    return (triton.cdiv(n, BLOCK),)
+
+
+def philox_uniform(like: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
+    """float32 uniforms shaped like `like` on its device: element j = u(seed, offset + j), unclamped."""
+    if not isinstance(like, torch.Tensor):
+        raise TypeError(f"philox_uniform: like must be a Tensor, got {type(like).__name__}")
+    _check_device("philox_uniform", like)
+    seed, offset = _check_seed_offset("philox_uniform", seed, offset, like.numel())
+    out = torch.empty(like.shape, dtype=torch.float32, device=like.device)
+    n = out.numel()
+    if n == 0:
+        return out
+    with _on_device(like):
+        _philox_uniform_kernel[_grid(n)](out, n, seed, offset, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    return out
+
+
+def gumbel_mask_forward(logits: torch.Tensor, weight: torch.Tensor, seed: int, offset: int, tau: float) -> torch.Tensor:
+    """weight * sigmoid((logits + log(u) - log(1 - u)) / tau); same dtype and shape as logits, contiguous."""
+    seed, offset, tau = _check_inputs(logits, weight, seed, offset, tau)
+    p, w = logits.contiguous(), weight.contiguous()
+    out = torch.empty_like(p, memory_format=torch.contiguous_format)
+    n = p.numel()
+    if n == 0:
+        return out
+    with _on_device(p):
+        _gumbel_mask_fwd_kernel[_grid(n)](p, w, out, n, seed, offset, _tau_bits(tau),
+                                          COMPUTE=_compute_dtype(p.dtype), BLOCK=BLOCK, num_warps=NUM_WARPS)
+    return out
+
+
+def gumbel_mask_backward(grad: torch.Tensor, logits: torch.Tensor, weight: torch.Tensor, seed: int, offset: int,
+                         tau: float, weight_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_logits, grad_weight); grad_weight is an empty [0] tensor unless weight_grad."""
+    seed, offset, tau = _check_inputs(logits, weight, seed, offset, tau)
+    if not isinstance(grad, torch.Tensor):
+        raise TypeError(f"gumbel_mask_backward: grad must be a Tensor, got {type(grad).__name__}")
+    if grad.shape != logits.shape or grad.dtype != logits.dtype:
+        raise ValueError("gumbel_mask_backward: grad must match logits in shape and dtype, got "
+                         f"{tuple(grad.shape)} {grad.dtype} and {tuple(logits.shape)} {logits.dtype}")
+    if grad.device != logits.device:
+        raise ValueError(f"gumbel_mask_backward: grad must be on the device of logits, got {grad.device} "
+                         f"and {logits.device}")
+    g, p, w = grad.contiguous(), logits.contiguous(), weight.contiguous()
+    grad_logits = torch.empty_like(p, memory_format=torch.contiguous_format)
+    if weight_grad:
+        grad_weight = torch.empty_like(w, memory_format=torch.contiguous_format)
+    else:
+        grad_weight = torch.empty((0,), dtype=p.dtype, device=p.device)
+    n = p.numel()
+    if n == 0:
+        return grad_logits, grad_weight
+    with _on_device(p):
+        # Without weight_grad the kernel never touches gw_ptr; grad_logits stands in for it.
+        _gumbel_mask_bwd_kernel[_grid(n)](g, p, w, grad_logits, grad_weight if weight_grad else grad_logits, n,
+                                          seed, offset, _tau_bits(tau), WEIGHT_GRAD=bool(weight_grad),
+                                          COMPUTE=_compute_dtype(p.dtype), BLOCK=BLOCK, num_warps=NUM_WARPS)
+    return grad_logits, grad_weight

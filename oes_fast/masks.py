@@ -1,0 +1,248 @@
+"""Masks as data: one boolean tensor per parameter, keyed by parameter name.
+
+The flat order (`to_flat`, `from_flat`) is the reference order of `model.parameters()`
+(oes_fast.flat). Files are safetensors with metadata: the format and its version, the density,
+the architecture (model config) and the seeds that rebuild the weights the mask belongs to.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from . import rng
+from .flat import FlatLayout
+
+FORMAT = "oes_fast.mask"
+FORMAT_VERSION = 1
+
+
+class MaskMismatchError(ValueError):
+    """A mask that does not fit a model (names, shapes or architecture)."""
+
+
+class Mask:
+    """Per-parameter boolean masks (True = kept), in the model's parameter order.
+
+    `seed` is the weight seed (`oes_fast.models.skip_oes(seed=mask.seed)` rebuilds the
+    weights the mask was found for), `z_seed` the seed of the DIP input, `architecture` the
+    model's config; `meta` holds anything else worth keeping (JSON-serializable).
+    """
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], *, architecture: dict | None = None,
+                 seed: int | None = None, z_seed: int | None = None, meta: dict | None = None):
+        self.tensors: OrderedDict[str, torch.Tensor] = OrderedDict()
+        for name, t in tensors.items():
+            if t.dtype != torch.bool:
+                raise TypeError(f"mask for {name!r} must be a bool tensor, got {t.dtype}")
+            self.tensors[name] = t.detach().to("cpu")
+        self.architecture = architecture
+        self.seed = seed
+        self.z_seed = z_seed
+        self.meta = dict(meta or {})
+
+    # --- mapping interface
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def items(self):
+        return self.tensors.items()
+
+    @property
+    def layout(self) -> FlatLayout:
+        return FlatLayout.from_shapes({n: t.shape for n, t in self.tensors.items()})
+
+    # --- counts
+    @property
+    def numel(self) -> int:
+        return sum(t.numel() for t in self.tensors.values())
+
+    @property
+    def kept(self) -> int:
+        return sum(int(t.sum()) for t in self.tensors.values())
+
+    @property
+    def density(self) -> float:
+        """Fraction of parameters kept."""
+        return self.kept / self.numel if self.numel else 0.0
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of parameters pruned (1 - density)."""
+        return 1.0 - self.density
+
+    def to_flat(self) -> torch.Tensor:
+        return self.layout.flatten(self.tensors)
+
+    def layer_stats(self) -> list[dict]:
+        """Per parameter: name, shape, numel, kept, density; for conv weights also the output
+        channels with nothing kept (`empty_out_channels`)."""
+        rows = []
+        for name, t in self.tensors.items():
+            row = dict(name=name, shape=tuple(t.shape), numel=t.numel(), kept=int(t.sum()))
+            row["density"] = row["kept"] / row["numel"] if row["numel"] else 0.0
+            if t.dim() == 4:
+                row["out_channels"] = t.shape[0]
+                row["empty_out_channels"] = int((~t.flatten(1).any(1)).sum())
+            rows.append(row)
+        return rows
+
+    # --- relation to a model
+    def check_fits(self, model: nn.Module) -> None:
+        """Raise MaskMismatchError naming the first parameter that does not line up."""
+        params = list(model.named_parameters())
+        masks = list(self.tensors.items())
+        for i, ((pname, p), (mname, m)) in enumerate(zip(params, masks)):
+            if pname != mname or p.shape != m.shape:
+                raise MaskMismatchError(
+                    f"mask does not fit the model at parameter {i}: model has {pname!r} {tuple(p.shape)}, "
+                    f"mask has {mname!r} {tuple(m.shape)}"
+                )
+        if len(params) != len(masks):
+            which = "model" if len(params) > len(masks) else "mask"
+            extra = (params if which == "model" else masks)[min(len(params), len(masks))][0]
+            raise MaskMismatchError(
+                f"mask does not fit the model: the model has {len(params)} parameters, the mask {len(masks)}; "
+                f"first unmatched ({which}): {extra!r}"
+            )
+        config = getattr(model, "config", None)
+        if self.architecture is not None and config is not None and dict(config) != dict(self.architecture):
+            diff = sorted(k for k in set(config) | set(self.architecture) if config.get(k) != self.architecture.get(k))
+            raise MaskMismatchError(f"mask was made for another architecture: differs in {diff}")
+
+    @torch.no_grad()
+    def apply_(self, model: nn.Module) -> nn.Module:
+        """Zero the pruned parameters of `model` in place."""
+        self.check_fits(model)
+        for name, p in model.named_parameters():
+            p.mul_(self.tensors[name].to(device=p.device, dtype=p.dtype))
+        return model
+
+    def __repr__(self) -> str:
+        return f"Mask({len(self)} parameters, kept {self.kept} of {self.numel}, density {self.density:.4f})"
+
+
+def from_flat(model: nn.Module, flat: torch.Tensor, **attributes) -> Mask:
+    """Mask from a flat boolean vector in the model's parameter order."""
+    flat = torch.as_tensor(flat)
+    if flat.dtype != torch.bool:
+        raise TypeError(f"flat mask must be bool, got {flat.dtype}")
+    layout = FlatLayout.from_model(model)
+    if flat.dim() != 1 or flat.numel() != layout.numel:
+        raise MaskMismatchError(
+            f"flat mask has {flat.numel()} elements but the model has {layout.numel} parameters"
+        )
+    attributes.setdefault("architecture", getattr(model, "config", None))
+    return Mask(layout.views(flat.cpu()), **attributes)
+
+
+def _check_density(density: float) -> float:
+    density = float(density)
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    return density
+
+
+def topk(logits, density: float, *, seed: int = 0, model: nn.Module | None = None, **attributes) -> Mask:
+    """Hard mask keeping the round(density * n) largest logits over ALL parameters.
+
+    `logits` is a mapping name -> tensor (the usual case), or a flat tensor together with
+    `model` for the names. Ties at the threshold are broken by seeded random keys.
+    """
+    density = _check_density(density)
+    if isinstance(logits, Mapping):
+        layout = FlatLayout.from_shapes({n: t.shape for n, t in logits.items()})
+        flat = layout.flatten({n: t.detach() for n, t in logits.items()})
+    else:
+        if model is None:
+            raise TypeError("topk: a flat logits tensor needs model= for the parameter names")
+        layout = FlatLayout.from_model(model)
+        flat = logits.detach().reshape(-1)
+        if flat.numel() != layout.numel:
+            raise MaskMismatchError(f"logits have {flat.numel()} elements, the model {layout.numel} parameters")
+        attributes.setdefault("architecture", getattr(model, "config", None))
+    if torch.isnan(flat).any():
+        raise ValueError("topk: logits contain NaN")
+    n = flat.numel()
+    k = round(density * n)
+    if k == 0:
+        raise ValueError(f"density {density} keeps no parameter of {n}")
+    flat = flat.cpu().double()
+    tiebreak = rng.uniform((n,), rng.stream_seed(seed, "topk"))
+    # lexicographic order: logit descending, then tie-break key descending (stable sorts)
+    by_key = torch.sort(tiebreak, descending=True, stable=True).indices
+    by_logit = torch.sort(flat[by_key], descending=True, stable=True).indices
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[by_key[by_logit[:k]]] = True
+    mask = Mask(layout.views(keep), **attributes)
+    mask.meta.setdefault("density_requested", density)
+    return mask
+
+
+# ------------------------------------------------------------------------------ files
+def save(mask: Mask, path) -> None:
+    """Write a safetensors file atomically (temporary file, then rename)."""
+    from safetensors.torch import save_file
+
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "density": repr(mask.density),
+        "kept": str(mask.kept),
+        "numel": str(mask.numel),
+        "order": json.dumps(list(mask.tensors)),
+        "architecture": json.dumps(mask.architecture),
+        "seed": json.dumps(mask.seed),
+        "z_seed": json.dumps(mask.z_seed),
+        "meta": json.dumps(mask.meta),
+    }
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        save_file({n: t.contiguous() for n, t in mask.tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load(path) -> Mask:
+    """Read a mask file written by `save`; a clear error for anything else."""
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"mask file not found: {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as exc:  # safetensors raises several types for a damaged file
+        raise ValueError(f"{path} is not a readable mask file (corrupt or not safetensors): {exc}") from exc
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an oes_fast mask file (format {metadata.get('format')!r})")
+    version = int(metadata.get("format_version", -1))
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{path} has mask format version {version}; this oes_fast reads version {FORMAT_VERSION}")
+    try:
+        order = json.loads(metadata["order"])
+        attributes = dict(architecture=json.loads(metadata["architecture"]), seed=json.loads(metadata["seed"]),
+                          z_seed=json.loads(metadata["z_seed"]), meta=json.loads(metadata["meta"]))
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} has damaged mask metadata: {exc}") from exc
+    if sorted(order) != sorted(tensors):
+        raise ValueError(f"{path}: the parameter list in the metadata does not match the stored tensors")
+    mask = Mask({name: tensors[name] for name in order}, **attributes)
+    if mask.kept != int(metadata.get("kept", -1)):
+        raise ValueError(f"{path}: stored masks keep {mask.kept} parameters, the metadata says {metadata.get('kept')}")
+    return mask

@@ -4,6 +4,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <cstring>
+
 #include "ops.h"
 
 TORCH_LIBRARY(oes_fast, m) {
@@ -30,6 +32,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
 namespace oes_fast {
 
+// Tested on the bits: this file is compiled with -ffast-math, under which the compiler may
+// assume no NaN/Inf and drop an isfinite() test.
+bool is_positive_finite(double x) {
+  uint64_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  const bool negative = bits >> 63;
+  const bool inf_or_nan = ((bits >> 52) & 0x7ff) == 0x7ff;
+  return !negative && !inf_or_nan && (bits << 1) != 0;
+}
+
 void check_gumbel_mask_inputs(const at::Tensor& logits, const at::Tensor& weight, int64_t seed, int64_t offset,
                               double tau) {
   TORCH_CHECK(logits.sizes() == weight.sizes(), "gumbel_mask: logits and weight must have the same shape, got ",
@@ -41,10 +53,15 @@ void check_gumbel_mask_inputs(const at::Tensor& logits, const at::Tensor& weight
   const auto dtype = logits.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16,
               "gumbel_mask: dtype must be float32, float64 or bfloat16, got ", dtype);
-  TORCH_CHECK(tau > 0.0 && std::isfinite(tau), "gumbel_mask: tau must be positive and finite, got ", tau);
+  TORCH_CHECK(is_positive_finite(tau), "gumbel_mask: tau must be positive and finite, got ", tau);
   TORCH_CHECK(seed >= 0, "gumbel_mask: seed must be non-negative, got ", seed);
   TORCH_CHECK(offset >= 0 && offset <= INT64_MAX - logits.numel(),
               "gumbel_mask: offset must be non-negative and offset + numel must fit in int64, got ", offset);
 }
 
 }  // namespace oes_fast
+
+TORCH_LIBRARY_FRAGMENT(oes_fast, m) {
+  // (sum_j KL(Bernoulli(sigmoid(p_j)) || Bernoulli(density)), its gradient wrt p), one pass.
+  m.def("kl_prior(Tensor logits, float density) -> (Tensor, Tensor)");
+}

@@ -6,6 +6,9 @@
 
 namespace oes_fast {
 
+// x > 0 and finite, robust to -ffast-math.
+bool is_positive_finite(double x);
+
 // Checks every op does before launching: same shape, dtype and device; a floating dtype
 // among float32, float64, bfloat16; tau > 0; seed and offset non-negative.
 void check_gumbel_mask_inputs(const at::Tensor& logits, const at::Tensor& weight, int64_t seed, int64_t offset,

@@ -53,6 +53,21 @@ def _tau(tau_bits, COMPUTE: tl.constexpr):
     return tau_bits.to(tl.int64).to(tl.float64, bitcast=True).to(COMPUTE)
 
 
+@triton.jit
+def _store(ptr, idx, x, mask, BF16_BY_HAND: tl.constexpr):
+    """Stores float32/float64 x into ptr's dtype, rounding to nearest even."""
+    if BF16_BY_HAND:
+        # Triton's interpreter truncates float32 -> bfloat16 (compiled Triton and the C++
+        # kernels round to nearest even), so under it the rounding is done on the bits.
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        y = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        y = tl.where(x != x, x.to(tl.bfloat16), y)  # keep nan a nan
+    else:
+        y = x.to(ptr.dtype.element_ty)
+    tl.store(ptr + idx, y, mask=mask)
+
+
 @triton.jit(do_not_specialize=["seed", "offset"])
 def _philox_uniform_kernel(out_ptr, n, seed: tl.int64, offset: tl.int64, BLOCK: tl.constexpr):
     # 64-bit flat index: tensors past 2^31 elements and offsets past 2^32 stay exact.
@@ -64,7 +79,7 @@ def _philox_uniform_kernel(out_ptr, n, seed: tl.int64, offset: tl.int64, BLOCK: 
 
 @triton.jit(do_not_specialize=["seed", "offset", "tau_bits"])
 def _gumbel_mask_fwd_kernel(p_ptr, w_ptr, out_ptr, n, seed: tl.int64, offset: tl.int64, tau_bits: tl.int64,
-                            COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+                            COMPUTE: tl.constexpr, BF16_BY_HAND: tl.constexpr, BLOCK: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n
     p = tl.load(p_ptr + idx, mask=mask).to(COMPUTE)
@@ -73,13 +88,13 @@ def _gumbel_mask_fwd_kernel(p_ptr, w_ptr, out_ptr, n, seed: tl.int64, offset: tl
     tau = _tau(tau_bits, COMPUTE)
     # Same expression order as the CPU kernel: 1 / (1 + exp(-(p + noise) / tau)).
     m = 1.0 / (1.0 + tl.exp(-(p + noise) / tau))
-    tl.store(out_ptr + idx, (w * m).to(out_ptr.dtype.element_ty), mask=mask)
+    _store(out_ptr, idx, w * m, mask, BF16_BY_HAND)
 
 
 @triton.jit(do_not_specialize=["seed", "offset", "tau_bits"])
 def _gumbel_mask_bwd_kernel(g_ptr, p_ptr, w_ptr, gp_ptr, gw_ptr, n, seed: tl.int64, offset: tl.int64,
                             tau_bits: tl.int64, WEIGHT_GRAD: tl.constexpr, COMPUTE: tl.constexpr,
-                            BLOCK: tl.constexpr):
+                            BF16_BY_HAND: tl.constexpr, BLOCK: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n
     g = tl.load(g_ptr + idx, mask=mask).to(COMPUTE)
@@ -91,25 +106,26 @@ def _gumbel_mask_bwd_kernel(g_ptr, p_ptr, w_ptr, gp_ptr, gw_ptr, n, seed: tl.int
     m = 1.0 / (1.0 + tl.exp(-(p + noise) / tau))
     # d/dp [w * sigmoid((p + L) / tau)] = w * m * (1 - m) / tau
     gp = g * w * m * (1.0 - m) / tau
-    tl.store(gp_ptr + idx, gp.to(gp_ptr.dtype.element_ty), mask=mask)
+    _store(gp_ptr, idx, gp, mask, BF16_BY_HAND)
     if WEIGHT_GRAD:
-        tl.store(gw_ptr + idx, (g * m).to(gw_ptr.dtype.element_ty), mask=mask)
+        _store(gw_ptr, idx, g * m, mask, BF16_BY_HAND)
 
 
 # ----------------------------------------------------------------------------- launchers
 
 
-def _as_int(name, value):
+def _as_int(op, name, value):
+    # operator.index: ints and integer scalars (numpy, 0-d integer tensors), not floats or bools.
     if isinstance(value, bool):
-        raise TypeError(f"gumbel_mask: {name} must be an int, got bool")
+        raise TypeError(f"{op}: {name} must be an int, got bool")
     try:
         return operator.index(value)
     except TypeError:
-        raise TypeError(f"gumbel_mask: {name} must be an int, got {type(value).__name__}") from None
+        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}") from None
 
 
 def _check_seed_offset(op, seed, offset, numel):
-    seed, offset = _as_int("seed", seed), _as_int("offset", offset)
+    seed, offset = _as_int(op, "seed", seed), _as_int(op, "offset", offset)
     if not 0 <= seed <= _INT64_MAX:
         raise ValueError(f"{op}: seed must be non-negative and fit in int64, got {seed}")
     if not (offset >= 0 and offset <= _INT64_MAX - numel):
@@ -157,6 +173,10 @@ def _compute_dtype(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def _bf16_by_hand(dtype):
+    return INTERPRETED and dtype == torch.bfloat16
+
+
 def _tau_bits(tau):
     # Bit pattern of the double as a (non-negative, since tau > 0) int64; see _tau().
     return struct.unpack("<q", struct.pack("<d", tau))[0]
@@ -196,7 +216,8 @@ def gumbel_mask_forward(logits: torch.Tensor, weight: torch.Tensor, seed: int, o
         return out
     with _on_device(p):
         _gumbel_mask_fwd_kernel[_grid(n)](p, w, out, n, seed, offset, _tau_bits(tau),
-                                          COMPUTE=_compute_dtype(p.dtype), BLOCK=BLOCK, num_warps=NUM_WARPS)
+                                          COMPUTE=_compute_dtype(p.dtype), BF16_BY_HAND=_bf16_by_hand(p.dtype),
+                                          BLOCK=BLOCK, num_warps=NUM_WARPS)
     return out
 
 
@@ -225,5 +246,6 @@ def gumbel_mask_backward(grad: torch.Tensor, logits: torch.Tensor, weight: torch
         # Without weight_grad the kernel never touches gw_ptr; grad_logits stands in for it.
         _gumbel_mask_bwd_kernel[_grid(n)](g, p, w, grad_logits, grad_weight if weight_grad else grad_logits, n,
                                           seed, offset, _tau_bits(tau), WEIGHT_GRAD=bool(weight_grad),
-                                          COMPUTE=_compute_dtype(p.dtype), BLOCK=BLOCK, num_warps=NUM_WARPS)
+                                          COMPUTE=_compute_dtype(p.dtype), BF16_BY_HAND=_bf16_by_hand(p.dtype),
+                                          BLOCK=BLOCK, num_warps=NUM_WARPS)
     return grad_logits, grad_weight

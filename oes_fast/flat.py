@@ -43,4 +43,7 @@ class FlatLayout:
         """Per-parameter views into a flat tensor (no copies: gradients flow into `flat`)."""
         if flat.dim() != 1 or flat.numel() != self.numel:
             raise ValueError(f"flat tensor must be 1-D with {self.numel} elements, got shape {tuple(flat.shape)}")
-        return {n: flat.narrow(0, o, s.numel()).view(s) for n, s, o in zip(self.names, self.shapes, self.offsets)}
+        # one split rather than a narrow per parameter: its backward is a single cat, where
+        # each narrow's backward would write a zero-filled flat-sized gradient
+        pieces = torch.split(flat, [s.numel() for s in self.shapes])
+        return {n: piece.view(s) for n, s, piece in zip(self.names, self.shapes, pieces)}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Mapping
 
 import torch
@@ -132,6 +133,44 @@ class Mask:
         return f"Mask({len(self)} parameters, kept {self.kept} of {self.numel}, density {self.density:.4f})"
 
 
+@dataclass
+class MaskHealth:
+    """Whether a mask leaves a path through the network. `disconnected` lists the layers that
+    pass no signal: a conv with every weight pruned (its output is its bias, a constant) or a
+    batch norm with every scale pruned (its output is its shift). The hourglass has no skip
+    branches, so one such layer makes the whole output constant."""
+
+    disconnected: list[str]
+    sparse_layers: list[tuple[str, int]]  # conv weights keeping fewer than 1% of entries, with their kept count
+
+    @property
+    def ok(self) -> bool:
+        return not self.disconnected
+
+    @property
+    def message(self) -> str:
+        if self.ok:
+            return "every layer keeps some weights"
+        return "nothing kept in " + ", ".join(self.disconnected)
+
+
+def health(mask: Mask, model: nn.Module) -> MaskHealth:
+    mask.check_fits(model)
+    disconnected, sparse_layers = [], []
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        if isinstance(module, nn.modules.conv._ConvNd):
+            kept = int(mask[prefix + "weight"].sum())
+            if kept == 0:
+                disconnected.append(f"{module_name} (conv: all weights pruned)")
+            elif kept < 0.01 * module.weight.numel():
+                sparse_layers.append((module_name, kept))
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
+            if not bool(mask[prefix + "weight"].any()):
+                disconnected.append(f"{module_name} (batch norm: all scales pruned)")
+    return MaskHealth(disconnected, sparse_layers)
+
+
 def from_flat(model: nn.Module, flat: torch.Tensor, **attributes) -> Mask:
     """Mask from a flat boolean vector in the model's parameter order."""
     flat = torch.as_tensor(flat)
@@ -178,12 +217,14 @@ def topk(logits, density: float, *, seed: int = 0, model: nn.Module | None = Non
     if k == 0:
         raise ValueError(f"density {density} keeps no parameter of {n}")
     flat = flat.cpu().double()
-    tiebreak = rng.uniform((n,), rng.stream_seed(seed, "topk"))
-    # lexicographic order: logit descending, then tie-break key descending (stable sorts)
-    by_key = torch.sort(tiebreak, descending=True, stable=True).indices
-    by_logit = torch.sort(flat[by_key], descending=True, stable=True).indices
-    keep = torch.zeros(n, dtype=torch.bool)
-    keep[by_key[by_logit[:k]]] = True
+    threshold = torch.kthvalue(flat, n - k + 1).values  # the k-th largest logit
+    keep = flat > threshold
+    ties = torch.nonzero(flat == threshold).flatten()
+    missing = k - int(keep.sum())
+    if missing:
+        # ties at the threshold: the largest seeded keys win (then the lower index, by stable sort)
+        tiebreak = rng.uniform((n,), rng.stream_seed(seed, "topk"))[ties]
+        keep[ties[torch.sort(tiebreak, descending=True, stable=True).indices[:missing]]] = True
     mask = Mask(layout.views(keep), **attributes)
     mask.meta.setdefault("density_requested", density)
     return mask
@@ -246,3 +287,17 @@ def load(path) -> Mask:
     if mask.kept != int(metadata.get("kept", -1)):
         raise ValueError(f"{path}: stored masks keep {mask.kept} parameters, the metadata says {metadata.get('kept')}")
     return mask
+
+
+BUNDLED_FILE = "bundled_density0.05.safetensors"
+
+
+def bundled() -> Mask:
+    """The mask shipped with the package: found by this package's OES search at density 0.05
+    on the built-in astronaut sample (see `mask.meta` for the image, noise and budget). Its
+    `seed` and `z_seed` rebuild the weights and input it belongs to:
+    `oes_fast.models.skip_oes(seed=mask.seed)`, `oes_fast.models.dip_input(32, H, W, seed=mask.z_seed)`."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", BUNDLED_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"the bundled mask is missing from this installation ({path})")
+    return load(path)

@@ -19,14 +19,41 @@ namespace {
 constexpr int64_t kTile = 256;
 constexpr int64_t kGrain = 16384;
 
-// Logistic noise log(u) - log(1 - u) for kTile consecutive offsets, u clamped.
+// sigmoid(x) = 1 / (1 + exp(-x)), with -x capped below the overflow of exp: under -ffast-math
+// the vector division 1 / (1 + inf) gives NaN, not 0. The cap changes nothing representable
+// (the result is then below 1e-34 in float32, 1e-304 in float64).
 template <typename acc_t>
-inline void logistic_noise_tile(uint64_t seed, uint64_t first_offset, int64_t n, acc_t* noise) {
+inline acc_t stable_sigmoid(acc_t x) {
+  const acc_t max_neg_x = sizeof(acc_t) == 4 ? acc_t(80) : acc_t(700);
+  const acc_t neg_x = -x;
+  return acc_t(1) / (acc_t(1) + std::exp(neg_x < max_neg_x ? neg_x : max_neg_x));
+}
+
+// Every element goes through the same vector code whatever its position, thread split or
+// launch: work is cut into tiles of kTile elements counted from the start of the tensor, and
+// each tile (the last one zero-padded) runs loops of constant trip count on aligned local
+// buffers, so there is no scalar remainder or alignment peeling to give an element other bits.
+template <typename acc_t>
+struct alignas(64) Tile {
+  acc_t a[kTile];
+  acc_t b[kTile];
+  acc_t c[kTile];
+};
+
+// Logistic noise log(u) - log(1 - u) of kTile consecutive offsets, u clamped.
+template <typename acc_t>
+inline void logistic_noise_tile(uint64_t seed, uint64_t first_offset, acc_t* noise) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
+  for (int64_t i = 0; i < kTile; ++i) {
     const acc_t u = static_cast<acc_t>(clamp_uniform(philox_uniform(seed, first_offset + static_cast<uint64_t>(i))));
     noise[i] = std::log(u) - std::log(acc_t(1) - u);
   }
+}
+
+template <typename scalar_t, typename acc_t>
+inline void load_tile(const scalar_t* src, int64_t n, acc_t* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<acc_t>(src[i]);
+  for (int64_t i = n; i < kTile; ++i) dst[i] = acc_t(0);
 }
 
 template <typename scalar_t>
@@ -34,19 +61,17 @@ void gumbel_mask_forward_cpu(const scalar_t* logits, const scalar_t* weight, sca
                              uint64_t seed, uint64_t offset, double tau_d) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t tau = static_cast<acc_t>(tau_d);
-  at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
-    acc_t noise[kTile];
-    for (int64_t start = begin; start < end; start += kTile) {
-      const int64_t n = std::min(kTile, end - start);
-      logistic_noise_tile<acc_t>(seed, offset + static_cast<uint64_t>(start), n, noise);
-      const scalar_t* p = logits + start;
-      const scalar_t* w = weight + start;
-      scalar_t* o = out + start;
+  const int64_t tiles = (numel + kTile - 1) / kTile;
+  at::parallel_for(0, tiles, kGrain / kTile, [&](int64_t tile_begin, int64_t tile_end) {
+    Tile<acc_t> t;  // a: logits, b: weight, c: noise
+    for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+      const int64_t start = tile * kTile, n = std::min(kTile, numel - start);
+      logistic_noise_tile<acc_t>(seed, offset + static_cast<uint64_t>(start), t.c);
+      load_tile(logits + start, n, t.a);
+      load_tile(weight + start, n, t.b);
 #pragma omp simd
-      for (int64_t i = 0; i < n; ++i) {
-        const acc_t m = acc_t(1) / (acc_t(1) + std::exp(-(static_cast<acc_t>(p[i]) + noise[i]) / tau));
-        o[i] = static_cast<scalar_t>(static_cast<acc_t>(w[i]) * m);
-      }
+      for (int64_t i = 0; i < kTile; ++i) t.c[i] = t.b[i] * stable_sigmoid<acc_t>((t.a[i] + t.c[i]) / tau);
+      for (int64_t i = 0; i < n; ++i) out[start + i] = static_cast<scalar_t>(t.c[i]);
     }
   });
 }
@@ -57,21 +82,26 @@ void gumbel_mask_backward_cpu(const scalar_t* grad, const scalar_t* logits, cons
                               uint64_t offset, double tau_d) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t tau = static_cast<acc_t>(tau_d);
-  at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
-    acc_t noise[kTile];
-    for (int64_t start = begin; start < end; start += kTile) {
-      const int64_t n = std::min(kTile, end - start);
-      logistic_noise_tile<acc_t>(seed, offset + static_cast<uint64_t>(start), n, noise);
-      const scalar_t* g = grad + start;
-      const scalar_t* p = logits + start;
-      const scalar_t* w = weight + start;
-      scalar_t* gp = grad_logits + start;
+  const int64_t tiles = (numel + kTile - 1) / kTile;
+  at::parallel_for(0, tiles, kGrain / kTile, [&](int64_t tile_begin, int64_t tile_end) {
+    Tile<acc_t> t;      // a: logits, b: weight, c: noise, then the mask m
+    Tile<acc_t> g;      // a: upstream gradient, b: grad_logits, c: grad_weight
+    for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+      const int64_t start = tile * kTile, n = std::min(kTile, numel - start);
+      logistic_noise_tile<acc_t>(seed, offset + static_cast<uint64_t>(start), t.c);
+      load_tile(logits + start, n, t.a);
+      load_tile(weight + start, n, t.b);
+      load_tile(grad + start, n, g.a);
 #pragma omp simd
-      for (int64_t i = 0; i < n; ++i) {
-        const acc_t m = acc_t(1) / (acc_t(1) + std::exp(-(static_cast<acc_t>(p[i]) + noise[i]) / tau));
+      for (int64_t i = 0; i < kTile; ++i) {
+        const acc_t m = stable_sigmoid<acc_t>((t.a[i] + t.c[i]) / tau);
         // d/dp [w * sigmoid((p + L) / tau)] = w * m * (1 - m) / tau
-        gp[i] = static_cast<scalar_t>(static_cast<acc_t>(g[i]) * static_cast<acc_t>(w[i]) * m * (acc_t(1) - m) / tau);
-        if (grad_weight != nullptr) grad_weight[start + i] = static_cast<scalar_t>(static_cast<acc_t>(g[i]) * m);
+        g.b[i] = g.a[i] * t.b[i] * m * (acc_t(1) - m) / tau;
+        g.c[i] = g.a[i] * m;
+      }
+      for (int64_t i = 0; i < n; ++i) grad_logits[start + i] = static_cast<scalar_t>(g.b[i]);
+      if (grad_weight != nullptr) {
+        for (int64_t i = 0; i < n; ++i) grad_weight[start + i] = static_cast<scalar_t>(g.c[i]);
       }
     }
   });

@@ -30,7 +30,7 @@ def initialize(model: nn.Module, seed: int) -> nn.Module:
     Parameter j of the flat parameter space uses stream offset j, in float32 arithmetic
     whose every step is exactly rounded (so identical everywhere).
     """
-    seed = rng.stream_seed(seed, "init")
+    seed_user, seed = int(seed), rng.stream_seed(seed, "init")
     offset = 0
     for module in model.modules():
         if isinstance(module, nn.modules.conv._ConvNd):
@@ -52,6 +52,7 @@ def initialize(model: nn.Module, seed: int) -> nn.Module:
             offset += p.numel()
     if offset != sum(p.numel() for p in model.parameters()):
         raise RuntimeError("initialize: the model has parameters outside convs and batch norms")
+    model.init_seed = seed_user
     return model
 
 

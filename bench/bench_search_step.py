@@ -1,0 +1,116 @@
+"""One OES mask-search step on the CPU, against what a user would otherwise run.
+
+Run: python -m pytest bench/bench_search_step.py --benchmark-only --benchmark-json out.json
+then python bench/report.py out.json.
+
+Per image size (256 and 512 square, the OES network, 3,008,867 parameters):
+  search_step    oes_fast's step: ONE fused gumbel_mask launch over the flat parameters,
+                 the generator on views of that buffer, fused KL prior, Adam on the logits
+  dense_step     one plain dense DIP training step of the same network (forward, backward,
+                 Adam over all weights): the cost floor a search step is held to (target 1.2x)
+  authors_step   the authors'-style step: deep copy of the model, a two-class Gumbel-softmax
+                 per parameter tensor, multiply, forward, backward, Adam (target: 4x slower
+                 than search_step at 256)
+"""
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+import oes_fast
+from oes_fast import rng
+from oes_fast.flat import FlatLayout
+from oes_fast.ops import gumbel_mask, kl_prior
+from oes_fast.reference import KL_EPS
+
+ROUNDS = int(os.environ.get("OES_BENCH_ROUNDS", "5"))
+TAU, KL, DENSITY, LR = 0.2, 1e-9, 0.05, 0.01
+SIZES = [int(s) for s in os.environ.get("OES_BENCH_SIZES", "256,512").split(",")]
+
+
+def problem(size):
+    model = oes_fast.models.skip_oes(seed=0)
+    z = oes_fast.models.dip_input(32, size, size, seed=0)
+    y = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    return model, z, y
+
+
+class SearchStep:
+    """The body of oes_fast.search's loop (oes_fast/mask_search.py), step by step."""
+
+    def __init__(self, model, z, y):
+        self.model, self.z, self.y = model, z, y
+        self.layout = FlatLayout.from_model(model)
+        self.weights = self.layout.flatten({n: p.detach() for n, p in model.named_parameters()})
+        self.logits = torch.zeros(self.layout.numel, requires_grad=True)
+        self.optimizer = torch.optim.Adam([self.logits], lr=LR)
+        self.seed, self.step = rng.stream_seed(0, "search"), 0
+
+    def __call__(self):
+        self.optimizer.zero_grad(set_to_none=False)
+        masked = gumbel_mask(self.logits, self.weights, self.seed, self.step * self.layout.numel, TAU)
+        out = functional_call(self.model, self.layout.views(masked), (self.z,))
+        loss = torch.mean((out - self.y) ** 2)
+        loss.backward()
+        _, prior_grad = kl_prior(self.logits.detach(), DENSITY)
+        self.logits.grad.add_(prior_grad, alpha=KL)
+        self.optimizer.step()
+        self.step += 1
+
+
+class DenseStep:
+    def __init__(self, model, z, y):
+        self.model, self.z, self.y = copy.deepcopy(model), z, y
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=LR)
+
+    def __call__(self):
+        self.optimizer.zero_grad(set_to_none=False)
+        loss = torch.mean((self.model(self.z) - self.y) ** 2)
+        loss.backward()
+        self.optimizer.step()
+
+
+class AuthorsStep:
+    """As the OES authors' code does it: one logit tensor per parameter, a fresh deep copy of
+    the network per step whose parameters are replaced by W0 * a two-class Gumbel-softmax."""
+
+    def __init__(self, model, z, y):
+        self.model, self.z, self.y = model, z, y
+        self.logits = {n: torch.zeros_like(p, requires_grad=True) for n, p in model.named_parameters()}
+        self.w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+        self.optimizer = torch.optim.Adam(self.logits.values(), lr=LR)
+
+    def __call__(self):
+        self.optimizer.zero_grad(set_to_none=False)
+        net = copy.deepcopy(self.model)
+        prior = 0.0
+        for name, module in list(net.named_modules()):
+            for pname in list(module._parameters):
+                full = f"{name}.{pname}" if name else pname
+                s = torch.sigmoid(self.logits[full])
+                two_class = torch.stack([torch.log(s), torch.log(1 - s)], dim=-1)
+                m = F.gumbel_softmax(two_class, tau=TAU, hard=False)[..., 0]
+                del module._parameters[pname]
+                setattr(module, pname, self.w0[full] * m)
+                prior = prior + (s * torch.log((s + KL_EPS) / DENSITY)
+                                 + (1 - s) * torch.log((1 - s + KL_EPS) / (1 - DENSITY))).sum()
+        loss = torch.mean((net(self.z) - self.y) ** 2) + KL * prior
+        loss.backward()
+        self.optimizer.step()
+
+
+STEPS = {"search_step": SearchStep, "dense_step": DenseStep, "authors_step": AuthorsStep}
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("method", list(STEPS))
+def test_step(benchmark, method, size):
+    step = STEPS[method](*problem(size))
+    benchmark.group = f"search step {size}x{size}"
+    benchmark.extra_info.update(method=method, group=benchmark.group, size=size, baseline=method == "dense_step",
+                                torch_threads=torch.get_num_threads(), load_average_before=os.getloadavg()[0])
+    benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=1, iterations=1)
+    benchmark.extra_info["load_average_after"] = os.getloadavg()[0]

@@ -1,0 +1,208 @@
+"""Benchmarks of the sparse generator (issue 4), CPU, pytest-benchmark:
+
+    python -m pytest bench/bench_sparse.py --benchmark-only --benchmark-json /tmp/bench_sparse.json
+
+Everything on the OES network (seed 0) with the published pepper mask (density 0.05) applied
+to fresh weights, at 512x512 unless said otherwise, batch norm with batch statistics:
+- forward: masked dense model through torch (oneDNN), compaction alone (dense convs on the
+  compacted weights), the sparse generator (per-layer choice), and a torch.sparse baseline
+  (unfold + torch.sparse.mm on the masked CSR weights, which is what torch offers);
+- one training step (forward, MSE loss, backward, Adam): masked dense (gradients masked, as
+  the authors' loop) against the sparse generator;
+- a density sweep of one layer (64 -> 64 channels, 5x5, 128x128): sparse_conv2d against the
+  dense conv of the same (compacted) weight, to locate the crossover density;
+- the machine's measured peak (a large float32 matmul).
+`extra_info` holds the executed multiply-adds, so GFLOP/s = 2 * macs / time.
+Compare ratios within one run: the machine is shared and absolute times move.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from oes_fast import masks, models
+from oes_fast.sparse import CROSSOVER_DENSITY, SparseGenerator, sparse_conv2d, to_csr
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "oes_published_masks"
+SIZE = 512
+ROUNDS = 5
+
+
+def _mask(model, name="pepper"):
+    path = DATA / f"{name}_density0.05.npz"
+    if not path.exists():
+        pytest.skip(f"needs {path}")
+    d = np.load(path)
+    flat = torch.from_numpy(np.unpackbits(d["bits"])[: int(d["numel"])].astype(bool))
+    return masks.from_flat(model, flat)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = models.skip_oes(seed=0)
+    mask = _mask(model)
+    dense = copy.deepcopy(model)
+    mask.apply_(dense)
+    dense.train()
+    z = models.dip_input(32, SIZE, SIZE, seed=1)
+    target = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
+    return dict(model=model, mask=mask, dense=dense, z=z, target=target)
+
+
+def dense_macs(model, h, w):
+    """Multiply-adds of every conv of the dense network at input size h x w."""
+    total, shapes = 0, {}
+
+    def hook(mod, inp, out):
+        shapes[mod] = out.shape
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        model(torch.zeros(1, 32, h, w))
+    for h_ in handles:
+        h_.remove()
+    for m, s in shapes.items():
+        total += m.weight.numel() * s[2] * s[3]
+    return total
+
+
+def _run(benchmark, fn):
+    return benchmark.pedantic(fn, rounds=ROUNDS, warmup_rounds=1, iterations=1)
+
+
+# ------------------------------------------------------------------------------ forward
+@pytest.mark.benchmark(group="forward-512")
+def test_forward_dense_masked(benchmark, setup):
+    dense = setup["dense"]
+    benchmark.extra_info.update(macs=dense_macs(dense, SIZE, SIZE), kind="masked dense, torch/oneDNN")
+    with torch.no_grad():
+        _run(benchmark, lambda: dense(setup["z"]))
+
+
+@pytest.mark.benchmark(group="forward-512")
+def test_forward_compaction_only(benchmark, setup):
+    gen = SparseGenerator.from_masked(setup["model"], setup["mask"])
+    gen.set_mode("dense")
+    benchmark.extra_info.update(macs=sum(r["macs"] for r in gen.layer_stats(SIZE, SIZE)),
+                                kind="compacted, dense convs")
+    with torch.no_grad():
+        _run(benchmark, lambda: gen(setup["z"]))
+
+
+@pytest.mark.benchmark(group="forward-512")
+def test_forward_sparse_generator(benchmark, setup):
+    gen = SparseGenerator.from_masked(setup["model"], setup["mask"])
+    stats = gen.layer_stats(SIZE, SIZE)
+    benchmark.extra_info.update(macs=sum(r["macs"] for r in stats), kept_macs=sum(r["kept_macs"] for r in stats),
+                                crossover=CROSSOVER_DENSITY, kind="sparse generator",
+                                modes={r["name"]: r["mode"] for r in stats})
+    with torch.no_grad():
+        out = gen(setup["z"])
+        ref = setup["dense"](setup["z"])
+        benchmark.extra_info["max_abs_diff_vs_dense"] = float((out - ref).abs().max())
+        _run(benchmark, lambda: gen(setup["z"]))
+
+
+class TorchSparseConv(nn.Module):
+    """The torch.sparse baseline: reflect pad, unfold (im2col), CSR sparse x dense matmul."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.k = conv.kernel_size[0]
+        self.weight = conv.weight.detach().reshape(conv.out_channels, -1).to_sparse_csr()
+        self.bias = conv.bias.detach().view(-1, 1)
+
+    def forward(self, x):
+        p = (self.k - 1) // 2
+        n, _, h, w = x.shape
+        if p:
+            x = F.pad(x, (p,) * 4, mode="reflect")
+        cols = F.unfold(x, self.k)[0]  # (C_in k k, h w)
+        return (torch.sparse.mm(self.weight, cols) + self.bias).view(1, -1, h, w)
+
+
+@pytest.mark.benchmark(group="forward-512")
+def test_forward_torch_sparse(benchmark, setup):
+    net = copy.deepcopy(setup["dense"])
+    for name, mod in list(net.named_modules()):
+        for child_name, child in list(mod.named_children()):
+            if isinstance(child, nn.Conv2d):
+                setattr(mod, child_name, TorchSparseConv(child))
+    benchmark.extra_info.update(macs=setup["mask"].kept, kind="torch.sparse (unfold + sparse.mm), masked weights")
+    with torch.no_grad():
+        _run(benchmark, lambda: net(setup["z"]))
+
+
+# ------------------------------------------------------------------------------ training
+@pytest.mark.benchmark(group="train-step-512")
+def test_train_step_dense_masked(benchmark, setup):
+    net = copy.deepcopy(setup["dense"])
+    mask = setup["mask"]
+    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    pairs = [(p, mask[n].to(p.dtype)) for n, p in net.named_parameters()]
+    benchmark.extra_info.update(macs=3 * dense_macs(net, SIZE, SIZE), kind="masked dense step (grads masked)")
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = ((net(setup["z"]) - setup["target"]) ** 2).mean()
+        loss.backward()
+        for p, m in pairs:
+            p.grad.mul_(m)
+        opt.step()
+
+    _run(benchmark, step)
+
+
+@pytest.mark.benchmark(group="train-step-512")
+def test_train_step_sparse_generator(benchmark, setup):
+    gen = SparseGenerator.from_masked(setup["model"], setup["mask"])
+    opt = torch.optim.Adam(gen.parameters(), lr=0.01)
+    benchmark.extra_info.update(macs=3 * sum(r["macs"] for r in gen.layer_stats(SIZE, SIZE)),
+                                kind="sparse generator step")
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = ((gen(setup["z"]) - setup["target"]) ** 2).mean()
+        loss.backward()
+        opt.step()
+
+    _run(benchmark, step)
+
+
+# ------------------------------------------------------------------------------ sweep
+SWEEP = [0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5]
+
+
+@pytest.mark.benchmark(group="density-sweep-64x64x5x5-128")
+@pytest.mark.parametrize("impl", ["sparse", "dense"])
+@pytest.mark.parametrize("density", SWEEP)
+def test_density_sweep(benchmark, density, impl):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 64, 5, 5, generator=g)
+    keep = torch.rand(w.shape, generator=g) < density
+    w = w * keep
+    x = torch.rand(1, 64, 128, 128, generator=g)
+    values, row_ptr, col_idx = to_csr(w, keep)
+    nnz = int(keep.sum())
+    benchmark.extra_info.update(density=density, impl=impl, macs=(nnz if impl == "sparse" else w.numel()) * 128 * 128,
+                                crossover_used=CROSSOVER_DENSITY)
+    with torch.no_grad():
+        if impl == "sparse":
+            _run(benchmark, lambda: sparse_conv2d(x, values, row_ptr, col_idx, 5, None, 1, 2, "reflect"))
+        else:
+            _run(benchmark, lambda: F.conv2d(F.pad(x, (2,) * 4, mode="reflect"), w))
+
+
+# ------------------------------------------------------------------------------ peak
+@pytest.mark.benchmark(group="peak")
+def test_peak_matmul(benchmark):
+    a = torch.rand(2048, 2048)
+    b = torch.rand(2048, 2048)
+    benchmark.extra_info.update(macs=2048**3, kind="float32 matmul (machine peak, measured)")
+    _run(benchmark, lambda: a @ b)

@@ -1,0 +1,178 @@
+"""Writes bench/REPORT.md from pytest-benchmark JSON files (--benchmark-json).
+
+    python bench/report.py RESULTS.json [MORE.json ...] [--out bench/REPORT.md]
+
+Per group: median time, speedup over the authors'-style loop of the same group, elements/s,
+and the memory floor (bytes that must move / memory bandwidth measured here by timing a
+large torch copy). Also the machine, the torch and triton versions and the date.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+METHOD_ORDER = ["fused", "compiled", "plain_torch", "authors_loop"]
+METHOD_TEXT = {
+    "fused": "oes_fast.gumbel_mask, one launch on the flat buffers",
+    "compiled": "plain PyTorch under torch.compile (inductor)",
+    "plain_torch": "plain PyTorch on the flat buffers (rand, clamp, log, sigmoid, mul)",
+    "authors_loop": "authors' style: per-parameter two-class gumbel_softmax",
+}
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def triton_version() -> str:
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return "not installed"
+
+
+def measure_bandwidth(mib: int = 256, repeats: int = 10) -> tuple[float, int, int]:
+    """Copy bandwidth in bytes/s: median over `repeats` of dst.copy_(src), counting the read and
+    the write (2 x the buffer), buffers far larger than the caches."""
+    n = mib * 2**20 // 4
+    src = torch.rand(n)  # not zeros: some systems shortcut zero pages
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # touch the pages once
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return 2 * src.numel() * 4 / statistics.median(times), mib, repeats
+
+
+def load(paths):
+    rows, runs = [], []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        runs.append(dict(path=str(path), datetime=data.get("datetime", "?"), machine=data.get("machine_info", {})))
+        for bench in data.get("benchmarks", []):
+            info = bench.get("extra_info", {})
+            rows.append(dict(
+                run=Path(path).name,
+                name=bench["name"],
+                group=bench.get("group") or info.get("group") or "ungrouped",
+                method=info.get("method") or bench.get("param") or bench["name"],
+                median=bench["stats"]["median"],
+                iqr=bench["stats"]["iqr"],
+                minimum=bench["stats"]["min"],
+                rounds=bench["stats"]["rounds"],
+                elements=info.get("elements"),
+                bytes_per_element=info.get("bytes_per_element"),
+                baseline=bool(info.get("baseline")),
+                threads=info.get("torch_threads"),
+                load=info.get("load_average"),
+            ))
+    return rows, runs
+
+
+def fmt_rate(x: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if x >= scale:
+            return f"{x / scale:.1f} {unit}"
+    return f"{x:.0f} "
+
+
+def render(rows, runs, bandwidth) -> str:
+    bw, mib, repeats = bandwidth
+    threads = sorted({r["threads"] for r in rows if r["threads"] is not None})
+    lines = [
+        "# Benchmark report",
+        "",
+        f"Written by `bench/report.py` on {dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')} from "
+        + ", ".join(f"`{r['path']}` (run {r['datetime']})" for r in runs) + ".",
+        "",
+        "## Machine",
+        "",
+        f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores; torch threads during the run: "
+        f"{', '.join(map(str, threads)) or '?'}. No GPU: these are CPU timings.",
+        f"- torch {torch.__version__}, triton {triton_version()}, Python {platform.python_version()}, "
+        f"{platform.system()} {platform.release()}",
+        f"- Memory bandwidth measured by this script: {bw / 1e9:.1f} GB/s (torch copy of a {mib} MiB float32 "
+        f"buffer, read + write counted, median of {repeats}).",
+        f"- The machine is shared with other users: absolute times move from run to run, the ratios "
+        f"within one run are what to read, and only when the 1-minute load average (last column) stayed "
+        f"at or below the {os.cpu_count()} cores during the run.",
+        "",
+    ]
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r["run"], r["group"])].append(r)
+    for (run, group), members in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != "forward", kv[0][1])):
+        members.sort(key=lambda r: (METHOD_ORDER.index(r["method"]) if r["method"] in METHOD_ORDER else 99, r["name"]))
+        base = next((r for r in members if r["baseline"]), None)
+        elements = members[0]["elements"]
+        bpe = members[0]["bytes_per_element"]
+        title = f"### {group}" + (f" ({run})" if len(runs) > 1 else "")
+        lines += [title, ""]
+        if elements:
+            lines.append(f"{elements:,} elements (every parameter of the OES network), float32.")
+        if bpe and elements:
+            floor = bpe * elements / bw
+            lines.append(f"Memory floor: {bpe} B/element x {elements:,} = {bpe * elements / 1e6:.1f} MB, "
+                         f"{floor * 1e3:.2f} ms at {bw / 1e9:.1f} GB/s.")
+        lines += [
+            "",
+            "| method | median (ms) | IQR (ms) | rounds | speedup vs authors' loop | elements/s | effective GB/s "
+            "| memory floor / median | load avg before/after |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in members:
+            speedup = f"{base['median'] / r['median']:.2f}x" if base else "-"
+            rate = fmt_rate(r["elements"] / r["median"]) if r["elements"] else "-"
+            gbs = f"{r['bytes_per_element'] * r['elements'] / r['median'] / 1e9:.2f}" if r["bytes_per_element"] else "-"
+            frac = f"{(r['bytes_per_element'] * r['elements'] / bw) / r['median']:.1%}" if r["bytes_per_element"] else "-"
+            load = "/".join(f"{x:.1f}" for x in r["load"]) if r["load"] else "-"
+            label = f"`{r['method']}`" + (f": {METHOD_TEXT[r['method']]}" if r["method"] in METHOD_TEXT else "")
+            lines.append(f"| {label} | {r['median'] * 1e3:.2f} | {r['iqr'] * 1e3:.2f} | {r['rounds']} | {speedup} "
+                         f"| {rate} | {gbs} | {frac} | {load} |")
+        lines.append("")
+    lines += [
+        "Speedup = median of the authors'-style loop / median of the method, same group and run. "
+        "Effective GB/s counts only the bytes that must move (the floor), so it is a lower bound on "
+        "the traffic; 'memory floor / median' near 100 % would mean bandwidth-bound. The sampling is "
+        "compute-bound on a CPU (10 Philox rounds, two logs and an exp per element), so the "
+        "floor is far away here.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("json", nargs="+", help="pytest-benchmark JSON files")
+    parser.add_argument("--out", default=str(HERE / "REPORT.md"))
+    args = parser.parse_args(argv)
+    rows, runs = load(args.json)
+    if not rows:
+        raise SystemExit("no benchmarks in " + ", ".join(args.json))
+    text = render(rows, runs, measure_bandwidth())
+    Path(args.out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+// Declares the sparse_conv2d operators (schemas) and their shared argument checks.
+// CPU kernels: csrc/cpu/sparse_conv2d.cpp; CUDA C++: csrc/cuda/sparse_conv2d.cu (registered
+// there); Triton, fake and autograd registrations: the sparse_conv2d block of oes_fast/ops.py.
+#include <torch/library.h>
+
+#include "sparse_conv2d.h"
+
+TORCH_LIBRARY_FRAGMENT(oes_fast, m) {
+  // 2-D cross-correlation (as F.conv2d) with CSR weights (see sparse_conv2d.h) and the padding
+  // applied while reading ("reflect" or "zeros"), plus an optional bias.
+  m.def(
+      "sparse_conv2d(Tensor input, Tensor values, Tensor row_ptr, Tensor col_idx, Tensor? bias, "
+      "int[2] kernel_size, int[2] stride, int[2] padding, str padding_mode) -> Tensor");
+  // Gradient w.r.t. the input (the transposed sparse convolution, reflection folded back).
+  m.def(
+      "sparse_conv2d_input_grad(Tensor grad_output, Tensor values, Tensor row_ptr, Tensor col_idx, "
+      "int[4] input_size, int[2] kernel_size, int[2] stride, int[2] padding, str padding_mode) -> Tensor");
+  // Gradient w.r.t. the kept weights only: one value per stored nonzero.
+  m.def(
+      "sparse_conv2d_weight_grad(Tensor grad_output, Tensor input, Tensor row_ptr, Tensor col_idx, "
+      "int[2] kernel_size, int[2] stride, int[2] padding, str padding_mode) -> Tensor");
+}
+
+namespace oes_fast {
+
+SparseConvGeometry sparse_conv2d_geometry(at::IntArrayRef input_size, const at::Tensor& values,
+                                          const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                                          at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                          at::IntArrayRef padding, const std::string& padding_mode,
+                                          const at::Tensor& like) {
+  TORCH_CHECK(input_size.size() == 4, "sparse_conv2d: input must be 4-D (N, C, H, W), got ", input_size);
+  TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2,
+              "sparse_conv2d: kernel_size, stride and padding take two values each");
+  TORCH_CHECK(padding_mode == "reflect" || padding_mode == "zeros",
+              "sparse_conv2d: padding_mode must be 'reflect' or 'zeros', got '", padding_mode, "'");
+  const auto dtype = like.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "sparse_conv2d: dtype must be float32 or float64, got ",
+              dtype);
+  TORCH_CHECK(values.scalar_type() == dtype, "sparse_conv2d: values must have the input's dtype ", dtype, ", got ",
+              values.scalar_type());
+  TORCH_CHECK(row_ptr.scalar_type() == at::kLong, "sparse_conv2d: row_ptr must be int64, got ", row_ptr.scalar_type());
+  TORCH_CHECK(col_idx.scalar_type() == at::kInt, "sparse_conv2d: col_idx must be int32, got ", col_idx.scalar_type());
+  TORCH_CHECK(values.dim() == 1 && col_idx.dim() == 1 && row_ptr.dim() == 1 && row_ptr.numel() >= 1,
+              "sparse_conv2d: values, col_idx and row_ptr must be 1-D (row_ptr with C_out + 1 entries)");
+  TORCH_CHECK(values.numel() == col_idx.numel(), "sparse_conv2d: values and col_idx must have the same length, got ",
+              values.numel(), " and ", col_idx.numel());
+  for (const auto* t : {&values, &row_ptr, &col_idx}) {
+    TORCH_CHECK(t->device() == like.device(), "sparse_conv2d: all tensors must be on ", like.device(), ", got ",
+                t->device());
+  }
+  SparseConvGeometry g;
+  g.N = input_size[0];
+  g.C_in = input_size[1];
+  g.H = input_size[2];
+  g.W = input_size[3];
+  g.KH = kernel_size[0];
+  g.KW = kernel_size[1];
+  g.SH = stride[0];
+  g.SW = stride[1];
+  g.PH = padding[0];
+  g.PW = padding[1];
+  g.reflect = padding_mode == "reflect";
+  g.C_out = row_ptr.numel() - 1;
+  g.nnz = values.numel();
+  TORCH_CHECK(g.N >= 0 && g.C_in >= 0 && g.H > 0 && g.W > 0, "sparse_conv2d: bad input size ", input_size);
+  TORCH_CHECK(g.KH > 0 && g.KW > 0 && g.SH > 0 && g.SW > 0 && g.PH >= 0 && g.PW >= 0,
+              "sparse_conv2d: kernel_size and stride must be positive, padding non-negative");
+  if (g.reflect) {
+    TORCH_CHECK(g.PH < g.H && g.PW < g.W, "sparse_conv2d: reflection padding (", g.PH, ", ", g.PW,
+                ") must be smaller than the input's sides (", g.H, ", ", g.W, ")");
+  }
+  TORCH_CHECK(g.H + 2 * g.PH >= g.KH && g.W + 2 * g.PW >= g.KW, "sparse_conv2d: kernel larger than padded input");
+  TORCH_CHECK(g.C_in * g.KH * g.KW <= INT32_MAX, "sparse_conv2d: C_in * KH * KW must fit in int32");
+  g.H_out = (g.H + 2 * g.PH - g.KH) / g.SH + 1;
+  g.W_out = (g.W + 2 * g.PW - g.KW) / g.SW + 1;
+  // Index ranges are checked on the host only (CPU tensors): a device-side check would sync.
+  if (row_ptr.device().is_cpu()) {
+    const at::Tensor rp = row_ptr.contiguous(), ci = col_idx.contiguous();
+    const int64_t* r = rp.data_ptr<int64_t>();
+    TORCH_CHECK(r[0] == 0 && r[g.C_out] == g.nnz, "sparse_conv2d: row_ptr must start at 0 and end at nnz = ", g.nnz);
+    for (int64_t o = 0; o < g.C_out; ++o) {
+      TORCH_CHECK(r[o] <= r[o + 1], "sparse_conv2d: row_ptr must be non-decreasing");
+    }
+    const int32_t* c = ci.data_ptr<int32_t>();
+    const int64_t limit = g.C_in * g.KH * g.KW;
+    for (int64_t k = 0; k < g.nnz; ++k) {
+      TORCH_CHECK(c[k] >= 0 && c[k] < limit, "sparse_conv2d: col_idx[", k, "] = ", c[k], " out of range [0, ", limit,
+                  ")");
+    }
+  }
+  return g;
+}
+
+}  // namespace oes_fast

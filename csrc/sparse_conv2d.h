@@ -1,0 +1,30 @@
+// Declarations shared by the sparse_conv2d schemas (csrc/sparse_conv2d.cpp) and the kernels of
+// each backend (csrc/cpu/sparse_conv2d.cpp, csrc/cuda/sparse_conv2d.cu).
+//
+// Weight format: CSR over output channels. Row o holds the kept weights of output channel o;
+// col_idx[k] = c * KH * KW + ky * KW + kx names the input channel and tap, values[k] the weight.
+// row_ptr is int64 [C_out + 1], col_idx int32 [nnz], values [nnz] in the input's dtype.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <string>
+
+namespace oes_fast {
+
+struct SparseConvGeometry {
+  int64_t N, C_in, H, W;         // input
+  int64_t C_out, H_out, W_out;   // output
+  int64_t KH, KW, SH, SW, PH, PW;
+  bool reflect;                  // padding mode: true = reflection, false = zeros
+  int64_t nnz;
+};
+
+// Validates shapes, dtypes, devices and index ranges; returns the geometry. `input_size` is the
+// (N, C_in, H, W) of the convolution's input (for the input-gradient op the input is not passed).
+SparseConvGeometry sparse_conv2d_geometry(at::IntArrayRef input_size, const at::Tensor& values,
+                                          const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                                          at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                          at::IntArrayRef padding, const std::string& padding_mode,
+                                          const at::Tensor& like);
+
+}  // namespace oes_fast

@@ -1,0 +1,56 @@
+"""Figures written by the command line: PSNR curves and per-layer density profiles."""
+from __future__ import annotations
+
+import os
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path) -> None:
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def psnr_curves(curves: dict, path, title: str = "PSNR against the clean image") -> None:
+    """`curves`: label -> (steps, psnr values)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for label, (steps, values) in curves.items():
+        if values:
+            ax.plot(steps, values, label=label)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("PSNR (dB)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def layer_densities(masks: dict, path, title: str = "Kept fraction per layer") -> None:
+    """`masks`: label -> Mask. One line per mask over the conv weights, in network order."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    names = None
+    for label, mask in masks.items():
+        rows = [r for r in mask.layer_stats() if len(r["shape"]) == 4]
+        names = [r["name"].removesuffix(".weight") for r in rows]
+        ax.plot(range(len(rows)), [r["density"] for r in rows], marker="o", label=f"{label} ({mask.density:.3f})")
+    if names:
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=70, fontsize=7)
+    ax.set_ylabel("density (kept fraction)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, path)
+    plt.close(fig)

@@ -1,0 +1,530 @@
+"""Sparse generators: a pruned DIP hourglass that runs at the cost of what it keeps (issue 4).
+
+`SparseGenerator.from_masked(model, mask)` computes what `mask.apply_(model)` followed by a
+training-mode forward computes (batch norm with batch statistics), in two steps:
+
+1. Compaction, exact. The OES hourglass without skip branches is one chain of stages (conv,
+   pool, batch norm, activation, upsample, ..., 1x1 conv, sigmoid). Walking it forward, every
+   channel of every intermediate tensor is either *variable* or a spatial *constant*:
+   - a conv output channel none of whose kept taps reads a variable channel is a constant
+     (its bias plus the constants it reads times their tap sums; exact because reflection
+     padding of a constant plane is that constant plane);
+   - a batch norm (batch statistics) output is the constant beta where its input is constant
+     (zero variance) or its gamma is pruned (gamma * anything + beta);
+   - pooling, upsampling and activations map constants to constants.
+   Walking back from the output, a variable channel is *live* when a live channel reads it
+   through a kept tap (or through a batch norm with kept gamma). Only live channels are
+   computed; constants are folded into the bias of the conv that reads them, recomputed from
+   the parameters at every forward so that they stay differentiable. With the published masks
+   20-65 % of each conv's output channels disappear. Channels whose kept weights are never
+   read also get no gradient in the dense masked model, so the compaction is exact for
+   training as well (the structure is fixed by the mask, which training never changes).
+2. Per conv, `oes_fast.sparse_conv2d` (CSR weights, reflection fused, see below) when the
+   compacted weight is sparser than `CROSSOVER_DENSITY`, else a dense convolution (oneDNN)
+   on the compacted weight.
+
+Weight format: CSR over output channels (row_ptr int64 [C_out + 1], col_idx int32 = c * KH * KW
++ ky * KW + kx, values). The CPU kernel gives each thread whole output rows of one output
+channel and walks that channel's kept taps, each tap a multiply-add of a shifted input row into
+registers holding the output row: rows of the matrix are exactly what one writer needs, in the
+order it needs them, with no atomics. The transposed access of the input gradient is built from
+it by a counting sort in O(nnz).
+
+Not reproduced: the running statistics of batch norm (the dense model updates them in training
+mode; DIP never reads them).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops as _ops_module  # noqa: F401  (registers the operators)
+from .masks import Mask
+
+__all__ = ["CROSSOVER_DENSITY", "SparseGenerator", "to_csr", "sparse_conv2d"]
+
+FORMAT = "oes_fast.sparse_generator"
+FORMAT_VERSION = 1
+
+# Compacted-weight density above which a dense convolution on the compacted weight beats the
+# sparse kernel on CPU; measured by the density sweep in bench/bench_sparse.py (oneDNN vs
+# sparse_conv2d on the OES layer shapes, float32): see bench/REPORT.md.
+CROSSOVER_DENSITY = 0.3
+
+
+# ------------------------------------------------------------------------------------ the op
+def to_csr(weight: torch.Tensor, mask: torch.Tensor | None = None):
+    """(values, row_ptr, col_idx) of a (C_out, C_in, KH, KW) weight: CSR over output channels,
+    keeping the entries where `mask` is True (default: the nonzeros). The order within a row is
+    ascending col_idx = c * KH * KW + ky * KW + kx."""
+    if weight.dim() != 4:
+        raise ValueError(f"to_csr: weight must be 4-D (C_out, C_in, KH, KW), got shape {tuple(weight.shape)}")
+    c_out = weight.shape[0]
+    flat = weight.reshape(c_out, weight.shape[1] * weight.shape[2] * weight.shape[3])
+    keep = (flat != 0) if mask is None else mask.reshape(flat.shape).to(device=weight.device, dtype=torch.bool)
+    rows, cols = keep.nonzero(as_tuple=True)
+    row_ptr = torch.zeros(c_out + 1, dtype=torch.int64, device=weight.device)
+    row_ptr[1:] = torch.bincount(rows, minlength=c_out).cumsum(0)
+    return flat[rows, cols].contiguous(), row_ptr, cols.to(torch.int32).contiguous()
+
+
+def _pair(v) -> list[int]:
+    return [int(v), int(v)] if isinstance(v, int) else [int(v[0]), int(v[1])]
+
+
+def sparse_conv2d(input, values, row_ptr, col_idx, kernel_size, bias=None, stride=1, padding=0,
+                  padding_mode: str = "zeros") -> torch.Tensor:
+    """F.conv2d(pad(input), W, bias, stride) for the CSR weight W (see `to_csr`), with the padding
+    ("zeros" or "reflect") applied while reading. Differentiable in input, values and bias."""
+    return torch.ops.oes_fast.sparse_conv2d(input, values, row_ptr, col_idx, bias, _pair(kernel_size), _pair(stride),
+                                            _pair(padding), padding_mode)
+
+
+# ---------------------------------------------------------------------------------- stages
+def _idx(t) -> torch.Tensor:
+    return torch.as_tensor(t, dtype=torch.int64).reshape(-1)
+
+
+class _Stage(nn.Module):
+    """One step of the chain. forward(x, const, hw) -> (x, const, hw): x holds the live channels
+    only (None when there are none), const is the full-length vector of the constant channels'
+    values (None when all are structurally zero), hw = (batch, height, width)."""
+
+    kind = ""
+
+    def spec(self) -> dict:
+        return {}
+
+
+class _Conv(_Stage):
+    """A compacted convolution: live inputs -> live outputs (sparse or dense), plus the constants
+    of every output channel (bias + constants read through kept taps)."""
+
+    kind = "conv"
+
+    def __init__(self, spec: dict, tensors: dict):
+        super().__init__()
+        self.kernel = list(spec["kernel"])
+        self.c_out = int(spec["c_out"])
+        self.c_in = int(spec["c_in"])
+        self.select_in = bool(spec["select_in"])  # first conv: pick the live channels of z
+        self.mode = spec["mode"]
+        self.n_in = int(spec["n_in"])
+        self.n_out = int(spec["n_out"])
+        self.register_buffer("live_out", _idx(tensors["live_out"]))
+        self.register_buffer("row_ptr", tensors["row_ptr"].to(torch.int64))
+        self.register_buffer("col_idx", tensors["col_idx"].to(torch.int32))
+        self.values = nn.Parameter(tensors["values"].clone())
+        # flat positions of the CSR entries in the dense compacted weight (dense mode)
+        rows = torch.repeat_interleave(torch.arange(self.n_out), self.row_ptr[1:] - self.row_ptr[:-1])
+        kk = self.kernel[0] * self.kernel[1]
+        self.register_buffer("dense_pos", rows * (self.n_in * kk) + self.col_idx.to(torch.int64), persistent=False)
+        self.bias = nn.Parameter(tensors["bias"].clone()) if "bias" in tensors else None
+        if self.bias is not None:
+            self.register_buffer("bias_mask", tensors["bias_mask"].to(torch.bool))
+        self.fold_weight = nn.Parameter(tensors["fold_weight"].clone()) if "fold_weight" in tensors else None
+        if self.fold_weight is not None:
+            self.register_buffer("fold_in", _idx(tensors["fold_in"]))
+            self.register_buffer("fold_mask", tensors["fold_mask"].to(torch.bool))
+        self.register_buffer("live_in", _idx(tensors["live_in"]))
+
+    def spec(self) -> dict:
+        return dict(kernel=self.kernel, c_out=self.c_out, c_in=self.c_in, mode=self.mode, n_in=self.n_in,
+                    n_out=self.n_out, select_in=self.select_in)
+
+    def parameter_map(self, name):
+        """(parameter, original name, flat indices into the original parameter)."""
+        kk = self.kernel[0] * self.kernel[1]
+        rows = torch.repeat_interleave(torch.arange(self.n_out, device=self.row_ptr.device),
+                                       self.row_ptr[1:] - self.row_ptr[:-1])
+        col = self.col_idx.to(torch.int64)
+        index = (self.live_out[rows] * self.c_in + self.live_in[col // kk]) * kk + col % kk
+        out = [(self.values, f"{name}.weight", index)]
+        if self.bias is not None:
+            out.append((self.bias, f"{name}.bias", torch.arange(self.c_out)))
+        if self.fold_weight is not None:
+            o, f, r = torch.meshgrid(torch.arange(self.c_out), self.fold_in, torch.arange(kk), indexing="ij")
+            out.append((self.fold_weight, f"{name}.weight", ((o * self.c_in + f) * kk + r).reshape(-1)))
+        return out
+
+    @property
+    def density(self) -> float:
+        total = self.n_out * self.n_in * self.kernel[0] * self.kernel[1]
+        return self.values.numel() / total if total else 0.0
+
+    def constants(self, const_in):
+        const = None
+        if self.bias is not None:
+            const = self.bias * self.bias_mask
+        if self.fold_weight is not None:
+            taps = (self.fold_weight * self.fold_mask).sum((2, 3))  # (c_out, n_fold)
+            folded = taps @ const_in.index_select(0, self.fold_in)
+            const = folded if const is None else const + folded
+        return const
+
+    def dense_weight(self) -> torch.Tensor:
+        kk = self.kernel[0] * self.kernel[1]
+        w = self.values.new_zeros(self.n_out * self.n_in * kk).scatter(0, self.dense_pos, self.values)
+        return w.view(self.n_out, self.n_in, *self.kernel)
+
+    def forward(self, x, const, hw):
+        const_out = self.constants(const)
+        bias = const_out.index_select(0, self.live_out) if const_out is not None else None
+        if self.n_out == 0:
+            return None, const_out, hw
+        if x is None or self.n_in == 0:
+            # only the output conv gets here (its outputs are kept even when constant)
+            b = bias if bias is not None else self.values.new_zeros(self.n_out)
+            return b.view(1, -1, 1, 1).expand(hw[0], -1, hw[1], hw[2]).contiguous(), const_out, hw
+        if self.select_in:
+            x = x.index_select(1, self.live_in)
+        ph, pw = (self.kernel[0] - 1) // 2, (self.kernel[1] - 1) // 2
+        if self.mode == "sparse":
+            x = torch.ops.oes_fast.sparse_conv2d(x, self.values, self.row_ptr, self.col_idx, bias, self.kernel,
+                                                 [1, 1], [ph, pw], "reflect")
+        else:
+            if ph or pw:
+                x = F.pad(x, (pw, pw, ph, ph), mode="reflect")
+            x = F.conv2d(x, self.dense_weight(), bias)
+        return x, const_out, hw
+
+
+class _BatchNorm(_Stage):
+    """Batch norm with batch statistics on the live channels; constant channels give beta."""
+
+    kind = "bn"
+
+    def __init__(self, spec: dict, tensors: dict):
+        super().__init__()
+        self.eps = float(spec["eps"])
+        self.register_buffer("live", _idx(tensors["live"]))
+        self.weight = nn.Parameter(tensors["weight"].clone())
+        self.bias = nn.Parameter(tensors["bias"].clone())
+        self.register_buffer("weight_mask", tensors["weight_mask"].to(torch.bool))
+        self.register_buffer("bias_mask", tensors["bias_mask"].to(torch.bool))
+        self.const_zero = bool(spec["const_zero"])
+
+    def spec(self) -> dict:
+        return dict(eps=self.eps, const_zero=self.const_zero)
+
+    def forward(self, x, const, hw):
+        beta = self.bias * self.bias_mask
+        if x is not None:
+            gamma = (self.weight * self.weight_mask).index_select(0, self.live)
+            x = F.batch_norm(x, None, None, gamma, beta.index_select(0, self.live), True, 0.0, self.eps)
+        return x, (None if self.const_zero else beta), hw
+
+    def parameter_map(self, name):
+        index = torch.arange(self.weight.numel())
+        return [(self.weight, f"{name}.weight", index), (self.bias, f"{name}.bias", index)]
+
+
+_ACTS = {
+    "LeakyReLU": lambda x, inplace: F.leaky_relu(x, 0.2, inplace=inplace),
+    "ReLU": lambda x, inplace: F.relu(x, inplace=inplace),
+    "ELU": lambda x, inplace: F.elu(x, inplace=inplace),
+    "none": lambda x, inplace: x,
+}
+
+
+class _Elementwise(_Stage):
+    """Activation, pooling, upsampling or sigmoid: live channels and constants alike."""
+
+    kind = "elementwise"
+
+    def __init__(self, spec: dict, tensors: dict | None = None):
+        super().__init__()
+        self.op = spec["op"]
+        self.arg = spec.get("arg")
+
+    def spec(self) -> dict:
+        return dict(op=self.op, arg=self.arg)
+
+    def forward(self, x, const, hw):
+        if self.op == "act":
+            act = _ACTS[self.arg]
+            if x is not None:
+                # in place where autograd does not need the input (no grad, or the output suffices)
+                x = act(x, not torch.is_grad_enabled())
+            if const is not None:
+                const = act(const, False)
+        elif self.op == "pool":
+            if x is not None:
+                x = F.avg_pool2d(x, 2, 2) if self.arg == "avg" else F.max_pool2d(x, 2, 2)
+            hw = (hw[0], hw[1] // 2, hw[2] // 2)
+        elif self.op == "up":
+            if x is not None:
+                x = F.interpolate(x, scale_factor=2, mode=self.arg)
+            hw = (hw[0], hw[1] * 2, hw[2] * 2)
+        elif self.op == "sigmoid":
+            if x is not None:
+                x = torch.sigmoid(x)
+            const = None
+        else:  # pragma: no cover - specs are written by this module
+            raise ValueError(f"unknown stage {self.op!r}")
+        return x, const, hw
+
+
+_STAGES = {cls.kind: cls for cls in (_Conv, _BatchNorm, _Elementwise)}
+
+
+# ---------------------------------------------------------------------------------- the chain
+def _chain(model) -> list[tuple]:
+    """The Skip network without skip branches as a list of (kind, prefix, module, arg)."""
+    cfg = model.config
+    if any(cfg["channels_skip"]):
+        raise NotImplementedError("SparseGenerator supports the hourglass without skip branches (OES configuration)")
+    if cfg["pad"] != "reflection":
+        raise ValueError("SparseGenerator needs reflection padding: constant folding is exact only under it")
+    if cfg["act"] not in _ACTS:
+        raise ValueError(f"unsupported activation {cfg['act']!r}")
+    act = ("act", None, None, cfg["act"])
+    chain = []
+    for i, block in enumerate(model.down):
+        chain += [("conv", f"down.{i}.conv1", block.conv1, None), ("pool", None, None, cfg["downsample"]),
+                  ("bn", f"down.{i}.bn1", block.bn1, None), act,
+                  ("conv", f"down.{i}.conv2", block.conv2, None), ("bn", f"down.{i}.bn2", block.bn2, None), act]
+    for i in reversed(range(model.levels)):
+        chain += [("up", None, None, cfg["upsample"]), ("bn", f"up.{i}.bn_in", model.up[str(i)].bn_in, None),
+                  ("conv", f"up.{i}.conv", model.up[str(i)].conv, None), ("bn", f"up.{i}.bn", model.up[str(i)].bn, None),
+                  act]
+    chain.append(("conv", "out", model.out, None))
+    if cfg["sigmoid"]:
+        chain.append(("sigmoid", None, None, None))
+    return chain
+
+
+def _masked(module, prefix, name, mask):
+    p = getattr(module, name)
+    if p is None:
+        return None, None
+    m = mask[f"{prefix}.{name}"].to(p.device)
+    return (p.detach() * m.to(p.dtype)).clone(), m
+
+
+@torch.no_grad()
+def _compile(model, mask: Mask, crossover: float) -> tuple[list[dict], list[dict]]:
+    """Specs and tensors of the compacted stages (see the module docstring)."""
+    chain = _chain(model)
+    c = model.config["in_channels"]
+    # ---- forward: which channels vary, which constants are structurally zero
+    var, zero = torch.ones(c, dtype=torch.bool), torch.zeros(c, dtype=torch.bool)
+    info = []
+    for kind, prefix, module, arg in chain:
+        entry = dict(var_in=var, zero_in=zero)
+        if kind == "conv":
+            wm = mask[f"{prefix}.weight"].any(3).any(2)  # (C_out, C_in): any kept tap
+            bm = mask[f"{prefix}.bias"] if module.bias is not None else torch.zeros(wm.shape[0], dtype=torch.bool)
+            fold = ~var & ~zero  # constant channels that may be nonzero
+            var = (wm & var[None]).any(1)
+            zero = ~bm & ~(wm & fold[None]).any(1)
+            entry.update(taps=wm, fold=fold)
+        elif kind == "bn":
+            var = var & mask[f"{prefix}.weight"]
+            zero = ~mask[f"{prefix}.bias"]
+        elif kind == "sigmoid":
+            zero = torch.zeros_like(zero)
+        # act (f(0) = 0 for every supported one), pool, up: unchanged
+        entry.update(var_out=var, zero_out=zero)
+        info.append(entry)
+    # ---- backward: which variable channels are needed (live)
+    need = torch.ones(len(var), dtype=torch.bool)  # every output channel is produced
+    for j in reversed(range(len(chain))):
+        kind = chain[j][0]
+        e = info[j]
+        if kind == "conv" and j == max(i for i, s in enumerate(chain) if s[0] == "conv"):
+            live_out = torch.ones_like(need)  # the output conv keeps all channels, constant or not
+        else:
+            live_out = need & e["var_out"]
+        e["live_out"] = live_out
+        if kind == "conv":
+            need = e["var_in"] & (e["taps"][live_out]).any(0)
+        else:
+            need = live_out & e["var_in"]
+        e["live_in"] = need
+    # ---- stage specs and tensors
+    specs, tensors = [], []
+    first_conv = True
+    for (kind, prefix, module, arg), e in zip(chain, info):
+        if kind == "conv":
+            w, wmask = _masked(module, prefix, "weight", mask)
+            live_in, live_out = e["live_in"].nonzero().flatten(), e["live_out"].nonzero().flatten()
+            sub_mask = wmask[live_out][:, live_in]
+            values, row_ptr, col_idx = to_csr(w[live_out][:, live_in], sub_mask)
+            t = dict(live_out=live_out, row_ptr=row_ptr.cpu(), col_idx=col_idx.cpu(), values=values)
+            b, bmask = _masked(module, prefix, "bias", mask)
+            if b is not None and bool(bmask.any()):
+                t.update(bias=b, bias_mask=bmask)
+            fold_in = (e["fold"] & (e["taps"].any(0))).nonzero().flatten()
+            if len(fold_in):
+                t.update(fold_in=fold_in, fold_weight=w[:, fold_in].clone(), fold_mask=wmask[:, fold_in].clone())
+            t.update(live_in=live_in)
+            select_in = first_conv and len(live_in) != len(e["live_in"])
+            first_conv = False
+            kernel = list(module.kernel_size)
+            total = len(live_out) * len(live_in) * kernel[0] * kernel[1]
+            density = values.numel() / total if total else 0.0
+            specs.append(dict(kind="conv", name=prefix, kernel=kernel, c_out=int(w.shape[0]), c_in=int(w.shape[1]),
+                              n_in=len(live_in), n_out=len(live_out), select_in=select_in,
+                              mode="sparse" if density < crossover else "dense"))
+            tensors.append(t)
+        elif kind == "bn":
+            g, gm = _masked(module, prefix, "weight", mask)
+            b, bm = _masked(module, prefix, "bias", mask)
+            live = e["live_out"].nonzero().flatten()
+            specs.append(dict(kind="bn", name=prefix, eps=module.eps, const_zero=bool(e["zero_out"].all())))
+            tensors.append(dict(live=live, weight=g, bias=b, weight_mask=gm, bias_mask=bm))
+        else:
+            specs.append(dict(kind="elementwise", op=kind, arg=arg))
+            tensors.append({})
+    return specs, tensors
+
+
+class SparseGenerator(nn.Module):
+    """The masked DIP hourglass, compacted and sparse (see the module docstring).
+
+    `gen(z)` equals `mask.apply_(model); model.train(); model(z)` (up to rounding), and
+    gradients w.r.t. the kept parameters equal those of the masked dense model; pruned
+    entries never move (the kept ones are the only conv parameters; the few masked vectors
+    are multiplied by their masks)."""
+
+    def __init__(self, specs: Sequence[dict], tensors: Sequence[dict], config: dict, shapes: dict):
+        super().__init__()
+        self.config = dict(config)
+        self.shapes = {n: tuple(s) for n, s in shapes.items()}  # the dense model's parameters
+        self.stages = nn.ModuleList(_STAGES[s["kind"]](s, t) for s, t in zip(specs, tensors))
+        self.names = [s.get("name") for s in specs]
+
+    @classmethod
+    def from_masked(cls, model: nn.Module, mask: Mask, crossover: float = CROSSOVER_DENSITY) -> "SparseGenerator":
+        """Compact `model` with `mask` applied (the model itself is not modified)."""
+        mask.check_fits(model)
+        specs, tensors = _compile(model, mask, crossover)
+        gen = cls(specs, tensors, model.config, {n: tuple(p.shape) for n, p in model.named_parameters()})
+        p = next(model.parameters())
+        return gen.to(device=p.device, dtype=p.dtype)
+
+    # --- running
+    def check_input(self, z: torch.Tensor) -> None:
+        levels = len(self.config["channels_down"])
+        if z.dim() != 4 or z.shape[1] != self.config["in_channels"]:
+            raise ValueError(f"input must be (N, {self.config['in_channels']}, H, W), got {tuple(z.shape)}")
+        step = 2**levels
+        for side in z.shape[2:]:
+            if side % step or side < 4 * step:
+                raise ValueError(f"image sides must be multiples of {step} and at least {4 * step}, got "
+                                 f"{tuple(z.shape[2:])}")
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        self.check_input(z)
+        x, const, hw = z, None, (z.shape[0], z.shape[2], z.shape[3])
+        for stage in self.stages:
+            x, const, hw = stage(x, const, hw)
+        return x
+
+    def convs(self):
+        return [(n, s) for n, s in zip(self.names, self.stages) if isinstance(s, _Conv)]
+
+    def parameter_map(self) -> list[tuple[nn.Parameter, str, torch.Tensor]]:
+        """(parameter, name in the dense model, flat indices there) for every parameter."""
+        out = []
+        for name, stage in zip(self.names, self.stages):
+            if hasattr(stage, "parameter_map"):
+                out += stage.parameter_map(name)
+        return out
+
+    @torch.no_grad()
+    def dense_state_dict(self) -> dict[str, torch.Tensor]:
+        """The parameters of the dense model this generator computes (masked entries and the
+        kept entries the compaction proved unused are zero): load into the dense model with
+        strict=False (batch norm buffers are not included)."""
+        state = {n: torch.zeros(s, dtype=next(self.parameters()).dtype) for n, s in self.shapes.items()}
+        masks = {}
+        for stage in self.stages:
+            if isinstance(stage, _BatchNorm):
+                masks[id(stage.weight)], masks[id(stage.bias)] = stage.weight_mask, stage.bias_mask
+            elif isinstance(stage, _Conv) and stage.bias is not None:
+                masks[id(stage.bias)] = stage.bias_mask
+            if isinstance(stage, _Conv) and stage.fold_weight is not None:
+                masks[id(stage.fold_weight)] = stage.fold_mask
+        for param, name, index in self.parameter_map():
+            value = param.detach() * masks[id(param)] if id(param) in masks else param.detach()
+            state[name].view(-1)[index.cpu()] = value.reshape(-1).cpu()
+        return state
+
+    def set_mode(self, mode: str | None = None, crossover: float | None = None) -> None:
+        """Force every conv to "sparse" or "dense", or re-choose by a crossover density."""
+        for _, conv in self.convs():
+            if mode is not None:
+                conv.mode = mode
+            else:
+                conv.mode = "sparse" if conv.density < (CROSSOVER_DENSITY if crossover is None else crossover) else "dense"
+
+    def layer_stats(self, height: int, width: int) -> list[dict]:
+        """Per conv: kept channels, compacted density, mode, and the multiply-adds executed
+        (nonzeros for sparse, all compacted taps for dense) at input size height x width."""
+        rows, h, w = [], height, width
+        for name, stage in zip(self.names, self.stages):
+            if isinstance(stage, _Elementwise) and stage.op in ("pool", "up"):
+                h, w = (h // 2, w // 2) if stage.op == "pool" else (h * 2, w * 2)
+            if isinstance(stage, _Conv):
+                kk = stage.kernel[0] * stage.kernel[1]
+                dense_taps = stage.n_out * stage.n_in * kk
+                executed = stage.values.numel() if stage.mode == "sparse" else dense_taps
+                rows.append(dict(name=name, c_out=stage.c_out, n_out=stage.n_out, n_in=stage.n_in, nnz=stage.values.numel(),
+                                 density=stage.density, mode=stage.mode, hw=(h, w), macs=executed * h * w,
+                                 kept_macs=stage.values.numel() * h * w))
+        return rows
+
+    # --- files
+    def save(self, path) -> int:
+        """Write a safetensors file (kept weights, CSR indices as int16 where they fit, masks of
+        the small vectors) and return its size in bytes."""
+        from safetensors.torch import save_file
+
+        tensors = {}
+        for key, t in self.state_dict().items():
+            t = t.detach().cpu()
+            if t.dtype in (torch.int64, torch.int32) and t.numel() and int(t.max()) < 2**15 and int(t.min()) >= 0:
+                t = t.to(torch.int16)
+            tensors[key] = t.contiguous()
+        specs = [dict(kind=s.kind, name=n, **s.spec()) for n, s in zip(self.names, self.stages)]
+        metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "specs": json.dumps(specs),
+                    "config": json.dumps(self.config), "shapes": json.dumps(self.shapes)}
+        path = os.fspath(path)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return os.path.getsize(path)
+
+    @classmethod
+    def load(cls, path, device="cpu") -> "SparseGenerator":
+        from safetensors import safe_open
+
+        path = os.fspath(path)
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != FORMAT:
+                raise ValueError(f"{path} is not an oes_fast sparse generator file (format {metadata.get('format')!r})")
+            if int(metadata.get("format_version", -1)) != FORMAT_VERSION:
+                raise ValueError(f"{path}: unsupported sparse generator format version {metadata.get('format_version')}")
+            specs, config, shapes = (json.loads(metadata[k]) for k in ("specs", "config", "shapes"))
+            tensors = [dict() for _ in specs]
+            for key in f.keys():
+                _, i, name = key.split(".", 2)
+                tensors[int(i)][name] = f.get_tensor(key)
+        for t in tensors:
+            for name, v in t.items():
+                if v.dtype == torch.int16:
+                    t[name] = v.to(torch.int64)
+        gen = cls(specs, tensors, config, shapes)
+        return gen.to(device=device, dtype=next(iter(gen.parameters())).dtype)

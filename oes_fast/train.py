@@ -1,0 +1,219 @@
+"""Fitting a generator to one degraded image: Sparse-DIP, dense DIP and the deep decoder
+(oes-spec.md sections 4 and 6). Adam (lr 0.01) on the loss of the degradation (mean squared
+error for denoising); PSNR/SSIM against the clean image are recorded when it is given."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt
+from .masks import Mask
+
+
+@dataclass
+class TrainResult:
+    image: torch.Tensor  # the generator's output after the last step, shaped like the clean image
+    losses: list[float]  # training loss at every step
+    model: nn.Module  # the trained generator (a copy; the model passed in is left as it was)
+    steps: list[int] = field(default_factory=list)  # steps at which psnr/ssim were recorded
+    psnr: list[float] = field(default_factory=list)
+    ssim: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def peak_psnr(self) -> float | None:
+        return max(self.psnr) if self.psnr else None
+
+    @property
+    def peak_step(self) -> int | None:
+        return self.steps[max(range(len(self.psnr)), key=self.psnr.__getitem__)] if self.psnr else None
+
+    @property
+    def final_psnr(self) -> float | None:
+        return self.psnr[-1] if self.psnr else None
+
+    def summary(self) -> dict:
+        return dict(steps=len(self.losses), final_loss=self.losses[-1] if self.losses else None,
+                    peak_psnr=self.peak_psnr, peak_step=self.peak_step, final_psnr=self.final_psnr,
+                    final_ssim=self.ssim[-1] if self.ssim else None, seconds=self.seconds)
+
+
+def show_progress(progress: bool | None) -> bool:
+    """Progress bars by default when stderr is a terminal."""
+    return sys.stderr.isatty() if progress is None else bool(progress)
+
+
+def fingerprint(t: torch.Tensor) -> str:
+    """Short hash of a tensor's values (ties a checkpoint to its data)."""
+    return hashlib.sha1(t.detach().to("cpu", torch.float64).contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    if not torch.is_tensor(t):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name} contains NaN or Inf")
+
+
+def data_loss(out: torch.Tensor, y: torch.Tensor, degradation=None) -> torch.Tensor:
+    if degradation is not None:
+        return degradation.loss(out, y)
+    if out.shape != y.shape:
+        raise ValueError(f"output {tuple(out.shape)} and target {tuple(y.shape)} differ; pass the degradation")
+    return torch.mean((out - y) ** 2)
+
+
+class Recorder:
+    """PSNR/SSIM against the clean image every `every` steps and at the end."""
+
+    def __init__(self, clean: torch.Tensor | None, every: int):
+        self.clean = clean.detach().cpu() if clean is not None else None
+        self.every = max(1, int(every))
+        self.steps: list[int] = []
+        self.psnr: list[float] = []
+        self.ssim: list[float] = []
+
+    def due(self, step: int) -> bool:
+        return self.clean is not None and step % self.every == 0
+
+    def record(self, step: int, image: torch.Tensor) -> None:
+        from .metrics import psnr, ssim
+
+        image = image.detach().cpu().float()
+        self.steps.append(step)
+        self.psnr.append(float(psnr(image, self.clean)))
+        self.ssim.append(float(ssim(image, self.clean)))
+
+    def state(self) -> dict:
+        return dict(steps=list(self.steps), psnr=list(self.psnr), ssim=list(self.ssim))
+
+    def restore(self, state: dict) -> None:
+        self.steps, self.psnr, self.ssim = list(state["steps"]), list(state["psnr"]), list(state["ssim"])
+
+
+def _fit(model, z, y, steps, *, kind, clean, lr, degradation, record_every, progress, checkpoint, checkpoint_every,
+         resume, keep=None, extra_settings=None) -> TrainResult:
+    """The training loop shared by every method. `keep` (name -> bool tensor) masks the
+    gradients so pruned weights stay exactly zero."""
+    steps = int(steps)
+    if steps < 0:
+        raise ValueError(f"steps must be non-negative, got {steps}")
+    check_finite("z", z)
+    check_finite("y", y)
+    if clean is not None:
+        check_finite("clean", clean)
+    model.train()
+    params = [p for _, p in model.named_parameters()]
+    optimizer = torch.optim.Adam(params, lr=lr)
+    keep_list = None
+    if keep is not None:
+        keep_list = [keep[name].to(device=p.device, dtype=p.dtype) for name, p in model.named_parameters()]
+        with torch.no_grad():
+            torch._foreach_mul_(params, keep_list)
+    recorder = Recorder(clean, record_every)
+    losses: list[float] = []
+    start_step = 0
+    settings = dict(kind=kind, lr=lr, record_every=record_every, architecture=getattr(model, "config", None),
+                    z=fingerprint(z), y=fingerprint(y), degradation=degradation.to_dict() if degradation else None,
+                    **(extra_settings or {}))
+    if resume and checkpoint is not None and _exists(checkpoint):
+        state = ckpt.load(checkpoint, "train", settings)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        losses = list(state["losses"])
+        recorder.restore(state["recorder"])
+        start_step = state["step"]
+        if start_step > steps:
+            raise ckpt.CheckpointError(f"{checkpoint} is at step {start_step}, beyond the {steps} steps asked for")
+
+    def save_checkpoint(step):
+        ckpt.save(checkpoint, "train", settings, dict(step=step, model=model.state_dict(),
+                  optimizer=optimizer.state_dict(), losses=losses, recorder=recorder.state()))
+
+    started = time.perf_counter()
+    bar = _bar(steps, start_step, kind, show_progress(progress))
+    out = None
+    for step in range(start_step, steps):
+        optimizer.zero_grad(set_to_none=False)
+        out = model(z)
+        loss = data_loss(out, y, degradation)
+        loss.backward()
+        if keep_list is not None:
+            torch._foreach_mul_([p.grad for p in params], keep_list)
+        optimizer.step()
+        losses.append(loss.item())
+        if recorder.due(step):
+            recorder.record(step, out)
+        if bar is not None:
+            bar.update(1)
+            if step % 20 == 0 or step == steps - 1:
+                postfix = dict(loss=f"{losses[-1]:.2e}")
+                if recorder.psnr:
+                    postfix["psnr"] = f"{recorder.psnr[-1]:.2f}"
+                bar.set_postfix(postfix)
+        if checkpoint is not None and (step + 1) % checkpoint_every == 0:
+            save_checkpoint(step + 1)
+    if bar is not None:
+        bar.close()
+    if checkpoint is not None:
+        save_checkpoint(steps)  # before the closing record, which a resumed run makes in its loop
+    with torch.no_grad():
+        out = model(z)
+    if clean is not None and (not recorder.steps or recorder.steps[-1] != steps):
+        recorder.record(steps, out)
+    return TrainResult(image=out.detach().cpu(), losses=losses, model=model, steps=recorder.steps,
+                       psnr=recorder.psnr, ssim=recorder.ssim, seconds=time.perf_counter() - started)
+
+
+def _exists(path) -> bool:
+    import os
+
+    return os.path.isfile(os.fspath(path))
+
+
+def _bar(total, initial, desc, enabled):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
+
+
+def train_dense(model: nn.Module, z, y, steps: int = 4000, clean=None, *, lr: float = 0.01, degradation=None,
+                record_every: int = 100, progress: bool | None = None, checkpoint=None, checkpoint_every: int = 500,
+                resume: bool = False) -> TrainResult:
+    """Dense DIP: every weight of (a copy of) `model` is trained."""
+    model = copy.deepcopy(model)
+    return _fit(model, z, y, steps, kind="dense", clean=clean, lr=lr, degradation=degradation,
+                record_every=record_every, progress=progress, checkpoint=checkpoint,
+                checkpoint_every=checkpoint_every, resume=resume)
+
+
+def train_sparse(model: nn.Module, mask: Mask, z, y, steps: int = 4000, clean=None, *, lr: float = 0.01,
+                 degradation=None, record_every: int = 100, progress: bool | None = None, checkpoint=None,
+                 checkpoint_every: int = 500, resume: bool = False, allow_disconnected: bool = False,
+                 engine: str = "dense") -> TrainResult:
+    """Sparse-DIP: start from the model's own initial weights W0, set w = W0 * mask and train
+    with the pruned weights kept exactly zero (their gradients are masked; Adam then never
+    moves them). Refuses a mask that disconnects the network unless `allow_disconnected`."""
+    from .masks import health
+
+    if engine != "dense":
+        raise ValueError(f"engine must be 'dense' (the sparse engine is not available yet), got {engine!r}")
+    mask.check_fits(model)
+    report = health(mask, model)
+    if not report.ok and not allow_disconnected:
+        raise ValueError(f"the mask disconnects the network: {report.message}; pass allow_disconnected=True to train anyway")
+    model = mask.apply_(copy.deepcopy(model))
+    return _fit(model, z, y, steps, kind="sparse", clean=clean, lr=lr, degradation=degradation,
+                record_every=record_every, progress=progress, checkpoint=checkpoint,
+                checkpoint_every=checkpoint_every, resume=resume, keep=mask.tensors,
+                extra_settings=dict(mask=fingerprint(mask.to_flat().to(torch.float32))))

@@ -1,0 +1,385 @@
+"""Tests of oes_fast.sparse_conv2d (every implementation against F.conv2d on the masked dense
+weights) and of oes_fast.sparse.SparseGenerator (against the masked dense OES network).
+
+The same op tests run on every device the machine has: CPU (C++), and CUDA when present
+(CUDA C++ or Triton, whichever the build registered). The Triton kernels also run on CPU
+tensors through the interpreter (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU).
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import oes_fast
+from oes_fast import masks, models
+from oes_fast.sparse import SparseGenerator, sparse_conv2d, to_csr
+from tolerances import assert_close_to_reference
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+MASK_NAMES = ["pepper", "baboon", "barbara"]
+
+
+# ------------------------------------------------------------------------------ helpers
+def random_weight(c_out, c_in, k, density, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(c_out, c_in, k, k, generator=g, dtype=torch.float64)
+    keep = torch.rand(c_out, c_in, k, k, generator=g) < density
+    return (w * keep).to(dtype), keep
+
+
+def reference_conv(x, w, b, stride, padding, mode):
+    """F.conv2d on the dense (masked) weight, padding materialized as torch does it."""
+    if mode == "reflect" and padding:
+        x = F.pad(x, (padding,) * 4, mode="reflect")
+        padding = 0
+    return F.conv2d(x, w, b, stride=stride, padding=padding)
+
+
+def op_call(x, w, keep, b, k, stride, padding, mode):
+    values, row_ptr, col_idx = to_csr(w, keep)
+    return sparse_conv2d(x, values.to(x.device), row_ptr.to(x.device), col_idx.to(x.device), k,
+                         None if b is None else b.to(x.device), stride, padding, mode)
+
+
+# Shapes: (N, C_in, C_out, H, W, k, stride, mode). Odd sizes, one pixel wide interiors, the
+# strides and kernels of the OES network (1, 3, 5 with stride 1) plus stride 2.
+SHAPES = [
+    (1, 3, 5, 7, 9, 3, 1, "reflect"),
+    (2, 4, 6, 13, 37, 5, 1, "reflect"),
+    (1, 5, 3, 9, 70, 5, 1, "zeros"),
+    (1, 6, 4, 21, 19, 1, 1, "reflect"),
+    (2, 3, 4, 11, 13, 5, 2, "reflect"),
+    (1, 4, 3, 10, 15, 3, 2, "zeros"),
+    (1, 2, 3, 4, 4, 5, 1, "reflect"),
+    (1, 8, 8, 33, 65, 3, 1, "reflect"),
+]
+DENSITIES = [0.0, 0.05, 0.5, 1.0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_sparse_conv2d_matches_dense(shape, density, dtype, device):
+    n, c_in, c_out, h, w_, k, stride, mode = shape
+    seed = hash((shape, density)) % 2**31
+    w, keep = random_weight(c_out, c_in, k, density, torch.float64, seed)
+    x = torch.randn(n, c_in, h, w_, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    b = torch.randn(c_out, generator=torch.Generator().manual_seed(seed + 2), dtype=torch.float64)
+    p = (k - 1) // 2
+    ref64 = reference_conv(x, w, b, stride, p, mode)
+    ref_lowp = reference_conv(x.to(dtype), w.to(dtype), b.to(dtype), stride, p, mode)
+    out = op_call(x.to(dtype).to(device), w.to(dtype), keep, b.to(dtype), k, stride, p, mode)
+    assert out.dtype == dtype and out.device.type == device
+    assert_close_to_reference(out.cpu(), ref64, ref_lowp, name="sparse_conv2d")
+    out_nobias = op_call(x.to(dtype).to(device), w.to(dtype), keep, None, k, stride, p, mode)
+    assert_close_to_reference(out_nobias.cpu(), reference_conv(x, w, None, stride, p, mode),
+                              reference_conv(x.to(dtype), w.to(dtype), None, stride, p, mode), name="no bias")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_sparse_conv2d_gradients(shape, density, dtype, device):
+    """Input gradient (transposed sparse conv) and weight gradient at the kept taps against
+    autograd of F.conv2d on the masked dense weight."""
+    n, c_in, c_out, h, w_, k, stride, mode = shape
+    seed = hash((shape, density, "grad")) % 2**31
+    w, keep = random_weight(c_out, c_in, k, density, torch.float64, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(n, c_in, h, w_, generator=gen, dtype=torch.float64)
+    b = torch.randn(c_out, generator=gen, dtype=torch.float64)
+    p = (k - 1) // 2
+
+    def ref_grads(dt):
+        xr, wr, br = (t.detach().to(dt).clone().requires_grad_() for t in (x, w, b))
+        out = reference_conv(xr, wr, br, stride, p, mode)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 3), dtype=torch.float64).to(dt)
+        out.backward(g)
+        return xr.grad, wr.grad.reshape(c_out, -1)[keep.reshape(c_out, -1)], br.grad, g
+
+    gx64, gw64, gb64, g = ref_grads(torch.float64)
+    gx_lp, gw_lp, gb_lp, _ = ref_grads(dtype)
+    values, row_ptr, col_idx = to_csr(w.to(dtype), keep)
+    xs = x.to(dtype).to(device).requires_grad_()
+    vs = values.to(device).requires_grad_()
+    bs = b.to(dtype).to(device).requires_grad_()
+    out = sparse_conv2d(xs, vs, row_ptr.to(device), col_idx.to(device), k, bs, stride, p, mode)
+    out.backward(g.to(dtype).to(device))
+    assert_close_to_reference(xs.grad.cpu(), gx64, gx_lp, name="input grad")
+    assert_close_to_reference(vs.grad.cpu(), gw64, gw_lp, name="weight grad")
+    assert_close_to_reference(bs.grad.cpu(), gb64, gb_lp, name="bias grad")
+
+
+def test_sparse_conv2d_gradcheck():
+    w, keep = random_weight(3, 2, 3, 0.5, torch.float64, 5)
+    values, row_ptr, col_idx = to_csr(w, keep)
+    x = torch.randn(1, 2, 6, 7, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    values.requires_grad_()
+    for mode in ("reflect", "zeros"):
+        assert torch.autograd.gradcheck(
+            lambda x, v, b: sparse_conv2d(x, v, row_ptr, col_idx, 3, b, 1, 1, mode), (x, values, b))
+
+
+def test_sparse_conv2d_opcheck():
+    w, keep = random_weight(4, 3, 5, 0.3, torch.float32, 7)
+    values, row_ptr, col_idx = to_csr(w, keep)
+    x = torch.randn(2, 3, 9, 11)
+    b = torch.randn(4)
+    args = (x, values, row_ptr, col_idx, b, [5, 5], [1, 1], [2, 2], "reflect")
+    torch.library.opcheck(torch.ops.oes_fast.sparse_conv2d.default, args)
+    torch.library.opcheck(torch.ops.oes_fast.sparse_conv2d.default,
+                          (x.requires_grad_(), values.requires_grad_(), row_ptr, col_idx, b.requires_grad_(), [5, 5],
+                           [2, 2], [2, 2], "zeros"))
+    g = torch.randn(2, 4, 9, 11)
+    torch.library.opcheck(torch.ops.oes_fast.sparse_conv2d_input_grad.default,
+                          (g, values.detach(), row_ptr, col_idx, [2, 3, 9, 11], [5, 5], [1, 1], [2, 2], "reflect"))
+    torch.library.opcheck(torch.ops.oes_fast.sparse_conv2d_weight_grad.default,
+                          (g, x.detach(), row_ptr, col_idx, [5, 5], [1, 1], [2, 2], "reflect"))
+
+
+def test_sparse_conv2d_rejects_bad_arguments():
+    w, keep = random_weight(4, 3, 3, 0.5, torch.float32, 1)
+    values, row_ptr, col_idx = to_csr(w, keep)
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(RuntimeError, match="padding_mode"):
+        sparse_conv2d(x, values, row_ptr, col_idx, 3, None, 1, 1, "circular")
+    with pytest.raises(RuntimeError, match="dtype"):
+        sparse_conv2d(x.double(), values, row_ptr, col_idx, 3, None, 1, 1, "reflect")
+    with pytest.raises(RuntimeError, match="reflection padding"):
+        sparse_conv2d(torch.randn(1, 3, 2, 8), values, row_ptr, col_idx, 3, None, 1, 2, "reflect")
+    bad = col_idx.clone()
+    bad[0] = 3 * 9
+    with pytest.raises(RuntimeError, match="out of range"):
+        sparse_conv2d(x, values, row_ptr, bad, 3, None, 1, 1, "reflect")
+
+
+def test_to_csr_round_trip():
+    w, keep = random_weight(5, 4, 3, 0.3, torch.float64, 3)
+    values, row_ptr, col_idx = to_csr(w, keep)
+    dense = torch.zeros(5, 4 * 9, dtype=torch.float64)
+    rows = torch.repeat_interleave(torch.arange(5), row_ptr[1:] - row_ptr[:-1])
+    dense[rows, col_idx.long()] = values
+    assert torch.equal(dense.view_as(w), w)
+    assert values.numel() == int(keep.sum())
+
+
+# ------------------------------------------------------------------------------ the generator
+def published_mask(model, shared_data, name):
+    path = shared_data / "oes_published_masks" / f"{name}_density0.05.npz"
+    if not path.exists():
+        pytest.skip(f"{path} is missing")
+    d = np.load(path)
+    flat = torch.from_numpy(np.unpackbits(d["bits"])[: int(d["numel"])].astype(bool))
+    return masks.from_flat(model, flat)
+
+
+def masked_dense(model, mask, dtype):
+    dense = models.skip_oes(seed=None)
+    dense.load_state_dict(model.state_dict())
+    mask.apply_(dense)
+    return dense.to(dtype).train()
+
+
+@pytest.mark.parametrize("size", [(256, 256), (256, 320)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("name", MASK_NAMES)
+def test_generator_matches_masked_model_published(shared_data, name, size):
+    """Each published mask on freshly initialized weights, float64: the compacted sparse
+    generator computes the masked dense network (batch norm with batch statistics)."""
+    model = models.skip_oes(seed=0)
+    mask = published_mask(model, shared_data, name)
+    gen = SparseGenerator.from_masked(model, mask).double()
+    dense = masked_dense(model, mask, torch.float64)
+    z = models.dip_input(32, *size, seed=3).double()
+    with torch.no_grad():
+        ref = dense(z)
+        out = gen(z)
+    assert out.shape == ref.shape == (1, 3, *size)
+    assert_close_to_reference(out, ref, floor=1e-11, name=f"generator {name}")
+    # the compaction really removes channels, and the sparse kernel is in use
+    stats = gen.layer_stats(*size)
+    assert sum(r["n_out"] for r in stats) < 0.7 * sum(r["c_out"] for r in stats)
+    assert any(r["mode"] == "sparse" for r in stats)
+
+
+def test_generator_float32_published(shared_data):
+    model = models.skip_oes(seed=0)
+    mask = published_mask(model, shared_data, "pepper")
+    gen = SparseGenerator.from_masked(model, mask)
+    z = models.dip_input(32, 256, 256, seed=3)
+    with torch.no_grad():
+        ref64 = masked_dense(model, mask, torch.float64)(z.double())
+        ref32 = masked_dense(model, mask, torch.float32)(z)
+        out = gen(z)
+    assert out.dtype == torch.float32
+    assert_close_to_reference(out, ref64, ref32, factor=4.0, name="generator float32")
+
+
+def perturbed_model(levels, seed):
+    """A small OES-style network whose biases and batch-norm parameters are all nonzero, so
+    that constant channels carry nonzero values through the compaction."""
+    model = models.skip_oes(levels=levels, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5 + (1.0 if "bn" in name and name.endswith("weight") else 0.0))
+    return model
+
+
+def random_mask(model, density, seed, structured=True):
+    """Random mask with whole channels and gammas pruned, as the published masks have."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, p in model.named_parameters():
+        keep = torch.rand(p.shape, generator=g) < density
+        if structured and p.dim() == 4:
+            keep &= (torch.rand(p.shape[0], generator=g) < 0.7).view(-1, 1, 1, 1)
+        tensors[name] = keep
+    return masks.Mask(tensors, architecture=model.config)
+
+
+@pytest.mark.parametrize("density", [0.0, 0.02, 0.1, 0.5, 1.0])
+def test_generator_constant_folding(density):
+    """Random masks on nonzero biases and betas: constants from pruned channels (a conv's
+    bias, a BN's beta) are folded exactly; density 0 (everything pruned) and 1 included."""
+    model = perturbed_model(3, seed=11)
+    mask = random_mask(model, density, seed=12)
+    gen = SparseGenerator.from_masked(model, mask).double()
+    dense = models.skip_oes(levels=3)
+    dense.load_state_dict(model.state_dict())
+    mask.apply_(dense)
+    dense.double().train()
+    for size in [(32, 32), (32, 48)]:
+        z = torch.rand(2, 32, *size, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 0.1
+        with torch.no_grad():
+            ref, out = dense(z), gen(z)
+        assert_close_to_reference(out, ref, floor=1e-9, name=f"density {density}")
+
+
+def dense_grads(model, mask, z, target, dtype):
+    dense = models.skip_oes(levels=model.levels)
+    dense.load_state_dict(model.state_dict())
+    mask.apply_(dense)
+    dense.to(dtype).train()
+    loss = ((dense(z) - target) ** 2).mean()
+    loss.backward()
+    # the dense model's gradient at pruned entries is not a gradient of the masked model's kept ones
+    return {n: p.grad * mask[n].to(dtype) for n, p in dense.named_parameters()}
+
+
+@pytest.mark.parametrize("mode", ["sparse", "dense"])
+def test_generator_gradients(mode):
+    """Gradients of the kept parameters equal autograd of the masked dense model; the kept
+    entries the generator drops (dead channels) get no gradient there either."""
+    model = perturbed_model(3, seed=21)
+    mask = random_mask(model, 0.15, seed=22)
+    gen = SparseGenerator.from_masked(model, mask).double()
+    gen.set_mode(mode)
+    z = torch.rand(1, 32, 32, 40, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 0.1
+    target = torch.rand(1, 3, 32, 40, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    ref = dense_grads(model, mask, z, target, torch.float64)
+    ((gen(z) - target) ** 2).mean().backward()
+    covered = {n: torch.zeros(g.numel(), dtype=torch.bool) for n, g in ref.items()}
+    for param, name, index in gen.parameter_map():
+        got = param.grad if param.grad is not None else torch.zeros_like(param)
+        expected = ref[name].reshape(-1)[index].view_as(got)
+        assert_close_to_reference(got, expected, floor=1e-10, name=f"grad {name}")
+        covered[name][index] = True
+    for name, g in ref.items():
+        rest = g.reshape(-1)[~covered[name]]
+        assert float(rest.abs().max()) <= 1e-10 if rest.numel() else True, f"{name}: gradient outside the generator"
+
+
+def test_generator_training_keeps_pruned_zero():
+    model = perturbed_model(3, seed=31)
+    mask = random_mask(model, 0.2, seed=32)
+    gen = SparseGenerator.from_masked(model, mask)
+    opt = torch.optim.Adam(gen.parameters(), lr=0.01)
+    z = torch.rand(1, 32, 32, 32) * 0.1
+    target = torch.rand(1, 3, 32, 32)
+    for _ in range(3):
+        opt.zero_grad()
+        loss = ((gen(z) - target) ** 2).mean()
+        loss.backward()
+        opt.step()
+    state = gen.dense_state_dict()
+    for name, t in state.items():
+        assert not bool((t != 0)[~mask[name]].any()), f"{name}: a pruned entry moved"
+    # the exported weights reproduce the trained generator in the dense model
+    dense = models.skip_oes(levels=3)
+    dense.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        out, ref = gen(z), dense.train()(z)
+    assert (out - ref).abs().max() < 1e-5
+
+
+def test_generator_save_load(tmp_path, shared_data):
+    model = models.skip_oes(seed=0)
+    mask = published_mask(model, shared_data, "barbara")
+    gen = SparseGenerator.from_masked(model, mask)
+    path = tmp_path / "gen.safetensors"
+    nbytes = gen.save(path)
+    dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert nbytes < dense_bytes / 10, (nbytes, dense_bytes)
+    loaded = SparseGenerator.load(path)
+    z = models.dip_input(32, 256, 256, seed=0)
+    with torch.no_grad():
+        assert torch.equal(gen(z), loaded(z))
+    with pytest.raises(ValueError, match="not an oes_fast sparse generator"):
+        masks.save(mask, tmp_path / "mask.safetensors")
+        SparseGenerator.load(tmp_path / "mask.safetensors")
+
+
+def test_generator_rejects_bad_input():
+    model = models.skip_oes(levels=3, seed=0)
+    gen = SparseGenerator.from_masked(model, random_mask(model, 0.3, 1))
+    with pytest.raises(ValueError, match="multiples"):
+        gen(torch.rand(1, 32, 36, 32))
+    with pytest.raises(ValueError, match="input must be"):
+        gen(torch.rand(1, 3, 32, 32))
+
+
+# ------------------------------------------------------------------------------ Triton
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2], SHAPES[4], SHAPES[6]], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+def test_triton_sparse_conv2d(shape, density, dtype):
+    """The Triton kernels (interpreter on CPU) against F.conv2d: forward, input and weight grads."""
+    from oes_fast.kernels import sparse_conv2d as tk
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    n, c_in, c_out, h, w_, k, stride, mode = shape
+    seed = hash((shape, density, "triton")) % 2**31
+    w, keep = random_weight(c_out, c_in, k, density, torch.float64, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(n, c_in, h, w_, generator=gen, dtype=torch.float64)
+    b = torch.randn(c_out, generator=gen, dtype=torch.float64)
+    p = (k - 1) // 2
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    ref64 = reference_conv(xr, wr, b, stride, p, mode)
+    g = torch.randn(ref64.shape, generator=gen, dtype=torch.float64)
+    ref64.backward(g)
+    values, row_ptr, col_idx = (t.to(device) for t in to_csr(w.to(dtype), keep))
+    xd = x.to(dtype).to(device)
+    out = tk.sparse_conv2d(xd, values, row_ptr, col_idx, b.to(dtype).to(device), [k, k], [stride] * 2, [p, p], mode)
+    ref_lowp = reference_conv(x.to(dtype), w.to(dtype), b.to(dtype), stride, p, mode)
+    assert_close_to_reference(out.cpu(), ref64.detach(), ref_lowp, factor=4.0, name="triton forward")
+    gd = g.to(dtype).to(device)
+    gi = tk.sparse_conv2d_input_grad(gd, values, row_ptr, col_idx, list(x.shape), [k, k], [stride] * 2, [p, p], mode)
+    assert_close_to_reference(gi.cpu(), xr.grad, xr.grad.to(dtype), factor=1.0,
+                              floor=1e-5 if dtype == torch.float32 else 1e-12, name="triton input grad")
+    gw = tk.sparse_conv2d_weight_grad(gd, xd, row_ptr, col_idx, [k, k], [stride] * 2, [p, p], mode)
+    expected = wr.grad.reshape(c_out, -1)[keep.reshape(c_out, -1)]
+    assert_close_to_reference(gw.cpu(), expected, expected.to(dtype), factor=1.0,
+                              floor=1e-4 if dtype == torch.float32 else 1e-11, name="triton weight grad")

@@ -1,0 +1,153 @@
+"""Sparse-DIP / dense DIP training: pruned weights stay zero, resume is exact, every degradation
+trains, masks transfer with the seeds that rebuild their weights."""
+import pytest
+import torch
+
+import oes_fast
+from oes_fast import tasks
+
+
+def tiny_model(seed=0):
+    return oes_fast.models.skip(seed=seed, in_channels=4, channels_down=(4, 8), channels_up=(4, 8),
+                                channels_skip=(0, 0))
+
+
+def tiny_images(model, seed=0):
+    side = model.min_side
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.rand(1, 3, side, side, generator=g)
+    z = oes_fast.models.dip_input(4, side, side, seed=1)
+    return z, clean
+
+
+def half_mask(model, seed=0):
+    return oes_fast.prune.random(model, 0.5, scope="layer", seed=seed)
+
+
+def test_pruned_weights_stay_exactly_zero():
+    model = tiny_model()
+    z, clean = tiny_images(model)
+    mask = half_mask(model)
+    y = tasks.Denoise(0.1).degrade(clean, seed=0)
+    fit = oes_fast.train_sparse(model, mask, z, y, steps=5, progress=False)
+    before = dict(model.named_parameters())
+    for name, p in fit.model.named_parameters():
+        assert torch.all(p[~mask[name]] == 0), name
+    # kept weights did train (a conv bias right before a batch norm gets no gradient: skip those)
+    assert torch.any(fit.model.down[0].conv1.weight[mask["down.0.conv1.weight"]]
+                     != before["down.0.conv1.weight"][mask["down.0.conv1.weight"]])
+    # the model passed in is left as it was
+    assert torch.equal(dict(model.named_parameters())["down.0.conv1.weight"],
+                       dict(tiny_model().named_parameters())["down.0.conv1.weight"])
+
+
+def test_sparse_training_from_the_same_initial_weights():
+    model = tiny_model()
+    z, clean = tiny_images(model)
+    mask = half_mask(model)
+    fit = oes_fast.train_sparse(model, mask, z, clean, steps=0, progress=False)
+    for name, p in fit.model.named_parameters():
+        assert torch.equal(p, dict(model.named_parameters())[name] * mask[name]), name
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    model = tiny_model()
+    z, clean = tiny_images(model)
+    mask = half_mask(model)
+    y = tasks.Denoise(0.1).degrade(clean, seed=0)
+    full = oes_fast.train_sparse(model, mask, z, y, steps=6, clean=clean, record_every=2, progress=False)
+    path = tmp_path / "train.ckpt"
+    oes_fast.train_sparse(model, mask, z, y, steps=4, clean=clean, record_every=2, checkpoint=path,
+                          checkpoint_every=2, progress=False)
+    resumed = oes_fast.train_sparse(model, mask, z, y, steps=6, clean=clean, record_every=2, checkpoint=path,
+                                    resume=True, progress=False)
+    assert resumed.losses == full.losses
+    assert resumed.psnr == full.psnr
+    assert torch.equal(resumed.image, full.image)
+
+
+def test_interrupted_checkpoint_write_keeps_the_last_good_one(tmp_path, monkeypatch):
+    model = tiny_model()
+    z, clean = tiny_images(model)
+    path = tmp_path / "train.ckpt"
+    oes_fast.train_dense(model, z, clean, steps=2, checkpoint=path, progress=False)
+    good = path.read_bytes()
+
+    def broken_save(obj, f, *args, **kwargs):
+        with open(f, "wb") as handle:
+            handle.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        oes_fast.train_dense(model, z, clean, steps=4, checkpoint=path, checkpoint_every=1, resume=True,
+                             progress=False)
+    assert path.read_bytes() == good
+    assert not list(tmp_path.glob("*.tmp-*"))
+
+
+@pytest.mark.parametrize("task", [tasks.Denoise(0.1), tasks.Inpaint(kind="bernoulli", drop=0.5),
+                                  tasks.Inpaint(kind="block", drop=0.2), tasks.SuperRes(factor=4)])
+def test_every_degradation_trains(task):
+    model = tiny_model()
+    z, clean = tiny_images(model)
+    y = task.degrade(clean, seed=0)
+    fit = oes_fast.train_dense(model, z, y, steps=30, clean=clean, degradation=task, record_every=10, progress=False)
+    assert fit.image.shape == clean.shape
+    assert fit.losses[-1] < fit.losses[0]
+    assert len(fit.psnr) == len(fit.steps) and fit.steps[-1] == 30
+    assert fit.peak_psnr >= fit.final_psnr
+
+
+def test_search_accepts_a_degradation():
+    model = tiny_model()
+    z, clean = tiny_images(model)
+    task = tasks.Inpaint(kind="bernoulli", drop=0.5)
+    y = task.degrade(clean, seed=0)
+    result = oes_fast.search(model, z, y, density=0.3, steps=2, degradation=task, progress=False)
+    assert result.mask.meta["degradation"]["name"] == "inpaint"
+
+
+def test_mask_transfers_with_its_seeds(tmp_path):
+    # a mask found on image A, saved, reloaded and applied to a NEW image with the same weights
+    model = tiny_model(seed=7)
+    z, clean_a = tiny_images(model, seed=0)
+    found = oes_fast.search(model, z, clean_a, density=0.4, steps=3, z_seed=1, progress=False)
+    path = tmp_path / "mask.safetensors"
+    oes_fast.masks.save(found.mask, path)
+    mask = oes_fast.masks.load(path)
+    rebuilt = oes_fast.models.build(mask.architecture, seed=mask.seed)
+    for (name, p), q in zip(model.named_parameters(), rebuilt.parameters()):
+        assert torch.equal(p, q), name
+    side = rebuilt.min_side
+    z_again = oes_fast.models.dip_input(4, side, side, seed=mask.z_seed)
+    assert torch.equal(z_again, z)
+    _, clean_b = tiny_images(rebuilt, seed=1)
+    task = tasks.SuperRes(factor=4)  # and another degradation
+    fit = oes_fast.train_sparse(rebuilt, mask, z_again, task.degrade(clean_b, seed=0), steps=3, clean=clean_b,
+                                degradation=task, progress=False, allow_disconnected=True)
+    assert fit.image.shape == clean_b.shape
+
+
+def test_mask_for_another_model_is_refused():
+    model = tiny_model()
+    other = oes_fast.models.skip(seed=0, in_channels=4, channels_down=(4, 4), channels_up=(4, 4), channels_skip=(0, 0))
+    z, clean = tiny_images(model)
+    with pytest.raises(oes_fast.masks.MaskMismatchError, match="down.1.conv1.weight"):
+        oes_fast.train_sparse(model, half_mask(other), z, clean, steps=1, progress=False)
+
+
+def test_nan_target_is_refused():
+    model = tiny_model()
+    z, clean = tiny_images(model)
+    clean[0, 1, 2, 3] = float("inf")
+    with pytest.raises(ValueError, match="y contains NaN or Inf"):
+        oes_fast.train_dense(model, z, clean, steps=1, progress=False)
+
+
+def test_deep_decoder_baseline_trains():
+    model = oes_fast.models.deep_decoder(channels=8, num_up=3, seed=0)
+    clean = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    z = oes_fast.models.dip_input(*model.input_shape(32, 32)[1:], seed=0)
+    fit = oes_fast.train_dense(model, z, clean, steps=20, clean=clean, record_every=5, progress=False)
+    assert fit.losses[-1] < fit.losses[0] and fit.image.shape == clean.shape

@@ -1,0 +1,76 @@
+"""Per-dtype tolerances of the package's tests, in one table, and the comparison rule.
+
+The rule (flash-attention's, engineering.md): compute the reference in float64 (`ref64`) and
+the same reference in the low dtype under test (`ref_lowp`); the fast path's error against
+`ref64` must stay within `factor` times the error of `ref_lowp` against `ref64`, plus a small
+`floor`. The floor covers cases where the low-precision reference happens to be exact (one
+element, float64 where `ref_lowp` IS the float64 reference); it is an absolute error for
+outputs of order one and scales with the largest |ref64| above one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    factor: float  # allowed multiple of the low-precision reference's error
+    floor: float  # absolute error always allowed (for |values| <= 1)
+
+
+# The one table. float64: the fast path and the reference differ only by the order of
+# rounded operations (a few ulps of values of order one), hence a tiny floor. float32 and
+# bfloat16: about one unit of the dtype's epsilon as floor.
+TOLERANCES: dict[torch.dtype, Tolerance] = {
+    torch.float64: Tolerance(factor=2.0, floor=1e-12),
+    torch.float32: Tolerance(factor=2.0, floor=2e-7),
+    torch.float16: Tolerance(factor=2.0, floor=1e-3),
+    torch.bfloat16: Tolerance(factor=2.0, floor=8e-3),
+}
+
+
+def tolerance(dtype: torch.dtype) -> Tolerance:
+    try:
+        return TOLERANCES[dtype]
+    except KeyError:
+        raise KeyError(f"no tolerance for {dtype}; add it to tests/tolerances.py:TOLERANCES") from None
+
+
+def max_abs_error(x: torch.Tensor, ref64: torch.Tensor) -> float:
+    """Largest |x - ref64| in float64; NaN where exactly one of them is NaN counts as infinite."""
+    diff = (x.detach().to(torch.float64).cpu() - ref64.detach().to(torch.float64).cpu()).abs()
+    both_nan = torch.isnan(x.detach().cpu()) & torch.isnan(ref64.detach().cpu())
+    diff = torch.where(both_nan, torch.zeros_like(diff), diff)
+    diff = torch.nan_to_num(diff, nan=float("inf"))
+    return float(diff.max()) if diff.numel() else 0.0
+
+
+def assert_close_to_reference(out: torch.Tensor, ref64: torch.Tensor, ref_lowp: torch.Tensor | None = None,
+                              factor: float | None = None, floor: float | None = None, name: str = "output") -> None:
+    """Assert max|out - ref64| <= factor * max|ref_lowp - ref64| + floor * max(1, max|ref64|).
+
+    `ref_lowp` is the reference run in out's dtype; when omitted, ref64 rounded to out's dtype
+    stands in for it (the best that dtype can do). `factor` and `floor` default to the table.
+    """
+    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != reference shape {tuple(ref64.shape)}"
+    assert ref64.dtype == torch.float64, f"{name}: the reference must be float64, got {ref64.dtype}"
+    tol = tolerance(out.dtype)
+    factor = tol.factor if factor is None else factor
+    floor = tol.floor if floor is None else floor
+    if ref_lowp is None:
+        ref_lowp = ref64.to(out.dtype)
+    assert ref_lowp.shape == ref64.shape, f"{name}: low-precision reference shape {tuple(ref_lowp.shape)}"
+    err = max_abs_error(out, ref64)
+    err_lowp = max_abs_error(ref_lowp, ref64)
+    scale = max(1.0, float(ref64.abs().max())) if ref64.numel() else 1.0
+    bound = factor * err_lowp + floor * scale
+    if not err <= bound:
+        diff = (out.detach().double().cpu() - ref64.detach().cpu()).abs().nan_to_num(nan=float("inf")).reshape(-1)
+        j = int(diff.argmax())
+        raise AssertionError(
+            f"{name} ({out.dtype}): max error vs float64 reference {err:.3e} exceeds {bound:.3e} "
+            f"= {factor} x {err_lowp:.3e} (reference in {out.dtype}) + {floor:.1e} x {scale:.3g}; "
+            f"worst flat index {j}: got {float(out.reshape(-1)[j]):.10g}, expected {float(ref64.reshape(-1)[j]):.17g}"
+        )

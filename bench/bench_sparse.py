@@ -18,6 +18,7 @@ Compare ratios within one run: the machine is shared and absolute times move.
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,10 @@ from oes_fast import masks, models
 from oes_fast.sparse import CROSSOVER_DENSITY, SparseGenerator, sparse_conv2d, to_csr
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "oes_published_masks"
+# Threads for every benchmark of this file (OES_BENCH_THREADS, default 1): on the shared
+# 2-core development machine a second OpenMP thread is descheduled half the time and every
+# parallel region then waits at its barrier, which makes multi-threaded timings meaningless.
+THREADS = int(os.environ.get("OES_BENCH_THREADS", "1"))
 SIZE = 512
 ROUNDS = 5
 
@@ -41,6 +46,14 @@ def _mask(model, name="pepper"):
     d = np.load(path)
     flat = torch.from_numpy(np.unpackbits(d["bits"])[: int(d["numel"])].astype(bool))
     return masks.from_flat(model, flat)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield THREADS
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +86,7 @@ def dense_macs(model, h, w):
 
 
 def _run(benchmark, fn):
+    benchmark.extra_info["threads"] = torch.get_num_threads()
     return benchmark.pedantic(fn, rounds=ROUNDS, warmup_rounds=1, iterations=1)
 
 

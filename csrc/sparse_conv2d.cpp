@@ -7,10 +7,18 @@
 
 TORCH_LIBRARY_FRAGMENT(oes_fast, m) {
   // 2-D cross-correlation (as F.conv2d) with CSR weights (see sparse_conv2d.h) and the padding
-  // applied while reading ("reflect" or "zeros"), plus an optional bias.
+  // applied while reading ("reflect" or "zeros"), plus an optional bias. With upsample = u > 1
+  // the input is read nearest-upsampled by u (F.interpolate(input, scale_factor=u) fused in).
   m.def(
       "sparse_conv2d(Tensor input, Tensor values, Tensor row_ptr, Tensor col_idx, Tensor? bias, "
-      "int[2] kernel_size, int[2] stride, int[2] padding, str padding_mode) -> Tensor");
+      "int[2] kernel_size, int[2] stride, int[2] padding, str padding_mode, int upsample=1) -> Tensor");
+  // Stride-1 forward that also returns the batch-norm statistics of its output: stats[o] =
+  // (sum, sum of squares) over images and pixels, float64, accumulated in the epilogue while the
+  // outputs are in registers (saves the statistics pass of a following batch norm). No autograd:
+  // for inference; the generator uses sparse_conv2d + F.batch_norm when gradients are needed.
+  m.def(
+      "sparse_conv2d_stats(Tensor input, Tensor values, Tensor row_ptr, Tensor col_idx, Tensor? bias, "
+      "int[2] kernel_size, int[2] padding, str padding_mode, int upsample=1) -> (Tensor, Tensor)");
   // Gradient w.r.t. the input (the transposed sparse convolution, reflection folded back).
   m.def(
       "sparse_conv2d_input_grad(Tensor grad_output, Tensor values, Tensor row_ptr, Tensor col_idx, "
@@ -27,7 +35,7 @@ SparseConvGeometry sparse_conv2d_geometry(at::IntArrayRef input_size, const at::
                                           const at::Tensor& row_ptr, const at::Tensor& col_idx,
                                           at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                           at::IntArrayRef padding, const std::string& padding_mode,
-                                          const at::Tensor& like) {
+                                          const at::Tensor& like, int64_t upsample) {
   TORCH_CHECK(input_size.size() == 4, "sparse_conv2d: input must be 4-D (N, C, H, W), got ", input_size);
   TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2,
               "sparse_conv2d: kernel_size, stride and padding take two values each");
@@ -48,11 +56,15 @@ SparseConvGeometry sparse_conv2d_geometry(at::IntArrayRef input_size, const at::
     TORCH_CHECK(t->device() == like.device(), "sparse_conv2d: all tensors must be on ", like.device(), ", got ",
                 t->device());
   }
+  TORCH_CHECK(upsample >= 1, "sparse_conv2d: upsample must be >= 1, got ", upsample);
   SparseConvGeometry g;
   g.N = input_size[0];
   g.C_in = input_size[1];
-  g.H = input_size[2];
-  g.W = input_size[3];
+  g.U = upsample;
+  g.H_src = input_size[2];
+  g.W_src = input_size[3];
+  g.H = g.H_src * upsample;
+  g.W = g.W_src * upsample;
   g.KH = kernel_size[0];
   g.KW = kernel_size[1];
   g.SH = stride[0];

@@ -12,7 +12,8 @@
 namespace oes_fast {
 
 struct SparseConvGeometry {
-  int64_t N, C_in, H, W;         // input
+  int64_t N, C_in, H, W;         // input as the convolution sees it (after the upsampling)
+  int64_t U, H_src, W_src;       // nearest-upsampling factor of the stored input, its size
   int64_t C_out, H_out, W_out;   // output
   int64_t KH, KW, SH, SW, PH, PW;
   bool reflect;                  // padding mode: true = reflection, false = zeros
@@ -20,11 +21,12 @@ struct SparseConvGeometry {
 };
 
 // Validates shapes, dtypes, devices and index ranges; returns the geometry. `input_size` is the
-// (N, C_in, H, W) of the convolution's input (for the input-gradient op the input is not passed).
+// (N, C_in, H, W) of the stored input (for the input-gradient op the input is not passed); the
+// convolution reads it nearest-upsampled by `upsample` (1: as is).
 SparseConvGeometry sparse_conv2d_geometry(at::IntArrayRef input_size, const at::Tensor& values,
                                           const at::Tensor& row_ptr, const at::Tensor& col_idx,
                                           at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                           at::IntArrayRef padding, const std::string& padding_mode,
-                                          const at::Tensor& like);
+                                          const at::Tensor& like, int64_t upsample = 1);
 
 }  // namespace oes_fast

@@ -144,26 +144,18 @@ def _check_device(op, t):
 
 
 def _check_inputs(logits, weight, seed, offset, tau):
-    """Mirror of check_gumbel_mask_inputs (csrc/ops.cpp); returns (seed, offset, tau)."""
+    """The op's checks (oes_fast.ops.check_gumbel_mask_inputs, mirroring csrc/ops.cpp), then
+    the launch's own: a device Triton can run on, offsets in int64. Returns (seed, offset, tau)."""
+    from oes_fast.ops import check_gumbel_mask_inputs
+
     for name, t in (("logits", logits), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"gumbel_mask: {name} must be a Tensor, got {type(t).__name__}")
-    if logits.shape != weight.shape:
-        raise ValueError(f"gumbel_mask: logits and weight must have the same shape, got {tuple(logits.shape)} "
-                         f"and {tuple(weight.shape)}")
-    if logits.dtype != weight.dtype:
-        raise TypeError(f"gumbel_mask: logits and weight must have the same dtype, got {logits.dtype} and {weight.dtype}")
-    if logits.device != weight.device:
-        raise ValueError(f"gumbel_mask: logits and weight must be on the same device, got {logits.device} "
-                         f"and {weight.device}")
-    if logits.dtype not in _DTYPES:
-        raise TypeError(f"gumbel_mask: dtype must be float32, float64 or bfloat16, got {logits.dtype}")
     try:
         tau = float(tau)
     except (TypeError, ValueError):
         raise TypeError(f"gumbel_mask: tau must be a float, got {type(tau).__name__}") from None
-    if not (tau > 0.0 and tau != float("inf")):  # also rejects nan
-        raise ValueError(f"gumbel_mask: tau must be positive and finite, got {tau}")
+    check_gumbel_mask_inputs(logits, weight, seed, offset, tau)
     _check_device("gumbel_mask", logits)
     seed, offset = _check_seed_offset("gumbel_mask", seed, offset, logits.numel())
     return seed, offset, tau

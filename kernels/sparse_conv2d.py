@@ -44,7 +44,9 @@ def _src(i, n, REFLECT: tl.constexpr):
 @triton.jit
 def _forward_kernel(x_ptr, val_ptr, rp_ptr, ci_ptr, b_ptr, out_ptr, C_in, H, W, C_out, H_out, W_out,
                     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr,
-                    PW: tl.constexpr, REFLECT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+                    PW: tl.constexpr, REFLECT: tl.constexpr, HAS_BIAS: tl.constexpr, U: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    # H, W: the input as the convolution sees it (upsampled by U); the stored input is H/U x W/U
     pid_no = tl.program_id(0)  # n * C_out + o
     pid_px = tl.program_id(1)
     n = pid_no // C_out
@@ -58,7 +60,7 @@ def _forward_kernel(x_ptr, val_ptr, rp_ptr, ci_ptr, b_ptr, out_ptr, C_in, H, W, 
         acc += tl.load(b_ptr + o)
     start = tl.load(rp_ptr + o)
     end = tl.load(rp_ptr + o + 1)
-    x_img = x_ptr + n.to(tl.int64) * C_in * H * W
+    x_img = x_ptr + n.to(tl.int64) * C_in * (H // U) * (W // U)
     for k in range(start, end):
         col = tl.load(ci_ptr + k)
         w = tl.load(val_ptr + k)
@@ -66,7 +68,8 @@ def _forward_kernel(x_ptr, val_ptr, rp_ptr, ci_ptr, b_ptr, out_ptr, C_in, H, W, 
         r = col % (KH * KW)
         iy, vy = _src(yo * SH + r // KW - PH, H, REFLECT)
         ix, vx = _src(xo * SW + r % KW - PW, W, REFLECT)
-        v = tl.load(x_img + c.to(tl.int64) * H * W + iy * W + ix, mask=live & vy & vx, other=0.0)
+        v = tl.load(x_img + c.to(tl.int64) * (H // U) * (W // U) + (iy // U) * (W // U) + ix // U,
+                    mask=live & vy & vx, other=0.0)
         acc += w * v
     tl.store(out_ptr + pid_no.to(tl.int64) * H_out * W_out + offs, acc, mask=live)
 
@@ -150,10 +153,11 @@ def _weight_grad_kernel(g_ptr, x_ptr, rowof_ptr, ci_ptr, part_ptr, N, C_in, H, W
     tl.store(part_ptr + k.to(tl.int64) * n_blocks + pid_px, tl.sum(gv * xv, axis=0))
 
 
-def _geometry(input_size, kernel_size, stride, padding, padding_mode):
+def _geometry(input_size, kernel_size, stride, padding, padding_mode, upsample=1):
     if padding_mode not in ("reflect", "zeros"):
         raise RuntimeError(f"sparse_conv2d: padding_mode must be 'reflect' or 'zeros', got '{padding_mode}'")
     n, c, h, w = (int(v) for v in input_size)
+    h, w = h * upsample, w * upsample
     kh, kw = (int(v) for v in kernel_size)
     sh, sw = (int(v) for v in stride)
     ph, pw = (int(v) for v in padding)
@@ -164,9 +168,9 @@ def _geometry(input_size, kernel_size, stride, padding, padding_mode):
     return n, c, h, w, kh, kw, sh, sw, ph, pw, h_out, w_out, padding_mode == "reflect"
 
 
-def sparse_conv2d(input, values, row_ptr, col_idx, bias, kernel_size, stride, padding, padding_mode):
+def sparse_conv2d(input, values, row_ptr, col_idx, bias, kernel_size, stride, padding, padding_mode, upsample=1):
     n, c, h, w, kh, kw, sh, sw, ph, pw, h_out, w_out, reflect = _geometry(input.shape, kernel_size, stride, padding,
-                                                                         padding_mode)
+                                                                         padding_mode, upsample)
     if input.dtype not in _DTYPES or values.dtype != input.dtype:
         raise RuntimeError("sparse_conv2d: dtype must be float32 or float64 and the values must match the input")
     c_out = row_ptr.numel() - 1
@@ -177,7 +181,7 @@ def sparse_conv2d(input, values, row_ptr, col_idx, bias, kernel_size, stride, pa
     b = bias.contiguous() if bias is not None else values
     grid = (n * c_out, triton.cdiv(h_out * w_out, BLOCK))
     _forward_kernel[grid](x, values.contiguous(), row_ptr.contiguous(), col_idx.contiguous(), b, out, c, h, w, c_out,
-                          h_out, w_out, kh, kw, sh, sw, ph, pw, reflect, bias is not None, BLOCK,
+                          h_out, w_out, kh, kw, sh, sw, ph, pw, reflect, bias is not None, int(upsample), BLOCK,
                           num_warps=NUM_WARPS)
     return out
 

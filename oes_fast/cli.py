@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--task", choices=("denoise", "inpaint", "superres"), default="denoise")
     search = commands.add_parser("search", parents=[common, task], help="search a mask and save it")
     search.add_argument("--task", choices=("denoise", "inpaint", "superres"), default="denoise")
+    from .compare import add_compare_parser
+
+    add_compare_parser(commands, parents=[common, task])
     inspect = commands.add_parser("inspect", help="per-layer density table and plot of a mask file")
     inspect.add_argument("mask", help="mask file (.safetensors)")
     inspect.add_argument("--out", default=None, help="folder for the plot (default: beside the mask)")
@@ -84,6 +87,10 @@ def main(argv=None) -> int:
     try:
         if args.command == "inspect":
             return inspect_mask(args)
+        if args.command == "compare":
+            from .compare import run_compare
+
+            return run_compare(args)
         return run(args)
     except UsageError as exc:
         print(f"oes-fast: error: {exc}", file=sys.stderr)

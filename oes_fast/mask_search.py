@@ -33,6 +33,14 @@ class SearchResult:
     settings: dict = field(default_factory=dict)
 
 
+def _process_group(distributed: bool):
+    if not distributed:
+        return None
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise RuntimeError("distributed=True needs torch.distributed initialized (e.g. run under torchrun)")
+    return torch.distributed.group.WORLD
+
+
 def _check_density(density) -> float:
     density = float(density)
     if not 0.0 < density <= 1.0:
@@ -40,15 +48,25 @@ def _check_density(density) -> float:
     return density
 
 
-def search(model: nn.Module, z: torch.Tensor, y: torch.Tensor, *, density: float = 0.05, steps: int = 60000,
+def search(model: nn.Module, z: torch.Tensor, y, *, density: float = 0.05, steps: int = 60000,
            lr: float = 0.01, tau: float = 0.2, kl: float = 1e-9, seed: int = 0, degradation=None,
            progress: bool | None = None, checkpoint=None, checkpoint_every: int = 1000, resume: bool = False,
-           z_seed: int | None = None) -> SearchResult:
+           z_seed: int | None = None, distributed: bool = False, engine: str = "unfused") -> SearchResult:
     """Learn a mask at `density` for `model`'s current (initial) weights by fitting `y`.
 
-    `steps` defaults to the authors' 60,000. With `checkpoint=PATH` the state is saved
-    atomically every `checkpoint_every` steps; `resume=True` continues from it to the same
-    result as an uninterrupted run. `z_seed` (the seed of `z`) is stored in the mask.
+    `y` is one image or a list of images (multi-image search: one network, one mask, the shared
+    `z`, the loss summed over the images). With `distributed=True` (torch.distributed
+    initialized, e.g. by torchrun), each process passes its own shard of the images and the
+    logit gradients are summed across processes, so every process follows the single-process
+    multi-image search over all images. `steps` defaults to the authors' 60,000. With
+    `checkpoint=PATH` the state is saved atomically every `checkpoint_every` steps (one file per
+    process when distributed); `resume=True` continues from it to the same result as an
+    uninterrupted run. `z_seed` (the seed of `z`) is stored in the mask.
+
+    `engine`: "unfused" samples all masked weights in one flat `gumbel_mask` launch and runs
+    the network's own convolutions; "fused" runs every conv through `gumbel_masked_conv2d`,
+    which forms the masked weights inside the convolution (meant for CUDA; on a CPU it computes
+    the same numbers as "unfused").
     """
     density = _check_density(density)
     steps = int(steps)
@@ -56,8 +74,17 @@ def search(model: nn.Module, z: torch.Tensor, y: torch.Tensor, *, density: float
         raise ValueError(f"steps must be non-negative, got {steps}")
     if tau <= 0:
         raise ValueError(f"tau must be positive, got {tau}")
+    if engine not in ("unfused", "fused"):
+        raise ValueError(f"engine must be 'unfused' or 'fused', got {engine!r}")
     check_finite("z", z)
-    check_finite("y", y)
+    targets = [y] if torch.is_tensor(y) else list(y)
+    if not targets:
+        raise ValueError("y: no image given")
+    for i, target in enumerate(targets):
+        check_finite("y" if torch.is_tensor(y) else f"y[{i}]", target)
+    group = _process_group(distributed)
+    if group is not None and checkpoint is not None:
+        checkpoint = f"{checkpoint}.rank{torch.distributed.get_rank()}"
     model.train()
     layout = FlatLayout.from_model(model)
     weights = layout.flatten({n: p.detach() for n, p in model.named_parameters()}).to(z.device)
@@ -65,8 +92,16 @@ def search(model: nn.Module, z: torch.Tensor, y: torch.Tensor, *, density: float
     logits = torch.zeros(layout.numel, device=z.device, dtype=weights.dtype, requires_grad=True)
     optimizer = torch.optim.Adam([logits], lr=lr)
     noise_seed = rng.stream_seed(seed, "search")
+    if engine == "fused":
+        from .fused_search import FusedForward
+
+        forward = FusedForward(model, layout, weights, noise_seed, tau)
+    else:
+        def forward(logits, z, step):
+            masked = gumbel_mask(logits, weights, noise_seed, step * layout.numel, tau)
+            return functional_call(model, layout.views(masked), (z,))
     settings = dict(density=density, lr=lr, tau=tau, kl=kl, seed=seed, architecture=getattr(model, "config", None),
-                    weights=fingerprint(weights), z=fingerprint(z), y=fingerprint(y),
+                    weights=fingerprint(weights), z=fingerprint(z), y=[fingerprint(t) for t in targets],
                     degradation=degradation.to_dict() if degradation else None)
     losses: list[float] = []
     start = 0
@@ -87,10 +122,13 @@ def search(model: nn.Module, z: torch.Tensor, y: torch.Tensor, *, density: float
     bar = _bar(steps, start, "search", show_progress(progress))
     for step in range(start, steps):
         optimizer.zero_grad(set_to_none=False)
-        masked = gumbel_mask(logits, weights, noise_seed, step * layout.numel, tau)
-        out = functional_call(model, layout.views(masked), (z,))
-        loss = data_loss(out, y, degradation)
+        out = forward(logits, z, step)
+        loss = sum(data_loss(out, target, degradation) for target in targets)
         loss.backward()
+        if group is not None:
+            torch.distributed.all_reduce(logits.grad, group=group)
+            loss = loss.detach().clone()
+            torch.distributed.all_reduce(loss, group=group)
         # the KL prior's value and gradient in one fused pass, added outside autograd
         prior, prior_grad = kl_prior(logits.detach(), density)
         logits.grad.add_(prior_grad, alpha=kl)

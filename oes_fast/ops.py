@@ -220,9 +220,10 @@ if not _C.with_cuda:
 
         return triton_sparse_conv2d
 
-    def _sparse_conv2d_triton(input, values, row_ptr, col_idx, bias, kernel_size, stride, padding, padding_mode):
+    def _sparse_conv2d_triton(input, values, row_ptr, col_idx, bias, kernel_size, stride, padding, padding_mode,
+                              upsample=1):
         return _sparse_triton().sparse_conv2d(input, values, row_ptr, col_idx, bias, kernel_size, stride, padding,
-                                              padding_mode)
+                                              padding_mode, upsample)
 
     def _sparse_conv2d_input_grad_triton(grad_output, values, row_ptr, col_idx, input_size, kernel_size, stride,
                                          padding, padding_mode):
@@ -244,9 +245,16 @@ def _sparse_conv2d_out_size(size, kernel_size, stride, padding):
 
 
 @torch.library.register_fake("oes_fast::sparse_conv2d")
-def _sparse_conv2d_fake(input, values, row_ptr, col_idx, bias, kernel_size, stride, padding, padding_mode):
-    h, w = _sparse_conv2d_out_size(input.shape[2:], kernel_size, stride, padding)
+def _sparse_conv2d_fake(input, values, row_ptr, col_idx, bias, kernel_size, stride, padding, padding_mode, upsample=1):
+    h, w = _sparse_conv2d_out_size([s * upsample for s in input.shape[2:]], kernel_size, stride, padding)
     return input.new_empty((input.shape[0], row_ptr.shape[0] - 1, h, w))
+
+
+@torch.library.register_fake("oes_fast::sparse_conv2d_stats")
+def _sparse_conv2d_stats_fake(input, values, row_ptr, col_idx, bias, kernel_size, padding, padding_mode, upsample=1):
+    h, w = _sparse_conv2d_out_size([s * upsample for s in input.shape[2:]], kernel_size, [1, 1], padding)
+    c_out = row_ptr.shape[0] - 1
+    return input.new_empty((input.shape[0], c_out, h, w)), input.new_empty((c_out, 2), dtype=torch.float64)
 
 
 @torch.library.register_fake("oes_fast::sparse_conv2d_input_grad")
@@ -261,28 +269,229 @@ def _sparse_conv2d_weight_grad_fake(grad_output, input, row_ptr, col_idx, kernel
 
 
 def _sparse_conv2d_setup_context(ctx, inputs, output):
-    input, values, row_ptr, col_idx, bias, kernel_size, stride, padding, padding_mode = inputs
+    input, values, row_ptr, col_idx, bias, kernel_size, stride, padding, padding_mode, *rest = inputs
     ctx.save_for_backward(input, values, row_ptr, col_idx)
+    ctx.upsample = int(rest[0]) if rest else 1
     ctx.geometry = (list(input.shape), list(kernel_size), list(stride), list(padding), padding_mode)
 
 
 def _sparse_conv2d_backward(ctx, grad):
     # Input gradient by the transposed sparse convolution; weight gradient at kept taps only.
+    # With a fused upsampling (factor u) the kernels see the upsampled input: the input gradient
+    # is that of the upsampled input summed over each u x u block.
     input, values, row_ptr, col_idx = ctx.saved_tensors
     input_size, kernel_size, stride, padding, mode = ctx.geometry
+    u = ctx.upsample
+    n, c, h, w = input_size
     grad = grad.contiguous()
     grad_input = grad_values = grad_bias = None
     if ctx.needs_input_grad[0]:
-        grad_input = _ops.sparse_conv2d_input_grad(grad, values, row_ptr, col_idx, input_size, kernel_size, stride,
-                                                   padding, mode)
+        grad_input = _ops.sparse_conv2d_input_grad(grad, values, row_ptr, col_idx, [n, c, h * u, w * u], kernel_size,
+                                                   stride, padding, mode)
+        if u > 1:
+            # sum of the u*u strided views (a strided-view sum is much faster on CPU than a
+            # reduction over the small dims of a (n, c, h, u, w, u) view)
+            g_up = grad_input
+            grad_input = g_up[:, :, 0::u, 0::u].clone()
+            for i in range(u):
+                for j in range(u):
+                    if i or j:
+                        grad_input += g_up[:, :, i::u, j::u]
     if ctx.needs_input_grad[1]:
-        grad_values = _ops.sparse_conv2d_weight_grad(grad, input, row_ptr, col_idx, kernel_size, stride, padding, mode)
+        x = input if u == 1 else torch.nn.functional.interpolate(input, scale_factor=u, mode="nearest")
+        grad_values = _ops.sparse_conv2d_weight_grad(grad, x, row_ptr, col_idx, kernel_size, stride, padding, mode)
     if ctx.needs_input_grad[4]:
         grad_bias = grad.sum((0, 2, 3))
-    return grad_input, grad_values, None, None, grad_bias, None, None, None, None
+    return grad_input, grad_values, None, None, grad_bias, None, None, None, None, None
 
 
 torch.library.register_autograd(
     "oes_fast::sparse_conv2d", _sparse_conv2d_backward, setup_context=_sparse_conv2d_setup_context
 )
 # ======================================================================= end of sparse_conv2d
+
+
+# =============================================================================================
+# gumbel_masked_conv2d (issue 5): a stride-1 convolution whose weights are masked on the fly,
+# w * sigmoid((p + logistic(u)) / tau) with u from the package's stream at offset + j, so the
+# masked weights never reach memory. Schemas: csrc/gumbel_masked_conv2d.cpp.
+# - CPU: the composite gumbel_mask + pad + conv2d below (and its backward through the same
+#   pieces); what CPU users run and what the Triton kernels are tested against.
+# - CUDA: Triton (kernels/gumbel_masked_conv2d.py), or the CUDA C++ kernels of
+#   csrc/cuda/gumbel_masked_conv2d.cu when the extension has them and cuda_backend() == "cuda".
+#   Those are registered in C++ under the separate ops gumbel_masked_conv2d{,_backward}_cuda_impl
+#   (CUDA key only), so the one CUDA kernel of the public op can pick either at run time.
+
+import torch.nn.functional as _F
+
+_gmc_lib = torch.library.Library("oes_fast", "IMPL")
+_GMC_DTYPES = (torch.float32, torch.float64)
+
+
+def _gmc_check(input, logits, weight, bias, tau, padding, padding_mode):
+    """Argument checks shared by the CPU and fake kernels; returns (H_out, W_out)."""
+    if input.dim() != 4 or weight.dim() != 4:
+        raise ValueError(f"gumbel_masked_conv2d: input and weight must be 4-D, got {tuple(input.shape)} and "
+                         f"{tuple(weight.shape)}")
+    if logits.shape != weight.shape:
+        raise ValueError(f"gumbel_masked_conv2d: logits and weight must have the same shape, got "
+                         f"{tuple(logits.shape)} and {tuple(weight.shape)}")
+    k = weight.shape[2]
+    if weight.shape[3] != k or weight.shape[1] != input.shape[1]:
+        raise ValueError(f"gumbel_masked_conv2d: weight must be [C_out, C_in, k, k] with C_in = {input.shape[1]}, "
+                         f"got {tuple(weight.shape)}")
+    tensors = [input, logits, weight] + ([bias] if bias is not None else [])
+    if input.dtype not in _GMC_DTYPES or any(t.dtype != input.dtype for t in tensors):
+        raise TypeError("gumbel_masked_conv2d: all tensors must share one dtype, float32 or float64, got "
+                        f"{[t.dtype for t in tensors]}")
+    if any(t.device != input.device for t in tensors):
+        raise ValueError("gumbel_masked_conv2d: all tensors must be on one device")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"gumbel_masked_conv2d: bias must be [C_out], got {tuple(bias.shape)}")
+    if padding_mode not in ("reflect", "zeros"):
+        raise ValueError(f"gumbel_masked_conv2d: padding_mode must be 'reflect' or 'zeros', got {padding_mode!r}")
+    if not (math.isfinite(tau) and tau > 0):
+        raise ValueError(f"gumbel_masked_conv2d: tau must be positive and finite, got {tau}")
+    h, w = input.shape[2], input.shape[3]
+    if padding < 0 or (padding_mode == "reflect" and padding > 0 and padding >= min(h, w)):
+        raise ValueError(f"gumbel_masked_conv2d: padding must be in [0, min(H, W)) for reflection, got {padding}")
+    h_out, w_out = h + 2 * padding - k + 1, w + 2 * padding - k + 1
+    if h_out <= 0 or w_out <= 0:
+        raise ValueError(f"gumbel_masked_conv2d: kernel {k} is larger than the padded input {h}x{w} + {padding}")
+    return h_out, w_out
+
+
+def _gmc_pad(input, padding, padding_mode):
+    if padding == 0:
+        return input
+    return _F.pad(input, [padding] * 4, mode="reflect" if padding_mode == "reflect" else "constant")
+
+
+def _gmc_unpad(grad_padded, input, padding, padding_mode):
+    """Adjoint of _gmc_pad: the mirrored borders' gradient folded back onto their sources."""
+    if padding == 0:
+        return grad_padded
+    if padding_mode == "reflect":
+        return torch.ops.aten.reflection_pad2d_backward(grad_padded, input, [padding] * 4)
+    h, w = input.shape[2], input.shape[3]
+    return grad_padded[:, :, padding:padding + h, padding:padding + w].contiguous()
+
+
+def _gumbel_masked_conv2d_cpu(input, logits, weight, bias, seed, offset, tau, padding, padding_mode):
+    _gmc_check(input, logits, weight, bias, tau, padding, padding_mode)
+    w_eff = _ops.gumbel_mask(logits, weight, seed, offset, tau)
+    return _F.conv2d(_gmc_pad(input, padding, padding_mode), w_eff, bias)
+
+
+def _gumbel_masked_conv2d_backward_cpu(grad_output, input, logits, weight, seed, offset, tau, padding, padding_mode,
+                                       output_mask):
+    _gmc_check(input, logits, weight, None, tau, padding, padding_mode)
+    need_input, need_logits, need_weight, need_bias = (bool(b) for b in output_mask)
+    empty = grad_output.new_empty(0)
+    grad_input = grad_logits = grad_weight = grad_bias = empty
+    if need_input or need_logits or need_weight:
+        w_eff = _ops.gumbel_mask(logits, weight, seed, offset, tau)
+        x = _gmc_pad(input, padding, padding_mode)
+        # the bias gradient from the same call as nn.Conv2d's backward gets it: bit-identical to
+        # the unfused engine (it matters: a conv bias followed by batch norm has a zero true
+        # gradient, and Adam turns its rounding noise into full-size steps)
+        grad_x, grad_w_eff, grad_b = torch.ops.aten.convolution_backward(
+            grad_output.contiguous(), x, w_eff, [weight.shape[0]] if need_bias else None, [1, 1], [0, 0], [1, 1],
+            False, [0, 0], 1, [need_input, need_logits or need_weight, need_bias])
+        if need_bias:
+            grad_bias = grad_b
+        if need_input:
+            grad_input = _gmc_unpad(grad_x, input, padding, padding_mode)
+        if need_logits or need_weight:
+            gl, gw = _ops.gumbel_mask_backward(grad_w_eff.contiguous(), logits, weight, seed, offset, tau, need_weight)
+            grad_logits = gl if need_logits else empty
+            grad_weight = gw if need_weight else empty
+    elif need_bias:
+        grad_bias = grad_output.sum((0, 2, 3))
+    return grad_input, grad_logits, grad_weight, grad_bias
+
+
+def _gmc_triton():
+    from .kernels import gumbel_masked_conv2d as triton_gumbel_masked_conv2d
+
+    return triton_gumbel_masked_conv2d
+
+
+def _gmc_cuda_cpp() -> bool:
+    return bool(_C.with_cuda) and _cuda_backend == "cuda"
+
+
+def _gumbel_masked_conv2d_cuda(input, logits, weight, bias, seed, offset, tau, padding, padding_mode):
+    if _gmc_cuda_cpp():
+        return _ops.gumbel_masked_conv2d_cuda_impl(input, logits, weight, bias, seed, offset, tau, padding,
+                                                   padding_mode)
+    return _gmc_triton().gumbel_masked_conv2d_forward(input, logits, weight, bias, seed, offset, tau, padding,
+                                                      padding_mode)
+
+
+def _gumbel_masked_conv2d_backward_cuda(grad_output, input, logits, weight, seed, offset, tau, padding, padding_mode,
+                                        output_mask):
+    if _gmc_cuda_cpp():
+        return _ops.gumbel_masked_conv2d_backward_cuda_impl(grad_output, input, logits, weight, seed, offset, tau,
+                                                            padding, padding_mode, output_mask)
+    return _gmc_triton().gumbel_masked_conv2d_backward(grad_output, input, logits, weight, seed, offset, tau, padding,
+                                                       padding_mode, output_mask)
+
+
+_gmc_lib.impl("gumbel_masked_conv2d", _gumbel_masked_conv2d_cpu, "CPU")
+_gmc_lib.impl("gumbel_masked_conv2d_backward", _gumbel_masked_conv2d_backward_cpu, "CPU")
+_gmc_lib.impl("gumbel_masked_conv2d", _gumbel_masked_conv2d_cuda, "CUDA")
+_gmc_lib.impl("gumbel_masked_conv2d_backward", _gumbel_masked_conv2d_backward_cuda, "CUDA")
+
+
+@torch.library.register_fake("oes_fast::gumbel_masked_conv2d")
+def _gumbel_masked_conv2d_fake(input, logits, weight, bias, seed, offset, tau, padding, padding_mode):
+    h_out, w_out = _gmc_check(input, logits, weight, bias, tau, padding, padding_mode)
+    return input.new_empty((input.shape[0], weight.shape[0], h_out, w_out))
+
+
+@torch.library.register_fake("oes_fast::gumbel_masked_conv2d_backward")
+def _gumbel_masked_conv2d_backward_fake(grad_output, input, logits, weight, seed, offset, tau, padding, padding_mode,
+                                        output_mask):
+    _gmc_check(input, logits, weight, None, tau, padding, padding_mode)
+    shapes = (input.shape, weight.shape, weight.shape, (weight.shape[0],))
+    return tuple(grad_output.new_empty(s if want else (0,)) for s, want in zip(shapes, output_mask))
+
+
+def _gumbel_masked_conv2d_setup_context(ctx, inputs, output):
+    input, logits, weight, bias, seed, offset, tau, padding, padding_mode = inputs
+    ctx.save_for_backward(input, logits, weight)
+    ctx.args = (seed, offset, tau, padding, padding_mode)
+    ctx.has_bias = bias is not None
+
+
+def _gumbel_masked_conv2d_autograd_backward(ctx, grad):
+    # the backward op regenerates the masked weights from (seed, offset); nothing else is saved
+    input, logits, weight = ctx.saved_tensors
+    need = [bool(ctx.needs_input_grad[i]) for i in range(3)] + [ctx.has_bias and bool(ctx.needs_input_grad[3])]
+    if not any(need):
+        return (None,) * 9
+    grads = _ops.gumbel_masked_conv2d_backward(grad.contiguous(), input, logits, weight, *ctx.args, need)
+    return tuple(g if want else None for g, want in zip(grads, need)) + (None,) * 5
+
+
+torch.library.register_autograd("oes_fast::gumbel_masked_conv2d", _gumbel_masked_conv2d_autograd_backward,
+                                setup_context=_gumbel_masked_conv2d_setup_context)
+
+
+def gumbel_masked_conv2d(input: torch.Tensor, logits: torch.Tensor, weight: torch.Tensor, bias=None, seed: int = 0,
+                         offset: int = 0, tau: float = 0.2, padding: int | None = None,
+                         padding_mode: str = "reflect") -> torch.Tensor:
+    """conv2d(pad(input), weight * sigmoid((logits + L) / tau)) + bias, stride 1, square kernel.
+
+    L = log(u) - log(1 - u), u = philox_uniform(seed, offset + j) for weight element j: the noise
+    `gumbel_mask(logits, weight, seed, offset, tau)` would use. `padding` defaults to 'same'
+    ((k - 1) // 2). The bias is added as given (mask it with gumbel_mask first if it should be).
+    Differentiable in input, logits, weight and bias.
+    """
+    _check_seed_offset(seed, offset)
+    if padding is None:
+        padding = (weight.shape[-1] - 1) // 2
+    return _ops.gumbel_masked_conv2d(input, logits, weight, bias, int(seed), int(offset), float(tau), int(padding),
+                                     padding_mode)
+# ================================================================ end of gumbel_masked_conv2d

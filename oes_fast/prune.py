@@ -19,6 +19,7 @@ training mode updates running statistics, and SynFlow replaces the weights by |W
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
@@ -349,12 +350,24 @@ class IMPResult:
         return [m.kept for m in self.masks]
 
 
+def _all_reduce_sum(tensors: list[torch.Tensor], group) -> None:
+    """Sum `tensors` in place across the processes of `group`, in one collective."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    torch.distributed.all_reduce(flat, group=group)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
 def _train(model: nn.Module, mask: Mask, z: torch.Tensor, images: Sequence[torch.Tensor], steps: int, *,
-           lr: float = 0.01, degradation=None, callback=None) -> float:
+           lr: float = 0.01, degradation=None, callback=None, group=None) -> float:
     """Fit `model` in place with Adam on sum_i loss(model(z), images[i]); pruned weights stay
     exactly zero (gradients masked and weights re-zeroed after every step, so Adam's moments of
     pruned entries never move them). callback(step, model) runs after each step (1-based).
-    Returns the fitting loss of the final weights."""
+    Returns the fitting loss of the final weights. With a process `group`, `images` is this
+    process's shard: gradients and the final loss are summed over the group, so every process
+    takes the steps of one process holding all the images."""
     loss_fn = _loss_fn(degradation)
     params = list(model.parameters())
     masks = [mask[n].to(p.device, p.dtype) for n, p in model.named_parameters()]
@@ -368,6 +381,11 @@ def _train(model: nn.Module, mask: Mask, z: torch.Tensor, images: Sequence[torch
         x = model(z)
         loss = sum(loss_fn(x, y) for y in images)
         loss.backward()
+        if group is not None:
+            for p in params:  # a parameter unused in the forward still joins the collective
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            _all_reduce_sum([p.grad for p in params], group)
         for p, m in zip(params, masks):
             if p.grad is not None:
                 p.grad.mul_(m)
@@ -379,13 +397,17 @@ def _train(model: nn.Module, mask: Mask, z: torch.Tensor, images: Sequence[torch
             callback(step, model)
     with torch.no_grad():
         x = model(z)
-        return float(sum(loss_fn(x, y) for y in images))
+        final = sum(loss_fn(x, y) for y in images)
+        if group is not None:
+            final = final.detach().clone().reshape(1)
+            _all_reduce_sum([final], group)  # every process sees the same loss: same stopping decision
+        return float(final.sum())
 
 
 def imp(model: nn.Module, z: torch.Tensor, y: torch.Tensor | None = None, *, density: float, steps_per_round: int,
         prune_fraction: float = 0.2, rewind="init", stop_on_loss_increase: int | None = None, lr: float = 0.01,
         degradation=None, images: Sequence[torch.Tensor] | None = None, seed: int = 0,
-        train_fn: Callable | None = None) -> IMPResult:
+        train_fn: Callable | None = None, distributed: bool = False) -> IMPResult:
     """LIP iterative magnitude pruning (oes-spec.md section 6).
 
     Round r (r = 0 dense) sets the kept weights to the rewind weights, trains the masked network
@@ -404,6 +426,10 @@ def imp(model: nn.Module, z: torch.Tensor, y: torch.Tensor | None = None, *, den
     train_fn: replaces the built-in trainer, same signature as `_train`:
     train_fn(model, mask, z, images, steps, *, lr, degradation, callback) -> final loss; it trains
     `model` in place, keeps pruned weights zero and calls callback(step, model) after each step.
+    distributed: with torch.distributed initialized (e.g. under torchrun), each process passes
+    its own shard of the images (`images=` or `y=`); the gradients and the fitting losses are
+    summed across processes, so every process runs the single-process multi-image IMP over all
+    the images (same masks, to float rounding). Uses the built-in trainer (no `train_fn`).
     The model passed in is not modified.
     """
     density = _check_density(density)
@@ -425,6 +451,14 @@ def imp(model: nn.Module, z: torch.Tensor, y: torch.Tensor | None = None, *, den
     images = [y] if images is None else list(images)
     if not images:
         raise ValueError("imp: images is empty")
+    group = None
+    if distributed:
+        if train_fn is not None:
+            raise ValueError("imp: distributed=True uses the built-in trainer; train_fn would have to all-reduce "
+                             "the gradients itself, so pass one or the other")
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise RuntimeError("imp: distributed=True needs torch.distributed initialized (e.g. run under torchrun)")
+        group = torch.distributed.group.WORLD
 
     work = copy.deepcopy(model)
     names, params = zip(*work.named_parameters())
@@ -440,7 +474,7 @@ def imp(model: nn.Module, z: torch.Tensor, y: torch.Tensor | None = None, *, den
         raise ValueError(f"density {density} keeps no parameter of {n}")
     keys = rng.uniform((n,), rng.stream_seed(seed, "topk"))
     architecture = getattr(model, "config", None)
-    trainer = train_fn or _train
+    trainer = train_fn or (functools.partial(_train, group=group) if group is not None else _train)
 
     rewind_w = {nm: p.detach().clone() for nm, p in zip(names, params)}
     snapshot: dict[str, torch.Tensor] = {}

@@ -21,7 +21,13 @@ training-mode forward computes (batch norm with batch statistics), in two steps:
    training as well (the structure is fixed by the mask, which training never changes).
 2. Per conv, `oes_fast.sparse_conv2d` (CSR weights, reflection fused, see below) when the
    compacted weight is sparser than `CROSSOVER_DENSITY`, else a dense convolution (oneDNN)
-   on the compacted weight.
+   on the compacted weight. Fused where it pays: the bias (with the folded constants) in the
+   kernel; the nearest x2 upsampling of the up path in the kernel's input load (and the batch
+   norm that follows the upsampling runs before it, on 4x fewer pixels: repeating every value
+   four times leaves batch mean and biased variance unchanged); without autograd, the batch
+   norm statistics in the kernel's epilogue (`sparse_conv2d_stats`), so batch norm is one
+   in-place normalization pass. LeakyReLU follows batch norm, so it cannot go into the conv;
+   it runs in place.
 
 Weight format: CSR over output channels (row_ptr int64 [C_out + 1], col_idx int32 = c * KH * KW
 + ky * KW + kx, values). The CPU kernel gives each thread whole output rows of one output
@@ -52,9 +58,13 @@ FORMAT = "oes_fast.sparse_generator"
 FORMAT_VERSION = 1
 
 # Compacted-weight density above which a dense convolution on the compacted weight beats the
-# sparse kernel on CPU; measured by the density sweep in bench/bench_sparse.py (oneDNN vs
-# sparse_conv2d on the OES layer shapes, float32): see bench/REPORT.md.
-CROSSOVER_DENSITY = 0.3
+# sparse kernel on CPU, float32: the density sweep of bench/bench_sparse.py and the per-layer
+# timings on the OES layers (pepper mask, 512x512, one thread) put oneDNN and sparse_conv2d
+# level at 0.35-0.45 for 32..128-pixel planes with 70-90 channels, while on the 256- and
+# 512-pixel planes with 16-30 channels (where most of the time goes) the sparse kernel still
+# wins at 0.45 (oneDNN reaches only 20-40 GFLOP/s there); 0.5 takes the faster one on every
+# layer but one, where the two are within 10 %.
+CROSSOVER_DENSITY = 0.5
 
 
 # ------------------------------------------------------------------------------------ the op
@@ -78,11 +88,12 @@ def _pair(v) -> list[int]:
 
 
 def sparse_conv2d(input, values, row_ptr, col_idx, kernel_size, bias=None, stride=1, padding=0,
-                  padding_mode: str = "zeros") -> torch.Tensor:
-    """F.conv2d(pad(input), W, bias, stride) for the CSR weight W (see `to_csr`), with the padding
-    ("zeros" or "reflect") applied while reading. Differentiable in input, values and bias."""
+                  padding_mode: str = "zeros", upsample: int = 1) -> torch.Tensor:
+    """F.conv2d(pad(up(input)), W, bias, stride) for the CSR weight W (see `to_csr`), with the
+    padding ("zeros" or "reflect") applied while reading and up = nearest upsampling by
+    `upsample` (1: none), also applied while reading. Differentiable in input, values and bias."""
     return torch.ops.oes_fast.sparse_conv2d(input, values, row_ptr, col_idx, bias, _pair(kernel_size), _pair(stride),
-                                            _pair(padding), padding_mode)
+                                            _pair(padding), padding_mode, int(upsample))
 
 
 # ---------------------------------------------------------------------------------- stages
@@ -113,6 +124,7 @@ class _Conv(_Stage):
         self.c_out = int(spec["c_out"])
         self.c_in = int(spec["c_in"])
         self.select_in = bool(spec["select_in"])  # first conv: pick the live channels of z
+        self.upsample = int(spec.get("upsample", 1))  # nearest upsampling of the input, fused
         self.mode = spec["mode"]
         self.n_in = int(spec["n_in"])
         self.n_out = int(spec["n_out"])
@@ -135,7 +147,7 @@ class _Conv(_Stage):
 
     def spec(self) -> dict:
         return dict(kernel=self.kernel, c_out=self.c_out, c_in=self.c_in, mode=self.mode, n_in=self.n_in,
-                    n_out=self.n_out, select_in=self.select_in)
+                    n_out=self.n_out, select_in=self.select_in, upsample=self.upsample)
 
     def parameter_map(self, name):
         """(parameter, original name, flat indices into the original parameter)."""
@@ -172,9 +184,15 @@ class _Conv(_Stage):
         w = self.values.new_zeros(self.n_out * self.n_in * kk).scatter(0, self.dense_pos, self.values)
         return w.view(self.n_out, self.n_in, *self.kernel)
 
-    def forward(self, x, const, hw):
+    def can_fuse_stats(self, x) -> bool:
+        """Whether forward(..., with_stats=True) applies: sparse, CPU, live inputs and outputs."""
+        return self.mode == "sparse" and x is not None and x.device.type == "cpu" and self.n_out > 0 and self.n_in > 0
+
+    def forward(self, x, const, hw, with_stats: bool = False):
         const_out = self.constants(const)
         bias = const_out.index_select(0, self.live_out) if const_out is not None else None
+        u = self.upsample
+        hw = (hw[0], hw[1] * u, hw[2] * u)
         if self.n_out == 0:
             return None, const_out, hw
         if x is None or self.n_in == 0:
@@ -184,13 +202,27 @@ class _Conv(_Stage):
         if self.select_in:
             x = x.index_select(1, self.live_in)
         ph, pw = (self.kernel[0] - 1) // 2, (self.kernel[1] - 1) // 2
+        if with_stats:
+            x, stats = torch.ops.oes_fast.sparse_conv2d_stats(x, self.values, self.row_ptr, self.col_idx, bias,
+                                                              self.kernel, [ph, pw], "reflect", u)
+            return x, const_out, hw, stats
         if self.mode == "sparse":
             x = torch.ops.oes_fast.sparse_conv2d(x, self.values, self.row_ptr, self.col_idx, bias, self.kernel,
-                                                 [1, 1], [ph, pw], "reflect")
+                                                 [1, 1], [ph, pw], "reflect", u)
         else:
-            if ph or pw:
-                x = F.pad(x, (pw, pw, ph, ph), mode="reflect")
-            x = F.conv2d(x, self.dense_weight(), bias)
+            if u > 1:
+                x = F.interpolate(x, scale_factor=u, mode="nearest")
+            if self.kernel == [1, 1]:
+                # a 1x1 conv is a matmul over channels (torch's conv2d takes a slow path here)
+                n, _, h, w = x.shape
+                x = torch.matmul(self.dense_weight().view(self.n_out, self.n_in), x.reshape(n, self.n_in, h * w))
+                x = x.view(n, self.n_out, h, w)
+                if bias is not None:
+                    x = x + bias.view(1, -1, 1, 1)
+            else:
+                if ph or pw:
+                    x = F.pad(x, (pw, pw, ph, ph), mode="reflect")
+                x = F.conv2d(x, self.dense_weight(), bias)
         return x, const_out, hw
 
 
@@ -217,6 +249,19 @@ class _BatchNorm(_Stage):
         if x is not None:
             gamma = (self.weight * self.weight_mask).index_select(0, self.live)
             x = F.batch_norm(x, None, None, gamma, beta.index_select(0, self.live), True, 0.0, self.eps)
+        return x, (None if self.const_zero else beta), hw
+
+    def forward_from_stats(self, x, stats, const, hw):
+        """The batch norm of a conv output whose (sum, sum of squares) per channel the conv
+        returned (sparse_conv2d_stats), normalized in place: no statistics pass."""
+        count = x.shape[0] * x.shape[2] * x.shape[3]
+        mean = stats[:, 0] / count
+        var = (stats[:, 1] / count - mean * mean).clamp_min(0.0)
+        beta = self.bias * self.bias_mask
+        gamma = (self.weight * self.weight_mask).index_select(0, self.live).double()
+        scale = gamma / torch.sqrt(var + self.eps)
+        shift = beta.index_select(0, self.live).double() - mean * scale
+        x.mul_(scale.to(x.dtype).view(1, -1, 1, 1)).add_(shift.to(x.dtype).view(1, -1, 1, 1))
         return x, (None if self.const_zero else beta), hw
 
     def parameter_map(self, name):
@@ -255,7 +300,13 @@ class _Elementwise(_Stage):
                 const = act(const, False)
         elif self.op == "pool":
             if x is not None:
-                x = F.avg_pool2d(x, 2, 2) if self.arg == "avg" else F.max_pool2d(x, 2, 2)
+                if self.arg == "avg":
+                    # the four strided views summed: same value as avg_pool2d, several times faster on CPU
+                    h, w = x.shape[2] // 2 * 2, x.shape[3] // 2 * 2
+                    x = (x[:, :, 0:h:2, 0:w:2] + x[:, :, 0:h:2, 1:w:2] + x[:, :, 1:h:2, 0:w:2]
+                         + x[:, :, 1:h:2, 1:w:2]) * 0.25
+                else:
+                    x = F.max_pool2d(x, 2, 2)
             hw = (hw[0], hw[1] // 2, hw[2] // 2)
         elif self.op == "up":
             if x is not None:
@@ -290,9 +341,16 @@ def _chain(model) -> list[tuple]:
                   ("bn", f"down.{i}.bn1", block.bn1, None), act,
                   ("conv", f"down.{i}.conv2", block.conv2, None), ("bn", f"down.{i}.bn2", block.bn2, None), act]
     for i in reversed(range(model.levels)):
-        chain += [("up", None, None, cfg["upsample"]), ("bn", f"up.{i}.bn_in", model.up[str(i)].bn_in, None),
-                  ("conv", f"up.{i}.conv", model.up[str(i)].conv, None), ("bn", f"up.{i}.bn", model.up[str(i)].bn, None),
-                  act]
+        up = model.up[str(i)]
+        if cfg["upsample"] == "nearest":
+            # Nearest upsampling repeats every value u*u times, so batch statistics (mean, biased
+            # variance) before and after it are the same: batch norm runs on the small tensor and
+            # the upsampling is fused into the conv's input load.
+            chain += [("bn", f"up.{i}.bn_in", up.bn_in, None), ("conv", f"up.{i}.conv", up.conv, 2)]
+        else:
+            chain += [("up", None, None, cfg["upsample"]), ("bn", f"up.{i}.bn_in", up.bn_in, None),
+                      ("conv", f"up.{i}.conv", up.conv, None)]
+        chain += [("bn", f"up.{i}.bn", up.bn, None), act]
     chain.append(("conv", "out", model.out, None))
     if cfg["sigmoid"]:
         chain.append(("sigmoid", None, None, None))
@@ -370,7 +428,7 @@ def _compile(model, mask: Mask, crossover: float) -> tuple[list[dict], list[dict
             total = len(live_out) * len(live_in) * kernel[0] * kernel[1]
             density = values.numel() / total if total else 0.0
             specs.append(dict(kind="conv", name=prefix, kernel=kernel, c_out=int(w.shape[0]), c_in=int(w.shape[1]),
-                              n_in=len(live_in), n_out=len(live_out), select_in=select_in,
+                              n_in=len(live_in), n_out=len(live_out), select_in=select_in, upsample=arg or 1,
                               mode="sparse" if density < crossover else "dense"))
             tensors.append(t)
         elif kind == "bn":
@@ -399,6 +457,7 @@ class SparseGenerator(nn.Module):
         self.shapes = {n: tuple(s) for n, s in shapes.items()}  # the dense model's parameters
         self.stages = nn.ModuleList(_STAGES[s["kind"]](s, t) for s, t in zip(specs, tensors))
         self.names = [s.get("name") for s in specs]
+        self.fuse_batch_norm = True  # see forward
 
     @classmethod
     def from_masked(cls, model: nn.Module, mask: Mask, crossover: float = CROSSOVER_DENSITY) -> "SparseGenerator":
@@ -423,8 +482,20 @@ class SparseGenerator(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         self.check_input(z)
         x, const, hw = z, None, (z.shape[0], z.shape[2], z.shape[3])
-        for stage in self.stages:
+        # Without autograd, a sparse conv followed by batch norm computes the statistics in its
+        # epilogue and the batch norm only normalizes (one pass over the output saved).
+        fuse = not torch.is_grad_enabled() and self.fuse_batch_norm
+        stages, i = self.stages, 0
+        while i < len(stages):
+            stage = stages[i]
+            if (fuse and isinstance(stage, _Conv) and i + 1 < len(stages) and isinstance(stages[i + 1], _BatchNorm)
+                    and stage.can_fuse_stats(x)):
+                x, const, hw, stats = stage(x, const, hw, with_stats=True)
+                x, const, hw = stages[i + 1].forward_from_stats(x, stats, const, hw)
+                i += 2
+                continue
             x, const, hw = stage(x, const, hw)
+            i += 1
         return x
 
     def convs(self):
@@ -473,6 +544,7 @@ class SparseGenerator(nn.Module):
             if isinstance(stage, _Elementwise) and stage.op in ("pool", "up"):
                 h, w = (h // 2, w // 2) if stage.op == "pool" else (h * 2, w * 2)
             if isinstance(stage, _Conv):
+                h, w = h * stage.upsample, w * stage.upsample
                 kk = stage.kernel[0] * stage.kernel[1]
                 dense_taps = stage.n_out * stage.n_in * kk
                 executed = stage.values.numel() if stage.mode == "sparse" else dense_taps

@@ -100,9 +100,11 @@ class Recorder:
 
 
 def _fit(model, z, y, steps, *, kind, clean, lr, degradation, record_every, progress, checkpoint, checkpoint_every,
-         resume, keep=None, extra_settings=None) -> TrainResult:
+         resume, keep=None, extra_settings=None, sgld_seed=None, average_from=None) -> TrainResult:
     """The training loop shared by every method. `keep` (name -> bool tensor) masks the
-    gradients so pruned weights stay exactly zero."""
+    gradients so pruned weights stay exactly zero. With `sgld_seed`, Gaussian noise of variance
+    2 * lr is added to every weight after each update (SGLD) and the outputs from step
+    `average_from` on are averaged: that average is the result and what PSNR is measured on."""
     steps = int(steps)
     if steps < 0:
         raise ValueError(f"steps must be non-negative, got {steps}")
@@ -121,6 +123,8 @@ def _fit(model, z, y, steps, *, kind, clean, lr, degradation, record_every, prog
     recorder = Recorder(clean, record_every)
     losses: list[float] = []
     start_step = 0
+    noise = torch.Generator(device=z.device).manual_seed(sgld_seed) if sgld_seed is not None else None
+    average, averaged = None, 0
     settings = dict(kind=kind, lr=lr, record_every=record_every, architecture=getattr(model, "config", None),
                     z=fingerprint(z), y=fingerprint(y), degradation=degradation.to_dict() if degradation else None,
                     **(extra_settings or {}))
@@ -131,12 +135,18 @@ def _fit(model, z, y, steps, *, kind, clean, lr, degradation, record_every, prog
         losses = list(state["losses"])
         recorder.restore(state["recorder"])
         start_step = state["step"]
+        if noise is not None:
+            noise.set_state(state["noise"])
+            average, averaged = state["average"], state["averaged"]
         if start_step > steps:
             raise ckpt.CheckpointError(f"{checkpoint} is at step {start_step}, beyond the {steps} steps asked for")
 
     def save_checkpoint(step):
-        ckpt.save(checkpoint, "train", settings, dict(step=step, model=model.state_dict(),
-                  optimizer=optimizer.state_dict(), losses=losses, recorder=recorder.state()))
+        state = dict(step=step, model=model.state_dict(), optimizer=optimizer.state_dict(), losses=losses,
+                     recorder=recorder.state())
+        if noise is not None:
+            state.update(noise=noise.get_state(), average=average, averaged=averaged)
+        ckpt.save(checkpoint, "train", settings, state)
 
     started = time.perf_counter()
     bar = _bar(steps, start_step, kind, show_progress(progress))
@@ -150,8 +160,16 @@ def _fit(model, z, y, steps, *, kind, clean, lr, degradation, record_every, prog
             torch._foreach_mul_([p.grad for p in params], keep_list)
         optimizer.step()
         losses.append(loss.item())
+        if noise is not None:
+            with torch.no_grad():
+                for p in params:
+                    p.add_(torch.randn(p.shape, generator=noise, device=p.device, dtype=p.dtype), alpha=(2 * lr) ** 0.5)
+            if step >= average_from:
+                averaged += 1
+                frame = out.detach()
+                average = frame.clone() if average is None else average.add_(frame - average, alpha=1 / averaged)
         if recorder.due(step):
-            recorder.record(step, out)
+            recorder.record(step, average if average is not None else out)
         if bar is not None:
             bar.update(1)
             if step % 20 == 0 or step == steps - 1:
@@ -166,7 +184,7 @@ def _fit(model, z, y, steps, *, kind, clean, lr, degradation, record_every, prog
     if checkpoint is not None:
         save_checkpoint(steps)  # before the closing record, which a resumed run makes in its loop
     with torch.no_grad():
-        out = model(z)
+        out = model(z) if average is None else average
     if clean is not None and (not recorder.steps or recorder.steps[-1] != steps):
         recorder.record(steps, out)
     return TrainResult(image=out.detach().cpu(), losses=losses, model=model, steps=recorder.steps,
@@ -217,3 +235,17 @@ def train_sparse(model: nn.Module, mask: Mask, z, y, steps: int = 4000, clean=No
                 record_every=record_every, progress=progress, checkpoint=checkpoint,
                 checkpoint_every=checkpoint_every, resume=resume, keep=mask.tensors,
                 extra_settings=dict(mask=fingerprint(mask.to_flat().to(torch.float32))))
+
+
+def train_sgld(model: nn.Module, z, y, steps: int = 4000, clean=None, *, lr: float = 0.01, average_from: int | None = None,
+               seed: int = 0, degradation=None, record_every: int = 100, progress: bool | None = None, checkpoint=None,
+               checkpoint_every: int = 500, resume: bool = False) -> TrainResult:
+    """SGLD-DIP (oes-spec.md section 6): dense DIP with Gaussian noise of variance 2 * lr added
+    to every weight after each Adam update; the result is the average of the outputs from step
+    `average_from` (default: half of `steps`) on."""
+    average_from = steps // 2 if average_from is None else int(average_from)
+    model = copy.deepcopy(model)
+    return _fit(model, z, y, steps, kind="sgld", clean=clean, lr=lr, degradation=degradation,
+                record_every=record_every, progress=progress, checkpoint=checkpoint,
+                checkpoint_every=checkpoint_every, resume=resume, sgld_seed=seed, average_from=average_from,
+                extra_settings=dict(seed=seed, average_from=average_from))

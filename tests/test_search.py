@@ -105,3 +105,15 @@ def test_health_flags_a_disconnecting_mask():
     with pytest.raises(ValueError, match="disconnects"):
         oes_fast.train_sparse(model, mask, z, y, steps=1, progress=False)
     oes_fast.train_sparse(model, mask, z, y, steps=1, progress=False, allow_disconnected=True)
+
+
+def test_fused_engine_follows_the_unfused_trajectory():
+    # on a CPU the fused op's kernel is gumbel_mask + conv, so the two engines agree bitwise
+    model, z, y = tiny_problem(torch.float32)
+    unfused = oes_fast.search(model, z, y, density=0.3, steps=3, kl=1e-3, progress=False)
+    fused = oes_fast.search(model, z, y, density=0.3, steps=3, kl=1e-3, engine="fused", progress=False)
+    assert fused.losses == unfused.losses
+    for name in unfused.logits:
+        assert torch.equal(fused.logits[name], unfused.logits[name]), name
+    with pytest.raises(ValueError, match="engine"):
+        oes_fast.search(model, z, y, density=0.3, steps=1, engine="warp", progress=False)

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cstring>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "../sparse_conv2d.h"
@@ -78,7 +79,7 @@ inline void interior_columns(const SparseConvGeometry& g, int64_t* lo, int64_t* 
 // Input rows of one row tile, all input channels, padded in the copy: the padding is applied
 // while the tile is loaded (the padded tensor never exists), so every output column, border
 // or not, takes the vector path. kHaloBytes keeps the tile within the L2 of one core.
-constexpr int64_t kHaloBytes = 384 * 1024;
+constexpr int64_t kHaloBytes = 512 * 1024;
 
 template <typename T>
 void load_halo(const T* x, T* halo, int64_t rows_h, int64_t rows_load, int64_t Wa, int64_t y_in0,
@@ -92,16 +93,25 @@ void load_halo(const T* x, T* halo, int64_t rows_h, int64_t rows_load, int64_t W
         std::fill(dst, dst + Wp, T(0));
         continue;
       }
-      const T* src = x + ((n * g.C_in + c) * g.H + iy) * g.W;
-      const int64_t lo = std::min(g.PW, Wp), hi = std::min(Wp, g.PW + g.W);
-      for (int64_t j = 0; j < lo; ++j) {
-        const int64_t ix = source_index(j - g.PW, g.W, g.reflect);
-        dst[j] = ix < 0 ? T(0) : src[ix];
-      }
-      std::memcpy(dst + lo, src + (lo - g.PW), sizeof(T) * (hi - lo));
-      for (int64_t j = hi; j < Wp; ++j) {
-        const int64_t ix = source_index(j - g.PW, g.W, g.reflect);
-        dst[j] = ix < 0 ? T(0) : src[ix];
+      if (g.U == 1) {
+        const T* src = x + ((n * g.C_in + c) * g.H + iy) * g.W;
+        const int64_t lo = std::min(g.PW, Wp), hi = std::min(Wp, g.PW + g.W);
+        for (int64_t j = 0; j < lo; ++j) {
+          const int64_t ix = source_index(j - g.PW, g.W, g.reflect);
+          dst[j] = ix < 0 ? T(0) : src[ix];
+        }
+        std::memcpy(dst + lo, src + (lo - g.PW), sizeof(T) * (hi - lo));
+        for (int64_t j = hi; j < Wp; ++j) {
+          const int64_t ix = source_index(j - g.PW, g.W, g.reflect);
+          dst[j] = ix < 0 ? T(0) : src[ix];
+        }
+      } else {
+        // nearest upsampling fused into the load: upsampled pixel i reads stored pixel i / U
+        const T* src = x + ((n * g.C_in + c) * g.H_src + iy / g.U) * g.W_src;
+        for (int64_t j = 0; j < Wp; ++j) {
+          const int64_t ix = source_index(j - g.PW, g.W, g.reflect);
+          dst[j] = ix < 0 ? T(0) : src[ix / g.U];
+        }
       }
     }
   }
@@ -111,7 +121,7 @@ void load_halo(const T* x, T* halo, int64_t rows_h, int64_t rows_load, int64_t W
 // channel; `valid` columns from xo are stored (the last vector may be partial).
 template <typename T, int R, int NB>
 inline void tap_block(const T* base, int64_t row_stride, const int64_t* off, const T* w, int64_t m, T b, int64_t xo,
-                      T* out, int64_t out_stride, int64_t valid) {
+                      T* out, int64_t out_stride, int64_t valid, double* stats) {
   using V = vec_t<T>;
   constexpr int64_t L = kLanes<T>;
   V acc[R][NB];
@@ -123,24 +133,43 @@ inline void tap_block(const T* base, int64_t row_stride, const int64_t* off, con
     for (int r = 0; r < R; ++r)
       for (int v = 0; v < NB; ++v) acc[r][v] += wv * load<V>(s + r * row_stride + v * L);
   }
+  V sum = {}, sumsq = {};
   for (int r = 0; r < R; ++r) {
     for (int v = 0; v < NB; ++v) {
       T* dst = out + r * out_stride + xo + v * L;
       const int64_t lanes = std::min<int64_t>(L, valid - v * L);
       if (lanes == L) {
         store(dst, acc[r][v]);
+        sum += acc[r][v];
+        sumsq += acc[r][v] * acc[r][v];
       } else if (lanes > 0) {
         T tmp[L];
         store(tmp, acc[r][v]);
         std::memcpy(dst, tmp, sizeof(T) * lanes);
+        for (int64_t l = 0; l < lanes; ++l) {
+          sum[l] += tmp[l];
+          sumsq[l] += tmp[l] * tmp[l];
+        }
       }
     }
+  }
+  if (stats != nullptr) {
+    // batch-norm statistics of what was just stored (sums of at most R * NB * L values in T,
+    // then float64 across blocks)
+    double s = 0.0, ss = 0.0;
+    for (int64_t l = 0; l < L; ++l) {
+      s += sum[l];
+      ss += sumsq[l];
+    }
+    stats[0] += s;
+    stats[1] += ss;
   }
 }
 
 template <typename T>
 void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t* ci, const T* bias, T* out,
-                    const SparseConvGeometry& g) {
+                    const SparseConvGeometry& g, double* stats = nullptr) {
+  // stats (optional): per output channel (sum, sum of squares) of the output, float64, [C_out][2]
   constexpr int64_t L = kLanes<T>;
   if (g.N == 0 || g.C_out == 0) return;
   const int64_t KK = g.KH * g.KW;
@@ -155,68 +184,96 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
   const int64_t groups = std::min(g.C_out, std::max<int64_t>(1, (want + g.N * n_tiles - 1) / (g.N * n_tiles)));
   const int64_t group_size = (g.C_out + groups - 1) / groups;
   const int64_t rows_h_max = (tile - 1) * g.SH + g.KH;
-  at::parallel_for(0, g.N * n_tiles * groups, 1, [&](int64_t begin, int64_t end) {
+  const int64_t tasks = g.N * n_tiles * groups;
+  std::vector<double> partial(stats != nullptr ? tasks * g.C_out * 2 : 0, 0.0);
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> halo(g.C_in * rows_h_max * Wa, T(0));
-    std::vector<int64_t> off;
-    std::vector<T> w;
+    // Tap offsets into the halo depend on neither the tile nor the image: decode them once.
+    std::vector<int64_t> off(g.nnz);
+    std::vector<T> w(g.nnz);
+    for (int64_t k = 0; k < g.nnz; ++k) {
+      const int64_t c = ci[k] / KK, r = ci[k] % KK;
+      off[k] = (c * rows_h_max + r / g.KW) * Wa + r % g.KW;
+      w[k] = vals[k];
+    }
+    const int64_t rs = g.SH * Wa;  // halo distance of consecutive output rows
     for (int64_t t = begin; t < end; ++t) {
       const int64_t grp = t % groups, tl = (t / groups) % n_tiles, n = t / (groups * n_tiles);
       const int64_t y0 = tl * tile, rows = std::min(tile, g.H_out - y0);
+      const int64_t o_begin = grp * group_size, o_end = std::min(g.C_out, (grp + 1) * group_size);
       load_halo(x, halo.data(), rows_h_max, (rows - 1) * g.SH + g.KH, Wa, y0 * g.SH - g.PH, g, n);
-      for (int64_t o = grp * group_size; o < std::min(g.C_out, (grp + 1) * group_size); ++o) {
-        const int64_t k0 = rp[o], m = rp[o + 1] - k0;
-        off.resize(m);
-        w.resize(m);
-        for (int64_t j = 0; j < m; ++j) {
-          const int64_t col = ci[k0 + j], c = col / KK, r = col % KK;
-          off[j] = (c * rows_h_max + r / g.KW) * Wa + r % g.KW;
-          w[j] = vals[k0 + j];
+      // Output channels innermost: the strip of the halo one column block reads (all input
+      // channels, KH rows) stays in L1 while every output channel of the group uses it.
+      double* part = stats != nullptr ? partial.data() + t * g.C_out * 2 : nullptr;
+      auto run = [&](auto block, int64_t r, int64_t xo, int64_t valid) {
+        for (int64_t o = o_begin; o < o_end; ++o) {
+          const T b = bias ? bias[o] : T(0);
+          T* orow = out + ((n * g.C_out + o) * g.H_out + y0 + r) * g.W_out;
+          block(halo.data() + r * rs, rp[o], rp[o + 1] - rp[o], b, xo, orow, valid, part ? part + 2 * o : nullptr);
         }
-        const T b = bias ? bias[o] : T(0);
-        T* oplane = out + ((n * g.C_out + o) * g.H_out + y0) * g.W_out;
-        const int64_t rs = g.SH * Wa;  // halo distance of consecutive output rows
-        if (g.SW != 1) {
-          for (int64_t r = 0; r < rows; ++r) {
+      };
+      const T* offw = w.data();
+      const int64_t* offp = off.data();
+      if (g.SW != 1) {
+        for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t o = o_begin; o < o_end; ++o) {
+            const T b = bias ? bias[o] : T(0);
+            T* orow = out + ((n * g.C_out + o) * g.H_out + y0 + r) * g.W_out;
             for (int64_t xo = 0; xo < g.W_out; ++xo) {
               T acc = b;
               const T* base = halo.data() + r * rs + xo * g.SW;
-              for (int64_t j = 0; j < m; ++j) acc += w[j] * base[off[j]];
-              oplane[r * g.W_out + xo] = acc;
+              for (int64_t k = rp[o]; k < rp[o + 1]; ++k) acc += offw[k] * base[offp[k]];
+              orow[xo] = acc;
+              if (part) {
+                part[2 * o] += acc;
+                part[2 * o + 1] += double(acc) * acc;
+              }
             }
           }
-        } else if (g.W_out >= 4 * L) {
-          for (int64_t r = 0; r < rows; ++r) {
-            const T* base = halo.data() + r * rs;
-            T* orow = oplane + r * g.W_out;
-            int64_t xo = 0;
-            for (; xo + 4 * L <= g.W_out; xo += 4 * L)
-              tap_block<T, 1, 4>(base, rs, off.data(), w.data(), m, b, xo, orow, g.W_out, 4 * L);
-            for (; xo < g.W_out; xo += L)
-              tap_block<T, 1, 1>(base, rs, off.data(), w.data(), m, b, xo, orow, g.W_out, g.W_out - xo);
-          }
-        } else {
-          // narrow rows: block 4 rows per vector instead
-          for (int64_t xo = 0; xo < g.W_out; xo += L) {
-            int64_t r = 0;
-            for (; r + 4 <= rows; r += 4)
-              tap_block<T, 4, 1>(halo.data() + r * rs, rs, off.data(), w.data(), m, b, xo, oplane + r * g.W_out,
-                                 g.W_out, g.W_out - xo);
-            for (; r < rows; ++r)
-              tap_block<T, 1, 1>(halo.data() + r * rs, rs, off.data(), w.data(), m, b, xo, oplane + r * g.W_out,
-                                 g.W_out, g.W_out - xo);
-          }
+        }
+      } else if (g.W_out >= 4 * L) {
+        auto wide = [&](const T* base, int64_t k0, int64_t m, T b, int64_t xo, T* orow, int64_t valid, double* st) {
+          tap_block<T, 1, 4>(base, rs, offp + k0, offw + k0, m, b, xo, orow, g.W_out, valid, st);
+        };
+        auto one = [&](const T* base, int64_t k0, int64_t m, T b, int64_t xo, T* orow, int64_t valid, double* st) {
+          tap_block<T, 1, 1>(base, rs, offp + k0, offw + k0, m, b, xo, orow, g.W_out, valid, st);
+        };
+        for (int64_t r = 0; r < rows; ++r) {
+          int64_t xo = 0;
+          for (; xo + 4 * L <= g.W_out; xo += 4 * L) run(wide, r, xo, 4 * L);
+          for (; xo < g.W_out; xo += L) run(one, r, xo, g.W_out - xo);
+        }
+      } else {
+        // narrow rows: block 4 rows per vector instead
+        auto four = [&](const T* base, int64_t k0, int64_t m, T b, int64_t xo, T* orow, int64_t valid, double* st) {
+          tap_block<T, 4, 1>(base, rs, offp + k0, offw + k0, m, b, xo, orow, g.W_out, valid, st);
+        };
+        auto one = [&](const T* base, int64_t k0, int64_t m, T b, int64_t xo, T* orow, int64_t valid, double* st) {
+          tap_block<T, 1, 1>(base, rs, offp + k0, offw + k0, m, b, xo, orow, g.W_out, valid, st);
+        };
+        for (int64_t xo = 0; xo < g.W_out; xo += L) {
+          int64_t r = 0;
+          for (; r + 4 <= rows; r += 4) run(four, r, xo, g.W_out - xo);
+          for (; r < rows; ++r) run(one, r, xo, g.W_out - xo);
         }
       }
     }
   });
+  if (stats != nullptr) {
+    for (int64_t i = 0; i < g.C_out * 2; ++i) {
+      double s = 0.0;
+      for (int64_t t = 0; t < tasks; ++t) s += partial[t * g.C_out * 2 + i];
+      stats[i] = s;
+    }
+  }
 }
 
-// Input gradient: the transposed convolution as a scatter. A task owns one (image, input
+// Input gradient, any stride: the transposed convolution as a scatter. A task owns one (image, input
 // channel) plane of the gradient and adds every tap reading from that channel; the transposed
 // index (taps grouped by input channel) is built once per call by a counting sort, O(nnz).
 // Reflection is folded back on the fly: the scatter target is the reflected source row/column.
 template <typename T>
-void input_grad_kernel(const T* gout, const T* vals, const int64_t* rp, const int32_t* ci, T* gin,
+void input_grad_generic(const T* gout, const T* vals, const int64_t* rp, const int32_t* ci, T* gin,
                        const SparseConvGeometry& g) {
   const int64_t KK = g.KH * g.KW, HW = g.H * g.W, HWo = g.H_out * g.W_out;
   std::vector<int64_t> start(g.C_in + 1, 0);
@@ -292,11 +349,11 @@ inline T dot_row(const T* a, const T* b, int64_t lo, int64_t hi) {
   return s;
 }
 
-// Weight gradient at the kept taps only: grad[k] = sum over images and output pixels of
+// Weight gradient at the kept taps only, any stride: grad[k] = sum over images and output pixels of
 // grad_out[o] times the input the tap read. Tasks are (row tile, output channel); each keeps a
 // partial per tap (in float64), summed over tiles in a fixed order (deterministic).
 template <typename T>
-void weight_grad_kernel(const T* gout, const T* x, const int64_t* rp, const int32_t* ci, T* gw,
+void weight_grad_generic(const T* gout, const T* x, const int64_t* rp, const int32_t* ci, T* gw,
                         const SparseConvGeometry& g) {
   const int64_t KK = g.KH * g.KW, HW = g.H * g.W, HWo = g.H_out * g.W_out;
   const int64_t n_tiles = (g.H_out + kRowTile - 1) / kRowTile;
@@ -347,14 +404,144 @@ void weight_grad_kernel(const T* gout, const T* x, const int64_t* rp, const int3
   });
 }
 
+// Input gradient, stride 1: the gradient of the padded input is the full correlation of
+// grad_output with the flipped kernel, i.e. a forward sparse convolution with the taps regrouped
+// by input channel (CSR over input channels, O(nnz) counting sort), kernel flipped and zero
+// padding K - 1; it runs on the register-blocked forward kernel into a padded plane, and the
+// padding is folded back (reflected rows/columns added onto the rows/columns they mirror).
+template <typename T>
+void input_grad_stride1(const T* gout, const T* vals, const int64_t* rp, const int32_t* ci, T* gin,
+                        const SparseConvGeometry& g) {
+  const int64_t KK = g.KH * g.KW;
+  std::vector<int64_t> trp(g.C_in + 1, 0);
+  for (int64_t k = 0; k < g.nnz; ++k) ++trp[ci[k] / KK + 1];
+  for (int64_t c = 0; c < g.C_in; ++c) trp[c + 1] += trp[c];
+  std::vector<int32_t> tci(g.nnz);
+  std::vector<T> tv(g.nnz);
+  {
+    std::vector<int64_t> fill(trp.begin(), trp.end() - 1);
+    for (int64_t o = 0; o < g.C_out; ++o) {
+      for (int64_t k = rp[o]; k < rp[o + 1]; ++k) {
+        const int64_t c = ci[k] / KK, r = ci[k] % KK, d = fill[c]++;
+        tci[d] = static_cast<int32_t>(o * KK + (g.KH - 1 - r / g.KW) * g.KW + (g.KW - 1 - r % g.KW));
+        tv[d] = vals[k];
+      }
+    }
+  }
+  SparseConvGeometry t = g;
+  t.C_in = g.C_out;
+  t.C_out = g.C_in;
+  t.H = t.H_src = g.H_out;
+  t.W = t.W_src = g.W_out;
+  t.U = 1;
+  t.PH = g.KH - 1;
+  t.PW = g.KW - 1;
+  t.reflect = false;
+  t.H_out = g.H_out + g.KH - 1;  // = H + 2 PH, the padded input
+  t.W_out = g.W_out + g.KW - 1;
+  const int64_t Hp = t.H_out, Wp = t.W_out;
+  std::vector<T> padded(g.N * g.C_in * Hp * Wp);
+  forward_kernel<T>(gout, tv.data(), trp.data(), tci.data(), nullptr, padded.data(), t);
+  at::parallel_for(0, g.N * g.C_in, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t nc = begin; nc < end; ++nc) {
+      T* gx = gin + nc * g.H * g.W;
+      const T* src = padded.data() + nc * Hp * Wp;
+      std::fill(gx, gx + g.H * g.W, T(0));
+      for (int64_t i = 0; i < Hp; ++i) {
+        const int64_t iy = source_index(i - g.PH, g.H, g.reflect);
+        if (iy < 0) continue;
+        T* drow = gx + iy * g.W;
+        const T* srow = src + i * Wp;
+        for (int64_t j = 0; j < g.PW; ++j) {
+          const int64_t ix = source_index(j - g.PW, g.W, g.reflect);
+          if (ix >= 0) drow[ix] += srow[j];
+        }
+        const T* s0 = srow + g.PW;
+#pragma omp simd
+        for (int64_t j = 0; j < g.W; ++j) drow[j] += s0[j];
+        for (int64_t j = g.PW + g.W; j < Wp; ++j) {
+          const int64_t ix = source_index(j - g.PW, g.W, g.reflect);
+          if (ix >= 0) drow[ix] += srow[j];
+        }
+      }
+    }
+  });
+}
+
+// Weight gradient, stride 1: tasks are (image, row tile); a task loads the tile's padded input
+// rows into a halo (as the forward) and, per output row and output channel, takes the dot
+// product of the grad_output row with every kept tap's shifted halo row: full vectors only
+// (the grad row is copied into a zero-tailed buffer, the halo has zeroed slack). Partials per
+// task in float64 are added in task order (deterministic).
+template <typename T>
+void weight_grad_stride1(const T* gout, const T* x, const int64_t* rp, const int32_t* ci, T* gw,
+                         const SparseConvGeometry& g) {
+  using V = vec_t<T>;
+  constexpr int64_t L = kLanes<T>;
+  if (g.nnz == 0 || g.N == 0) return;
+  const int64_t KK = g.KH * g.KW;
+  const int64_t Wp = g.W_out + g.KW - 1;
+  const int64_t Wa = Wp + L;
+  const int64_t budget_rows = std::max<int64_t>(g.KH, kHaloBytes / (int64_t(sizeof(T)) * std::max<int64_t>(1, g.C_in) * Wa));
+  const int64_t tile = std::min(g.H_out, std::max<int64_t>(1, budget_rows - g.KH + 1));
+  const int64_t n_tiles = (g.H_out + tile - 1) / tile;
+  const int64_t tasks = g.N * n_tiles;
+  const int64_t rows_h_max = tile - 1 + g.KH;
+  const int64_t nvec = (g.W_out + L - 1) / L;
+  std::vector<double> partial(tasks * g.nnz, 0.0);
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> halo(g.C_in * rows_h_max * Wa, T(0));
+    std::vector<T> grow(nvec * L, T(0));
+    std::vector<int64_t> off(g.nnz);
+    for (int64_t k = 0; k < g.nnz; ++k) {
+      const int64_t c = ci[k] / KK, r = ci[k] % KK;
+      off[k] = (c * rows_h_max + r / g.KW) * Wa + r % g.KW;
+    }
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t tl = t % n_tiles, n = t / n_tiles;
+      const int64_t y0 = tl * tile, rows = std::min(tile, g.H_out - y0);
+      load_halo(x, halo.data(), rows_h_max, rows - 1 + g.KH, Wa, y0 - g.PH, g, n);
+      double* part = partial.data() + t * g.nnz;
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* base = halo.data() + r * Wa;
+        for (int64_t o = 0; o < g.C_out; ++o) {
+          if (rp[o] == rp[o + 1]) continue;
+          std::memcpy(grow.data(), gout + ((n * g.C_out + o) * g.H_out + y0 + r) * g.W_out, sizeof(T) * g.W_out);
+          for (int64_t k = rp[o]; k < rp[o + 1]; ++k) {
+            const T* hrow = base + off[k];
+            V acc[2] = {};
+            int64_t v = 0;
+            for (; v + 2 <= nvec; v += 2) {
+              acc[0] += load<V>(grow.data() + v * L) * load<V>(hrow + v * L);
+              acc[1] += load<V>(grow.data() + (v + 1) * L) * load<V>(hrow + (v + 1) * L);
+            }
+            if (v < nvec) acc[0] += load<V>(grow.data() + v * L) * load<V>(hrow + v * L);
+            acc[0] += acc[1];
+            T s = 0;
+            for (int64_t l = 0; l < L; ++l) s += acc[0][l];
+            part[k] += static_cast<double>(s);
+          }
+        }
+      }
+    }
+  });
+  at::parallel_for(0, g.nnz, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      double s = 0.0;
+      for (int64_t t = 0; t < tasks; ++t) s += partial[t * g.nnz + k];
+      gw[k] = static_cast<T>(s);
+    }
+  });
+}
+
 std::string mode_string(c10::string_view s) { return std::string(s.data(), s.size()); }
 
 at::Tensor sparse_conv2d_cpu(const at::Tensor& input, const at::Tensor& values, const at::Tensor& row_ptr,
                              const at::Tensor& col_idx, const std::optional<at::Tensor>& bias,
                              at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
-                             c10::string_view padding_mode) {
+                             c10::string_view padding_mode, int64_t upsample) {
   const auto g = sparse_conv2d_geometry(input.sizes(), values, row_ptr, col_idx, kernel_size, stride, padding,
-                                        mode_string(padding_mode), input);
+                                        mode_string(padding_mode), input, upsample);
   at::Tensor b;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->dim() == 1 && bias->numel() == g.C_out && bias->scalar_type() == input.scalar_type() &&
@@ -373,6 +560,31 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& input, const at::Tensor& values, 
   return out;
 }
 
+std::tuple<at::Tensor, at::Tensor> sparse_conv2d_stats_cpu(const at::Tensor& input, const at::Tensor& values,
+                                                           const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                                                           const std::optional<at::Tensor>& bias,
+                                                           at::IntArrayRef kernel_size, at::IntArrayRef padding,
+                                                           c10::string_view padding_mode, int64_t upsample) {
+  const auto g = sparse_conv2d_geometry(input.sizes(), values, row_ptr, col_idx, kernel_size, {1, 1}, padding,
+                                        mode_string(padding_mode), input, upsample);
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->numel() == g.C_out && bias->scalar_type() == input.scalar_type(),
+                "sparse_conv2d_stats: bias must be 1-D with C_out entries of the input's dtype");
+    b = bias->contiguous();
+  }
+  const at::Tensor x = input.contiguous(), v = values.contiguous(), rp = row_ptr.contiguous(),
+                   ci = col_idx.contiguous();
+  at::Tensor out = at::empty({g.N, g.C_out, g.H_out, g.W_out}, input.options());
+  at::Tensor stats = at::zeros({g.C_out, 2}, input.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_conv2d_stats_cpu", [&] {
+    forward_kernel<scalar_t>(x.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), rp.data_ptr<int64_t>(),
+                             ci.data_ptr<int32_t>(), b.defined() ? b.data_ptr<scalar_t>() : nullptr,
+                             out.data_ptr<scalar_t>(), g, stats.data_ptr<double>());
+  });
+  return {out, stats};
+}
+
 at::Tensor sparse_conv2d_input_grad_cpu(const at::Tensor& grad_output, const at::Tensor& values,
                                         const at::Tensor& row_ptr, const at::Tensor& col_idx,
                                         at::IntArrayRef input_size, at::IntArrayRef kernel_size,
@@ -387,8 +599,9 @@ at::Tensor sparse_conv2d_input_grad_cpu(const at::Tensor& grad_output, const at:
                    ci = col_idx.contiguous();
   at::Tensor gin = at::empty({g.N, g.C_in, g.H, g.W}, grad_output.options());
   AT_DISPATCH_FLOATING_TYPES(go.scalar_type(), "sparse_conv2d_input_grad_cpu", [&] {
-    input_grad_kernel<scalar_t>(go.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), rp.data_ptr<int64_t>(),
-                                ci.data_ptr<int32_t>(), gin.data_ptr<scalar_t>(), g);
+    auto kernel = (g.SH == 1 && g.SW == 1) ? &input_grad_stride1<scalar_t> : &input_grad_generic<scalar_t>;
+    kernel(go.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), rp.data_ptr<int64_t>(), ci.data_ptr<int32_t>(),
+           gin.data_ptr<scalar_t>(), g);
   });
   return gin;
 }
@@ -410,8 +623,9 @@ at::Tensor sparse_conv2d_weight_grad_cpu(const at::Tensor& grad_output, const at
                    ci = col_idx.contiguous();
   at::Tensor gw = at::zeros({g.nnz}, input.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_conv2d_weight_grad_cpu", [&] {
-    weight_grad_kernel<scalar_t>(go.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), rp.data_ptr<int64_t>(),
-                                 ci.data_ptr<int32_t>(), gw.data_ptr<scalar_t>(), g);
+    auto kernel = (g.SH == 1 && g.SW == 1) ? &weight_grad_stride1<scalar_t> : &weight_grad_generic<scalar_t>;
+    kernel(go.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), rp.data_ptr<int64_t>(), ci.data_ptr<int32_t>(),
+           gw.data_ptr<scalar_t>(), g);
   });
   return gw;
 }
@@ -420,6 +634,7 @@ at::Tensor sparse_conv2d_weight_grad_cpu(const at::Tensor& grad_output, const at
 
 TORCH_LIBRARY_IMPL(oes_fast, CPU, m) {
   m.impl("sparse_conv2d", &sparse_conv2d_cpu);
+  m.impl("sparse_conv2d_stats", &sparse_conv2d_stats_cpu);
   m.impl("sparse_conv2d_input_grad", &sparse_conv2d_input_grad_cpu);
   m.impl("sparse_conv2d_weight_grad", &sparse_conv2d_weight_grad_cpu);
 }

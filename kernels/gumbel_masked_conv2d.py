@@ -1,0 +1,398 @@
+"""Triton kernels of gumbel_masked_conv2d: a stride-1 convolution whose weight tiles are formed
+on the fly as w * sigmoid((p + logistic(u)) / tau), and its backward. Launchers at the bottom.
+
+The masked weights are never written to memory: every program regenerates the tile of the
+mask it multiplies with from the package's random stream (csrc/philox.h, the helpers of
+kernels/gumbel_mask.py), weight element j at offset `offset + j` (j row-major over
+[C_out, C_in, k, k]), so the forward, the backward and the flat gumbel_mask op all see the
+same noise.
+
+All three kernels are implicit GEMMs (no im2col buffer):
+- forward:      out[m, co]  = sum_kk X[m, kk] * Wm[kk, co],  m = (n, y, x), kk = (ci, ky, kx);
+                padding (reflect / zeros) folded into the gather of X, bias in the epilogue.
+- input grad:   gpad[m', ci] = sum_kk G[m', kk] * Wm[kk, ci], m' = (n, y', x') over the PADDED
+                input, kk = (co, ky, kx), G gathered from grad_output at (y' - ky, x' - kx);
+                the launcher folds the padded gradient back (reflection: aten's
+                reflection_pad2d_backward, zeros: a slice) - one activation-sized buffer, a
+                cheap pass, instead of a 3x3 gather of mirrored candidates per tap.
+- weight grad:  dW[co, kk] = sum_r G[co, r] * X[r, kk] over the pixels r, split over programs
+                (split-K) and the epilogue writes grad_logits = dW * w * m (1 - m) / tau (and
+                grad_weight = dW * m when asked) directly; both are linear in dW, so the
+                partial sums of the splits are scaled and atomically added.
+Accumulation in float32 for float32 inputs (the dot's input precision: "ieee" by default,
+"tf32" or "bf16" on request), float64 for float64. Runs on CUDA tensors, and on CPU tensors
+under TRITON_INTERPRET=1 (the tests).
+"""
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from .gumbel_mask import INTERPRETED, _check_seed_offset, _logistic_noise, _tau, _tau_bits
+
+__all__ = ["gumbel_masked_conv2d_forward", "gumbel_masked_conv2d_input_grad", "gumbel_masked_conv2d_weight_grad",
+           "gumbel_masked_conv2d_backward", "set_precision", "precision"]
+
+_DTYPES = (torch.float32, torch.float64)
+_PRECISIONS = ("ieee", "tf32", "bf16")
+_precision = "ieee"
+
+
+def set_precision(name: str) -> None:
+    """Input precision of the float32 dots: "ieee" (exact float32, the default), "tf32", or
+    "bf16" (tiles rounded to bfloat16, float32 accumulation). float64 is always exact."""
+    global _precision
+    if name not in _PRECISIONS:
+        raise ValueError(f"unknown precision {name!r}; choose one of {_PRECISIONS}")
+    _precision = name
+
+
+def precision() -> str:
+    return _precision
+
+
+@triton.jit
+def _src(i, n, REFLECT: tl.constexpr):
+    """Padded coordinate (already shifted by -P) -> (input coordinate, in range)."""
+    if REFLECT:
+        i = tl.where(i < 0, -i, i)
+        i = tl.where(i >= n, 2 * (n - 1) - i, i)
+        return i, (i >= 0) & (i < n)
+    else:
+        return i, (i >= 0) & (i < n)
+
+
+@triton.jit
+def _mask(p, seed, offs, tau_bits, COMPUTE: tl.constexpr):
+    """m = sigmoid((p + L) / tau) in the expression order of every other backend."""
+    noise = _logistic_noise(seed, offs, COMPUTE)
+    tau = _tau(tau_bits, COMPUTE)
+    return 1.0 / (1.0 + tl.exp(-(p + noise) / tau))
+
+
+@triton.jit
+def _dot(a, b, acc, PREC: tl.constexpr):
+    # PREC: 0 exact (ieee; float64 is always this), 1 tf32, 2 bf16 tiles with float32 accumulation
+    if PREC == 2:
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc, out_dtype=tl.float32)
+    elif PREC == 1:
+        return tl.dot(a, b, acc, input_precision="tf32")
+    else:
+        return tl.dot(a, b, acc, input_precision="ieee")
+
+
+@triton.jit(do_not_specialize=["seed", "offset", "tau_bits"])
+def _forward_kernel(x_ptr, p_ptr, w_ptr, b_ptr, out_ptr, N, C_in, H, W, C_out, H_out, W_out,
+                    seed: tl.int64, offset: tl.int64, tau_bits: tl.int64,
+                    KS: tl.constexpr, PAD: tl.constexpr, REFLECT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    COMPUTE: tl.constexpr, PREC: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    # pixels along M (64-bit: N * H * W * C can pass 2^31 at 4096^2), output channels along N
+    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_live = rm < N * H_out * W_out
+    n_live = rn < C_out
+    img = rm // (H_out * W_out)
+    pix = rm % (H_out * W_out)
+    yo = pix // W_out
+    xo = pix % W_out
+    K = C_in * KS * KS
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=COMPUTE)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_live = rk < K
+        ci = rk // (KS * KS)
+        tap = rk % (KS * KS)
+        # A: the input gathered at (y + ky - P, x + kx - P), padding applied on the address
+        iy, vy = _src(yo[:, None] + (tap // KS)[None, :] - PAD, H, REFLECT)
+        ix, vx = _src(xo[:, None] + (tap % KS)[None, :] - PAD, W, REFLECT)
+        a_mask = m_live[:, None] & k_live[None, :] & vy & vx
+        a = tl.load(x_ptr + ((img[:, None] * C_in + ci[None, :]) * H + iy) * W + ix, mask=a_mask, other=0.0)
+        # B: the masked weight tile, Wm[kk, co] = w[co, kk] * m[co, kk], made here, never stored
+        widx = rn[None, :].to(tl.int64) * K + rk[:, None]
+        b_mask = k_live[:, None] & n_live[None, :]
+        p = tl.load(p_ptr + widx, mask=b_mask, other=0.0).to(COMPUTE)
+        w = tl.load(w_ptr + widx, mask=b_mask, other=0.0).to(COMPUTE)
+        b = w * _mask(p, seed, widx + offset.to(tl.int64), tau_bits, COMPUTE)
+        acc = _dot(a.to(COMPUTE), b, acc, PREC)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=n_live, other=0.0).to(COMPUTE)[None, :]
+    out_idx = (img[:, None] * C_out + rn[None, :]) * (H_out * W_out) + pix[:, None]
+    tl.store(out_ptr + out_idx, acc.to(out_ptr.dtype.element_ty), mask=m_live[:, None] & n_live[None, :])
+
+
+@triton.jit(do_not_specialize=["seed", "offset", "tau_bits"])
+def _input_grad_kernel(g_ptr, p_ptr, w_ptr, out_ptr, N, C_in, H_out, W_out, C_out, HP, WP,
+                       seed: tl.int64, offset: tl.int64, tau_bits: tl.int64,
+                       KS: tl.constexpr, COMPUTE: tl.constexpr, PREC: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # out: the gradient of the PADDED input [N, C_in, HP, WP]; g: grad_output [N, C_out, H_out, W_out]
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # input channels
+    m_live = rm < N * HP * WP
+    n_live = rn < C_in
+    img = rm // (HP * WP)
+    pix = rm % (HP * WP)
+    yp = pix // WP
+    xp = pix % WP
+    K = C_out * KS * KS
+    KW_ALL = C_in * KS * KS  # weight row length
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=COMPUTE)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_live = rk < K
+        co = rk // (KS * KS)
+        tap = rk % (KS * KS)
+        # padded position (yp, xp) feeds output (yp - ky, xp - kx) through tap (ky, kx)
+        oy = yp[:, None] - (tap // KS)[None, :]
+        ox = xp[:, None] - (tap % KS)[None, :]
+        a_mask = m_live[:, None] & k_live[None, :] & (oy >= 0) & (oy < H_out) & (ox >= 0) & (ox < W_out)
+        a = tl.load(g_ptr + ((img[:, None] * C_out + co[None, :]) * H_out + oy) * W_out + ox, mask=a_mask, other=0.0)
+        widx = co[:, None].to(tl.int64) * KW_ALL + rn[None, :] * (KS * KS) + tap[:, None]
+        b_mask = k_live[:, None] & n_live[None, :]
+        p = tl.load(p_ptr + widx, mask=b_mask, other=0.0).to(COMPUTE)
+        w = tl.load(w_ptr + widx, mask=b_mask, other=0.0).to(COMPUTE)
+        b = w * _mask(p, seed, widx + offset.to(tl.int64), tau_bits, COMPUTE)
+        acc = _dot(a.to(COMPUTE), b, acc, PREC)
+    out_idx = (img[:, None] * C_in + rn[None, :]) * (HP * WP) + pix[:, None]
+    tl.store(out_ptr + out_idx, acc.to(out_ptr.dtype.element_ty), mask=m_live[:, None] & n_live[None, :])
+
+
+@triton.jit(do_not_specialize=["seed", "offset", "tau_bits"])
+def _weight_grad_kernel(g_ptr, x_ptr, p_ptr, w_ptr, gp_ptr, gw_ptr, N, C_in, H, W, C_out, H_out, W_out,
+                        rows_per_split, seed: tl.int64, offset: tl.int64, tau_bits: tl.int64,
+                        KS: tl.constexpr, PAD: tl.constexpr, REFLECT: tl.constexpr, WEIGHT_GRAD: tl.constexpr,
+                        ATOMIC: tl.constexpr, COMPUTE: tl.constexpr, PREC: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # GEMM rows: output channels (BLOCK_M), columns: kk = (ci, ky, kx) (BLOCK_N), reduction:
+    # pixels (BLOCK_K), the pixel range of split program_id(2)
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    rco = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rkk = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    K = C_in * KS * KS
+    co_live = rco < C_out
+    kk_live = rkk < K
+    ci = rkk // (KS * KS)
+    tap = rkk % (KS * KS)
+    ky = tap // KS
+    kx = tap % KS
+    R = N * H_out * W_out
+    r_start = pid_s.to(tl.int64) * rows_per_split
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=COMPUTE)
+    for r0 in range(0, rows_per_split, BLOCK_K):
+        rr = r_start + r0 + tl.arange(0, BLOCK_K)
+        r_live = (rr < R) & (r0 + tl.arange(0, BLOCK_K) < rows_per_split)
+        img = rr // (H_out * W_out)
+        pix = rr % (H_out * W_out)
+        yo = pix // W_out
+        xo = pix % W_out
+        # A = G^T [co, r]
+        a = tl.load(g_ptr + (img[None, :] * C_out + rco[:, None]) * (H_out * W_out) + pix[None, :],
+                    mask=co_live[:, None] & r_live[None, :], other=0.0)
+        # B = X [r, kk], gathered with the padding folded in
+        iy, vy = _src(yo[:, None] + ky[None, :] - PAD, H, REFLECT)
+        ix, vx = _src(xo[:, None] + kx[None, :] - PAD, W, REFLECT)
+        b = tl.load(x_ptr + ((img[:, None] * C_in + ci[None, :]) * H + iy) * W + ix,
+                    mask=r_live[:, None] & kk_live[None, :] & vy & vx, other=0.0)
+        acc = _dot(a.to(COMPUTE), b.to(COMPUTE), acc, PREC)
+    # epilogue: dW_eff -> grad_logits = dW * w * m (1 - m) / tau, grad_weight = dW * m
+    widx = rco[:, None].to(tl.int64) * K + rkk[None, :]
+    live = co_live[:, None] & kk_live[None, :]
+    p = tl.load(p_ptr + widx, mask=live, other=0.0).to(COMPUTE)
+    w = tl.load(w_ptr + widx, mask=live, other=0.0).to(COMPUTE)
+    m = _mask(p, seed, widx + offset.to(tl.int64), tau_bits, COMPUTE)
+    gp = acc * w * m * (1.0 - m) / _tau(tau_bits, COMPUTE)
+    if ATOMIC:
+        tl.atomic_add(gp_ptr + widx, gp.to(gp_ptr.dtype.element_ty), mask=live)
+        if WEIGHT_GRAD:
+            tl.atomic_add(gw_ptr + widx, (acc * m).to(gw_ptr.dtype.element_ty), mask=live)
+    else:
+        tl.store(gp_ptr + widx, gp.to(gp_ptr.dtype.element_ty), mask=live)
+        if WEIGHT_GRAD:
+            tl.store(gw_ptr + widx, (acc * m).to(gw_ptr.dtype.element_ty), mask=live)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _check(op, input, logits, weight, bias, seed, offset, tau, padding, padding_mode):
+    """Shapes, dtypes, devices and scalars; returns (seed, offset, tau, k, H_out, W_out)."""
+    for name, t in (("input", input), ("logits", logits), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
+    if input.dim() != 4 or weight.dim() != 4:
+        raise ValueError(f"{op}: input and weight must be 4-D, got {tuple(input.shape)} and {tuple(weight.shape)}")
+    if logits.shape != weight.shape:
+        raise ValueError(f"{op}: logits and weight must have the same shape, got {tuple(logits.shape)} and "
+                         f"{tuple(weight.shape)}")
+    k = weight.shape[2]
+    if weight.shape[3] != k or weight.shape[1] != input.shape[1]:
+        raise ValueError(f"{op}: weight must be [C_out, C_in, k, k] with C_in = {input.shape[1]}, got "
+                         f"{tuple(weight.shape)}")
+    tensors = [input, logits, weight] + ([bias] if bias is not None else [])
+    if any(t.dtype != input.dtype for t in tensors) or input.dtype not in _DTYPES:
+        raise TypeError(f"{op}: all tensors must share one dtype, float32 or float64")
+    if any(t.device != input.device for t in tensors):
+        raise ValueError(f"{op}: all tensors must be on one device")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"{op}: bias must be [C_out], got {tuple(bias.shape)}")
+    if padding_mode not in ("reflect", "zeros"):
+        raise ValueError(f"{op}: padding_mode must be 'reflect' or 'zeros', got {padding_mode!r}")
+    padding = int(padding)
+    h, w = input.shape[2], input.shape[3]
+    if padding < 0 or (padding_mode == "reflect" and padding >= min(h, w)):
+        raise ValueError(f"{op}: padding must be in [0, min(H, W)) for reflection, got {padding}")
+    h_out, w_out = h + 2 * padding - k + 1, w + 2 * padding - k + 1
+    if h_out <= 0 or w_out <= 0:
+        raise ValueError(f"{op}: kernel {k} larger than the padded input")
+    tau = float(tau)
+    if not (tau > 0.0 and tau != float("inf")):
+        raise ValueError(f"{op}: tau must be positive and finite, got {tau}")
+    if input.device.type != "cuda" and not INTERPRETED:
+        raise ValueError(f"{op}: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU), got {input.device}")
+    seed, offset = _check_seed_offset(op, seed, offset, weight.numel())
+    return seed, offset, tau, k, padding, h_out, w_out
+
+
+def _compute(dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _prec(dtype):
+    return 0 if dtype == torch.float64 else _PRECISIONS.index(_precision)
+
+
+def _pow2(n, lo, hi):
+    return max(lo, min(hi, triton.next_power_of_2(int(n))))
+
+
+def _tiles(dtype, n_cols):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps). Small under the interpreter (each program is
+    numpy work); on the GPU 128 pixels x up to 64 channels, 32-deep K steps (16 in float64,
+    whose tiles take twice the registers). 16 is tl.dot's smallest side."""
+    if INTERPRETED:
+        return 16, 16, 16, 4
+    if dtype == torch.float64:
+        return 64, _pow2(n_cols, 16, 32), 16, 4
+    return 128, _pow2(n_cols, 16, 64), 32, 4
+
+
+def _on_device(t):
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def gumbel_masked_conv2d_forward(input, logits, weight, bias, seed, offset, tau, padding, padding_mode):
+    """conv2d(pad(input), weight * gumbel_sigmoid(logits)) + bias, stride 1, [N, C_out, H_out, W_out]."""
+    seed, offset, tau, k, padding, h_out, w_out = _check("gumbel_masked_conv2d", input, logits, weight, bias, seed,
+                                                         offset, tau, padding, padding_mode)
+    x, p, w = input.contiguous(), logits.contiguous(), weight.contiguous()
+    n, c_in, h, wd = x.shape
+    c_out = w.shape[0]
+    out = torch.empty((n, c_out, h_out, w_out), dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    if c_in == 0:
+        return out.copy_((bias if bias is not None else out.new_zeros(c_out)).view(1, -1, 1, 1).expand_as(out))
+    bm, bn, bk, warps = _tiles(x.dtype, c_out)
+    grid = (triton.cdiv(n * h_out * w_out, bm), triton.cdiv(c_out, bn))
+    b = bias.contiguous() if bias is not None else x  # never read without HAS_BIAS
+    with _on_device(x):
+        _forward_kernel[grid](x, p, w, b, out, n, c_in, h, wd, c_out, h_out, w_out, seed, offset, _tau_bits(tau),
+                              KS=k, PAD=padding, REFLECT=padding_mode == "reflect", HAS_BIAS=bias is not None,
+                              COMPUTE=_compute(x.dtype), PREC=_prec(x.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                              num_warps=warps)
+    return out
+
+
+def gumbel_masked_conv2d_input_grad(grad_output, input, logits, weight, seed, offset, tau, padding, padding_mode):
+    """d loss / d input, the masked weights regenerated from (seed, offset)."""
+    seed, offset, tau, k, padding, h_out, w_out = _check("gumbel_masked_conv2d_backward", input, logits, weight, None,
+                                                         seed, offset, tau, padding, padding_mode)
+    g, p, w = grad_output.contiguous(), logits.contiguous(), weight.contiguous()
+    n, c_in, h, wd = input.shape
+    c_out = w.shape[0]
+    hp, wp = h + 2 * padding, wd + 2 * padding
+    gpad = torch.empty((n, c_in, hp, wp), dtype=g.dtype, device=g.device)
+    if gpad.numel() and c_out:
+        bm, bn, bk, warps = _tiles(g.dtype, c_in)
+        grid = (triton.cdiv(n * hp * wp, bm), triton.cdiv(c_in, bn))
+        with _on_device(g):
+            _input_grad_kernel[grid](g, p, w, gpad, n, c_in, h_out, w_out, c_out, hp, wp, seed, offset,
+                                     _tau_bits(tau), KS=k, COMPUTE=_compute(g.dtype), PREC=_prec(g.dtype),
+                                     BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+    else:
+        gpad.zero_()
+    if padding == 0:
+        return gpad
+    if padding_mode == "reflect":
+        # folds the mirrored borders back onto the pixels they were read from
+        return torch.ops.aten.reflection_pad2d_backward(gpad, input, [padding] * 4)
+    return gpad[:, :, padding:padding + h, padding:padding + wd].contiguous()
+
+
+def _splits(rows, tiles, device):
+    """Split-K factor for the weight gradient: enough programs to fill the GPU (about 4 per
+    SM) when the C_out x K tile grid alone is small, at least 4096 pixels per split."""
+    if INTERPRETED or device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = max(1, (4 * sms) // max(tiles, 1))
+    return int(max(1, min(want, rows // 4096)))
+
+
+def gumbel_masked_conv2d_weight_grad(grad_output, input, logits, weight, seed, offset, tau, padding, padding_mode,
+                                     weight_grad):
+    """(grad_logits, grad_weight or an empty [0] tensor), from the dW_eff reduction's epilogue."""
+    seed, offset, tau, k, padding, h_out, w_out = _check("gumbel_masked_conv2d_backward", input, logits, weight, None,
+                                                         seed, offset, tau, padding, padding_mode)
+    g, x, p, w = grad_output.contiguous(), input.contiguous(), logits.contiguous(), weight.contiguous()
+    n, c_in, h, wd = x.shape
+    c_out = w.shape[0]
+    kk = c_in * k * k
+    rows = n * h_out * w_out
+    bm, bn, bk, warps = _tiles(g.dtype, kk)
+    bm = _pow2(c_out, 16, 64) if not INTERPRETED else bm
+    tiles = triton.cdiv(c_out, bm) * triton.cdiv(kk, bn)
+    splits = _splits(rows, tiles, g.device)
+    alloc = torch.zeros if splits > 1 else torch.empty
+    grad_logits = alloc(w.shape, dtype=w.dtype, device=w.device)
+    grad_weight = alloc(w.shape, dtype=w.dtype, device=w.device) if weight_grad else w.new_empty(0)
+    if w.numel() == 0:
+        return grad_logits, grad_weight
+    if rows == 0:
+        return grad_logits.zero_(), grad_weight.zero_()
+    rows_per_split = triton.cdiv(triton.cdiv(rows, splits), bk) * bk
+    splits = triton.cdiv(rows, rows_per_split)
+    grid = (triton.cdiv(c_out, bm), triton.cdiv(kk, bn), splits)
+    with _on_device(g):
+        _weight_grad_kernel[grid](g, x, p, w, grad_logits, grad_weight if weight_grad else grad_logits, n, c_in, h,
+                                  wd, c_out, h_out, w_out, rows_per_split, seed, offset, _tau_bits(tau), KS=k,
+                                  PAD=padding, REFLECT=padding_mode == "reflect", WEIGHT_GRAD=bool(weight_grad),
+                                  ATOMIC=splits > 1, COMPUTE=_compute(g.dtype), PREC=_prec(g.dtype), BLOCK_M=bm,
+                                  BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+    return grad_logits, grad_weight
+
+
+def gumbel_masked_conv2d_backward(grad_output, input, logits, weight, seed, offset, tau, padding, padding_mode,
+                                  output_mask):
+    """(grad_input, grad_logits, grad_weight, grad_bias); the ones not asked for in
+    output_mask (4 bools) are empty [0] tensors."""
+    need_input, need_logits, need_weight, need_bias = (bool(b) for b in output_mask)
+    empty = grad_output.new_empty(0)
+    grad_input = (gumbel_masked_conv2d_input_grad(grad_output, input, logits, weight, seed, offset, tau, padding,
+                                                  padding_mode) if need_input else empty)
+    grad_logits = grad_weight = empty
+    if need_logits or need_weight:
+        grad_logits, grad_weight = gumbel_masked_conv2d_weight_grad(grad_output, input, logits, weight, seed, offset,
+                                                                    tau, padding, padding_mode, need_weight)
+        if not need_logits:
+            grad_logits = empty
+    grad_bias = grad_output.sum((0, 2, 3)) if need_bias else empty
+    return grad_input, grad_logits, grad_weight, grad_bias

@@ -1,0 +1,206 @@
+"""The OES search step with the fused engine (engine="fused" of oes_fast.search).
+
+The unfused engine samples the masked weights of the whole network in one gumbel_mask launch
+over the flat parameter space, writes them (a copy of every weight) and runs the network on
+views of that buffer. The fused engine never materializes the masked conv weights: every
+conv of the network runs as torch.ops.oes_fast.gumbel_masked_conv2d, which forms its masked
+weight tiles on the fly from (logits, W0) and the random stream, and the remaining parameters
+(conv biases, batch-norm weights and biases: about 0.1% of the OES network) go through the
+flat gumbel_mask, one launch per contiguous run of them in the flat space.
+
+Noise: parameter element j of the flat space gets stream offset step * numel + j in both
+engines, so both sample the same masks and follow the same logits trajectory up to float
+rounding (on the CPU, where the fused op is the composite gumbel_mask + pad + conv2d, to the
+bit in practice; tests/test_gumbel_masked_conv2d.py checks it).
+
+Interfaces (for oes_fast/mask_search.py and bench/):
+- FusedForward(model, layout, weights, noise_seed, tau)(logits, z, step) -> network output;
+  replaces `functional_call(model, layout.views(gumbel_mask(logits, weights, seed, step *
+  numel, tau)), (z,))` in the search loop. Running statistics of batch norm update the
+  buffers of `model` itself, as with functional_call.
+- fused_search_step_factory(...) -> step(i) -> (data loss, KL prior): a whole step (zero_grad,
+  forward, backward, KL gradient, optimizer step), for the benchmarks and single-process use.
+- make_optimizer(logits, lr): Adam on the logits, the fused (single-kernel) Adam on CUDA.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .flat import FlatLayout
+from .ops import gumbel_mask, gumbel_masked_conv2d, kl_prior
+
+__all__ = ["FusedForward", "fused_search_step_factory", "make_optimizer", "fusable"]
+
+
+def fusable(module: nn.Module) -> bool:
+    """Whether gumbel_masked_conv2d can run this conv: stride 1, no dilation or groups, square
+    odd kernel, 'same' padding (reflect or zeros), float32/float64."""
+    if type(module) is not nn.Conv2d:
+        return False
+    k = module.kernel_size[0]
+    return (module.kernel_size == (k, k) and k % 2 == 1 and module.stride == (1, 1) and module.dilation == (1, 1)
+            and module.groups == 1 and module.padding == ((k - 1) // 2,) * 2
+            and module.padding_mode in ("reflect", "zeros") and module.weight.dtype in (torch.float32, torch.float64))
+
+
+class _FusedConv2d(nn.Module):
+    """Stands in for one nn.Conv2d of the network: holds no parameters, only where its weight
+    lives in the flat space; the step hands it the logits / W0 views and the masked bias."""
+
+    def __init__(self, conv: nn.Conv2d, weight_name: str, bias_name: str | None, flat_offset: int):
+        super().__init__()
+        self.weight_name, self.bias_name, self.flat_offset = weight_name, bias_name, flat_offset
+        self.padding, self.padding_mode = conv.padding[0], conv.padding_mode
+        self.state: dict | None = None  # set by FusedForward for the duration of one forward
+
+    def forward(self, x):
+        s = self.state
+        bias = s["masked"][self.bias_name] if self.bias_name is not None else None
+        return gumbel_masked_conv2d(x, s["logits"][self.weight_name], s["weights"][self.weight_name], bias,
+                                    s["seed"], s["base"] + self.flat_offset, s["tau"], self.padding,
+                                    self.padding_mode)
+
+
+@dataclass(frozen=True)
+class _Segment:
+    start: int
+    end: int
+    names: tuple[str, ...]
+    fused: bool  # one fused conv weight, or a run of flat-masked parameters
+
+
+class FusedForward:
+    """forward(logits, z, step): the network's output with the masks of `step` (see module doc)."""
+
+    def __init__(self, model: nn.Module, layout: FlatLayout, weights: torch.Tensor, noise_seed: int, tau: float):
+        self.layout, self.noise_seed, self.tau = layout, int(noise_seed), float(tau)
+        start = dict(zip(layout.names, layout.offsets))
+        # a copy of the module tree whose fusable convs are replaced (their weights not copied:
+        # each conv is swapped out before the deep copy sees it); buffers stay shared with
+        # `model` so batch-norm running statistics update the caller's model, as functional_call does
+        fused_weights = set()
+        replacements = {}
+        for name, module in model.named_modules():
+            if fusable(module):
+                prefix = f"{name}." if name else ""
+                wname = prefix + "weight"
+                bname = prefix + "bias" if module.bias is not None else None
+                replacements[name] = _FusedConv2d(module, wname, bname, start[wname])
+                fused_weights.add(wname)
+        self.net = _copy_with(model, replacements)
+        self.fused = [m for m in self.net.modules() if isinstance(m, _FusedConv2d)]
+        # segments of the flat space in order: each fused conv weight alone, runs of the rest merged
+        segments: list[_Segment] = []
+        for name, offset, shape in zip(layout.names, layout.offsets, layout.shapes):
+            end = offset + shape.numel()
+            if name in fused_weights:
+                segments.append(_Segment(offset, end, (name,), True))
+            elif segments and not segments[-1].fused:
+                last = segments[-1]
+                segments[-1] = _Segment(last.start, end, last.names + (name,), False)
+            else:
+                segments.append(_Segment(offset, end, (name,), False))
+        self.segments = tuple(segments)
+        self.sizes = [s.end - s.start for s in segments]
+        shapes = dict(zip(layout.names, layout.shapes))
+        self.shapes = shapes
+        # W0 per segment, split once (views of `weights`)
+        self.weight_views = {}
+        for seg, piece in zip(self.segments, torch.split(weights, self.sizes)):
+            self.weight_views[seg] = piece
+        self.fused_weight = {seg.names[0]: piece.view(shapes[seg.names[0]])
+                             for seg, piece in self.weight_views.items() if seg.fused}
+
+    def masked_rest(self, logits: torch.Tensor, step: int):
+        """(per-parameter logit views of the fused conv weights, masked non-conv parameters)."""
+        base = int(step) * self.layout.numel
+        # one split: its backward is a single cat into the logits' gradient
+        logit_views, masked = {}, {}
+        for seg, piece in zip(self.segments, torch.split(logits, self.sizes)):
+            if seg.fused:
+                logit_views[seg.names[0]] = piece.view(self.shapes[seg.names[0]])
+                continue
+            m = gumbel_mask(piece, self.weight_views[seg], self.noise_seed, base + seg.start, self.tau)
+            for name, part in zip(seg.names, torch.split(m, [self.shapes[n].numel() for n in seg.names])):
+                masked[name] = part.view(self.shapes[name])
+        return logit_views, masked, base
+
+    def __call__(self, logits: torch.Tensor, z: torch.Tensor, step: int) -> torch.Tensor:
+        logit_views, masked, base = self.masked_rest(logits, step)
+        state = dict(logits=logit_views, weights=self.fused_weight, masked=masked, seed=self.noise_seed, base=base,
+                     tau=self.tau)
+        for module in self.fused:
+            module.state = state
+        try:
+            # the copy keeps parameters only for what was not fused; they are replaced here
+            params = {n: t for n, t in masked.items() if n in self._param_names}
+            return functional_call(self.net, params, (z,))
+        finally:
+            for module in self.fused:
+                module.state = None
+
+    @property
+    def _param_names(self) -> set[str]:
+        names = getattr(self, "_names_cache", None)
+        if names is None:
+            names = self._names_cache = {n for n, _ in self.net.named_parameters()}
+        return names
+
+
+def _copy_with(model: nn.Module, replacements: dict[str, nn.Module]) -> nn.Module:
+    """Deep copy of `model` with the named submodules replaced and buffers shared, without
+    copying the replaced modules' parameters."""
+    originals = {}
+    for name, new in replacements.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        originals[name] = (parent, child, parent._modules[child])
+        parent._modules[child] = new
+    try:
+        memo = {id(b): b for b in model.buffers()}  # deepcopy keeps these very tensors
+        return copy.deepcopy(model, memo)
+    finally:
+        for parent, child, old in originals.values():
+            parent._modules[child] = old
+
+
+def make_optimizer(logits: torch.Tensor, lr: float) -> torch.optim.Adam:
+    """Adam on the logits; on CUDA the fused implementation (one kernel for all of Adam's
+    elementwise work instead of several per step). Same state_dict layout either way."""
+    fused = logits.is_cuda
+    return torch.optim.Adam([logits], lr=lr, fused=fused or None)
+
+
+def fused_search_step_factory(model: nn.Module, z: torch.Tensor, y, *, layout: FlatLayout, weights: torch.Tensor,
+                              logits: torch.Tensor, optimizer: torch.optim.Optimizer, noise_seed: int, tau: float,
+                              kl: float, density: float, degradation=None,
+                              loss_fn: Callable | None = None) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
+    """One whole search step of the fused engine: step(i) -> (data loss, KL prior), 0-d tensors.
+
+    Same semantics as the body of oes_fast.search's loop (oes-spec.md section 3): zero the
+    logits' gradient, forward with the masks of step i, data loss (summed over `y` when it is
+    a list of images), backward, add kl * dKL/dp, optimizer step. The caller adds
+    kl * prior to the loss it records."""
+    from .train import data_loss
+
+    targets: Sequence[torch.Tensor] = [y] if torch.is_tensor(y) else list(y)
+    loss_fn = loss_fn or (lambda out: sum(data_loss(out, t, degradation) for t in targets))
+    forward = FusedForward(model, layout, weights, noise_seed, tau)
+
+    def step(i: int):
+        optimizer.zero_grad(set_to_none=False)
+        loss = loss_fn(forward(logits, z, i))
+        loss.backward()
+        prior, prior_grad = kl_prior(logits.detach(), density)
+        logits.grad.add_(prior_grad, alpha=kl)
+        optimizer.step()
+        return loss.detach(), prior
+
+    step.forward = forward
+    return step

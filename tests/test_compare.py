@@ -1,0 +1,122 @@
+"""`oes-fast compare`: the table, CSV, plots and report for a tiny budget; bad method names;
+a missing bundled mask and a disconnected mask are reported, not fatal."""
+import csv
+import json
+
+import pytest
+
+import oes_fast
+from oes_fast import compare, masks, prune
+from oes_fast.cli import UsageError, build_parser, main
+
+# the OES network at 256x256 (its smallest side): keep to a couple of steps per method
+FAST = ["--train-steps", "2", "--record-every", "1", "--no-progress"]
+
+
+def run_cli(args, capsys):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_compare_writes_table_csv_plots_and_report(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    code, stdout, _ = run_cli(["compare", "--methods", "dense,random,magnitude", "--out", out, *FAST], capsys)
+    assert code == 0
+    for name in ("comparison.md", "comparison.csv", "psnr.png", "density.png", "report.json", "clean.png",
+                 "degraded.png", "restored/dense.png", "masks/random.safetensors", "masks/magnitude.safetensors"):
+        assert (out / name).is_file(), name
+    rows = read_csv(out / "comparison.csv")
+    assert [r["method"] for r in rows] == ["dense", "random", "magnitude"]
+    numel = sum(p.numel() for p in oes_fast.models.skip_oes(seed=0).parameters())
+    for r in rows:
+        assert r["status"] == "ok"
+        assert float(r["final_psnr"]) > 0 and 0 < float(r["final_ssim"]) <= 1
+        assert float(r["peak_psnr"]) >= float(r["final_psnr"])
+        assert float(r["total_seconds"]) == pytest.approx(float(r["mask_seconds"]) + float(r["train_seconds"]))
+    assert int(rows[0]["kept"]) == numel and rows[0]["healthy"] == ""
+    for r in rows[1:]:
+        assert int(r["kept"]) == round(0.05 * numel) and float(r["density"]) == pytest.approx(0.05, abs=1e-6)
+    assert rows[1]["healthy"] == "True"
+    # global magnitude at init empties the deep convs (their init bound 1/sqrt(fan_in) is the
+    # smallest): reported, and trained anyway
+    assert rows[2]["healthy"] == "False" and "trained anyway" in rows[2]["notes"]
+    table = (out / "comparison.md").read_text()
+    assert sum(line.startswith("| dense |") or line.startswith("| random |") or line.startswith("| magnitude |")
+               for line in table.splitlines()) == 3
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["methods"]) == ["dense", "random", "magnitude"]
+    assert report["settings"]["train_steps"] == 2
+    assert len(report["methods"]["dense"]["history"]["psnr"]) == 3  # steps 0, 1 and the end
+    # every mask belongs to the same weights and input: the files carry the seeds
+    saved = masks.load(out / "masks" / "random.safetensors")
+    assert (saved.seed, saved.z_seed) == (0, 0)
+    assert "| magnitude |" in stdout
+
+
+@pytest.mark.parametrize("methods", ["dense,oes,lottery", "", "Dense"])
+def test_unknown_method_is_a_usage_error(tmp_path, capsys, methods):
+    out = tmp_path / "cmp"
+    code, _, err = run_cli(["compare", "--methods", methods, "--out", out, *FAST], capsys)
+    assert code == 2
+    assert err.startswith("oes-fast: error:") and len(err.strip().splitlines()) == 1
+    assert "synflow" in err  # lists the valid names
+    assert not out.exists()  # nothing written
+
+
+def test_missing_bundled_mask_and_disconnected_mask_are_reported(tmp_path, capsys, monkeypatch):
+    def no_bundled():
+        raise FileNotFoundError("the bundled mask is missing from this installation (test)")
+
+    real_random = prune.random
+
+    def cutting_random(model, density, **kw):
+        # a mask that prunes every weight of one conv: the output no longer depends on z
+        mask = real_random(model, density, **kw)
+        mask.tensors["down.1.conv2.weight"].zero_()
+        return mask
+
+    monkeypatch.setattr(masks, "bundled", no_bundled)
+    monkeypatch.setattr(prune, "random", cutting_random)
+    out = tmp_path / "cmp"
+    code, _, err = run_cli(["compare", "--methods", "bundled,random", "--task", "inpaint", "--train-steps", "1",
+                            "--record-every", "1", "--no-progress", "--out", out], capsys)
+    assert code == 0
+    assert "bundled mask is not available" in err
+    rows = read_csv(out / "comparison.csv")
+    assert [r["method"] for r in rows] == ["bundled", "random"]
+    assert rows[0]["status"] == "skipped" and rows[0]["final_psnr"] == ""
+    assert rows[1]["status"] == "ok" and rows[1]["healthy"] == "False"
+    assert "down.1.conv2" in rows[1]["notes"] and "trained anyway" in rows[1]["notes"]
+    table = (out / "comparison.md").read_text()
+    assert "NO (trained anyway)" in table and "skipped" in table
+    report = json.loads((out / "report.json").read_text())
+    assert report["task"]["name"] == "inpaint"
+
+
+def test_bundled_mask_needs_the_image_size(monkeypatch):
+    mask = prune.random(oes_fast.models.skip(seed=0, in_channels=4, channels_down=(4, 8), channels_up=(4, 8),
+                                             channels_skip=(0, 0)), 0.5)
+    mask.meta["image"] = "skimage.data.astronaut, center 256x256"
+    monkeypatch.setattr(masks, "bundled", lambda: mask)
+    assert compare._bundled_mask(256, 256) == (mask, None)
+    found, why = compare._bundled_mask(320, 256)
+    assert found is None and "256x256" in why and "320x256" in why
+
+
+def test_method_names_and_budgets():
+    assert compare.parse_methods("dense, snip_layer,dense ,synflow") == ["dense", "snip_layer", "synflow"]
+    with pytest.raises(UsageError, match="valid names"):
+        compare.parse_methods("dense,nope")
+    parser = build_parser()
+    quick = compare._budgets(parser.parse_args(["compare"]))
+    assert (quick.train_steps, quick.search_steps, quick.imp_steps, quick.synflow_iterations) == (2000, 20000, 200, 100)
+    paper = compare._budgets(parser.parse_args(["compare", "--preset", "paper", "--imp-steps", "7"]))
+    assert (paper.train_steps, paper.search_steps, paper.imp_steps) == (40000, 60000, 7)
+    with pytest.raises(UsageError):
+        compare._budgets(parser.parse_args(["compare", "--synflow-iterations", "0"]))

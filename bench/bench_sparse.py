@@ -85,6 +85,19 @@ def dense_macs(model, h, w):
     return total
 
 
+def kept_macs(model, mask, h, w):
+    """Multiply-adds of the kept weights of every conv (no compaction) at input size h x w."""
+    shapes = {}
+    names = {m: n for n, m in model.named_modules()}
+    handles = [m.register_forward_hook(lambda mod, i, o: shapes.__setitem__(mod, o.shape))
+               for m in model.modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        model(torch.zeros(1, 32, h, w))
+    for h_ in handles:
+        h_.remove()
+    return sum(int(mask[f"{names[m]}.weight"].sum()) * s[2] * s[3] for m, s in shapes.items())
+
+
 def _run(benchmark, fn):
     benchmark.extra_info["threads"] = torch.get_num_threads()
     return benchmark.pedantic(fn, rounds=ROUNDS, warmup_rounds=1, iterations=1)
@@ -148,7 +161,8 @@ def test_forward_torch_sparse(benchmark, setup):
         for child_name, child in list(mod.named_children()):
             if isinstance(child, nn.Conv2d):
                 setattr(mod, child_name, TorchSparseConv(child))
-    benchmark.extra_info.update(macs=setup["mask"].kept, kind="torch.sparse (unfold + sparse.mm), masked weights")
+    benchmark.extra_info.update(macs=kept_macs(setup["dense"], setup["mask"], SIZE, SIZE),
+                                kind="torch.sparse (unfold + sparse.mm), masked weights")
     with torch.no_grad():
         _run(benchmark, lambda: net(setup["z"]))
 
@@ -220,3 +234,26 @@ def test_peak_matmul(benchmark):
     b = torch.rand(2048, 2048)
     benchmark.extra_info.update(macs=2048**3, kind="float32 matmul (machine peak, measured)")
     _run(benchmark, lambda: a @ b)
+
+
+@pytest.mark.benchmark(group="peak")
+def test_peak_conv(benchmark):
+    """oneDNN on a dense conv it handles well (128 -> 128, 3x3, 64x64): the practical peak."""
+    x = torch.rand(1, 128, 64, 64)
+    w = torch.rand(128, 128, 3, 3)
+    benchmark.extra_info.update(macs=128 * 128 * 9 * 62 * 62, kind="float32 dense conv, oneDNN (practical peak)")
+    with torch.no_grad():
+        _run(benchmark, lambda: F.conv2d(x, w))
+
+
+def test_file_size(setup, tmp_path):
+    """Not timed: bytes of the saved sparse generator against the dense model's parameters."""
+    from safetensors.torch import save_file
+
+    gen = SparseGenerator.from_masked(setup["model"], setup["mask"])
+    sparse_bytes = gen.save(tmp_path / "gen.safetensors")
+    save_file({n: p.detach().contiguous() for n, p in setup["model"].named_parameters()}, tmp_path / "dense.safetensors")
+    dense_bytes = (tmp_path / "dense.safetensors").stat().st_size
+    print(f"\nsparse generator file {sparse_bytes} bytes, dense parameters {dense_bytes} bytes "
+          f"({dense_bytes / sparse_bytes:.1f}x)")
+    assert sparse_bytes < dense_bytes / 10

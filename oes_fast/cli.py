@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--search", action="store_true", help="search an image-specific mask first")
     restore.add_argument("--dense-baseline", action="store_true", help="also train dense DIP for comparison")
     restore.add_argument("--allow-disconnected", action="store_true", help="train even if the mask cuts the network")
+    restore.add_argument("--engine", choices=("auto", "sparse", "dense"), default="auto",
+                         help="Sparse-DIP training engine: sparse kernels, masked dense, or auto (default)")
     for name, help_text in (("denoise", "remove Gaussian noise"), ("inpaint", "fill in missing pixels"),
                             ("superres", "x4 / x8 super-resolution")):
         commands.add_parser(name, parents=[common, task, restore], help=help_text)
@@ -216,7 +218,7 @@ def run(args) -> int:
                   seeds=dict(weights=weight_seed, z=z_seed, noise=args.noise_seed, search=args.seed),
                   versions=dict(oes_fast=_version(), torch=torch.__version__, python=platform.python_version()),
                   machine=dict(platform=platform.platform(), threads=torch.get_num_threads()),
-                  timings={}, mask=dict(source=mask_source))
+                  timings={}, mask=dict(source=mask_source), engine=getattr(args, "engine", None))
 
     if searching:
         print(f"searching a mask at density {args.density} for {search_steps} steps ...", file=sys.stderr)
@@ -246,7 +248,7 @@ def run(args) -> int:
     print(f"training a Sparse-DIP ({mask.density:.1%} of the weights) for {train_steps} steps ...", file=sys.stderr)
     fit = train_sparse(model, mask, z, y, steps=train_steps, clean=clean, degradation=task,
                        record_every=args.record_every, progress=progress, allow_disconnected=args.allow_disconnected,
-                       checkpoint=os.path.join(out, "train.ckpt"), resume=True)
+                       checkpoint=os.path.join(out, "train.ckpt"), resume=True, engine=args.engine)
     images.save_image(fit.image.clamp(0, 1), os.path.join(out, "restored.png"))
     report["timings"]["train_seconds"] = fit.seconds
     report["sparse_dip"] = fit.summary() | dict(final_ssim=fit.ssim[-1] if fit.ssim else None)

@@ -152,7 +152,7 @@ def _bundled_mask(height: int, width: int):
 def run_compare(args) -> int:
     import torch
 
-    from . import images, masks, models, plots, prune
+    from . import images, masks, models, prune
     from .cli import UsageError, _load_clean, _make_task, _prepare_out, _version
     from .mask_search import search
     from .train import train_dense, train_sgld, train_sparse

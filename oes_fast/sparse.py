@@ -325,6 +325,14 @@ _STAGES = {cls.kind: cls for cls in (_Conv, _BatchNorm, _Elementwise)}
 
 
 # ---------------------------------------------------------------------------------- the chain
+def supports(model) -> bool:
+    """Whether SparseGenerator can take this network (the hourglass without skip branches,
+    reflection padding, a supported activation)."""
+    cfg = getattr(model, "config", None) or {}
+    return (cfg.get("name") == "skip" and not any(cfg["channels_skip"]) and cfg["pad"] == "reflection"
+            and cfg["act"] in _ACTS)
+
+
 def _chain(model) -> list[tuple]:
     """The Skip network without skip branches as a list of (kind, prefix, module, arg)."""
     cfg = model.config

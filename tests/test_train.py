@@ -151,3 +151,36 @@ def test_deep_decoder_baseline_trains():
     z = oes_fast.models.dip_input(*model.input_shape(32, 32)[1:], seed=0)
     fit = oes_fast.train_dense(model, z, clean, steps=20, clean=clean, record_every=5, progress=False)
     assert fit.losses[-1] < fit.losses[0] and fit.image.shape == clean.shape
+
+
+def test_sparse_engine_trains_like_the_dense_engine():
+    # the same Sparse-DIP through the compacted sparse generator and through the masked dense net
+    model = tiny_model()
+    z, clean = tiny_images(model)
+    mask = oes_fast.prune.magnitude(model, 0.3)
+    y = tasks.Denoise(0.1).degrade(clean, seed=0)
+    dense = oes_fast.train_sparse(model, mask, z, y, steps=4, engine="dense", progress=False, allow_disconnected=True)
+    sparse = oes_fast.train_sparse(model, mask, z, y, steps=4, engine="sparse", progress=False,
+                                   allow_disconnected=True)
+    assert type(sparse.model).__name__ == "SparseGenerator"
+    assert sparse.losses == pytest.approx(dense.losses, rel=1e-4)
+    torch.testing.assert_close(sparse.image, dense.image, rtol=1e-3, atol=1e-4)
+    exported = sparse.model.dense_state_dict()
+    for name, p in exported.items():
+        if name in mask.tensors:
+            assert torch.all(p[~mask[name]] == 0), name
+
+
+def test_auto_engine_choice():
+    from oes_fast.train import choose_engine
+
+    model = tiny_model()
+    low, high = oes_fast.prune.random(model, 0.05), oes_fast.prune.random(model, 0.9)
+    assert choose_engine("auto", low, model) == "sparse"
+    assert choose_engine("auto", high, model) == "dense"
+    assert choose_engine("auto", low, model, "cuda") == "dense"
+    with_skips = oes_fast.models.skip(seed=0, in_channels=4, channels_down=(4, 8), channels_up=(4, 8),
+                                      channels_skip=(2, 2))
+    assert choose_engine("auto", oes_fast.prune.random(with_skips, 0.05), with_skips) == "dense"
+    with pytest.raises(ValueError, match="engine"):
+        oes_fast.train_sparse(model, low, *tiny_images(model), steps=1, engine="turbo", progress=False)

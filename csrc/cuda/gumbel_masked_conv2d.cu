@@ -31,6 +31,7 @@
 #include <tuple>
 
 #include "../philox.h"
+#include "gumbel_sigmoid.cuh"
 
 namespace oes_fast {
 namespace {
@@ -38,20 +39,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kCo = 8;  // channels per block (registers per thread)
 constexpr int kCi = 8;  // reduction channels staged in shared memory per chunk
-
-// float and double overloads: --use_fast_math turns logf/expf into intrinsics, double stays accurate
-__device__ __forceinline__ float log_acc(float x) { return logf(x); }
-__device__ __forceinline__ double log_acc(double x) { return log(x); }
-__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
-__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
-
-// m = sigmoid((p + log(u) - log(1 - u)) / tau), in the expression order of the other backends
-template <typename acc_t>
-__device__ __forceinline__ acc_t gumbel_sigmoid(acc_t p, uint64_t seed, uint64_t offset, acc_t tau) {
-  const acc_t u = static_cast<acc_t>(clamp_uniform(philox_uniform(seed, offset)));
-  const acc_t noise = log_acc(u) - log_acc(acc_t(1) - u);
-  return acc_t(1) / (acc_t(1) + exp_acc(-(p + noise) / tau));
-}
 
 // padded coordinate (already shifted by -pad) -> input coordinate, or -1 outside (zeros)
 __device__ __forceinline__ int src_index(int i, int n, bool reflect) {

@@ -107,7 +107,7 @@ def _run(benchmark, fn):
 @pytest.mark.benchmark(group="forward-512")
 def test_forward_dense_masked(benchmark, setup):
     dense = setup["dense"]
-    benchmark.extra_info.update(macs=dense_macs(dense, SIZE, SIZE), kind="masked dense, torch/oneDNN")
+    benchmark.extra_info.update(macs=dense_macs(dense, SIZE, SIZE), kind="masked dense, torch/oneDNN", baseline=True)
     with torch.no_grad():
         _run(benchmark, lambda: dense(setup["z"]))
 
@@ -174,7 +174,7 @@ def test_train_step_dense_masked(benchmark, setup):
     mask = setup["mask"]
     opt = torch.optim.Adam(net.parameters(), lr=0.01)
     pairs = [(p, mask[n].to(p.dtype)) for n, p in net.named_parameters()]
-    benchmark.extra_info.update(macs=3 * dense_macs(net, SIZE, SIZE), kind="masked dense step (grads masked)")
+    benchmark.extra_info.update(macs=3 * dense_macs(net, SIZE, SIZE), kind="masked dense step (grads masked)", baseline=True)
 
     def step():
         opt.zero_grad(set_to_none=True)

@@ -75,7 +75,10 @@ def load(paths):
                 run=Path(path).name,
                 name=bench["name"],
                 group=bench.get("group") or info.get("group") or "ungrouped",
-                method=info.get("method") or bench.get("param") or bench["name"],
+                method=info.get("method") or info.get("kind") or bench.get("param") or bench["name"],
+                macs=info.get("macs"),
+                density=info.get("density"),
+                impl=info.get("impl"),
                 median=bench["stats"]["median"],
                 iqr=bench["stats"]["iqr"],
                 minimum=bench["stats"]["min"],
@@ -83,10 +86,15 @@ def load(paths):
                 elements=info.get("elements"),
                 bytes_per_element=info.get("bytes_per_element"),
                 baseline=bool(info.get("baseline")),
-                threads=info.get("torch_threads"),
-                load=info.get("load_average"),
+                threads=info.get("torch_threads", info.get("threads")),
+                load=info.get("load_average") or _load_pair(info),
             ))
     return rows, runs
+
+
+def _load_pair(info):
+    before, after = info.get("load_average_before"), info.get("load_average_after")
+    return [before, after] if before is not None and after is not None else None
 
 
 def fmt_rate(x: float) -> str:
@@ -121,44 +129,76 @@ def render(rows, runs, bandwidth) -> str:
     groups = defaultdict(list)
     for r in rows:
         groups[(r["run"], r["group"])].append(r)
+    peak = max((2 * r["macs"] / r["median"] for r in rows if r["group"] == "peak" and r["macs"]), default=None)
     for (run, group), members in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != "forward", kv[0][1])):
+        title = f"### {group}" + (f" ({run})" if len(runs) > 1 else "")
+        lines += [title, ""]
+        if any(r["density"] is not None and r["impl"] for r in members):
+            lines += render_sweep(members)
+            continue
         members.sort(key=lambda r: (METHOD_ORDER.index(r["method"]) if r["method"] in METHOD_ORDER else 99, r["name"]))
         base = next((r for r in members if r["baseline"]), None)
         elements = members[0]["elements"]
         bpe = members[0]["bytes_per_element"]
-        title = f"### {group}" + (f" ({run})" if len(runs) > 1 else "")
-        lines += [title, ""]
         if elements:
             lines.append(f"{elements:,} elements (every parameter of the OES network), float32.")
         if bpe and elements:
             floor = bpe * elements / bw
             lines.append(f"Memory floor: {bpe} B/element x {elements:,} = {bpe * elements / 1e6:.1f} MB, "
                          f"{floor * 1e3:.2f} ms at {bw / 1e9:.1f} GB/s.")
+        if base:
+            lines.append(f"Ratio = median of the baseline `{base['method']}` / median of the method (above 1: faster).")
         lines += [
             "",
-            "| method | median (ms) | IQR (ms) | rounds | speedup vs authors' loop | elements/s | effective GB/s "
-            "| memory floor / median | load avg before/after |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| method | median (ms) | IQR (ms) | rounds | vs baseline | rate | memory floor / median | load avg before/after |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in members:
             speedup = f"{base['median'] / r['median']:.2f}x" if base else "-"
-            rate = fmt_rate(r["elements"] / r["median"]) if r["elements"] else "-"
-            gbs = f"{r['bytes_per_element'] * r['elements'] / r['median'] / 1e9:.2f}" if r["bytes_per_element"] else "-"
+            if r["elements"]:
+                rate = fmt_rate(r["elements"] / r["median"]) + "elem/s"
+            elif r["macs"]:
+                gflops = 2 * r["macs"] / r["median"] / 1e9
+                rate = f"{gflops:.1f} GFLOP/s" + (f" ({gflops * 1e9 / peak:.0%} of peak)" if peak else "")
+            else:
+                rate = "-"
             frac = f"{(r['bytes_per_element'] * r['elements'] / bw) / r['median']:.1%}" if r["bytes_per_element"] else "-"
             load = "/".join(f"{x:.1f}" for x in r["load"]) if r["load"] else "-"
             label = f"`{r['method']}`" + (f": {METHOD_TEXT[r['method']]}" if r["method"] in METHOD_TEXT else "")
             lines.append(f"| {label} | {r['median'] * 1e3:.2f} | {r['iqr'] * 1e3:.2f} | {r['rounds']} | {speedup} "
-                         f"| {rate} | {gbs} | {frac} | {load} |")
+                         f"| {rate} | {frac} | {load} |")
         lines.append("")
+    if peak:
+        lines += [f"Peak: the fastest `peak` benchmark of the run, {peak / 1e9:.1f} GFLOP/s; GFLOP/s count the "
+                  "multiply-adds actually executed (dense or kept only) as 2 FLOPs each.", ""]
     lines += [
-        "Speedup = median of the authors'-style loop / median of the method, same group and run. "
-        "Effective GB/s counts only the bytes that must move (the floor), so it is a lower bound on "
-        "the traffic; 'memory floor / median' near 100 % would mean bandwidth-bound. The sampling is "
-        "compute-bound on a CPU (10 Philox rounds, two logs and an exp per element), so the "
-        "floor is far away here.",
+        "Ratios compare medians of the same group and run. 'memory floor / median' near 100 % would "
+        "mean bandwidth-bound. Mask sampling is compute-bound on a CPU (10 Philox rounds, two logs "
+        "and an exp per element), so its floor is far away.",
         "",
     ]
     return "\n".join(lines)
+
+
+def render_sweep(members) -> list[str]:
+    """Density sweep: sparse against dense per density, with the crossover marked."""
+    by_density = defaultdict(dict)
+    for r in members:
+        by_density[r["density"]][r["impl"]] = r
+    lines = ["| density | sparse (ms) | dense (ms) | dense / sparse | faster |", "|---:|---:|---:|---:|---|"]
+    crossover = None
+    for density in sorted(by_density):
+        pair = by_density[density]
+        if "sparse" not in pair or "dense" not in pair:
+            continue
+        ratio = pair["dense"]["median"] / pair["sparse"]["median"]
+        if ratio < 1 and crossover is None:
+            crossover = density
+        lines.append(f"| {density:.2f} | {pair['sparse']['median'] * 1e3:.2f} | {pair['dense']['median'] * 1e3:.2f} "
+                     f"| {ratio:.2f}x | {'sparse' if ratio >= 1 else 'dense'} |")
+    lines += ["", f"Crossover: dense wins from density {crossover:.2f} on." if crossover is not None
+              else "Crossover: sparse wins at every density measured.", ""]
+    return lines
 
 
 def main(argv=None):
@@ -170,7 +210,12 @@ def main(argv=None):
     if not rows:
         raise SystemExit("no benchmarks in " + ", ".join(args.json))
     text = render(rows, runs, measure_bandwidth())
-    Path(args.out).write_text(text)
+    out = Path(args.out)
+    old = out.read_text() if out.exists() else ""
+    begin, end = "<!-- gpu_suite:begin -->", "<!-- gpu_suite:end -->"
+    if begin in old and end in old:  # the GPU suite's section (bench/gpu_suite.py) is kept as it is
+        text += "\n" + old[old.index(begin):old.index(end) + len(end)] + "\n"
+    out.write_text(text)
     print(text)
 
 

@@ -58,7 +58,7 @@ def main():
         label = f"Sparse-DIP ({args.mask} mask, density {mask.density:.3f})"
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump(dict(label=label, **fit.summary(), steps=fit.steps, psnr=fit.psnr, ssim=fit.ssim), f)
+        json.dump(dict(label=label, summary=fit.summary(), steps=fit.steps, psnr=fit.psnr, ssim=fit.ssim), f)
     print(json.dumps(fit.summary()))
 
 

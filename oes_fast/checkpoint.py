@@ -10,6 +10,8 @@ import os
 
 import torch
 
+from .files import atomic_path
+
 KIND_KEY = "oes_fast_checkpoint"
 VERSION = 1
 
@@ -19,16 +21,8 @@ class CheckpointError(ValueError):
 
 
 def save(path, kind: str, settings: dict, state: dict) -> None:
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
+    with atomic_path(path) as tmp:
         torch.save({KIND_KEY: kind, "version": VERSION, "settings": settings, "state": state}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def load(path, kind: str, settings: dict) -> dict:

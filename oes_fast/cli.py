@@ -276,11 +276,9 @@ def _version() -> str:
 
 
 def _write_report(out, report) -> None:
-    path = os.path.join(out, "report.json")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=2, default=str)
-    os.replace(tmp, path)
+    from .files import write_text
+
+    write_text(os.path.join(out, "report.json"), json.dumps(report, indent=2, default=str))
 
 
 # ------------------------------------------------------------------------------ inspect

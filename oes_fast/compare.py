@@ -23,6 +23,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+from .files import write_text
+
 # name -> what it is (the help text and the table's notes)
 METHODS = {
     "dense": "dense DIP: every weight trained",
@@ -322,13 +324,6 @@ def _markdown_table(rows) -> str:
     return "\n".join(lines)
 
 
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _write_outputs(out, rows, curves, found_masks, report, image_info, task, budgets, args) -> None:
     import io
 
@@ -349,7 +344,7 @@ def _write_outputs(out, rows, curves, found_masks, report, image_info, task, bud
         "Methods: " + "; ".join(f"{r.method}: {METHODS[r.method]}" for r in rows) + ".",
         "",
     ]
-    _atomic_write(os.path.join(out, "comparison.md"), "\n".join(header))
+    write_text(os.path.join(out, "comparison.md"), "\n".join(header))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
     writer.writeheader()
@@ -357,10 +352,10 @@ def _write_outputs(out, rows, curves, found_masks, report, image_info, task, bud
         record = asdict(r)
         record.update(total_seconds=r.total_seconds, notes="; ".join(r.notes))
         writer.writerow({k: ("" if record[k] is None else record[k]) for k in CSV_FIELDS})
-    _atomic_write(os.path.join(out, "comparison.csv"), buffer.getvalue())
+    write_text(os.path.join(out, "comparison.csv"), buffer.getvalue())
     if curves:
         plots.psnr_curves(curves, os.path.join(out, "psnr.png"), title="PSNR against the clean image, per method")
     if found_masks:
         plots.layer_densities(found_masks, os.path.join(out, "density.png"),
                               title="Kept fraction per layer, per method")
-    _atomic_write(os.path.join(out, "report.json"), json.dumps(report, indent=2, default=str))
+    write_text(os.path.join(out, "report.json"), json.dumps(report, indent=2, default=str))

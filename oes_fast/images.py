@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import errno
 import os
-import tempfile
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+
+from .files import atomic_path
 
 __all__ = ["SAMPLE_IMAGES", "load_image", "check_image", "fit_to_network", "unfit", "save_image", "sample_image"]
 
@@ -187,30 +188,10 @@ def save_image(tensor: torch.Tensor, path) -> None:
     array = array.permute(1, 2, 0).numpy()
     im = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)  # uint8: mode L or RGB
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
-    except OSError as exc:
+        with atomic_path(path, ".png") as tmp:
+            im.save(tmp, format="PNG")
+    except (PermissionError, FileExistsError, NotADirectoryError) as exc:
         raise PermissionError(errno.EACCES, f"cannot write image {path!r}: {folder!r} is not a writable folder ({exc})") from exc
-    try:
-        if hasattr(os, "fchmod"):  # mkstemp makes 0600 files; give the usual 0666 & ~umask
-            os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            im.save(f, format="PNG")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
-    os.umask(mask)
-    return mask
 
 
 def sample_image(name: str = "astronaut", size: int = 256) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from . import rng
+from .files import atomic_path
 from .flat import FlatLayout
 
 FORMAT = "oes_fast.mask"
@@ -232,7 +233,7 @@ def topk(logits, density: float, *, seed: int = 0, model: nn.Module | None = Non
 
 # ------------------------------------------------------------------------------ files
 def save(mask: Mask, path) -> None:
-    """Write a safetensors file atomically (temporary file, then rename)."""
+    """Write a safetensors file atomically (oes_fast.files.atomic_path)."""
     from safetensors.torch import save_file
 
     metadata = {
@@ -247,14 +248,8 @@ def save(mask: Mask, path) -> None:
         "z_seed": json.dumps(mask.z_seed),
         "meta": json.dumps(mask.meta),
     }
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
+    with atomic_path(path) as tmp:
         save_file({n: t.contiguous() for n, t in mask.tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def load(path) -> Mask:

@@ -1,7 +1,7 @@
 """Figures written by the command line: PSNR curves and per-layer density profiles."""
 from __future__ import annotations
 
-import os
+from .files import atomic_path
 
 
 def _pyplot():
@@ -14,10 +14,8 @@ def _pyplot():
 
 
 def _save(fig, path) -> None:
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
 
 
 def psnr_curves(curves: dict, path, title: str = "PSNR against the clean image") -> None:

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops as _ops_module  # noqa: F401  (registers the operators)
+from .files import atomic_path
 from .masks import Mask
 
 __all__ = ["CROSSOVER_DENSITY", "SparseGenerator", "to_csr", "sparse_conv2d"]
@@ -576,14 +577,8 @@ class SparseGenerator(nn.Module):
         specs = [dict(kind=s.kind, name=n, **s.spec()) for n, s in zip(self.names, self.stages)]
         metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "specs": json.dumps(specs),
                     "config": json.dumps(self.config), "shapes": json.dumps(self.shapes)}
-        path = os.fspath(path)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        try:
+        with atomic_path(path) as tmp:
             save_file(tensors, tmp, metadata=metadata)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
         return os.path.getsize(path)
 
     @classmethod

@@ -155,10 +155,11 @@ def _fit(model, z, y, steps, *, kind, clean, lr, degradation, record_every, prog
         optimizer.zero_grad(set_to_none=False)
         out = model(z)
         loss = data_loss(out, y, degradation)
-        loss.backward()
-        if keep_list is not None:
-            torch._foreach_mul_([p.grad for p in params], keep_list)
-        optimizer.step()
+        if loss.requires_grad:  # a network cut by its mask may have nothing left to train
+            loss.backward()
+            if keep_list is not None:
+                torch._foreach_mul_([p.grad for p in params], keep_list)
+            optimizer.step()
         losses.append(loss.item())
         if noise is not None:
             with torch.no_grad():
@@ -239,7 +240,7 @@ def train_sparse(model: nn.Module, mask: Mask, z, y, steps: int = 4000, clean=No
         raise ValueError(f"the mask disconnects the network: {report.message}; pass allow_disconnected=True to train anyway")
     model = mask.apply_(copy.deepcopy(model))
     keep = mask.tensors
-    engine = choose_engine(engine, mask, model, z.device.type)
+    engine = choose_engine(engine, mask, model, z.device.type, healthy=report.ok)
     if engine == "sparse":
         from .sparse import SparseGenerator
 
@@ -265,11 +266,13 @@ def train_sgld(model: nn.Module, z, y, steps: int = 4000, clean=None, *, lr: flo
                 extra_settings=dict(seed=seed, average_from=average_from))
 
 
-def choose_engine(engine: str, mask: Mask, model: nn.Module, device: str = "cpu") -> str:
+def choose_engine(engine: str, mask: Mask, model: nn.Module, device: str = "cpu", healthy: bool = True) -> str:
     """The training engine "auto" resolves to (see train_sparse): the sparse one on a CPU for a
-    network SparseGenerator takes, at a density where its kernels were measured faster."""
+    network SparseGenerator takes, at a density where its kernels were measured faster, and
+    for a mask that leaves the network connected (a cut network compacts to constants)."""
     if engine != "auto":
         return engine
     from .sparse import CROSSOVER_DENSITY, supports
 
-    return "sparse" if device == "cpu" and supports(model) and mask.density <= CROSSOVER_DENSITY else "dense"
+    sparse_pays = device == "cpu" and supports(model) and mask.density <= CROSSOVER_DENSITY
+    return "sparse" if sparse_pays and healthy else "dense"

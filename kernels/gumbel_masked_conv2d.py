@@ -34,7 +34,6 @@ from .gumbel_mask import INTERPRETED, _check_seed_offset, _logistic_noise, _tau,
 __all__ = ["gumbel_masked_conv2d_forward", "gumbel_masked_conv2d_input_grad", "gumbel_masked_conv2d_weight_grad",
            "gumbel_masked_conv2d_backward", "set_precision", "precision"]
 
-_DTYPES = (torch.float32, torch.float64)
 _PRECISIONS = ("ieee", "tf32", "bf16")
 _precision = "ieee"
 
@@ -223,42 +222,19 @@ def _weight_grad_kernel(g_ptr, x_ptr, p_ptr, w_ptr, gp_ptr, gw_ptr, N, C_in, H, 
 
 
 def _check(op, input, logits, weight, bias, seed, offset, tau, padding, padding_mode):
-    """Shapes, dtypes, devices and scalars; returns (seed, offset, tau, k, H_out, W_out)."""
+    """The op's checks (oes_fast.ops.check_gumbel_masked_conv2d_inputs), then the launch's own:
+    a device Triton can run on, offsets in int64. Returns (seed, offset, tau, k, padding, H_out, W_out)."""
+    from oes_fast.ops import check_gumbel_masked_conv2d_inputs
+
     for name, t in (("input", input), ("logits", logits), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
-    if input.dim() != 4 or weight.dim() != 4:
-        raise ValueError(f"{op}: input and weight must be 4-D, got {tuple(input.shape)} and {tuple(weight.shape)}")
-    if logits.shape != weight.shape:
-        raise ValueError(f"{op}: logits and weight must have the same shape, got {tuple(logits.shape)} and "
-                         f"{tuple(weight.shape)}")
-    k = weight.shape[2]
-    if weight.shape[3] != k or weight.shape[1] != input.shape[1]:
-        raise ValueError(f"{op}: weight must be [C_out, C_in, k, k] with C_in = {input.shape[1]}, got "
-                         f"{tuple(weight.shape)}")
-    tensors = [input, logits, weight] + ([bias] if bias is not None else [])
-    if any(t.dtype != input.dtype for t in tensors) or input.dtype not in _DTYPES:
-        raise TypeError(f"{op}: all tensors must share one dtype, float32 or float64")
-    if any(t.device != input.device for t in tensors):
-        raise ValueError(f"{op}: all tensors must be on one device")
-    if bias is not None and bias.shape != (weight.shape[0],):
-        raise ValueError(f"{op}: bias must be [C_out], got {tuple(bias.shape)}")
-    if padding_mode not in ("reflect", "zeros"):
-        raise ValueError(f"{op}: padding_mode must be 'reflect' or 'zeros', got {padding_mode!r}")
-    padding = int(padding)
-    h, w = input.shape[2], input.shape[3]
-    if padding < 0 or (padding_mode == "reflect" and padding >= min(h, w)):
-        raise ValueError(f"{op}: padding must be in [0, min(H, W)) for reflection, got {padding}")
-    h_out, w_out = h + 2 * padding - k + 1, w + 2 * padding - k + 1
-    if h_out <= 0 or w_out <= 0:
-        raise ValueError(f"{op}: kernel {k} larger than the padded input")
-    tau = float(tau)
-    if not (tau > 0.0 and tau != float("inf")):
-        raise ValueError(f"{op}: tau must be positive and finite, got {tau}")
+    tau, padding = float(tau), int(padding)
+    h_out, w_out = check_gumbel_masked_conv2d_inputs(input, logits, weight, bias, tau, padding, padding_mode)
     if input.device.type != "cuda" and not INTERPRETED:
         raise ValueError(f"{op}: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU), got {input.device}")
     seed, offset = _check_seed_offset(op, seed, offset, weight.numel())
-    return seed, offset, tau, k, padding, h_out, w_out
+    return seed, offset, tau, weight.shape[2], padding, h_out, w_out
 
 
 def _compute(dtype):

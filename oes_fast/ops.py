@@ -328,8 +328,8 @@ _gmc_lib = torch.library.Library("oes_fast", "IMPL")
 _GMC_DTYPES = (torch.float32, torch.float64)
 
 
-def _gmc_check(input, logits, weight, bias, tau, padding, padding_mode):
-    """Argument checks shared by the CPU and fake kernels; returns (H_out, W_out)."""
+def check_gumbel_masked_conv2d_inputs(input, logits, weight, bias, tau, padding, padding_mode):
+    """Argument checks shared by the CPU, fake and Triton kernels; returns (H_out, W_out)."""
     if input.dim() != 4 or weight.dim() != 4:
         raise ValueError(f"gumbel_masked_conv2d: input and weight must be 4-D, got {tuple(input.shape)} and "
                          f"{tuple(weight.shape)}")
@@ -378,14 +378,14 @@ def _gmc_unpad(grad_padded, input, padding, padding_mode):
 
 
 def _gumbel_masked_conv2d_cpu(input, logits, weight, bias, seed, offset, tau, padding, padding_mode):
-    _gmc_check(input, logits, weight, bias, tau, padding, padding_mode)
+    check_gumbel_masked_conv2d_inputs(input, logits, weight, bias, tau, padding, padding_mode)
     w_eff = _ops.gumbel_mask(logits, weight, seed, offset, tau)
     return _F.conv2d(_gmc_pad(input, padding, padding_mode), w_eff, bias)
 
 
 def _gumbel_masked_conv2d_backward_cpu(grad_output, input, logits, weight, seed, offset, tau, padding, padding_mode,
                                        output_mask):
-    _gmc_check(input, logits, weight, None, tau, padding, padding_mode)
+    check_gumbel_masked_conv2d_inputs(input, logits, weight, None, tau, padding, padding_mode)
     need_input, need_logits, need_weight, need_bias = (bool(b) for b in output_mask)
     empty = grad_output.new_empty(0)
     grad_input = grad_logits = grad_weight = grad_bias = empty
@@ -446,14 +446,14 @@ _gmc_lib.impl("gumbel_masked_conv2d_backward", _gumbel_masked_conv2d_backward_cu
 
 @torch.library.register_fake("oes_fast::gumbel_masked_conv2d")
 def _gumbel_masked_conv2d_fake(input, logits, weight, bias, seed, offset, tau, padding, padding_mode):
-    h_out, w_out = _gmc_check(input, logits, weight, bias, tau, padding, padding_mode)
+    h_out, w_out = check_gumbel_masked_conv2d_inputs(input, logits, weight, bias, tau, padding, padding_mode)
     return input.new_empty((input.shape[0], weight.shape[0], h_out, w_out))
 
 
 @torch.library.register_fake("oes_fast::gumbel_masked_conv2d_backward")
 def _gumbel_masked_conv2d_backward_fake(grad_output, input, logits, weight, seed, offset, tau, padding, padding_mode,
                                         output_mask):
-    _gmc_check(input, logits, weight, None, tau, padding, padding_mode)
+    check_gumbel_masked_conv2d_inputs(input, logits, weight, None, tau, padding, padding_mode)
     shapes = (input.shape, weight.shape, weight.shape, (weight.shape[0],))
     return tuple(grad_output.new_empty(s if want else (0,)) for s, want in zip(shapes, output_mask))
 

@@ -169,7 +169,24 @@ def health(mask: Mask, model: nn.Module) -> MaskHealth:
         elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
             if not bool(mask[prefix + "weight"].any()):
                 disconnected.append(f"{module_name} (batch norm: all scales pruned)")
+    if not disconnected:
+        disconnected = _dead_paths(mask, model)
     return MaskHealth(disconnected, sparse_layers)
+
+
+def _dead_paths(mask: Mask, model: nn.Module) -> list[str]:
+    """Convs that no live channel path reaches, from the exact channel compaction of
+    oes_fast.sparse (a layer can keep weights and scales that never line up: a kept weight
+    whose output channel's batch-norm scale is pruned carries nothing)."""
+    import copy
+
+    from .sparse import SparseGenerator, supports
+
+    if not supports(model):
+        return []
+    generator = SparseGenerator.from_masked(mask.apply_(copy.deepcopy(model)), mask)
+    return [f"{name} (conv: no channel path from the input survives)" for name, conv in generator.convs()
+            if conv.n_in == 0 or conv.n_out == 0]
 
 
 def from_flat(model: nn.Module, flat: torch.Tensor, **attributes) -> Mask:

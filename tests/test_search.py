@@ -117,3 +117,14 @@ def test_fused_engine_follows_the_unfused_trajectory():
         assert torch.equal(fused.logits[name], unfused.logits[name]), name
     with pytest.raises(ValueError, match="engine"):
         oes_fast.search(model, z, y, density=0.3, steps=1, engine="warp", progress=False)
+
+
+def test_health_follows_channel_paths():
+    # every layer keeps something, but a random 5 % never lines up kept weights with kept
+    # batch-norm scales along a path: no signal reaches the output
+    model = oes_fast.models.skip_oes(seed=0)
+    mask = oes_fast.prune.random(model, 0.05)
+    assert all(row["kept"] for row in mask.layer_stats() if row["name"].endswith("weight"))
+    report = oes_fast.masks.health(mask, model)
+    assert not report.ok and "no channel path" in report.message
+    assert oes_fast.masks.health(oes_fast.masks.bundled(), model).ok

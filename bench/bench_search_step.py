@@ -4,10 +4,14 @@ Run: python -m pytest bench/bench_search_step.py --benchmark-only --benchmark-js
 then python bench/report.py out.json.
 
 Per image size (256 and 512 square, the OES network, 3,008,867 parameters):
-  search_step    oes_fast's step: ONE fused gumbel_mask launch over the flat parameters,
-                 the generator on views of that buffer, fused KL prior, Adam on the logits
+  search_step    oes_fast's step: ONE gumbel_mask launch over the flat parameters, the
+                 generator on views of that buffer (channels-last activations), then ONE pass
+                 for the logits: chain rule through the regenerated mask, KL prior, Adam
   dense_step     one plain dense DIP training step of the same network (forward, backward,
                  Adam over all weights): the cost floor a search step is held to (target 1.2x)
+  dense_step_channels_last
+                 the same on channels-last activations, the layout oes_fast's CPU loops use:
+                 search_step over this is the cost of the masking itself
   authors_step   the authors'-style step: deep copy of the model, a two-class Gumbel-softmax
                  per parameter tensor, multiply, forward, backward, Adam (target: 4x slower
                  than search_step at 256)
@@ -18,12 +22,9 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
 
 import oes_fast
-from oes_fast import rng
-from oes_fast.flat import FlatLayout
-from oes_fast.ops import gumbel_mask, kl_prior
+from oes_fast.mask_search import SearchStep as OesSearchStep
 from oes_fast.reference import KL_EPS
 
 ROUNDS = int(os.environ.get("OES_BENCH_ROUNDS", "5"))
@@ -39,25 +40,13 @@ def problem(size):
 
 
 class SearchStep:
-    """The body of oes_fast.search's loop (oes_fast/mask_search.py), step by step."""
+    """oes_fast.search's step (oes_fast.mask_search.SearchStep), one step per call."""
 
     def __init__(self, model, z, y):
-        self.model, self.z, self.y = model, z, y
-        self.layout = FlatLayout.from_model(model)
-        self.weights = self.layout.flatten({n: p.detach() for n, p in model.named_parameters()})
-        self.logits = torch.zeros(self.layout.numel, requires_grad=True)
-        self.optimizer = torch.optim.Adam([self.logits], lr=LR)
-        self.seed, self.step = rng.stream_seed(0, "search"), 0
+        self.run, self.step = OesSearchStep(model, z, y, density=DENSITY, lr=LR, tau=TAU, kl=KL), 0
 
     def __call__(self):
-        self.optimizer.zero_grad(set_to_none=False)
-        masked = gumbel_mask(self.logits, self.weights, self.seed, self.step * self.layout.numel, TAU)
-        out = functional_call(self.model, self.layout.views(masked), (self.z,))
-        loss = torch.mean((out - self.y) ** 2)
-        loss.backward()
-        _, prior_grad = kl_prior(self.logits.detach(), DENSITY)
-        self.logits.grad.add_(prior_grad, alpha=KL)
-        self.optimizer.step()
+        self.run(self.step)
         self.step += 1
 
 
@@ -65,6 +54,14 @@ class DenseStep:
     def __init__(self, model, z, y):
         self.model, self.z, self.y = copy.deepcopy(model), z, y
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=LR)
+
+
+class DenseStepChannelsLast(DenseStep):
+    """The same dense step on channels-last activations, as oes_fast.train_dense runs it on a
+    CPU: search_step against this one is the cost of the masking alone."""
+
+    def __init__(self, model, z, y):
+        super().__init__(model, oes_fast.train.network_input(model, z), y)
 
     def __call__(self):
         self.optimizer.zero_grad(set_to_none=False)
@@ -102,7 +99,8 @@ class AuthorsStep:
         self.optimizer.step()
 
 
-STEPS = {"search_step": SearchStep, "dense_step": DenseStep, "authors_step": AuthorsStep}
+STEPS = {"search_step": SearchStep, "dense_step": DenseStep, "dense_step_channels_last": DenseStepChannelsLast,
+         "authors_step": AuthorsStep}
 
 
 @pytest.mark.parametrize("size", SIZES)

@@ -124,32 +124,20 @@ def conv_flops(model, size) -> float:
 
 
 class UnfusedStep:
-    """oes_fast.search's unfused engine: one flat gumbel_mask, functional_call (cuDNN convs)."""
+    """oes_fast.search's unfused engine: one flat gumbel_mask, the network's own (cuDNN) convs,
+    the fused logit update (oes_fast.mask_search.SearchStep)."""
+
+    engine = "unfused"
 
     def __init__(self, model, z, y):
-        from oes_fast import rng
-        from oes_fast.flat import FlatLayout
-        from oes_fast.fused_search import make_optimizer
+        from oes_fast.mask_search import SearchStep
 
-        self.model, self.z, self.y = model, z, y
-        self.layout = FlatLayout.from_model(model)
-        self.weights = self.layout.flatten({n: p.detach() for n, p in model.named_parameters()})
-        self.logits = torch.zeros(self.layout.numel, device=z.device, requires_grad=True)
-        self.optimizer = make_optimizer(self.logits, LR)
-        self.seed, self.step = rng.stream_seed(0, "search"), 0
+        self.run = SearchStep(model, z, y, density=DENSITY, lr=LR, tau=TAU, kl=KL, seed=0, engine=self.engine)
+        self.layout, self.weights, self.seed = self.run.layout, self.run.weights, self.run.noise_seed
+        self.step = 0
 
     def __call__(self):
-        from torch.func import functional_call
-
-        from oes_fast.ops import gumbel_mask, kl_prior
-
-        self.optimizer.zero_grad(set_to_none=False)
-        masked = gumbel_mask(self.logits, self.weights, self.seed, self.step * self.layout.numel, TAU)
-        loss = torch.mean((functional_call(self.model, self.layout.views(masked), (self.z,)) - self.y) ** 2)
-        loss.backward()
-        _, prior_grad = kl_prior(self.logits.detach(), DENSITY)
-        self.logits.grad.add_(prior_grad, alpha=KL)
-        self.optimizer.step()
+        self.run(self.step)
         self.step += 1
 
 
@@ -162,12 +150,11 @@ class CompiledStep:
 
         from oes_fast import reference
         from oes_fast.flat import FlatLayout
-        from oes_fast.fused_search import make_optimizer
 
         self.layout = FlatLayout.from_model(model)
         weights = self.layout.flatten({n: p.detach() for n, p in model.named_parameters()})
         self.logits = torch.zeros(self.layout.numel, device=z.device, requires_grad=True)
-        self.optimizer = make_optimizer(self.logits, LR)
+        self.optimizer = torch.optim.Adam([self.logits], lr=LR, fused=True)
         layout = self.layout
 
         def loss_fn(logits, u):
@@ -187,29 +174,20 @@ class CompiledStep:
         self.optimizer.step()
 
 
-class FusedStep:
+class FusedStep(UnfusedStep):
     """The fused engine (oes_fast/fused_search.py), on the chosen CUDA backend."""
 
-    def __init__(self, model, z, y, backend="triton"):
-        from oes_fast import rng
-        from oes_fast.flat import FlatLayout
-        from oes_fast.fused_search import fused_search_step_factory, make_optimizer
+    engine = "fused"
 
+    def __init__(self, model, z, y, backend="triton"):
+        super().__init__(model, z, y)
         self.backend = backend
-        layout = FlatLayout.from_model(model)
-        weights = layout.flatten({n: p.detach() for n, p in model.named_parameters()})
-        self.logits = torch.zeros(layout.numel, device=z.device, requires_grad=True)
-        self.fn = fused_search_step_factory(model, z, y, layout=layout, weights=weights, logits=self.logits,
-                                            optimizer=make_optimizer(self.logits, LR),
-                                            noise_seed=rng.stream_seed(0, "search"), tau=TAU, kl=KL, density=DENSITY)
-        self.step = 0
 
     def __call__(self):
         from oes_fast import ops
 
         ops.set_cuda_backend(self.backend)
-        self.fn(self.step)
-        self.step += 1
+        super().__call__()
 
 
 def authors_step(model, z, y):
@@ -336,9 +314,8 @@ def largest_side(points, budget=80 * GB):
 def precision_study(lines, steps, size):
     """Short fused-engine searches with exact float32, TF32 and bf16 dots: final hard-mask
     agreement with the float32 run and PSNR of the network output against the target."""
-    from oes_fast import metrics, rng
-    from oes_fast.flat import FlatLayout
-    from oes_fast.fused_search import FusedForward, fused_search_step_factory, make_optimizer
+    from oes_fast import metrics
+    from oes_fast.fused_search import FusedForward
     from oes_fast.kernels import gumbel_masked_conv2d as kernels
     from oes_fast.ops import set_cuda_backend
 
@@ -351,17 +328,12 @@ def precision_study(lines, steps, size):
         kernels.set_precision(prec)
         try:
             model, z, y = problem(size)
-            layout = FlatLayout.from_model(model)
-            weights = layout.flatten({n: p.detach() for n, p in model.named_parameters()})
-            logits = torch.zeros(layout.numel, device="cuda", requires_grad=True)
-            seed = rng.stream_seed(0, "search")
-            step = fused_search_step_factory(model, z, y, layout=layout, weights=weights, logits=logits,
-                                             optimizer=make_optimizer(logits, LR), noise_seed=seed, tau=TAU, kl=KL,
-                                             density=DENSITY)
+            run = FusedStep(model, z, y).run
+            layout, weights, logits, seed = run.layout, run.weights, run.logits, run.noise_seed
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             for i in range(steps):
-                loss, _ = step(i)
+                loss, _ = run(i)
             torch.cuda.synchronize()
             ms = (time.perf_counter() - t0) / steps * 1e3
             kernels.set_precision("ieee")  # evaluate every run's output the same, exactly

@@ -13,6 +13,10 @@ TORCH_LIBRARY(oes_fast, m) {
   m.def("philox_uniform(Tensor like, int seed, int offset) -> Tensor");
   // weight * sigmoid((logits + log(u) - log(1 - u)) / tau), u = philox_uniform(seed, offset + j).
   m.def("gumbel_mask(Tensor logits, Tensor weight, int seed, int offset, float tau) -> Tensor");
+  // (gumbel_mask, its derivative in the logits weight * m * (1 - m) / tau) in one pass: the
+  // second is what the chain rule to the logits needs, so a caller that keeps it (the CPU
+  // search step) skips the backward's regeneration of the noise.
+  m.def("gumbel_mask_with_slope(Tensor logits, Tensor weight, int seed, int offset, float tau) -> (Tensor, Tensor)");
   // (grad_logits, grad_weight); grad_weight is an empty tensor unless weight_grad is true.
   m.def(
       "gumbel_mask_backward(Tensor grad, Tensor logits, Tensor weight, int seed, int offset, float tau, "
@@ -64,4 +68,11 @@ void check_gumbel_mask_inputs(const at::Tensor& logits, const at::Tensor& weight
 TORCH_LIBRARY_FRAGMENT(oes_fast, m) {
   // (sum_j KL(Bernoulli(sigmoid(p_j)) || Bernoulli(density)), its gradient wrt p), one pass.
   m.def("kl_prior(Tensor logits, float density) -> (Tensor, Tensor)");
+  // The logit side of a search step, in place: the logits' gradient (grad, times grad_scale
+  // when given: the masked weights' gradient times gumbel_mask_with_slope's slope) + kl * the
+  // prior's gradient, then Adam (step counted from 1). Returns the prior's value.
+  m.def(
+      "logit_adam_step_(Tensor(a!) logits, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor grad, "
+      "Tensor? grad_scale, float density, float kl, float lr, float beta1, float beta2, float eps, int step) "
+      "-> Tensor");
 }

@@ -70,6 +70,12 @@ def add_compare_parser(commands, parents):
                         help="IMP training steps per round (default: 200 with --preset quick, --train-steps with paper)")
     parser.add_argument("--synflow-iterations", type=int, default=SYNFLOW_ITERATIONS,
                         help=f"SynFlow pruning iterations (default: {SYNFLOW_ITERATIONS})")
+    parser.add_argument("--oes-mask", metavar="FILE", default=None,
+                        help="for 'oes': a mask found earlier on this image (e.g. by `oes-fast search`), "
+                             "trained with the weights and z of its own seeds, instead of a new search")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the methods already finished in --out (same image, task, seeds, density and "
+                             "budgets) and run only the others")
     return parser
 
 
@@ -136,6 +142,52 @@ def _budgets(args) -> Budgets:
     return Budgets(train_steps, search_steps, imp_steps, args.synflow_iterations, args.record_every)
 
 
+def _load_mask(path, height: int, width: int):
+    """The --oes-mask file, checked against the OES network before anything is written."""
+    from . import masks, models
+    from .cli import UsageError
+
+    try:
+        mask = masks.load(path)
+        mask.check_fits(models.skip_oes(seed=mask.seed or 0))
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--oes-mask {path}: {exc}") from None
+    return mask
+
+
+def _finished_methods(out, report) -> dict:
+    """method -> (Row, report record, mask or None) of an earlier run in `out` with the same
+    image, task, seeds, density and budgets (what --resume keeps); {} when there is none."""
+    from . import masks
+
+    path = os.path.join(out, "report.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            earlier = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    def key(r):  # what must match, as JSON has it (tuples become lists)
+        settings = {k: v for k, v in r.get("settings", {}).items() if k != "methods"}
+        return json.loads(json.dumps([r.get("task"), r.get("seeds"), settings, r.get("image", {}).get("source")],
+                                     default=str))
+
+    if key(earlier) != key(report):
+        print(f"oes-fast compare: {path} is from other settings; running every method", file=sys.stderr)
+        return {}
+    finished = {}
+    for name, record in earlier.get("methods", {}).items():
+        row_fields = dict(record.get("row", {}))
+        row_fields.pop("total_seconds", None)
+        if row_fields.get("status") != "ok":
+            continue
+        mask_path = os.path.join(out, "masks", f"{name}.safetensors")
+        mask = masks.load(mask_path) if os.path.isfile(mask_path) else None
+        finished[name] = (Row(**row_fields), record, mask)
+    return finished
+
+
 def _bundled_mask(height: int, width: int):
     """(mask, None) when the bundled mask can be used at this size, else (None, why not)."""
     from . import masks
@@ -170,6 +222,11 @@ def run_compare(args) -> int:
     # _make_task reads --task for the commands that have it ("train", "search"); so does compare
     task = _make_task(argparse.Namespace(**{**vars(args), "command": "train"}))
     height, width = clean.shape[2:]
+    oes_mask = None
+    if args.oes_mask is not None:
+        if "oes" not in methods:
+            raise UsageError("--oes-mask is for the 'oes' method, which --methods does not list")
+        oes_mask = _load_mask(args.oes_mask, height, width)
     bundled, bundled_problem = (None, None)
     if "bundled" in methods:
         bundled, bundled_problem = _bundled_mask(height, width)
@@ -197,6 +254,7 @@ def run_compare(args) -> int:
     rows: list[Row] = []
     curves: dict = {}
     found_masks: dict = {}
+    finished = _finished_methods(out, report) if args.resume else {}
 
     def train_with_mask(row: Row, mask, net=model, net_z=z):
         """Sparse-DIP from the weights the mask was made for; a disconnected mask is trained anyway."""
@@ -233,7 +291,24 @@ def run_compare(args) -> int:
     for index, name in enumerate(methods, 1):
         row = Row(name)
         print(f"[{index}/{len(methods)}] {name}: {METHODS[name]}", file=sys.stderr)
-        if name == "dense":
+        if name in finished:  # --resume: the earlier run's row, curve and mask
+            row, record, mask = finished[name]
+            rows.append(row)
+            report["methods"][name] = record
+            if record.get("history"):
+                curves[name] = (record["history"]["steps"], record["history"]["psnr"])
+            if mask is not None:
+                found_masks[name] = mask
+            print("    done in an earlier run (--resume)", file=sys.stderr)
+            continue
+        if name == "oes" and oes_mask is not None:
+            net = models.skip_oes(seed=oes_mask.seed if oes_mask.seed is not None else args.seed)
+            net_z = models.dip_input(32, height, width, seed=oes_mask.z_seed if oes_mask.z_seed is not None
+                                     else args.seed)
+            row.notes.append(f"mask from {args.oes_mask} ({oes_mask.meta.get('steps', '?')} search steps, "
+                             f"seeds {oes_mask.seed}, {oes_mask.z_seed})")
+            fit = train_with_mask(row, oes_mask, net, net_z)
+        elif name == "dense":
             fit = train_dense(model, z, y, steps=budgets.train_steps, clean=clean, degradation=task,
                               record_every=budgets.record_every, progress=progress)
             row.kept = row.numel = numel

@@ -18,24 +18,22 @@ Interfaces (for oes_fast/mask_search.py and bench/):
   replaces `functional_call(model, layout.views(gumbel_mask(logits, weights, seed, step *
   numel, tau)), (z,))` in the search loop. Running statistics of batch norm update the
   buffers of `model` itself, as with functional_call.
-- fused_search_step_factory(...) -> step(i) -> (data loss, KL prior): a whole step (zero_grad,
-  forward, backward, KL gradient, optimizer step), for the benchmarks and single-process use.
-- make_optimizer(logits, lr): Adam on the logits, the fused (single-kernel) Adam on CUDA.
+The whole step (forward, backward, fused KL + Adam update) is oes_fast.mask_search.SearchStep
+with engine="fused".
 """
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
 from .flat import FlatLayout
-from .ops import gumbel_mask, gumbel_masked_conv2d, kl_prior
+from .ops import gumbel_mask, gumbel_masked_conv2d
 
-__all__ = ["FusedForward", "fused_search_step_factory", "make_optimizer", "fusable"]
+__all__ = ["FusedForward", "fusable"]
 
 
 def fusable(module: nn.Module) -> bool:
@@ -168,39 +166,3 @@ def _copy_with(model: nn.Module, replacements: dict[str, nn.Module]) -> nn.Modul
     finally:
         for parent, child, old in originals.values():
             parent._modules[child] = old
-
-
-def make_optimizer(logits: torch.Tensor, lr: float) -> torch.optim.Adam:
-    """Adam on the logits; on CUDA the fused implementation (one kernel for all of Adam's
-    elementwise work instead of several per step). Same state_dict layout either way."""
-    fused = logits.is_cuda
-    return torch.optim.Adam([logits], lr=lr, fused=fused or None)
-
-
-def fused_search_step_factory(model: nn.Module, z: torch.Tensor, y, *, layout: FlatLayout, weights: torch.Tensor,
-                              logits: torch.Tensor, optimizer: torch.optim.Optimizer, noise_seed: int, tau: float,
-                              kl: float, density: float, degradation=None,
-                              loss_fn: Callable | None = None) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
-    """One whole search step of the fused engine: step(i) -> (data loss, KL prior), 0-d tensors.
-
-    Same semantics as the body of oes_fast.search's loop (oes-spec.md section 3): zero the
-    logits' gradient, forward with the masks of step i, data loss (summed over `y` when it is
-    a list of images), backward, add kl * dKL/dp, optimizer step. The caller adds
-    kl * prior to the loss it records."""
-    from .train import data_loss
-
-    targets: Sequence[torch.Tensor] = [y] if torch.is_tensor(y) else list(y)
-    loss_fn = loss_fn or (lambda out: sum(data_loss(out, t, degradation) for t in targets))
-    forward = FusedForward(model, layout, weights, noise_seed, tau)
-
-    def step(i: int):
-        optimizer.zero_grad(set_to_none=False)
-        loss = loss_fn(forward(logits, z, i))
-        loss.backward()
-        prior, prior_grad = kl_prior(logits.detach(), density)
-        logits.grad.add_(prior_grad, alpha=kl)
-        optimizer.step()
-        return loss.detach(), prior
-
-    step.forward = forward
-    return step

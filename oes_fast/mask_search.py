@@ -2,9 +2,10 @@
 
 One logit per parameter (all of them: conv weights and biases, batch-norm weights and biases),
 initialized to 0; the network's initial weights W0 stay fixed. Each step samples the masked
-weights of the whole network in ONE launch of the fused op over the flat parameter space
-(Gumbel noise regenerated from (seed, step * n + j) in the backward), runs the generator on
-views of that flat buffer, adds the KL prior, and takes an Adam step on the logits only.
+weights of the whole network in ONE launch over the flat parameter space (Gumbel noise from
+(seed, step * n + j)), runs the generator on views of that flat buffer, and hands the gradient
+of the masked weights to ONE fused pass (`logit_adam_step_`) that applies the chain rule, adds
+the KL prior's gradient and takes the Adam step on the logits in place.
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from . import checkpoint as ckpt
 from . import rng
 from .flat import FlatLayout
 from .masks import Mask, MaskHealth, health, topk
-from .ops import gumbel_mask, kl_prior
-from .train import _bar, _exists, check_finite, data_loss, fingerprint, show_progress
+from .ops import gumbel_mask_with_slope, logit_adam_step_
+from .train import _bar, _exists, check_finite, data_loss, fingerprint, network_input, show_progress
 
 
 @dataclass
@@ -46,6 +47,106 @@ def _check_density(density) -> float:
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}")
     return density
+
+
+class LogitAdam:
+    """Adam (torch.optim.Adam's defaults) on the flat logits, one fused `logit_adam_step_` per
+    step that also adds the KL prior. The state dict has torch.optim.Adam's layout, so
+    checkpoints of either load into the other."""
+
+    betas, eps = (0.9, 0.999), 1e-8
+
+    def __init__(self, logits: torch.Tensor, lr: float):
+        self.logits, self.lr, self.steps = logits, float(lr), 0
+        self.exp_avg, self.exp_avg_sq = torch.zeros_like(logits), torch.zeros_like(logits)
+
+    def step(self, grad, *, density, kl, grad_scale=None) -> torch.Tensor:
+        """Update the logits in place from their gradient `grad` (times `grad_scale` when
+        given); returns the KL prior's value before the update."""
+        self.steps += 1
+        with torch.no_grad():
+            return logit_adam_step_(self.logits, self.exp_avg, self.exp_avg_sq, grad, step=self.steps,
+                                    density=density, kl=kl, lr=self.lr, betas=self.betas, eps=self.eps,
+                                    grad_scale=grad_scale)
+
+    def state_dict(self) -> dict:
+        state = {} if self.steps == 0 else {0: dict(step=torch.tensor(float(self.steps)),
+                                                    exp_avg=self.exp_avg.detach().cpu().clone(),
+                                                    exp_avg_sq=self.exp_avg_sq.detach().cpu().clone())}
+        group = dict(lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=0, amsgrad=False, maximize=False,
+                     params=[0])
+        return dict(state=state, param_groups=[group])
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state = state_dict["state"].get(0)
+        if state is None:
+            self.steps = 0
+            self.exp_avg.zero_()
+            self.exp_avg_sq.zero_()
+            return
+        self.steps = int(state["step"])
+        self.exp_avg.copy_(state["exp_avg"])
+        self.exp_avg_sq.copy_(state["exp_avg_sq"])
+
+
+class SearchStep:
+    """One OES search step (oes-spec.md section 3), the body of `search`'s loop:
+    `step(i)` samples the masks of step i (stream offset i * numel + j for flat element j),
+    fits `targets` (one image or a list, the loss summed), and updates `self.logits` (flat,
+    float32, initially 0) in place. Returns (data loss, KL prior) as 0-d tensors.
+
+    engine "unfused": one flat `gumbel_mask_with_slope` launch (the masked weights and their
+    slope in the logits), the network's own convolutions on views of that buffer, the masked
+    weights' gradient and the slope handed to `logit_adam_step_`. engine "fused":
+    every conv through `gumbel_masked_conv2d`, whose backward writes the logits' gradient
+    (oes_fast/fused_search.py). `group`: a torch.distributed process group whose gradients and
+    losses are summed (multi-image search across processes)."""
+
+    def __init__(self, model: nn.Module, z: torch.Tensor, targets, *, density: float, lr: float = 0.01,
+                 tau: float = 0.2, kl: float = 1e-9, seed: int = 0, degradation=None, engine: str = "unfused",
+                 group=None):
+        if engine not in ("unfused", "fused"):
+            raise ValueError(f"engine must be 'unfused' or 'fused', got {engine!r}")
+        self.model, self.density, self.tau, self.kl, self.group = model, density, tau, kl, group
+        self.targets = [targets] if torch.is_tensor(targets) else list(targets)
+        self.degradation = degradation
+        model.train()
+        self.layout = FlatLayout.from_model(model)
+        self.weights = self.layout.flatten({n: p.detach() for n, p in model.named_parameters()}).to(z.device)
+        self.logits = torch.zeros(self.layout.numel, device=z.device, dtype=self.weights.dtype)
+        self.optimizer = LogitAdam(self.logits, lr=lr)
+        self.noise_seed = rng.stream_seed(seed, "search")
+        self.z = network_input(model, z)
+        self.fused = None
+        if engine == "fused":
+            from .fused_search import FusedForward
+
+            self.fused = FusedForward(model, self.layout, self.weights, self.noise_seed, tau)
+            self.logits.requires_grad_(True)
+
+    def _data_loss(self, out):
+        return sum(data_loss(out, target, self.degradation) for target in self.targets)
+
+    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        offset = step * self.layout.numel
+        if self.fused is not None:  # the logits' gradient, from the fused convolutions' epilogues
+            self.logits.grad = None
+            loss = self._data_loss(self.fused(self.logits, self.z, step))
+            loss.backward()
+            grad, slope = self.logits.grad, None
+        else:  # the masked weights' gradient; the chain rule to the logits is fused into the update
+            masked, slope = gumbel_mask_with_slope(self.logits, self.weights, self.noise_seed, offset, self.tau)
+            masked.requires_grad_(True)
+            loss = self._data_loss(functional_call(self.model, self.layout.views(masked), (self.z,)))
+            loss.backward()
+            grad = masked.grad
+        loss = loss.detach()
+        if self.group is not None:
+            torch.distributed.all_reduce(grad, group=self.group)
+            loss = loss.clone()
+            torch.distributed.all_reduce(loss, group=self.group)
+        prior = self.optimizer.step(grad, density=self.density, kl=self.kl, grad_scale=slope)
+        return loss, prior
 
 
 def search(model: nn.Module, z: torch.Tensor, y, *, density: float = 0.05, steps: int = 60000,
@@ -74,8 +175,6 @@ def search(model: nn.Module, z: torch.Tensor, y, *, density: float = 0.05, steps
         raise ValueError(f"steps must be non-negative, got {steps}")
     if tau <= 0:
         raise ValueError(f"tau must be positive, got {tau}")
-    if engine not in ("unfused", "fused"):
-        raise ValueError(f"engine must be 'unfused' or 'fused', got {engine!r}")
     check_finite("z", z)
     targets = [y] if torch.is_tensor(y) else list(y)
     if not targets:
@@ -85,21 +184,10 @@ def search(model: nn.Module, z: torch.Tensor, y, *, density: float = 0.05, steps
     group = _process_group(distributed)
     if group is not None and checkpoint is not None:
         checkpoint = f"{checkpoint}.rank{torch.distributed.get_rank()}"
-    model.train()
-    layout = FlatLayout.from_model(model)
-    weights = layout.flatten({n: p.detach() for n, p in model.named_parameters()}).to(z.device)
+    run = SearchStep(model, z, targets, density=density, lr=lr, tau=tau, kl=kl, seed=seed, degradation=degradation,
+                     engine=engine, group=group)
+    layout, weights, logits, optimizer = run.layout, run.weights, run.logits, run.optimizer
     check_finite("the model's weights", weights)
-    logits = torch.zeros(layout.numel, device=z.device, dtype=weights.dtype, requires_grad=True)
-    optimizer = torch.optim.Adam([logits], lr=lr)
-    noise_seed = rng.stream_seed(seed, "search")
-    if engine == "fused":
-        from .fused_search import FusedForward
-
-        forward = FusedForward(model, layout, weights, noise_seed, tau)
-    else:
-        def forward(logits, z, step):
-            masked = gumbel_mask(logits, weights, noise_seed, step * layout.numel, tau)
-            return functional_call(model, layout.views(masked), (z,))
     settings = dict(density=density, lr=lr, tau=tau, kl=kl, seed=seed, architecture=getattr(model, "config", None),
                     weights=fingerprint(weights), z=fingerprint(z), y=[fingerprint(t) for t in targets],
                     degradation=degradation.to_dict() if degradation else None)
@@ -121,18 +209,7 @@ def search(model: nn.Module, z: torch.Tensor, y, *, density: float = 0.05, steps
     started = time.perf_counter()
     bar = _bar(steps, start, "search", show_progress(progress))
     for step in range(start, steps):
-        optimizer.zero_grad(set_to_none=False)
-        out = forward(logits, z, step)
-        loss = sum(data_loss(out, target, degradation) for target in targets)
-        loss.backward()
-        if group is not None:
-            torch.distributed.all_reduce(logits.grad, group=group)
-            loss = loss.detach().clone()
-            torch.distributed.all_reduce(loss, group=group)
-        # the KL prior's value and gradient in one fused pass, added outside autograd
-        prior, prior_grad = kl_prior(logits.detach(), density)
-        logits.grad.add_(prior_grad, alpha=kl)
-        optimizer.step()
+        loss, prior = run(step)
         losses.append(loss.item() + kl * prior.item())
         if bar is not None:
             bar.update(1)

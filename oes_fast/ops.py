@@ -205,6 +205,103 @@ def kl_prior(logits: torch.Tensor, density: float) -> tuple[torch.Tensor, torch.
     return _ops.kl_prior(logits, float(density))
 
 
+# ---------------------------------------------------------------------------------------------
+# gumbel_mask_with_slope and logit_adam_step_: the CPU search step's own pair (kernels in
+# csrc/cpu/gumbel_mask.cpp and csrc/cpu/logit_adam_step.cpp). The forward keeps the masked
+# weights' slope in the logits, so the update needs no second noise generation; the update
+# applies the chain rule, the KL prior and Adam in one pass. On CUDA both are composed of the
+# ops above and torch's elementwise kernels.
+
+
+def _gumbel_mask_with_slope_cuda(logits, weight, seed, offset, tau):
+    masked = _ops.gumbel_mask(logits, weight, seed, offset, tau)
+    slope = _ops.gumbel_mask_backward(torch.ones_like(logits), logits, weight, seed, offset, tau, False)[0]
+    return masked, slope
+
+
+_cuda_lib.impl("gumbel_mask_with_slope", _gumbel_mask_with_slope_cuda, "CUDA")
+
+
+@torch.library.register_fake("oes_fast::gumbel_mask_with_slope")
+def _gumbel_mask_with_slope_fake(logits, weight, seed, offset, tau):
+    check_gumbel_mask_inputs(logits, weight, seed, offset, tau)
+    return (torch.empty_like(logits, memory_format=torch.contiguous_format),
+            torch.empty_like(logits, memory_format=torch.contiguous_format))
+
+
+def gumbel_mask_with_slope(logits: torch.Tensor, weight: torch.Tensor, seed: int, offset: int = 0,
+                           tau: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gumbel_mask(logits, weight, seed, offset, tau), its derivative in the logits
+    weight * m * (1 - m) / tau), in one pass; not differentiable through autograd."""
+    check_gumbel_mask_inputs(logits, weight, int(seed), int(offset), float(tau))
+    return _ops.gumbel_mask_with_slope(logits, weight, int(seed), int(offset), float(tau))
+
+
+def check_logit_adam_step_inputs(logits, exp_avg, exp_avg_sq, grad, grad_scale, density, lr, betas, eps,
+                                 step) -> None:
+    named = [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("grad", grad)]
+    if grad_scale is not None:
+        named.append(("grad_scale", grad_scale))
+    for name, t in named:
+        if t.shape != logits.shape or t.dtype != logits.dtype or t.device != logits.device:
+            raise ValueError(f"logit_adam_step_: {name} must match logits in shape, dtype and device, got "
+                             f"{tuple(t.shape)} {t.dtype} {t.device} against {tuple(logits.shape)} {logits.dtype} "
+                             f"{logits.device}")
+    if logits.dtype not in (torch.float32, torch.float64, torch.bfloat16):
+        raise TypeError(f"logit_adam_step_: dtype must be float32, float64 or bfloat16, got {logits.dtype}")
+    for name, t in (("logits", logits), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        if not t.is_contiguous():
+            raise ValueError(f"logit_adam_step_: {name} must be contiguous (it is updated in place)")
+    if not 0.0 < density < 1.0:
+        raise ValueError(f"logit_adam_step_: density must be in (0, 1), got {density}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"logit_adam_step_: lr must be positive and finite, got {lr}")
+    if not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"logit_adam_step_: betas must be in [0, 1), got {betas}")
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"logit_adam_step_: eps must be positive and finite, got {eps}")
+    if step < 1:
+        raise ValueError(f"logit_adam_step_: step counts from 1, got {step}")
+
+
+def logit_adam_step_composite(logits, exp_avg, exp_avg_sq, grad, grad_scale, density, kl, lr, beta1, beta2, eps,
+                              step):
+    """logit_adam_step_ from unfused ops (the CUDA implementation; on a CPU, a test oracle)."""
+    if grad_scale is not None:
+        grad = grad * grad_scale
+    value, prior_grad = _ops.kl_prior(logits, density)
+    grad = grad + kl * prior_grad
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+    logits.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
+    return value
+
+
+_cuda_lib.impl("logit_adam_step_", logit_adam_step_composite, "CUDA")
+
+
+@torch.library.register_fake("oes_fast::logit_adam_step_")
+def _logit_adam_step_fake(logits, exp_avg, exp_avg_sq, grad, grad_scale, density, kl, lr, beta1, beta2, eps, step):
+    check_logit_adam_step_inputs(logits, exp_avg, exp_avg_sq, grad, grad_scale, density, lr, (beta1, beta2), eps,
+                                 step)
+    return logits.new_empty((), dtype=_kl_value_dtype(logits))
+
+
+def logit_adam_step_(logits: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor, *,
+                     step: int, density: float, kl: float, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
+                     grad_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """One OES update of the logits, in place: the logits' gradient (`grad`, times `grad_scale`
+    elementwise when given: the masked weights' gradient times `gumbel_mask_with_slope`'s slope)
+    plus `kl` times the KL prior's gradient, then the Adam step number `step` (counted from 1,
+    as torch.optim.Adam with default options). Returns the prior's value before the update."""
+    density, lr, eps, step = float(density), float(lr), float(eps), int(step)
+    betas = tuple(float(b) for b in betas)
+    check_logit_adam_step_inputs(logits, exp_avg, exp_avg_sq, grad, grad_scale, density, lr, betas, eps, step)
+    return _ops.logit_adam_step_(logits, exp_avg, exp_avg_sq, grad, grad_scale, density, float(kl), lr, betas[0],
+                                 betas[1], eps, step)
+
+
 # =============================================================================================
 # sparse_conv2d (issue 4): 2-D convolution with CSR weights and fused padding. Schemas:
 # csrc/sparse_conv2d.cpp; CPU: csrc/cpu/sparse_conv2d.cpp. CUDA: when the extension was built

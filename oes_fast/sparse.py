@@ -460,6 +460,8 @@ class SparseGenerator(nn.Module):
     entries never move (the kept ones are the only conv parameters; the few masked vectors
     are multiplied by their masks)."""
 
+    channels_last_input = False  # its kernels index contiguous activations
+
     def __init__(self, specs: Sequence[dict], tensors: Sequence[dict], config: dict, shapes: dict):
         super().__init__()
         self.config = dict(config)

@@ -4,9 +4,13 @@ sigma = 0.1, Sparse-DIP (a mask at density 0.05) against dense DIP over the same
     python scripts/quality.py dense --steps 4000 --out runs/quality/dense.json
     python scripts/quality.py sparse --mask bundled --steps 4000 --out runs/quality/sparse_bundled.json
     python scripts/quality.py plot runs/quality/*.json --out runs/quality/psnr.png
+    python scripts/quality.py search --steps 20000 --out runs/quality/pepper_mask.safetensors
+    python scripts/quality.py sparse --mask runs/quality/pepper_mask.safetensors --steps 4000 --out runs/quality/sparse_pepper.json
 
 The photograph is ../shared/data/images/pepper.png (center 256x256 crop), which the bundled
-mask was not found on. Weights and z come from the mask's seeds (0 for dense).
+mask was not found on. Weights and z come from the mask's seeds (0 for dense). `search` finds an
+image-specific mask on the same noisy crop (seeds 0/0, density 0.05), checkpointing every 250
+steps next to --out; run it again with the same arguments to resume.
 """
 import argparse
 import json
@@ -27,7 +31,7 @@ def load_problem(path, sigma, noise_seed):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("method", choices=("dense", "sparse", "plot"))
+    parser.add_argument("method", choices=("dense", "sparse", "search", "plot"))
     parser.add_argument("files", nargs="*", help="result JSON files (plot)")
     parser.add_argument("--mask", default="bundled", help="'bundled' or a mask file (sparse)")
     parser.add_argument("--image", default=DEFAULT_IMAGE)
@@ -44,6 +48,15 @@ def main():
         plots.psnr_curves(curves, args.out, title="pepper 256x256, sigma 0.1")
         return
     clean, noisy = load_problem(args.image, args.sigma, noise_seed=0)
+    if args.method == "search":
+        model, z = oes_fast.models.skip_oes(seed=0), oes_fast.models.dip_input(32, 256, 256, seed=0)
+        result = oes_fast.search(model, z, noisy, density=0.05, steps=args.steps, seed=0, z_seed=0,
+                                 checkpoint=args.out + ".ckpt", checkpoint_every=250, resume=True, progress=True)
+        result.mask.meta.update(image=f"{os.path.basename(args.image)}, center 256x256",
+                                task=dict(name="denoise", sigma=args.sigma, noise_seed=0))
+        oes_fast.masks.save(result.mask, args.out)
+        print(result.mask, result.health.message)
+        return
     if args.method == "dense":
         model, z = oes_fast.models.skip_oes(seed=0), oes_fast.models.dip_input(32, 256, 256, seed=0)
         fit = oes_fast.train_dense(model, z, noisy, steps=args.steps, clean=clean, record_every=args.record_every,

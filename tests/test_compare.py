@@ -121,3 +121,49 @@ def test_method_names_and_budgets():
     assert (paper.train_steps, paper.search_steps, paper.imp_steps) == (40000, 60000, 7)
     with pytest.raises(UsageError):
         compare._budgets(parser.parse_args(["compare", "--synflow-iterations", "0"]))
+
+
+def test_oes_mask_file_and_resume(tmp_path, capsys):
+    """--oes-mask trains a given mask for 'oes' with its own seeds; --resume keeps the finished
+    methods of the same settings and runs only the new ones."""
+    mask = prune.random(oes_fast.models.skip_oes(seed=3), 0.05, seed=1)
+    mask.seed, mask.z_seed = 3, 4
+    mask.meta["steps"] = 123
+    masks.save(mask, tmp_path / "found.safetensors")
+    out = tmp_path / "cmp"
+    code, _, _ = run_cli(["compare", "--methods", "random", "--out", out, *FAST], capsys)
+    assert code == 0
+    first = json.loads((out / "report.json").read_text())["methods"]["random"]
+    code, _, err = run_cli(["compare", "--methods", "random,oes", "--oes-mask", tmp_path / "found.safetensors",
+                            "--resume", "--out", out, *FAST], capsys)
+    assert code == 0
+    assert "done in an earlier run" in err
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["methods"]) == ["random", "oes"]
+    assert report["methods"]["random"] == first  # kept, not rerun
+    rows = read_csv(out / "comparison.csv")
+    assert [r["method"] for r in rows] == ["random", "oes"]
+    assert "123 search steps, seeds 3, 4" in rows[1]["notes"]
+    assert int(rows[1]["kept"]) == mask.kept
+    assert masks.load(out / "masks" / "oes.safetensors").seed == 3
+    # other settings: nothing kept
+    code, _, err = run_cli(["compare", "--methods", "random", "--resume", "--out", out, "--train-steps", "3",
+                            "--record-every", "1", "--no-progress"], capsys)
+    assert code == 0 and "other settings" in err
+    assert json.loads((out / "report.json").read_text())["settings"]["train_steps"] == 3
+
+
+@pytest.mark.parametrize("problem, message", [("missing", "No such file|not found|does not exist"),
+                                              ("no-oes", "'oes' method")])
+def test_oes_mask_errors(tmp_path, capsys, problem, message):
+    out = tmp_path / "cmp"
+    methods = "dense" if problem == "no-oes" else "oes"
+    mask_file = tmp_path / "nothing.safetensors"
+    if problem == "no-oes":
+        masks.save(prune.random(oes_fast.models.skip_oes(seed=0), 0.05, seed=1), mask_file)
+    code, _, err = run_cli(["compare", "--methods", methods, "--oes-mask", mask_file, "--out", out, *FAST], capsys)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1
+    import re
+    assert re.search(message, err), err
+    assert not out.exists()

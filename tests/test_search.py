@@ -108,13 +108,14 @@ def test_health_flags_a_disconnecting_mask():
 
 
 def test_fused_engine_follows_the_unfused_trajectory():
-    # on a CPU the fused op's kernel is gumbel_mask + conv, so the two engines agree bitwise
+    # on a CPU the fused op's kernel is gumbel_mask + conv: the engines differ only in where the
+    # chain rule to the logits is rounded (conv backward or logit_adam_step_), an ulp at most
     model, z, y = tiny_problem(torch.float32)
     unfused = oes_fast.search(model, z, y, density=0.3, steps=3, kl=1e-3, progress=False)
     fused = oes_fast.search(model, z, y, density=0.3, steps=3, kl=1e-3, engine="fused", progress=False)
-    assert fused.losses == unfused.losses
+    torch.testing.assert_close(torch.tensor(fused.losses), torch.tensor(unfused.losses), rtol=1e-6, atol=0)
     for name in unfused.logits:
-        assert torch.equal(fused.logits[name], unfused.logits[name]), name
+        torch.testing.assert_close(fused.logits[name], unfused.logits[name], rtol=0, atol=1e-6, msg=name)
     with pytest.raises(ValueError, match="engine"):
         oes_fast.search(model, z, y, density=0.3, steps=1, engine="warp", progress=False)
 

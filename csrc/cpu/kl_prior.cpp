@@ -10,16 +10,14 @@
 #include <cmath>
 
 #include "../ops.h"
+#include "elementwise.h"
 
 namespace oes_fast {
 namespace {
 
-constexpr double kEps = 1e-6;
-
 template <typename scalar_t>
 double kl_prior_cpu_kernel(const scalar_t* logits, scalar_t* grad, int64_t numel, double density) {
   using acc_t = at::opmath_type<scalar_t>;
-  const acc_t eps = static_cast<acc_t>(kEps);
   const acc_t log_rho = static_cast<acc_t>(std::log(density));
   const acc_t log_one_minus_rho = static_cast<acc_t>(std::log1p(-density));
   // parallel_reduce: per-chunk sums in double, combined in a fixed order (deterministic)
@@ -29,14 +27,10 @@ double kl_prior_cpu_kernel(const scalar_t* logits, scalar_t* grad, int64_t numel
         double sum = 0.0;
 #pragma omp simd reduction(+ : sum)
         for (int64_t i = begin; i < end; ++i) {
-          // exp argument capped (see stable_sigmoid in gumbel_mask.cpp: fast-math 1/(1+inf) is NaN)
-          const acc_t neg_p = -static_cast<acc_t>(logits[i]);
-          const acc_t s = acc_t(1) / (acc_t(1) + std::exp(neg_p < acc_t(80) ? neg_p : acc_t(80)));
-          const acc_t log_a = std::log(s + eps) - log_rho;
-          const acc_t log_b = std::log(acc_t(1) - s + eps) - log_one_minus_rho;
-          sum += static_cast<double>(s * log_a + (acc_t(1) - s) * log_b);
-          const acc_t dkl_ds = log_a + s / (s + eps) - log_b - (acc_t(1) - s) / (acc_t(1) - s + eps);
-          grad[i] = static_cast<scalar_t>(dkl_ds * s * (acc_t(1) - s));
+          acc_t value, grad_i;
+          kl_term<acc_t>(static_cast<acc_t>(logits[i]), log_rho, log_one_minus_rho, value, grad_i);
+          sum += static_cast<double>(value);
+          grad[i] = static_cast<scalar_t>(grad_i);
         }
         return partial + sum;
       },

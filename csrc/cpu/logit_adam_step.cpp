@@ -1,0 +1,135 @@
+// CPU kernel of logit_adam_step_: the logit side of an OES search step in one pass over the
+// flat parameter space. Given the gradient of the loss with respect to the masked weights and
+// their slope in the logits (from gumbel_mask_with_slope), it applies the chain rule, adds the
+// KL prior's gradient, and takes the Adam step on the logits in place, returning the prior's
+// value. Unfused, this is gumbel_mask_backward, kl_prior, an add and torch.optim.Adam: about
+// a dozen passes over 3M elements, several temporaries, and the noise generated twice.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "../ops.h"
+#include "elementwise.h"
+
+namespace oes_fast {
+namespace {
+
+constexpr int64_t kChunkTiles = 64;  // tiles per KL partial sum: fixed, so the sum does not depend on threads
+
+struct AdamConstants {
+  double lr, beta1, beta2, eps, step_size, bias2_sqrt;
+};
+
+template <typename scalar_t>
+double logit_adam_step_kernel(scalar_t* logits, scalar_t* exp_avg, scalar_t* exp_avg_sq, const scalar_t* grad,
+                              const scalar_t* grad_scale, int64_t numel, double density, double kl_d,
+                              const AdamConstants& c) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t kl = static_cast<acc_t>(kl_d);
+  const acc_t log_rho = static_cast<acc_t>(std::log(density));
+  const acc_t log_not_rho = static_cast<acc_t>(std::log1p(-density));
+  const acc_t beta1 = static_cast<acc_t>(c.beta1), beta2 = static_cast<acc_t>(c.beta2);
+  const acc_t step_size = static_cast<acc_t>(c.step_size), bias2_sqrt = static_cast<acc_t>(c.bias2_sqrt);
+  const acc_t eps = static_cast<acc_t>(c.eps);
+  const int64_t tiles = (numel + kTile - 1) / kTile;
+  const int64_t chunks = (tiles + kChunkTiles - 1) / kChunkTiles;
+  std::vector<double> partial(static_cast<size_t>(chunks), 0.0);
+  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    Tile<acc_t> t;  // a: logits, b: gradient, c: the KL terms
+    Tile<acc_t> s;  // a: grad_scale, b: exp_avg, c: exp_avg_sq
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      double chunk_sum = 0.0;
+      const int64_t last_tile = std::min(tiles, (chunk + 1) * kChunkTiles);
+      for (int64_t tile = chunk * kChunkTiles; tile < last_tile; ++tile) {
+        const int64_t start = tile * kTile, n = std::min(kTile, numel - start);
+        load_tile(logits + start, n, t.a);
+        load_tile(grad + start, n, t.b);
+        if (grad_scale != nullptr) {
+          load_tile(grad_scale + start, n, s.a);
+#pragma omp simd
+          for (int64_t i = 0; i < kTile; ++i) t.b[i] = t.b[i] * s.a[i];
+        }
+        load_tile(exp_avg + start, n, s.b);
+        load_tile(exp_avg_sq + start, n, s.c);
+#pragma omp simd
+        for (int64_t i = 0; i < kTile; ++i) {
+          acc_t value, kl_grad;
+          kl_term<acc_t>(t.a[i], log_rho, log_not_rho, value, kl_grad);
+          t.c[i] = i < n ? value : acc_t(0);  // the tile's zero padding is not a logit
+          const acc_t g = t.b[i] + kl * kl_grad;
+          // as torch.optim.Adam: exp_avg.lerp_(g, 1 - beta1), exp_avg_sq = beta2 v + (1 - beta2) g^2
+          const acc_t m1 = s.b[i] + (acc_t(1) - beta1) * (g - s.b[i]);
+          const acc_t v = beta2 * s.c[i] + (acc_t(1) - beta2) * g * g;
+          s.b[i] = m1;
+          s.c[i] = v;
+          t.a[i] = t.a[i] - step_size * m1 / (std::sqrt(v) / bias2_sqrt + eps);
+        }
+        acc_t tile_sum = 0;
+#pragma omp simd reduction(+ : tile_sum)
+        for (int64_t i = 0; i < kTile; ++i) tile_sum += t.c[i];
+        chunk_sum += static_cast<double>(tile_sum);
+        store_tile(t.a, n, logits + start);
+        store_tile(s.b, n, exp_avg + start);
+        store_tile(s.c, n, exp_avg_sq + start);
+      }
+      partial[static_cast<size_t>(chunk)] = chunk_sum;
+    }
+  });
+  double total = 0.0;
+  for (double x : partial) total += x;
+  return total;
+}
+
+void check_state(const at::Tensor& t, const at::Tensor& logits, const char* name) {
+  TORCH_CHECK(t.sizes() == logits.sizes() && t.scalar_type() == logits.scalar_type() && t.device() == logits.device(),
+              "logit_adam_step_: ", name, " must match logits in shape, dtype and device");
+  TORCH_CHECK(t.is_contiguous(), "logit_adam_step_: ", name, " must be contiguous (it is updated in place)");
+}
+
+at::Tensor logit_adam_step_cpu(at::Tensor& logits, at::Tensor& exp_avg, at::Tensor& exp_avg_sq, const at::Tensor& grad,
+                               const std::optional<at::Tensor>& grad_scale, double density, double kl, double lr,
+                               double beta1, double beta2, double eps, int64_t step) {
+  const auto dtype = logits.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16,
+              "logit_adam_step_: dtype must be float32, float64 or bfloat16, got ", dtype);
+  check_state(logits, logits, "logits");
+  check_state(exp_avg, logits, "exp_avg");
+  check_state(exp_avg_sq, logits, "exp_avg_sq");
+  TORCH_CHECK(grad.sizes() == logits.sizes() && grad.scalar_type() == dtype && grad.device() == logits.device(),
+              "logit_adam_step_: grad must match logits in shape, dtype and device");
+  if (grad_scale.has_value()) {
+    TORCH_CHECK(grad_scale->sizes() == logits.sizes() && grad_scale->scalar_type() == dtype &&
+                    grad_scale->device() == logits.device(),
+                "logit_adam_step_: grad_scale must match logits in shape, dtype and device");
+  }
+  TORCH_CHECK(is_positive_finite(density) && density < 1.0, "logit_adam_step_: density must be in (0, 1), got ",
+              density);
+  TORCH_CHECK(is_positive_finite(lr), "logit_adam_step_: lr must be positive and finite, got ", lr);
+  TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0 && beta2 >= 0.0 && beta2 < 1.0,
+              "logit_adam_step_: betas must be in [0, 1), got ", beta1, " and ", beta2);
+  TORCH_CHECK(is_positive_finite(eps), "logit_adam_step_: eps must be positive and finite, got ", eps);
+  TORCH_CHECK(step >= 1, "logit_adam_step_: step counts from 1, got ", step);
+  const AdamConstants c{lr, beta1, beta2, eps, lr / (1.0 - std::pow(beta1, double(step))),
+                        std::sqrt(1.0 - std::pow(beta2, double(step)))};
+  const at::Tensor g = grad.contiguous();
+  const at::Tensor scale = grad_scale.has_value() ? grad_scale->contiguous() : at::Tensor();
+  double value = 0.0;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "logit_adam_step_cpu", [&] {
+    value = logit_adam_step_kernel<scalar_t>(logits.data_ptr<scalar_t>(), exp_avg.data_ptr<scalar_t>(),
+                                             exp_avg_sq.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
+                                             scale.defined() ? scale.data_ptr<scalar_t>() : nullptr,
+                                             logits.numel(), density, kl, c);
+  });
+  return at::scalar_tensor(value, logits.options().dtype(dtype == at::kDouble ? at::kDouble : at::kFloat));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(oes_fast, CPU, m) { m.impl("logit_adam_step_", &logit_adam_step_cpu); }
+
+}  // namespace oes_fast

@@ -1,0 +1,161 @@
+"""The CPU search step's pair of ops against the float64 reference: gumbel_mask_with_slope
+(the masked weights and their slope in the logits) and logit_adam_step_ (chain rule, KL prior
+and Adam in one pass), and the latter against the unfused composite and torch's Adam."""
+import pytest
+import torch
+from torch.library import opcheck
+
+from oes_fast import ops, reference
+from oes_fast.mask_search import LogitAdam
+from tolerances import assert_close_to_reference
+
+SEED, OFFSET, TAU, DENSITY, KL, LR = 1234, 5_000_000_000, 0.2, 0.05, 1e-3, 0.01
+BETAS, EPS = (0.9, 0.999), 1e-8
+
+
+def make_state(n, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    p = torch.randn(n, generator=g, dtype=torch.float64) * 2
+    w = torch.randn(n, generator=g, dtype=torch.float64) * 0.1
+    grad = torch.randn(n, generator=g, dtype=torch.float64) * 1e-3
+    m = torch.randn(n, generator=g, dtype=torch.float64) * 1e-4
+    v = torch.rand(n, generator=g, dtype=torch.float64) * 1e-7
+    return [t.to(dtype) for t in (p, m, v, grad, w)]
+
+
+def reference_step(p, m, v, grad, w, step):
+    """(new logits, exp_avg, exp_avg_sq, prior value) from oes_fast.reference, in p's dtype;
+    with `w`, `grad` is the gradient of the masked weights gumbel_mask(p, w) at (SEED, OFFSET)."""
+    if w is not None:
+        u = reference.philox_uniform(SEED, OFFSET + torch.arange(p.numel()))
+        grad = reference.gumbel_mask_backward(grad, p, w, u, TAU)[0]
+    grad = grad + KL * reference.kl_prior_grad(p, DENSITY)
+    state = dict(step=step - 1, exp_avg=m, exp_avg_sq=v)
+    new_p = reference.adam_update(p, grad, state, LR, BETAS, EPS)
+    return new_p, state["exp_avg"], state["exp_avg_sq"], reference.kl_prior(p, DENSITY)
+
+
+def fused_step(p, m, v, grad, w, step):
+    """The search step's way: the slope from gumbel_mask_with_slope, then logit_adam_step_."""
+    slope = None if w is None else ops.gumbel_mask_with_slope(p, w, SEED, OFFSET, TAU)[1]
+    p, m, v = p.clone(), m.clone(), v.clone()
+    value = ops.logit_adam_step_(p, m, v, grad, step=step, density=DENSITY, kl=KL, lr=LR, betas=BETAS, eps=EPS,
+                                 grad_scale=slope)
+    return p, m, v, value
+
+
+@pytest.mark.parametrize("n", [1, 257, 20_000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_gumbel_mask_with_slope(n, dtype):
+    p, _, _, _, w = make_state(n, dtype)
+    masked, slope = ops.gumbel_mask_with_slope(p, w, SEED, OFFSET, TAU)
+    # the masked weights are gumbel_mask's, bit for bit (same kernel)
+    assert torch.equal(masked, ops.gumbel_mask(p, w, SEED, OFFSET, TAU))
+    u = reference.philox_uniform(SEED, OFFSET + torch.arange(n))
+    ref64 = reference.gumbel_mask_backward(torch.ones(n, dtype=torch.float64), p.double(), w.double(), u, TAU)[0]
+    ref_lowp = reference.gumbel_mask_backward(torch.ones(n, dtype=dtype), p, w, u, TAU)[0]
+    assert_close_to_reference(slope, ref64, ref_lowp, name="slope")
+    assert slope.abs().max() > 0
+
+
+@pytest.mark.parametrize("n", [1, 255, 256, 257, 20_000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("masked", [True, False], ids=["masked-weight-grad", "logit-grad"])
+def test_matches_reference(n, dtype, masked):
+    state = make_state(n, dtype)
+    w = state[4] if masked else None
+    got = fused_step(*state[:4], w, step=7)
+    ref64 = reference_step(*[t.double() for t in state[:4]], None if w is None else w.double(), step=7)
+    ref_lowp = reference_step(*state[:4], w, step=7)
+    for name, a, r, rl in zip(("logits", "exp_avg", "exp_avg_sq", "prior"), got, ref64, ref_lowp):
+        assert_close_to_reference(a.reshape(-1), r.reshape(-1), rl.reshape(-1).to(a.dtype), name=name)
+    # the update moved the logits (by up to lr), so the comparison above is not vacuous (in
+    # bfloat16 a step of lr is below the resolution of most logits)
+    if dtype != torch.bfloat16:
+        assert (got[0].double() - state[0].double()).abs().max() > LR / 100
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_matches_the_unfused_composite(masked):
+    """The CUDA implementation (composed of gumbel_mask_backward, kl_prior and Adam's ops), run
+    on CPU tensors, computes the same step."""
+    p, m, v, grad, w = make_state(3000, torch.float32, seed=3)
+    scale = torch.rand(3000, generator=torch.Generator().manual_seed(1)) if masked else None
+    p1, m1, v1 = p.clone(), m.clone(), v.clone()
+    value1 = ops.logit_adam_step_(p1, m1, v1, grad, step=2, density=DENSITY, kl=KL, lr=LR, grad_scale=scale)
+    got = (p1, m1, v1, value1)
+    p2, m2, v2 = p.clone(), m.clone(), v.clone()
+    value = ops.logit_adam_step_composite(p2, m2, v2, grad, scale, DENSITY, KL, LR, *BETAS, EPS, 2)
+    for a, b in zip(got, (p2, m2, v2, value)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_prior_value_independent_of_threads():
+    p, m, v, grad, w = make_state(300_000, torch.float32, seed=4)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(fused_step(p, m, v, grad, w, step=1))
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+def test_logit_adam_follows_torch_adam():
+    """LogitAdam with kl = 0 on logit gradients is torch.optim.Adam with default options, and
+    their state dicts load into each other."""
+    g = torch.Generator().manual_seed(9)
+    p0 = torch.randn(500, generator=g, dtype=torch.float64)
+    grads = [torch.randn(500, generator=g, dtype=torch.float64) for _ in range(4)]
+    theirs = p0.clone().requires_grad_(True)
+    adam = torch.optim.Adam([theirs], lr=LR)
+    ours = LogitAdam(p0.clone(), lr=LR)
+    for k, grad in enumerate(grads):
+        theirs.grad = grad.clone()
+        adam.step()
+        ours.step(grad, density=DENSITY, kl=0.0)
+        torch.testing.assert_close(ours.logits, theirs.detach(), rtol=0, atol=1e-14)
+        if k == 1:  # hand torch's state to a fresh LogitAdam mid-run
+            resumed = LogitAdam(theirs.detach().clone(), lr=LR)
+            resumed.load_state_dict(adam.state_dict())
+            assert resumed.steps == 2
+            ours = resumed
+    fresh = torch.optim.Adam([p0.clone().requires_grad_(True)], lr=LR)
+    fresh.load_state_dict(ours.state_dict())
+    torch.testing.assert_close(fresh.state_dict()["state"][0]["exp_avg"], ours.exp_avg, rtol=0, atol=0)
+
+
+def test_opcheck():
+    p, m, v, grad, w = make_state(600, torch.float32)
+    opcheck(torch.ops.oes_fast.logit_adam_step_.default, (p, m, v, grad, w, DENSITY, KL, LR, *BETAS, EPS, 3),
+            test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    opcheck(torch.ops.oes_fast.gumbel_mask_with_slope.default, (p, w, SEED, OFFSET, TAU))
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(grad=torch.zeros(5)), "grad must match logits"),
+    (dict(exp_avg=torch.zeros(10, dtype=torch.float64)), "exp_avg must match logits"),
+    (dict(grad_scale=torch.zeros(9)), "grad_scale must match logits"),
+    (dict(logits=torch.zeros(20)[::2]), "logits must be contiguous"),
+    (dict(density=1.0), "density must be in"),
+    (dict(density=0.0), "density must be in"),
+    (dict(step=0), "step counts from 1"),
+    (dict(lr=float("nan")), "lr must be positive"),
+    (dict(betas=(0.9, 1.0)), "betas must be in"),
+])
+def test_bad_input(change, message):
+    kwargs = dict(logits=torch.zeros(10), exp_avg=torch.zeros(10), exp_avg_sq=torch.zeros(10), grad=torch.zeros(10),
+                  step=1, density=0.05, kl=1e-9, lr=0.01, betas=BETAS, eps=EPS, grad_scale=torch.ones(10))
+    kwargs.update(change)
+    logits, exp_avg, exp_avg_sq, grad = (kwargs.pop(k) for k in ("logits", "exp_avg", "exp_avg_sq", "grad"))
+    with pytest.raises(ValueError, match=message):
+        ops.logit_adam_step_(logits, exp_avg, exp_avg_sq, grad, **kwargs)
+    # the C++ checks say the same without the Python wrapper
+    args = (logits, exp_avg, exp_avg_sq, grad, kwargs["grad_scale"], kwargs["density"], kwargs["kl"], kwargs["lr"],
+            *kwargs["betas"], kwargs["eps"], kwargs["step"])
+    with pytest.raises(RuntimeError, match=message.split(" must")[0].split(" counts")[0]):
+        torch.ops.oes_fast.logit_adam_step_(*args)

@@ -55,6 +55,12 @@ class DenseStep:
         self.model, self.z, self.y = copy.deepcopy(model), z, y
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=LR)
 
+    def __call__(self):
+        self.optimizer.zero_grad(set_to_none=False)
+        loss = torch.mean((self.model(self.z) - self.y) ** 2)
+        loss.backward()
+        self.optimizer.step()
+
 
 class DenseStepChannelsLast(DenseStep):
     """The same dense step on channels-last activations, as oes_fast.train_dense runs it on a
@@ -62,12 +68,6 @@ class DenseStepChannelsLast(DenseStep):
 
     def __init__(self, model, z, y):
         super().__init__(model, oes_fast.train.network_input(model, z), y)
-
-    def __call__(self):
-        self.optimizer.zero_grad(set_to_none=False)
-        loss = torch.mean((self.model(self.z) - self.y) ** 2)
-        loss.backward()
-        self.optimizer.step()
 
 
 class AuthorsStep:
@@ -107,7 +107,8 @@ STEPS = {"search_step": SearchStep, "dense_step": DenseStep, "dense_step_channel
 @pytest.mark.parametrize("method", list(STEPS))
 def test_step(benchmark, method, size):
     step = STEPS[method](*problem(size))
-    benchmark.group = f"search step {size}x{size}"
+    threads = torch.get_num_threads()
+    benchmark.group = f"search step {size}x{size}, {threads} thread{'s' if threads > 1 else ''}"
     benchmark.extra_info.update(method=method, group=benchmark.group, size=size, baseline=method == "dense_step",
                                 torch_threads=torch.get_num_threads(), load_average_before=os.getloadavg()[0])
     benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=1, iterations=1)

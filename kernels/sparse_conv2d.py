@@ -75,6 +75,25 @@ def _forward_kernel(x_ptr, val_ptr, rp_ptr, ci_ptr, b_ptr, out_ptr, C_in, H, W, 
 
 
 @triton.jit
+def _tap_output(idx, size, pad, k, stride, size_out, case: tl.constexpr, REFLECT: tl.constexpr):
+    """Along one axis, the output index whose kernel tap k reads input index `idx` through
+    padded position `case`: 0 direct, 1 mirrored at the start, 2 mirrored at the end
+    (reflection padding only); with whether that output exists."""
+    if case == 0:
+        padded = idx + pad
+        ok = idx >= 0
+    elif case == 1:
+        padded = pad - idx
+        ok = (idx >= 1) & (idx <= pad) & REFLECT
+    else:
+        padded = 2 * (size - 1) - idx + pad
+        ok = (idx >= size - 1 - pad) & (idx <= size - 2) & REFLECT
+    shifted = padded - k
+    out = shifted // stride
+    return out, ok & (shifted >= 0) & (shifted % stride == 0) & (out < size_out)
+
+
+@triton.jit
 def _input_grad_kernel(g_ptr, val_ptr, cp_ptr, o_ptr, r_ptr, out_ptr, C_in, H, W, C_out, H_out, W_out,
                        KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr,
                        PW: tl.constexpr, REFLECT: tl.constexpr, BLOCK: tl.constexpr):
@@ -98,32 +117,11 @@ def _input_grad_kernel(g_ptr, val_ptr, cp_ptr, o_ptr, r_ptr, out_ptr, C_in, H, W
         kx = r % KW
         g_plane = g_img + o.to(tl.int64) * H_out * W_out
         for a in tl.static_range(3):
-            # padded row pi that reads input row i: direct, or mirrored at the top / bottom
-            if a == 0:
-                pi = i + PH
-                ok_a = live
-            elif a == 1:
-                pi = PH - i
-                ok_a = live & (i >= 1) & (i <= PH) & REFLECT
-            else:
-                pi = 2 * (H - 1) - i + PH
-                ok_a = live & (i >= H - 1 - PH) & (i <= H - 2) & REFLECT
-            ny = pi - ky
-            yo = ny // SH
-            ok_a = ok_a & (ny >= 0) & (ny % SH == 0) & (yo < H_out)
+            yo, ok_a = _tap_output(i, H, PH, ky, SH, H_out, a, REFLECT)
+            ok_a = ok_a & live
             for b in tl.static_range(3):
-                if b == 0:
-                    pj = j + PW
-                    ok = ok_a
-                elif b == 1:
-                    pj = PW - j
-                    ok = ok_a & (j >= 1) & (j <= PW) & REFLECT
-                else:
-                    pj = 2 * (W - 1) - j + PW
-                    ok = ok_a & (j >= W - 1 - PW) & (j <= W - 2) & REFLECT
-                nx = pj - kx
-                xo = nx // SW
-                ok = ok & (nx >= 0) & (nx % SW == 0) & (xo < W_out)
+                xo, ok_b = _tap_output(j, W, PW, kx, SW, W_out, b, REFLECT)
+                ok = ok_a & ok_b
                 gv = tl.load(g_plane + yo * W_out + xo, mask=ok, other=0.0)
                 acc += w * gv
     tl.store(out_ptr + pid_nc.to(tl.int64) * H * W + offs, acc, mask=live)

@@ -71,6 +71,15 @@ def _mask(p, seed, offs, tau_bits, COMPUTE: tl.constexpr):
 
 
 @triton.jit
+def _masked_weight_tile(p_ptr, w_ptr, widx, live, seed, offset, tau_bits, COMPUTE: tl.constexpr):
+    """w * m at the flat weight indices `widx` (any tile layout), zero where not `live`; the
+    noise of element widx is at stream offset `offset + widx`."""
+    p = tl.load(p_ptr + widx, mask=live, other=0.0).to(COMPUTE)
+    w = tl.load(w_ptr + widx, mask=live, other=0.0).to(COMPUTE)
+    return w * _mask(p, seed, widx + offset.to(tl.int64), tau_bits, COMPUTE)
+
+
+@triton.jit
 def _dot(a, b, acc, PREC: tl.constexpr):
     # PREC: 0 exact (ieee; float64 is always this), 1 tf32, 2 bf16 tiles with float32 accumulation
     if PREC == 2:
@@ -112,10 +121,8 @@ def _forward_kernel(x_ptr, p_ptr, w_ptr, b_ptr, out_ptr, N, C_in, H, W, C_out, H
         a = tl.load(x_ptr + ((img[:, None] * C_in + ci[None, :]) * H + iy) * W + ix, mask=a_mask, other=0.0)
         # B: the masked weight tile, Wm[kk, co] = w[co, kk] * m[co, kk], made here, never stored
         widx = rn[None, :].to(tl.int64) * K + rk[:, None]
-        b_mask = k_live[:, None] & n_live[None, :]
-        p = tl.load(p_ptr + widx, mask=b_mask, other=0.0).to(COMPUTE)
-        w = tl.load(w_ptr + widx, mask=b_mask, other=0.0).to(COMPUTE)
-        b = w * _mask(p, seed, widx + offset.to(tl.int64), tau_bits, COMPUTE)
+        b = _masked_weight_tile(p_ptr, w_ptr, widx, k_live[:, None] & n_live[None, :], seed, offset, tau_bits,
+                                COMPUTE)
         acc = _dot(a.to(COMPUTE), b, acc, PREC)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=n_live, other=0.0).to(COMPUTE)[None, :]
@@ -153,10 +160,8 @@ def _input_grad_kernel(g_ptr, p_ptr, w_ptr, out_ptr, N, C_in, H_out, W_out, C_ou
         a_mask = m_live[:, None] & k_live[None, :] & (oy >= 0) & (oy < H_out) & (ox >= 0) & (ox < W_out)
         a = tl.load(g_ptr + ((img[:, None] * C_out + co[None, :]) * H_out + oy) * W_out + ox, mask=a_mask, other=0.0)
         widx = co[:, None].to(tl.int64) * KW_ALL + rn[None, :] * (KS * KS) + tap[:, None]
-        b_mask = k_live[:, None] & n_live[None, :]
-        p = tl.load(p_ptr + widx, mask=b_mask, other=0.0).to(COMPUTE)
-        w = tl.load(w_ptr + widx, mask=b_mask, other=0.0).to(COMPUTE)
-        b = w * _mask(p, seed, widx + offset.to(tl.int64), tau_bits, COMPUTE)
+        b = _masked_weight_tile(p_ptr, w_ptr, widx, k_live[:, None] & n_live[None, :], seed, offset, tau_bits,
+                                COMPUTE)
         acc = _dot(a.to(COMPUTE), b, acc, PREC)
     out_idx = (img[:, None] * C_in + rn[None, :]) * (HP * WP) + pix[:, None]
     tl.store(out_ptr + out_idx, acc.to(out_ptr.dtype.element_ty), mask=m_live[:, None] & n_live[None, :])

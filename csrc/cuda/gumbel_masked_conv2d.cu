@@ -49,6 +49,27 @@ __device__ __forceinline__ int src_index(int i, int n, bool reflect) {
   return (i >= 0 && i < n) ? i : -1;
 }
 
+// Stages a chunk of masked weights w * m in shared memory as wm[j][c][t] (j < kCo, c < kCi,
+// t < ks*ks): j runs over output channels from co0 and c over input channels from ci0 when
+// kCoIsRow (forward), the other way round for the input gradient; zero outside the tensor.
+template <bool kCoIsRow, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void stage_masked_weights(acc_t* wm, const scalar_t* __restrict__ weight,
+                                                     const scalar_t* __restrict__ logits, int co0, int ci0, int C_out,
+                                                     int C_in, int kk, uint64_t seed, uint64_t offset, acc_t tau) {
+  const int64_t K = static_cast<int64_t>(C_in) * kk;
+  for (int e = threadIdx.x; e < kCo * kCi * kk; e += kThreads) {
+    const int j = e / (kCi * kk), c = (e / kk) % kCi, t = e % kk;
+    const int co = co0 + (kCoIsRow ? j : c), ci = ci0 + (kCoIsRow ? c : j);
+    acc_t v = acc_t(0);
+    if (co < C_out && ci < C_in) {
+      const int64_t idx = co * K + static_cast<int64_t>(ci) * kk + t;
+      v = static_cast<acc_t>(weight[idx]) *
+          gumbel_sigmoid<acc_t>(static_cast<acc_t>(logits[idx]), seed, offset + static_cast<uint64_t>(idx), tau);
+    }
+    wm[e] = v;
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 __global__ void forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ logits,
                                const scalar_t* __restrict__ weight, const scalar_t* __restrict__ bias,
@@ -65,19 +86,9 @@ __global__ void forward_kernel(const scalar_t* __restrict__ x, const scalar_t* _
   acc_t acc[kCo];
 #pragma unroll
   for (int j = 0; j < kCo; ++j) acc[j] = acc_t(0);
-  const int64_t K = static_cast<int64_t>(C_in) * kk;
   for (int ci0 = 0; ci0 < C_in; ci0 += kCi) {
     __syncthreads();  // the previous chunk's weights are no longer read
-    for (int e = threadIdx.x; e < kCo * kCi * kk; e += kThreads) {
-      const int j = e / (kCi * kk), c = (e / kk) % kCi, t = e % kk;
-      acc_t v = acc_t(0);
-      if (co0 + j < C_out && ci0 + c < C_in) {
-        const int64_t idx = (co0 + j) * K + static_cast<int64_t>(ci0 + c) * kk + t;
-        v = static_cast<acc_t>(weight[idx]) *
-            gumbel_sigmoid<acc_t>(static_cast<acc_t>(logits[idx]), seed, offset + static_cast<uint64_t>(idx), tau);
-      }
-      wm[e] = v;
-    }
+    stage_masked_weights</*kCoIsRow=*/true>(wm, weight, logits, co0, ci0, C_out, C_in, kk, seed, offset, tau);
     __syncthreads();
     if (!live) continue;
     const int c_end = min(kCi, C_in - ci0);
@@ -123,19 +134,9 @@ __global__ void input_grad_kernel(const scalar_t* __restrict__ g, const scalar_t
   acc_t acc[kCo];
 #pragma unroll
   for (int j = 0; j < kCo; ++j) acc[j] = acc_t(0);
-  const int64_t K = static_cast<int64_t>(C_in) * kk;
   for (int co0 = 0; co0 < C_out; co0 += kCi) {
     __syncthreads();
-    for (int e = threadIdx.x; e < kCo * kCi * kk; e += kThreads) {
-      const int j = e / (kCi * kk), c = (e / kk) % kCi, t = e % kk;
-      acc_t v = acc_t(0);
-      if (ci0 + j < C_in && co0 + c < C_out) {
-        const int64_t idx = (co0 + c) * K + static_cast<int64_t>(ci0 + j) * kk + t;
-        v = static_cast<acc_t>(weight[idx]) *
-            gumbel_sigmoid<acc_t>(static_cast<acc_t>(logits[idx]), seed, offset + static_cast<uint64_t>(idx), tau);
-      }
-      wm[e] = v;
-    }
+    stage_masked_weights</*kCoIsRow=*/false>(wm, weight, logits, co0, ci0, C_out, C_in, kk, seed, offset, tau);
     __syncthreads();
     if (!live) continue;
     const int c_end = min(kCi, C_out - co0);

@@ -5,6 +5,7 @@ tensor uses tl.rand(seed, offset + j), i.e. Philox4x32-10 with key (seed lo, see
 counter (offset lo, offset hi, 0, 0), offsets as int64 so 64-bit offsets work.
 
     forward:  out = w * m,   m = sigmoid((p + log(u) - log(1 - u)) / tau)
+              (and, for the search step, the slope w * m * (1 - m) / tau)
     backward: grad_p = g * w * m * (1 - m) / tau,   grad_w = g * m   (noise regenerated)
 
 float32 and bfloat16 compute in float32, float64 in float64 (u is always the float32 uniform
@@ -19,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["philox_uniform", "gumbel_mask_forward", "gumbel_mask_backward"]
+__all__ = ["philox_uniform", "gumbel_mask_forward", "gumbel_mask_with_slope", "gumbel_mask_backward"]
 
 # 1024 elements per program with 4 warps = 8 elements per thread: enough independent Philox
 # chains per thread to hide the latency of its 10 mul-hi rounds, loads still vectorize to
@@ -46,11 +47,16 @@ def _logistic_noise(seed, offs, COMPUTE: tl.constexpr):
 
 
 @triton.jit
+def _f64(bits, COMPUTE: tl.constexpr):
+    # A double passed as the int64 of its bit pattern (_as_f64_bits): Triton passes Python floats
+    # as fp32, which would round them for the float64 path. Rounded to COMPUTE here (float32
+    # for float32/bf16, as the C++ kernels do).
+    return bits.to(tl.int64).to(tl.float64, bitcast=True).to(COMPUTE)
+
+
+@triton.jit
 def _tau(tau_bits, COMPUTE: tl.constexpr):
-    # tau arrives as the int64 bit pattern of a double: Triton passes Python floats as fp32,
-    # which would round tau for the float64 path. Rounded to float32 here for float32/bf16,
-    # as the C++ kernels do.
-    return tau_bits.to(tl.int64).to(tl.float64, bitcast=True).to(COMPUTE)
+    return _f64(tau_bits, COMPUTE)
 
 
 @triton.jit
@@ -78,8 +84,9 @@ def _philox_uniform_kernel(out_ptr, n, seed: tl.int64, offset: tl.int64, BLOCK: 
 
 
 @triton.jit(do_not_specialize=["seed", "offset", "tau_bits"])
-def _gumbel_mask_fwd_kernel(p_ptr, w_ptr, out_ptr, n, seed: tl.int64, offset: tl.int64, tau_bits: tl.int64,
-                            COMPUTE: tl.constexpr, BF16_BY_HAND: tl.constexpr, BLOCK: tl.constexpr):
+def _gumbel_mask_fwd_kernel(p_ptr, w_ptr, out_ptr, slope_ptr, n, seed: tl.int64, offset: tl.int64,
+                            tau_bits: tl.int64, WITH_SLOPE: tl.constexpr, COMPUTE: tl.constexpr,
+                            BF16_BY_HAND: tl.constexpr, BLOCK: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n
     p = tl.load(p_ptr + idx, mask=mask).to(COMPUTE)
@@ -89,6 +96,8 @@ def _gumbel_mask_fwd_kernel(p_ptr, w_ptr, out_ptr, n, seed: tl.int64, offset: tl
     # Same expression order as the CPU kernel: 1 / (1 + exp(-(p + noise) / tau)).
     m = 1.0 / (1.0 + tl.exp(-(p + noise) / tau))
     _store(out_ptr, idx, w * m, mask, BF16_BY_HAND)
+    if WITH_SLOPE:  # d out / d p, as the backward's factor
+        _store(slope_ptr, idx, w * m * (1.0 - m) / tau, mask, BF16_BY_HAND)
 
 
 @triton.jit(do_not_specialize=["seed", "offset", "tau_bits"])
@@ -169,9 +178,12 @@ def _bf16_by_hand(dtype):
     return INTERPRETED and dtype == torch.bfloat16
 
 
-def _tau_bits(tau):
-    # Bit pattern of the double as a (non-negative, since tau > 0) int64; see _tau().
-    return struct.unpack("<q", struct.pack("<d", tau))[0]
+def _as_f64_bits(x):
+    # Bit pattern of the double as an int64; see _f64().
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+_tau_bits = _as_f64_bits
 
 
 def _on_device(t):
@@ -200,17 +212,29 @@ def philox_uniform(like: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
 
 def gumbel_mask_forward(logits: torch.Tensor, weight: torch.Tensor, seed: int, offset: int, tau: float) -> torch.Tensor:
     """weight * sigmoid((logits + log(u) - log(1 - u)) / tau); same dtype and shape as logits, contiguous."""
+    return _forward(logits, weight, seed, offset, tau, with_slope=False)[0]
+
+
+def gumbel_mask_with_slope(logits: torch.Tensor, weight: torch.Tensor, seed: int, offset: int,
+                           tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gumbel_mask_forward(...), its derivative in the logits weight * m * (1 - m) / tau)."""
+    return _forward(logits, weight, seed, offset, tau, with_slope=True)
+
+
+def _forward(logits, weight, seed, offset, tau, with_slope):
     seed, offset, tau = _check_inputs(logits, weight, seed, offset, tau)
     p, w = logits.contiguous(), weight.contiguous()
     out = torch.empty_like(p, memory_format=torch.contiguous_format)
+    slope = torch.empty_like(p, memory_format=torch.contiguous_format) if with_slope else None
     n = p.numel()
     if n == 0:
-        return out
+        return out, slope
     with _on_device(p):
-        _gumbel_mask_fwd_kernel[_grid(n)](p, w, out, n, seed, offset, _tau_bits(tau),
-                                          COMPUTE=_compute_dtype(p.dtype), BF16_BY_HAND=_bf16_by_hand(p.dtype),
-                                          BLOCK=BLOCK, num_warps=NUM_WARPS)
-    return out
+        # without the slope the kernel never touches slope_ptr; out stands in for it
+        _gumbel_mask_fwd_kernel[_grid(n)](p, w, out, slope if with_slope else out, n, seed, offset, _tau_bits(tau),
+                                          WITH_SLOPE=with_slope, COMPUTE=_compute_dtype(p.dtype),
+                                          BF16_BY_HAND=_bf16_by_hand(p.dtype), BLOCK=BLOCK, num_warps=NUM_WARPS)
+    return out, slope
 
 
 def gumbel_mask_backward(grad: torch.Tensor, logits: torch.Tensor, weight: torch.Tensor, seed: int, offset: int,

@@ -7,6 +7,7 @@ wrappers at the bottom, e.g. `oes_fast.gumbel_mask`.
 """
 from __future__ import annotations
 
+import importlib
 import math
 import os
 
@@ -206,14 +207,25 @@ def kl_prior(logits: torch.Tensor, density: float) -> tuple[torch.Tensor, torch.
 
 
 # ---------------------------------------------------------------------------------------------
-# gumbel_mask_with_slope and logit_adam_step_: the CPU search step's own pair (kernels in
-# csrc/cpu/gumbel_mask.cpp and csrc/cpu/logit_adam_step.cpp). The forward keeps the masked
+# gumbel_mask_with_slope and logit_adam_step_: the search step's own pair (CPU kernels in
+# csrc/cpu/gumbel_mask.cpp and csrc/cpu/logit_adam_step.cpp, CUDA kernels in Triton:
+# kernels/gumbel_mask.py and kernels/logit_adam_step.py). The forward keeps the masked
 # weights' slope in the logits, so the update needs no second noise generation; the update
-# applies the chain rule, the KL prior and Adam in one pass. On CUDA both are composed of the
-# ops above and torch's elementwise kernels.
+# applies the chain rule, the KL prior and Adam in one pass. Where Triton cannot be imported,
+# CUDA runs them composed of the ops above and torch's elementwise kernels.
+
+
+def _triton_or_none(module):
+    try:
+        return importlib.import_module(f".kernels.{module}", __package__)
+    except ImportError:
+        return None
 
 
 def _gumbel_mask_with_slope_cuda(logits, weight, seed, offset, tau):
+    kernels = _triton_or_none("gumbel_mask")
+    if kernels is not None:
+        return kernels.gumbel_mask_with_slope(logits, weight, seed, offset, tau)
     masked = _ops.gumbel_mask(logits, weight, seed, offset, tau)
     slope = _ops.gumbel_mask_backward(torch.ones_like(logits), logits, weight, seed, offset, tau, False)[0]
     return masked, slope
@@ -266,7 +278,7 @@ def check_logit_adam_step_inputs(logits, exp_avg, exp_avg_sq, grad, grad_scale, 
 
 def logit_adam_step_composite(logits, exp_avg, exp_avg_sq, grad, grad_scale, density, kl, lr, beta1, beta2, eps,
                               step):
-    """logit_adam_step_ from unfused ops (the CUDA implementation; on a CPU, a test oracle)."""
+    """logit_adam_step_ from unfused ops (CUDA without Triton; on a CPU, a test oracle)."""
     if grad_scale is not None:
         grad = grad * grad_scale
     value, prior_grad = _ops.kl_prior(logits, density)
@@ -278,7 +290,16 @@ def logit_adam_step_composite(logits, exp_avg, exp_avg_sq, grad, grad_scale, den
     return value
 
 
-_cuda_lib.impl("logit_adam_step_", logit_adam_step_composite, "CUDA")
+def _logit_adam_step_cuda(logits, exp_avg, exp_avg_sq, grad, grad_scale, density, kl, lr, beta1, beta2, eps, step):
+    kernels = _triton_or_none("logit_adam_step")
+    if kernels is None:
+        return logit_adam_step_composite(logits, exp_avg, exp_avg_sq, grad, grad_scale, density, kl, lr, beta1,
+                                         beta2, eps, step)
+    return kernels.logit_adam_step_(logits, exp_avg, exp_avg_sq, grad, grad_scale, density, kl, lr, beta1, beta2,
+                                    eps, step)
+
+
+_cuda_lib.impl("logit_adam_step_", _logit_adam_step_cuda, "CUDA")
 
 
 @torch.library.register_fake("oes_fast::logit_adam_step_")

@@ -189,6 +189,17 @@ def test_forward_matches_cpp(cpp, dtype, shape):
         assert_matches(got, cpp.gumbel_mask(p.cpu(), w.cpu(), seed, offset, tau), w.abs())
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_forward_with_slope_matches_cpp(cpp, dtype, shape):
+    p, w, _ = _inputs(shape, dtype)
+    for seed, offset, tau in CASES:
+        masked, slope = K.gumbel_mask_with_slope(p, w, seed, offset, tau)
+        assert torch.equal(masked, K.gumbel_mask_forward(p, w, seed, offset, tau))
+        want = cpp.gumbel_mask_with_slope(p.cpu(), w.cpu(), seed, offset, tau)[1]
+        assert_matches(slope, want, w.abs() / tau)
+
+
 @pytest.mark.parametrize("weight_grad", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)

@@ -75,6 +75,38 @@ def test_matches_reference(n, dtype, masked):
         assert (got[0].double() - state[0].double()).abs().max() > LR / 100
 
 
+@pytest.fixture(scope="module")
+def triton_kernels():
+    """The Triton kernels of the pair (the CUDA implementation), on CUDA tensors with a GPU and
+    through the interpreter on CPU tensors without one (conftest switches it on)."""
+    pytest.importorskip("triton")
+    from oes_fast.kernels import gumbel_mask, logit_adam_step
+
+    if not torch.cuda.is_available() and not gumbel_mask.INTERPRETED:
+        pytest.skip("triton was imported before the interpreter was switched on")
+    return gumbel_mask, logit_adam_step
+
+
+@pytest.mark.parametrize("n", [1, 1025, 5000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("masked", [True, False], ids=["masked-weight-grad", "logit-grad"])
+def test_triton_matches_reference(triton_kernels, n, dtype, masked):
+    gumbel_mask, logit_adam_step = triton_kernels
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    state = make_state(n, dtype, seed=5)
+    p, m, v, grad, w = (t.to(device, copy=True) for t in state)  # updated in place
+    slope = gumbel_mask.gumbel_mask_with_slope(p, w, SEED, OFFSET, TAU)[1] if masked else None
+    value = logit_adam_step.logit_adam_step_(p, m, v, grad, slope, DENSITY, KL, LR, *BETAS, EPS, 7)
+    assert value.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    w_ref = state[4] if masked else None
+    ref64 = reference_step(*[t.double() for t in state[:4]], None if w_ref is None else w_ref.double(), step=7)
+    ref_lowp = reference_step(*state[:4], w_ref, step=7)
+    for name, a, r, rl in zip(("logits", "exp_avg", "exp_avg_sq", "prior"), (p, m, v, value), ref64, ref_lowp):
+        assert_close_to_reference(a.cpu().reshape(-1), r.reshape(-1), rl.reshape(-1).to(a.dtype), name=name)
+    if dtype != torch.bfloat16:
+        assert (p.cpu().double() - state[0].double()).abs().max() > LR / 100
+
+
 @pytest.mark.parametrize("masked", [True, False])
 def test_matches_the_unfused_composite(masked):
     """The CUDA implementation (composed of gumbel_mask_backward, kl_prior and Adam's ops), run

@@ -4,9 +4,10 @@ Run: python -m pytest bench/bench_search_step.py --benchmark-only --benchmark-js
 then python bench/report.py out.json.
 
 Per image size (256 and 512 square, the OES network, 3,008,867 parameters):
-  search_step    oes_fast's step: ONE gumbel_mask launch over the flat parameters, the
-                 generator on views of that buffer (channels-last activations), then ONE pass
-                 for the logits: chain rule through the regenerated mask, KL prior, Adam
+  search_step    oes_fast's step: ONE gumbel_mask_with_slope launch over the flat parameters
+                 (masked weights and their slope in the logits), the generator on views of
+                 that buffer (channels-last activations), then ONE pass for the logits: chain
+                 rule with the saved slope, KL prior, Adam
   dense_step     one plain dense DIP training step of the same network (forward, backward,
                  Adam over all weights): the cost floor a search step is held to (target 1.2x)
   dense_step_channels_last

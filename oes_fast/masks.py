@@ -152,7 +152,11 @@ class MaskHealth:
     def message(self) -> str:
         if self.ok:
             return "every layer keeps some weights"
-        return "nothing kept in " + ", ".join(self.disconnected)
+        shown = 3  # the rest only counted: a random mask can cut every layer of the network
+        listed = ", ".join(self.disconnected[:shown])
+        if len(self.disconnected) > shown:
+            listed += f" and {len(self.disconnected) - shown} more"
+        return f"nothing kept in {len(self.disconnected)} layer{'s' if len(self.disconnected) > 1 else ''}: {listed}"
 
 
 def health(mask: Mask, model: nn.Module) -> MaskHealth:

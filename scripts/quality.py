@@ -39,6 +39,7 @@ def main():
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--record-every", type=int, default=50)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--label", help="curve label in the plot (dense, sparse; default: from the method and mask)")
     args = parser.parse_args()
     if args.method == "plot":
         curves = {}
@@ -61,14 +62,14 @@ def main():
         model, z = oes_fast.models.skip_oes(seed=0), oes_fast.models.dip_input(32, 256, 256, seed=0)
         fit = oes_fast.train_dense(model, z, noisy, steps=args.steps, clean=clean, record_every=args.record_every,
                                    checkpoint=args.out + ".ckpt", resume=True)
-        label = "dense DIP"
+        label = args.label or "dense DIP"
     else:
         mask = oes_fast.masks.bundled() if args.mask == "bundled" else oes_fast.masks.load(args.mask)
         model = oes_fast.models.skip_oes(seed=mask.seed)
         z = oes_fast.models.dip_input(32, 256, 256, seed=mask.z_seed)
         fit = oes_fast.train_sparse(model, mask, z, noisy, steps=args.steps, clean=clean,
                                     record_every=args.record_every, checkpoint=args.out + ".ckpt", resume=True)
-        label = f"Sparse-DIP ({args.mask} mask, density {mask.density:.3f})"
+        label = args.label or f"Sparse-DIP ({args.mask} mask, density {mask.density:.3f})"
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(dict(label=label, summary=fit.summary(), steps=fit.steps, psnr=fit.psnr, ssim=fit.ssim), f)

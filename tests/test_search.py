@@ -128,4 +128,8 @@ def test_health_follows_channel_paths():
     assert all(row["kept"] for row in mask.layer_stats() if row["name"].endswith("weight"))
     report = oes_fast.masks.health(mask, model)
     assert not report.ok and "no channel path" in report.message
+    # the message names the first few layers and counts the rest
+    n = len(report.disconnected)
+    assert n > 3 and report.message.startswith(f"nothing kept in {n} layers: ")
+    assert report.message.endswith(f" and {n - 3} more") and report.disconnected[0] in report.message
     assert oes_fast.masks.health(oes_fast.masks.bundled(), model).ok

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import platform
 import re
@@ -70,6 +71,9 @@ def add_compare_parser(commands, parents):
                         help="IMP training steps per round (default: 200 with --preset quick, --train-steps with paper)")
     parser.add_argument("--synflow-iterations", type=int, default=SYNFLOW_ITERATIONS,
                         help=f"SynFlow pruning iterations (default: {SYNFLOW_ITERATIONS})")
+    parser.add_argument("--sgld-noise-std", type=float, default=None,
+                        help="for 'sgld': standard deviation of the weight noise per step (default: sqrt(2 * lr), "
+                             "the spec's variance 2 * lr; public SGLD-DIP code uses 2 * lr)")
     parser.add_argument("--oes-mask", metavar="FILE", default=None,
                         help="for 'oes': a mask found earlier on this image (e.g. by `oes-fast search`), "
                              "trained with the weights and z of its own seeds, instead of a new search")
@@ -123,6 +127,7 @@ class Budgets:
     imp_steps: int
     synflow_iterations: int
     record_every: int
+    sgld_noise_std: float | None = None  # None: train_sgld's default
 
 
 def _budgets(args) -> Budgets:
@@ -139,7 +144,10 @@ def _budgets(args) -> Budgets:
         raise UsageError(f"--synflow-iterations must be at least 1, got {args.synflow_iterations}")
     if args.record_every < 1:
         raise UsageError(f"--record-every must be at least 1, got {args.record_every}")
-    return Budgets(train_steps, search_steps, imp_steps, args.synflow_iterations, args.record_every)
+    if args.sgld_noise_std is not None and not (math.isfinite(args.sgld_noise_std) and args.sgld_noise_std >= 0):
+        raise UsageError(f"--sgld-noise-std must be finite and non-negative, got {args.sgld_noise_std}")
+    return Budgets(train_steps, search_steps, imp_steps, args.synflow_iterations, args.record_every,
+                   args.sgld_noise_std)
 
 
 def _load_mask(path, height: int, width: int):
@@ -315,10 +323,13 @@ def run_compare(args) -> int:
             row.density = 1.0
         elif name == "sgld":
             fit = train_sgld(model, z, y, steps=budgets.train_steps, clean=clean, degradation=task,
-                             record_every=budgets.record_every, progress=progress, seed=args.seed)
+                             record_every=budgets.record_every, progress=progress, seed=args.seed,
+                             noise_std=budgets.sgld_noise_std)
             row.kept = row.numel = numel
             row.density = 1.0
-            row.notes.append(f"outputs averaged from step {budgets.train_steps // 2}")
+            std = budgets.sgld_noise_std
+            row.notes.append(f"weight noise std {'sqrt(2 lr)' if std is None else f'{std:g}'} per step, "
+                             f"outputs averaged from step {budgets.train_steps // 2}")
         elif name == "deep_decoder":
             decoder = models.deep_decoder(**DEEP_DECODER, seed=args.seed)
             decoder_z = models.dip_input(*decoder.input_shape(height, width)[1:], seed=args.seed)

@@ -121,6 +121,10 @@ def test_method_names_and_budgets():
     assert (paper.train_steps, paper.search_steps, paper.imp_steps) == (40000, 60000, 7)
     with pytest.raises(UsageError):
         compare._budgets(parser.parse_args(["compare", "--synflow-iterations", "0"]))
+    assert quick.sgld_noise_std is None
+    assert compare._budgets(parser.parse_args(["compare", "--sgld-noise-std", "0.02"])).sgld_noise_std == 0.02
+    with pytest.raises(UsageError, match="sgld-noise-std"):
+        compare._budgets(parser.parse_args(["compare", "--sgld-noise-std", "nan"]))
 
 
 def test_oes_mask_file_and_resume(tmp_path, capsys):

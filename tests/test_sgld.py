@@ -1,5 +1,5 @@
-"""SGLD-DIP (train_sgld): seeded, noise of variance 2 * lr per step, exact resume, and the
-result is the mean of the outputs from `average_from` on."""
+"""SGLD-DIP (train_sgld): seeded, noise of variance 2 * lr per step (or the given noise_std),
+exact resume, and the result is the mean of the outputs from `average_from` on."""
 import pytest
 import torch
 from torch import nn
@@ -51,14 +51,15 @@ class IdleParameter(nn.Module):
         return self.scale * z + 0.0 * self.idle.sum()
 
 
-@pytest.mark.parametrize("lr,steps", [(0.5, 1), (0.5, 3), (0.02, 2)])
-def test_noise_per_step_has_variance_two_lr(lr, steps):
+@pytest.mark.parametrize("lr,steps,noise_std", [(0.5, 1, None), (0.5, 3, None), (0.02, 2, None), (0.01, 2, 0.02)])
+def test_noise_per_step_has_variance_two_lr(lr, steps, noise_std):
     model = IdleParameter()
     z = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     y = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-    fit = train_sgld(model, z, y, steps=steps, lr=lr, seed=7, progress=False)
+    fit = train_sgld(model, z, y, steps=steps, lr=lr, seed=7, noise_std=noise_std, progress=False)
     change = (fit.model.idle - model.idle).detach().double()
-    n, expected = change.numel(), 2 * lr * steps  # independent steps: variances add
+    per_step = 2 * lr if noise_std is None else noise_std**2
+    n, expected = change.numel(), per_step * steps  # independent steps: variances add
     var = change.var().item()
     # the sample variance has a relative standard deviation sqrt(2 / n) = 0.7 %; allow ~5 of them
     assert var == pytest.approx(expected, rel=5 * (2 / n) ** 0.5)
@@ -121,3 +122,13 @@ def test_result_is_the_mean_of_the_outputs_from_average_from(steps, average_from
     # PSNR is measured on the average too
     assert fit.steps[-1] == steps
     assert fit.psnr[-1] == pytest.approx(float(metrics.psnr(expected.float(), clean.float())), rel=1e-6)
+
+
+def test_without_noise_it_is_dense_dip():
+    model, z, y, clean = problem()
+    sgld = train_sgld(model, z, y, steps=5, noise_std=0.0, average_from=5, clean=clean, record_every=1,
+                      progress=False)
+    dense = oes_fast.train_dense(model, z, y, steps=5, clean=clean, record_every=1, progress=False)
+    assert sgld.losses == dense.losses and torch.equal(sgld.image, dense.image) and sgld.psnr == dense.psnr
+    with pytest.raises(ValueError, match="noise_std"):
+        train_sgld(model, z, y, steps=1, noise_std=-1.0, progress=False)

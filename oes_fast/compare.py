@@ -254,7 +254,10 @@ def run_compare(args) -> int:
         os.makedirs(os.path.join(out, sub), exist_ok=True)
 
     report = dict(command="compare", task=task.to_dict(), image=image_info,
-                  settings=dict(methods=methods, density=args.density, preset=args.preset, **asdict(budgets)),
+                  settings=dict(methods=methods, density=args.density, preset=args.preset,
+                                # options left at their default (None) are not recorded: reports
+                                # from before an option existed still match for --resume
+                                **{k: v for k, v in asdict(budgets).items() if v is not None}),
                   seeds=dict(weights=args.seed, z=args.seed, noise=args.noise_seed, prune=args.seed),
                   versions=dict(oes_fast=_version(), torch=torch.__version__, python=platform.python_version()),
                   machine=dict(platform=platform.platform(), threads=torch.get_num_threads()),
@@ -377,6 +380,8 @@ def run_compare(args) -> int:
             print(f"    peak PSNR {_fmt(row.peak_psnr, '.2f')} dB (step {_fmt(row.peak_step)}), "
                   f"final {_fmt(row.final_psnr, '.2f')} dB, {row.total_seconds:.1f} s", file=sys.stderr)
 
+    if all(name in finished for name in methods):  # nothing ran: the outputs still follow the methods asked for
+        _write_outputs(out, rows, curves, found_masks, report, image_info, task, budgets, args)
     print(_markdown_table(rows))
     print(f"outputs in {os.path.abspath(out)}")
     return 0

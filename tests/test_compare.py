@@ -150,6 +150,12 @@ def test_oes_mask_file_and_resume(tmp_path, capsys):
     assert "123 search steps, seeds 3, 4" in rows[1]["notes"]
     assert int(rows[1]["kept"]) == mask.kept
     assert masks.load(out / "masks" / "oes.safetensors").seed == 3
+    # everything finished already: nothing runs, the outputs are written again for the methods asked
+    (out / "psnr.png").unlink()
+    code, _, _ = run_cli(["compare", "--methods", "oes", "--oes-mask", tmp_path / "found.safetensors", "--resume",
+                          "--out", out, *FAST], capsys)
+    assert code == 0 and (out / "psnr.png").is_file()
+    assert [r["method"] for r in read_csv(out / "comparison.csv")] == ["oes"]
     # other settings: nothing kept
     code, _, err = run_cli(["compare", "--methods", "random", "--resume", "--out", out, "--train-steps", "3",
                             "--record-every", "1", "--no-progress"], capsys)

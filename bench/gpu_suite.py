@@ -133,7 +133,6 @@ class UnfusedStep:
         from oes_fast.mask_search import SearchStep
 
         self.run = SearchStep(model, z, y, density=DENSITY, lr=LR, tau=TAU, kl=KL, seed=0, engine=self.engine)
-        self.layout, self.weights, self.seed = self.run.layout, self.run.weights, self.run.noise_seed
         self.step = 0
 
     def __call__(self):
@@ -259,9 +258,10 @@ def check_engine(lines):
 
     set_cuda_backend("triton")
     model, z, y = problem(256)
-    u = UnfusedStep(model, z, y)
-    fused = FusedForward(model, u.layout, u.weights, u.seed, TAU)
-    forwards = (lambda p: functional_call(model, u.layout.views(gumbel_mask(p, u.weights, u.seed, 0, TAU)), (z,)),
+    u = UnfusedStep(model, z, y).run
+    fused = FusedForward(model, u.layout, u.weights, u.noise_seed, TAU)
+    forwards = (lambda p: functional_call(model, u.layout.views(gumbel_mask(p, u.weights, u.noise_seed, 0, TAU)),
+                                          (z,)),
                 lambda p: fused(p, z, 0))
     grads = []
     for forward in forwards:

@@ -55,11 +55,6 @@ def _f64(bits, COMPUTE: tl.constexpr):
 
 
 @triton.jit
-def _tau(tau_bits, COMPUTE: tl.constexpr):
-    return _f64(tau_bits, COMPUTE)
-
-
-@triton.jit
 def _store(ptr, idx, x, mask, BF16_BY_HAND: tl.constexpr):
     """Stores float32/float64 x into ptr's dtype, rounding to nearest even."""
     if BF16_BY_HAND:
@@ -92,7 +87,7 @@ def _gumbel_mask_fwd_kernel(p_ptr, w_ptr, out_ptr, slope_ptr, n, seed: tl.int64,
     p = tl.load(p_ptr + idx, mask=mask).to(COMPUTE)
     w = tl.load(w_ptr + idx, mask=mask).to(COMPUTE)
     noise = _logistic_noise(seed, idx + offset.to(tl.int64), COMPUTE)
-    tau = _tau(tau_bits, COMPUTE)
+    tau = _f64(tau_bits, COMPUTE)
     # Same expression order as the CPU kernel: 1 / (1 + exp(-(p + noise) / tau)).
     m = 1.0 / (1.0 + tl.exp(-(p + noise) / tau))
     _store(out_ptr, idx, w * m, mask, BF16_BY_HAND)
@@ -111,7 +106,7 @@ def _gumbel_mask_bwd_kernel(g_ptr, p_ptr, w_ptr, gp_ptr, gw_ptr, n, seed: tl.int
     w = tl.load(w_ptr + idx, mask=mask).to(COMPUTE)
     # The noise is regenerated from (seed, offset), never stored by the forward.
     noise = _logistic_noise(seed, idx + offset.to(tl.int64), COMPUTE)
-    tau = _tau(tau_bits, COMPUTE)
+    tau = _f64(tau_bits, COMPUTE)
     m = 1.0 / (1.0 + tl.exp(-(p + noise) / tau))
     # d/dp [w * sigmoid((p + L) / tau)] = w * m * (1 - m) / tau
     gp = g * w * m * (1.0 - m) / tau
@@ -183,9 +178,6 @@ def _as_f64_bits(x):
     return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
 
-_tau_bits = _as_f64_bits
-
-
 def _on_device(t):
     # Triton launches on the current CUDA device and stream: make that the tensor's device.
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
@@ -231,7 +223,7 @@ def _forward(logits, weight, seed, offset, tau, with_slope):
         return out, slope
     with _on_device(p):
         # without the slope the kernel never touches slope_ptr; out stands in for it
-        _gumbel_mask_fwd_kernel[_grid(n)](p, w, out, slope if with_slope else out, n, seed, offset, _tau_bits(tau),
+        _gumbel_mask_fwd_kernel[_grid(n)](p, w, out, slope if with_slope else out, n, seed, offset, _as_f64_bits(tau),
                                           WITH_SLOPE=with_slope, COMPUTE=_compute_dtype(p.dtype),
                                           BF16_BY_HAND=_bf16_by_hand(p.dtype), BLOCK=BLOCK, num_warps=NUM_WARPS)
     return out, slope
@@ -261,7 +253,7 @@ def gumbel_mask_backward(grad: torch.Tensor, logits: torch.Tensor, weight: torch
     with _on_device(p):
         # Without weight_grad the kernel never touches gw_ptr; grad_logits stands in for it.
         _gumbel_mask_bwd_kernel[_grid(n)](g, p, w, grad_logits, grad_weight if weight_grad else grad_logits, n,
-                                          seed, offset, _tau_bits(tau), WEIGHT_GRAD=bool(weight_grad),
+                                          seed, offset, _as_f64_bits(tau), WEIGHT_GRAD=bool(weight_grad),
                                           COMPUTE=_compute_dtype(p.dtype), BF16_BY_HAND=_bf16_by_hand(p.dtype),
                                           BLOCK=BLOCK, num_warps=NUM_WARPS)
     return grad_logits, grad_weight

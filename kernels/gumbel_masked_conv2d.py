@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gumbel_mask import INTERPRETED, _check_seed_offset, _logistic_noise, _tau, _tau_bits
+from .gumbel_mask import INTERPRETED, _as_f64_bits, _check_seed_offset, _f64, _logistic_noise
 
 __all__ = ["gumbel_masked_conv2d_forward", "gumbel_masked_conv2d_input_grad", "gumbel_masked_conv2d_weight_grad",
            "gumbel_masked_conv2d_backward", "set_precision", "precision"]
@@ -66,7 +66,7 @@ def _src(i, n, REFLECT: tl.constexpr):
 def _mask(p, seed, offs, tau_bits, COMPUTE: tl.constexpr):
     """m = sigmoid((p + L) / tau) in the expression order of every other backend."""
     noise = _logistic_noise(seed, offs, COMPUTE)
-    tau = _tau(tau_bits, COMPUTE)
+    tau = _f64(tau_bits, COMPUTE)
     return 1.0 / (1.0 + tl.exp(-(p + noise) / tau))
 
 
@@ -212,7 +212,7 @@ def _weight_grad_kernel(g_ptr, x_ptr, p_ptr, w_ptr, gp_ptr, gw_ptr, N, C_in, H, 
     p = tl.load(p_ptr + widx, mask=live, other=0.0).to(COMPUTE)
     w = tl.load(w_ptr + widx, mask=live, other=0.0).to(COMPUTE)
     m = _mask(p, seed, widx + offset.to(tl.int64), tau_bits, COMPUTE)
-    gp = acc * w * m * (1.0 - m) / _tau(tau_bits, COMPUTE)
+    gp = acc * w * m * (1.0 - m) / _f64(tau_bits, COMPUTE)
     if ATOMIC:
         tl.atomic_add(gp_ptr + widx, gp.to(gp_ptr.dtype.element_ty), mask=live)
         if WEIGHT_GRAD:
@@ -285,7 +285,7 @@ def gumbel_masked_conv2d_forward(input, logits, weight, bias, seed, offset, tau,
     grid = (triton.cdiv(n * h_out * w_out, bm), triton.cdiv(c_out, bn))
     b = bias.contiguous() if bias is not None else x  # never read without HAS_BIAS
     with _on_device(x):
-        _forward_kernel[grid](x, p, w, b, out, n, c_in, h, wd, c_out, h_out, w_out, seed, offset, _tau_bits(tau),
+        _forward_kernel[grid](x, p, w, b, out, n, c_in, h, wd, c_out, h_out, w_out, seed, offset, _as_f64_bits(tau),
                               KS=k, PAD=padding, REFLECT=padding_mode == "reflect", HAS_BIAS=bias is not None,
                               COMPUTE=_compute(x.dtype), PREC=_prec(x.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                               num_warps=warps)
@@ -306,7 +306,7 @@ def gumbel_masked_conv2d_input_grad(grad_output, input, logits, weight, seed, of
         grid = (triton.cdiv(n * hp * wp, bm), triton.cdiv(c_in, bn))
         with _on_device(g):
             _input_grad_kernel[grid](g, p, w, gpad, n, c_in, h_out, w_out, c_out, hp, wp, seed, offset,
-                                     _tau_bits(tau), KS=k, COMPUTE=_compute(g.dtype), PREC=_prec(g.dtype),
+                                     _as_f64_bits(tau), KS=k, COMPUTE=_compute(g.dtype), PREC=_prec(g.dtype),
                                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
     else:
         gpad.zero_()
@@ -354,7 +354,7 @@ def gumbel_masked_conv2d_weight_grad(grad_output, input, logits, weight, seed, o
     grid = (triton.cdiv(c_out, bm), triton.cdiv(kk, bn), splits)
     with _on_device(g):
         _weight_grad_kernel[grid](g, x, p, w, grad_logits, grad_weight if weight_grad else grad_logits, n, c_in, h,
-                                  wd, c_out, h_out, w_out, rows_per_split, seed, offset, _tau_bits(tau), KS=k,
+                                  wd, c_out, h_out, w_out, rows_per_split, seed, offset, _as_f64_bits(tau), KS=k,
                                   PAD=padding, REFLECT=padding_mode == "reflect", WEIGHT_GRAD=bool(weight_grad),
                                   ATOMIC=splits > 1, COMPUTE=_compute(g.dtype), PREC=_prec(g.dtype), BLOCK_M=bm,
                                   BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)

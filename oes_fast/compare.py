@@ -150,7 +150,7 @@ def _budgets(args) -> Budgets:
                    args.sgld_noise_std)
 
 
-def _load_mask(path, height: int, width: int):
+def _load_mask(path):
     """The --oes-mask file, checked against the OES network before anything is written."""
     from . import masks, models
     from .cli import UsageError
@@ -234,7 +234,7 @@ def run_compare(args) -> int:
     if args.oes_mask is not None:
         if "oes" not in methods:
             raise UsageError("--oes-mask is for the 'oes' method, which --methods does not list")
-        oes_mask = _load_mask(args.oes_mask, height, width)
+        oes_mask = _load_mask(args.oes_mask)
     bundled, bundled_problem = (None, None)
     if "bundled" in methods:
         bundled, bundled_problem = _bundled_mask(height, width)

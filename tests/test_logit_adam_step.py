@@ -44,6 +44,20 @@ def fused_step(p, m, v, grad, w, step):
     return p, m, v, value
 
 
+def assert_step_matches_reference(got, state, masked, step):
+    """`got` = (logits, exp_avg, exp_avg_sq, prior) after a step from `state` (make_state's list)
+    against reference_step in float64, with the error bound of the reference in state's dtype."""
+    w = state[4] if masked else None
+    ref64 = reference_step(*[t.double() for t in state[:4]], None if w is None else w.double(), step=step)
+    ref_lowp = reference_step(*state[:4], w, step=step)
+    for name, a, r, rl in zip(("logits", "exp_avg", "exp_avg_sq", "prior"), got, ref64, ref_lowp):
+        assert_close_to_reference(a.reshape(-1), r.reshape(-1), rl.reshape(-1).to(a.dtype), name=name)
+    # the update moved the logits (by up to lr), so the comparison above is not vacuous (in
+    # bfloat16 a step of lr is below the resolution of most logits)
+    if state[0].dtype != torch.bfloat16:
+        assert (got[0].double() - state[0].double()).abs().max() > LR / 100
+
+
 @pytest.mark.parametrize("n", [1, 257, 20_000])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_gumbel_mask_with_slope(n, dtype):
@@ -64,15 +78,7 @@ def test_gumbel_mask_with_slope(n, dtype):
 def test_matches_reference(n, dtype, masked):
     state = make_state(n, dtype)
     w = state[4] if masked else None
-    got = fused_step(*state[:4], w, step=7)
-    ref64 = reference_step(*[t.double() for t in state[:4]], None if w is None else w.double(), step=7)
-    ref_lowp = reference_step(*state[:4], w, step=7)
-    for name, a, r, rl in zip(("logits", "exp_avg", "exp_avg_sq", "prior"), got, ref64, ref_lowp):
-        assert_close_to_reference(a.reshape(-1), r.reshape(-1), rl.reshape(-1).to(a.dtype), name=name)
-    # the update moved the logits (by up to lr), so the comparison above is not vacuous (in
-    # bfloat16 a step of lr is below the resolution of most logits)
-    if dtype != torch.bfloat16:
-        assert (got[0].double() - state[0].double()).abs().max() > LR / 100
+    assert_step_matches_reference(fused_step(*state[:4], w, step=7), state, masked, step=7)
 
 
 @pytest.fixture(scope="module")
@@ -98,13 +104,7 @@ def test_triton_matches_reference(triton_kernels, n, dtype, masked):
     slope = gumbel_mask.gumbel_mask_with_slope(p, w, SEED, OFFSET, TAU)[1] if masked else None
     value = logit_adam_step.logit_adam_step_(p, m, v, grad, slope, DENSITY, KL, LR, *BETAS, EPS, 7)
     assert value.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    w_ref = state[4] if masked else None
-    ref64 = reference_step(*[t.double() for t in state[:4]], None if w_ref is None else w_ref.double(), step=7)
-    ref_lowp = reference_step(*state[:4], w_ref, step=7)
-    for name, a, r, rl in zip(("logits", "exp_avg", "exp_avg_sq", "prior"), (p, m, v, value), ref64, ref_lowp):
-        assert_close_to_reference(a.cpu().reshape(-1), r.reshape(-1), rl.reshape(-1).to(a.dtype), name=name)
-    if dtype != torch.bfloat16:
-        assert (p.cpu().double() - state[0].double()).abs().max() > LR / 100
+    assert_step_matches_reference([t.cpu() for t in (p, m, v, value)], state, masked, step=7)
 
 
 @pytest.mark.parametrize("masked", [True, False])

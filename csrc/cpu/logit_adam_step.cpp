@@ -85,9 +85,13 @@ double logit_adam_step_kernel(scalar_t* logits, scalar_t* exp_avg, scalar_t* exp
   return total;
 }
 
-void check_state(const at::Tensor& t, const at::Tensor& logits, const char* name) {
+void check_like_logits(const at::Tensor& t, const at::Tensor& logits, const char* name) {
   TORCH_CHECK(t.sizes() == logits.sizes() && t.scalar_type() == logits.scalar_type() && t.device() == logits.device(),
               "logit_adam_step_: ", name, " must match logits in shape, dtype and device");
+}
+
+void check_state(const at::Tensor& t, const at::Tensor& logits, const char* name) {
+  check_like_logits(t, logits, name);
   TORCH_CHECK(t.is_contiguous(), "logit_adam_step_: ", name, " must be contiguous (it is updated in place)");
 }
 
@@ -100,13 +104,8 @@ at::Tensor logit_adam_step_cpu(at::Tensor& logits, at::Tensor& exp_avg, at::Tens
   check_state(logits, logits, "logits");
   check_state(exp_avg, logits, "exp_avg");
   check_state(exp_avg_sq, logits, "exp_avg_sq");
-  TORCH_CHECK(grad.sizes() == logits.sizes() && grad.scalar_type() == dtype && grad.device() == logits.device(),
-              "logit_adam_step_: grad must match logits in shape, dtype and device");
-  if (grad_scale.has_value()) {
-    TORCH_CHECK(grad_scale->sizes() == logits.sizes() && grad_scale->scalar_type() == dtype &&
-                    grad_scale->device() == logits.device(),
-                "logit_adam_step_: grad_scale must match logits in shape, dtype and device");
-  }
+  check_like_logits(grad, logits, "grad");
+  if (grad_scale.has_value()) check_like_logits(*grad_scale, logits, "grad_scale");
   TORCH_CHECK(is_positive_finite(density) && density < 1.0, "logit_adam_step_: density must be in (0, 1), got ",
               density);
   TORCH_CHECK(is_positive_finite(lr), "logit_adam_step_: lr must be positive and finite, got ", lr);

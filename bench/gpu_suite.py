@@ -16,6 +16,7 @@ Builds nothing (install the package first: pip install --no-build-isolation -e .
      compiled  torch.compile of the reference step (plain PyTorch mask + network + loss)
      fused     the fused engine: gumbel_masked_conv2d for every conv (Triton), fused Adam
      fused_cpp the fused engine on the CUDA C++ kernels (sizes up to --cpp-max-size)
+     recompute the fused engine with recompute=True (blocks run again in the backward)
    sizes that run out of memory are recorded as OOM; achieved TFLOP/s from the counted conv
    FLOPs (3 x the forward's: forward, input gradient, weight gradient);
 5. largest square image whose step fits in 80 GB, from the measured bytes per pixel;
@@ -127,12 +128,13 @@ class UnfusedStep:
     """oes_fast.search's unfused engine: one flat gumbel_mask, the network's own (cuDNN) convs,
     the fused logit update (oes_fast.mask_search.SearchStep)."""
 
-    engine = "unfused"
+    engine, recompute = "unfused", False
 
     def __init__(self, model, z, y):
         from oes_fast.mask_search import SearchStep
 
-        self.run = SearchStep(model, z, y, density=DENSITY, lr=LR, tau=TAU, kl=KL, seed=0, engine=self.engine)
+        self.run = SearchStep(model, z, y, density=DENSITY, lr=LR, tau=TAU, kl=KL, seed=0, engine=self.engine,
+                              recompute=self.recompute)
         self.step = 0
 
     def __call__(self):
@@ -189,6 +191,12 @@ class FusedStep(UnfusedStep):
         super().__call__()
 
 
+class RecomputeStep(FusedStep):
+    """The fused engine with its hourglass blocks recomputed in the backward (recompute=True)."""
+
+    recompute = True
+
+
 def authors_step(model, z, y):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_search_step import AuthorsStep
@@ -202,6 +210,8 @@ VARIANTS = {
     "compiled": ("torch.compile of the reference step (plain PyTorch), fused Adam", CompiledStep),
     "fused": ("oes_fast fused engine: gumbel_masked_conv2d (Triton) for every conv, fused Adam", FusedStep),
     "fused_cpp": ("oes_fast fused engine on the CUDA C++ kernels", lambda m, z, y: FusedStep(m, z, y, "cuda")),
+    "recompute": ("the fused engine (Triton) with recompute=True: each hourglass block saves only its input "
+                  "and runs again in the backward", RecomputeStep),
 }
 
 
@@ -355,12 +365,13 @@ def precision_study(lines, steps, size):
                  "(PSNR of the soft-masked network's output against the target, after the last step.)\n")
 
 
-def write_section(path: Path, body: str):
-    section = f"{BEGIN}\n{body.rstrip()}\n{END}\n"
+def write_section(path: Path, body: str, begin: str = BEGIN, end: str = END):
+    """Write `body` between the markers in `path`, replacing what was there (or append it)."""
+    section = f"{begin}\n{body.rstrip()}\n{end}\n"
     text = path.read_text() if path.exists() else ""
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1].lstrip("\n")
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + section + rest.split(end, 1)[1].lstrip("\n")
     else:
         text = (text.rstrip() + "\n\n" if text else "") + section
     path.write_text(text)

@@ -13,22 +13,30 @@ engines, so both sample the same masks and follow the same logits trajectory up 
 rounding (on the CPU, where the fused op is the composite gumbel_mask + pad + conv2d, to the
 bit in practice; tests/test_gumbel_masked_conv2d.py checks it).
 
+Memory (recompute=True): each block of the hourglass (DownBlock, UpBlock) runs under
+activation checkpointing, so a step keeps only the blocks' inputs for the backward instead of
+every conv input and batch-norm/activation tensor; the backward runs each block's forward
+again, which regenerates the same masks from (seed, offset). Batch norm updates its running
+statistics once per step, not again in the recomputation. It costs about one more forward.
+
 Interfaces (for oes_fast/mask_search.py and bench/):
-- FusedForward(model, layout, weights, noise_seed, tau)(logits, z, step) -> network output;
-  replaces `functional_call(model, layout.views(gumbel_mask(logits, weights, seed, step *
-  numel, tau)), (z,))` in the search loop. Running statistics of batch norm update the
-  buffers of `model` itself, as with functional_call.
+- FusedForward(model, layout, weights, noise_seed, tau, recompute=False)(logits, z, step) ->
+  network output; replaces `functional_call(model, layout.views(gumbel_mask(logits, weights,
+  seed, step * numel, tau)), (z,))` in the search loop. Running statistics of batch norm update
+  the buffers of `model` itself, as with functional_call. The masks of a step stay attached to
+  the network until the next call, so its backward (and recomputation) may run any time before.
 The whole step (forward, backward, fused KL + Adam update) is oes_fast.mask_search.SearchStep
 with engine="fused".
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
 
 from .flat import FlatLayout
 from .ops import gumbel_mask, gumbel_masked_conv2d
@@ -76,7 +84,8 @@ class _Segment:
 class FusedForward:
     """forward(logits, z, step): the network's output with the masks of `step` (see module doc)."""
 
-    def __init__(self, model: nn.Module, layout: FlatLayout, weights: torch.Tensor, noise_seed: int, tau: float):
+    def __init__(self, model: nn.Module, layout: FlatLayout, weights: torch.Tensor, noise_seed: int, tau: float,
+                 recompute: bool = False):
         self.layout, self.noise_seed, self.tau = layout, int(noise_seed), float(tau)
         start = dict(zip(layout.names, layout.offsets))
         # a copy of the module tree whose fusable convs are replaced (their weights not copied:
@@ -93,6 +102,17 @@ class FusedForward:
                 fused_weights.add(wname)
         self.net = _copy_with(model, replacements)
         self.fused = [m for m in self.net.modules() if isinstance(m, _FusedConv2d)]
+        # the copy's remaining parameters become plain attributes that each step sets to its
+        # masked tensors (functional_call would put the unmasked ones back when the forward
+        # returns, before a recomputation in the backward could use them)
+        self.attached = {}
+        for name, _ in list(self.net.named_parameters()):
+            owner_name, _, attr = name.rpartition(".")
+            owner = self.net.get_submodule(owner_name)
+            del owner._parameters[attr]
+            self.attached[name] = (owner, attr)
+        if recompute:
+            _recompute_blocks(self.net)
         # segments of the flat space in order: each fused conv weight alone, runs of the rest merged
         segments: list[_Segment] = []
         for name, offset, shape in zip(layout.names, layout.offsets, layout.shapes):
@@ -135,20 +155,45 @@ class FusedForward:
                      tau=self.tau)
         for module in self.fused:
             module.state = state
-        try:
-            # the copy keeps parameters only for what was not fused; they are replaced here
-            params = {n: t for n, t in masked.items() if n in self._param_names}
-            return functional_call(self.net, params, (z,))
-        finally:
-            for module in self.fused:
-                module.state = None
+        for name, (owner, attr) in self.attached.items():
+            setattr(owner, attr, masked[name])
+        return self.net(z)
 
-    @property
-    def _param_names(self) -> set[str]:
-        names = getattr(self, "_names_cache", None)
-        if names is None:
-            names = self._names_cache = {n for n, _ in self.net.named_parameters()}
-        return names
+
+def _recompute_blocks(net: nn.Module) -> None:
+    """Run every hourglass block of `net` under activation checkpointing (see module doc)."""
+    from .models.skip import DownBlock, UpBlock
+
+    blocks = [m for m in net.modules() if isinstance(m, (DownBlock, UpBlock))]
+    if not blocks:
+        raise ValueError(f"recompute: {type(net).__name__} has no hourglass blocks to recompute (only the skip "
+                         "network is supported)")
+    for block in blocks:
+        block.forward = _Recomputed(block)
+
+
+class _Recomputed:
+    """A block's forward that saves only its inputs; the backward runs it again and then puts
+    back batch norm's running statistics (the first run updated them already)."""
+
+    def __init__(self, block: nn.Module):
+        self.forward = block.forward
+        self.buffers = [b for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                        for b in m.buffers()]
+
+    def __call__(self, *args):
+        return checkpoint(self.forward, *args, use_reentrant=False,
+                          context_fn=lambda: (contextlib.nullcontext(), self._statistics_kept()))
+
+    @contextlib.contextmanager
+    def _statistics_kept(self):
+        kept = [b.clone() for b in self.buffers]
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for b, k in zip(self.buffers, kept):
+                    b.copy_(k)
 
 
 def _copy_with(model: nn.Module, replacements: dict[str, nn.Module]) -> nn.Module:

@@ -99,14 +99,18 @@ class SearchStep:
     slope in the logits), the network's own convolutions on views of that buffer, the masked
     weights' gradient and the slope handed to `logit_adam_step_`. engine "fused":
     every conv through `gumbel_masked_conv2d`, whose backward writes the logits' gradient
-    (oes_fast/fused_search.py). `group`: a torch.distributed process group whose gradients and
-    losses are summed (multi-image search across processes)."""
+    (oes_fast/fused_search.py); with `recompute=True` its blocks keep only their inputs for the
+    backward and run again there (less memory per pixel, one more forward). `group`: a
+    torch.distributed process group whose gradients and losses are summed (multi-image search
+    across processes)."""
 
     def __init__(self, model: nn.Module, z: torch.Tensor, targets, *, density: float, lr: float = 0.01,
                  tau: float = 0.2, kl: float = 1e-9, seed: int = 0, degradation=None, engine: str = "unfused",
-                 group=None):
+                 group=None, recompute: bool = False):
         if engine not in ("unfused", "fused"):
             raise ValueError(f"engine must be 'unfused' or 'fused', got {engine!r}")
+        if recompute and engine != "fused":
+            raise ValueError("recompute=True needs engine='fused'")
         self.model, self.density, self.tau, self.kl, self.group = model, density, tau, kl, group
         self.targets = [targets] if torch.is_tensor(targets) else list(targets)
         self.degradation = degradation
@@ -121,7 +125,7 @@ class SearchStep:
         if engine == "fused":
             from .fused_search import FusedForward
 
-            self.fused = FusedForward(model, self.layout, self.weights, self.noise_seed, tau)
+            self.fused = FusedForward(model, self.layout, self.weights, self.noise_seed, tau, recompute=recompute)
             self.logits.requires_grad_(True)
 
     def _data_loss(self, out):
@@ -152,7 +156,8 @@ class SearchStep:
 def search(model: nn.Module, z: torch.Tensor, y, *, density: float = 0.05, steps: int = 60000,
            lr: float = 0.01, tau: float = 0.2, kl: float = 1e-9, seed: int = 0, degradation=None,
            progress: bool | None = None, checkpoint=None, checkpoint_every: int = 1000, resume: bool = False,
-           z_seed: int | None = None, distributed: bool = False, engine: str = "unfused") -> SearchResult:
+           z_seed: int | None = None, distributed: bool = False, engine: str = "unfused",
+           recompute: bool = False) -> SearchResult:
     """Learn a mask at `density` for `model`'s current (initial) weights by fitting `y`.
 
     `y` is one image or a list of images (multi-image search: one network, one mask, the shared
@@ -167,7 +172,9 @@ def search(model: nn.Module, z: torch.Tensor, y, *, density: float = 0.05, steps
     `engine`: "unfused" samples all masked weights in one flat `gumbel_mask` launch and runs
     the network's own convolutions; "fused" runs every conv through `gumbel_masked_conv2d`,
     which forms the masked weights inside the convolution (meant for CUDA; on a CPU it computes
-    the same numbers as "unfused").
+    the same numbers as "unfused"). `recompute=True` (fused engine only) keeps only each
+    hourglass block's input for the backward and runs the block again there: the same result
+    for less memory per pixel (large images), at the cost of about one more forward per step.
     """
     density = _check_density(density)
     steps = int(steps)
@@ -185,7 +192,7 @@ def search(model: nn.Module, z: torch.Tensor, y, *, density: float = 0.05, steps
     if group is not None and checkpoint is not None:
         checkpoint = f"{checkpoint}.rank{torch.distributed.get_rank()}"
     run = SearchStep(model, z, targets, density=density, lr=lr, tau=tau, kl=kl, seed=seed, degradation=degradation,
-                     engine=engine, group=group)
+                     engine=engine, group=group, recompute=recompute)
     layout, weights, logits, optimizer = run.layout, run.weights, run.logits, run.optimizer
     check_finite("the model's weights", weights)
     settings = dict(density=density, lr=lr, tau=tau, kl=kl, seed=seed, architecture=getattr(model, "config", None),

@@ -120,6 +120,41 @@ def test_fused_engine_follows_the_unfused_trajectory():
         oes_fast.search(model, z, y, density=0.3, steps=1, engine="warp", progress=False)
 
 
+@pytest.mark.parametrize("skip_channels", [(0, 0), (2, 0)])
+def test_recompute_gives_the_same_search(skip_channels):
+    # the blocks run again in the backward with the same masks (counter-based noise) and batch
+    # norm's running statistics put back: the same logits, losses and statistics to the bit
+    runs = []
+    for recompute in (False, True):
+        model = oes_fast.models.skip(seed=0, in_channels=4, channels_down=(4, 8), channels_up=(4, 8),
+                                     channels_skip=skip_channels)
+        side = model.min_side
+        z = oes_fast.models.dip_input(4, side, side, seed=1)
+        y = torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(0))
+        result = oes_fast.search(model, z, y, density=0.3, steps=3, kl=1e-3, engine="fused", recompute=recompute,
+                                 progress=False)
+        runs.append((result, [b.clone() for b in model.buffers()]))
+    (plain, plain_buffers), (recomputed, recomputed_buffers) = runs
+    assert plain.losses == recomputed.losses
+    assert max(t.abs().max() for t in plain.logits.values()) > 0.01  # the logits moved
+    for name in plain.logits:
+        assert torch.equal(plain.logits[name], recomputed.logits[name]), name
+    assert int(recomputed_buffers[-1]) == 3  # num_batches_tracked counts each step once
+    for a, b in zip(plain_buffers, recomputed_buffers):
+        assert torch.equal(a, b)
+
+
+def test_recompute_needs_the_fused_engine_and_blocks():
+    model, z, y = tiny_problem(torch.float32)
+    with pytest.raises(ValueError, match="recompute=True needs engine='fused'"):
+        oes_fast.search(model, z, y, density=0.3, steps=1, recompute=True, progress=False)
+    decoder = oes_fast.models.deep_decoder(seed=0, channels=4, num_up=1)
+    zd = torch.rand(decoder.input_shape(8, 8))
+    with pytest.raises(ValueError, match="no hourglass blocks"):
+        oes_fast.search(decoder, zd, torch.rand(1, 3, 8, 8), density=0.3, steps=1, engine="fused", recompute=True,
+                        progress=False)
+
+
 def test_health_follows_channel_paths():
     # every layer keeps something, but a random 5 % never lines up kept weights with kept
     # batch-norm scales along a path: no signal reaches the output

@@ -9,6 +9,10 @@
 #include <cmath>
 #include <cstdint>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include "../philox.h"
 
 namespace oes_fast {
@@ -33,13 +37,62 @@ struct alignas(64) Tile {
   acc_t c[kTile];
 };
 
+#if defined(__AVX512F__)
+// High and low 32 bits of the 32x32-bit products a * b, 16 lanes.
+inline void mul_hi_lo(__m512i a, __m512i b, __m512i& hi, __m512i& lo) {
+  const __m512i even = _mm512_mul_epu32(a, b);                         // lanes 0, 2, ... as 64-bit products
+  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), b);  // lanes 1, 3, ...
+  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+  lo = _mm512_mullo_epi32(a, b);
+}
+#endif
+
+// philox_uniform(seed, first_offset + i) for i < n, bit for bit. With AVX-512, 16 counters per
+// vector with the 32x32->64-bit products of vpmuludq: twice as fast as what gcc makes of
+// philox_first_word, which widens every lane to 64 bits.
+inline void philox_uniforms(uint64_t seed, uint64_t first_offset, int64_t n, float* u) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i round_a = _mm512_set1_epi32(static_cast<int>(kPhiloxRoundA));
+  const __m512i round_b = _mm512_set1_epi32(static_cast<int>(kPhiloxRoundB));
+  for (; i + 16 <= n; i += 16) {
+    const uint64_t first = first_offset + static_cast<uint64_t>(i);
+    const __m512i first_lo = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(first)));
+    __m512i c0 = _mm512_add_epi32(first_lo, iota);
+    const __mmask16 carry = _mm512_cmplt_epu32_mask(c0, first_lo);  // the low word wrapped
+    __m512i c1 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(first >> 32)));
+    c1 = _mm512_mask_add_epi32(c1, carry, c1, _mm512_set1_epi32(1));
+    __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+    for (int round = 0; round < 10; ++round) {
+      __m512i hi_a, lo_a, hi_b, lo_b;
+      mul_hi_lo(c0, round_a, hi_a, lo_a);
+      mul_hi_lo(c2, round_b, hi_b, lo_b);
+      // 0x96: three-way xor
+      c0 = _mm512_ternarylogic_epi32(hi_b, c1, _mm512_set1_epi32(static_cast<int>(k0)), 0x96);
+      c2 = _mm512_ternarylogic_epi32(hi_a, c3, _mm512_set1_epi32(static_cast<int>(k1)), 0x96);
+      c1 = lo_b;
+      c3 = lo_a;
+      k0 += kPhiloxKeyA;
+      k1 += kPhiloxKeyB;
+    }
+    const __m512i x = _mm512_xor_si512(c0, _mm512_srai_epi32(c0, 31));  // x < 0 ? ~x : x
+    _mm512_storeu_ps(u + i, _mm512_mul_ps(_mm512_cvtepi32_ps(x), _mm512_set1_ps(kUniformScale)));
+  }
+#endif
+  for (; i < n; ++i) u[i] = philox_uniform(seed, first_offset + static_cast<uint64_t>(i));
+}
+
 // Logistic noise log(u) - log(1 - u) of kTile consecutive offsets, u clamped.
 template <typename acc_t>
 inline void logistic_noise_tile(uint64_t seed, uint64_t first_offset, acc_t* noise) {
+  alignas(64) float u[kTile];
+  philox_uniforms(seed, first_offset, kTile, u);
 #pragma omp simd
   for (int64_t i = 0; i < kTile; ++i) {
-    const acc_t u = static_cast<acc_t>(clamp_uniform(philox_uniform(seed, first_offset + static_cast<uint64_t>(i))));
-    noise[i] = std::log(u) - std::log(acc_t(1) - u);
+    const acc_t v = static_cast<acc_t>(clamp_uniform(u[i]));
+    noise[i] = std::log(v) - std::log(acc_t(1) - v);
   }
 }
 

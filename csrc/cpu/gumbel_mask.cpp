@@ -85,8 +85,7 @@ at::Tensor philox_uniform_cpu(const at::Tensor& like, int64_t seed, int64_t offs
   float* o = out.data_ptr<float>();
   const uint64_t s = static_cast<uint64_t>(seed), base = static_cast<uint64_t>(offset);
   at::parallel_for(0, out.numel(), kGrain, [&](int64_t begin, int64_t end) {
-#pragma omp simd
-    for (int64_t i = begin; i < end; ++i) o[i] = philox_uniform(s, base + static_cast<uint64_t>(i));
+    philox_uniforms(s, base + static_cast<uint64_t>(begin), end - begin, o + begin);
   });
   return out;
 }

@@ -212,9 +212,11 @@ def main(argv=None):
     text = render(rows, runs, measure_bandwidth())
     out = Path(args.out)
     old = out.read_text() if out.exists() else ""
-    begin, end = "<!-- gpu_suite:begin -->", "<!-- gpu_suite:end -->"
-    if begin in old and end in old:  # the GPU suite's section (bench/gpu_suite.py) is kept as it is
-        text += "\n" + old[old.index(begin):old.index(end) + len(end)] + "\n"
+    # sections written by other scripts (bench/gpu_suite.py, bench/memory_cpu.py) are kept as they are
+    for name in ("gpu_suite", "memory_cpu"):
+        begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+        if begin in old and end in old:
+            text += "\n" + old[old.index(begin):old.index(end) + len(end)] + "\n"
     out.write_text(text)
     print(text)
 

@@ -64,12 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--allow-disconnected", action="store_true", help="train even if the mask cuts the network")
     restore.add_argument("--engine", choices=("auto", "sparse", "dense"), default="auto",
                          help="Sparse-DIP training engine: sparse kernels, masked dense, or auto (default)")
+    low_memory = argparse.ArgumentParser(add_help=False)
+    low_memory.add_argument("--low-memory", action="store_true",
+                            help="mask search with less memory per pixel, for large images: the fused engine with "
+                                 "every block recomputed in the backward (same mask; on a CPU about 1.8x slower)")
     for name, help_text in (("denoise", "remove Gaussian noise"), ("inpaint", "fill in missing pixels"),
                             ("superres", "x4 / x8 super-resolution")):
-        commands.add_parser(name, parents=[common, task, restore], help=help_text)
-    train = commands.add_parser("train", parents=[common, task, restore], help="train a Sparse-DIP with a mask")
+        commands.add_parser(name, parents=[common, task, restore, low_memory], help=help_text)
+    train = commands.add_parser("train", parents=[common, task, restore, low_memory],
+                                help="train a Sparse-DIP with a mask")
     train.add_argument("--task", choices=("denoise", "inpaint", "superres"), default="denoise")
-    search = commands.add_parser("search", parents=[common, task], help="search a mask and save it")
+    search = commands.add_parser("search", parents=[common, task, low_memory], help="search a mask and save it")
     search.add_argument("--task", choices=("denoise", "inpaint", "superres"), default="denoise")
     from .compare import add_compare_parser
 
@@ -214,7 +219,8 @@ def run(args) -> int:
         images.save_image(y, os.path.join(out, "degraded.png"))
     report = dict(command=args.command, task=task.to_dict(), image=image_info,
                   settings=dict(density=args.density, preset=args.preset, search_steps=search_steps,
-                                train_steps=train_steps, record_every=args.record_every),
+                                train_steps=train_steps, record_every=args.record_every,
+                                low_memory=args.low_memory),
                   seeds=dict(weights=weight_seed, z=z_seed, noise=args.noise_seed, search=args.seed),
                   versions=dict(oes_fast=_version(), torch=torch.__version__, python=platform.python_version()),
                   machine=dict(platform=platform.platform(), threads=torch.get_num_threads()),
@@ -226,7 +232,8 @@ def run(args) -> int:
 
         found = search(model, z, y, density=args.density, steps=search_steps, seed=args.seed,
                        degradation=task, z_seed=z_seed, progress=progress,
-                       checkpoint=os.path.join(out, "search.ckpt"), resume=True)
+                       checkpoint=os.path.join(out, "search.ckpt"), resume=True,
+                       engine="fused" if args.low_memory else "unfused", recompute=args.low_memory)
         mask = found.mask
         report["timings"]["search_seconds"] = found.seconds
         report["search"] = dict(final_loss=found.losses[-1] if found.losses else None, steps=search_steps)

@@ -151,6 +151,13 @@ torch.library.register_autograd(
 # Python wrappers.
 
 
+def _channel_sum(grad: torch.Tensor) -> torch.Tensor:
+    """A conv bias's gradient: grad summed over batch and pixels, accumulated in float64 for
+    lower dtypes (a sum over a whole image loses several ulps in float32 otherwise)."""
+    wide = torch.float64 if grad.dtype in (torch.float32, torch.float16, torch.bfloat16) else grad.dtype
+    return grad.sum((0, 2, 3), dtype=wide).to(grad.dtype)
+
+
 def _check_seed_offset(seed: int, offset: int) -> None:
     if not 0 <= int(seed) < _SEED_LIMIT:
         raise ValueError(f"seed must be in [0, 2**63), got {seed}")
@@ -419,7 +426,7 @@ def _sparse_conv2d_backward(ctx, grad):
         x = input if u == 1 else torch.nn.functional.interpolate(input, scale_factor=u, mode="nearest")
         grad_values = _ops.sparse_conv2d_weight_grad(grad, x, row_ptr, col_idx, kernel_size, stride, padding, mode)
     if ctx.needs_input_grad[4]:
-        grad_bias = grad.sum((0, 2, 3))
+        grad_bias = _channel_sum(grad)
     return grad_input, grad_values, None, None, grad_bias, None, None, None, None, None
 
 
@@ -525,7 +532,7 @@ def _gumbel_masked_conv2d_backward_cpu(grad_output, input, logits, weight, seed,
             grad_logits = gl if need_logits else empty
             grad_weight = gw if need_weight else empty
     elif need_bias:
-        grad_bias = grad_output.sum((0, 2, 3))
+        grad_bias = _channel_sum(grad_output)
     return grad_input, grad_logits, grad_weight, grad_bias
 
 

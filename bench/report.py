@@ -212,8 +212,8 @@ def main(argv=None):
     text = render(rows, runs, measure_bandwidth())
     out = Path(args.out)
     old = out.read_text() if out.exists() else ""
-    # sections written by other scripts (bench/gpu_suite.py, bench/memory_cpu.py) are kept as they are
-    for name in ("gpu_suite", "memory_cpu"):
+    # sections written by other scripts (bench/gpu_suite.py, bench/memory_*.py) are kept as they are
+    for name in ("gpu_suite", "memory_cpu", "memory_estimate"):
         begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
         if begin in old and end in old:
             text += "\n" + old[old.index(begin):old.index(end) + len(end)] + "\n"

@@ -63,7 +63,7 @@ class _FusedConv2d(nn.Module):
         super().__init__()
         self.weight_name, self.bias_name, self.flat_offset = weight_name, bias_name, flat_offset
         self.padding, self.padding_mode = conv.padding[0], conv.padding_mode
-        self.state: dict | None = None  # set by FusedForward for the duration of one forward
+        self.state: dict | None = None  # set by FusedForward for each step, kept until the next
 
     def forward(self, x):
         s = self.state

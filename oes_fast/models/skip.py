@@ -53,16 +53,22 @@ class DownBlock(nn.Module):
 
 
 class UpBlock(nn.Module):
-    """Level i coming up (after the x2 upsample): BN over k channels, conv, BN, act."""
+    """Level i coming up: x2 upsample, [skip branch concatenated in front], BN over all the
+    channels, conv, BN, act. The upsample lives here so that a block recomputed in the
+    backward (oes_fast.fused_search) keeps its input at the lower resolution."""
 
-    def __init__(self, c_in, c_up, k_up, pad, act, bias):
+    def __init__(self, c_in, c_up, k_up, pad, act, bias, upsample):
         super().__init__()
+        self.upsample_mode = upsample
         self.bn_in = nn.BatchNorm2d(c_in)
         self.conv = conv(c_in, c_up, k_up, pad, bias)
         self.bn = nn.BatchNorm2d(c_up)
         self.act = ACTIVATIONS[act]()
 
-    def forward(self, x):
+    def forward(self, x, skip=None):
+        x = nn.functional.interpolate(x, scale_factor=2, mode=self.upsample_mode)
+        if skip is not None:
+            x = torch.cat([skip, x], dim=1)
         return self.act(self.bn(self.conv(self.bn_in(x))))
 
 
@@ -104,7 +110,6 @@ class Skip(nn.Module):
             act=act, bias=bias, sigmoid=sigmoid,
         )
         self.levels = levels
-        self.upsample_mode = upsample
         c_in = [in_channels] + list(channels_down[:-1])
         self.down = nn.ModuleList(
             DownBlock(c_in[i], channels_down[i], channels_skip[i], filter_down, filter_skip, pad, downsample, act, bias)
@@ -114,7 +119,7 @@ class Skip(nn.Module):
         up = {}
         for i in reversed(range(levels)):
             k = channels_up[i + 1] if i < levels - 1 else channels_down[i]
-            up[str(i)] = UpBlock(channels_skip[i] + k, channels_up[i], filter_up, pad, act, bias)
+            up[str(i)] = UpBlock(channels_skip[i] + k, channels_up[i], filter_up, pad, act, bias, upsample)
         self.up = nn.ModuleDict(up)
         self.out = conv(channels_up[0], out_channels, 1, pad, bias)
         self.sigmoid = sigmoid
@@ -142,9 +147,6 @@ class Skip(nn.Module):
             x, skip = block(x)
             skips.append(skip)
         for i in reversed(range(self.levels)):
-            x = nn.functional.interpolate(x, scale_factor=2, mode=self.upsample_mode)
-            if skips[i] is not None:
-                x = torch.cat([skips[i], x], dim=1)
-            x = self.up[str(i)](x)
+            x = self.up[str(i)](x, skips[i])
         x = self.out(x)
         return torch.sigmoid(x) if self.sigmoid else x

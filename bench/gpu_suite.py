@@ -17,6 +17,7 @@ Builds nothing (install the package first: pip install --no-build-isolation -e .
      fused     the fused engine: gumbel_masked_conv2d for every conv (Triton), fused Adam
      fused_cpp the fused engine on the CUDA C++ kernels (sizes up to --cpp-max-size)
      recompute the fused engine with recompute=True (blocks run again in the backward)
+     graphed   the unfused engine's step replayed from one captured CUDA graph
    sizes that run out of memory are recorded as OOM; achieved TFLOP/s from the counted conv
    FLOPs (3 x the forward's: forward, input gradient, weight gradient);
 5. largest square image whose step fits in 80 GB, from the measured bytes per pixel;
@@ -191,6 +192,20 @@ class FusedStep(UnfusedStep):
         super().__call__()
 
 
+class GraphedStep(UnfusedStep):
+    """The unfused engine's step captured in one CUDA graph (search(cuda_graph=True)): its
+    first GraphedSearchStep.warmup calls run eagerly, the next captures, the rest replay."""
+
+    def __init__(self, model, z, y):
+        from oes_fast.mask_search import GraphedSearchStep
+
+        super().__init__(model, z, y)
+        self.graphed = GraphedSearchStep(self.run, first_step=0)
+
+    def __call__(self):
+        self.graphed()
+
+
 class RecomputeStep(FusedStep):
     """The fused engine with its hourglass blocks recomputed in the backward (recompute=True)."""
 
@@ -212,6 +227,7 @@ VARIANTS = {
     "fused_cpp": ("oes_fast fused engine on the CUDA C++ kernels", lambda m, z, y: FusedStep(m, z, y, "cuda")),
     "recompute": ("the fused engine (Triton) with recompute=True: each hourglass block saves only its input "
                   "and runs again in the backward", RecomputeStep),
+    "graphed": ("the unfused engine's step captured in one CUDA graph and replayed (cuda_graph=True)", GraphedStep),
 }
 
 
@@ -383,7 +399,7 @@ def main(argv=None):
     parser.add_argument("--sizes", default="512,1024,2048,4096")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=5, help="untimed calls first (graphed: 3 eager, 1 capture)")
     parser.add_argument("--cpp-max-size", type=int, default=1024, help="largest size for the CUDA C++ fused variant")
     parser.add_argument("--precision-steps", type=int, default=300)
     parser.add_argument("--precision-size", type=int, default=512)

@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["philox_uniform", "gumbel_mask_forward", "gumbel_mask_with_slope", "gumbel_mask_backward"]
+__all__ = ["philox_uniform", "gumbel_mask_forward", "gumbel_mask_with_slope", "gumbel_mask_with_slope_at",
+           "gumbel_mask_backward"]
 
 # 1024 elements per program with 4 warps = 8 elements per thread: enough independent Philox
 # chains per thread to hide the latency of its 10 mul-hi rounds, loads still vectorize to
@@ -79,14 +80,18 @@ def _philox_uniform_kernel(out_ptr, n, seed: tl.int64, offset: tl.int64, BLOCK: 
 
 
 @triton.jit(do_not_specialize=["seed", "offset", "tau_bits"])
-def _gumbel_mask_fwd_kernel(p_ptr, w_ptr, out_ptr, slope_ptr, n, seed: tl.int64, offset: tl.int64,
-                            tau_bits: tl.int64, WITH_SLOPE: tl.constexpr, COMPUTE: tl.constexpr,
-                            BF16_BY_HAND: tl.constexpr, BLOCK: tl.constexpr):
+def _gumbel_mask_fwd_kernel(p_ptr, w_ptr, out_ptr, slope_ptr, n, seed: tl.int64, offset: tl.int64, offset_ptr,
+                            tau_bits: tl.int64, WITH_SLOPE: tl.constexpr, OFFSET_FROM_PTR: tl.constexpr,
+                            COMPUTE: tl.constexpr, BF16_BY_HAND: tl.constexpr, BLOCK: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n
     p = tl.load(p_ptr + idx, mask=mask).to(COMPUTE)
     w = tl.load(w_ptr + idx, mask=mask).to(COMPUTE)
-    noise = _logistic_noise(seed, idx + offset.to(tl.int64), COMPUTE)
+    if OFFSET_FROM_PTR:  # read on the device: a captured CUDA graph replays with the offset of each step
+        base = tl.load(offset_ptr).to(tl.int64)
+    else:
+        base = offset.to(tl.int64)
+    noise = _logistic_noise(seed, idx + base, COMPUTE)
     tau = _f64(tau_bits, COMPUTE)
     # Same expression order as the CPU kernel: 1 / (1 + exp(-(p + noise) / tau)).
     m = 1.0 / (1.0 + tl.exp(-(p + noise) / tau))
@@ -213,7 +218,18 @@ def gumbel_mask_with_slope(logits: torch.Tensor, weight: torch.Tensor, seed: int
     return _forward(logits, weight, seed, offset, tau, with_slope=True)
 
 
-def _forward(logits, weight, seed, offset, tau, with_slope):
+def gumbel_mask_with_slope_at(logits: torch.Tensor, weight: torch.Tensor, seed: int, offset: torch.Tensor,
+                              tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """gumbel_mask_with_slope with the offset read on the device from `offset` (a 0-d int64
+    tensor beside the logits), never on the host: the launch can be captured in a CUDA graph
+    and replayed for every step. The offset's value is the caller's to keep in range."""
+    if not (isinstance(offset, torch.Tensor) and offset.dim() == 0 and offset.dtype == torch.int64
+            and offset.device == logits.device):
+        raise ValueError("gumbel_mask_with_slope_at: offset must be a 0-d int64 tensor on the logits' device")
+    return _forward(logits, weight, seed, 0, tau, with_slope=True, offset_tensor=offset)
+
+
+def _forward(logits, weight, seed, offset, tau, with_slope, offset_tensor=None):
     seed, offset, tau = _check_inputs(logits, weight, seed, offset, tau)
     p, w = logits.contiguous(), weight.contiguous()
     out = torch.empty_like(p, memory_format=torch.contiguous_format)
@@ -222,10 +238,13 @@ def _forward(logits, weight, seed, offset, tau, with_slope):
     if n == 0:
         return out, slope
     with _on_device(p):
-        # without the slope the kernel never touches slope_ptr; out stands in for it
-        _gumbel_mask_fwd_kernel[_grid(n)](p, w, out, slope if with_slope else out, n, seed, offset, _as_f64_bits(tau),
-                                          WITH_SLOPE=with_slope, COMPUTE=_compute_dtype(p.dtype),
-                                          BF16_BY_HAND=_bf16_by_hand(p.dtype), BLOCK=BLOCK, num_warps=NUM_WARPS)
+        # without the slope the kernel never touches slope_ptr (out stands in for it), nor
+        # offset_ptr without an offset tensor
+        _gumbel_mask_fwd_kernel[_grid(n)](p, w, out, slope if with_slope else out, n, seed, offset,
+                                          offset_tensor if offset_tensor is not None else p, _as_f64_bits(tau),
+                                          WITH_SLOPE=with_slope, OFFSET_FROM_PTR=offset_tensor is not None,
+                                          COMPUTE=_compute_dtype(p.dtype), BF16_BY_HAND=_bf16_by_hand(p.dtype),
+                                          BLOCK=BLOCK, num_warps=NUM_WARPS)
     return out, slope
 
 

@@ -24,8 +24,9 @@ KL_EPS: tl.constexpr = tl.constexpr(1e-6)  # the authors' epsilon inside the pri
 
 @triton.jit
 def _logit_adam_step_kernel(p_ptr, m_ptr, v_ptr, g_ptr, scale_ptr, partial_ptr, n, log_rho_bits, log_not_rho_bits,
-                            kl_bits, beta1_bits, beta2_bits, step_size_bits, bias2_sqrt_bits, eps_bits,
-                            HAS_SCALE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+                            kl_bits, beta1_bits, beta2_bits, step_size_bits, bias2_sqrt_bits, eps_bits, step_ptr,
+                            lr_bits, HAS_SCALE: tl.constexpr, STEP_FROM_PTR: tl.constexpr, COMPUTE: tl.constexpr,
+                            BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     idx = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     live = idx < n
@@ -45,8 +46,15 @@ def _logit_adam_step_kernel(p_ptr, m_ptr, v_ptr, g_ptr, scale_ptr, partial_ptr, 
     m = m + (1.0 - _f64(beta1_bits, COMPUTE)) * (g - m)
     beta2 = _f64(beta2_bits, COMPUTE)
     v = beta2 * v + (1.0 - beta2) * g * g
-    p = p - _f64(step_size_bits, COMPUTE) * m / (tl.sqrt(v) / _f64(bias2_sqrt_bits, COMPUTE)
-                                                  + _f64(eps_bits, COMPUTE))
+    if STEP_FROM_PTR:  # Adam's step count read on the device (a captured CUDA graph's replays)
+        t = tl.load(step_ptr).to(tl.float64)
+        bias1 = 1.0 - tl.exp(t * tl.log(_f64(beta1_bits, tl.float64)))
+        step_size = (_f64(lr_bits, tl.float64) / bias1).to(COMPUTE)
+        bias2_sqrt = tl.sqrt(1.0 - tl.exp(t * tl.log(_f64(beta2_bits, tl.float64)))).to(COMPUTE)
+    else:
+        step_size = _f64(step_size_bits, COMPUTE)
+        bias2_sqrt = _f64(bias2_sqrt_bits, COMPUTE)
+    p = p - step_size * m / (tl.sqrt(v) / bias2_sqrt + _f64(eps_bits, COMPUTE))
     tl.store(p_ptr + idx, p.to(p_ptr.dtype.element_ty), mask=live)
     tl.store(m_ptr + idx, m.to(m_ptr.dtype.element_ty), mask=live)
     tl.store(v_ptr + idx, v.to(v_ptr.dtype.element_ty), mask=live)
@@ -54,7 +62,10 @@ def _logit_adam_step_kernel(p_ptr, m_ptr, v_ptr, g_ptr, scale_ptr, partial_ptr, 
 
 
 def logit_adam_step_(logits, exp_avg, exp_avg_sq, grad, grad_scale, density, kl, lr, beta1, beta2, eps, step):
-    """The op's CUDA kernel; the caller (oes_fast.ops) has checked the arguments."""
+    """The op's CUDA kernel; the caller (oes_fast.ops) has checked the arguments. `step` is an
+    int, or a 0-d int64 tensor beside the logits that the kernel reads on the device (no host
+    sync: the launch can be captured in a CUDA graph; the bias corrections are then computed
+    in float64 in the kernel, as exp(step * log(beta)))."""
     _check_device("logit_adam_step_", logits)
     n = logits.numel()
     programs = triton.cdiv(n, BLOCK)
@@ -64,11 +75,18 @@ def logit_adam_step_(logits, exp_avg, exp_avg_sq, grad, grad_scale, density, kl,
         return partial.sum().to(value_dtype)
     g = grad.contiguous()
     scale = grad_scale.contiguous() if grad_scale is not None else g  # not read without HAS_SCALE
-    constants = (math.log(density), math.log1p(-density), kl, beta1, beta2, lr / (1 - beta1**step),
-                 math.sqrt(1 - beta2**step), eps)
+    on_device = isinstance(step, torch.Tensor)
+    if on_device:
+        if not (step.dim() == 0 and step.dtype == torch.int64 and step.device == logits.device):
+            raise ValueError("logit_adam_step_: a step tensor must be a 0-d int64 tensor on the logits' device")
+        step_size = bias2_sqrt = 0.0  # computed in the kernel
+    else:
+        step_size, bias2_sqrt = lr / (1 - beta1**step), math.sqrt(1 - beta2**step)
+    constants = (math.log(density), math.log1p(-density), kl, beta1, beta2, step_size, bias2_sqrt, eps)
     with _on_device(logits):
         _logit_adam_step_kernel[(programs,)](logits, exp_avg, exp_avg_sq, g, scale, partial, n,
                                              *(_as_f64_bits(c) for c in constants),
-                                             HAS_SCALE=grad_scale is not None, COMPUTE=_compute_dtype(logits.dtype),
-                                             BLOCK=BLOCK, num_warps=NUM_WARPS)
+                                             step if on_device else partial, _as_f64_bits(lr),
+                                             HAS_SCALE=grad_scale is not None, STEP_FROM_PTR=on_device,
+                                             COMPUTE=_compute_dtype(logits.dtype), BLOCK=BLOCK, num_warps=NUM_WARPS)
     return partial.sum().to(value_dtype)

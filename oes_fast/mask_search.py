@@ -153,11 +153,73 @@ class SearchStep:
         return loss, prior
 
 
+class GraphedSearchStep:
+    """SearchStep's unfused step on CUDA captured in one CUDA graph and replayed (issue 5): the
+    step index lives in a device tensor that the graph itself advances, and the Triton kernels
+    read the noise offset and Adam's step count from it, so one capture serves every step and a
+    step launches no kernel from Python. The first `warmup` calls run the same body eagerly on
+    a side stream (they are real steps: Triton compiles, cuDNN picks its algorithms), the next
+    one captures and every call from then on replays. Returns the step's (data loss, KL prior)
+    as device tensors that the next call overwrites.
+
+    Needs engine "unfused", one process and CUDA tensors; not yet run on a GPU (none was
+    available): the body is tested on the CPU through the Triton interpreter."""
+
+    def __init__(self, run: SearchStep, first_step: int, warmup: int = 3):
+        if run.fused is not None or run.group is not None:
+            raise ValueError("cuda_graph=True needs engine='unfused' in a single process")
+        from .kernels import gumbel_mask as mask_kernels, logit_adam_step as adam_kernels
+
+        self.run, self.warmup, self.calls = run, int(warmup), 0
+        self._mask_kernels, self._adam_kernels = mask_kernels, adam_kernels
+        device = run.logits.device
+        self.step = torch.full((), int(first_step), dtype=torch.int64, device=device)  # the step about to run
+        self.offset, self.count = torch.empty_like(self.step), torch.empty_like(self.step)
+        self.graph, self.outputs = None, None
+
+    def body(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step with every step-dependent number read on the device; advances self.step."""
+        run, optimizer = self.run, self.run.optimizer
+        torch.mul(self.step, run.layout.numel, out=self.offset)
+        masked, slope = self._mask_kernels.gumbel_mask_with_slope_at(run.logits, run.weights, run.noise_seed,
+                                                                     self.offset, run.tau)
+        masked.requires_grad_(True)
+        loss = run._data_loss(functional_call(run.model, run.layout.views(masked), (run.z,)))
+        loss.backward()
+        torch.add(self.step, 1, out=self.count)  # Adam counts from 1
+        with torch.no_grad():
+            prior = self._adam_kernels.logit_adam_step_(optimizer.logits, optimizer.exp_avg, optimizer.exp_avg_sq,
+                                                        masked.grad, slope, run.density, run.kl, optimizer.lr,
+                                                        *optimizer.betas, optimizer.eps, self.count)
+            self.step.add_(1)
+        optimizer.steps += 1  # the host's count, for checkpoints
+        return loss.detach(), prior
+
+    def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.graph is None and self.calls < self.warmup:
+            self.calls += 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = self.body()
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        if self.graph is None:
+            self.graph = torch.cuda.CUDAGraph()
+            steps = self.run.optimizer.steps
+            with torch.cuda.graph(self.graph):  # records the body; nothing runs yet
+                self.outputs = self.body()
+            self.run.optimizer.steps = steps
+        self.graph.replay()
+        self.run.optimizer.steps += 1
+        return self.outputs
+
+
 def search(model: nn.Module, z: torch.Tensor, y, *, density: float = 0.05, steps: int = 60000,
            lr: float = 0.01, tau: float = 0.2, kl: float = 1e-9, seed: int = 0, degradation=None,
            progress: bool | None = None, checkpoint=None, checkpoint_every: int = 1000, resume: bool = False,
            z_seed: int | None = None, distributed: bool = False, engine: str = "unfused",
-           recompute: bool = False) -> SearchResult:
+           recompute: bool = False, cuda_graph: bool = False) -> SearchResult:
     """Learn a mask at `density` for `model`'s current (initial) weights by fitting `y`.
 
     `y` is one image or a list of images (multi-image search: one network, one mask, the shared
@@ -175,6 +237,8 @@ def search(model: nn.Module, z: torch.Tensor, y, *, density: float = 0.05, steps
     the same numbers as "unfused"). `recompute=True` (fused engine only) keeps only each
     hourglass block's input for the backward and runs the block again there: the same result
     for less memory per pixel (large images), at the cost of about one more forward per step.
+    `cuda_graph=True` (CUDA, engine "unfused", one process) replays the step from one captured
+    CUDA graph (GraphedSearchStep; not yet run on a GPU), fetching the losses in batches.
     """
     density = _check_density(density)
     steps = int(steps)
@@ -213,16 +277,35 @@ def search(model: nn.Module, z: torch.Tensor, y, *, density: float = 0.05, steps
         ckpt.save(checkpoint, "search", settings,
                   dict(step=step, logits=logits.detach().cpu(), optimizer=optimizer.state_dict(), losses=losses))
 
+    graphed = None
+    if cuda_graph:
+        if logits.device.type != "cuda":
+            raise ValueError("cuda_graph=True needs the model and z on a CUDA device")
+        graphed = GraphedSearchStep(run, start)
+    pending: list[torch.Tensor] = []  # graphed steps' losses, still on the device
+
+    def fetch_pending():
+        if pending:
+            losses.extend(torch.stack(pending).tolist())
+            pending.clear()
+
     started = time.perf_counter()
     bar = _bar(steps, start, "search", show_progress(progress))
     for step in range(start, steps):
-        loss, prior = run(step)
-        losses.append(loss.item() + kl * prior.item())
+        if graphed is None:
+            loss, prior = run(step)
+            losses.append(loss.item() + kl * prior.item())
+        else:  # no host sync per step: the same sum in float64 on the device, fetched in batches
+            loss, prior = graphed()
+            pending.append(loss.double() + kl * prior.double())
+            if len(pending) == 100 or step == steps - 1:
+                fetch_pending()
         if bar is not None:
             bar.update(1)
-            if step % 20 == 0 or step == steps - 1:
+            if (step % 20 == 0 or step == steps - 1) and losses:
                 bar.set_postfix(loss=f"{losses[-1]:.2e}")
         if checkpoint is not None and (step + 1) % checkpoint_every == 0:
+            fetch_pending()
             save_checkpoint(step + 1)
     if bar is not None:
         bar.close()

@@ -18,6 +18,7 @@ Builds nothing (install the package first: pip install --no-build-isolation -e .
      fused_cpp the fused engine on the CUDA C++ kernels (sizes up to --cpp-max-size)
      recompute the fused engine with recompute=True (blocks run again in the backward)
      graphed   the unfused engine's step replayed from one captured CUDA graph
+     fused_graphed  the same for the fused engine
    sizes that run out of memory are recorded as OOM; achieved TFLOP/s from the counted conv
    FLOPs (3 x the forward's: forward, input gradient, weight gradient);
 5. largest square image whose step fits in 80 GB, from the measured bytes per pixel;
@@ -206,6 +207,12 @@ class GraphedStep(UnfusedStep):
         self.graphed()
 
 
+class FusedGraphedStep(GraphedStep):
+    """The fused engine's step (Triton) captured in one CUDA graph."""
+
+    engine = "fused"
+
+
 class RecomputeStep(FusedStep):
     """The fused engine with its hourglass blocks recomputed in the backward (recompute=True)."""
 
@@ -228,6 +235,7 @@ VARIANTS = {
     "recompute": ("the fused engine (Triton) with recompute=True: each hourglass block saves only its input "
                   "and runs again in the backward", RecomputeStep),
     "graphed": ("the unfused engine's step captured in one CUDA graph and replayed (cuda_graph=True)", GraphedStep),
+    "fused_graphed": ("the fused engine's step (Triton) captured in one CUDA graph and replayed", FusedGraphedStep),
 }
 
 

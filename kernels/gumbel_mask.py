@@ -20,8 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["philox_uniform", "gumbel_mask_forward", "gumbel_mask_with_slope", "gumbel_mask_with_slope_at",
-           "gumbel_mask_backward"]
+__all__ = ["philox_uniform", "gumbel_mask_forward", "gumbel_mask_with_slope", "gumbel_mask_backward"]
 
 # 1024 elements per program with 4 warps = 8 elements per thread: enough independent Philox
 # chains per thread to hide the latency of its 10 mul-hi rounds, loads still vectorize to
@@ -70,6 +69,16 @@ def _store(ptr, idx, x, mask, BF16_BY_HAND: tl.constexpr):
     tl.store(ptr + idx, y, mask=mask)
 
 
+@triton.jit
+def _base_offset(offset, offset_ptr, OFFSET_FROM_PTR: tl.constexpr):
+    """The launch's stream offset: the int argument, or read on the device from offset_ptr, so
+    that a launch captured in a CUDA graph replays with each step's offset."""
+    base = offset.to(tl.int64)
+    if OFFSET_FROM_PTR:
+        base = tl.load(offset_ptr).to(tl.int64)
+    return base
+
+
 @triton.jit(do_not_specialize=["seed", "offset"])
 def _philox_uniform_kernel(out_ptr, n, seed: tl.int64, offset: tl.int64, BLOCK: tl.constexpr):
     # 64-bit flat index: tensors past 2^31 elements and offsets past 2^32 stay exact.
@@ -87,11 +96,7 @@ def _gumbel_mask_fwd_kernel(p_ptr, w_ptr, out_ptr, slope_ptr, n, seed: tl.int64,
     mask = idx < n
     p = tl.load(p_ptr + idx, mask=mask).to(COMPUTE)
     w = tl.load(w_ptr + idx, mask=mask).to(COMPUTE)
-    if OFFSET_FROM_PTR:  # read on the device: a captured CUDA graph replays with the offset of each step
-        base = tl.load(offset_ptr).to(tl.int64)
-    else:
-        base = offset.to(tl.int64)
-    noise = _logistic_noise(seed, idx + base, COMPUTE)
+    noise = _logistic_noise(seed, idx + _base_offset(offset, offset_ptr, OFFSET_FROM_PTR), COMPUTE)
     tau = _f64(tau_bits, COMPUTE)
     # Same expression order as the CPU kernel: 1 / (1 + exp(-(p + noise) / tau)).
     m = 1.0 / (1.0 + tl.exp(-(p + noise) / tau))
@@ -101,16 +106,16 @@ def _gumbel_mask_fwd_kernel(p_ptr, w_ptr, out_ptr, slope_ptr, n, seed: tl.int64,
 
 
 @triton.jit(do_not_specialize=["seed", "offset", "tau_bits"])
-def _gumbel_mask_bwd_kernel(g_ptr, p_ptr, w_ptr, gp_ptr, gw_ptr, n, seed: tl.int64, offset: tl.int64,
-                            tau_bits: tl.int64, WEIGHT_GRAD: tl.constexpr, COMPUTE: tl.constexpr,
-                            BF16_BY_HAND: tl.constexpr, BLOCK: tl.constexpr):
+def _gumbel_mask_bwd_kernel(g_ptr, p_ptr, w_ptr, gp_ptr, gw_ptr, n, seed: tl.int64, offset: tl.int64, offset_ptr,
+                            tau_bits: tl.int64, WEIGHT_GRAD: tl.constexpr, OFFSET_FROM_PTR: tl.constexpr,
+                            COMPUTE: tl.constexpr, BF16_BY_HAND: tl.constexpr, BLOCK: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n
     g = tl.load(g_ptr + idx, mask=mask).to(COMPUTE)
     p = tl.load(p_ptr + idx, mask=mask).to(COMPUTE)
     w = tl.load(w_ptr + idx, mask=mask).to(COMPUTE)
     # The noise is regenerated from (seed, offset), never stored by the forward.
-    noise = _logistic_noise(seed, idx + offset.to(tl.int64), COMPUTE)
+    noise = _logistic_noise(seed, idx + _base_offset(offset, offset_ptr, OFFSET_FROM_PTR), COMPUTE)
     tau = _f64(tau_bits, COMPUTE)
     m = 1.0 / (1.0 + tl.exp(-(p + noise) / tau))
     # d/dp [w * sigmoid((p + L) / tau)] = w * m * (1 - m) / tau
@@ -134,9 +139,17 @@ def _as_int(op, name, value):
 
 
 def _check_seed_offset(op, seed, offset, numel):
-    seed, offset = _as_int(op, "seed", seed), _as_int(op, "offset", offset)
+    """(seed, offset) checked; `offset` may also be a 0-d int64 tensor, which the kernel reads on
+    the device (see _launch_offset): its value is the caller's to keep in range."""
+    seed = _as_int(op, "seed", seed)
     if not 0 <= seed <= _INT64_MAX:
         raise ValueError(f"{op}: seed must be non-negative and fit in int64, got {seed}")
+    if isinstance(offset, torch.Tensor):
+        if not (offset.dim() == 0 and offset.dtype == torch.int64):
+            raise ValueError(f"{op}: an offset tensor must be a 0-d int64 tensor, got {offset.dtype} "
+                             f"{tuple(offset.shape)}")
+        return seed, offset
+    offset = _as_int(op, "offset", offset)
     if not (offset >= 0 and offset <= _INT64_MAX - numel):
         raise ValueError(f"{op}: offset must be non-negative and offset + numel must fit in int64, got {offset}")
     return seed, offset
@@ -164,10 +177,20 @@ def _check_inputs(logits, weight, seed, offset, tau):
         tau = float(tau)
     except (TypeError, ValueError):
         raise TypeError(f"gumbel_mask: tau must be a float, got {type(tau).__name__}") from None
-    check_gumbel_mask_inputs(logits, weight, seed, offset, tau)
+    check_gumbel_mask_inputs(logits, weight, seed, 0 if isinstance(offset, torch.Tensor) else offset, tau)
     _check_device("gumbel_mask", logits)
     seed, offset = _check_seed_offset("gumbel_mask", seed, offset, logits.numel())
     return seed, offset, tau
+
+
+def _launch_offset(op, offset, like):
+    """(offset, offset_ptr, OFFSET_FROM_PTR) for a launch: an int as it is (offset_ptr is never
+    read; `like` stands in), or a 0-d int64 tensor on `like`'s device for the kernel to read."""
+    if not isinstance(offset, torch.Tensor):
+        return offset, like, False
+    if offset.device != like.device:
+        raise ValueError(f"{op}: the offset tensor must be on {like.device}, got {offset.device}")
+    return 0, offset, True
 
 
 def _compute_dtype(dtype):
@@ -214,22 +237,13 @@ def gumbel_mask_forward(logits: torch.Tensor, weight: torch.Tensor, seed: int, o
 
 def gumbel_mask_with_slope(logits: torch.Tensor, weight: torch.Tensor, seed: int, offset: int,
                            tau: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(gumbel_mask_forward(...), its derivative in the logits weight * m * (1 - m) / tau)."""
+    """(gumbel_mask_forward(...), its derivative in the logits weight * m * (1 - m) / tau).
+    Here and in the other launchers `offset` may be a 0-d int64 tensor on the logits' device,
+    read by the kernel (CUDA graphs)."""
     return _forward(logits, weight, seed, offset, tau, with_slope=True)
 
 
-def gumbel_mask_with_slope_at(logits: torch.Tensor, weight: torch.Tensor, seed: int, offset: torch.Tensor,
-                              tau: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """gumbel_mask_with_slope with the offset read on the device from `offset` (a 0-d int64
-    tensor beside the logits), never on the host: the launch can be captured in a CUDA graph
-    and replayed for every step. The offset's value is the caller's to keep in range."""
-    if not (isinstance(offset, torch.Tensor) and offset.dim() == 0 and offset.dtype == torch.int64
-            and offset.device == logits.device):
-        raise ValueError("gumbel_mask_with_slope_at: offset must be a 0-d int64 tensor on the logits' device")
-    return _forward(logits, weight, seed, 0, tau, with_slope=True, offset_tensor=offset)
-
-
-def _forward(logits, weight, seed, offset, tau, with_slope, offset_tensor=None):
+def _forward(logits, weight, seed, offset, tau, with_slope):
     seed, offset, tau = _check_inputs(logits, weight, seed, offset, tau)
     p, w = logits.contiguous(), weight.contiguous()
     out = torch.empty_like(p, memory_format=torch.contiguous_format)
@@ -237,12 +251,11 @@ def _forward(logits, weight, seed, offset, tau, with_slope, offset_tensor=None):
     n = p.numel()
     if n == 0:
         return out, slope
+    offset, offset_ptr, from_ptr = _launch_offset("gumbel_mask", offset, p)
     with _on_device(p):
-        # without the slope the kernel never touches slope_ptr (out stands in for it), nor
-        # offset_ptr without an offset tensor
-        _gumbel_mask_fwd_kernel[_grid(n)](p, w, out, slope if with_slope else out, n, seed, offset,
-                                          offset_tensor if offset_tensor is not None else p, _as_f64_bits(tau),
-                                          WITH_SLOPE=with_slope, OFFSET_FROM_PTR=offset_tensor is not None,
+        # without the slope the kernel never touches slope_ptr; out stands in for it
+        _gumbel_mask_fwd_kernel[_grid(n)](p, w, out, slope if with_slope else out, n, seed, offset, offset_ptr,
+                                          _as_f64_bits(tau), WITH_SLOPE=with_slope, OFFSET_FROM_PTR=from_ptr,
                                           COMPUTE=_compute_dtype(p.dtype), BF16_BY_HAND=_bf16_by_hand(p.dtype),
                                           BLOCK=BLOCK, num_warps=NUM_WARPS)
     return out, slope
@@ -269,10 +282,11 @@ def gumbel_mask_backward(grad: torch.Tensor, logits: torch.Tensor, weight: torch
     n = p.numel()
     if n == 0:
         return grad_logits, grad_weight
+    offset, offset_ptr, from_ptr = _launch_offset("gumbel_mask_backward", offset, p)
     with _on_device(p):
         # Without weight_grad the kernel never touches gw_ptr; grad_logits stands in for it.
         _gumbel_mask_bwd_kernel[_grid(n)](g, p, w, grad_logits, grad_weight if weight_grad else grad_logits, n,
-                                          seed, offset, _as_f64_bits(tau), WEIGHT_GRAD=bool(weight_grad),
-                                          COMPUTE=_compute_dtype(p.dtype), BF16_BY_HAND=_bf16_by_hand(p.dtype),
-                                          BLOCK=BLOCK, num_warps=NUM_WARPS)
+                                          seed, offset, offset_ptr, _as_f64_bits(tau), WEIGHT_GRAD=bool(weight_grad),
+                                          OFFSET_FROM_PTR=from_ptr, COMPUTE=_compute_dtype(p.dtype),
+                                          BF16_BY_HAND=_bf16_by_hand(p.dtype), BLOCK=BLOCK, num_warps=NUM_WARPS)
     return grad_logits, grad_weight

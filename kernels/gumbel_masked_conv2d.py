@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gumbel_mask import INTERPRETED, _as_f64_bits, _check_seed_offset, _f64, _logistic_noise
+from .gumbel_mask import INTERPRETED, _as_f64_bits, _base_offset, _check_seed_offset, _f64, _launch_offset, _logistic_noise
 
 __all__ = ["gumbel_masked_conv2d_forward", "gumbel_masked_conv2d_input_grad", "gumbel_masked_conv2d_weight_grad",
            "gumbel_masked_conv2d_backward", "set_precision", "precision"]
@@ -92,10 +92,11 @@ def _dot(a, b, acc, PREC: tl.constexpr):
 
 @triton.jit(do_not_specialize=["seed", "offset", "tau_bits"])
 def _forward_kernel(x_ptr, p_ptr, w_ptr, b_ptr, out_ptr, N, C_in, H, W, C_out, H_out, W_out,
-                    seed: tl.int64, offset: tl.int64, tau_bits: tl.int64,
+                    seed: tl.int64, offset: tl.int64, offset_ptr, tau_bits: tl.int64,
                     KS: tl.constexpr, PAD: tl.constexpr, REFLECT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    COMPUTE: tl.constexpr, PREC: tl.constexpr,
+                    OFFSET_FROM_PTR: tl.constexpr, COMPUTE: tl.constexpr, PREC: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    offset = _base_offset(offset, offset_ptr, OFFSET_FROM_PTR)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     # pixels along M (64-bit: N * H * W * C can pass 2^31 at 4096^2), output channels along N
@@ -132,10 +133,11 @@ def _forward_kernel(x_ptr, p_ptr, w_ptr, b_ptr, out_ptr, N, C_in, H, W, C_out, H
 
 @triton.jit(do_not_specialize=["seed", "offset", "tau_bits"])
 def _input_grad_kernel(g_ptr, p_ptr, w_ptr, out_ptr, N, C_in, H_out, W_out, C_out, HP, WP,
-                       seed: tl.int64, offset: tl.int64, tau_bits: tl.int64,
-                       KS: tl.constexpr, COMPUTE: tl.constexpr, PREC: tl.constexpr,
+                       seed: tl.int64, offset: tl.int64, offset_ptr, tau_bits: tl.int64,
+                       KS: tl.constexpr, OFFSET_FROM_PTR: tl.constexpr, COMPUTE: tl.constexpr, PREC: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # out: the gradient of the PADDED input [N, C_in, HP, WP]; g: grad_output [N, C_out, H_out, W_out]
+    offset = _base_offset(offset, offset_ptr, OFFSET_FROM_PTR)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -169,10 +171,11 @@ def _input_grad_kernel(g_ptr, p_ptr, w_ptr, out_ptr, N, C_in, H_out, W_out, C_ou
 
 @triton.jit(do_not_specialize=["seed", "offset", "tau_bits"])
 def _weight_grad_kernel(g_ptr, x_ptr, p_ptr, w_ptr, gp_ptr, gw_ptr, N, C_in, H, W, C_out, H_out, W_out,
-                        rows_per_split, seed: tl.int64, offset: tl.int64, tau_bits: tl.int64,
+                        rows_per_split, seed: tl.int64, offset: tl.int64, offset_ptr, tau_bits: tl.int64,
                         KS: tl.constexpr, PAD: tl.constexpr, REFLECT: tl.constexpr, WEIGHT_GRAD: tl.constexpr,
-                        ATOMIC: tl.constexpr, COMPUTE: tl.constexpr, PREC: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                        ATOMIC: tl.constexpr, OFFSET_FROM_PTR: tl.constexpr, COMPUTE: tl.constexpr,
+                        PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    offset = _base_offset(offset, offset_ptr, OFFSET_FROM_PTR)
     # GEMM rows: output channels (BLOCK_M), columns: kk = (ci, ky, kx) (BLOCK_N), reduction:
     # pixels (BLOCK_K), the pixel range of split program_id(2)
     pid_m = tl.program_id(0)
@@ -284,11 +287,12 @@ def gumbel_masked_conv2d_forward(input, logits, weight, bias, seed, offset, tau,
     bm, bn, bk, warps = _tiles(x.dtype, c_out)
     grid = (triton.cdiv(n * h_out * w_out, bm), triton.cdiv(c_out, bn))
     b = bias.contiguous() if bias is not None else x  # never read without HAS_BIAS
+    offset, offset_ptr, from_ptr = _launch_offset("gumbel_masked_conv2d", offset, x)
     with _on_device(x):
-        _forward_kernel[grid](x, p, w, b, out, n, c_in, h, wd, c_out, h_out, w_out, seed, offset, _as_f64_bits(tau),
-                              KS=k, PAD=padding, REFLECT=padding_mode == "reflect", HAS_BIAS=bias is not None,
-                              COMPUTE=_compute(x.dtype), PREC=_prec(x.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                              num_warps=warps)
+        _forward_kernel[grid](x, p, w, b, out, n, c_in, h, wd, c_out, h_out, w_out, seed, offset, offset_ptr,
+                              _as_f64_bits(tau), KS=k, PAD=padding, REFLECT=padding_mode == "reflect",
+                              HAS_BIAS=bias is not None, OFFSET_FROM_PTR=from_ptr, COMPUTE=_compute(x.dtype),
+                              PREC=_prec(x.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
     return out
 
 
@@ -304,10 +308,11 @@ def gumbel_masked_conv2d_input_grad(grad_output, input, logits, weight, seed, of
     if gpad.numel() and c_out:
         bm, bn, bk, warps = _tiles(g.dtype, c_in)
         grid = (triton.cdiv(n * hp * wp, bm), triton.cdiv(c_in, bn))
+        offset, offset_ptr, from_ptr = _launch_offset("gumbel_masked_conv2d_backward", offset, g)
         with _on_device(g):
-            _input_grad_kernel[grid](g, p, w, gpad, n, c_in, h_out, w_out, c_out, hp, wp, seed, offset,
-                                     _as_f64_bits(tau), KS=k, COMPUTE=_compute(g.dtype), PREC=_prec(g.dtype),
-                                     BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+            _input_grad_kernel[grid](g, p, w, gpad, n, c_in, h_out, w_out, c_out, hp, wp, seed, offset, offset_ptr,
+                                     _as_f64_bits(tau), KS=k, OFFSET_FROM_PTR=from_ptr, COMPUTE=_compute(g.dtype),
+                                     PREC=_prec(g.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
     else:
         gpad.zero_()
     if padding == 0:
@@ -352,12 +357,14 @@ def gumbel_masked_conv2d_weight_grad(grad_output, input, logits, weight, seed, o
     rows_per_split = triton.cdiv(triton.cdiv(rows, splits), bk) * bk
     splits = triton.cdiv(rows, rows_per_split)
     grid = (triton.cdiv(c_out, bm), triton.cdiv(kk, bn), splits)
+    offset, offset_ptr, from_ptr = _launch_offset("gumbel_masked_conv2d_backward", offset, g)
     with _on_device(g):
         _weight_grad_kernel[grid](g, x, p, w, grad_logits, grad_weight if weight_grad else grad_logits, n, c_in, h,
-                                  wd, c_out, h_out, w_out, rows_per_split, seed, offset, _as_f64_bits(tau), KS=k,
-                                  PAD=padding, REFLECT=padding_mode == "reflect", WEIGHT_GRAD=bool(weight_grad),
-                                  ATOMIC=splits > 1, COMPUTE=_compute(g.dtype), PREC=_prec(g.dtype), BLOCK_M=bm,
-                                  BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+                                  wd, c_out, h_out, w_out, rows_per_split, seed, offset, offset_ptr,
+                                  _as_f64_bits(tau), KS=k, PAD=padding, REFLECT=padding_mode == "reflect",
+                                  WEIGHT_GRAD=bool(weight_grad), ATOMIC=splits > 1, OFFSET_FROM_PTR=from_ptr,
+                                  COMPUTE=_compute(g.dtype), PREC=_prec(g.dtype), BLOCK_M=bm, BLOCK_N=bn,
+                                  BLOCK_K=bk, num_warps=warps)
     return grad_logits, grad_weight
 
 

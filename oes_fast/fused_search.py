@@ -68,9 +68,57 @@ class _FusedConv2d(nn.Module):
     def forward(self, x):
         s = self.state
         bias = s["masked"][self.bias_name] if self.bias_name is not None else None
+        offset = s["base"] + self.flat_offset  # an int, or a device tensor (CUDA-graph step)
+        if isinstance(offset, torch.Tensor):
+            return _MaskedConvAt.apply(x, s["logits"][self.weight_name], s["weights"][self.weight_name], bias,
+                                       s["seed"], offset, s["tau"], self.padding, self.padding_mode)
         return gumbel_masked_conv2d(x, s["logits"][self.weight_name], s["weights"][self.weight_name], bias,
-                                    s["seed"], s["base"] + self.flat_offset, s["tau"], self.padding,
-                                    self.padding_mode)
+                                    s["seed"], offset, s["tau"], self.padding, self.padding_mode)
+
+
+class _MaskAt(torch.autograd.Function):
+    """gumbel_mask (differentiable in the logits) with its offset in a 0-d device tensor, on the
+    Triton kernels directly (the op's schema takes an int): for the CUDA-graph step."""
+
+    @staticmethod
+    def forward(ctx, logits, weight, seed, offset, tau):
+        from .kernels import gumbel_mask as kernels
+
+        ctx.save_for_backward(logits, weight, offset)
+        ctx.args = (seed, tau)
+        return kernels.gumbel_mask_forward(logits, weight, seed, offset, tau)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from .kernels import gumbel_mask as kernels
+
+        logits, weight, offset = ctx.saved_tensors
+        seed, tau = ctx.args
+        grad_logits = kernels.gumbel_mask_backward(grad.contiguous(), logits, weight, seed, offset, tau, False)[0]
+        return grad_logits, None, None, None, None
+
+
+class _MaskedConvAt(torch.autograd.Function):
+    """gumbel_masked_conv2d with its offset in a 0-d device tensor, on the Triton kernels: for
+    the CUDA-graph step."""
+
+    @staticmethod
+    def forward(ctx, x, logits, weight, bias, seed, offset, tau, padding, padding_mode):
+        from .kernels import gumbel_masked_conv2d as kernels
+
+        ctx.save_for_backward(x, logits, weight, offset)
+        ctx.args, ctx.has_bias = (seed, tau, padding, padding_mode), bias is not None
+        return kernels.gumbel_masked_conv2d_forward(x, logits, weight, bias, seed, offset, tau, padding, padding_mode)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from .kernels import gumbel_masked_conv2d as kernels
+
+        x, logits, weight, offset = ctx.saved_tensors
+        need = [bool(ctx.needs_input_grad[i]) for i in range(3)] + [ctx.has_bias and bool(ctx.needs_input_grad[3])]
+        grads = kernels.gumbel_masked_conv2d_backward(grad.contiguous(), x, logits, weight, ctx.args[0], offset,
+                                                      *ctx.args[1:], need)
+        return tuple(g if want else None for g, want in zip(grads, need)) + (None,) * 5
 
 
 @dataclass(frozen=True)
@@ -135,22 +183,30 @@ class FusedForward:
         self.fused_weight = {seg.names[0]: piece.view(shapes[seg.names[0]])
                              for seg, piece in self.weight_views.items() if seg.fused}
 
-    def masked_rest(self, logits: torch.Tensor, step: int):
-        """(per-parameter logit views of the fused conv weights, masked non-conv parameters)."""
-        base = int(step) * self.layout.numel
+    def masked_rest(self, logits: torch.Tensor, base):
+        """(per-parameter logit views of the fused conv weights, masked non-conv parameters) for
+        the stream offset `base` (an int, or a 0-d device tensor: the CUDA-graph step)."""
         # one split: its backward is a single cat into the logits' gradient
         logit_views, masked = {}, {}
         for seg, piece in zip(self.segments, torch.split(logits, self.sizes)):
             if seg.fused:
                 logit_views[seg.names[0]] = piece.view(self.shapes[seg.names[0]])
                 continue
-            m = gumbel_mask(piece, self.weight_views[seg], self.noise_seed, base + seg.start, self.tau)
+            if isinstance(base, torch.Tensor):
+                m = _MaskAt.apply(piece, self.weight_views[seg], self.noise_seed, base + seg.start, self.tau)
+            else:
+                m = gumbel_mask(piece, self.weight_views[seg], self.noise_seed, base + seg.start, self.tau)
             for name, part in zip(seg.names, torch.split(m, [self.shapes[n].numel() for n in seg.names])):
                 masked[name] = part.view(self.shapes[name])
-        return logit_views, masked, base
+        return logit_views, masked
 
     def __call__(self, logits: torch.Tensor, z: torch.Tensor, step: int) -> torch.Tensor:
-        logit_views, masked, base = self.masked_rest(logits, step)
+        return self.forward_at(logits, z, int(step) * self.layout.numel)
+
+    def forward_at(self, logits: torch.Tensor, z: torch.Tensor, base) -> torch.Tensor:
+        """The output with the masks drawn at stream offset `base` (step * numel): an int, or a
+        0-d int64 device tensor read by the Triton kernels, so a CUDA graph can replay it."""
+        logit_views, masked = self.masked_rest(logits, base)
         state = dict(logits=logit_views, weights=self.fused_weight, masked=masked, seed=self.noise_seed, base=base,
                      tau=self.tau)
         for module in self.fused:

@@ -154,20 +154,22 @@ class SearchStep:
 
 
 class GraphedSearchStep:
-    """SearchStep's unfused step on CUDA captured in one CUDA graph and replayed (issue 5): the
-    step index lives in a device tensor that the graph itself advances, and the Triton kernels
-    read the noise offset and Adam's step count from it, so one capture serves every step and a
-    step launches no kernel from Python. The first `warmup` calls run the same body eagerly on
-    a side stream (they are real steps: Triton compiles, cuDNN picks its algorithms), the next
-    one captures and every call from then on replays. Returns the step's (data loss, KL prior)
-    as device tensors that the next call overwrites.
+    """A SearchStep on CUDA captured in one CUDA graph and replayed (issue 5): the step index
+    lives in a device tensor that the graph itself advances, and the Triton kernels read the
+    noise offsets and Adam's step count from it, so one capture serves every step and a step
+    launches no kernel from Python. Both engines: "unfused" (gumbel_mask_with_slope, the
+    network's own convolutions) and "fused" (every conv through the Triton gumbel_masked_conv2d
+    kernels, with or without recompute). The first `warmup` calls run the same body eagerly
+    on a side stream (they are real steps: Triton compiles, cuDNN picks its algorithms), the
+    next one captures and every call from then on replays. Returns the step's (data loss, KL
+    prior) as device tensors that the next call overwrites.
 
-    Needs engine "unfused", one process and CUDA tensors; not yet run on a GPU (none was
-    available): the body is tested on the CPU through the Triton interpreter."""
+    Needs one process and CUDA tensors; not yet run on a GPU (none was available): the body
+    is tested on the CPU through the Triton interpreter."""
 
     def __init__(self, run: SearchStep, first_step: int, warmup: int = 3):
-        if run.fused is not None or run.group is not None:
-            raise ValueError("cuda_graph=True needs engine='unfused' in a single process")
+        if run.group is not None:
+            raise ValueError("cuda_graph=True needs a single process (no distributed search)")
         from .kernels import gumbel_mask as mask_kernels, logit_adam_step as adam_kernels
 
         self.run, self.warmup, self.calls = run, int(warmup), 0
@@ -181,15 +183,22 @@ class GraphedSearchStep:
         """One step with every step-dependent number read on the device; advances self.step."""
         run, optimizer = self.run, self.run.optimizer
         torch.mul(self.step, run.layout.numel, out=self.offset)
-        masked, slope = self._mask_kernels.gumbel_mask_with_slope_at(run.logits, run.weights, run.noise_seed,
-                                                                     self.offset, run.tau)
-        masked.requires_grad_(True)
-        loss = run._data_loss(functional_call(run.model, run.layout.views(masked), (run.z,)))
-        loss.backward()
+        if run.fused is not None:
+            run.logits.grad = None
+            loss = run._data_loss(run.fused.forward_at(run.logits, run.z, self.offset))
+            loss.backward()
+            grad, slope = run.logits.grad, None
+        else:
+            masked, slope = self._mask_kernels.gumbel_mask_with_slope(run.logits, run.weights, run.noise_seed,
+                                                                         self.offset, run.tau)
+            masked.requires_grad_(True)
+            loss = run._data_loss(functional_call(run.model, run.layout.views(masked), (run.z,)))
+            loss.backward()
+            grad = masked.grad
         torch.add(self.step, 1, out=self.count)  # Adam counts from 1
         with torch.no_grad():
             prior = self._adam_kernels.logit_adam_step_(optimizer.logits, optimizer.exp_avg, optimizer.exp_avg_sq,
-                                                        masked.grad, slope, run.density, run.kl, optimizer.lr,
+                                                        grad, slope, run.density, run.kl, optimizer.lr,
                                                         *optimizer.betas, optimizer.eps, self.count)
             self.step.add_(1)
         optimizer.steps += 1  # the host's count, for checkpoints
@@ -237,7 +246,7 @@ def search(model: nn.Module, z: torch.Tensor, y, *, density: float = 0.05, steps
     the same numbers as "unfused"). `recompute=True` (fused engine only) keeps only each
     hourglass block's input for the backward and runs the block again there: the same result
     for less memory per pixel (large images), at the cost of about one more forward per step.
-    `cuda_graph=True` (CUDA, engine "unfused", one process) replays the step from one captured
+    `cuda_graph=True` (CUDA, one process, either engine) replays the step from one captured
     CUDA graph (GraphedSearchStep; not yet run on a GPU), fetching the losses in batches.
     """
     density = _check_density(density)

@@ -1,7 +1,7 @@
 """The CUDA-graph search step (oes_fast.mask_search.GraphedSearchStep) on the CPU, through the
-Triton interpreter: its kernels read the noise offset and Adam's step count from device
-tensors, and its body, step after step, follows the ordinary search step. The capture and
-replay themselves need a GPU."""
+Triton interpreter: its kernels read the noise offsets and Adam's step count from device
+tensors, and its body, step after step and for both engines, follows the ordinary search
+step. The capture and replay themselves need a GPU."""
 import pytest
 import torch
 
@@ -17,13 +17,34 @@ from oes_fast.kernels import logit_adam_step as adam_kernels  # noqa: E402
 def test_offset_read_on_the_device_equals_the_offset_argument(dtype):
     g = torch.Generator().manual_seed(0)
     p, w = torch.randn(3000, generator=g, dtype=dtype), torch.randn(3000, generator=g, dtype=dtype)
+    grad = torch.randn(3000, generator=g, dtype=dtype)
     offset = 2**32 - 1000  # the counter's low word wraps inside the tensor
-    want = mask_kernels.gumbel_mask_with_slope(p, w, 7, offset, 0.2)
-    got = mask_kernels.gumbel_mask_with_slope_at(p, w, 7, torch.tensor(offset), 0.2)
+    for launch in (lambda o: mask_kernels.gumbel_mask_with_slope(p, w, 7, o, 0.2),
+                   lambda o: mask_kernels.gumbel_mask_backward(grad, p, w, 7, o, 0.2, True)):
+        for a, b in zip(launch(torch.tensor(offset)), launch(offset)):
+            assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="0-d int64"):
+        mask_kernels.gumbel_mask_with_slope(p, w, 7, torch.tensor([offset]), 0.2)
+
+
+@pytest.mark.parametrize("k,padding_mode", [(3, "reflect"), (5, "zeros"), (1, "reflect")])
+def test_fused_conv_offset_read_on_the_device(k, padding_mode):
+    from oes_fast.kernels import gumbel_masked_conv2d as conv_kernels
+
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(1, 3, 9, 11, generator=g)
+    p, w = torch.randn(4, 3, k, k, generator=g), torch.randn(4, 3, k, k, generator=g)
+    b, grad = torch.randn(4, generator=g), torch.randn(1, 4, 9, 11, generator=g)
+    offset, pad = 2**32 - 50, (k - 1) // 2
+    want = conv_kernels.gumbel_masked_conv2d_forward(x, p, w, b, 9, offset, 0.2, pad, padding_mode)
+    got = conv_kernels.gumbel_masked_conv2d_forward(x, p, w, b, 9, torch.tensor(offset), 0.2, pad, padding_mode)
+    assert torch.equal(got, want)
+    need = [True, True, True, True]
+    want = conv_kernels.gumbel_masked_conv2d_backward(grad, x, p, w, 9, offset, 0.2, pad, padding_mode, need)
+    got = conv_kernels.gumbel_masked_conv2d_backward(grad, x, p, w, 9, torch.tensor(offset), 0.2, pad, padding_mode,
+                                                     need)
     for a, b in zip(got, want):
         assert torch.equal(a, b)
-    with pytest.raises(ValueError, match="0-d int64"):
-        mask_kernels.gumbel_mask_with_slope_at(p, w, 7, torch.tensor([offset]), 0.2)
 
 
 @pytest.mark.parametrize("step", [1, 2, 1000])
@@ -54,14 +75,15 @@ def _tiny_problem():
     return model, z, y
 
 
-def test_graph_body_follows_the_search_step():
+@pytest.mark.parametrize("engine,recompute", [("unfused", False), ("fused", False), ("fused", True)])
+def test_graph_body_follows_the_search_step(engine, recompute):
     # the body the graph records, run eagerly: the same masks (offsets from the device step),
     # the same losses and logits as SearchStep, up to the rounding of the Triton kernels
     # (interpreted) against the C++ ones
     runs = {}
     for name in ("plain", "graph_body"):
         model, z, y = _tiny_problem()
-        run = SearchStep(model, z, y, density=0.3, kl=1e-3, seed=4)
+        run = SearchStep(model, z, y, density=0.3, kl=1e-3, seed=4, engine=engine, recompute=recompute)
         body = GraphedSearchStep(run, first_step=0).body if name == "graph_body" else None
         losses = []
         for i in range(4):
@@ -73,13 +95,11 @@ def test_graph_body_follows_the_search_step():
     assert l0.abs().max() > 0.01
     torch.testing.assert_close(l1, l0, rtol=0, atol=1e-5)
     torch.testing.assert_close(torch.tensor(loss1), torch.tensor(loss0), rtol=1e-5, atol=0)
-    for a, b in zip(b1, b0):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(b1, b0):  # running statistics: sums of conv outputs, which Triton's tiles add in another order
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_cuda_graph_needs_cuda_and_the_unfused_engine():
+def test_cuda_graph_needs_cuda():
     model, z, y = _tiny_problem()
     with pytest.raises(ValueError, match="CUDA device"):
         oes_fast.search(model, z, y, density=0.3, steps=1, cuda_graph=True, progress=False)
-    with pytest.raises(ValueError, match="engine='unfused'"):
-        GraphedSearchStep(SearchStep(model, z, y, density=0.3, engine="fused"), first_step=0)

@@ -100,6 +100,22 @@ class AuthorsStep:
         self.optimizer.step()
 
 
+MEMORY_VARIANTS = ("authors", "unfused", "fused", "recompute")
+
+
+def memory_variant_step(variant, model, z, y):
+    """step(i) of one of MEMORY_VARIANTS (bench/memory_cpu.py, bench/memory_estimate.py): the
+    authors'-style step, or oes_fast's step with engine "unfused", "fused", or "fused" with
+    recompute=True."""
+    if variant == "authors":
+        run = AuthorsStep(model, z, y)
+        return lambda i: run()
+    if variant not in MEMORY_VARIANTS:
+        raise ValueError(f"variant must be one of {MEMORY_VARIANTS}, got {variant!r}")
+    return OesSearchStep(model, z, y, density=DENSITY, lr=LR, tau=TAU, kl=KL,
+                         engine="unfused" if variant == "unfused" else "fused", recompute=variant == "recompute")
+
+
 STEPS = {"search_step": SearchStep, "dense_step": DenseStep, "dense_step_channels_last": DenseStepChannelsLast,
          "authors_step": AuthorsStep}
 

@@ -32,7 +32,9 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-VARIANTS = ("authors", "unfused", "fused", "recompute")
+sys.path.insert(0, str(HERE))
+from bench_search_step import MEMORY_VARIANTS as VARIANTS, memory_variant_step, problem  # noqa: E402
+
 BEGIN, END = "<!-- memory_cpu:begin -->", "<!-- memory_cpu:end -->"
 
 
@@ -48,19 +50,9 @@ def child(variant: str, size: int) -> dict:
     import torch
 
     import oes_fast
-    from oes_fast.mask_search import SearchStep
 
     torch.set_num_threads(2)
-    sys.path.insert(0, str(HERE))
-    from bench_search_step import DENSITY, KL, LR, TAU, AuthorsStep, problem
-
-    model, z, y = problem(size)
-    if variant == "authors":
-        run = AuthorsStep(model, z, y)
-        step = lambda i: run()  # noqa: E731
-    else:
-        step = SearchStep(model, z, y, density=DENSITY, lr=LR, tau=TAU, kl=KL, engine=variant if
-                          variant != "recompute" else "fused", recompute=variant == "recompute")
+    step = memory_variant_step(variant, *problem(size))
     step(0)
     before = _status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
@@ -111,7 +103,6 @@ def main(argv=None) -> int:
     body = render(results, sizes)
     print(body)
     if args.out:
-        sys.path.insert(0, str(HERE))
         from gpu_suite import write_section
 
         write_section(args.out, body, BEGIN, END)

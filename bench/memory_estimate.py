@@ -28,7 +28,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 HERE = Path(__file__).resolve().parent
-VARIANTS = ("authors", "unfused", "fused", "recompute")
+sys.path.insert(0, str(HERE))
+from bench_search_step import MEMORY_VARIANTS as VARIANTS, memory_variant_step  # noqa: E402
+
 BEGIN, END = "<!-- memory_estimate:begin -->", "<!-- memory_estimate:end -->"
 
 
@@ -63,21 +65,12 @@ class LiveBytes(TorchDispatchMode):
 
 def step_peak(variant: str, size: int) -> int:
     """Peak live bytes of the second step of `variant` at size x size, above the bytes alive before it."""
-    sys.path.insert(0, str(HERE))
-    from bench_search_step import DENSITY, KL, LR, TAU, AuthorsStep
-
     import oes_fast
-    from oes_fast.mask_search import SearchStep
 
     model = oes_fast.models.skip_oes().to("meta")  # weight values do not matter here
     z = torch.empty(1, 32, size, size, device="meta")
     y = torch.empty(1, 3, size, size, device="meta")
-    if variant == "authors":
-        run = AuthorsStep(model, z, y)
-        step = lambda i: run()  # noqa: E731
-    else:
-        step = SearchStep(model, z, y, density=DENSITY, lr=LR, tau=TAU, kl=KL,
-                          engine="unfused" if variant == "unfused" else "fused", recompute=variant == "recompute")
+    step = memory_variant_step(variant, model, z, y)
     step(0)
     with LiveBytes() as tracker:
         step(1)
@@ -85,7 +78,6 @@ def step_peak(variant: str, size: int) -> int:
 
 
 def render(peaks: dict, sizes: list[int], budget: float) -> str:
-    sys.path.insert(0, str(HERE))
     from gpu_suite import largest_side
 
     lines = [f"### Estimated GPU memory of one search step (bench/memory_estimate.py)\n",

@@ -29,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .gumbel_mask import INTERPRETED, _as_f64_bits, _base_offset, _check_seed_offset, _f64, _launch_offset, _logistic_noise
+from .gumbel_mask import (INTERPRETED, _as_f64_bits, _base_offset, _check_seed_offset, _f64, _launch_offset,
+                          _logistic_noise)
 
 __all__ = ["gumbel_masked_conv2d_forward", "gumbel_masked_conv2d_input_grad", "gumbel_masked_conv2d_weight_grad",
            "gumbel_masked_conv2d_backward", "set_precision", "precision"]

@@ -60,11 +60,18 @@ class LogitAdam:
         self.logits, self.lr, self.steps = logits, float(lr), 0
         self.exp_avg, self.exp_avg_sq = torch.zeros_like(logits), torch.zeros_like(logits)
 
-    def step(self, grad, *, density, kl, grad_scale=None) -> torch.Tensor:
+    def step(self, grad, *, density, kl, grad_scale=None, count: torch.Tensor | None = None) -> torch.Tensor:
         """Update the logits in place from their gradient `grad` (times `grad_scale` when
-        given); returns the KL prior's value before the update."""
+        given); returns the KL prior's value before the update. `count`: Adam's step count as
+        a 0-d int64 device tensor that the Triton kernel reads (GraphedSearchStep), instead of
+        the host's own count."""
         self.steps += 1
         with torch.no_grad():
+            if count is not None:
+                from .kernels import logit_adam_step as kernels
+
+                return kernels.logit_adam_step_(self.logits, self.exp_avg, self.exp_avg_sq, grad, grad_scale, density,
+                                                kl, self.lr, *self.betas, self.eps, count)
             return logit_adam_step_(self.logits, self.exp_avg, self.exp_avg_sq, grad, step=self.steps,
                                     density=density, kl=kl, lr=self.lr, betas=self.betas, eps=self.eps,
                                     grad_scale=grad_scale)
@@ -131,20 +138,30 @@ class SearchStep:
     def _data_loss(self, out):
         return sum(data_loss(out, target, self.degradation) for target in self.targets)
 
-    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        offset = step * self.layout.numel
+    def loss_and_grad(self, offset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(data loss, the gradient the logit update takes, its slope or None) with the masks
+        drawn at stream offset `offset` (step * numel): an int, or a 0-d int64 device tensor
+        that the Triton kernels read (GraphedSearchStep)."""
         if self.fused is not None:  # the logits' gradient, from the fused convolutions' epilogues
             self.logits.grad = None
-            loss = self._data_loss(self.fused(self.logits, self.z, step))
+            loss = self._data_loss(self.fused.forward_at(self.logits, self.z, offset))
             loss.backward()
-            grad, slope = self.logits.grad, None
-        else:  # the masked weights' gradient; the chain rule to the logits is fused into the update
+            return loss.detach(), self.logits.grad, None
+        # the masked weights' gradient; the chain rule to the logits is fused into the update
+        if isinstance(offset, torch.Tensor):
+            from .kernels import gumbel_mask as kernels
+
+            masked, slope = kernels.gumbel_mask_with_slope(self.logits, self.weights, self.noise_seed, offset,
+                                                           self.tau)
+        else:
             masked, slope = gumbel_mask_with_slope(self.logits, self.weights, self.noise_seed, offset, self.tau)
-            masked.requires_grad_(True)
-            loss = self._data_loss(functional_call(self.model, self.layout.views(masked), (self.z,)))
-            loss.backward()
-            grad = masked.grad
-        loss = loss.detach()
+        masked.requires_grad_(True)
+        loss = self._data_loss(functional_call(self.model, self.layout.views(masked), (self.z,)))
+        loss.backward()
+        return loss.detach(), masked.grad, slope
+
+    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, grad, slope = self.loss_and_grad(step * self.layout.numel)
         if self.group is not None:
             torch.distributed.all_reduce(grad, group=self.group)
             loss = loss.clone()
@@ -170,10 +187,7 @@ class GraphedSearchStep:
     def __init__(self, run: SearchStep, first_step: int, warmup: int = 3):
         if run.group is not None:
             raise ValueError("cuda_graph=True needs a single process (no distributed search)")
-        from .kernels import gumbel_mask as mask_kernels, logit_adam_step as adam_kernels
-
         self.run, self.warmup, self.calls = run, int(warmup), 0
-        self._mask_kernels, self._adam_kernels = mask_kernels, adam_kernels
         device = run.logits.device
         self.step = torch.full((), int(first_step), dtype=torch.int64, device=device)  # the step about to run
         self.offset, self.count = torch.empty_like(self.step), torch.empty_like(self.step)
@@ -181,28 +195,13 @@ class GraphedSearchStep:
 
     def body(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One step with every step-dependent number read on the device; advances self.step."""
-        run, optimizer = self.run, self.run.optimizer
+        run = self.run
         torch.mul(self.step, run.layout.numel, out=self.offset)
-        if run.fused is not None:
-            run.logits.grad = None
-            loss = run._data_loss(run.fused.forward_at(run.logits, run.z, self.offset))
-            loss.backward()
-            grad, slope = run.logits.grad, None
-        else:
-            masked, slope = self._mask_kernels.gumbel_mask_with_slope(run.logits, run.weights, run.noise_seed,
-                                                                         self.offset, run.tau)
-            masked.requires_grad_(True)
-            loss = run._data_loss(functional_call(run.model, run.layout.views(masked), (run.z,)))
-            loss.backward()
-            grad = masked.grad
+        loss, grad, slope = run.loss_and_grad(self.offset)
         torch.add(self.step, 1, out=self.count)  # Adam counts from 1
-        with torch.no_grad():
-            prior = self._adam_kernels.logit_adam_step_(optimizer.logits, optimizer.exp_avg, optimizer.exp_avg_sq,
-                                                        grad, slope, run.density, run.kl, optimizer.lr,
-                                                        *optimizer.betas, optimizer.eps, self.count)
-            self.step.add_(1)
-        optimizer.steps += 1  # the host's count, for checkpoints
-        return loss.detach(), prior
+        prior = run.optimizer.step(grad, density=run.density, kl=run.kl, grad_scale=slope, count=self.count)
+        self.step.add_(1)
+        return loss, prior
 
     def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.graph is None and self.calls < self.warmup:

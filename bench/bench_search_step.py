@@ -128,5 +128,5 @@ def test_step(benchmark, method, size):
     benchmark.group = f"search step {size}x{size}, {threads} thread{'s' if threads > 1 else ''}"
     benchmark.extra_info.update(method=method, group=benchmark.group, size=size, baseline=method == "dense_step",
                                 torch_threads=torch.get_num_threads(), load_average_before=os.getloadavg()[0])
-    benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=1, iterations=1)
+    benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=3, iterations=1)
     benchmark.extra_info["load_average_after"] = os.getloadavg()[0]

@@ -339,6 +339,13 @@ def test_result_independent_of_split():
     full = oes_fast.gumbel_mask(p, w, SEED, 0)
     for start in (1, 5, 13, 257):
         assert torch.equal(oes_fast.gumbel_mask(p[start:], w[start:], SEED, start), full[start:]), start
+    for stop in (100, 300):  # elements of full tiles through the partial-tile path
+        assert torch.equal(oes_fast.gumbel_mask(p[:stop], w[:stop], SEED, 0), full[:stop]), stop
+        masked, slope = oes_fast.ops.gumbel_mask_with_slope(p[:stop], w[:stop], SEED, 0, TAU)
+        assert torch.equal(masked, full[:stop]), stop
+        grads = torch.ops.oes_fast.gumbel_mask_backward(w[:stop], p[:stop], w[:stop], SEED, 0, TAU, True)
+        full_grads = torch.ops.oes_fast.gumbel_mask_backward(w, p, w, SEED, 0, TAU, True)
+        assert all(torch.equal(a, b[:stop]) for a, b in zip(grads, full_grads)), stop
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1 if threads > 1 else 2)

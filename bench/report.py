@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import statistics
 import time
 from collections import defaultdict
@@ -212,11 +213,10 @@ def main(argv=None):
     text = render(rows, runs, measure_bandwidth())
     out = Path(args.out)
     old = out.read_text() if out.exists() else ""
-    # sections written by other scripts (bench/gpu_suite.py, bench/memory_*.py) are kept as they are
-    for name in ("gpu_suite", "memory_cpu", "memory_estimate"):
-        begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-        if begin in old and end in old:
-            text += "\n" + old[old.index(begin):old.index(end) + len(end)] + "\n"
+    # sections written by other scripts (bench/gpu_suite.py, bench/memory_*.py,
+    # bench/steps_interleaved.py), between <!-- NAME:begin --> and <!-- NAME:end -->, are kept
+    for section in re.finditer(r"<!-- (\S+):begin -->.*?<!-- \1:end -->", old, flags=re.S):
+        text += "\n" + section.group(0) + "\n"
     out.write_text(text)
     print(text)
 

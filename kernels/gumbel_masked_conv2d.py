@@ -383,5 +383,8 @@ def gumbel_masked_conv2d_backward(grad_output, input, logits, weight, seed, offs
                                                                     tau, padding, padding_mode, need_weight)
         if not need_logits:
             grad_logits = empty
-    grad_bias = grad_output.sum((0, 2, 3)) if need_bias else empty
+    # accumulated in float64 as oes_fast.ops._channel_sum does: a sum over a whole image loses
+    # several ulps in float32
+    wide = torch.float64 if grad_output.dtype in (torch.float32, torch.float16, torch.bfloat16) else grad_output.dtype
+    grad_bias = grad_output.sum((0, 2, 3), dtype=wide).to(grad_output.dtype) if need_bias else empty
     return grad_input, grad_logits, grad_weight, grad_bias

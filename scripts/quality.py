@@ -16,6 +16,9 @@ import argparse
 import json
 import os
 
+import numpy as np
+import torch
+
 import oes_fast
 from oes_fast import images, plots, tasks
 
@@ -29,11 +32,20 @@ def load_problem(path, sigma, noise_seed):
     return clean, tasks.Denoise(sigma).degrade(clean, seed=noise_seed)
 
 
+def published_mask(path):
+    """A mask the OES authors published (numpy.packbits of the flat mask, ../shared/data/README.md)
+    on our weights and z of seed 0: their structure, not their weights."""
+    data = np.load(path)
+    flat = torch.from_numpy(np.unpackbits(data["bits"])[:int(data["numel"])].astype(bool))
+    return oes_fast.masks.from_flat(oes_fast.models.skip_oes(seed=0), flat, seed=0, z_seed=0)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("method", choices=("dense", "sparse", "search", "plot"))
     parser.add_argument("files", nargs="*", help="result JSON files (plot)")
-    parser.add_argument("--mask", default="bundled", help="'bundled' or a mask file (sparse)")
+    parser.add_argument("--mask", default="bundled",
+                        help="'bundled', a mask file, or a published .npz mask (applied to the weights of seed 0)")
     parser.add_argument("--image", default=DEFAULT_IMAGE)
     parser.add_argument("--sigma", type=float, default=0.1)
     parser.add_argument("--steps", type=int, default=4000)
@@ -64,7 +76,8 @@ def main():
                                    checkpoint=args.out + ".ckpt", resume=True)
         label = args.label or "dense DIP"
     else:
-        mask = oes_fast.masks.bundled() if args.mask == "bundled" else oes_fast.masks.load(args.mask)
+        mask = (oes_fast.masks.bundled() if args.mask == "bundled" else
+                published_mask(args.mask) if args.mask.endswith(".npz") else oes_fast.masks.load(args.mask))
         model = oes_fast.models.skip_oes(seed=mask.seed)
         z = oes_fast.models.dip_input(32, 256, 256, seed=mask.z_seed)
         fit = oes_fast.train_sparse(model, mask, z, noisy, steps=args.steps, clean=clean,

@@ -26,11 +26,15 @@ import torch.nn.functional as F
 
 import oes_fast
 from oes_fast.mask_search import SearchStep as OesSearchStep
+from oes_fast.allocator import keep_freed_memory
 from oes_fast.reference import KL_EPS
 
 ROUNDS = int(os.environ.get("OES_BENCH_ROUNDS", "5"))
 TAU, KL, DENSITY, LR = 0.2, 1e-9, 0.05, 0.01
 SIZES = [int(s) for s in os.environ.get("OES_BENCH_SIZES", "256,512").split(",")]
+# OES_BENCH_KEEP_FREED_MEMORY=1: every step with glibc keeping freed memory, as the oes-fast
+# command runs (oes_fast/allocator.py); bench/conftest.py sets it before any benchmark runs
+KEEP_FREED_MEMORY = os.environ.get("OES_BENCH_KEEP_FREED_MEMORY") == "1" and keep_freed_memory()
 
 
 def problem(size):
@@ -125,8 +129,10 @@ STEPS = {"search_step": SearchStep, "dense_step": DenseStep, "dense_step_channel
 def test_step(benchmark, method, size):
     step = STEPS[method](*problem(size))
     threads = torch.get_num_threads()
-    benchmark.group = f"search step {size}x{size}, {threads} thread{'s' if threads > 1 else ''}"
+    benchmark.group = (f"search step {size}x{size}, {threads} thread{'s' if threads > 1 else ''}"
+                       + (", freed memory kept" if KEEP_FREED_MEMORY else ""))
     benchmark.extra_info.update(method=method, group=benchmark.group, size=size, baseline=method == "dense_step",
+                                keep_freed_memory=bool(KEEP_FREED_MEMORY),
                                 torch_threads=torch.get_num_threads(), load_average_before=os.getloadavg()[0])
     benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=3, iterations=1)
     benchmark.extra_info["load_average_after"] = os.getloadavg()[0]

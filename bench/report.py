@@ -69,7 +69,8 @@ def load(paths):
     rows, runs = [], []
     for path in paths:
         data = json.loads(Path(path).read_text())
-        runs.append(dict(path=str(path), datetime=data.get("datetime", "?"), machine=data.get("machine_info", {})))
+        runs.append(dict(path=str(path), datetime=data.get("datetime", "?"), machine=data.get("machine_info", {}),
+                         gc_off=all(b.get("options", {}).get("disable_gc") for b in data.get("benchmarks", []))))
         for bench in data.get("benchmarks", []):
             info = bench.get("extra_info", {})
             rows.append(dict(
@@ -91,6 +92,11 @@ def load(paths):
                 load=info.get("load_average") or _load_pair(info),
             ))
     return rows, runs
+
+
+def _kept(run) -> str:
+    kept = run["machine"].get("oes_keep_freed_memory")
+    return "unrecorded" if kept is None else "yes" if kept else "no"
 
 
 def _load_pair(info):
@@ -122,6 +128,13 @@ def render(rows, runs, bandwidth) -> str:
         f"{platform.system()} {platform.release()}",
         f"- Memory bandwidth measured by this script: {bw / 1e9:.1f} GB/s (torch copy of a {mib} MiB float32 "
         f"buffer, read + write counted, median of {repeats}).",
+        "- Python's garbage collector during timing: "
+        + ", ".join(f"{'off' if r['gc_off'] else 'on'} in `{Path(r['path']).name}`" for r in runs)
+        + " (`--benchmark-disable-gc`: in pytest's large heap a full collection costs tens of ms and lands on "
+        "whichever step allocates the most Python objects).",
+        "- glibc keeping freed memory (`OES_BENCH_KEEP_FREED_MEMORY=1`, as the `oes-fast` command runs; "
+        "`oes_fast/allocator.py`): "
+        + ", ".join(f"{_kept(r)} in `{Path(r['path']).name}`" for r in runs) + ".",
         f"- The machine is shared with other users: absolute times move from run to run, the ratios "
         f"within one run are what to read, and only when the 1-minute load average (last column) stayed "
         f"at or below the {os.cpu_count()} cores during the run.",

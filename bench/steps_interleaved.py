@@ -7,7 +7,8 @@ load can land on one step and not on another, and the ratios between steps move 
 run. Here every round times each of the four steps once, in an order that rotates from round
 to round, so all of them see the same conditions; the ratio of two steps is taken within each
 round and its median reported. Each step is warmed up 3 times first. Uses the torch thread
-count (OMP_NUM_THREADS).
+count (OMP_NUM_THREADS); OES_BENCH_KEEP_FREED_MEMORY=1 runs it with glibc keeping freed memory
+(oes_fast/allocator.py), as the oes-fast command does.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_search_step import STEPS, problem  # noqa: E402
+from bench_search_step import KEEP_FREED_MEMORY, STEPS, problem  # noqa: E402
 
 WARMUP = 3
 
@@ -50,8 +51,9 @@ def quartiles(xs):
 
 def render(times: dict[str, list[float]], size: int, rounds: int, load: tuple[float, float]) -> str:
     threads = torch.get_num_threads()
+    kept = ", freed memory kept" if KEEP_FREED_MEMORY else ""
     lines = [f"### Search step against its baselines, round-robin, {size}x{size}, {threads} thread"
-             f"{'s' if threads > 1 else ''} (bench/steps_interleaved.py)\n",
+             f"{'s' if threads > 1 else ''}{kept} (bench/steps_interleaved.py)\n",
              f"{rounds} rounds, each timing every step once in a rotating order; ratios per round, "
              f"their median. Load average {load[0]:.2f} before, {load[1]:.2f} after.\n",
              "| step | median ms | quartiles ms | search step over it (median of rounds) |",
@@ -81,7 +83,8 @@ def main(argv=None) -> int:
     if args.out:
         from gpu_suite import write_section
 
-        name = f"steps_interleaved_{args.size}_{torch.get_num_threads()}t"  # one section per size and threads
+        # one section per size, thread count and allocator policy
+        name = f"steps_interleaved_{args.size}_{torch.get_num_threads()}t{'_kept' if KEEP_FREED_MEMORY else ''}"
         write_section(args.out, body, f"<!-- {name}:begin -->", f"<!-- {name}:end -->")
     return 0
 

@@ -23,6 +23,7 @@ def main():
     parser.add_argument("--checkpoint", default="runs/bundled/search.ckpt")
     parser.add_argument("--out", default="runs/bundled/mask.safetensors")
     args = parser.parse_args()
+    oes_fast.allocator.keep_freed_memory()  # as the oes-fast command does
     clean = images.sample_image("astronaut", 256)
     noisy = tasks.Denoise(sigma=0.1).degrade(clean, seed=0)
     model = oes_fast.models.skip_oes(seed=0)

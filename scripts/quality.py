@@ -53,6 +53,7 @@ def main():
     parser.add_argument("--out", required=True)
     parser.add_argument("--label", help="curve label in the plot (dense, sparse; default: from the method and mask)")
     args = parser.parse_args()
+    oes_fast.allocator.keep_freed_memory()  # as the oes-fast command does
     if args.method == "plot":
         curves = {}
         for f in args.files:

@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     low_memory = argparse.ArgumentParser(add_help=False)
     low_memory.add_argument("--low-memory", action="store_true",
                             help="mask search with less memory per pixel, for large images: the fused engine with "
-                                 "every block recomputed in the backward (same mask; on a CPU about 1.8x slower)")
+                                 "every block recomputed in the backward (same mask; on a CPU about 1.8x slower); also leaves "
+                                 "glibc's allocator as it is (oes_fast/allocator.py)")
     for name, help_text in (("denoise", "remove Gaussian noise"), ("inpaint", "fill in missing pixels"),
                             ("superres", "x4 / x8 super-resolution")):
         commands.add_parser(name, parents=[common, task, restore, low_memory], help=help_text)
@@ -91,10 +92,12 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    if args.command != "inspect":
+    if args.command != "inspect" and not getattr(args, "low_memory", False):
         from .allocator import keep_freed_memory
 
-        keep_freed_memory()  # a long run of same-sized steps: no page faults per step (oes_fast/allocator.py)
+        # a long run of same-sized steps: no page faults per step (oes_fast/allocator.py); not
+        # with --low-memory, where the heap's fragmentation would raise the peak it is there to cut
+        keep_freed_memory()
     try:
         if args.command == "inspect":
             return inspect_mask(args)

@@ -7,36 +7,36 @@ import pytest
 
 from oes_fast.allocator import keep_freed_memory
 
-# Allocates, touches and frees a 48 MiB tensor 6 times; prints the minor page faults of the last 4
-# (the heap grows to hold it in the first two).
+# Allocates, touches and frees a 48 MiB tensor 8 times; prints the minor page faults of each time.
 FAULTS = textwrap.dedent("""
     import resource, sys
     import torch
     from oes_fast.allocator import keep_freed_memory
     if sys.argv[1] == "keep":
         assert keep_freed_memory()
-    def once():
+    counts = []
+    for _ in range(8):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         torch.ones(12 << 20)  # 48 MiB of float32, freed at once
-    once()
-    once()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(4):
-        once()
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    print(*counts)
 """)
 
 
-def faults(mode: str) -> int:
+def faults(mode: str) -> list[int]:
     out = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True, check=True)
-    return int(out.stdout.strip().splitlines()[-1])
+    return [int(n) for n in out.stdout.strip().splitlines()[-1].split()]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_freed_memory_is_reused_without_page_faults():
     pages = (48 << 20) // 4096
-    # glibc's default maps a block this large afresh each time: its pages fault in again
-    assert faults("default") >= 4 * pages // 2
-    assert faults("keep") < pages // 10
+    # glibc's default maps a block this large afresh each time: all its pages fault in again
+    assert all(n >= pages // 2 for n in faults("default"))
+    # kept: the heap grows to hold it in the first times, then reuses it (the system may still
+    # reclaim idle heap pages now and then, so not every time)
+    kept = faults("keep")
+    assert sum(n < pages // 10 for n in kept) >= len(kept) // 2, kept
 
 
 @pytest.mark.parametrize("limit", [0, -1, 2**31])

@@ -33,8 +33,8 @@ def test_freed_memory_is_reused_without_page_faults():
     pages = (48 << 20) // 4096
     # glibc's default maps a block this large afresh each time: all its pages fault in again
     assert all(n >= pages // 2 for n in faults("default"))
-    # kept: the heap grows to hold it in the first times, then reuses it (the system may still
-    # reclaim idle heap pages now and then, so not every time)
+    # kept: the heap grows to hold it in the first times, then reuses it; not every time on every
+    # machine (a fresh-clone run once saw one more allocation fault in again, cause unknown)
     kept = faults("keep")
     assert sum(n < pages // 10 for n in kept) >= len(kept) // 2, kept
 

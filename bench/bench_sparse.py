@@ -21,7 +21,6 @@ import copy
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -43,9 +42,7 @@ def _mask(model, name="pepper"):
     path = DATA / f"{name}_density0.05.npz"
     if not path.exists():
         pytest.skip(f"needs {path}")
-    d = np.load(path)
-    flat = torch.from_numpy(np.unpackbits(d["bits"])[: int(d["numel"])].astype(bool))
-    return masks.from_flat(model, flat)
+    return masks.load_published(path, model)
 
 
 @pytest.fixture(scope="module", autouse=True)

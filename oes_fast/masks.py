@@ -305,6 +305,17 @@ def load(path) -> Mask:
     return mask
 
 
+def load_published(path, model: nn.Module, **attributes) -> Mask:
+    """A mask as the OES authors published it: an .npz holding `bits`, the numpy.packbits of the
+    flat boolean mask in the OES network's parameter order, and `numel`. `attributes` (seed,
+    z_seed, meta) go to the Mask, since the file says nothing of the weights it was found for."""
+    import numpy as np
+
+    data = np.load(os.fspath(path))
+    flat = torch.from_numpy(np.unpackbits(data["bits"])[:int(data["numel"])].astype(bool))
+    return from_flat(model, flat, **attributes)
+
+
 BUNDLED_FILE = "bundled_density0.05.safetensors"
 
 

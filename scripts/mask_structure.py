@@ -12,20 +12,16 @@ published mask is a numpy.packbits of the flat mask in the OES network's paramet
 import argparse
 import os
 
-import numpy as np
 import torch
 
 import oes_fast
-from oes_fast.flat import FlatLayout
 
 
 def load(path: str) -> dict[str, torch.Tensor]:
     if path == "bundled":
         return dict(oes_fast.masks.bundled().tensors)
     if path.endswith(".npz"):
-        data = np.load(path)
-        flat = torch.from_numpy(np.unpackbits(data["bits"])[:int(data["numel"])].astype(bool))
-        return FlatLayout.from_model(oes_fast.models.skip_oes()).views(flat)
+        return dict(oes_fast.masks.load_published(path, oes_fast.models.skip_oes()).tensors)
     return dict(oes_fast.masks.load(path).tensors)
 
 

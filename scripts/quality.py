@@ -16,9 +16,6 @@ import argparse
 import json
 import os
 
-import numpy as np
-import torch
-
 import oes_fast
 from oes_fast import images, plots, tasks
 
@@ -30,14 +27,6 @@ def load_problem(path, sigma, noise_seed):
     top, left = (clean.shape[2] - 256) // 2, (clean.shape[3] - 256) // 2
     clean = clean[:, :, top:top + 256, left:left + 256].contiguous()
     return clean, tasks.Denoise(sigma).degrade(clean, seed=noise_seed)
-
-
-def published_mask(path):
-    """A mask the OES authors published (numpy.packbits of the flat mask, ../shared/data/README.md)
-    on our weights and z of seed 0: their structure, not their weights."""
-    data = np.load(path)
-    flat = torch.from_numpy(np.unpackbits(data["bits"])[:int(data["numel"])].astype(bool))
-    return oes_fast.masks.from_flat(oes_fast.models.skip_oes(seed=0), flat, seed=0, z_seed=0)
 
 
 def main():
@@ -78,7 +67,9 @@ def main():
         label = args.label or "dense DIP"
     else:
         mask = (oes_fast.masks.bundled() if args.mask == "bundled" else
-                published_mask(args.mask) if args.mask.endswith(".npz") else oes_fast.masks.load(args.mask))
+                # a published mask on our weights and z of seed 0: its structure, not the authors' weights
+                oes_fast.masks.load_published(args.mask, oes_fast.models.skip_oes(seed=0), seed=0, z_seed=0)
+                if args.mask.endswith(".npz") else oes_fast.masks.load(args.mask))
         model = oes_fast.models.skip_oes(seed=mask.seed)
         z = oes_fast.models.dip_input(32, 256, 256, seed=mask.z_seed)
         fit = oes_fast.train_sparse(model, mask, z, noisy, steps=args.steps, clean=clean,

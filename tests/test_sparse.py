@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import zlib
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -236,9 +235,7 @@ def published_mask(model, shared_data, name):
     path = shared_data / "oes_published_masks" / f"{name}_density0.05.npz"
     if not path.exists():
         pytest.skip(f"{path} is missing")
-    d = np.load(path)
-    flat = torch.from_numpy(np.unpackbits(d["bits"])[: int(d["numel"])].astype(bool))
-    return masks.from_flat(model, flat)
+    return masks.load_published(path, model)
 
 
 def masked_dense(model, mask, dtype):

@@ -59,7 +59,7 @@ setup(
     version="0.1.0",
     description="Fast sparse deep image priors: Optimal Eye Surgeon and Lottery Image Prior in PyTorch",
     python_requires=">=3.10",
-    packages=["oes_fast", "oes_fast.models", "oes_fast.kernels"],
+    packages=["oes_fast", "oes_fast.cli", "oes_fast.models", "oes_fast.kernels"],
     package_dir={"oes_fast": "oes_fast", "oes_fast.kernels": "kernels"},
     package_data={"oes_fast": ["data/*"]},
     ext_modules=[extension],
@@ -69,6 +69,7 @@ setup(
         "numpy",
         "safetensors",
         "pillow",
+        "pypng",  # 16-bit color PNGs (Pillow reads and writes them at 8 bits)
         "scikit-image",
         "tqdm",
         "matplotlib",

@@ -20,47 +20,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-import weakref
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_search_step import MEMORY_VARIANTS as VARIANTS, memory_variant_step  # noqa: E402
 
+from oes_fast.memory import LiveBytes  # noqa: E402
+
 BEGIN, END = "<!-- memory_estimate:begin -->", "<!-- memory_estimate:end -->"
-
-
-class LiveBytes(TorchDispatchMode):
-    """Bytes of the tensor storages that ops create, while they live; `peak` is the most at once."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self.tracked: set[int] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self._track(t.untyped_storage())
-        return out
-
-    def _track(self, storage):
-        key = storage._cdata
-        if key in self.tracked:
-            return
-        self.tracked.add(key)
-        self.live += storage.nbytes()
-        self.peak = max(self.peak, self.live)
-        weakref.finalize(storage, self._free, key, storage.nbytes())
-
-    def _free(self, key, nbytes):
-        self.tracked.discard(key)
-        self.live -= nbytes
 
 
 def step_peak(variant: str, size: int) -> int:

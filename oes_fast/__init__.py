@@ -9,8 +9,9 @@ from . import ops  # noqa: F401  (loads oes_fast._C and registers the operators)
 from . import allocator, images, masks, metrics, models, prune, reference, rng, tasks  # noqa: F401
 from .mask_search import SearchResult, search
 from .ops import gumbel_mask
+from .restoration import RestoreReport, restore
 from .train import TrainResult, train_dense, train_sparse
 
-__all__ = ["gumbel_mask", "search", "SearchResult", "train_dense", "train_sparse", "TrainResult", "allocator",
+__all__ = ["restore", "RestoreReport", "gumbel_mask", "search", "SearchResult", "train_dense", "train_sparse", "TrainResult", "allocator",
            "images", "masks", "metrics", "models", "prune", "reference", "rng", "tasks"]
 __version__ = "0.1.0"

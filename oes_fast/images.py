@@ -15,7 +15,7 @@ from PIL import Image, ImageOps
 
 from .files import atomic_path
 
-__all__ = ["SAMPLE_IMAGES", "load_image", "check_image", "fit_to_network", "unfit", "save_image", "sample_image"]
+__all__ = ["SAMPLE_IMAGES", "read_image", "load_image", "write_image", "check_image", "fit_to_network", "reflect_pad", "unfit", "save_image", "sample_image"]
 
 # Names of the built-in samples: images bundled inside scikit-image's wheel (skimage/data/*.png),
 # so they load offline (checked with networking disabled).
@@ -55,70 +55,164 @@ def _check_tensor(image, name: str) -> None:
         raise ValueError(f"{name}: contains {bad} NaN or Inf values")
 
 
-def _pil_to_array(im: Image.Image) -> np.ndarray:
-    """(H, W) or (H, W, 3) float64 in [0, 1] from a Pillow image, scaled by its bit depth."""
+def _pil_to_array(im: Image.Image) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """(H, W) or (H, W, 3) float64 in [0, 1] from a Pillow image, scaled by its bit depth; the
+    alpha channel (H, W) in [0, 1] or None; the bit depth (8 or 16)."""
     mode = im.mode
     if mode.startswith("I;16"):
         # 16-bit grayscale PNG: Pillow keeps all 16 bits.
-        return np.asarray(im, dtype=np.float64) / 65535.0
+        return np.asarray(im, dtype=np.float64) / 65535.0, None, 16
     if mode == "I":
         # 32-bit integer mode; Pillow uses it for 16-bit grayscale in some formats/versions.
         a = np.asarray(im, dtype=np.float64)
-        return a / (65535.0 if a.max(initial=0) > 255 else 255.0)
+        deep = a.max(initial=0) > 255
+        return a / (65535.0 if deep else 255.0), None, 16 if deep else 8
     if mode == "F":
-        return np.asarray(im, dtype=np.float64)
-    if mode in ("1", "L", "LA", "La"):
-        return np.asarray(im.convert("L"), dtype=np.float64) / 255.0
+        return np.clip(np.asarray(im, dtype=np.float64), 0.0, 1.0), None, 16
+    if mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")  # a palette with a transparent entry: keep it as alpha
+        mode = im.mode
+    if mode in ("LA", "La", "PA"):
+        la = np.asarray(im.convert("LA"), dtype=np.float64) / 255.0
+        return la[:, :, 0], la[:, :, 1], 8
+    if mode in ("RGBA", "RGBa"):
+        rgba = np.asarray(im.convert("RGBA"), dtype=np.float64) / 255.0
+        return rgba[:, :, :3], rgba[:, :, 3], 8
+    if mode in ("1", "L"):
+        return np.asarray(im.convert("L"), dtype=np.float64) / 255.0, None, 8
     if mode == "RGB":
-        return np.asarray(im, dtype=np.float64) / 255.0
-    # RGBA/RGBa/PA drop alpha (no compositing); palette, CMYK, YCbCr, ... become RGB.
-    # Note: Pillow decodes 16-bit color PNGs as 8-bit RGB (it has no 16-bit color mode),
-    # so those arrive here with 8-bit precision, still correctly scaled to [0, 1].
+        return np.asarray(im, dtype=np.float64) / 255.0, None, 8
+    # palette, CMYK, YCbCr, ... become RGB (a gray palette stays gray).
     if mode == "P" and im.palette is not None and im.palette.mode == "L":
-        return np.asarray(im.convert("L"), dtype=np.float64) / 255.0
-    return np.asarray(im.convert("RGB"), dtype=np.float64) / 255.0
+        return np.asarray(im.convert("L"), dtype=np.float64) / 255.0, None, 8
+    return np.asarray(im.convert("RGB"), dtype=np.float64) / 255.0, None, 8
 
 
-def load_image(path, *, channels: int | None = None) -> torch.Tensor:
-    """Read a PNG or JPEG (any format Pillow reads) as a (1, C, H, W) float32 tensor in [0, 1].
+def _png_header(path: str) -> tuple[int, int] | None:
+    """(bit depth, color type) from a PNG file's IHDR chunk; None for other files."""
+    with open(path, "rb") as f:
+        head = f.read(26)
+    if len(head) < 26 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        return None
+    return head[24], head[25]
 
-    channels=None keeps the file's channels (gray -> 1, color -> 3); 1 converts color to
-    luma (ITU-R 601-2), 3 repeats gray. Alpha is dropped. 8-bit files are divided by 255,
-    16-bit grayscale PNGs by 65535 (16-bit color PNGs are read at 8-bit precision by Pillow).
-    The EXIF orientation of photos is applied, as image viewers do.
 
-    Raises FileNotFoundError for a missing file and ValueError, naming the file, for one that
-    is not a readable image (corrupt, truncated, a folder, unreadable) or that holds NaN/Inf.
+def _read_png16(path: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """A 16-bit PNG with all its bits (Pillow reads 16-bit color at 8 bits): pypng decodes it."""
+    import png
+
+    width, height, rows, info = png.Reader(filename=path).asDirect()
+    planes = info["planes"]
+    array = np.vstack([np.asarray(row, dtype=np.uint16) for row in rows]).reshape(height, width, planes)
+    array = array.astype(np.float64) / 65535.0
+    if info["alpha"]:
+        return array[:, :, :-1].squeeze(2) if planes == 2 else array[:, :, :-1], array[:, :, -1]
+    return array.squeeze(2) if planes == 1 else array, None
+
+
+# EXIF orientation (1-8) -> the numpy operations that show the image upright, as viewers do
+_ORIENT = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+           5: lambda a: np.swapaxes(a, 0, 1), 6: lambda a: np.swapaxes(a, 0, 1)[:, ::-1],
+           7: lambda a: np.swapaxes(a, 0, 1)[::-1, ::-1], 8: lambda a: np.swapaxes(a, 0, 1)[::-1]}
+
+
+def read_image(path) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """Decode an image file as it is: (pixels (H, W) or (H, W, 3) float64 in [0, 1], alpha (H, W)
+    float64 in [0, 1] or None, bit depth 8 or 16), EXIF orientation applied.
+
+    16-bit PNGs keep all 16 bits (color ones through pypng). Raises FileNotFoundError for a
+    missing file and ValueError, naming the file, for one that is not a readable image or holds
+    NaN/Inf (float TIFFs).
     """
-    if channels not in (None, 1, 3):
-        raise ValueError(f"channels must be None, 1 or 3, got {channels!r}")
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(errno.ENOENT, "image file not found", path)
     try:
         with Image.open(path) as im:
             im.load()  # decode now, so truncated/corrupt data fails here, inside the try
-            im = ImageOps.exif_transpose(im)
-            array = _pil_to_array(im)
+            header = _png_header(path) if im.format == "PNG" else None
+            orientation = im.getexif().get(0x0112, 1)
+            if header is not None and header[0] == 16 and header[1] != 0:
+                array, alpha = _read_png16(path)  # color or gray+alpha at 16 bits
+                depth = 16
+                if orientation in _ORIENT:
+                    array = np.ascontiguousarray(_ORIENT[orientation](array))
+                    alpha = None if alpha is None else np.ascontiguousarray(_ORIENT[orientation](alpha))
+            else:
+                array, alpha, depth = _pil_to_array(ImageOps.exif_transpose(im))
     except Exception as exc:  # Pillow raises UnidentifiedImageError, OSError, SyntaxError, zlib.error, ...
         raise ValueError(f"cannot read image file {path!r}: {exc}") from exc
+    if not np.isfinite(array).all():
+        raise ValueError(f"image file {path!r}: contains NaN or Inf values")
+    return array, alpha, depth
+
+
+def load_image(path, *, channels: int | None = None) -> torch.Tensor:
+    """Read a PNG or JPEG (any format Pillow reads) as a (1, C, H, W) float32 tensor in [0, 1].
+
+    channels=None keeps the file's channels (gray -> 1, color -> 3); 1 converts color to
+    luma (ITU-R 601-2), 3 repeats gray. Alpha is dropped (`read_image` keeps it). 8-bit files
+    are divided by 255, 16-bit PNGs by 65535. The EXIF orientation of photos is applied, as
+    image viewers do.
+
+    Raises FileNotFoundError for a missing file and ValueError, naming the file, for one that
+    is not a readable image (corrupt, truncated, a folder, unreadable) or that holds NaN/Inf.
+    """
+    if channels not in (None, 1, 3):
+        raise ValueError(f"channels must be None, 1 or 3, got {channels!r}")
+    array, _, _ = read_image(path)
     if array.ndim == 2:
         array = array[:, :, None]
     if channels == 1 and array.shape[2] == 3:
         array = (array @ np.asarray(_LUMA))[:, :, None]
     elif channels == 3 and array.shape[2] == 1:
         array = np.repeat(array, 3, axis=2)
-    return check_image(_array_to_tensor(array), f"image file {path!r}")
+    return check_image(_array_to_tensor(array), f"image file {os.fspath(path)!r}")
+
+
+def write_image(path, pixels: np.ndarray, bit_depth: int = 8, alpha: np.ndarray | None = None) -> None:
+    """Write pixels (H, W), (H, W, 1) or (H, W, 3) in [0, 1] (clamped) as a PNG of `bit_depth`
+    8 or 16 bits, with an alpha channel (H, W) in [0, 1] when given. Atomic, like save_image."""
+    if bit_depth not in (8, 16):
+        raise ValueError(f"bit_depth must be 8 or 16, got {bit_depth!r}")
+    pixels = np.asarray(pixels, dtype=np.float64)
+    if pixels.ndim == 3 and pixels.shape[2] == 1:
+        pixels = pixels[:, :, 0]
+    if pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[2] != 3):
+        raise ValueError(f"pixels must be (H, W), (H, W, 1) or (H, W, 3), got shape {pixels.shape}")
+    planes = pixels if pixels.ndim == 3 else pixels[:, :, None]
+    if alpha is not None:
+        alpha = np.asarray(alpha, dtype=np.float64)
+        if alpha.shape != planes.shape[:2]:
+            raise ValueError(f"alpha is {alpha.shape}, the pixels {planes.shape[:2]}")
+        planes = np.concatenate([planes, alpha[:, :, None]], axis=2)
+    if not np.isfinite(planes).all():
+        raise ValueError("image to write: contains NaN or Inf values")
+    top = 255.0 if bit_depth == 8 else 65535.0
+    ints = np.round(np.clip(planes, 0.0, 1.0) * top).astype(np.uint8 if bit_depth == 8 else np.uint16)
+    path = os.fspath(path)
+    with atomic_path(path, ".png") as tmp:
+        if bit_depth == 8:
+            modes = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
+            Image.fromarray(ints[:, :, 0] if ints.shape[2] == 1 else ints, modes[ints.shape[2]]).save(tmp, format="PNG")
+        else:
+            import png
+
+            h, w, c = ints.shape
+            writer = png.Writer(w, h, greyscale=c in (1, 2), alpha=c in (2, 4), bitdepth=16)
+            with open(tmp, "wb") as f:
+                writer.write(f, ints.reshape(h, w * c))
 
 
 def fit_to_network(image: torch.Tensor, multiple: int, min_side: int, mode: str = "crop"):
     """Bring an image to a size the network takes: both sides multiples of `multiple`, >= min_side.
 
     mode="crop": center-crop each side to the largest multiple of `multiple` not above it.
-    mode="pad": reflect-pad each side up to the next multiple (split evenly, the extra pixel
-    at the bottom/right); `unfit(output, info)` crops a network output back to the original.
-    Never resizes. Raises ValueError when a side is below min_side (or cropping would take it
-    below min_side). Returns (image, info) where info is a JSON-able dict:
+    mode="pad": reflect-pad each side up to the next multiple, and at least to min_side (split
+    evenly, the extra pixel at the bottom/right; pads larger than the image reflect in rounds,
+    `reflect_pad`); `unfit(output, info)` crops a network output back to the original.
+    Never resizes. mode="crop" raises ValueError when a side is below min_side (or cropping
+    would take it below min_side). Returns (image, info) where info is a JSON-able dict:
       mode, original_size (H, W), size (h, w), changed, multiple, min_side,
       box (top, left, bottom, right): crop: the region of the original that was kept;
           pad: where the original lies in the padded image,
@@ -132,9 +226,10 @@ def fit_to_network(image: torch.Tensor, multiple: int, min_side: int, mode: str 
     if multiple < 1 or min_side < 1:
         raise ValueError(f"multiple and min_side must be positive, got {multiple} and {min_side}")
     h, w = int(image.shape[2]), int(image.shape[3])
-    if min(h, w) < min_side:
-        raise ValueError(f"image is {h}x{w} pixels, smaller than the minimum side {min_side} of this network")
     if mode == "crop":
+        if min(h, w) < min_side:
+            raise ValueError(f"image is {h}x{w} pixels, smaller than the minimum side {min_side} of this network; "
+                             "use mode='pad'")
         nh, nw = h // multiple * multiple, w // multiple * multiple
         if min(nh, nw) < min_side:
             raise ValueError(f"image is {h}x{w}: cropping to multiples of {multiple} gives {nh}x{nw}, "
@@ -143,13 +238,11 @@ def fit_to_network(image: torch.Tensor, multiple: int, min_side: int, mode: str 
         out = image[:, :, top:top + nh, left:left + nw]
         box, pad = (top, left, top + nh, left + nw), (0, 0, 0, 0)
     else:
-        nh, nw = -(-h // multiple) * multiple, -(-w // multiple) * multiple
+        floor = -(-min_side // multiple) * multiple
+        nh, nw = max(floor, -(-h // multiple) * multiple), max(floor, -(-w // multiple) * multiple)
         pt, pl = (nh - h) // 2, (nw - w) // 2
         pad = (pt, nh - h - pt, pl, nw - w - pl)
-        if max(pad[0], pad[1]) >= h or max(pad[2], pad[3]) >= w:
-            raise ValueError(f"image is {h}x{w}: too small to reflect-pad to {nh}x{nw}")
-        # F.pad takes (left, right, top, bottom).
-        out = torch.nn.functional.pad(image, (pad[2], pad[3], pad[0], pad[1]), mode="reflect") if any(pad) else image
+        out = reflect_pad(image, *pad)
         box = (pt, pl, pt + h, pl + w)
     changed = (nh, nw) != (h, w)
     if not changed:
@@ -163,6 +256,19 @@ def fit_to_network(image: torch.Tensor, multiple: int, min_side: int, mode: str 
     info = {"mode": mode, "original_size": (h, w), "size": (nh, nw), "changed": changed, "multiple": multiple,
             "min_side": min_side, "box": box, "pad": pad, "message": message}
     return out.contiguous(), info
+
+
+def reflect_pad(image: torch.Tensor, top: int, bottom: int, left: int, right: int) -> torch.Tensor:
+    """Reflect-pad a (N, C, H, W) tensor by any amounts: a pad as large as the image or larger is
+    done in rounds, each reflecting what the last one made (a side of 1 pixel is repeated)."""
+    while top or bottom or left or right:
+        h, w = image.shape[2], image.shape[3]
+        step = [min(left, w - 1), min(right, w - 1), min(top, h - 1), min(bottom, h - 1)]
+        if max(step) == 0:  # a 1-pixel side cannot be reflected: repeat it
+            return torch.nn.functional.pad(image, (left, right, top, bottom), mode="replicate")
+        image = torch.nn.functional.pad(image, step, mode="reflect")
+        left, right, top, bottom = left - step[0], right - step[1], top - step[2], bottom - step[3]
+    return image
 
 
 def unfit(image: torch.Tensor, info: dict) -> torch.Tensor:
@@ -220,7 +326,7 @@ def sample_image(name: str = "astronaut", size: int = 256) -> torch.Tensor:
     w, h = im.size
     left, top = (w - size) // 2, (h - size) // 2
     im = im.crop((left, top, left + size, top + size))
-    return check_image(_array_to_tensor(_pil_to_array(im)), f"sample image {name!r}")
+    return check_image(_array_to_tensor(_pil_to_array(im)[0]), f"sample image {name!r}")
 
 
 def _array_to_tensor(array: np.ndarray) -> torch.Tensor:

@@ -67,3 +67,56 @@ def layer_densities(masks: dict, path, title: str = "Kept fraction per layer") -
     _legend(ax, len(masks))
     _save(fig, path)
     plt.close(fig)
+
+
+def loss_curve(losses, path, title: str = "training loss (no reference image: no PSNR)") -> None:
+    """The loss at every step, on a log scale: what a run without a clean reference can show."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    ax.plot(range(1, len(losses) + 1), losses, color="C0")
+    if losses and min(losses) > 0:
+        ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("loss (mean squared error on the observed values)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def side_by_side(panels: dict, path, max_width: int = 1800, max_height: int = 900) -> None:
+    """`panels`: label -> (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) float array in [0, 1], shown left to
+    right at one height that a screen shows (at most max_height, all together at most max_width;
+    never enlarged past 2x), labeled; transparent pixels over a checkerboard."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    tiles = []
+    height = min(max_height, 2 * max(a.shape[0] for a in panels.values()))
+    widths = [a.shape[1] * height / a.shape[0] for a in panels.values()]
+    gap = 8
+    scale = min(1.0, (max_width - gap * (len(panels) - 1)) / sum(widths))
+    height = max(1, round(height * scale))
+    for array in panels.values():
+        a = np.asarray(array, dtype=np.float64)
+        a = a[:, :, None] if a.ndim == 2 else a
+        alpha = a[:, :, 3:4] if a.shape[2] in (2, 4) else np.ones_like(a[:, :, :1])
+        rgb = np.repeat(a[:, :, :1], 3, axis=2) if a.shape[2] in (1, 2) else a[:, :, :3]
+        yy, xx = np.mgrid[0:a.shape[0], 0:a.shape[1]]
+        board = np.where(((yy // 8 + xx // 8) % 2 == 0)[:, :, None], 0.8, 0.6)
+        rgb = rgb * alpha + board * (1 - alpha)
+        im = Image.fromarray(np.round(np.clip(rgb, 0, 1) * 255).astype(np.uint8))
+        width = max(1, round(a.shape[1] * height / a.shape[0]))
+        # nearest when enlarging (pixels stay visible, as in a viewer's zoom), Lanczos when reducing
+        method = Image.Resampling.NEAREST if height > a.shape[0] else Image.Resampling.LANCZOS
+        tiles.append(im.resize((width, height), method))
+    label_height = 18
+    canvas = Image.new("RGB", (sum(t.width for t in tiles) + gap * (len(tiles) - 1), height + label_height), "white")
+    draw = ImageDraw.Draw(canvas)
+    x = 0
+    for label, tile in zip(panels, tiles):
+        canvas.paste(tile, (x, label_height))
+        draw.text((x + 4, 3), label, fill="black")
+        x += tile.width + gap
+    with atomic_path(path, ".png") as tmp:
+        canvas.save(tmp, format="PNG")

@@ -1,4 +1,8 @@
-"""`oes-fast compare`: every method on the same image, noise, z and initial weights.
+"""`oes-fast compare`: the benchmark of every method on the same image, noise, z and initial weights.
+
+A benchmark, not a restoration: the image (or the built-in sample) is the clean reference,
+degraded synthetically (--sigma, --drop, --holes bernoulli|block, --factor) and center-cropped
+to the network's multiples by default (--fit crop), so every method is scored by PSNR/SSIM.
 
     oes-fast compare                                  # built-in sample, dense,random,magnitude
     oes-fast compare photo.png --methods dense,oes,imp,snip,synflow --density 0.05
@@ -13,7 +17,6 @@ interrupted comparison keeps what it finished.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -24,7 +27,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
-from .files import write_text
+from ..files import write_text
+from .common import PRESETS, UsageError, load_clean_for_benchmark, make_synthetic_task, prepare_out, version
 
 # name -> what it is (the help text and the table's notes)
 METHODS = {
@@ -60,9 +64,11 @@ BUNDLED_SIZE = (256, 256)  # what masks.bundled() documents, when its meta does 
 
 def add_compare_parser(commands, parents):
     parser = commands.add_parser(
-        "compare", parents=parents, help="compare pruning methods and baselines on one image",
-        description="Run several methods on the same image, noise, z and initial weights; write a table "
+        "compare", parents=parents, help="benchmark: compare pruning methods and baselines on a clean image",
+        description="Benchmark: IMAGE (or the built-in sample) is the clean reference, degraded synthetically; "
+                    "run several methods on the same degraded image, z and initial weights; write a table "
                     "(comparison.md/.csv), PSNR curves, layer-wise densities and report.json.")
+    parser.set_defaults(fit="crop")  # benchmarks score whole network-sized crops
     parser.add_argument("--methods", default=DEFAULT_METHODS,
                         help=f"comma-separated, from: {', '.join(METHODS)} (default: {DEFAULT_METHODS})")
     parser.add_argument("--task", choices=("denoise", "inpaint", "superres"), default="denoise",
@@ -85,7 +91,6 @@ def add_compare_parser(commands, parents):
 
 def parse_methods(text: str) -> list[str]:
     """The method names of --methods, in order, without repeats; UsageError for unknown ones."""
-    from .cli import UsageError
 
     names = [n.strip() for n in str(text).split(",") if n.strip()]
     if not names:
@@ -131,7 +136,6 @@ class Budgets:
 
 
 def _budgets(args) -> Budgets:
-    from .cli import PRESETS, UsageError
 
     preset = PRESETS[args.preset]
     train_steps = args.train_steps if args.train_steps is not None else preset["train_steps"]
@@ -152,8 +156,7 @@ def _budgets(args) -> Budgets:
 
 def _load_mask(path):
     """The --oes-mask file, checked against the OES network before anything is written."""
-    from . import masks, models
-    from .cli import UsageError
+    from .. import masks, models
 
     try:
         mask = masks.load(path)
@@ -166,7 +169,7 @@ def _load_mask(path):
 def _finished_methods(out, report) -> dict:
     """method -> (Row, report record, mask or None) of an earlier run in `out` with the same
     image, task, seeds, density and budgets (what --resume keeps); {} when there is none."""
-    from . import masks
+    from .. import masks
 
     path = os.path.join(out, "report.json")
     if not os.path.isfile(path):
@@ -198,7 +201,7 @@ def _finished_methods(out, report) -> dict:
 
 def _bundled_mask(height: int, width: int):
     """(mask, None) when the bundled mask can be used at this size, else (None, why not)."""
-    from . import masks
+    from .. import masks
 
     try:
         mask = masks.bundled()
@@ -214,10 +217,9 @@ def _bundled_mask(height: int, width: int):
 def run_compare(args) -> int:
     import torch
 
-    from . import images, masks, models, prune
-    from .cli import UsageError, _load_clean, _make_task, _prepare_out, _version
-    from .mask_search import search
-    from .train import train_dense, train_sgld, train_sparse
+    from .. import images, masks, models, prune
+    from ..mask_search import search
+    from ..train import train_dense, train_sgld, train_sparse
 
     # everything the user gave is checked before anything is written
     methods = parse_methods(args.methods)
@@ -226,9 +228,8 @@ def run_compare(args) -> int:
         raise UsageError(f"--density must be in (0, 1], got {args.density}")
     if args.seed < 0 or args.noise_seed < 0:
         raise UsageError("seeds must be non-negative")
-    clean, image_info = _load_clean(args)
-    # _make_task reads --task for the commands that have it ("train", "search"); so does compare
-    task = _make_task(argparse.Namespace(**{**vars(args), "command": "train"}))
+    clean, image_info = load_clean_for_benchmark(args)
+    task = make_synthetic_task(args.task, args)
     height, width = clean.shape[2:]
     oes_mask = None
     if args.oes_mask is not None:
@@ -240,7 +241,7 @@ def run_compare(args) -> int:
         bundled, bundled_problem = _bundled_mask(height, width)
         if bundled_problem:
             print(f"oes-fast compare: bundled {bundled_problem}", file=sys.stderr)
-    out = _prepare_out(args)  # --out, default runs/compare
+    out = prepare_out(args)  # --out, default runs/compare
     progress = False if args.no_progress else None
 
     model = models.skip_oes(seed=args.seed)
@@ -259,7 +260,7 @@ def run_compare(args) -> int:
                                 # from before an option existed still match for --resume
                                 **{k: v for k, v in asdict(budgets).items() if v is not None}),
                   seeds=dict(weights=args.seed, z=args.seed, noise=args.noise_seed, prune=args.seed),
-                  versions=dict(oes_fast=_version(), torch=torch.__version__, python=platform.python_version()),
+                  versions=dict(oes_fast=version(), torch=torch.__version__, python=platform.python_version()),
                   machine=dict(platform=platform.platform(), threads=torch.get_num_threads()),
                   methods={})
     rows: list[Row] = []
@@ -418,7 +419,7 @@ def _markdown_table(rows) -> str:
 def _write_outputs(out, rows, curves, found_masks, report, image_info, task, budgets, args) -> None:
     import io
 
-    from . import plots
+    from .. import plots
 
     header = [
         "# oes-fast compare",

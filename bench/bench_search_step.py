@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import oes_fast
+from oes_fast.loop import network_input
 from oes_fast.mask_search import SearchStep as OesSearchStep
 from oes_fast.allocator import keep_freed_memory
 from oes_fast.reference import KL_EPS
@@ -72,7 +73,7 @@ class DenseStepChannelsLast(DenseStep):
     CPU: search_step against this one is the cost of the masking alone."""
 
     def __init__(self, model, z, y):
-        super().__init__(model, oes_fast.train.network_input(model, z), y)
+        super().__init__(model, network_input(model, z), y)
 
 
 class AuthorsStep:

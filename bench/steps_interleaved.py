@@ -28,11 +28,20 @@ from bench_search_step import KEEP_FREED_MEMORY, STEPS, problem  # noqa: E402
 WARMUP = 3
 
 
-def measure(size: int, rounds: int) -> dict[str, list[float]]:
-    """Seconds per step of each method, one list entry per round."""
-    steps = {name: make(*problem(size)) for name, make in STEPS.items()}
+def measure(size: int, rounds: int, makers=None) -> dict[str, list[float]]:
+    """Seconds per step of each method (`makers`: name -> class or function that takes
+    (model, z, y) and returns a step callable with no arguments; default STEPS), one list entry
+    per round."""
+    return round_robin({name: make(*problem(size)) for name, make in (STEPS if makers is None else makers).items()},
+                       rounds)
+
+
+def round_robin(steps: dict, rounds: int, warmup: int = WARMUP) -> dict[str, list[float]]:
+    """Seconds per call of each of `steps` (name -> callable with no arguments), one list entry
+    per round: each is called `warmup` times, then every round calls each once, in an order
+    that rotates from round to round."""
     for step in steps.values():
-        for _ in range(WARMUP):
+        for _ in range(warmup):
             step()
     names = list(steps)
     times: dict[str, list[float]] = {name: [] for name in names}

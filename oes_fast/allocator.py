@@ -4,7 +4,7 @@ A training or search step allocates and frees the same large tensors every step 
 of tens of MB at 256x256). glibc's malloc serves blocks above its mmap threshold (which it
 raises by itself to 32 MiB at most) with fresh mappings and returns them to the system when
 freed, so every step faults those pages in again and the kernel zero-fills them: thousands of
-page faults per step, a large part of a CPU step's time (README, "Speed"). Keeping freed
+page faults per step, a large part of a CPU step's time (docs/performance.md, "The allocator and the garbage collector"). Keeping freed
 memory in the heap for reuse removes them.
 
 `keep_freed_memory()` is process-wide, so oes_fast never calls it behind a user's back: the

@@ -135,6 +135,7 @@ def finish() -> None:
 
 # ------------------------------------------------------------------------------ the entry point
 def build_parser() -> argparse.ArgumentParser:
+    """The arguments of `python -m oes_fast.distributed` (subcommands search and imp)."""
     parser = argparse.ArgumentParser(prog="python -m oes_fast.distributed",
                                      description="Multi-image mask search / IMP, one process per torchrun rank.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -242,6 +243,8 @@ def run(args, proc: Process) -> dict:
 
 
 def main(argv=None) -> int:
+    """Run one rank of `python -m oes_fast.distributed` with `argv` (default sys.argv); returns
+    the exit status."""
     args = build_parser().parse_args(argv)
     proc = init(args.backend)
     try:

@@ -19,9 +19,10 @@ from torch.func import functional_call
 from . import checkpoint as ckpt
 from . import rng
 from .flat import FlatLayout
-from .masks import Mask, MaskHealth, health, topk
+from .masks import Mask, MaskHealth, check_density, health, topk
 from .ops import gumbel_mask_with_slope, logit_adam_step_
-from .train import _bar, _exists, check_finite, data_loss, fingerprint, network_input, show_progress
+from .loop import (check_finite, checkpoint_exists, data_loss, fingerprint, network_input, progress_bar,
+                   show_progress)
 
 
 @dataclass
@@ -40,13 +41,6 @@ def _process_group(distributed: bool):
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         raise RuntimeError("distributed=True needs torch.distributed initialized (e.g. run under torchrun)")
     return torch.distributed.group.WORLD
-
-
-def _check_density(density) -> float:
-    density = float(density)
-    if not 0.0 < density <= 1.0:
-        raise ValueError(f"density must be in (0, 1], got {density}")
-    return density
 
 
 class LogitAdam:
@@ -230,6 +224,16 @@ def search(model: nn.Module, z: torch.Tensor, y, *, density: float = 0.05, steps
            recompute: bool = False, cuda_graph: bool = False) -> SearchResult:
     """Learn a mask at `density` for `model`'s current (initial) weights by fitting `y`.
 
+    `model`: a generator (oes_fast.models; its weights are read, not changed; float32 or
+    float64); `z`: its fixed input, float (1, C_in, H, W) on the model's device; `y`: the
+    degraded image(s), float (1, C, H, W) with values in [0, 1] (or what `degradation`
+    observes); `density` in (0, 1]: the fraction of ALL parameters the mask keeps; `steps` >= 0;
+    `lr` > 0 (Adam on the logits); `tau` > 0 (Gumbel-sigmoid temperature); `kl` >= 0 (weight of
+    the KL prior); `seed` (int >= 0) seeds the Gumbel noise and the mask's tie-breaks;
+    `progress` True/False/None (None: when stderr is a terminal). NaN/Inf refused. Returns a
+    SearchResult: the final logits (name -> CPU tensor shaped like the parameter, in the weights' dtype), the
+    hard Mask at `density` (top-k of the logits), the loss at every step and the mask's health.
+
     `y` is one image or a list of images (multi-image search: one network, one mask, the shared
     `z`, the loss summed over the images). With `distributed=True` (torch.distributed
     initialized, e.g. by torchrun), each process passes its own shard of the images and the
@@ -248,7 +252,7 @@ def search(model: nn.Module, z: torch.Tensor, y, *, density: float = 0.05, steps
     `cuda_graph=True` (CUDA, one process, either engine) replays the step from one captured
     CUDA graph (GraphedSearchStep; not yet run on a GPU), fetching the losses in batches.
     """
-    density = _check_density(density)
+    density = check_density(density)
     steps = int(steps)
     if steps < 0:
         raise ValueError(f"steps must be non-negative, got {steps}")
@@ -272,7 +276,7 @@ def search(model: nn.Module, z: torch.Tensor, y, *, density: float = 0.05, steps
                     degradation=degradation.to_dict() if degradation else None)
     losses: list[float] = []
     start = 0
-    if resume and checkpoint is not None and _exists(checkpoint):
+    if resume and checkpoint is not None and checkpoint_exists(checkpoint):
         state = ckpt.load(checkpoint, "search", settings)
         with torch.no_grad():
             logits.copy_(state["logits"].to(logits.device))
@@ -298,7 +302,7 @@ def search(model: nn.Module, z: torch.Tensor, y, *, density: float = 0.05, steps
             pending.clear()
 
     started = time.perf_counter()
-    bar = _bar(steps, start, "search", show_progress(progress))
+    bar = progress_bar(steps, start, "search", show_progress(progress))
     for step in range(start, steps):
         if graphed is None:
             loss, prior = run(step)

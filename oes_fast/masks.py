@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from . import rng
+from .connectivity import dead_convs
 from .files import atomic_path
 from .flat import FlatLayout
 
@@ -160,6 +161,10 @@ class MaskHealth:
 
 
 def health(mask: Mask, model: nn.Module) -> MaskHealth:
+    """Whether `mask` (which must fit `model`, else MaskMismatchError) leaves a signal path
+    through `model`: a MaskHealth listing the convs and batch norms that pass nothing (every
+    weight or scale pruned, or, for the OES hourglass, no live channel path:
+    oes_fast.connectivity.dead_convs) and the conv weights keeping under 1 %."""
     mask.check_fits(model)
     disconnected, sparse_layers = [], []
     for module_name, module in model.named_modules():
@@ -174,27 +179,14 @@ def health(mask: Mask, model: nn.Module) -> MaskHealth:
             if not bool(mask[prefix + "weight"].any()):
                 disconnected.append(f"{module_name} (batch norm: all scales pruned)")
     if not disconnected:
-        disconnected = _dead_paths(mask, model)
+        disconnected = dead_convs(mask, model)
     return MaskHealth(disconnected, sparse_layers)
 
 
-def _dead_paths(mask: Mask, model: nn.Module) -> list[str]:
-    """Convs that no live channel path reaches, from the exact channel compaction of
-    oes_fast.sparse (a layer can keep weights and scales that never line up: a kept weight
-    whose output channel's batch-norm scale is pruned carries nothing)."""
-    import copy
-
-    from .sparse import SparseGenerator, supports
-
-    if not supports(model):
-        return []
-    generator = SparseGenerator.from_masked(mask.apply_(copy.deepcopy(model)), mask)
-    return [f"{name} (conv: no channel path from the input survives)" for name, conv in generator.convs()
-            if conv.n_in == 0 or conv.n_out == 0]
-
-
 def from_flat(model: nn.Module, flat: torch.Tensor, **attributes) -> Mask:
-    """Mask from a flat boolean vector in the model's parameter order."""
+    """Mask from `flat`, a 1-D bool tensor with one entry per parameter element of `model`, in
+    the model's parameter order (oes_fast.flat); `attributes` (architecture, seed, z_seed, meta)
+    go to the Mask, the architecture defaulting to `model.config`."""
     flat = torch.as_tensor(flat)
     if flat.dtype != torch.bool:
         raise TypeError(f"flat mask must be bool, got {flat.dtype}")
@@ -207,7 +199,8 @@ def from_flat(model: nn.Module, flat: torch.Tensor, **attributes) -> Mask:
     return Mask(layout.views(flat.cpu()), **attributes)
 
 
-def _check_density(density: float) -> float:
+def check_density(density: float) -> float:
+    """`density` as a float, or ValueError unless it is in (0, 1] (the fraction of parameters kept)."""
     density = float(density)
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}")
@@ -217,10 +210,12 @@ def _check_density(density: float) -> float:
 def topk(logits, density: float, *, seed: int = 0, model: nn.Module | None = None, **attributes) -> Mask:
     """Hard mask keeping the round(density * n) largest logits over ALL parameters.
 
-    `logits` is a mapping name -> tensor (the usual case), or a flat tensor together with
-    `model` for the names. Ties at the threshold are broken by seeded random keys.
+    `logits` is a mapping name -> real tensor (the usual case), or a flat tensor together with
+    `model` for the names; any float dtype and device, no NaN. `density` in (0, 1] (at least one
+    parameter kept). Ties at the threshold are broken by keys seeded with `seed` (int >= 0).
+    Returns a Mask of CPU bool tensors shaped like the logits; `attributes` go to it.
     """
-    density = _check_density(density)
+    density = check_density(density)
     if isinstance(logits, Mapping):
         layout = FlatLayout.from_shapes({n: t.shape for n, t in logits.items()})
         flat = layout.flatten({n: t.detach() for n, t in logits.items()})
@@ -254,7 +249,8 @@ def topk(logits, density: float, *, seed: int = 0, model: nn.Module | None = Non
 
 # ------------------------------------------------------------------------------ files
 def save(mask: Mask, path) -> None:
-    """Write a safetensors file atomically (oes_fast.files.atomic_path)."""
+    """Write `mask` to `path` (str or path-like) as a safetensors file with its seeds,
+    architecture and meta, atomically (oes_fast.files.atomic_path)."""
     from safetensors.torch import save_file
 
     metadata = {
@@ -274,7 +270,8 @@ def save(mask: Mask, path) -> None:
 
 
 def load(path) -> Mask:
-    """Read a mask file written by `save`; a clear error for anything else."""
+    """Read the Mask in a file written by `save` (FileNotFoundError if missing, ValueError
+    naming the file for anything else)."""
     from safetensors import safe_open
 
     path = os.fspath(path)
@@ -308,7 +305,9 @@ def load(path) -> Mask:
 def load_published(path, model: nn.Module, **attributes) -> Mask:
     """A mask as the OES authors published it: an .npz holding `bits`, the numpy.packbits of the
     flat boolean mask in the OES network's parameter order, and `numel`. `attributes` (seed,
-    z_seed, meta) go to the Mask, since the file says nothing of the weights it was found for."""
+    z_seed, meta) go to the Mask, since the file says nothing of the weights it was found for.
+    `model`: the network it belongs to (oes_fast.models.skip_oes() for the authors' masks);
+    returns a Mask of CPU bool tensors shaped like its parameters."""
     import numpy as np
 
     data = np.load(os.fspath(path))

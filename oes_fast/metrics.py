@@ -24,6 +24,9 @@ def _check_pair(x: torch.Tensor, clean: torch.Tensor) -> None:
 def psnr(x: torch.Tensor, clean: torch.Tensor) -> float:
     """PSNR in dB with data range 1: 10 log10(1 / mean((x - clean)^2)); inf when equal.
 
+    `x`, `clean`: float tensors of the same shape (1, C, H, W), C in {1, 3}, values in [0, 1],
+    any float dtype and device. Returns a Python float.
+
     The closed form of skimage.metrics.peak_signal_noise_ratio(data_range=1), computed in
     float64 on the tensors' device (no copy to the host inside training loops). No clamping:
     pass images in [0, 1].
@@ -39,7 +42,8 @@ def _to_hwc(t: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def ssim(x: torch.Tensor, clean: torch.Tensor) -> float:
-    """SSIM as in scikit-image with the Gaussian window of Wang et al.
+    """SSIM as in scikit-image with the Gaussian window of Wang et al.: a Python float in
+    [-1, 1] (1 when equal) for `x`, `clean` as in `psnr`.
 
     skimage.metrics.structural_similarity(gaussian_weights=True, sigma=1.5,
     use_sample_covariance=False, data_range=1), averaged over channels for color

@@ -29,7 +29,7 @@ from torch import nn
 
 from . import rng
 from .flat import FlatLayout
-from .masks import Mask, _check_density, topk
+from .masks import Mask, check_density, topk
 
 __all__ = [
     "random", "magnitude", "snip", "grasp", "synflow", "imp", "IMPResult", "loss_increase_stop",
@@ -42,7 +42,8 @@ SCOPES = ("global", "layer")
 
 # ------------------------------------------------------------------------------ selection
 def layer_counts(numels: Sequence[int], density: float) -> list[int]:
-    """How many entries each parameter tensor keeps under scope="layer".
+    """How many entries each parameter tensor keeps under scope="layer": a list of ints, one
+    per entry of `numels` (the parameters' sizes, non-negative ints), for `density` in (0, 1].
 
     Each count is floor or ceil of density * n_l, and they add up to exactly
     round(density * sum(n_l)) (the global count): floors first, then one more to the layers
@@ -50,7 +51,7 @@ def layer_counts(numels: Sequence[int], density: float) -> list[int]:
     to the same density in every layer as integer counts allow, while the total density is
     the same as for scope="global".
     """
-    density = _check_density(density)
+    density = check_density(density)
     numels = [int(n) for n in numels]
     total = round(density * sum(numels))
     exact = [density * n for n in numels]
@@ -101,9 +102,12 @@ def _select_layerwise(scores: Mapping[str, torch.Tensor], density: float, seed: 
 
 def select(scores: Mapping[str, torch.Tensor], density: float, *, scope: str = "global", seed: int = 0,
            **attributes) -> Mask:
-    """Mask keeping the highest `scores` (name -> tensor) at an exact density, globally or per layer.
-    Extra keyword arguments become Mask attributes (architecture, seed, z_seed, meta)."""
-    density = _check_density(density)
+    """Mask keeping the highest `scores` (name -> real-valued tensor shaped like that parameter,
+    any float dtype and device, no NaN) at an exact `density` in (0, 1], over all of them
+    (scope="global") or per tensor (scope="layer"); ties go by keys seeded with `seed` (int >= 0).
+    Extra keyword arguments become Mask attributes (architecture, seed, z_seed, meta). Returns
+    an oes_fast.masks.Mask (CPU bool tensors)."""
+    density = check_density(density)
     if scope == "global":
         return topk(scores, density, seed=seed, **attributes)
     if scope == "layer":
@@ -112,7 +116,7 @@ def select(scores: Mapping[str, torch.Tensor], density: float, *, scope: str = "
 
 
 def _mask_for(model: nn.Module, scores, density, scope, seed, method: str, **meta) -> Mask:
-    density = _check_density(density)
+    density = check_density(density)
     return select(scores, density, scope=scope, seed=seed, architecture=getattr(model, "config", None),
                   meta=dict(method=method, scope=scope, prune_seed=seed, **meta))
 
@@ -149,7 +153,8 @@ def _like_params(t: torch.Tensor, params) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------ scores
 def random_scores(model: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Seeded uniforms, element j of the flat parameter space at stream offset j."""
+    """Seeded uniforms: name -> float32 tensor in [0, 1] shaped like that parameter of `model`,
+    element j of the flat parameter space at stream offset j (`seed`: int >= 0)."""
     layout = FlatLayout.from_model(model)
     s = rng.stream_seed(seed, "prune-random")
     return {n: rng.uniform(shape, s, off) for n, shape, off in zip(layout.names, layout.shapes, layout.offsets)}
@@ -157,13 +162,17 @@ def random_scores(model: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def magnitude_scores(model: nn.Module) -> dict[str, torch.Tensor]:
-    """|w|."""
+    """|w|: name -> tensor shaped, typed and placed like that parameter of `model`."""
     return {n: p.detach().abs().clone() for n, p in model.named_parameters()}
 
 
 def snip_scores(model: nn.Module, z: torch.Tensor, y: torch.Tensor, *, degradation=None) -> dict[str, torch.Tensor]:
     """SNIP (Lee et al. 2019): |g * w| with g = d loss / d w at the current weights,
-    loss = mse(model(z), y) or degradation.loss(model(z), y); batch norm with batch statistics."""
+    loss = mse(model(z), y) or degradation.loss(model(z), y); batch norm with batch statistics.
+
+    `z`: the network input (1, C_in, H, W); `y`: the target (1, C_out, H, W) in [0, 1], or
+    what `degradation` (oes_fast.tasks) observes. Returns name -> non-negative tensor shaped
+    like that parameter."""
     work, names, params = _working_copy(model)
     loss = _loss_fn(degradation)(work(_like_params(z, params)), _like_params(y, params))
     grads = torch.autograd.grad(loss, params, allow_unused=True)
@@ -178,6 +187,9 @@ def grasp_scores(model: nn.Module, z: torch.Tensor, y: torch.Tensor, *, degradat
     Sign convention (the paper's Algorithm 1): S estimates the change of the gradient norm when a
     weight is removed; a LARGE S means removing the weight reduces gradient flow the least, so
     `grasp` REMOVES the highest scores and KEEPS the lowest.
+
+    `z`, `y`, `degradation` as in `snip_scores`. Returns name -> real tensor shaped like that
+    parameter.
     """
     work, names, params = _working_copy(model)
     loss = _loss_fn(degradation)(work(_like_params(z, params)), _like_params(y, params))
@@ -234,7 +246,9 @@ def _synflow_scores_on(work: nn.Module, abs_w: list[torch.Tensor], masks: list[t
 
 def synflow_scores(model: nn.Module, mask: Mask | None = None, *, input_shape=None) -> dict[str, torch.Tensor]:
     """One SynFlow evaluation: |dR/dw * w| with R = sum(f(1; |W| * mask)) on the network of
-    `_synflow_network` (float64 scores)."""
+    `_synflow_network`. `mask`: an oes_fast.masks.Mask for `model`, or None (nothing pruned);
+    `input_shape`: (1, C, H, W) of the all-ones input (inferred for this package's models).
+    Returns name -> float64 non-negative tensor shaped like that parameter."""
     work = _synflow_network(model)
     names = [n for n, _ in work.named_parameters()]
     abs_w = [p.detach().abs() for p in work.parameters()]
@@ -245,30 +259,38 @@ def synflow_scores(model: nn.Module, mask: Mask | None = None, *, input_shape=No
 
 # ------------------------------------------------------------------------------ pruning at init
 def random(model: nn.Module, density: float, *, scope: str = "global", seed: int = 0) -> Mask:
-    """Random pruning: scores are seeded uniforms (stream "prune-random")."""
+    """Random pruning: scores are seeded uniforms (stream "prune-random").
+
+    Common to the pruning-at-initialization functions: `model` is not modified; `density` in
+    (0, 1] is the exact fraction of ALL parameters kept; `scope` is "global" or "layer" (see the
+    module docstring); `seed` (int >= 0) seeds the scores (here) and the tie-breaking keys.
+    Returns an oes_fast.masks.Mask (CPU bool tensors, one per parameter) recording the method
+    and its settings in `mask.meta`."""
     _check_scope(scope)
     return _mask_for(model, random_scores(model, seed), density, scope, seed, "random")
 
 
 def magnitude(model: nn.Module, density: float, *, scope: str = "global", seed: int = 0) -> Mask:
-    """Keep the largest |w|."""
+    """Keep the largest |w| (arguments and result as for `random`)."""
     _check_scope(scope)
     return _mask_for(model, magnitude_scores(model), density, scope, seed, "magnitude")
 
 
 def snip(model: nn.Module, density: float, z: torch.Tensor, y: torch.Tensor, *, scope: str = "global",
          seed: int = 0, degradation=None) -> Mask:
-    """SNIP: keep the largest |g * w| at initialization (`snip_scores`)."""
+    """SNIP: keep the largest |g * w| at initialization (`snip_scores` for z, y and degradation;
+    the rest as for `random`)."""
     _check_scope(scope)
-    _check_density(density)
+    check_density(density)
     return _mask_for(model, snip_scores(model, z, y, degradation=degradation), density, scope, seed, "snip")
 
 
 def grasp(model: nn.Module, density: float, z: torch.Tensor, y: torch.Tensor, *, scope: str = "global",
           seed: int = 0, degradation=None) -> Mask:
-    """GraSP: remove the highest S = -w * (H g), keep the lowest (`grasp_scores` for the sign)."""
+    """GraSP: remove the highest S = -w * (H g), keep the lowest (`grasp_scores` for the sign
+    and for z, y and degradation; the rest as for `random`)."""
     _check_scope(scope)
-    _check_density(density)
+    check_density(density)
     scores = grasp_scores(model, z, y, degradation=degradation)
     # keeping the lowest S = keeping the highest -S; ties still go by the seeded keys
     return _mask_for(model, {n: -s for n, s in scores.items()}, density, scope, seed, "grasp")
@@ -283,10 +305,11 @@ def synflow(model: nn.Module, density: float, *, scope: str = "global", seed: in
     |dR/dw * w| with the current mask applied, then keep density ** (k / iterations) of the
     parameters (globally or per layer). Already pruned weights score -inf, so they are not
     brought back (except where per-layer counts force it, which largest-remainder rounding can
-    do by one weight).
+    do by one weight). `iterations`: int >= 1; `input_shape` as in `synflow_scores`; the rest
+    as for `random`.
     """
     _check_scope(scope)
-    density = _check_density(density)
+    density = check_density(density)
     if int(iterations) < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
     work = _synflow_network(model)
@@ -312,6 +335,7 @@ def loss_increase_stop(losses: Sequence[float], patience: int) -> int | None:
     consecutive increases (losses[i] > losses[i - 1]) of the fitting loss, else None.
 
     E.g. losses [5, 4, 3, 4, 5], patience 2 -> 2 (the loss rose at rounds 3 and 4).
+    `patience`: int >= 1.
     """
     if isinstance(patience, bool) or int(patience) != patience or patience < 1:
         raise ValueError(f"patience must be a positive integer, got {patience!r}")
@@ -408,7 +432,11 @@ def imp(model: nn.Module, z: torch.Tensor, y: torch.Tensor | None = None, *, den
         prune_fraction: float = 0.2, rewind="init", stop_on_loss_increase: int | None = None, lr: float = 0.01,
         degradation=None, images: Sequence[torch.Tensor] | None = None, seed: int = 0,
         train_fn: Callable | None = None, distributed: bool = False) -> IMPResult:
-    """LIP iterative magnitude pruning (oes-spec.md section 6).
+    """LIP iterative magnitude pruning (oes-spec.md section 6). Returns an IMPResult.
+
+    `z`: the network input (1, C_in, H, W); `y`: the target (1, C_out, H, W), values in [0, 1]
+    (or what `degradation` observes); `density` in (0, 1]: the target fraction of ALL
+    parameters kept; `steps_per_round`: int >= 0; `prune_fraction` in (0, 1); `lr` > 0.
 
     Round r (r = 0 dense) sets the kept weights to the rewind weights, trains the masked network
     for `steps_per_round` steps (Adam, lr; pruned weights exactly zero), records the fitting loss,
@@ -432,7 +460,7 @@ def imp(model: nn.Module, z: torch.Tensor, y: torch.Tensor | None = None, *, den
     the images (same masks, to float rounding). Uses the built-in trainer (no `train_fn`).
     The model passed in is not modified.
     """
-    density = _check_density(density)
+    density = check_density(density)
     if not 0.0 < float(prune_fraction) < 1.0:
         raise ValueError(f"prune_fraction must be in (0, 1), got {prune_fraction}")
     steps = int(steps_per_round)

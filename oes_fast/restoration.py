@@ -223,12 +223,6 @@ class Problem:
         top, left, bottom, right = self.box
         return out[:, :, top:bottom, left:right]
 
-    def pad_like(self, reference: torch.Tensor) -> torch.Tensor:
-        """A reference at the output size, reflect-padded as the network's output is laid out."""
-        top, left, bottom, right = self.box
-        h, w = self.network_size
-        return images.reflect_pad(reference, top, h - bottom, left, w - right)
-
 
 def prepare(image, task: str = "denoise", *, holes=None, factor: int = 4, kernel: str = "lanczos",
             fit: str = "pad", network: torch.nn.Module | None = None) -> Problem:
@@ -451,7 +445,7 @@ class RestoreReport:
     losses: list[float] = field(default_factory=list)  # the training loss at every step
     reference: bool = False  # a reference (clean) image was given
     psnr_steps: list[int] = field(default_factory=list)
-    psnr: list[float] = field(default_factory=list)  # against the reference, on the padded frame
+    psnr: list[float] = field(default_factory=list)  # against the reference, on the output's region
     ssim: list[float] = field(default_factory=list)
     final_psnr: float | None = None  # against the reference, on the output exactly (cropped)
     final_ssim: float | None = None
@@ -570,7 +564,7 @@ def restore(image, task: str = "denoise", *, holes=None, factor: int = 4, mask=N
         timings["search_seconds"] = found.seconds
         search_info = dict(steps=search_steps, final_loss=found.losses[-1] if found.losses else None,
                            health=found.health.message)
-    training = dict(steps=steps, clean=None if reference is None else problem.pad_like(reference),
+    training = dict(steps=steps, clean=reference, clean_box=None if reference is None else problem.box,
                     degradation=problem.degradation, record_every=record_every, progress=progress,
                     resume=checkpoint_dir is not None)
     if method == "dense":

@@ -3,9 +3,10 @@
 `SparseGenerator.from_masked(model, mask)` computes what `mask.apply_(model)` followed by a
 training-mode forward computes (batch norm with batch statistics), in two steps:
 
-1. Compaction, exact. The OES hourglass without skip branches is one chain of stages (conv,
-   pool, batch norm, activation, upsample, ..., 1x1 conv, sigmoid). Walking it forward, every
-   channel of every intermediate tensor is either *variable* or a spatial *constant*:
+1. Compaction, exact (the channel analysis is oes_fast.connectivity's). The OES hourglass
+   without skip branches is one chain of stages (conv, pool, batch norm, activation, upsample,
+   ..., 1x1 conv, sigmoid). Walking it forward, every channel of every intermediate tensor is
+   either *variable* or a spatial *constant*:
    - a conv output channel none of whose kept taps reads a variable channel is a constant
      (its bias plus the constants it reads times their tap sums; exact because reflection
      padding of a constant plane is that constant plane);
@@ -51,7 +52,7 @@ from torch import nn
 
 from . import ops as _ops_module  # noqa: F401  (registers the operators)
 from .files import atomic_path
-from .masks import Mask
+from .connectivity import live_channels
 
 __all__ = ["CROSSOVER_DENSITY", "SparseGenerator", "to_csr", "sparse_conv2d"]
 
@@ -71,8 +72,10 @@ CROSSOVER_DENSITY = 0.5
 # ------------------------------------------------------------------------------------ the op
 def to_csr(weight: torch.Tensor, mask: torch.Tensor | None = None):
     """(values, row_ptr, col_idx) of a (C_out, C_in, KH, KW) weight: CSR over output channels,
-    keeping the entries where `mask` is True (default: the nonzeros). The order within a row is
-    ascending col_idx = c * KH * KW + ky * KW + kx."""
+    keeping the entries where `mask` (bool, the weight's shape) is True (default: the nonzeros).
+    The order within a row is ascending col_idx = c * KH * KW + ky * KW + kx. values: 1-D, the
+    weight's dtype; row_ptr: int64 (C_out + 1,); col_idx: int32 (nnz,); all on the weight's
+    device."""
     if weight.dim() != 4:
         raise ValueError(f"to_csr: weight must be 4-D (C_out, C_in, KH, KW), got shape {tuple(weight.shape)}")
     c_out = weight.shape[0]
@@ -92,7 +95,12 @@ def sparse_conv2d(input, values, row_ptr, col_idx, kernel_size, bias=None, strid
                   padding_mode: str = "zeros", upsample: int = 1) -> torch.Tensor:
     """F.conv2d(pad(up(input)), W, bias, stride) for the CSR weight W (see `to_csr`), with the
     padding ("zeros" or "reflect") applied while reading and up = nearest upsampling by
-    `upsample` (1: none), also applied while reading. Differentiable in input, values and bias."""
+    `upsample` (1: none), also applied while reading. Differentiable in input, values and bias.
+
+    `input`: float32 or float64 (N, C_in, H, W), contiguous; `values`, `row_ptr`, `col_idx`: the
+    CSR weight of `to_csr` (values in input's dtype, on its device); `kernel_size`, `stride`,
+    `padding`: ints or pairs; `bias`: (C_out,) or None. Returns (N, C_out, H_out, W_out) in
+    input's dtype, with H_out = (H * upsample + 2 * padding - KH) // stride + 1 (W alike)."""
     return torch.ops.oes_fast.sparse_conv2d(input, values, row_ptr, col_idx, bias, _pair(kernel_size), _pair(stride),
                                             _pair(padding), padding_mode, int(upsample))
 
@@ -270,7 +278,7 @@ class _BatchNorm(_Stage):
         return [(self.weight, f"{name}.weight", index), (self.bias, f"{name}.bias", index)]
 
 
-_ACTS = {
+_ACTS = {  # one for each of oes_fast.connectivity.ACTIVATIONS
     "LeakyReLU": lambda x, inplace: F.leaky_relu(x, 0.2, inplace=inplace),
     "ReLU": lambda x, inplace: F.relu(x, inplace=inplace),
     "ELU": lambda x, inplace: F.elu(x, inplace=inplace),
@@ -325,47 +333,6 @@ class _Elementwise(_Stage):
 _STAGES = {cls.kind: cls for cls in (_Conv, _BatchNorm, _Elementwise)}
 
 
-# ---------------------------------------------------------------------------------- the chain
-def supports(model) -> bool:
-    """Whether SparseGenerator can take this network (the hourglass without skip branches,
-    reflection padding, a supported activation)."""
-    cfg = getattr(model, "config", None) or {}
-    return (cfg.get("name") == "skip" and not any(cfg["channels_skip"]) and cfg["pad"] == "reflection"
-            and cfg["act"] in _ACTS)
-
-
-def _chain(model) -> list[tuple]:
-    """The Skip network without skip branches as a list of (kind, prefix, module, arg)."""
-    cfg = model.config
-    if any(cfg["channels_skip"]):
-        raise NotImplementedError("SparseGenerator supports the hourglass without skip branches (OES configuration)")
-    if cfg["pad"] != "reflection":
-        raise ValueError("SparseGenerator needs reflection padding: constant folding is exact only under it")
-    if cfg["act"] not in _ACTS:
-        raise ValueError(f"unsupported activation {cfg['act']!r}")
-    act = ("act", None, None, cfg["act"])
-    chain = []
-    for i, block in enumerate(model.down):
-        chain += [("conv", f"down.{i}.conv1", block.conv1, None), ("pool", None, None, cfg["downsample"]),
-                  ("bn", f"down.{i}.bn1", block.bn1, None), act,
-                  ("conv", f"down.{i}.conv2", block.conv2, None), ("bn", f"down.{i}.bn2", block.bn2, None), act]
-    for i in reversed(range(model.levels)):
-        up = model.up[str(i)]
-        if cfg["upsample"] == "nearest":
-            # Nearest upsampling repeats every value u*u times, so batch statistics (mean, biased
-            # variance) before and after it are the same: batch norm runs on the small tensor and
-            # the upsampling is fused into the conv's input load.
-            chain += [("bn", f"up.{i}.bn_in", up.bn_in, None), ("conv", f"up.{i}.conv", up.conv, 2)]
-        else:
-            chain += [("up", None, None, cfg["upsample"]), ("bn", f"up.{i}.bn_in", up.bn_in, None),
-                      ("conv", f"up.{i}.conv", up.conv, None)]
-        chain += [("bn", f"up.{i}.bn", up.bn, None), act]
-    chain.append(("conv", "out", model.out, None))
-    if cfg["sigmoid"]:
-        chain.append(("sigmoid", None, None, None))
-    return chain
-
-
 def _masked(module, prefix, name, mask):
     p = getattr(module, name)
     if p is None:
@@ -375,45 +342,9 @@ def _masked(module, prefix, name, mask):
 
 
 @torch.no_grad()
-def _compile(model, mask: Mask, crossover: float) -> tuple[list[dict], list[dict]]:
+def _compile(model, mask, crossover: float) -> tuple[list[dict], list[dict]]:
     """Specs and tensors of the compacted stages (see the module docstring)."""
-    chain = _chain(model)
-    c = model.config["in_channels"]
-    # ---- forward: which channels vary, which constants are structurally zero
-    var, zero = torch.ones(c, dtype=torch.bool), torch.zeros(c, dtype=torch.bool)
-    info = []
-    for kind, prefix, module, arg in chain:
-        entry = dict(var_in=var, zero_in=zero)
-        if kind == "conv":
-            wm = mask[f"{prefix}.weight"].any(3).any(2)  # (C_out, C_in): any kept tap
-            bm = mask[f"{prefix}.bias"] if module.bias is not None else torch.zeros(wm.shape[0], dtype=torch.bool)
-            fold = ~var & ~zero  # constant channels that may be nonzero
-            var = (wm & var[None]).any(1)
-            zero = ~bm & ~(wm & fold[None]).any(1)
-            entry.update(taps=wm, fold=fold)
-        elif kind == "bn":
-            var = var & mask[f"{prefix}.weight"]
-            zero = ~mask[f"{prefix}.bias"]
-        elif kind == "sigmoid":
-            zero = torch.zeros_like(zero)
-        # act (f(0) = 0 for every supported one), pool, up: unchanged
-        entry.update(var_out=var, zero_out=zero)
-        info.append(entry)
-    # ---- backward: which variable channels are needed (live)
-    need = torch.ones(len(var), dtype=torch.bool)  # every output channel is produced
-    for j in reversed(range(len(chain))):
-        kind = chain[j][0]
-        e = info[j]
-        if kind == "conv" and j == max(i for i, s in enumerate(chain) if s[0] == "conv"):
-            live_out = torch.ones_like(need)  # the output conv keeps all channels, constant or not
-        else:
-            live_out = need & e["var_out"]
-        e["live_out"] = live_out
-        if kind == "conv":
-            need = e["var_in"] & (e["taps"][live_out]).any(0)
-        else:
-            need = live_out & e["var_in"]
-        e["live_in"] = need
+    chain, info = live_channels(model, mask)
     # ---- stage specs and tensors
     specs, tensors = [], []
     first_conv = True
@@ -471,8 +402,11 @@ class SparseGenerator(nn.Module):
         self.fuse_batch_norm = True  # see forward
 
     @classmethod
-    def from_masked(cls, model: nn.Module, mask: Mask, crossover: float = CROSSOVER_DENSITY) -> "SparseGenerator":
-        """Compact `model` with `mask` applied (the model itself is not modified)."""
+    def from_masked(cls, model: nn.Module, mask, crossover: float = CROSSOVER_DENSITY) -> "SparseGenerator":
+        """Compact `model` (a Skip hourglass that `oes_fast.connectivity.supports`) with `mask` (an
+        oes_fast.masks.Mask that fits it) applied; the model itself is not modified. Convs whose
+        compacted weight keeps less than `crossover` (in [0, 1]) run sparse. The generator has the
+        model's device and dtype."""
         mask.check_fits(model)
         specs, tensors = _compile(model, mask, crossover)
         gen = cls(specs, tensors, model.config, {n: tuple(p.shape) for n, p in model.named_parameters()})
@@ -481,6 +415,8 @@ class SparseGenerator(nn.Module):
 
     # --- running
     def check_input(self, z: torch.Tensor) -> None:
+        """ValueError unless `z` is (N, in_channels, H, W) with H and W multiples of 2 ** levels
+        and at least 4 * 2 ** levels, as the dense model takes it."""
         levels = len(self.config["channels_down"])
         if z.dim() != 4 or z.shape[1] != self.config["in_channels"]:
             raise ValueError(f"input must be (N, {self.config['in_channels']}, H, W), got {tuple(z.shape)}")
@@ -491,6 +427,8 @@ class SparseGenerator(nn.Module):
                                  f"{tuple(z.shape[2:])}")
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """The dense masked model's training-mode output for `z` (see `check_input`; the
+        generator's dtype and device, contiguous): (N, out_channels, H, W)."""
         self.check_input(z)
         x, const, hw = z, None, (z.shape[0], z.shape[2], z.shape[3])
         # Without autograd, a sparse conv followed by batch norm computes the statistics in its
@@ -510,6 +448,7 @@ class SparseGenerator(nn.Module):
         return x
 
     def convs(self):
+        """(name in the dense model, compacted conv stage) for every conv, input to output."""
         return [(n, s) for n, s in zip(self.names, self.stages) if isinstance(s, _Conv)]
 
     def parameter_map(self) -> list[tuple[nn.Parameter, str, torch.Tensor]]:
@@ -585,6 +524,7 @@ class SparseGenerator(nn.Module):
 
     @classmethod
     def load(cls, path, device="cpu") -> "SparseGenerator":
+        """Read a generator written by `save` onto `device` (ValueError for another file)."""
         from safetensors import safe_open
 
         path = os.fspath(path)

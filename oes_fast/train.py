@@ -4,9 +4,7 @@ error for denoising); PSNR/SSIM against the clean image are recorded when it is 
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -14,6 +12,8 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
+from .loop import (check_finite, checkpoint_exists, data_loss, fingerprint, network_input, progress_bar,
+                   show_progress)
 from .masks import Mask
 
 
@@ -45,47 +45,13 @@ class TrainResult:
                     final_ssim=self.ssim[-1] if self.ssim else None, seconds=self.seconds)
 
 
-def show_progress(progress: bool | None) -> bool:
-    """Progress bars by default when stderr is a terminal."""
-    return sys.stderr.isatty() if progress is None else bool(progress)
-
-
-def fingerprint(t: torch.Tensor) -> str:
-    """Short hash of a tensor's values (ties a checkpoint to its data)."""
-    return hashlib.sha1(t.detach().to("cpu", torch.float64).contiguous().numpy().tobytes()).hexdigest()[:16]
-
-
-def check_finite(name: str, t: torch.Tensor) -> None:
-    if not torch.is_tensor(t):
-        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if not torch.isfinite(t).all():
-        raise ValueError(f"{name} contains NaN or Inf")
-
-
-def network_input(model: nn.Module, z: torch.Tensor) -> torch.Tensor:
-    """z as the training loops feed it to `model`: channels-last on a CPU, where oneDNN runs the
-    dense generators' convolutions (forward and backward) about a quarter faster that way
-    (bench/bench_search_step.py); as it is elsewhere, and for models that say they need it."""
-    if z.device.type == "cpu" and z.dim() == 4 and getattr(model, "channels_last_input", True):
-        return z.contiguous(memory_format=torch.channels_last)
-    return z
-
-
-def data_loss(out: torch.Tensor, y: torch.Tensor, degradation=None) -> torch.Tensor:
-    if degradation is not None:
-        return degradation.loss(out, y)
-    if out.shape != y.shape:
-        raise ValueError(f"output {tuple(out.shape)} and target {tuple(y.shape)} differ; pass the degradation")
-    return torch.mean((out - y) ** 2)
-
-
 class Recorder:
-    """PSNR/SSIM against the clean image every `every` steps and at the end."""
+    """PSNR/SSIM against the clean image every `every` steps and at the end; with `box` (top,
+    left, bottom, right), against that region of the output (a padded network's image)."""
 
-    def __init__(self, clean: torch.Tensor | None, every: int):
+    def __init__(self, clean: torch.Tensor | None, every: int, box: tuple[int, int, int, int] | None = None):
         self.clean = clean.detach().cpu() if clean is not None else None
+        self.box = box
         self.every = max(1, int(every))
         self.steps: list[int] = []
         self.psnr: list[float] = []
@@ -98,6 +64,9 @@ class Recorder:
         from .metrics import psnr, ssim
 
         image = image.detach().cpu().float()
+        if self.box is not None:
+            top, left, bottom, right = self.box
+            image = image[:, :, top:bottom, left:right]
         self.steps.append(step)
         self.psnr.append(float(psnr(image, self.clean)))
         self.ssim.append(float(ssim(image, self.clean)))
@@ -110,7 +79,8 @@ class Recorder:
 
 
 def _fit(model, z, y, steps, *, kind, clean, lr, degradation, record_every, progress, checkpoint, checkpoint_every,
-         resume, keep=None, extra_settings=None, sgld_seed=None, sgld_std=None, average_from=None) -> TrainResult:
+         resume, keep=None, extra_settings=None, sgld_seed=None, sgld_std=None, average_from=None,
+         clean_box=None) -> TrainResult:
     """The training loop shared by every method. `keep` (name -> bool tensor) masks the
     gradients so pruned weights stay exactly zero. With `sgld_seed`, Gaussian noise of standard
     deviation `sgld_std` is added to every weight after each update (SGLD) and the outputs from
@@ -130,7 +100,7 @@ def _fit(model, z, y, steps, *, kind, clean, lr, degradation, record_every, prog
         keep_list = [keep[name].to(device=p.device, dtype=p.dtype) for name, p in model.named_parameters()]
         with torch.no_grad():
             torch._foreach_mul_(params, keep_list)
-    recorder = Recorder(clean, record_every)
+    recorder = Recorder(clean, record_every, clean_box)
     losses: list[float] = []
     start_step = 0
     noise = torch.Generator(device=z.device).manual_seed(sgld_seed) if sgld_seed is not None else None
@@ -138,7 +108,7 @@ def _fit(model, z, y, steps, *, kind, clean, lr, degradation, record_every, prog
     settings = dict(kind=kind, lr=lr, record_every=record_every, architecture=getattr(model, "config", None),
                     z=fingerprint(z), y=fingerprint(y), degradation=degradation.to_dict() if degradation else None,
                     **(extra_settings or {}))
-    if resume and checkpoint is not None and _exists(checkpoint):
+    if resume and checkpoint is not None and checkpoint_exists(checkpoint):
         state = ckpt.load(checkpoint, "train", settings)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -159,7 +129,7 @@ def _fit(model, z, y, steps, *, kind, clean, lr, degradation, record_every, prog
         ckpt.save(checkpoint, "train", settings, state)
 
     started = time.perf_counter()
-    bar = _bar(steps, start_step, kind, show_progress(progress))
+    bar = progress_bar(steps, start_step, kind, show_progress(progress))
     out = None
     z_run = network_input(model, z)
     for step in range(start_step, steps):
@@ -203,34 +173,34 @@ def _fit(model, z, y, steps, *, kind, clean, lr, degradation, record_every, prog
                        psnr=recorder.psnr, ssim=recorder.ssim, seconds=time.perf_counter() - started)
 
 
-def _exists(path) -> bool:
-    import os
-
-    return os.path.isfile(os.fspath(path))
-
-
-def _bar(total, initial, desc, enabled):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
-
-
 def train_dense(model: nn.Module, z, y, steps: int = 4000, clean=None, *, lr: float = 0.01, degradation=None,
                 record_every: int = 100, progress: bool | None = None, checkpoint=None, checkpoint_every: int = 500,
-                resume: bool = False) -> TrainResult:
-    """Dense DIP: every weight of (a copy of) `model` is trained."""
+                resume: bool = False, clean_box=None) -> TrainResult:
+    """Dense DIP: every weight of (a copy of) `model` is trained.
+
+    Arguments shared by the training functions: `model` a generator (oes_fast.models; not
+    modified, a copy is trained); `z` its fixed input, a float tensor (1, C_in, H, W)
+    (oes_fast.models.dip_input); `y` the degraded image, float (1, C, H, W) with values in
+    [0, 1] (for a degradation other than denoising, what `degradation.degrade` returned);
+    `clean` (optional) the clean image, float (1, C, H, W) in [0, 1], against which PSNR/SSIM
+    are recorded every `record_every` steps and at the end (with `clean_box` = (top, left, bottom,
+    right), against that region of the output, e.g. a padded image's original); `steps` >= 0; `lr` > 0 (Adam);
+    `degradation` an oes_fast.tasks degradation (None: plain mean squared error against `y`);
+    `progress` True/False/None (None: when stderr is a terminal); `checkpoint` a file path
+    written every `checkpoint_every` steps, from which `resume=True` continues to the same
+    result as an uninterrupted run. All tensors on one device; NaN/Inf refused. Returns a
+    TrainResult (image on the CPU, shaped like the model's output).
+    """
     model = copy.deepcopy(model)
     return _fit(model, z, y, steps, kind="dense", clean=clean, lr=lr, degradation=degradation,
                 record_every=record_every, progress=progress, checkpoint=checkpoint,
-                checkpoint_every=checkpoint_every, resume=resume)
+                checkpoint_every=checkpoint_every, resume=resume, clean_box=clean_box)
 
 
 def train_sparse(model: nn.Module, mask: Mask, z, y, steps: int = 4000, clean=None, *, lr: float = 0.01,
                  degradation=None, record_every: int = 100, progress: bool | None = None, checkpoint=None,
                  checkpoint_every: int = 500, resume: bool = False, allow_disconnected: bool = False,
-                 engine: str = "auto") -> TrainResult:
+                 engine: str = "auto", clean_box=None) -> TrainResult:
     """Sparse-DIP: start from the model's own initial weights W0, set w = W0 * mask and train
     with the pruned weights kept exactly zero. Refuses a mask that disconnects the network
     unless `allow_disconnected`.
@@ -240,7 +210,10 @@ def train_sparse(model: nn.Module, mask: Mask, z, y, steps: int = 4000, clean=No
     channels, sparse convolution kernels forward and backward, weight gradients only at kept
     positions); "auto" takes the sparse engine on a CPU when the mask keeps at most
     `oes_fast.sparse.CROSSOVER_DENSITY`, where the benchmarks measured it faster. With the
-    sparse engine `result.model` is the SparseGenerator (`.dense_state_dict()` exports it)."""
+    sparse engine `result.model` is the SparseGenerator (`.dense_state_dict()` exports it).
+
+    `mask`: an oes_fast.masks.Mask that fits `model` (MaskMismatchError otherwise); the other
+    arguments as in `train_dense`."""
     from .masks import health
 
     if engine not in ("auto", "sparse", "dense"):
@@ -259,7 +232,7 @@ def train_sparse(model: nn.Module, mask: Mask, z, y, steps: int = 4000, clean=No
         model, keep = SparseGenerator.from_masked(model, mask), None
     return _fit(model, z, y, steps, kind="sparse", clean=clean, lr=lr, degradation=degradation,
                 record_every=record_every, progress=progress, checkpoint=checkpoint,
-                checkpoint_every=checkpoint_every, resume=resume, keep=keep,
+                checkpoint_every=checkpoint_every, resume=resume, keep=keep, clean_box=clean_box,
                 extra_settings=dict(mask=fingerprint(mask.to_flat().to(torch.float32)), engine=engine))
 
 
@@ -273,9 +246,10 @@ def train_sgld(model: nn.Module, z, y, steps: int = 4000, clean=None, *, lr: flo
 
     `noise_std`: the noise's standard deviation, by default sqrt(2 * lr) (variance 2 * lr, as
     the spec states it). With Adam at lr 0.01 that is 0.14 per step, larger than most weights
-    of the network: the fit never starts (measured in the README). Public SGLD-DIP code adds
+    of the network: the fit never starts (measured: docs/quality.md, "Comparison of methods"). Public SGLD-DIP code adds
     noise of standard deviation 2 * lr (0.02), to the conv weights only; pass noise_std=2 * lr
-    for that scale (here on every parameter)."""
+    for that scale (here on every parameter). `average_from` in [0, steps]; `seed` (int >= 0)
+    seeds the noise; the other arguments as in `train_dense`."""
     std = (2 * lr) ** 0.5 if noise_std is None else float(noise_std)
     if not (math.isfinite(std) and std >= 0):
         raise ValueError(f"noise_std must be finite and non-negative, got {noise_std}")
@@ -293,7 +267,8 @@ def choose_engine(engine: str, mask: Mask, model: nn.Module, device: str = "cpu"
     for a mask that leaves the network connected (a cut network compacts to constants)."""
     if engine != "auto":
         return engine
-    from .sparse import CROSSOVER_DENSITY, supports
+    from .connectivity import supports
+    from .sparse import CROSSOVER_DENSITY
 
     sparse_pays = device == "cpu" and supports(model) and mask.density <= CROSSOVER_DENSITY
     return "sparse" if sparse_pays and healthy else "dense"

@@ -4,6 +4,7 @@
 
 From scikit-image's astronaut (NASA, public domain), a 300x240 crop of the face (not a multiple
 of 64: the command pads and crops back):
+- photo.png: the crop itself (a reference for --clean, and an image to fill with holes.png);
 - noisy.png: with Gaussian noise (sigma 0.1, seed 0), 8-bit RGB;
 - scratched.png: RGBA, with scratches made transparent (the pixels to fill), and holes.png, the
   same scratches as a separate mask (white = missing) for an image without alpha;
@@ -21,6 +22,7 @@ OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples")
 def main():
     os.makedirs(OUT, exist_ok=True)
     photo = Image.fromarray(skimage.data.astronaut()).crop((130, 20, 370, 320))  # 240 wide, 300 high
+    photo.save(os.path.join(OUT, "photo.png"))
     clean = np.asarray(photo, dtype=np.float64) / 255.0
     noise = np.random.default_rng(0).standard_normal(clean.shape)
     noisy = np.round(np.clip(clean + 0.1 * noise, 0, 1) * 255).astype(np.uint8)

@@ -7,10 +7,15 @@ from torch.library import opcheck
 
 from oes_fast import ops, reference
 from oes_fast.mask_search import LogitAdam
-from tolerances import assert_close_to_reference
+from tolerances import assert_close_to_reference, tolerance
 
 SEED, OFFSET, TAU, DENSITY, KL, LR = 1234, 5_000_000_000, 0.2, 0.05, 1e-3, 0.01
 BETAS, EPS = (0.9, 0.999), 1e-8
+# The kernels (C++ and Triton) take 1 - beta2 in float32 from beta2 rounded to float32: that
+# coefficient of the new g^2 term is off by 1.3e-5 relative (torch.optim.Adam rounds 1 - beta2
+# itself, off by 6e-8). Since (1 - beta2) g^2 <= exp_avg_sq, exp_avg_sq's error from it is at
+# most this fraction of exp_avg_sq: the float32 comparison of exp_avg_sq allows exactly that.
+BETA2_ROUNDING = abs((1 - torch.tensor(BETAS[1], dtype=torch.float32).item()) / (1 - BETAS[1]) - 1)
 
 
 def make_state(n, dtype, seed=0):
@@ -51,9 +56,11 @@ def assert_step_matches_reference(got, state, masked, step):
     ref64 = reference_step(*[t.double() for t in state[:4]], None if w is None else w.double(), step=step)
     ref_lowp = reference_step(*state[:4], w, step=step)
     for name, a, r, rl in zip(("logits", "exp_avg", "exp_avg_sq", "prior"), got, ref64, ref_lowp):
-        assert_close_to_reference(a.reshape(-1), r.reshape(-1), rl.reshape(-1).to(a.dtype), name=name)
+        floor = tolerance(a.dtype).floor + (BETA2_ROUNDING if name == "exp_avg_sq" and a.dtype == torch.float32 else 0)
+        assert_close_to_reference(a.reshape(-1), r.reshape(-1), rl.reshape(-1).to(a.dtype), floor=floor, name=name)
     # the update moved the logits (by up to lr), so the comparison above is not vacuous (in
-    # bfloat16 a step of lr is below the resolution of most logits)
+    # bfloat16 a step of lr is below the resolution of most logits; there the moments, compared
+    # with a floor scaled to their size, show a step that did nothing)
     if state[0].dtype != torch.bfloat16:
         assert (got[0].double() - state[0].double()).abs().max() > LR / 100
 

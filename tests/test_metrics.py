@@ -1,6 +1,5 @@
 """PSNR and SSIM against scikit-image."""
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -8,7 +7,6 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from oes_fast.metrics import psnr, ssim
 
-PEPPER = Path("/work/shared/data/images/pepper.png")
 
 
 def test_psnr_known_mse():
@@ -48,12 +46,11 @@ def test_metric_errors():
         ssim(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8))
 
 
-@pytest.mark.skipif(not PEPPER.exists(), reason=f"{PEPPER} not present")
-def test_pepper_denoise_metrics():
+def test_pepper_denoise_metrics(shared_data):
     from oes_fast.images import load_image
     from oes_fast.tasks import Denoise
 
-    clean = load_image(PEPPER)
+    clean = load_image(shared_data / "images" / "pepper.png")
     noisy = Denoise(0.1).degrade(clean, 0)
     # sigma 0.1 gives 20 dB before clipping; clipping at 0 and 1 only removes error.
     assert 20.0 <= psnr(noisy, clean) < 21.0

@@ -348,10 +348,13 @@ def test_generator_gradients(mode):
     ref = dense_grads(model, mask, z, target, torch.float64)
     ((gen(z) - target) ** 2).mean().backward()
     covered = {n: torch.zeros(g.numel(), dtype=torch.bool) for n, g in ref.items()}
+    # a conv bias right before a batch norm has a gradient of exactly 0, the reference only
+    # rounding noise: the floor is relative to the largest gradient of the network
+    largest = max(float(g.abs().max()) for g in ref.values())
     for param, name, index in gen.parameter_map():
         got = param.grad if param.grad is not None else torch.zeros_like(param)
         expected = ref[name].reshape(-1)[index].view_as(got)
-        assert_close_to_reference(got, expected, floor=1e-10, name=f"grad {name}")
+        assert_close_to_reference(got, expected, floor=1e-10, scale=largest, name=f"grad {name}")
         covered[name][index] = True
     for name, g in ref.items():
         rest = g.reshape(-1)[~covered[name]]

@@ -96,7 +96,18 @@ def test_every_degradation_trains(task):
     assert fit.image.shape == clean.shape
     assert fit.losses[-1] < fit.losses[0]
     assert len(fit.psnr) == len(fit.steps) and fit.steps[-1] == 30
-    assert fit.peak_psnr >= fit.final_psnr
+    # the last record is the returned image's PSNR, and the fit raised it from the start
+    assert fit.final_psnr == pytest.approx(float(oes_fast.metrics.psnr(fit.image, clean)), abs=1e-9)
+    assert fit.psnr[-1] > fit.psnr[0] + 0.5
+
+
+def test_peak_and_final_of_a_psnr_curve():
+    curve = oes_fast.train.TrainResult(image=torch.zeros(1), losses=[0.3, 0.2, 0.1], model=None, steps=[0, 10, 20],
+                                       psnr=[11.0, 14.0, 12.5], ssim=[0.1, 0.3, 0.2])
+    assert (curve.peak_psnr, curve.peak_step, curve.final_psnr) == (14.0, 10, 12.5)
+    summary = curve.summary()
+    assert (summary["peak_psnr"], summary["peak_step"], summary["final_psnr"], summary["final_ssim"]) == (14.0, 10,
+                                                                                                           12.5, 0.2)
 
 
 def test_search_accepts_a_degradation():

@@ -28,7 +28,9 @@ def initialize(model: nn.Module, seed: int) -> nn.Module:
     Conv weights and biases: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), which is what PyTorch's
     default (kaiming_uniform with a=sqrt(5)) amounts to; batch norm: weight 1, bias 0.
     Parameter j of the flat parameter space uses stream offset j, in float32 arithmetic
-    whose every step is exactly rounded (so identical everywhere).
+    whose every step is exactly rounded (so identical everywhere). `model`: float32 parameters
+    in convs and batch norms only (TypeError / RuntimeError otherwise); `seed`: int >= 0.
+    Returns `model`, with `model.init_seed = seed`.
     """
     seed_user, seed = int(seed), rng.stream_seed(seed, "init")
     offset = 0
@@ -57,7 +59,10 @@ def initialize(model: nn.Module, seed: int) -> nn.Module:
 
 
 def skip(seed: int | None = None, **options) -> Skip:
-    """DIP hourglass with the options of `Skip` (channels, filters, padding, sampling, ...)."""
+    """DIP hourglass (float32, CPU) with the options of `Skip` (channels, filters, padding,
+    sampling, ...); weights from `seed` (int >= 0) or, with None, from PyTorch's global RNG.
+    It maps (N, in_channels, H, W) to (N, out_channels, H, W), H and W multiples of
+    2 ** levels and at least `model.min_side`."""
     model = Skip(**options)
     return initialize(model, seed) if seed is not None else model
 
@@ -65,7 +70,9 @@ def skip(seed: int | None = None, **options) -> Skip:
 def skip_oes(levels: int = 6, seed: int | None = None) -> Skip:
     """The OES configuration (3,008,867 parameters for 6 levels): 32 input channels, 3 output,
     channels [16, 32, 64, 128, 128, 128][:levels], no skip branches, 5x5 down and 3x3 up
-    filters, reflection padding, average pooling, nearest upsampling, LeakyReLU(0.2)."""
+    filters, reflection padding, average pooling, nearest upsampling, LeakyReLU(0.2), sigmoid
+    output in [0, 1]. `levels` in 1..6; `seed` as in `skip`. Input (N, 32, H, W), H and W
+    multiples of 2 ** levels (at least 256 for 6 levels); output (N, 3, H, W)."""
     if not 1 <= levels <= len(OES_CHANNELS):
         raise ValueError(f"levels must be in 1..{len(OES_CHANNELS)}, got {levels}")
     channels = OES_CHANNELS[:levels]
@@ -74,12 +81,16 @@ def skip_oes(levels: int = 6, seed: int | None = None) -> Skip:
 
 
 def deep_decoder(channels: int = 128, num_up: int = 5, out_channels: int = 3, seed: int | None = None) -> DeepDecoder:
+    """The deep decoder (float32, CPU): `channels` per layer, `num_up` x2 upsamplings (ints,
+    channels >= 1, num_up >= 0), `out_channels` outputs in [0, 1]; weights from `seed` as in `skip`. Its input shape
+    for an H x W output is `model.input_shape(H, W)`."""
     model = DeepDecoder(channels, num_up, out_channels)
     return initialize(model, seed) if seed is not None else model
 
 
 def build(config: dict, seed: int | None = None) -> nn.Module:
-    """Rebuild a model from its `config` (as stored in mask files)."""
+    """Rebuild a model from its `config` (a dict as stored in mask files: `model.config`), its
+    weights from `seed` as in `skip`; ValueError for an unknown architecture."""
     options = dict(config)
     name = options.pop("name", None)
     if name == "skip":
@@ -90,7 +101,8 @@ def build(config: dict, seed: int | None = None) -> nn.Module:
 
 
 def dip_input(channels: int, height: int, width: int, seed: int = 0, device="cpu") -> torch.Tensor:
-    """The fixed DIP input z: (1, channels, height, width), uniform on [0, 1] times 0.1, seeded."""
+    """The fixed DIP input z: a float32 (1, channels, height, width) tensor on `device`, uniform
+    on [0, 0.1] from `seed` (int >= 0); positive sizes."""
     if min(channels, height, width) <= 0:
         raise ValueError(f"dip_input: sizes must be positive, got {(channels, height, width)}")
     u = rng.uniform((1, channels, height, width), rng.stream_seed(seed, "input"), 0, device=device)

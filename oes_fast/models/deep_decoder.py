@@ -23,6 +23,7 @@ class DeepDecoder(nn.Module):
         self.sigmoid = sigmoid
 
     def input_shape(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """The input's shape for a height x width output (both multiples of 2 ** num_up)."""
         step = 2**self.num_up
         if height % step or width % step:
             raise ValueError(f"image sides must be multiples of {step}, got {(height, width)}")

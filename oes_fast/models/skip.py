@@ -23,6 +23,7 @@ def conv(c_in: int, c_out: int, kernel: int, pad: str, bias: bool) -> nn.Conv2d:
 
 
 def downsampler(mode: str) -> nn.Module:
+    """The x2 downsampling: `mode` "avg" (average pooling) or "max" (max pooling), 2x2 stride 2."""
     if mode == "avg":
         return nn.AvgPool2d(2, 2)
     if mode == "max":
@@ -73,7 +74,12 @@ class UpBlock(nn.Module):
 
 
 class Skip(nn.Module):
-    """DIP hourglass. `config` holds the constructor arguments (it names the architecture)."""
+    """DIP hourglass. `config` holds the constructor arguments (it names the architecture).
+
+    forward(z): z float (N, in_channels, H, W) (see `check_input`) -> (N, out_channels, H, W),
+    in [0, 1] with `sigmoid`. `channels_*`: one int per level (the same number of levels, at
+    least one); filters: odd ints; `pad` "reflection" or "zero"; `downsample` "avg" or "max";
+    `upsample` "nearest" or "bilinear"; `act` "LeakyReLU", "ReLU", "ELU" or "none"."""
 
     def __init__(
         self,
@@ -130,6 +136,8 @@ class Skip(nn.Module):
         return 4 * 2**self.levels
 
     def check_input(self, z: torch.Tensor) -> None:
+        """ValueError unless `z` is (N, in_channels, H, W) with H and W multiples of 2 ** levels
+        and at least `min_side`."""
         if z.dim() != 4 or z.shape[1] != self.config["in_channels"]:
             raise ValueError(f"input must be (N, {self.config['in_channels']}, H, W), got {tuple(z.shape)}")
         step = 2**self.levels

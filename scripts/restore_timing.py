@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -50,6 +51,7 @@ def main():
     for size in (int(s) for s in args.sizes.split(",")):
         photo = noisy_photo(size, args.work)
         out = os.path.join(args.work, f"denoise{size}")
+        shutil.rmtree(out, ignore_errors=True)  # a fresh run, not a resumed one
         cmd = ["oes-fast", "denoise", photo, "--out", out, "--no-progress", *args.extra.split()]
         load_before = os.getloadavg()[0]
         started = time.perf_counter()

@@ -32,6 +32,7 @@ class SearchResult:
     losses: list[float]  # total loss (data + kl * KL) at every step
     health: MaskHealth
     seconds: float = 0.0
+    step_seconds: list[float] = field(default_factory=list)  # wall time of each (ungraphed) step this call ran
     settings: dict = field(default_factory=dict)
 
 
@@ -303,10 +304,13 @@ def search(model: nn.Module, z: torch.Tensor, y, *, density: float = 0.05, steps
 
     started = time.perf_counter()
     bar = progress_bar(steps, start, "search", show_progress(progress))
+    step_seconds: list[float] = []
     for step in range(start, steps):
         if graphed is None:
+            step_started = time.perf_counter()
             loss, prior = run(step)
             losses.append(loss.item() + kl * prior.item())
+            step_seconds.append(time.perf_counter() - step_started)
         else:  # no host sync per step: the same sum in float64 on the device, fetched in batches
             loss, prior = graphed()
             pending.append(loss.double() + kl * prior.double())
@@ -331,4 +335,4 @@ def search(model: nn.Module, z: torch.Tensor, y, *, density: float = 0.05, steps
                      degradation=settings["degradation"])
     report = health(mask, model)
     return SearchResult(logits=final, mask=mask, losses=losses, health=report,
-                        seconds=time.perf_counter() - started, settings=settings)
+                        seconds=time.perf_counter() - started, settings=settings, step_seconds=step_seconds)

@@ -33,7 +33,7 @@ DEFAULT_STEPS = 2000  # the command's quick budget (oes_fast.cli.common.PRESETS)
 # fraction of the machine's available memory a run may plan to use: the rest is the allocator's
 # rounding, buffers inside kernels and whatever else the machine runs meanwhile
 MEMORY_SHARE = 0.9
-TIMED_STEPS = (2, 6)  # estimate_cost times runs of this many steps at the run's size
+TIMED_STEPS = 8  # estimate_cost times a run of this many steps at the run's size
 
 
 class NotEnoughMemory(ValueError):
@@ -355,8 +355,9 @@ def estimate_cost(problem: Problem, mask: Mask | None, *, train_steps: int, sear
     Memory: two short runs of each phase (search when `search_steps`, training) at the network's
     smallest sizes, with every tensor's bytes traced (`memory.LiveBytes`); peak bytes grow
     linearly in the pixels, so their slope and intercept give the peak at the run's size.
-    Time (only when the memory fits and `time_steps`): each phase once to warm up, then for 2 and
-    for 6 steps at the run's size (TIMED_STEPS); their difference is four steps, the rest setup. A mask search
+    Time (only when the memory fits and `time_steps`): each phase once to warm up, then for
+    TIMED_STEPS steps at the run's size: the median of its steps after the first is the time per
+    step, the rest of its wall time the setup. A mask search
     probes with a fresh search mask; training with `mask` (default: the bundled mask).
     """
     from .mask_search import search
@@ -402,12 +403,11 @@ def estimate_cost(problem: Problem, mask: Mask | None, *, train_steps: int, sear
     for phase in phases:
         run_phase(problem.network_size, 1, phase)  # warm-up: first-touch memory, one-time initializations
         t0 = time.perf_counter()
-        short = run_phase(problem.network_size, TIMED_STEPS[0], phase)
-        wall_short = time.perf_counter() - t0
-        long = run_phase(problem.network_size, TIMED_STEPS[1], phase)
-        # the loops' own clocks: the difference is steps alone, the rest of the wall time is setup
-        per_step = max((long.seconds - short.seconds) / (TIMED_STEPS[1] - TIMED_STEPS[0]), 1e-6)
-        seconds[phase] = (per_step, max(wall_short - TIMED_STEPS[0] * per_step, 0.0))
+        timed = run_phase(problem.network_size, TIMED_STEPS, phase)
+        wall = time.perf_counter() - t0
+        # the median step: a step slowed by another program on the machine does not set the forecast
+        per_step = float(np.median(timed.step_seconds[1:]))
+        seconds[phase] = (per_step, max(wall - sum(timed.step_seconds), 0.0))
     est.seconds_per_step, setup_train = seconds.get("train", (0.0, 0.0))
     est.search_seconds_per_step, setup_search = seconds.get("search", (0.0, 0.0))
     est.setup_seconds = setup_train + setup_search

@@ -26,6 +26,7 @@ class TrainResult:
     psnr: list[float] = field(default_factory=list)
     ssim: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    step_seconds: list[float] = field(default_factory=list)  # wall time of each step this call ran
 
     @property
     def peak_psnr(self) -> float | None:
@@ -132,7 +133,9 @@ def _fit(model, z, y, steps, *, kind, clean, lr, degradation, record_every, prog
     bar = progress_bar(steps, start_step, kind, show_progress(progress))
     out = None
     z_run = network_input(model, z)
+    step_seconds: list[float] = []
     for step in range(start_step, steps):
+        step_started = time.perf_counter()
         optimizer.zero_grad(set_to_none=False)
         out = model(z_run)
         loss = data_loss(out, y, degradation)
@@ -142,6 +145,7 @@ def _fit(model, z, y, steps, *, kind, clean, lr, degradation, record_every, prog
                 torch._foreach_mul_([p.grad for p in params], keep_list)
             optimizer.step()
         losses.append(loss.item())
+        step_seconds.append(time.perf_counter() - step_started)
         if noise is not None:
             with torch.no_grad():
                 for p in params:
@@ -170,7 +174,8 @@ def _fit(model, z, y, steps, *, kind, clean, lr, degradation, record_every, prog
     if clean is not None and (not recorder.steps or recorder.steps[-1] != steps):
         recorder.record(steps, out)
     return TrainResult(image=out.detach().cpu().contiguous(), losses=losses, model=model, steps=recorder.steps,
-                       psnr=recorder.psnr, ssim=recorder.ssim, seconds=time.perf_counter() - started)
+                       psnr=recorder.psnr, ssim=recorder.ssim, seconds=time.perf_counter() - started,
+                       step_seconds=step_seconds)
 
 
 def train_dense(model: nn.Module, z, y, steps: int = 4000, clean=None, *, lr: float = 0.01, degradation=None,

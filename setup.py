@@ -74,6 +74,6 @@ setup(
         "tqdm",
         "matplotlib",
     ],
-    extras_require={"triton": ["triton"], "test": ["pytest", "pytest-benchmark", "triton"]},
+    extras_require={"triton": ["triton>=3.6"], "test": ["pytest", "pytest-benchmark", "triton>=3.6"]},
     entry_points={"console_scripts": ["oes-fast=oes_fast.cli:main"]},
 )

@@ -411,6 +411,8 @@ def main(argv=None):
     parser.add_argument("--cpp-max-size", type=int, default=1024, help="largest size for the CUDA C++ fused variant")
     parser.add_argument("--precision-steps", type=int, default=300)
     parser.add_argument("--precision-size", type=int, default=512)
+    parser.add_argument("--json", help="also write the measurements here (bench/gpu_check.py reads them)")
+    parser.add_argument("--section", default="gpu_suite", help="marker name of the section written into --out")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device: GPU suite not run")
@@ -506,9 +508,18 @@ def main(argv=None):
             lines.append(f"\nPrecision study failed: {type(exc).__name__}: {exc}\n")
 
     out = Path(args.out)
-    write_section(out, "\n".join(lines))
+    write_section(out, "\n".join(lines), f"<!-- {args.section}:begin -->", f"<!-- {args.section}:end -->")
     print(f"wrote {out}")
-    return 0
+    if args.json:
+        import json
+
+        record = dict(device=props.name, sms=props.multi_processor_count, total_memory=props.total_memory,
+                      cuda=torch.version.cuda, torch=torch.__version__, triton=triton.__version__, date=now,
+                      cuda_cpp=bool(_C.with_cuda), correct=bool(ok), peaks_tflops=peaks, copy_gbps=bw,
+                      steps=[dict(variant=v, size=s, ms=ms, peak_bytes=peak, note=note)
+                             for (v, s), (ms, peak, note) in results.items()])
+        Path(args.json).write_text(json.dumps(record, indent=1))
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -166,9 +166,9 @@ def _check_device(op, t):
 
 
 def _check_inputs(logits, weight, seed, offset, tau):
-    """The op's checks (oes_fast.ops.check_gumbel_mask_inputs, mirroring csrc/ops.cpp), then
+    """The op's checks (oes_fast.op_checks.check_gumbel_mask_inputs, mirroring csrc/ops.cpp), then
     the launch's own: a device Triton can run on, offsets in int64. Returns (seed, offset, tau)."""
-    from oes_fast.ops import check_gumbel_mask_inputs
+    from oes_fast.op_checks import check_gumbel_mask_inputs
 
     for name, t in (("logits", logits), ("weight", weight)):
         if not isinstance(t, torch.Tensor):

@@ -24,6 +24,7 @@ Accumulation in float32 for float32 inputs (the dot's input precision: "ieee" by
 under TRITON_INTERPRET=1 (the tests).
 """
 import contextlib
+from typing import NamedTuple
 
 import torch
 import triton
@@ -33,7 +34,8 @@ from .gumbel_mask import (INTERPRETED, _as_f64_bits, _base_offset, _check_seed_o
                           _logistic_noise)
 
 __all__ = ["gumbel_masked_conv2d_forward", "gumbel_masked_conv2d_input_grad", "gumbel_masked_conv2d_weight_grad",
-           "gumbel_masked_conv2d_backward", "set_precision", "precision"]
+           "gumbel_masked_conv2d_backward", "set_precision", "precision", "GPU_TILES", "Tile", "tile",
+           "gpu_launch_config"]
 
 _PRECISIONS = ("ieee", "tf32", "bf16")
 _precision = "ieee"
@@ -82,13 +84,14 @@ def _masked_weight_tile(p_ptr, w_ptr, widx, live, seed, offset, tau_bits, COMPUT
 
 @triton.jit
 def _dot(a, b, acc, PREC: tl.constexpr):
-    # PREC: 0 exact (ieee; float64 is always this), 1 tf32, 2 bf16 tiles with float32 accumulation
+    # PREC: 0 exact (ieee; float64 is always this), 1 tf32, 2 bf16 tiles with float32 accumulation.
+    # out_dtype always given: Triton 3.6 defaults it to float32, which breaks float64 accumulators.
     if PREC == 2:
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc, out_dtype=tl.float32)
     elif PREC == 1:
-        return tl.dot(a, b, acc, input_precision="tf32")
+        return tl.dot(a, b, acc, input_precision="tf32", out_dtype=tl.float32)
     else:
-        return tl.dot(a, b, acc, input_precision="ieee")
+        return tl.dot(a, b, acc, input_precision="ieee", out_dtype=acc.dtype)
 
 
 @triton.jit(do_not_specialize=["seed", "offset", "tau_bits"])
@@ -231,9 +234,9 @@ def _weight_grad_kernel(g_ptr, x_ptr, p_ptr, w_ptr, gp_ptr, gw_ptr, N, C_in, H, 
 
 
 def _check(op, input, logits, weight, bias, seed, offset, tau, padding, padding_mode):
-    """The op's checks (oes_fast.ops.check_gumbel_masked_conv2d_inputs), then the launch's own:
+    """The op's checks (oes_fast.op_checks.check_gumbel_masked_conv2d_inputs), then the launch's own:
     a device Triton can run on, offsets in int64. Returns (seed, offset, tau, k, padding, H_out, W_out)."""
-    from oes_fast.ops import check_gumbel_masked_conv2d_inputs
+    from oes_fast.op_checks import check_gumbel_masked_conv2d_inputs
 
     for name, t in (("input", input), ("logits", logits), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
@@ -258,19 +261,172 @@ def _pow2(n, lo, hi):
     return max(lo, min(hi, triton.next_power_of_2(int(n))))
 
 
-def _tiles(dtype, n_cols):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps). Small under the interpreter (each program is
-    numpy work); on the GPU 128 pixels x up to 64 channels, 32-deep K steps (16 in float64,
-    whose tiles take twice the registers). 16 is tl.dot's smallest side."""
-    if INTERPRETED:
-        return 16, 16, 16, 4
-    if dtype == torch.float64:
-        return 64, _pow2(n_cols, 16, 32), 16, 4
-    return 128, _pow2(n_cols, 16, 64), 32, 4
+# ----------------------------------------------------------------------------- launch configuration
+
+
+class Tile(NamedTuple):
+    """A kernel's launch configuration: the GEMM tile (BLOCK_N, and BLOCK_M of the weight
+    gradient, are caps: a narrower layer gets the next power of two of its width, at least 16,
+    tl.dot's smallest side), warps, and software-pipelining stages."""
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+# The one table of GPU launch configurations, per kernel and dot precision ("float64" for
+# float64 inputs); the layer shape enters through the width rule of Tile. Chosen by compiling
+# candidates for sm_90 with Triton 3.6 and 3.9 over the layers of the OES network and the deep
+# decoder (bench/triton_compile_report.py): the largest tiles whose kernels spill on neither
+# version. What drove the choice:
+# - software pipelining is off (1 stage): the A tile is gathered with masked pointer loads (the
+#   padding is folded into the addresses) and the B tile is generated (Philox, logs), and the
+#   pipeliner's in-flight copies made every multi-stage configuration spill (forward
+#   128x64x32, 4 warps, 3 stages: 32 registers and 13 KB of spill stores per thread);
+# - exact float32 ("ieee") dots run on FMA units, each thread holding its rows of A and columns
+#   of B for the whole K step: at most 16 outputs per thread (64x64 tiles on 8 warps); TF32 /
+#   bf16 dots run on tensor cores and take twice the tile;
+# - 8 warps where a 4-warp program sat at 255 registers;
+# - where a tile was spill-free on one version only, one spill-free on both: the forward's ieee
+#   K step of 16 spilled 4 bytes on Triton 3.9 (16->3 1x1 layer), 32 does not; the weight
+#   gradient's ieee 64x64x16 on 4 warps spilled 4 bytes on Triton 3.6 (128->128 layers at 8x8),
+#   on 8 warps it does not.
+#   forward      M: output pixels, N: output channels, K: C_in * k * k
+#   input_grad   M: padded input pixels, N: input channels, K: C_out * k * k
+#   weight_grad  M: output channels, N: C_in * k * k, K: pixels (split-K over programs)
+GPU_TILES = {
+    ("forward", "ieee"): Tile(64, 64, 32, 8, 1),
+    ("forward", "tf32"): Tile(128, 64, 16, 8, 1),
+    ("forward", "bf16"): Tile(128, 64, 16, 8, 1),
+    ("forward", "float64"): Tile(64, 32, 16, 4, 1),
+    ("input_grad", "ieee"): Tile(64, 64, 16, 8, 1),
+    ("input_grad", "tf32"): Tile(64, 64, 16, 8, 1),
+    ("input_grad", "bf16"): Tile(64, 64, 16, 8, 1),
+    ("input_grad", "float64"): Tile(64, 32, 16, 4, 1),
+    ("weight_grad", "ieee"): Tile(64, 64, 16, 8, 1),
+    ("weight_grad", "tf32"): Tile(64, 64, 32, 4, 1),
+    ("weight_grad", "bf16"): Tile(64, 64, 32, 4, 1),
+    ("weight_grad", "float64"): Tile(64, 32, 16, 4, 1),
+}
+# Under the interpreter each program is numpy work: small tiles keep the CPU tests fast.
+INTERPRETER_TILE = Tile(16, 16, 16, 4, 1)
+# Split-K of the weight gradient: about 4 programs per SM, at least this many pixels per split.
+SPLIT_MIN_ROWS = 4096
+H100_SMS = 132
+
+
+class GPULaunch(NamedTuple):
+    """What the launchers assume of the GPU: its SM count (split-K) and the split threshold."""
+    sms: int = H100_SMS
+    min_rows_per_split: int = SPLIT_MIN_ROWS
+
+
+_gpu_launch_override = None
+
+
+@contextlib.contextmanager
+def gpu_launch_config(sms: int = H100_SMS, min_rows_per_split: int = SPLIT_MIN_ROWS):
+    """Within the block, launch with GPU_TILES and the GPU's split-K rule even under the
+    interpreter (and with this SM count on a GPU), so CPU tests run the code the GPU runs."""
+    global _gpu_launch_override
+    saved, _gpu_launch_override = _gpu_launch_override, GPULaunch(int(sms), int(min_rows_per_split))
+    try:
+        yield
+    finally:
+        _gpu_launch_override = saved
+
+
+def precision_name(dtype) -> str:
+    """The GPU_TILES key of a dtype under the current set_precision."""
+    return "float64" if dtype == torch.float64 else _precision
+
+
+def tile(kernel: str, dtype, m_extent: int, n_extent: int) -> Tile:
+    """The launch configuration of `kernel` for a GEMM of m_extent x n_extent outputs."""
+    if INTERPRETED and _gpu_launch_override is None:
+        return INTERPRETER_TILE
+    t = GPU_TILES[(kernel, precision_name(dtype))]
+    block_m = _pow2(m_extent, 16, t.block_m) if kernel == "weight_grad" else t.block_m
+    return t._replace(block_m=block_m, block_n=_pow2(n_extent, 16, t.block_n))
 
 
 def _on_device(t):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _gpu_launch(device) -> GPULaunch | None:
+    if _gpu_launch_override is not None:
+        return _gpu_launch_override
+    if INTERPRETED or device.type != "cuda":
+        return None
+    return GPULaunch(torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def splits(rows: int, tiles: int, gpu: GPULaunch | None) -> int:
+    """Split-K factor for the weight gradient: enough programs to fill the GPU (about 4 per
+    SM) when the C_out x K tile grid alone is small, at least min_rows_per_split pixels per
+    split; 1 without a GPU launch configuration."""
+    if gpu is None:
+        return 1
+    want = max(1, (4 * gpu.sms) // max(tiles, 1))
+    return int(max(1, min(want, rows // gpu.min_rows_per_split)))
+
+
+# Each *_launch function returns (kernel, grid, args, options) for `kernel[grid](*args, **options)`;
+# it reads only shapes and dtypes, so bench/triton_compile_report.py compiles exactly these
+# launches for sm_90 (with triton's MockTensor in place of tensors) on a machine without a GPU.
+
+def forward_launch(x, p, w, b, out, seed, offset, offset_ptr, from_ptr, tau, padding, padding_mode):
+    n, c_in, h, wd = x.shape
+    c_out, _, k, _ = w.shape
+    h_out, w_out = out.shape[2], out.shape[3]
+    t = tile("forward", x.dtype, n * h_out * w_out, c_out)
+    grid = (triton.cdiv(n * h_out * w_out, t.block_m), triton.cdiv(c_out, t.block_n))
+    args = (x, p, w, b if b is not None else x, out, n, c_in, h, wd, c_out, h_out, w_out, seed, offset, offset_ptr,
+            _as_f64_bits(tau))  # b is never read without HAS_BIAS
+    options = dict(KS=k, PAD=padding, REFLECT=padding_mode == "reflect", HAS_BIAS=b is not None,
+                   OFFSET_FROM_PTR=from_ptr, COMPUTE=_compute(x.dtype), PREC=_prec(x.dtype), BLOCK_M=t.block_m,
+                   BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=t.num_warps, num_stages=t.num_stages)
+    return _forward_kernel, grid, args, options
+
+
+def input_grad_launch(g, p, w, gpad, seed, offset, offset_ptr, from_ptr, tau):
+    n, c_in, hp, wp = gpad.shape
+    c_out, _, k, _ = w.shape
+    h_out, w_out = g.shape[2], g.shape[3]
+    t = tile("input_grad", g.dtype, n * hp * wp, c_in)
+    grid = (triton.cdiv(n * hp * wp, t.block_m), triton.cdiv(c_in, t.block_n))
+    args = (g, p, w, gpad, n, c_in, h_out, w_out, c_out, hp, wp, seed, offset, offset_ptr, _as_f64_bits(tau))
+    options = dict(KS=k, OFFSET_FROM_PTR=from_ptr, COMPUTE=_compute(g.dtype), PREC=_prec(g.dtype),
+                   BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=t.num_warps,
+                   num_stages=t.num_stages)
+    return _input_grad_kernel, grid, args, options
+
+
+def weight_grad_launch(g, x, p, w, grad_logits, grad_weight, seed, offset, offset_ptr, from_ptr, tau, padding,
+                       padding_mode, gpu):
+    """grad_weight None: not asked for. `gpu`: a GPULaunch (split-K) or None. The outputs must
+    be zero-filled when the returned options have ATOMIC (the splits add into them)."""
+    n, c_in, h, wd = x.shape
+    c_out, _, k, _ = w.shape
+    h_out, w_out = g.shape[2], g.shape[3]
+    kk, rows = c_in * k * k, n * h_out * w_out
+    t = tile("weight_grad", g.dtype, c_out, kk)
+    n_splits = splits(rows, triton.cdiv(c_out, t.block_m) * triton.cdiv(kk, t.block_n), gpu)
+    rows_per_split = triton.cdiv(triton.cdiv(rows, n_splits), t.block_k) * t.block_k
+    n_splits = triton.cdiv(rows, rows_per_split)
+    grid = (triton.cdiv(c_out, t.block_m), triton.cdiv(kk, t.block_n), n_splits)
+    args = (g, x, p, w, grad_logits, grad_weight if grad_weight is not None else grad_logits, n, c_in, h, wd, c_out,
+            h_out, w_out, rows_per_split, seed, offset, offset_ptr, _as_f64_bits(tau))
+    options = dict(KS=k, PAD=padding, REFLECT=padding_mode == "reflect", WEIGHT_GRAD=grad_weight is not None,
+                   ATOMIC=n_splits > 1, OFFSET_FROM_PTR=from_ptr, COMPUTE=_compute(g.dtype), PREC=_prec(g.dtype),
+                   BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=t.num_warps,
+                   num_stages=t.num_stages)
+    return _weight_grad_kernel, grid, args, options
+
+
+# ----------------------------------------------------------------------------- launchers
 
 
 def gumbel_masked_conv2d_forward(input, logits, weight, bias, seed, offset, tau, padding, padding_mode):
@@ -278,22 +434,19 @@ def gumbel_masked_conv2d_forward(input, logits, weight, bias, seed, offset, tau,
     seed, offset, tau, k, padding, h_out, w_out = _check("gumbel_masked_conv2d", input, logits, weight, bias, seed,
                                                          offset, tau, padding, padding_mode)
     x, p, w = input.contiguous(), logits.contiguous(), weight.contiguous()
-    n, c_in, h, wd = x.shape
+    n, c_in = x.shape[0], x.shape[1]
     c_out = w.shape[0]
     out = torch.empty((n, c_out, h_out, w_out), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
     if c_in == 0:
         return out.copy_((bias if bias is not None else out.new_zeros(c_out)).view(1, -1, 1, 1).expand_as(out))
-    bm, bn, bk, warps = _tiles(x.dtype, c_out)
-    grid = (triton.cdiv(n * h_out * w_out, bm), triton.cdiv(c_out, bn))
-    b = bias.contiguous() if bias is not None else x  # never read without HAS_BIAS
+    b = bias.contiguous() if bias is not None else None
     offset, offset_ptr, from_ptr = _launch_offset("gumbel_masked_conv2d", offset, x)
+    kernel, grid, args, options = forward_launch(x, p, w, b, out, seed, offset, offset_ptr, from_ptr, tau, padding,
+                                                 padding_mode)
     with _on_device(x):
-        _forward_kernel[grid](x, p, w, b, out, n, c_in, h, wd, c_out, h_out, w_out, seed, offset, offset_ptr,
-                              _as_f64_bits(tau), KS=k, PAD=padding, REFLECT=padding_mode == "reflect",
-                              HAS_BIAS=bias is not None, OFFSET_FROM_PTR=from_ptr, COMPUTE=_compute(x.dtype),
-                              PREC=_prec(x.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+        kernel[grid](*args, **options)
     return out
 
 
@@ -304,16 +457,12 @@ def gumbel_masked_conv2d_input_grad(grad_output, input, logits, weight, seed, of
     g, p, w = grad_output.contiguous(), logits.contiguous(), weight.contiguous()
     n, c_in, h, wd = input.shape
     c_out = w.shape[0]
-    hp, wp = h + 2 * padding, wd + 2 * padding
-    gpad = torch.empty((n, c_in, hp, wp), dtype=g.dtype, device=g.device)
+    gpad = torch.empty((n, c_in, h + 2 * padding, wd + 2 * padding), dtype=g.dtype, device=g.device)
     if gpad.numel() and c_out:
-        bm, bn, bk, warps = _tiles(g.dtype, c_in)
-        grid = (triton.cdiv(n * hp * wp, bm), triton.cdiv(c_in, bn))
         offset, offset_ptr, from_ptr = _launch_offset("gumbel_masked_conv2d_backward", offset, g)
+        kernel, grid, args, options = input_grad_launch(g, p, w, gpad, seed, offset, offset_ptr, from_ptr, tau)
         with _on_device(g):
-            _input_grad_kernel[grid](g, p, w, gpad, n, c_in, h_out, w_out, c_out, hp, wp, seed, offset, offset_ptr,
-                                     _as_f64_bits(tau), KS=k, OFFSET_FROM_PTR=from_ptr, COMPUTE=_compute(g.dtype),
-                                     PREC=_prec(g.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+            kernel[grid](*args, **options)
     else:
         gpad.zero_()
     if padding == 0:
@@ -324,49 +473,26 @@ def gumbel_masked_conv2d_input_grad(grad_output, input, logits, weight, seed, of
     return gpad[:, :, padding:padding + h, padding:padding + wd].contiguous()
 
 
-def _splits(rows, tiles, device):
-    """Split-K factor for the weight gradient: enough programs to fill the GPU (about 4 per
-    SM) when the C_out x K tile grid alone is small, at least 4096 pixels per split."""
-    if INTERPRETED or device.type != "cuda":
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = max(1, (4 * sms) // max(tiles, 1))
-    return int(max(1, min(want, rows // 4096)))
-
-
 def gumbel_masked_conv2d_weight_grad(grad_output, input, logits, weight, seed, offset, tau, padding, padding_mode,
                                      weight_grad):
     """(grad_logits, grad_weight or an empty [0] tensor), from the dW_eff reduction's epilogue."""
     seed, offset, tau, k, padding, h_out, w_out = _check("gumbel_masked_conv2d_backward", input, logits, weight, None,
                                                          seed, offset, tau, padding, padding_mode)
     g, x, p, w = grad_output.contiguous(), input.contiguous(), logits.contiguous(), weight.contiguous()
-    n, c_in, h, wd = x.shape
-    c_out = w.shape[0]
-    kk = c_in * k * k
-    rows = n * h_out * w_out
-    bm, bn, bk, warps = _tiles(g.dtype, kk)
-    bm = _pow2(c_out, 16, 64) if not INTERPRETED else bm
-    tiles = triton.cdiv(c_out, bm) * triton.cdiv(kk, bn)
-    splits = _splits(rows, tiles, g.device)
-    alloc = torch.zeros if splits > 1 else torch.empty
-    grad_logits = alloc(w.shape, dtype=w.dtype, device=w.device)
-    grad_weight = alloc(w.shape, dtype=w.dtype, device=w.device) if weight_grad else w.new_empty(0)
-    if w.numel() == 0:
-        return grad_logits, grad_weight
-    if rows == 0:
-        return grad_logits.zero_(), grad_weight.zero_()
-    rows_per_split = triton.cdiv(triton.cdiv(rows, splits), bk) * bk
-    splits = triton.cdiv(rows, rows_per_split)
-    grid = (triton.cdiv(c_out, bm), triton.cdiv(kk, bn), splits)
+    grad_logits = torch.empty(w.shape, dtype=w.dtype, device=w.device)
+    grad_weight = torch.empty(w.shape, dtype=w.dtype, device=w.device) if weight_grad else None
+    outputs = (grad_logits, grad_weight) if weight_grad else (grad_logits,)
+    if w.numel() == 0 or g.numel() == 0:
+        return grad_logits.zero_(), grad_weight.zero_() if weight_grad else w.new_empty(0)
     offset, offset_ptr, from_ptr = _launch_offset("gumbel_masked_conv2d_backward", offset, g)
+    kernel, grid, args, options = weight_grad_launch(g, x, p, w, grad_logits, grad_weight, seed, offset, offset_ptr,
+                                                     from_ptr, tau, padding, padding_mode, _gpu_launch(g.device))
+    if options["ATOMIC"]:  # the splits add into the outputs
+        for t in outputs:
+            t.zero_()
     with _on_device(g):
-        _weight_grad_kernel[grid](g, x, p, w, grad_logits, grad_weight if weight_grad else grad_logits, n, c_in, h,
-                                  wd, c_out, h_out, w_out, rows_per_split, seed, offset, offset_ptr,
-                                  _as_f64_bits(tau), KS=k, PAD=padding, REFLECT=padding_mode == "reflect",
-                                  WEIGHT_GRAD=bool(weight_grad), ATOMIC=splits > 1, OFFSET_FROM_PTR=from_ptr,
-                                  COMPUTE=_compute(g.dtype), PREC=_prec(g.dtype), BLOCK_M=bm, BLOCK_N=bn,
-                                  BLOCK_K=bk, num_warps=warps)
-    return grad_logits, grad_weight
+        kernel[grid](*args, **options)
+    return grad_logits, grad_weight if weight_grad else w.new_empty(0)
 
 
 def gumbel_masked_conv2d_backward(grad_output, input, logits, weight, seed, offset, tau, padding, padding_mode,

@@ -13,6 +13,9 @@ import os
 
 import torch
 
+from .op_checks import (SEED_LIMIT, check_gumbel_mask_inputs, check_gumbel_masked_conv2d_inputs,  # noqa: F401
+                        check_logit_adam_step_inputs)
+
 try:
     from . import _C
 except ImportError as exc:  # pragma: no cover - only without a build
@@ -22,7 +25,6 @@ except ImportError as exc:  # pragma: no cover - only without a build
     ) from exc
 
 _ops = torch.ops.oes_fast
-_SEED_LIMIT = 2**63
 
 # ---------------------------------------------------------------------------------------------
 # CUDA backend choice: "cuda" (CUDA C++ kernels of the extension) or "triton".
@@ -31,7 +33,10 @@ _cuda_backend = os.environ.get("OES_FAST_CUDA_BACKEND", "cuda" if _C.with_cuda e
 
 
 def set_cuda_backend(name: str) -> None:
-    """Choose which kernels run the ops on CUDA tensors: "cuda" (CUDA C++) or "triton"."""
+    """Choose which kernels run the ops on CUDA tensors, process-wide: "cuda" (the CUDA C++
+    kernels; only when the extension was built with nvcc) or "triton". The default is "cuda"
+    when built with it, else "triton", or the environment variable OES_FAST_CUDA_BACKEND.
+    Raises ValueError for another name, RuntimeError for "cuda" without the CUDA C++ build."""
     global _cuda_backend
     if name not in _CUDA_BACKENDS:
         raise ValueError(f"unknown CUDA backend {name!r}; choose one of {_CUDA_BACKENDS}")
@@ -41,6 +46,7 @@ def set_cuda_backend(name: str) -> None:
 
 
 def cuda_backend() -> str:
+    """The current CUDA backend: "cuda" or "triton" (see set_cuda_backend)."""
     return _cuda_backend
 
 
@@ -77,29 +83,6 @@ _cuda_lib.impl("gumbel_mask_backward", _gumbel_mask_backward_cuda, "CUDA")
 
 # ---------------------------------------------------------------------------------------------
 # Fake implementations: shapes and dtypes only, so torch.compile can trace the ops.
-
-
-_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
-
-
-def check_gumbel_mask_inputs(logits, weight, seed, offset, tau) -> None:
-    """The checks of csrc/ops.cpp, for the fake kernels (so tracing reports bad input too) and
-    the wrapper. seed/offset may be symbolic while tracing; they are checked when plain ints."""
-    if logits.shape != weight.shape:
-        raise ValueError(f"gumbel_mask: logits and weight must have the same shape, got {tuple(logits.shape)} "
-                         f"and {tuple(weight.shape)}")
-    if logits.dtype != weight.dtype:
-        raise TypeError(f"gumbel_mask: logits and weight must have the same dtype, got {logits.dtype} and {weight.dtype}")
-    if logits.device != weight.device:
-        raise ValueError(f"gumbel_mask: logits and weight must be on the same device, got {logits.device} and "
-                         f"{weight.device}")
-    if logits.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"gumbel_mask: dtype must be float32, float64 or bfloat16, got {logits.dtype}")
-    if not (math.isfinite(tau) and tau > 0):
-        raise ValueError(f"gumbel_mask: tau must be positive and finite, got {tau}")
-    for name, value in (("seed", seed), ("offset", offset)):
-        if isinstance(value, int) and not 0 <= value < _SEED_LIMIT:
-            raise ValueError(f"gumbel_mask: {name} must be in [0, 2**63), got {value}")
 
 
 @torch.library.register_fake("oes_fast::philox_uniform")
@@ -159,24 +142,30 @@ def _channel_sum(grad: torch.Tensor) -> torch.Tensor:
 
 
 def _check_seed_offset(seed: int, offset: int) -> None:
-    if not 0 <= int(seed) < _SEED_LIMIT:
+    if not 0 <= int(seed) < SEED_LIMIT:
         raise ValueError(f"seed must be in [0, 2**63), got {seed}")
-    if not 0 <= int(offset) < _SEED_LIMIT:
+    if not 0 <= int(offset) < SEED_LIMIT:
         raise ValueError(f"offset must be in [0, 2**63), got {offset}")
 
 
 def gumbel_mask(logits: torch.Tensor, weight: torch.Tensor, seed: int, offset: int = 0, tau: float = 0.2) -> torch.Tensor:
     """Masked weight `weight * sigmoid((logits + log(u) - log(1-u)) / tau)`, differentiable in both.
 
-    `u` is generated in the kernel from (seed, offset + j) for element j (row-major), so the
-    same seed and offset give the same noise on every backend and in the backward pass.
+    logits, weight: same shape (any), dtype (float32, float64 or bfloat16) and device (CPU or
+    CUDA). seed, offset: ints in [0, 2**63); tau > 0. `u` is generated in the kernel from
+    (seed, offset + j) for element j (row-major), so the same seed and offset give the same
+    noise on every backend and in the backward pass. Returns a contiguous tensor of the
+    logits' shape, dtype and device (bfloat16 computes in float32, rounds once).
     """
     check_gumbel_mask_inputs(logits, weight, int(seed), int(offset), float(tau))
     return _ops.gumbel_mask(logits, weight, int(seed), int(offset), float(tau))
 
 
 def philox_uniform(like: torch.Tensor, seed: int, offset: int = 0) -> torch.Tensor:
-    """float32 uniforms of the package's random stream, shaped like `like` and on its device."""
+    """float32 uniforms of the package's random stream, shaped like `like` (any dtype; only its
+    shape and device are used) and on its device: element j (row-major) is the Philox4x32-10
+    draw at (seed, offset + j), in [0, 1] (the ends included; not clamped). seed, offset: ints
+    in [0, 2**63). Bit-identical on CPU and CUDA, both CUDA backends."""
     _check_seed_offset(seed, offset)
     return _ops.philox_uniform(like, int(seed), int(offset))
 
@@ -207,7 +196,11 @@ def _kl_prior_fake(logits, density):
 
 def kl_prior(logits: torch.Tensor, density: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum_j KL(Bernoulli(sigmoid(p_j)) || Bernoulli(density)), d/dp) of oes-spec.md section 3.
-    Not differentiable through autograd: add the returned gradient to the logits' gradient."""
+
+    logits: any shape, float32 / float64 / bfloat16, CPU or CUDA; density in (0, 1). Returns a
+    0-d value (float64 for float64 logits, else float32) and the gradient, shaped and typed
+    like the logits. Not differentiable through autograd: add the returned gradient to the
+    logits' gradient."""
     if not 0.0 < float(density) < 1.0:
         raise ValueError(f"kl_prior: density must be in (0, 1), got {density}")
     return _ops.kl_prior(logits, float(density))
@@ -251,41 +244,17 @@ def _gumbel_mask_with_slope_fake(logits, weight, seed, offset, tau):
 def gumbel_mask_with_slope(logits: torch.Tensor, weight: torch.Tensor, seed: int, offset: int = 0,
                            tau: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
     """(gumbel_mask(logits, weight, seed, offset, tau), its derivative in the logits
-    weight * m * (1 - m) / tau), in one pass; not differentiable through autograd."""
+    weight * m * (1 - m) / tau), in one pass; not differentiable through autograd. Arguments
+    as gumbel_mask; both results contiguous, shaped and typed like the logits."""
     check_gumbel_mask_inputs(logits, weight, int(seed), int(offset), float(tau))
     return _ops.gumbel_mask_with_slope(logits, weight, int(seed), int(offset), float(tau))
 
 
-def check_logit_adam_step_inputs(logits, exp_avg, exp_avg_sq, grad, grad_scale, density, lr, betas, eps,
-                                 step) -> None:
-    named = [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("grad", grad)]
-    if grad_scale is not None:
-        named.append(("grad_scale", grad_scale))
-    for name, t in named:
-        if t.shape != logits.shape or t.dtype != logits.dtype or t.device != logits.device:
-            raise ValueError(f"logit_adam_step_: {name} must match logits in shape, dtype and device, got "
-                             f"{tuple(t.shape)} {t.dtype} {t.device} against {tuple(logits.shape)} {logits.dtype} "
-                             f"{logits.device}")
-    if logits.dtype not in (torch.float32, torch.float64, torch.bfloat16):
-        raise TypeError(f"logit_adam_step_: dtype must be float32, float64 or bfloat16, got {logits.dtype}")
-    for name, t in (("logits", logits), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
-        if not t.is_contiguous():
-            raise ValueError(f"logit_adam_step_: {name} must be contiguous (it is updated in place)")
-    if not 0.0 < density < 1.0:
-        raise ValueError(f"logit_adam_step_: density must be in (0, 1), got {density}")
-    if not (math.isfinite(lr) and lr > 0):
-        raise ValueError(f"logit_adam_step_: lr must be positive and finite, got {lr}")
-    if not all(0.0 <= b < 1.0 for b in betas):
-        raise ValueError(f"logit_adam_step_: betas must be in [0, 1), got {betas}")
-    if not (math.isfinite(eps) and eps > 0):
-        raise ValueError(f"logit_adam_step_: eps must be positive and finite, got {eps}")
-    if step < 1:
-        raise ValueError(f"logit_adam_step_: step counts from 1, got {step}")
-
-
 def logit_adam_step_composite(logits, exp_avg, exp_avg_sq, grad, grad_scale, density, kl, lr, beta1, beta2, eps,
                               step):
-    """logit_adam_step_ from unfused ops (CUDA without Triton; on a CPU, a test oracle)."""
+    """logit_adam_step_ from unfused ops (CUDA without Triton; on a CPU, a test oracle). Same
+    arguments as the op (betas split in beta1, beta2; unchecked: the caller checks), same
+    in-place updates, returns the prior's value."""
     if grad_scale is not None:
         grad = grad * grad_scale
     value, prior_grad = _ops.kl_prior(logits, density)
@@ -322,7 +291,12 @@ def logit_adam_step_(logits: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: to
     """One OES update of the logits, in place: the logits' gradient (`grad`, times `grad_scale`
     elementwise when given: the masked weights' gradient times `gumbel_mask_with_slope`'s slope)
     plus `kl` times the KL prior's gradient, then the Adam step number `step` (counted from 1,
-    as torch.optim.Adam with default options). Returns the prior's value before the update."""
+    as torch.optim.Adam with default options). Returns the prior's value before the update.
+
+    logits, exp_avg, exp_avg_sq: one shape, dtype (float32, float64, bfloat16) and device,
+    contiguous (updated in place); grad and grad_scale: the same shape, dtype and device.
+    step >= 1; density in (0, 1); lr > 0; betas in [0, 1); eps > 0. The value is 0-d, float64
+    for float64 logits, else float32. ValueError / TypeError on anything else."""
     density, lr, eps, step = float(density), float(lr), float(eps), int(step)
     betas = tuple(float(b) for b in betas)
     check_logit_adam_step_inputs(logits, exp_avg, exp_avg_sq, grad, grad_scale, density, lr, betas, eps, step)
@@ -450,42 +424,6 @@ torch.library.register_autograd(
 import torch.nn.functional as _F
 
 _gmc_lib = torch.library.Library("oes_fast", "IMPL")
-_GMC_DTYPES = (torch.float32, torch.float64)
-
-
-def check_gumbel_masked_conv2d_inputs(input, logits, weight, bias, tau, padding, padding_mode):
-    """Argument checks shared by the CPU, fake and Triton kernels; returns (H_out, W_out)."""
-    if input.dim() != 4 or weight.dim() != 4:
-        raise ValueError(f"gumbel_masked_conv2d: input and weight must be 4-D, got {tuple(input.shape)} and "
-                         f"{tuple(weight.shape)}")
-    if logits.shape != weight.shape:
-        raise ValueError(f"gumbel_masked_conv2d: logits and weight must have the same shape, got "
-                         f"{tuple(logits.shape)} and {tuple(weight.shape)}")
-    k = weight.shape[2]
-    if weight.shape[3] != k or weight.shape[1] != input.shape[1]:
-        raise ValueError(f"gumbel_masked_conv2d: weight must be [C_out, C_in, k, k] with C_in = {input.shape[1]}, "
-                         f"got {tuple(weight.shape)}")
-    tensors = [input, logits, weight] + ([bias] if bias is not None else [])
-    if input.dtype not in _GMC_DTYPES or any(t.dtype != input.dtype for t in tensors):
-        raise TypeError("gumbel_masked_conv2d: all tensors must share one dtype, float32 or float64, got "
-                        f"{[t.dtype for t in tensors]}")
-    if any(t.device != input.device for t in tensors):
-        raise ValueError("gumbel_masked_conv2d: all tensors must be on one device")
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"gumbel_masked_conv2d: bias must be [C_out], got {tuple(bias.shape)}")
-    if padding_mode not in ("reflect", "zeros"):
-        raise ValueError(f"gumbel_masked_conv2d: padding_mode must be 'reflect' or 'zeros', got {padding_mode!r}")
-    if not (math.isfinite(tau) and tau > 0):
-        raise ValueError(f"gumbel_masked_conv2d: tau must be positive and finite, got {tau}")
-    h, w = input.shape[2], input.shape[3]
-    if padding < 0 or (padding_mode == "reflect" and padding > 0 and padding >= min(h, w)):
-        raise ValueError(f"gumbel_masked_conv2d: padding must be in [0, min(H, W)) for reflection, got {padding}")
-    h_out, w_out = h + 2 * padding - k + 1, w + 2 * padding - k + 1
-    if h_out <= 0 or w_out <= 0:
-        raise ValueError(f"gumbel_masked_conv2d: kernel {k} is larger than the padded input {h}x{w} + {padding}")
-    return h_out, w_out
-
-
 def _gmc_pad(input, padding, padding_mode):
     if padding == 0:
         return input
@@ -613,6 +551,11 @@ def gumbel_masked_conv2d(input: torch.Tensor, logits: torch.Tensor, weight: torc
     `gumbel_mask(logits, weight, seed, offset, tau)` would use. `padding` defaults to 'same'
     ((k - 1) // 2). The bias is added as given (mask it with gumbel_mask first if it should be).
     Differentiable in input, logits, weight and bias.
+
+    input [N, C_in, H, W]; logits, weight [C_out, C_in, k, k]; bias [C_out] or None; all one
+    dtype (float32 or float64) and device. seed, offset in [0, 2**63); tau > 0; padding in
+    [0, min(H, W)) for 'reflect' (>= 0 for 'zeros'); padding_mode 'reflect' or 'zeros'.
+    Returns [N, C_out, H + 2 padding - k + 1, W + 2 padding - k + 1] in the input's dtype.
     """
     _check_seed_offset(seed, offset)
     if padding is None:

@@ -92,11 +92,12 @@ def test_gradcheck_float64():
 
 
 def test_noise_is_the_flat_streams():
-    """Same uniforms as gumbel_mask at the same (seed, offset): the op equals the composite."""
-    x, p, w, b, _ = make(5, torch.float64)
-    want = F.conv2d(F.pad(x, [2] * 4, mode="reflect"), oes_fast.ops.gumbel_mask(p, w, SEED, OFFSET, TAU), b)
-    torch.testing.assert_close(gumbel_masked_conv2d(x, p, w, b, SEED, OFFSET, TAU), want, rtol=0, atol=0)
-    assert not torch.equal(gumbel_masked_conv2d(x, p, w, b, SEED, OFFSET + 1, TAU), want)
+    """Weight element j draws the flat stream's uniform at (seed, offset + j), as gumbel_mask
+    does: the op equals the float64 reference built from those uniforms, and not at offset + 1."""
+    x, p, w, b, grad = make(5, torch.float64)
+    want = reference_conv(x, p, w, b, grad, 2, "reflect")[0]
+    assert_close_to_reference(gumbel_masked_conv2d(x, p, w, b, SEED, OFFSET, TAU), want)
+    assert (gumbel_masked_conv2d(x, p, w, b, SEED, OFFSET + 1, TAU) - want).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("bad, error", [
@@ -223,3 +224,27 @@ def test_fused_step_follows_the_unfused_trajectory():
     want = functional_call(model, layout.views(oes_fast.ops.gumbel_mask(p, weights, seed, 3 * layout.numel, tau)), (z,))
     got = FusedForward(model, layout, weights, seed, tau)(p, z, 3)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------ GPU launch configuration
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k, mode", [(5, "reflect"), (3, "zeros")])
+def test_triton_gpu_tiles_and_split_k_match_reference(triton_kernels, k, mode, dtype):
+    """The launch configuration the GPU uses (GPU_TILES, split-K with atomics) rather than the
+    interpreter's 16x16x16 tiles: same kernels, same reference. min_rows_per_split is lowered
+    so these small images split the weight gradient's pixel reduction as a large one would."""
+    x, p, w, b, grad = make(k, dtype)
+    d = _device()
+    pad = (k - 1) // 2
+    with triton_kernels.gpu_launch_config(sms=132, min_rows_per_split=16):
+        gpu = triton_kernels.GPU_TILES[("forward", "float64" if dtype == torch.float64 else "ieee")]
+        fwd = triton_kernels.forward_launch(x, p, w, b, grad, SEED, OFFSET, None, False, TAU, pad, mode)
+        assert (fwd[3]["BLOCK_M"], fwd[3]["BLOCK_K"], fwd[3]["num_warps"]) == (gpu.block_m, gpu.block_k, gpu.num_warps)
+        wgrad = triton_kernels.weight_grad_launch(grad, x, p, w, p, None, SEED, OFFSET, None, False, TAU, pad, mode,
+                                                  triton_kernels._gpu_launch(x.device))
+        assert wgrad[1][2] > 1 and wgrad[3]["ATOMIC"], "the test must exercise split-K"
+        out = triton_kernels.gumbel_masked_conv2d_forward(x.to(d), p.to(d), w.to(d), b.to(d), SEED, OFFSET, TAU, pad,
+                                                          mode)
+        grads = triton_kernels.gumbel_masked_conv2d_backward(grad.to(d), x.to(d), p.to(d), w.to(d), SEED, OFFSET, TAU,
+                                                             pad, mode, [True, True, True, True])
+    check_all([t.cpu() for t in (out, *grads)], x, p, w, b, grad, pad, mode, dtype)

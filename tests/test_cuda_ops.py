@@ -1,0 +1,275 @@
+"""Every operator on CUDA tensors, on both CUDA backends (the CUDA C++ kernels of the extension,
+when it was built with nvcc, and the Triton kernels), against oes_fast.reference in float64 with
+the same-dtype error rule of tests/tolerances.py; the random stream bit for bit against the
+reference (and so against the CPU kernels). Shapes are large enough for the GPU's own launch
+configuration: the fused convolution's GPU_TILES (not the interpreter's 16x16x16 tiles) and the
+weight gradient's split-K with atomics. Skipped without a CUDA device; bench/gpu_check.sh runs
+this module first.
+"""
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+
+import oes_fast  # noqa: E402
+from oes_fast import _C, ops, reference  # noqa: E402
+from oes_fast.sparse import to_csr  # noqa: E402
+from tolerances import assert_close_to_reference  # noqa: E402
+
+SEED, OFFSET, TAU = 987654321, 4242, 0.2
+BACKENDS = ["triton"] + (["cuda"] if _C.with_cuda else [])
+FLAT_DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+
+
+@contextlib.contextmanager
+def backend(name):
+    saved = ops.cuda_backend()
+    ops.set_cuda_backend(name)
+    try:
+        yield
+    finally:
+        ops.set_cuda_backend(saved)
+
+
+def uniforms(shape, seed=SEED, offset=OFFSET):
+    n = 1
+    for s in shape:
+        n *= s
+    return reference.philox_uniform(seed, offset + torch.arange(n)).view(shape)
+
+
+def randn(*shape, seed, scale=1.0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale
+
+
+# ------------------------------------------------------------------------------ random stream
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("n, offset", [(1, 0), (1000, 7), ((1 << 20) + 7, 2**40 + 3), (4097, 2**63 - 5000)])
+def test_philox_stream_bit_identical(name, n, offset):
+    like = torch.empty(n, device="cuda")
+    with backend(name):
+        got = ops.philox_uniform(like, SEED, offset).cpu()
+    assert torch.equal(got, reference.philox_uniform(SEED, offset + torch.arange(n)))
+    assert torch.equal(got, ops.philox_uniform(torch.empty(n), SEED, offset))  # the CPU kernel
+
+
+# ------------------------------------------------------------------------------ flat mask ops
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("dtype", FLAT_DTYPES)
+@pytest.mark.parametrize("n", [1, 3000, 300_001])
+def test_gumbel_mask_forward_backward(name, dtype, n):
+    p64, w64, g64 = randn(n, seed=1, scale=2), randn(n, seed=2), randn(n, seed=3)
+    u = uniforms((n,))
+    p, w, g = (t.to(dtype).cuda() for t in (p64, w64, g64))
+    with backend(name):
+        out = torch.ops.oes_fast.gumbel_mask(p, w, SEED, OFFSET, TAU)
+        grad_p, grad_w = torch.ops.oes_fast.gumbel_mask_backward(g, p, w, SEED, OFFSET, TAU, True)
+    lowp = [t.to(dtype) for t in (p64, w64, g64)]
+    assert_close_to_reference(out, reference.gumbel_mask(p64, w64, u, TAU),
+                              reference.gumbel_mask(lowp[0], lowp[1], u, TAU), name="output")
+    for got, r64, rlo, what in zip((grad_p, grad_w), reference.gumbel_mask_backward(g64, p64, w64, u, TAU),
+                                   reference.gumbel_mask_backward(lowp[2], lowp[0], lowp[1], u, TAU),
+                                   ("grad_logits", "grad_weight")):
+        assert_close_to_reference(got, r64, rlo, name=what)
+
+
+@pytest.mark.parametrize("dtype", FLAT_DTYPES)
+def test_gumbel_mask_with_slope_and_device_offset(dtype):
+    """The search step's pair on CUDA, and the offset read from device memory (CUDA graphs):
+    bit-identical to the same launch with the offset as an argument."""
+    n = 100_003
+    p64, w64 = randn(n, seed=4, scale=2), randn(n, seed=5)
+    u = uniforms((n,))
+    p, w = p64.to(dtype).cuda(), w64.to(dtype).cuda()
+    masked, slope = ops.gumbel_mask_with_slope(p, w, SEED, OFFSET, TAU)
+    lowp = (p64.to(dtype), w64.to(dtype))
+    ones = torch.ones(n, dtype=torch.float64)
+    assert_close_to_reference(masked, reference.gumbel_mask(p64, w64, u, TAU), reference.gumbel_mask(*lowp, u, TAU))
+    assert_close_to_reference(slope, reference.gumbel_mask_backward(ones, p64, w64, u, TAU)[0],
+                              reference.gumbel_mask_backward(ones.to(dtype), *lowp, u, TAU)[0], name="slope")
+    from oes_fast.kernels import gumbel_mask as kernels
+
+    offset = torch.tensor(OFFSET, dtype=torch.int64, device="cuda")
+    on_device = kernels.gumbel_mask_with_slope(p, w, SEED, offset, TAU)
+    as_argument = kernels.gumbel_mask_with_slope(p, w, SEED, OFFSET, TAU)
+    assert torch.equal(on_device[0], as_argument[0]) and torch.equal(on_device[1], as_argument[1])
+
+
+def test_kl_prior():
+    p64 = randn(50_001, seed=6, scale=3)
+    for dtype in (torch.float32, torch.float64):
+        value, grad = ops.kl_prior(p64.to(dtype).cuda(), 0.05)
+        assert_close_to_reference(grad, reference.kl_prior_grad(p64, 0.05),
+                                  reference.kl_prior_grad(p64.to(dtype), 0.05), name="kl grad")
+        assert_close_to_reference(value.reshape(1), reference.kl_prior(p64, 0.05).reshape(1),
+                                  reference.kl_prior(p64.to(dtype), 0.05).reshape(1).to(value.dtype), name="kl value")
+
+
+@pytest.mark.parametrize("dtype", FLAT_DTYPES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_logit_adam_step(dtype, masked):
+    from test_logit_adam_step import assert_step_matches_reference, fused_step, make_state
+
+    state = make_state(200_003, dtype)
+    for step in (1, 7):
+        got = fused_step(*[t.cuda() for t in state[:4]], state[4].cuda() if masked else None, step)
+        assert_step_matches_reference([t.cpu() for t in got], state, masked, step)
+
+
+# ------------------------------------------------------------------------------ gumbel_masked_conv2d
+# (N, C_in, C_out, H, W, k, mode): OES-like widths at sizes that fill several GPU tiles, odd
+# sides; the 16-channel 130x130 layer gives 16,900 pixels, which the weight gradient splits.
+CONV_SHAPES = [(1, 32, 64, 67, 45, 5, "reflect"), (2, 64, 32, 33, 31, 3, "reflect"), (1, 128, 3, 40, 24, 1, "zeros"),
+               (1, 16, 16, 130, 130, 5, "reflect"), (1, 3, 16, 9, 11, 3, "zeros")]
+
+
+def conv_reference(x, p, w, b, grad, k, mode, dtype):
+    """(output, grad_input, grad_logits, grad_weight, grad_bias) of the reference in `dtype`."""
+    x, p, w, b = (t.detach().to(dtype).requires_grad_() for t in (x, p, w, b))
+    w_eff = reference.gumbel_mask(p, w, uniforms(tuple(w.shape)), TAU)
+    pad = (k - 1) // 2
+    out = F.conv2d(F.pad(x, [pad] * 4, mode="reflect" if mode == "reflect" else "constant"), w_eff, b)
+    out.backward(grad.to(dtype))
+    return out.detach(), x.grad, p.grad, w.grad, b.grad
+
+
+def conv_inputs(shape, seed):
+    n, c_in, c_out, h, w, k, mode = shape
+    x = randn(n, c_in, h, w, seed=seed)
+    p = randn(c_out, c_in, k, k, seed=seed + 1, scale=2)
+    wt = randn(c_out, c_in, k, k, seed=seed + 2, scale=(c_in * k * k) ** -0.5)
+    b = randn(c_out, seed=seed + 3)
+    grad = randn(n, c_out, h, w, seed=seed + 4)
+    return x, p, wt, b, grad
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", CONV_SHAPES, ids=lambda s: "x".join(map(str, s[:6])) + s[6][0])
+def test_gumbel_masked_conv2d(name, dtype, shape):
+    k, mode = shape[5], shape[6]
+    x, p, w, b, grad = conv_inputs(shape, seed=sum(shape[:6]))
+    args = [t.to(dtype).cuda().requires_grad_() for t in (x, p, w, b)]
+    with backend(name):
+        out = ops.gumbel_masked_conv2d(*args, seed=SEED, offset=OFFSET, tau=TAU, padding=(k - 1) // 2,
+                                       padding_mode=mode)
+        out.backward(grad.to(dtype).cuda())
+    got = (out.detach(), *(a.grad for a in args))
+    ref64 = conv_reference(x, p, w, b, grad, k, mode, torch.float64)
+    ref_lowp = conv_reference(x, p, w, b, grad, k, mode, dtype) if dtype != torch.float64 else ref64
+    for what, a, r64, rlo in zip(("output", "grad_input", "grad_logits", "grad_weight", "grad_bias"), got, ref64,
+                                 ref_lowp):
+        # factor 4 as in tests/test_gumbel_masked_conv2d.py: another summation order (tiles,
+        # split-K partial sums) than cuDNN's, the same number of roundings
+        assert_close_to_reference(a.cpu(), r64, rlo, factor=4.0, name=what)
+
+
+def test_weight_gradient_is_split_on_this_gpu():
+    """The split-K path really runs in the test above (16-channel 130x130 layer)."""
+    from oes_fast.kernels import gumbel_masked_conv2d as kernels
+
+    n, c_in, c_out, h, w, k, mode = CONV_SHAPES[3]
+    g, x = torch.empty(n, c_out, h, w, device="cuda"), torch.empty(n, c_in, h, w, device="cuda")
+    wt = torch.empty(c_out, c_in, k, k, device="cuda")
+    launch = kernels.weight_grad_launch(g, x, wt, wt, wt, None, SEED, OFFSET, None, False, TAU, 2, mode,
+                                        kernels._gpu_launch(g.device))
+    assert launch[1][2] > 1 and launch[3]["ATOMIC"]
+
+
+@pytest.mark.parametrize("precision, bound", [("tf32", 5e-3), ("bf16", 3e-2)])
+def test_gumbel_masked_conv2d_reduced_precision_dots(precision, bound):
+    """TF32 / bf16 dots (set_precision): not the same-dtype rule (they round the inputs), a
+    relative error bound of the input rounding (2^-11, 2^-8) times a few."""
+    from oes_fast.kernels import gumbel_masked_conv2d as kernels
+
+    shape = CONV_SHAPES[0]
+    k, mode = shape[5], shape[6]
+    x, p, w, b, grad = conv_inputs(shape, seed=11)
+    args = [t.float().cuda().requires_grad_() for t in (x, p, w, b)]
+    kernels.set_precision(precision)
+    try:
+        out = kernels.gumbel_masked_conv2d_forward(*[a.detach() for a in args], SEED, OFFSET, TAU, (k - 1) // 2, mode)
+        grads = kernels.gumbel_masked_conv2d_backward(grad.float().cuda(), *[a.detach() for a in args[:3]], SEED,
+                                                      OFFSET, TAU, (k - 1) // 2, mode, [True, True, True, False])
+    finally:
+        kernels.set_precision("ieee")
+    ref64 = conv_reference(x, p, w, b, grad, k, mode, torch.float64)
+    for what, a, r in zip(("output", "grad_input", "grad_logits", "grad_weight"), (out, *grads[:3]), ref64):
+        err = float((a.double().cpu() - r).abs().max() / r.abs().max())
+        assert err < bound, f"{precision} {what}: relative error {err:.2e} >= {bound:.0e}"
+
+
+def test_gumbel_masked_conv2d_device_offset_is_bit_identical():
+    from oes_fast.kernels import gumbel_masked_conv2d as kernels
+
+    x, p, w, b, grad = (t.float().cuda() for t in conv_inputs(CONV_SHAPES[1], seed=21))
+    offset = torch.tensor(OFFSET, dtype=torch.int64, device="cuda")
+    for args in ((x, p, w, b), ):
+        want = kernels.gumbel_masked_conv2d_forward(*args, SEED, OFFSET, TAU, 1, "reflect")
+        assert torch.equal(kernels.gumbel_masked_conv2d_forward(*args, SEED, offset, TAU, 1, "reflect"), want)
+    want = kernels.gumbel_masked_conv2d_backward(grad, x, p, w, SEED, OFFSET, TAU, 1, "reflect", [True] * 4)
+    got = kernels.gumbel_masked_conv2d_backward(grad, x, p, w, SEED, offset, TAU, 1, "reflect", [True] * 4)
+    # split-K partial sums are added atomically in any order: the weight gradients may differ in
+    # the last bits; the input gradient and the forward are deterministic
+    assert torch.equal(got[0], want[0])
+    for a, r in zip(got[1:3], want[1:3]):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ sparse_conv2d
+SPARSE_SHAPES = [(1, 16, 32, 67, 45, 5, "reflect", 1), (1, 64, 32, 33, 31, 3, "reflect", 2),
+                 (2, 8, 3, 20, 24, 1, "zeros", 1)]
+
+
+def sparse_backends():
+    """The sparse ops run the CUDA C++ kernels when the extension has them, else the Triton
+    kernels; the Triton kernels are also called directly so both are tested."""
+    return ["op"] + (["triton"] if _C.with_cuda else [])
+
+
+@pytest.mark.parametrize("path", sparse_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SPARSE_SHAPES, ids=lambda s: "x".join(map(str, s[:6])) + s[6][0] + f"u{s[7]}")
+def test_sparse_conv2d(path, dtype, shape):
+    n, c_in, c_out, h, w, k, mode, up = shape
+    g = torch.Generator().manual_seed(sum(shape[:6]))
+    keep = torch.rand(c_out, c_in, k, k, generator=g) < 0.1
+    wt = randn(c_out, c_in, k, k, seed=1) * keep
+    x, b = randn(n, c_in, h, w, seed=2), randn(c_out, seed=3)
+    grad = randn(n, c_out, h * up, w * up, seed=4)
+    values, row_ptr, col_idx = to_csr(wt, keep)
+    pad = (k - 1) // 2
+    xs, vs, bs = (t.to(dtype).cuda().requires_grad_() for t in (x, values, b))
+    if path == "op":
+        out = oes_fast.sparse.sparse_conv2d(xs, vs, row_ptr.cuda(), col_idx.cuda(), k, bs, 1, pad, mode, upsample=up)
+        out.backward(grad.to(dtype).cuda())
+        got = (out, xs.grad, vs.grad, bs.grad)
+    else:
+        from oes_fast.kernels import sparse_conv2d as kernels
+
+        rp, ci = row_ptr.cuda(), col_idx.cuda()
+        xu = F.interpolate(xs.detach(), scale_factor=up, mode="nearest") if up > 1 else xs.detach()
+        out = kernels.sparse_conv2d(xs.detach(), vs.detach(), rp, ci, bs.detach(), [k, k], [1, 1], [pad, pad], mode, up)
+        gi = kernels.sparse_conv2d_input_grad(grad.to(dtype).cuda(), vs.detach(), rp, ci, list(xu.shape), [k, k],
+                                              [1, 1], [pad, pad], mode)
+        if up > 1:
+            gi = gi.view(n, c_in, h, up, w, up).sum((3, 5))
+        gv = kernels.sparse_conv2d_weight_grad(grad.to(dtype).cuda(), xu, rp, ci, [k, k], [1, 1], [pad, pad], mode)
+        got = (out, gi, gv, None)
+
+    def ref(dt):
+        xr, wr, br = (t.detach().to(dt).requires_grad_() for t in (x, wt, b))
+        xu = F.interpolate(xr, scale_factor=up, mode="nearest") if up > 1 else xr
+        o = F.conv2d(F.pad(xu, [pad] * 4, mode="reflect" if mode == "reflect" else "constant"), wr, br)
+        o.backward(grad.to(dt))
+        return o.detach(), xr.grad, wr.grad[keep], br.grad
+
+    ref64 = ref(torch.float64)
+    ref_lowp = ref(dtype) if dtype != torch.float64 else ref64
+    for what, a, r64, rlo in zip(("output", "grad_input", "grad_values", "grad_bias"), got, ref64, ref_lowp):
+        if a is not None:
+            assert_close_to_reference(a.detach().cpu(), r64, rlo, factor=4.0, name=what)

@@ -15,7 +15,7 @@ from PIL import Image, ImageOps
 
 from .files import atomic_path
 
-__all__ = ["SAMPLE_IMAGES", "read_image", "load_image", "write_image", "check_image", "fit_to_network", "reflect_pad", "unfit", "save_image", "sample_image"]
+__all__ = ["SAMPLE_IMAGES", "read_image", "load_image", "write_image", "check_image", "array_to_tensor", "fit_to_network", "reflect_pad", "unfit", "save_image", "sample_image"]
 
 # Names of the built-in samples: images bundled inside scikit-image's wheel (skimage/data/*.png),
 # so they load offline (checked with networking disabled).
@@ -167,7 +167,7 @@ def load_image(path, *, channels: int | None = None) -> torch.Tensor:
         array = (array @ np.asarray(_LUMA))[:, :, None]
     elif channels == 3 and array.shape[2] == 1:
         array = np.repeat(array, 3, axis=2)
-    return check_image(_array_to_tensor(array), f"image file {os.fspath(path)!r}")
+    return check_image(array_to_tensor(array), f"image file {os.fspath(path)!r}")
 
 
 def write_image(path, pixels: np.ndarray, bit_depth: int = 8, alpha: np.ndarray | None = None) -> None:
@@ -326,10 +326,11 @@ def sample_image(name: str = "astronaut", size: int = 256) -> torch.Tensor:
     w, h = im.size
     left, top = (w - size) // 2, (h - size) // 2
     im = im.crop((left, top, left + size, top + size))
-    return check_image(_array_to_tensor(_pil_to_array(im)[0]), f"sample image {name!r}")
+    return check_image(array_to_tensor(_pil_to_array(im)[0]), f"sample image {name!r}")
 
 
-def _array_to_tensor(array: np.ndarray) -> torch.Tensor:
+def array_to_tensor(array: np.ndarray) -> torch.Tensor:
+    """(H, W) or (H, W, C) array -> (1, C, H, W) float32 tensor."""
     if array.ndim == 2:
         array = array[:, :, None]
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))[None]).to(torch.float32)

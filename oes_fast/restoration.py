@@ -25,7 +25,7 @@ import torch
 from . import images, masks, memory, metrics, models, tasks
 from .masks import Mask
 
-__all__ = ["restore", "prepare", "estimate_cost", "Problem", "CostEstimate", "RestoreReport", "NotEnoughMemory",
+__all__ = ["restore", "prepare", "estimate_cost", "checked_estimate", "Problem", "CostEstimate", "RestoreReport", "NotEnoughMemory",
            "TASKS", "DEFAULT_STEPS"]
 
 TASKS = ("denoise", "inpaint", "superres")
@@ -89,7 +89,7 @@ def read_observation(image, name: str = "image") -> Observation:
         array = pixels if pixels.ndim == 3 else pixels[:, :, None]
         dtype = "uint8" if depth == 8 else "uint16"
         layout = "HWC" if pixels.ndim == 3 or alpha is not None else "HW"
-        obs = Observation(_hwc_to_tensor(array), alpha, "file", dtype, layout, depth, os.fspath(image))
+        obs = Observation(images.array_to_tensor(array), alpha, "file", dtype, layout, depth, os.fspath(image))
         _check_not_empty(obs, name)
         return obs
     if torch.is_tensor(image):
@@ -121,7 +121,7 @@ def _from_hwc(array: np.ndarray, name: str, kind: str, dtype: str, layout: str) 
     alpha = None
     if unit.shape[2] in (2, 4):
         unit, alpha = unit[:, :, :-1], unit[:, :, -1]
-    obs = Observation(_hwc_to_tensor(unit), alpha, kind, dtype, layout, depth, kind)
+    obs = Observation(images.array_to_tensor(unit), alpha, kind, dtype, layout, depth, kind)
     _check_not_empty(obs, name)
     return obs
 
@@ -129,10 +129,6 @@ def _from_hwc(array: np.ndarray, name: str, kind: str, dtype: str, layout: str) 
 def _check_not_empty(obs: Observation, name: str) -> None:
     if min(obs.size) < 1:
         raise ValueError(f"{name}: empty image, size {obs.size[0]}x{obs.size[1]}")
-
-
-def _hwc_to_tensor(array: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))[None]).to(torch.float32)
 
 
 def read_holes(holes, size: tuple[int, int]) -> np.ndarray:
@@ -416,6 +412,15 @@ def estimate_cost(problem: Problem, mask: Mask | None, *, train_steps: int, sear
     return est
 
 
+def checked_estimate(problem: Problem, mask: Mask | None, **cost) -> CostEstimate:
+    """estimate_cost, refusing first (NotEnoughMemory) when the traced memory does not fit, so no
+    step is timed at a size this machine cannot hold."""
+    est = estimate_cost(problem, mask, **cost, time_steps=False)
+    if not est.fits:
+        raise NotEnoughMemory(_refusal(est, problem, searching=cost.get("search_steps", 0) > 0))
+    return estimate_cost(problem, mask, **cost)
+
+
 def _refusal(est: CostEstimate, problem: Problem, searching: bool) -> str:
     h, w = problem.network_size
     need = (est.resident_bytes + est.peak_bytes) / 1e9
@@ -542,10 +547,7 @@ def restore(image, task: str = "denoise", *, holes=None, factor: int = 4, mask=N
     searching = searching and method == "sparse"
     cost = dict(train_steps=steps, search_steps=search_steps if searching else 0, density=density, engine=engine,
                 low_memory=low_memory, method=method)
-    est = estimate_cost(problem, the_mask, **cost, time_steps=False)
-    if not est.fits:
-        raise NotEnoughMemory(_refusal(est, problem, searching))
-    est = estimate_cost(problem, the_mask, **cost)
+    est = checked_estimate(problem, the_mask, **cost)
     say(est.message())
 
     h, w = problem.network_size

@@ -70,7 +70,7 @@ def observation(args, name: str) -> dict:
         depth = 8
     else:
         pixels, _, depth = images.read_image(args.image)
-        clean = images.check_image(_to_tensor(pixels), f"image file {args.image!r}")
+        clean = images.check_image(images.array_to_tensor(pixels), f"image file {args.image!r}")
         info = dict(source=os.path.abspath(args.image))
         if args.fit == "crop":
             clean, fit = images.fit_to_network(clean, 2**6, 4 * 2**6, mode="crop")
@@ -100,13 +100,6 @@ def torch_from(keep: np.ndarray):
     import torch
 
     return torch.from_numpy(keep.astype(np.float32))[None, None]
-
-
-def _to_tensor(pixels: np.ndarray):
-    import torch
-
-    a = pixels if pixels.ndim == 3 else pixels[:, :, None]
-    return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1))[None]).to(torch.float32)
 
 
 def _to_array(t) -> np.ndarray:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .common import UsageError, check_common, check_out, prepare_out, resolve_steps, run_info, write_report
+from .common import check_common, check_out, prepare_out, resolve_steps, run_info, write_report
 from .restore import observation, task_name
 
 
@@ -20,12 +20,8 @@ def run(args) -> int:
     network = models.skip_oes(seed=args.seed)
     problem = restoration.prepare(obs["image"], name, holes=obs["holes"], factor=args.factor or 4,
                                   kernel=args.kernel, fit=args.fit, network=network)
-    est = restoration.estimate_cost(problem, None, train_steps=0, search_steps=search_steps, density=args.density,
-                                    low_memory=args.low_memory, time_steps=False)
-    if not est.fits:
-        raise UsageError(restoration._refusal(est, problem, searching=True))
-    est = restoration.estimate_cost(problem, None, train_steps=0, search_steps=search_steps, density=args.density,
-                                    low_memory=args.low_memory)
+    est = restoration.checked_estimate(problem, None, train_steps=0, search_steps=search_steps,
+                                       density=args.density, low_memory=args.low_memory)
     print(est.message(), file=sys.stderr)
     out = prepare_out(args)
     h, w = problem.network_size

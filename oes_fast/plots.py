@@ -24,26 +24,30 @@ def _style(i: int) -> dict:
     return dict(color=f"C{i % 10}", linestyle=("-", "--", ":")[(i // 10) % 3])
 
 
-def _legend(ax, entries: int) -> None:
+def _legend(ax, entries: int, loc: str = "best") -> None:
     # beside the axes once the lines are many: inside, the legend would hide them
     if entries > 5:
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     else:
-        ax.legend()
+        ax.legend(loc=loc, fontsize=8)
 
 
-def psnr_curves(curves: dict, path, title: str = "PSNR against the clean image") -> None:
-    """`curves`: label -> (steps, psnr values)."""
+def psnr_curves(curves: dict, path, title: str = "PSNR against the clean image", points: dict | None = None) -> None:
+    """`curves`: label -> (steps, psnr values), drawn as lines; `points`: label -> (steps, values)
+    drawn as markers only (reference figures read from elsewhere, e.g. another paper's logs)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4 if len(curves) <= 5 else 8, 4))
+    n = len(curves) + len(points or {})
+    fig, ax = plt.subplots(figsize=(6.4 if n <= 5 else 8, 4))
     for i, (label, (steps, values)) in enumerate(curves.items()):
         if values:
             ax.plot(steps, values, label=label, **_style(i))
+    for label, (steps, values) in (points or {}).items():
+        ax.plot(steps, values, "k*", markersize=8, linestyle="none", label=label)
     ax.set_xlabel("training step")
     ax.set_ylabel("PSNR (dB)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    _legend(ax, len(curves))
+    _legend(ax, n, loc="lower right")  # PSNR curves rise to the top: the bottom right is empty
     _save(fig, path)
     plt.close(fig)
 

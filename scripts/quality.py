@@ -15,23 +15,51 @@ steps next to --out; run it again with the same arguments to resume.
 import argparse
 import json
 import os
+import statistics
+import time
 
 import oes_fast
+import torch
 from oes_fast import images, plots, tasks
 
 DEFAULT_IMAGE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "images", "pepper.png")
 
 
+# The authors' Sparse-DIP on the whole 512x512 pepper (their public run logs: OES network, sigma 0.1,
+# density 0.05, PSNR every 1,000 steps), drawn as reference points beside our curves.
+AUTHORS_PEPPER_512 = ([1000, 2000, 3000, 4000, 5000, 6000, 7000, 8000, 9000, 10000],
+                      [28.62, 28.26, 27.72, 27.79, 27.56, 27.50, 27.38, 27.29, 27.19, 27.23])
+
+
 def load_problem(path, sigma, noise_seed, size=256):
-    """The center size x size crop of the image (the whole image when it is that size), and its noisy copy."""
-    clean, info = images.fit_to_network(images.load_image(path), 64, 256, mode="crop")
-    if min(clean.shape[2:]) < size:
-        raise SystemExit(f"{path}: {clean.shape[2]}x{clean.shape[3]} is smaller than --size {size}")
-    top, left = (clean.shape[2] - size) // 2, (clean.shape[3] - size) // 2
+    """The center size x size crop of the image (the whole image when it is that size), and its noisy
+    copy. A side shorter than `size` is reflect-padded after the noise is added (the noise falls on
+    the photograph's own pixels only); the box (top, left, bottom, right) of the photograph in the
+    padded image is returned for measuring PSNR there, None when nothing was padded."""
+    clean = images.load_image(path)
+    h, w = clean.shape[2:]
+    top, left = max(0, (h - size) // 2), max(0, (w - size) // 2)
     clean = clean[:, :, top:top + size, left:left + size].contiguous()
     if clean.shape[1] == 1:
-        clean = clean.expand(1, 3, size, size).contiguous()  # the OES network outputs 3 channels
-    return clean, tasks.Denoise(sigma).degrade(clean, seed=noise_seed)
+        clean = clean.expand(1, 3, *clean.shape[2:]).contiguous()  # the OES network outputs 3 channels
+    noisy = tasks.Denoise(sigma).degrade(clean, seed=noise_seed)
+    h, w = clean.shape[2:]
+    if (h, w) == (size, size):
+        return clean, noisy, None
+    pad_top, pad_left = (size - h) // 2, (size - w) // 2
+    pads = (pad_top, size - h - pad_top, pad_left, size - w - pad_left)
+    return images.reflect_pad(clean, *pads), images.reflect_pad(noisy, *pads), (pad_top, pad_left, pad_top + h, pad_left + w)
+
+
+def run_time(fit, cpu_started, wall_started):
+    """CPU and wall time of this invocation; a run resumed from a checkpoint ran its earlier steps in
+    another process, whose time is estimated from this one's median step."""
+    ran = len(fit.step_seconds)
+    median = statistics.median(fit.step_seconds) if ran else 0.0
+    cpu = time.process_time() - cpu_started
+    return dict(cpu_seconds=cpu, wall_seconds=time.perf_counter() - wall_started, steps_run=ran,
+                resumed_at_step=len(fit.losses) - ran,
+                median_step_seconds=median, cpu_seconds_per_step=cpu / ran if ran else None)
 
 
 def main():
@@ -53,6 +81,9 @@ def main():
     parser.add_argument("--record-every", type=int, default=50)
     parser.add_argument("--out", required=True)
     parser.add_argument("--label", help="curve label in the plot (dense, sparse; default: from the method and mask)")
+    parser.add_argument("--title", default="pepper 256x256, sigma 0.1", help="plot title")
+    parser.add_argument("--authors", action="store_true",
+                        help="plot: add the authors' Sparse-DIP pepper curve at 512x512 (their run logs) as points")
     args = parser.parse_args()
     oes_fast.allocator.keep_freed_memory()  # as the oes-fast command does
     if args.method == "plot":
@@ -60,10 +91,12 @@ def main():
         for f in args.files:
             r = json.load(open(f))
             curves[r["label"]] = (r["steps"], r["psnr"])
-        plots.psnr_curves(curves, args.out, title="pepper 256x256, sigma 0.1")
+        points = {"authors' Sparse-DIP, pepper 512x512 (their logs)": AUTHORS_PEPPER_512} if args.authors else None
+        plots.psnr_curves(curves, args.out, title=args.title, points=points)
         return
-    clean, noisy = load_problem(args.image, args.sigma, noise_seed=args.noise_seed, size=args.size)
+    clean, noisy, box = load_problem(args.image, args.sigma, noise_seed=args.noise_seed, size=args.size)
     side = args.size
+    cpu_started, wall_started = time.process_time(), time.perf_counter()
     if args.method == "search":
         model, z = oes_fast.models.skip_oes(seed=0), oes_fast.models.dip_input(32, side, side, seed=0)
         result = oes_fast.search(model, z, noisy, density=0.05, steps=args.steps, seed=0, z_seed=0,
@@ -78,7 +111,7 @@ def main():
         model, z = oes_fast.models.skip_oes(seed=0), oes_fast.models.dip_input(32, side, side, seed=0)
         fit = oes_fast.train_dense(model, z, noisy, steps=args.steps, lr=args.lr, clean=clean,
                                    record_every=args.record_every, checkpoint_every=args.checkpoint_every,
-                                   checkpoint=args.out + ".ckpt", resume=True)
+                                   checkpoint=args.out + ".ckpt", resume=True, clean_box=box)
         label = args.label or "dense DIP"
     else:
         mask = (oes_fast.masks.bundled() if args.mask == "bundled" else
@@ -89,14 +122,15 @@ def main():
         z = oes_fast.models.dip_input(32, side, side, seed=mask.z_seed)
         fit = oes_fast.train_sparse(model, mask, z, noisy, steps=args.steps, lr=args.lr, clean=clean,
                                     record_every=args.record_every, checkpoint_every=args.checkpoint_every,
-                                    checkpoint=args.out + ".ckpt", resume=True)
+                                    checkpoint=args.out + ".ckpt", resume=True, clean_box=box)
         label = args.label or f"Sparse-DIP ({args.mask} mask, density {mask.density:.3f})"
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(dict(label=label, summary=fit.summary(), steps=fit.steps, psnr=fit.psnr, ssim=fit.ssim,
                        settings=dict(image=os.path.basename(args.image), size=side, sigma=args.sigma,
-                                     noise_seed=args.noise_seed, lr=args.lr, steps=args.steps),
-                       seconds=fit.seconds), f)
+                                     noise_seed=args.noise_seed, lr=args.lr, steps=args.steps, padded_box=box,
+                                     threads=torch.get_num_threads()),
+                       seconds=fit.seconds, time=run_time(fit, cpu_started, wall_started)), f)
     print(json.dumps(fit.summary()))
 
 

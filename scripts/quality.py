@@ -4,6 +4,7 @@ sigma = 0.1, Sparse-DIP (a mask at density 0.05) against dense DIP over the same
     python scripts/quality.py dense --steps 4000 --out runs/quality/dense.json
     python scripts/quality.py sparse --mask bundled --steps 4000 --out runs/quality/sparse_bundled.json
     python scripts/quality.py plot runs/quality/*.json --out runs/quality/psnr.png
+    python scripts/quality.py table runs/quality/*.json          # markdown rows: PSNR at every 1,000 steps, peak, final
     python scripts/quality.py search --steps 20000 --out runs/quality/pepper_mask.safetensors
     python scripts/quality.py sparse --mask runs/quality/pepper_mask.safetensors --steps 4000 --out runs/quality/sparse_pepper.json
 
@@ -62,9 +63,28 @@ def run_time(fit, cpu_started, wall_started):
                 median_step_seconds=median, cpu_seconds_per_step=cpu / ran if ran else None)
 
 
+def table(files) -> str:
+    """Markdown rows, one per result file: PSNR at every 1,000 steps, the peak and its step,
+    final minus peak, and the CPU time of the invocation that finished the run."""
+    results = [json.load(open(f)) for f in files]
+    last = max(r["steps"][-1] for r in results)
+    marks = list(range(1000, last + 1, 1000))
+    lines = ["| run | " + " | ".join(f"{m // 1000}k" for m in marks) + " | peak (step) | final - peak | CPU s/step |",
+             "|---|" + "---:|" * (len(marks) + 3)]
+    for r in results:
+        at = dict(zip(r["steps"], r["psnr"]))
+        peak = max(r["psnr"])
+        peak_step = r["steps"][r["psnr"].index(peak)]
+        per_step = (r.get("time") or {}).get("cpu_seconds_per_step")
+        cells = [f"{at[m]:.2f}" if m in at else "" for m in marks]
+        lines.append(f"| {r['label']} | " + " | ".join(cells) + f" | {peak:.2f} ({peak_step:,}) | "
+                     f"{r['psnr'][-1] - peak:+.2f} dB | " + (f"{per_step:.3f}" if per_step else "-") + " |")
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("method", choices=("dense", "sparse", "search", "plot"))
+    parser.add_argument("method", choices=("dense", "sparse", "search", "plot", "table"))
     parser.add_argument("files", nargs="*", help="result JSON files (plot)")
     parser.add_argument("--mask", default="bundled",
                         help="'bundled', a mask file, or a published .npz mask (applied to the weights of seed 0)")
@@ -79,13 +99,18 @@ def main():
     parser.add_argument("--lr", type=float, default=0.01, help="learning rate of dense/sparse training")
     parser.add_argument("--checkpoint-every", type=int, default=250)
     parser.add_argument("--record-every", type=int, default=50)
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", help="result file (dense, sparse, search, plot)")
     parser.add_argument("--label", help="curve label in the plot (dense, sparse; default: from the method and mask)")
     parser.add_argument("--title", default="pepper 256x256, sigma 0.1", help="plot title")
     parser.add_argument("--authors", action="store_true",
                         help="plot: add the authors' Sparse-DIP pepper curve at 512x512 (their run logs) as points")
     args = parser.parse_args()
+    if args.method != "table" and not args.out:
+        parser.error(f"{args.method} needs --out")
     oes_fast.allocator.keep_freed_memory()  # as the oes-fast command does
+    if args.method == "table":
+        print(table(args.files))
+        return
     if args.method == "plot":
         curves = {}
         for f in args.files:

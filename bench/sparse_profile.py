@@ -1,0 +1,772 @@
+"""Where the time goes in the sparse generator, per layer and per phase, against the floors (issue 16):
+
+    OMP_NUM_THREADS=1 python bench/sparse_profile.py [--size 512] [--repeats 9] [--quick]
+        [--scaling 1024,2048] [--scaling-repeats 3] [--allocator kept|default]
+        [--out bench/REPORT.md] [--json bench/sparse_profile.json]
+
+The problem is bench/bench_sparse.py's (its helpers are imported): the OES network (seed 0)
+with the published pepper mask (density 0.05) applied to fresh weights, z = dip_input(32, S, S,
+seed 1), batch norm with batch statistics, one thread. `SparseGenerator.from_masked(model, mask)`
+is run stage by stage, mirroring SparseGenerator.forward, with a clock read between stages:
+
+- forward: without autograd, as SparseGenerator.forward runs it then (a sparse conv followed by
+  batch norm computes the batch statistics in its epilogue, `sparse_conv2d_stats`, and the batch
+  norm only normalizes, in place; the activation runs in place);
+- training step: zero_grad, forward with autograd (sparse_conv2d, F.batch_norm, out-of-place
+  activation), MSE loss, backward, Adam (lr 0.01; its own row). The backward is timed per stage
+  in context by tensor hooks on every stage's output: on this chain the gradient of stage i's
+  output arrives, then stage i's backward runs, then the gradient of its input arrives.
+- isolated ops: every sparse conv's ops called directly (torch.ops.oes_fast.sparse_conv2d,
+  sparse_conv2d_stats, sparse_conv2d_input_grad, sparse_conv2d_weight_grad) on the layer's
+  actual input and output gradient captured from the step, plus the pieces the autograd formula
+  (oes_fast/ops.py) adds around them: the sum of the u x u strided views of the input gradient
+  of a conv with fused upsampling, the nearest interpolation of its input for the weight
+  gradient, and the bias gradient (channel sum). Timed in shuffled rounds (below).
+
+Not present in this generator, so no rows: padding (reflection is applied in the conv's halo
+load), concatenation (the OES network has no skip branches) and a separate forward upsampling
+(fused into the conv's input load of the up path).
+
+Per row: median time over the repeats; executed FLOPs (2 x kept multiply-adds x output pixels
+for sparse convs, 2 x all compacted taps for the dense 1x1 output conv; elementwise ops: 1 per
+element for an activation, 2 for a batch-norm apply, 5 for batch norm with statistics, 3 for
+sigmoid, 4 per output pixel for 2x2 average pooling); bytes that must move, a one-pass lower
+bound: every input activation read once, every output written once, weights and CSR indices
+read once, float32 (a batch norm with batch statistics needs two passes over its input when it
+does not fit in cache, so its ratio cannot get below about 1.5); FLOP floor = FLOPs / peak,
+byte floor = bytes / bandwidth, and time / max(floors). Peak: oneDNN dense conv 128 -> 128,
+3x3, 64x64, no padding (bench_sparse.py's test_peak_conv), single thread; bandwidth: a torch copy
+of 256 MiB, read + write counted (bench/report.py's measure_bandwidth). Both are timed once per
+round inside the shuffled rounds, so they see the contention the rows see, and their medians
+set the floors (the machine is shared: a peak measured alone in a quiet second and rows timed
+under load would mix two machines); measure_bandwidth and a 20-conv median at the start and the
+end are reported beside them.
+
+--scaling SIZES: is the cost linear in pixels, row by row? The instrumented step and the isolated
+ops run at --size and at each of SIZES (fresh generators, captured tensors per size), all sizes
+in the same shuffled rounds (--scaling-repeats of them); per phase and per op, the time per
+pixel at each size over that at --size (1.00: linear; above: slower per pixel). No dense runs.
+
+Allocator: by default glibc keeps freed memory for reuse (oes_fast.allocator.keep_freed_memory,
+as the oes-fast command runs); with --allocator default every large temporary is a fresh mapping
+whose pages fault in again on every call. Minor page faults per call are counted either way.
+
+Whole-network times (uninstrumented sparse forward and step, the masked dense forward through
+oneDNN in NCHW and channels-last, and the masked dense training step of bench_sparse.py) are
+timed in rounds with the instrumented runs, every round in its own shuffled order (seeded; a
+fixed or rotated order makes each call follow the same neighbour, whose freed memory or cache
+footprint it then inherits every time); ratios are the
+median of the per-round ratios. Writes a markdown section between
+<!-- sparse_profile:begin --> and <!-- sparse_profile:end --> of --out and the raw numbers to
+--json. The machine is shared: read ratios, and the load average next to them.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import os
+import random
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_sparse import DATA, _mask  # noqa: E402
+from report import cpu_model, measure_bandwidth  # noqa: E402
+
+from oes_fast import models  # noqa: E402
+from oes_fast.ops import _channel_sum  # noqa: E402
+from oes_fast.sparse import SparseGenerator, _BatchNorm, _Conv  # noqa: E402
+
+BEGIN, END = "<!-- sparse_profile:begin -->", "<!-- sparse_profile:end -->"
+PEAK_CALL, COPY_CALL = "peak conv", "bandwidth copy"
+PEAK_FLOPS = 2 * 128 * 128 * 9 * 62 * 62  # the peak conv's FLOPs
+F32 = 4
+ops = torch.ops.oes_fast
+
+
+# ------------------------------------------------------------------------------ problem
+def problem(size: int) -> dict:
+    """bench_sparse.py's setup fixture at size x size."""
+    model = models.skip_oes(seed=0)
+    if not (DATA / "pepper_density0.05.npz").exists():
+        raise SystemExit(f"needs {DATA / 'pepper_density0.05.npz'}")
+    mask = _mask(model)
+    dense = copy.deepcopy(model)
+    mask.apply_(dense)
+    dense.train()
+    z = models.dip_input(32, size, size, seed=1)
+    target = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(2))
+    return dict(model=model, mask=mask, dense=dense, z=z, target=target)
+
+
+def measure_peak(repeats: int = 20) -> float:
+    """FLOP/s of oneDNN on bench_sparse.py's peak conv (128 -> 128, 3x3, 64x64), median."""
+    x, w = torch.rand(1, 128, 64, 64), torch.rand(128, 128, 3, 3)
+    flops = PEAK_FLOPS
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 2):
+            t = time.perf_counter()
+            F.conv2d(x, w)
+            if i >= 2:
+                times.append(time.perf_counter() - t)
+    return flops / statistics.median(times)
+
+
+# ------------------------------------------------------------------------------ labels and work
+def stage_labels(gen) -> list[str]:
+    labels, prev = [], "input"
+    for name, st in zip(gen.names, gen.stages):
+        if name is not None:
+            labels.append(name)
+            prev = name
+        else:
+            labels.append(f"{st.op}{'(' + st.arg + ')' if st.op == 'act' and st.arg != 'LeakyReLU' else ''} after {prev}")
+    return labels
+
+
+def conv_work(st: _Conv, x_shape, out_shape, backward=False, input_grad=True) -> tuple[float, float]:
+    """(FLOPs, bytes) of a conv stage forward, or of its whole backward (input grad if needed,
+    weight grad, bias grad; one-pass lower bound)."""
+    n, _, h_in, w_in = x_shape
+    px_in, px_out = n * h_in * w_in, out_shape[0] * out_shape[2] * out_shape[3]
+    kk = st.kernel[0] * st.kernel[1]
+    taps = st.values.numel() if st.mode == "sparse" else st.n_out * st.n_in * kk
+    weights = st.values.numel() * (F32 + 4) + (st.n_out + 1) * 8 + st.n_out * F32
+    if not backward:
+        return 2.0 * taps * px_out, F32 * (st.n_in * px_in + st.n_out * px_out) + weights
+    flops = 2.0 * taps * px_out * (2 if input_grad else 1) + st.n_out * px_out
+    nbytes = F32 * (st.n_out * px_out + st.n_in * px_in * (2 if input_grad else 1)) + weights + st.values.numel() * F32
+    return flops, nbytes
+
+
+ELEMENTWISE_FLOPS = {"act": 1, "sigmoid": 3}
+
+
+def stage_work(st, x_shape, out_shape, phase: str) -> tuple[float, float]:
+    """(FLOPs, bytes) of one non-conv stage in `phase` (see the module docstring)."""
+    numel = lambda s: float(s[0] * s[1] * s[2] * s[3])  # noqa: E731
+    i, o = numel(x_shape), numel(out_shape)
+    if isinstance(st, _BatchNorm):
+        if phase == "bn apply":  # in place, from fused statistics
+            return 2 * o, F32 * 2 * o
+        if phase == "fwd":  # F.batch_norm, statistics + apply
+            return 5 * o, F32 * 2 * o
+        return 9 * o, F32 * 3 * o  # backward: read grad and input, write grad
+    if st.op == "pool":
+        return (4 * o, F32 * (i + o)) if phase == "fwd" else (i, F32 * (i + o))
+    f = ELEMENTWISE_FLOPS[st.op]
+    return (f * o, F32 * 2 * o) if phase == "fwd" else (f * o, F32 * 3 * o)
+
+
+# ------------------------------------------------------------------------------ instrumented runs
+def forward_timed(gen, z, shapes=None):
+    """SparseGenerator.forward without autograd (same branches), clock read after every stage:
+    (output, {(stage index, phase): seconds}). `shapes`, if given, gets {stage: (in, out)}."""
+    assert not torch.is_grad_enabled()
+    gen.check_input(z)
+    x, const, hw = z, None, (z.shape[0], z.shape[2], z.shape[3])
+    stages, i, times = gen.stages, 0, {}
+    t0 = time.perf_counter()
+    while i < len(stages):
+        st = stages[i]
+        if (gen.fuse_batch_norm and isinstance(st, _Conv) and i + 1 < len(stages)
+                and isinstance(stages[i + 1], _BatchNorm) and st.can_fuse_stats(x)):
+            xin = x
+            x, const, hw, stats = st(x, const, hw, with_stats=True)
+            t1 = time.perf_counter()
+            times[i, "conv + bn stats (fused)"] = t1 - t0
+            if shapes is not None:
+                shapes[i] = (tuple(xin.shape), tuple(x.shape))
+            x, const, hw = stages[i + 1].forward_from_stats(x, stats, const, hw)
+            t0 = time.perf_counter()
+            times[i + 1, "bn apply"] = t0 - t1
+            if shapes is not None:
+                shapes[i + 1] = (tuple(x.shape), tuple(x.shape))
+            i += 2
+            continue
+        xin = x
+        x, const, hw = st(x, const, hw)
+        t1 = time.perf_counter()
+        times[i, "fwd"] = t1 - t0
+        t0 = t1
+        if shapes is not None:
+            shapes[i] = (tuple(xin.shape), tuple(x.shape))
+        i += 1
+    return x, times
+
+
+def step_timed(gen, opt, z, target, capture=None):
+    """One training step, stage by stage: {(stage index or name, phase): seconds}. `capture`, if
+    given, gets the inputs and output gradients of every stage ({i: (input, grad of output)})."""
+    times = {}
+    t0 = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    t1 = time.perf_counter()
+    times["zero_grad", "step"] = t1 - t0
+    x, const, hw = z, None, (z.shape[0], z.shape[2], z.shape[3])
+    outs, inputs = [], []
+    t0 = t1
+    for i, st in enumerate(gen.stages):
+        inputs.append(x)
+        x, const, hw = st(x, const, hw)
+        t1 = time.perf_counter()
+        times[i, "fwd"] = t1 - t0
+        t0 = t1
+        outs.append(x)
+    loss = ((x - target) ** 2).mean()
+    t1 = time.perf_counter()
+    times["loss (MSE)", "fwd"] = t1 - t0
+    stamps = {}
+    grads = {}
+
+    def hook(i):
+        def fn(g):
+            stamps[i] = time.perf_counter()
+            if capture is not None:
+                grads[i] = g.detach()
+        return fn
+
+    for i, o in enumerate(outs):
+        if o is not None and o.requires_grad:
+            o.register_hook(hook(i))
+    t_start = time.perf_counter()
+    loss.backward()
+    t_end = time.perf_counter()
+    last = len(outs) - 1
+    times["loss (MSE)", "bwd"] = stamps[last] - t_start
+    for i in range(last, 0, -1):
+        times[i, "bwd"] = stamps[i - 1] - stamps[i]
+    times[0, "bwd"] = t_end - stamps[0]
+    t0 = time.perf_counter()
+    opt.step()
+    times["adam", "step"] = time.perf_counter() - t0
+    if capture is not None:
+        for i in range(len(outs)):
+            capture[i] = (inputs[i], grads.get(i), outs[i])
+    return times
+
+
+def isolated_conv_ops(gen, capture) -> tuple[dict, dict]:
+    """Callables and (FLOPs, bytes) of every sparse conv's ops on the captured tensors:
+    {(stage index, phase): fn}, {(stage index, phase): (flops, bytes)}."""
+    fns, work = {}, {}
+    for i, st in enumerate(gen.stages):
+        if isinstance(st, _Conv) and st.mode == "sparse":
+            _layer_ops(i, st, capture[i], fns, work)
+    return fns, work
+
+
+def _layer_ops(i, st, captured, fns, work):
+    """isolated_conv_ops for one conv (a function of its own so that the closures bind its locals)."""
+    x, g, out = captured
+    x = x.detach().contiguous()
+    g = g.contiguous()
+    u = st.upsample
+    n, c, h, w = x.shape
+    ph, pw = (st.kernel[0] - 1) // 2, (st.kernel[1] - 1) // 2
+    # the conv's own (masked) bias; in the generator the folded constants are added to it, which
+    # changes its values, not the work
+    bias = ((st.bias * st.bias_mask).detach().index_select(0, st.live_out).contiguous() if st.bias is not None
+            else torch.zeros(st.n_out) if st.fold_weight is not None else None)
+    values = st.values.detach()
+    nnz, px_in, px_out = values.numel(), n * h * w, g.shape[0] * g.shape[2] * g.shape[3]
+    weights = nnz * (F32 + 4) + (st.n_out + 1) * 8
+    act_in, act_out, act_up = F32 * c * px_in, F32 * st.n_out * px_out, F32 * c * px_out
+    conv_flops = 2.0 * nnz * px_out
+    fns[i, "sparse_conv2d"] = (lambda x=x, b=bias: ops.sparse_conv2d(
+        x, values, st.row_ptr, st.col_idx, b, st.kernel, [1, 1], [ph, pw], "reflect", u))
+    work[i, "sparse_conv2d"] = (conv_flops, act_in + act_out + weights)
+    fns[i, "sparse_conv2d_stats"] = (lambda x=x, b=bias: ops.sparse_conv2d_stats(
+        x, values, st.row_ptr, st.col_idx, b, st.kernel, [ph, pw], "reflect", u))
+    work[i, "sparse_conv2d_stats"] = (conv_flops + 3.0 * st.n_out * px_out, act_in + act_out + weights)
+    if i > 0:  # the first conv reads z, which needs no gradient
+        fns[i, "input_grad"] = (lambda g=g, shape=[n, c, h * u, w * u]: ops.sparse_conv2d_input_grad(
+            g, values, st.row_ptr, st.col_idx, shape, st.kernel, [1, 1], [ph, pw], "reflect"))
+        work[i, "input_grad"] = (conv_flops, act_out + act_up + weights)
+        if u > 1:
+            g_up = fns[i, "input_grad"]()
+
+            def up_sum(g_up=g_up):
+                s = g_up[:, :, 0::u, 0::u].clone()
+                for a in range(u):
+                    for b_ in range(u):
+                        if a or b_:
+                            s += g_up[:, :, a::u, b_::u]
+                return s
+            fns[i, "upsample grad (sum of views)"] = up_sum
+            work[i, "upsample grad (sum of views)"] = (float(c * px_out), act_up + act_in)
+    x_up = x
+    if u > 1:
+        fns[i, "upsample input for weight grad"] = (lambda x=x: F.interpolate(x, scale_factor=u, mode="nearest"))
+        work[i, "upsample input for weight grad"] = (0.0, act_in + act_up)
+        x_up = F.interpolate(x, scale_factor=u, mode="nearest")
+    fns[i, "weight_grad"] = (lambda g=g, x_up=x_up: ops.sparse_conv2d_weight_grad(
+        g, x_up, st.row_ptr, st.col_idx, st.kernel, [1, 1], [ph, pw], "reflect"))
+    work[i, "weight_grad"] = (conv_flops, act_out + act_up + weights)
+    if st.bias is not None or st.fold_weight is not None:  # the op's bias then needs a gradient
+        fns[i, "bias grad (channel sum)"] = (lambda g=g: _channel_sum(g))
+        work[i, "bias grad (channel sum)"] = (float(st.n_out * px_out), act_out)
+
+
+# ------------------------------------------------------------------------------ timing
+def rounds_shuffled(calls: dict, rounds: int, warmup: int = 1) -> dict:
+    """{name: [result of each round]}: every callable (returning seconds, or a dict of them)
+    once per round, in an order shuffled anew every round (seeded), after `warmup` calls each."""
+    names = list(calls)
+    for name in names:
+        for _ in range(warmup):
+            calls[name]()
+    out = {name: [] for name in names}
+    for r in range(rounds):
+        order = list(names)
+        random.Random(r).shuffle(order)
+        for name in order:
+            out[name].append(calls[name]())
+    return out
+
+
+def timed(fn):
+    def run():
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
+    return run
+
+
+def med(xs):
+    return statistics.median(xs)
+
+
+# ------------------------------------------------------------------------------ the run
+def page_faults(fn) -> int:
+    """Minor page faults of one call of fn."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    fn()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+def run(size: int, repeats: int) -> dict:
+    torch.set_num_threads(1)
+    load = [os.getloadavg()[0]]
+    peaks, bws = [measure_peak()], [measure_bandwidth()[0]]
+    p = problem(size)
+    gen = SparseGenerator.from_masked(p["model"], p["mask"])
+    labels = stage_labels(gen)
+    z, target = p["z"], p["target"]
+
+    # shapes, and a check that the instrumented forward is the generator's forward
+    shapes = {}
+    with torch.no_grad():
+        out, _ = forward_timed(gen, z, shapes)
+        ref = gen(z)
+    assert torch.equal(out, ref), "instrumented forward differs from SparseGenerator.forward"
+
+    # whole networks
+    dense, dense_cl = p["dense"], copy.deepcopy(p["dense"]).to(memory_format=torch.channels_last)
+    z_cl = z.contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(gen.parameters(), lr=0.01)
+    gen_whole = SparseGenerator.from_masked(p["model"], p["mask"])
+    opt_whole = torch.optim.Adam(gen_whole.parameters(), lr=0.01)
+    dense_step_net = copy.deepcopy(dense)
+    dense_opt = torch.optim.Adam(dense_step_net.parameters(), lr=0.01)
+    pairs = [(q, p["mask"][n].to(q.dtype)) for n, q in dense_step_net.named_parameters()]
+
+    def sparse_step():
+        opt_whole.zero_grad(set_to_none=True)
+        ((gen_whole(z) - target) ** 2).mean().backward()
+        opt_whole.step()
+
+    def dense_step():  # bench_sparse.py's test_train_step_dense_masked
+        dense_opt.zero_grad(set_to_none=True)
+        ((dense_step_net(z) - target) ** 2).mean().backward()
+        for q, m in pairs:
+            q.grad.mul_(m)
+        dense_opt.step()
+
+    def no_grad(fn):
+        def f():
+            with torch.no_grad():
+                return fn()
+        return f
+
+    calls = {
+        "sparse forward": no_grad(timed(lambda: gen_whole(z))),
+        "sparse forward (instrumented)": no_grad(lambda: forward_timed(gen, z)[1]),
+        "dense forward NCHW": no_grad(timed(lambda: dense(z))),
+        "dense forward channels-last": no_grad(timed(lambda: dense_cl(z_cl))),
+        "sparse step": timed(sparse_step),
+        "sparse step (instrumented)": lambda: step_timed(gen, opt, z, target),
+        "dense step NCHW": timed(dense_step),
+    }
+    load.append(os.getloadavg()[0])
+    # the floors, measured in the same rounds as the rows (same contention); FLOP/s and bytes/s
+    x_pk, w_pk = torch.rand(1, 128, 64, 64), torch.rand(128, 128, 3, 3)
+    src = torch.rand(256 * 2**20 // 4)
+    dst = torch.empty_like(src)
+    floors = {PEAK_CALL: no_grad(timed(lambda: F.conv2d(x_pk, w_pk))), COPY_CALL: timed(lambda: dst.copy_(src))}
+    res = rounds_shuffled({**calls, **floors}, repeats)
+    floor_samples = {k: res.pop(k) for k in floors}
+    load.append(os.getloadavg()[0])
+    faults = {k: page_faults(f) for k, f in calls.items() if "instrumented" not in k}
+
+    # isolated ops on the captured tensors of one more step
+    capture = {}
+    step_timed(gen, opt, z, target, capture)
+    fns, work = isolated_conv_ops(gen, capture)
+    iso = rounds_shuffled({**{k: timed(f) for k, f in fns.items()}, **floors}, repeats)
+    for k in floors:
+        floor_samples[k] += iso.pop(k)
+    load.append(os.getloadavg()[0])
+    peaks.append(measure_peak())
+    bws.append(measure_bandwidth()[0])
+    peak = PEAK_FLOPS / med(floor_samples[PEAK_CALL])
+    bw = 2 * src.numel() * F32 / med(floor_samples[COPY_CALL])
+
+    # rows
+    rows = []
+
+    def row(section, key, label, phase, times, flops, nbytes, context):
+        t = med(times)
+        floor_f, floor_b = flops / peak, nbytes / bw
+        kind = key if isinstance(key, str) else stage_kind(gen.stages[key])
+        rows.append(dict(section=section, stage=key, kind=kind, layer=label, phase=phase, time_s=t, flops=flops,
+                         bytes=nbytes, flop_floor_s=floor_f, byte_floor_s=floor_b,
+                         over_floor=t / max(floor_f, floor_b) if max(floor_f, floor_b) > 0 else None,
+                         context=context, repeats=len(times)))
+
+    fwd_rounds = res["sparse forward (instrumented)"]
+    for (i, phase) in fwd_rounds[0]:
+        st = gen.stages[i]
+        xs, os_ = shapes[i]
+        if isinstance(st, _Conv):
+            fl, nb = conv_work(st, xs, os_)
+            if phase.startswith("conv + bn stats"):
+                fl += 3.0 * os_[1] * os_[0] * os_[2] * os_[3]
+        else:
+            fl, nb = stage_work(st, xs, os_, phase)
+        row("forward", i, labels[i], phase, [r[i, phase] for r in fwd_rounds], fl, nb, "in context")
+
+    step_rounds = res["sparse step (instrumented)"]
+    sh = {i: (tuple(capture[i][0].shape), tuple(capture[i][2].shape)) for i in capture}
+    for key in step_rounds[0]:
+        i, phase = key
+        ts = [r[key] for r in step_rounds]
+        if isinstance(i, str):
+            numel_out = float(target.numel())
+            if i == "adam":
+                n_par = sum(q.numel() for q in gen.parameters())
+                fl, nb = 12.0 * n_par, 7.0 * F32 * n_par
+            elif i == "zero_grad":
+                fl, nb = 0.0, 0.0
+            else:  # loss
+                fl, nb = (3 * numel_out, F32 * 2 * numel_out) if phase == "fwd" else (3 * numel_out, F32 * 3 * numel_out)
+            row("step", i, i, phase, ts, fl, nb, "in context")
+            continue
+        st = gen.stages[i]
+        if isinstance(st, _Conv):
+            fl, nb = conv_work(st, *sh[i], backward=phase == "bwd", input_grad=i > 0)
+        else:
+            fl, nb = stage_work(st, *sh[i], phase)
+        row("step", i, labels[i], phase, ts, fl, nb, "in context")
+
+    for (i, phase), ts in iso.items():
+        row("isolated", i, labels[i], phase, ts, *work[i, phase], "isolated")
+
+    whole = {k: [t for t in v] for k, v in res.items() if "instrumented" not in k}
+    ratio = {k: med([a / b for a, b in zip(v, whole["sparse forward" if "forward" in k else "sparse step"])])
+             for k, v in whole.items()}
+    return dict(
+        size=size, repeats=repeats, threads=torch.get_num_threads(), cpu=cpu_model(), cores=os.cpu_count(),
+        torch=torch.__version__, date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        load_average_1min=load, peak_flops=peak, peaks_measured=peaks, bandwidth=bw, bandwidths_measured=bws,
+        floor_samples_s=floor_samples,
+        whole={k: dict(median_s=med(v), times_s=v, ratio_to_sparse=ratio[k], minor_page_faults=faults[k])
+               for k, v in whole.items()},
+        instrumented_totals=dict(
+            forward=[sum(r.values()) for r in fwd_rounds], step=[sum(r.values()) for r in step_rounds]),
+        conv_layers=[dict(stage=i, name=labels[i], n_in=st.n_in, n_out=st.n_out, kernel=st.kernel, nnz=st.values.numel(),
+                          density=st.density, mode=st.mode, upsample=st.upsample, out_hw=list(shapes[i][1][2:]))
+                     for i, st in enumerate(gen.stages) if isinstance(st, _Conv)],
+        rows=rows,
+    )
+
+
+# ------------------------------------------------------------------------------ report
+def ms(s):
+    return f"{1e3 * s:.2f}"
+
+
+def stage_kind(st) -> str:
+    if isinstance(st, _Conv):
+        return "sparse conv" if st.mode == "sparse" else f"dense {st.kernel[0]}x{st.kernel[1]} conv"
+    if isinstance(st, _BatchNorm):
+        return "batch norm"
+    return {"act": "activation", "pool": "avg pool 2x2", "sigmoid": "sigmoid"}.get(st.op, st.op)
+
+
+def phase_of(r) -> str:
+    """The phase a row counts toward in the summary."""
+    st, ph, kind = r["stage"], r["phase"], r["kind"]
+    if isinstance(st, str):
+        return {"adam": "Adam", "zero_grad": "zero_grad"}.get(st, f"MSE loss {ph}")
+    if r["section"] == "forward":
+        return f"{kind}: {ph}" if kind in ("sparse conv", "batch norm") else kind
+    return f"{kind} {'forward' if ph == 'fwd' else 'backward'}"
+
+
+def summarize(rows, peak, bw):
+    groups = {}
+    for r in rows:
+        g = groups.setdefault(phase_of(r), dict(n=0, time_s=0.0, flops=0.0, bytes=0.0))
+        g["n"] += 1
+        g["time_s"] += r["time_s"]
+        g["flops"] += r["flops"]
+        g["bytes"] += r["bytes"]
+    out = []
+    for name, g in groups.items():
+        ff, fb = g["flops"] / peak, g["bytes"] / bw
+        out.append(dict(phase=name, **g, flop_floor_s=ff, byte_floor_s=fb,
+                        over_floor=g["time_s"] / max(ff, fb) if max(ff, fb) > 0 else None))
+    return sorted(out, key=lambda g: -g["time_s"])
+
+
+def ratio(x) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
+def table(rows, first_cols, share=True):
+    lines = ["| " + " | ".join(first_cols) + " | ms |" + (" % |" if share else "") +
+             " GFLOP | MB | FLOP floor ms | byte floor ms | time / max(floors) |",
+             "|" + "---|" * len(first_cols) + "---:|" * (7 if share else 6)]
+    total = sum(r["time_s"] for r in rows)
+    for r in rows:
+        lines.append("| " + " | ".join(str(r[c]) for c in first_cols) + f" | {ms(r['time_s'])} |" +
+                     (f" {100 * r['time_s'] / total:.1f} |" if share else "") +
+                     f" {r['flops'] / 1e9:.4f} | {r['bytes'] / 1e6:.2f} | {ms(r['flop_floor_s'])} | "
+                     f"{ms(r['byte_floor_s'])} | {ratio(r['over_floor'])} |")
+    return lines
+
+
+def render(d: dict, quick: bool) -> str:
+    peak, bw, size = d["peak_flops"], d["bandwidth"], d["size"]
+    la = d["load_average_1min"]
+    W = d["whole"]
+    lines = [f"### Sparse generator profile, {size}x{size}: {d['cpu']} ({d['cores']} cores), {d['date']}, "
+             f"{d['threads']} thread, load average {la[0]:.2f} (bench/sparse_profile.py)"
+             + (" - quick smoke run" if quick else "") + "\n",
+             f"torch {d['torch']}, allocator: {d['allocator']}. OES network (seed 0), published pepper mask (density 0.05) on fresh weights, "
+             f"batch statistics. Floors from a peak of {peak / 1e9:.1f} GFLOP/s (oneDNN dense conv 128->128 3x3 "
+             f"64x64, 1 thread) and a bandwidth of {bw / 1e9:.1f} GB/s (torch copy of 256 MiB, read + write), both "
+             f"timed inside the rounds next to the rows, medians of {len(d['floor_samples_s'][PEAK_CALL])} samples "
+             f"(same contention as the rows). Measured alone at start and end: "
+             f"{', '.join(f'{x / 1e9:.1f}' for x in d['peaks_measured'])} GFLOP/s (median of 20 convs), "
+             f"{', '.join(f'{x / 1e9:.1f}' for x in d['bandwidths_measured'])} GB/s. {d['repeats']} rounds, each "
+             f"timing every run once in a shuffled order; medians. 1-minute load average "
+             f"{' / '.join(f'{x:.2f}' for x in la)} (start / before rounds / after rounds / end): other jobs ran "
+             f"on the 2 cores throughout (two long training runs, at times more), so absolute times are "
+             f"inflated; read ratios.\n",
+             "#### Whole networks\n",
+             "| run | median ms | time / sparse time (median of per-round ratios) | minor page faults (one call) |",
+             "|---|---:|---:|---:|"]
+    for k, v in W.items():
+        lines.append(f"| {k} | {ms(v['median_s'])} | {v['ratio_to_sparse']:.2f}x | {v['minor_page_faults']} |")
+    it = d["instrumented_totals"]
+    fwd_rows = [r for r in d["rows"] if r["section"] == "forward"]
+    step_rows = [r for r in d["rows"] if r["section"] == "step"]
+    iso_rows = [r for r in d["rows"] if r["section"] == "isolated"]
+    s_f, s_s = sum(r["time_s"] for r in fwd_rows), sum(r["time_s"] for r in step_rows)
+    f_ref, s_ref = W["sparse forward"]["median_s"], W["sparse step"]["median_s"]
+    lines += ["", f"Coverage: per round, the rows of the instrumented forward add up to a median of "
+              f"{ms(med(it['forward']))} ms against {ms(f_ref)} ms for the uninstrumented forward "
+              f"({100 * med(it['forward']) / f_ref:.0f} %), those of the instrumented step to {ms(med(it['step']))} ms "
+              f"against {ms(s_ref)} ms ({100 * med(it['step']) / s_ref:.0f} %). The sums of the per-row medians below "
+              f"are lower, {ms(s_f)} ms ({100 * s_f / f_ref:.0f} %) and {ms(s_s)} ms ({100 * s_s / s_ref:.0f} %): "
+              "on the loaded machine each row's slow rounds fall on different rounds. Not covered by any row: the "
+              "Python loop between stages and check_input; in the step, each stage's backward row also holds the "
+              "autograd bookkeeping and the small graph of the folded constants that the engine runs in between, "
+              "and a freed tensor's release is charged to the stage during which its last reference goes.\n"]
+    for title, rs in (("Forward without autograd (inference path: fused BN statistics, in-place BN apply and activation)", fwd_rows),
+                      ("Training step (zero_grad, forward with autograd, MSE, backward, Adam lr 0.01)", step_rows)):
+        lines += [f"#### {title}: by phase\n"]
+        lines += table(summarize(rs, peak, bw), ["phase", "n"])
+        lines.append("")
+    # per conv layer
+    lines += ["#### Per sparse conv layer (isolated ops on the layer's captured input and output gradient)\n",
+              "ms and time / max(floors) per op; fwd = sparse_conv2d, +stats = sparse_conv2d_stats (the statistics "
+              "epilogue's cost is the difference), dgrad = sparse_conv2d_input_grad (+ the u x u view sum for "
+              "upsampling convs, in brackets), wgrad = sparse_conv2d_weight_grad (+ the nearest interpolation of "
+              "the input, in brackets); GFLOP/s of fwd.\n",
+              "| layer | in->out | k | out px | nnz | density | fwd ms | fwd x | fwd GFLOP/s | +stats ms | dgrad ms | dgrad x | "
+              "wgrad ms | wgrad x | bias grad ms |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    by = {(r["stage"], r["phase"]): r for r in iso_rows}
+    for c in d["conv_layers"]:
+        i = c["stage"]
+        if (i, "sparse_conv2d") not in by:
+            continue
+        f, fs = by[i, "sparse_conv2d"], by[i, "sparse_conv2d_stats"]
+        dg, wg = by.get((i, "input_grad")), by[i, "weight_grad"]
+        us, ui = by.get((i, "upsample grad (sum of views)")), by.get((i, "upsample input for weight grad"))
+        bg = by.get((i, "bias grad (channel sum)"))
+        dg_s = "-" if dg is None else ms(dg["time_s"]) + (f" (+{ms(us['time_s'])})" if us else "")
+        dg_x = "-" if dg is None else f"{dg['over_floor']:.1f}"
+        wg_s = ms(wg["time_s"]) + (f" (+{ms(ui['time_s'])})" if ui else "")
+        bg_s = "-" if bg is None else ms(bg["time_s"])
+        lines.append(
+            f"| {c['name']} | {c['n_in']}->{c['n_out']} | {c['kernel'][0]} | {c['out_hw'][0]}x{c['out_hw'][1]} | {c['nnz']} | "
+            f"{c['density']:.2f} | {ms(f['time_s'])} | {f['over_floor']:.1f} | {f['flops'] / f['time_s'] / 1e9:.1f} | "
+            f"{ms(fs['time_s'])} | {dg_s} | {dg_x} | {wg_s} | {wg['over_floor']:.1f} | {bg_s} |")
+    tot = {ph: sum(r["time_s"] for r in iso_rows if r["phase"] == ph) for ph in
+           ("sparse_conv2d", "sparse_conv2d_stats", "input_grad", "weight_grad", "upsample grad (sum of views)",
+            "upsample input for weight grad", "bias grad (channel sum)")}
+    conv_bwd_ctx = sum(r["time_s"] for r in step_rows if r["phase"] == "bwd" and isinstance(r["stage"], int)
+                       and isinstance(r["layer"], str) and ".conv" in r["layer"])
+    iso_bwd = sum(tot[k] for k in ("input_grad", "weight_grad", "upsample grad (sum of views)",
+                                   "upsample input for weight grad", "bias grad (channel sum)"))
+    lines += ["", "Totals of the isolated ops: " + ", ".join(f"{k} {ms(v)} ms" for k, v in tot.items()) +
+              f". The sparse convs' backward rows in the step (in context) sum to {ms(conv_bwd_ctx)} ms against "
+              f"{ms(iso_bwd)} ms for their isolated pieces.\n"]
+    # biggest sinks
+    sinks = sorted((r for r in fwd_rows + step_rows), key=lambda r: -(r["time_s"] - max(r["flop_floor_s"], r["byte_floor_s"])))
+    lines += ["#### Largest time above the floor (rows of the forward and the step, in context)\n",
+              "| section | layer | phase | ms | max floor ms | time / max(floors) | ms above floor |",
+              "|---|---|---|---:|---:|---:|---:|"]
+    for r in sinks[:15]:
+        fl = max(r["flop_floor_s"], r["byte_floor_s"])
+        lines.append(f"| {r['section']} | {r['layer']} | {r['phase']} | {ms(r['time_s'])} | {ms(fl)} | {ratio(r['over_floor'])} | "
+                     f"{ms(r['time_s'] - fl)} |")
+    # full rows
+    lines += ["", "<details><summary>Every row (forward, step, isolated ops)</summary>\n"]
+    lines += table(d["rows"], ["section", "layer", "phase"], share=False)
+    lines += ["", "</details>", ""]
+    return "\n".join(lines) + "\n"
+
+
+def scaling(sizes: list[int], repeats: int) -> dict:
+    """Instrumented step and isolated ops at every size of `sizes`, in the same shuffled rounds."""
+    setups, steps = {}, {}
+    for size in sizes:
+        p = problem(size)
+        gen = SparseGenerator.from_masked(p["model"], p["mask"])
+        opt = torch.optim.Adam(gen.parameters(), lr=0.01)
+        setups[size] = (gen, opt, p["z"], p["target"])
+        steps[size] = (lambda g=gen, o=opt, z=p["z"], t=p["target"]: step_timed(g, o, z, t))
+    load = [os.getloadavg()[0]]
+    res = rounds_shuffled(steps, repeats)
+    load.append(os.getloadavg()[0])
+    fns, labels = {}, None
+    for size, (gen, opt, z, target) in setups.items():
+        labels = stage_labels(gen)
+        capture = {}
+        step_timed(gen, opt, z, target, capture)
+        f, _ = isolated_conv_ops(gen, capture)
+        fns.update({(size, *k): v for k, v in f.items()})
+        del capture
+    iso = rounds_shuffled({k: timed(f) for k, f in fns.items()}, repeats)
+    load.append(os.getloadavg()[0])
+    out = dict(sizes=sizes, repeats=repeats, load_average_1min=load, step={}, isolated={})
+    for size in sizes:
+        rounds = res[size]
+        out["step"][size] = dict(
+            total_s=[sum(r.values()) for r in rounds],
+            rows=[dict(stage=k[0], layer=k[0] if isinstance(k[0], str) else labels[k[0]], phase=k[1],
+                       kind=k[0] if isinstance(k[0], str) else stage_kind(setups[size][0].stages[k[0]]),
+                       time_s=med([r[k] for r in rounds])) for k in rounds[0]])
+        out["isolated"][size] = [dict(stage=k[1], layer=labels[k[1]], phase=k[2], time_s=med(v), samples_s=v)
+                                 for k, v in iso.items() if k[0] == size]
+    return out
+
+
+def render_scaling(sc: dict) -> str:
+    sizes = sc["sizes"]
+    base = sizes[0]
+    rel = lambda t, t0, s: (t / t0) / (s * s / (base * base))  # noqa: E731
+    lines = [f"#### Cost per pixel against size (--scaling; {sc['repeats']} rounds, all sizes in the same shuffled rounds, "
+             f"load average {' / '.join(f'{x:.2f}' for x in sc['load_average_1min'])})\n",
+             f"Time per pixel at each size over that at {base}x{base} (1.00: linear in pixels), per phase of the "
+             f"instrumented step and per isolated op summed over the sparse convs.\n",
+             "| phase | " + " | ".join(f"ms at {s}" for s in sizes) + " | " +
+             " | ".join(f"per pixel {s} / {base}" for s in sizes[1:]) + " |",
+             "|---|" + "---:|" * (2 * len(sizes) - 1)]
+    agg = {}
+    for s in sizes:
+        for r in sc["step"][s]["rows"]:
+            a = agg.setdefault(phase_of(dict(r, section="step")), {})
+            a[s] = a.get(s, 0.0) + r["time_s"]
+        for r in sc["isolated"][s]:
+            a = agg.setdefault(f"isolated {r['phase']}", {})
+            a[s] = a.get(s, 0.0) + r["time_s"]
+    tot = {s: med(sc["step"][s]["total_s"]) for s in sizes}
+    order = sorted(agg, key=lambda k: (k.startswith("isolated"), -agg[k][sizes[-1]]))
+    for name in ["whole step (median of per-round sums)"] + order:
+        v = tot if name.startswith("whole") else agg[name]
+        if v.get(base, 0) <= 0:
+            continue
+        lines.append(f"| {name} | " + " | ".join(ms(v[s]) for s in sizes) + " | " +
+                     " | ".join(f"{rel(v[s], v[base], s):.2f}" for s in sizes[1:]) + " |")
+    # per conv layer, isolated
+    lines += ["", "Per sparse conv, isolated ops, time per pixel at the largest size over that at the smallest:\n",
+              "| layer | " + " | ".join(ph for ph in ISO_PHASES) + " |", "|---|" + "---:|" * len(ISO_PHASES)]
+    big = sizes[-1]
+    t0 = {(r["layer"], r["phase"]): r["time_s"] for r in sc["isolated"][base]}
+    t1 = {(r["layer"], r["phase"]): r["time_s"] for r in sc["isolated"][big]}
+    for layer in dict.fromkeys(r["layer"] for r in sc["isolated"][base]):
+        cells = [f"{rel(t1[layer, ph], t0[layer, ph], big):.2f}" if (layer, ph) in t0 else "-" for ph in ISO_PHASES]
+        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+ISO_PHASES = ("sparse_conv2d", "sparse_conv2d_stats", "input_grad", "upsample grad (sum of views)",
+              "upsample input for weight grad", "weight_grad")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, help="square image side (default 512, 256 with --quick)")
+    parser.add_argument("--repeats", type=int, help="rounds (default 9, 2 with --quick)")
+    parser.add_argument("--quick", action="store_true", help="fast smoke run: 256x256, 2 rounds")
+    parser.add_argument("--allocator", choices=("kept", "default"), default="kept",
+                        help="kept: glibc keeps freed memory (as the oes-fast command runs); default: glibc's own")
+    parser.add_argument("--scaling", help="also compare the time per pixel at these sides, e.g. 1024,2048")
+    parser.add_argument("--scaling-repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=HERE / "REPORT.md", help="markdown file (section replaced)")
+    parser.add_argument("--json", type=Path, default=HERE / "sparse_profile.json")
+    args = parser.parse_args(argv)
+    size = args.size or (256 if args.quick else 512)
+    repeats = args.repeats or (2 if args.quick else 9)
+    kept = False
+    if args.allocator == "kept":
+        from oes_fast.allocator import keep_freed_memory
+
+        kept = keep_freed_memory()
+    d = run(size, repeats)
+    d["quick"] = args.quick
+    d["allocator"] = ("glibc keeps freed memory (keep_freed_memory)" if kept else
+                      "glibc default" + (" (keep_freed_memory refused)" if args.allocator == "kept" else ""))
+    body = render(d, args.quick)
+    if args.scaling:
+        sc = scaling([size] + [int(x) for x in args.scaling.split(",")], args.scaling_repeats)
+        d["scaling"] = sc
+        marker = "#### Largest time above the floor"
+        body = body.replace(marker, render_scaling(sc) + "\n" + marker)
+    print(body)
+    args.json.write_text(json.dumps(d, indent=1, default=str) + "\n")
+    from gpu_suite import write_section
+
+    write_section(args.out, body, BEGIN, END)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -53,16 +53,22 @@ def threads():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def setup():
+def problem(size: int = SIZE) -> dict:
+    """The benchmarked problem at size x size: the model, the published pepper mask, the masked
+    dense model in training mode, z and a target (also used by bench/sparse_profile.py)."""
     model = models.skip_oes(seed=0)
     mask = _mask(model)
     dense = copy.deepcopy(model)
     mask.apply_(dense)
     dense.train()
-    z = models.dip_input(32, SIZE, SIZE, seed=1)
-    target = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
+    z = models.dip_input(32, size, size, seed=1)
+    target = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(2))
     return dict(model=model, mask=mask, dense=dense, z=z, target=target)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return problem(SIZE)
 
 
 def dense_macs(model, h, w):

@@ -79,10 +79,10 @@ import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_sparse import DATA, _mask  # noqa: E402
+import bench_sparse  # noqa: E402
+from bench_sparse import DATA  # noqa: E402
 from report import cpu_model, measure_bandwidth  # noqa: E402
 
-from oes_fast import models  # noqa: E402
 from oes_fast.ops import _channel_sum  # noqa: E402
 from oes_fast.sparse import SparseGenerator, _BatchNorm, _Conv  # noqa: E402
 
@@ -95,17 +95,10 @@ ops = torch.ops.oes_fast
 
 # ------------------------------------------------------------------------------ problem
 def problem(size: int) -> dict:
-    """bench_sparse.py's setup fixture at size x size."""
-    model = models.skip_oes(seed=0)
+    """bench_sparse.py's problem at size x size (SystemExit without the published masks)."""
     if not (DATA / "pepper_density0.05.npz").exists():
         raise SystemExit(f"needs {DATA / 'pepper_density0.05.npz'}")
-    mask = _mask(model)
-    dense = copy.deepcopy(model)
-    mask.apply_(dense)
-    dense.train()
-    z = models.dip_input(32, size, size, seed=1)
-    target = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(2))
-    return dict(model=model, mask=mask, dense=dense, z=z, target=target)
+    return bench_sparse.problem(size)
 
 
 def measure_peak(repeats: int = 20) -> float:

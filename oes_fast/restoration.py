@@ -471,8 +471,6 @@ class RestoreReport:
 
 
 def _resolve_mask(mask) -> tuple[Mask | None, str]:
-    if mask is None:
-        return masks.bundled(), "bundled"
     if isinstance(mask, Mask):
         return mask, "given"
     if isinstance(mask, str) and mask == "search":
@@ -485,7 +483,7 @@ def _resolve_mask(mask) -> tuple[Mask | None, str]:
 
 def restore(image, task: str = "denoise", *, holes=None, factor: int = 4, mask=None, steps: int = DEFAULT_STEPS,
             progress: bool | None = True, clean=None, kernel: str = "lanczos", fit: str = "pad",
-            density: float = 0.05, search_steps: int = 20000, seed: int = 0, engine: str = "auto",
+            density: float | str = "auto", search_steps: int = 20000, seed: int = 0, engine: str = "auto",
             low_memory: bool = False, record_every: int = 50, checkpoint_dir=None,
             allow_disconnected: bool = False, method: str = "sparse", log=None):
     """Restore `image` with a Sparse-DIP and return `(restored, report)`.
@@ -496,9 +494,13 @@ def restore(image, task: str = "denoise", *, holes=None, factor: int = 4, mask=N
     task: "denoise"; "inpaint" (fills `holes`: a path, array or tensor (H, W), nonzero = missing;
         without holes, the pixels the alpha channel marks fully transparent); "superres" (an
         output `factor` (4, 8) times larger on each side, whose downsampling fits the image).
-    mask: None (the bundled mask), a `Mask`, a mask file, or "search" (an OES search of
+    mask: None (a bundled mask), a `Mask`, a mask file, or "search" (an OES search of
         `search_steps` steps at `density` on this image first). Weights and z come from the mask's
         seeds (else `seed`).
+    density: "auto" or a number in (0, 1]. With the bundled mask, "auto" takes the one that
+        `masks.auto_density` picks for the network's input size (0.05 from 384x384 pixels on,
+        0.025 below) and a number takes the bundled mask of that density (0.05 or 0.025); the
+        report names the file. With mask="search", "auto" is 0.05 (the paper's).
     steps: Sparse-DIP training steps. clean: an optional reference of the output's size, for
         PSNR/SSIM. fit: "pad" (reflect-pad to the network and crop back: the output has the
         input's size) or "crop" (center-crop to the network's multiples: the output is the crop).
@@ -520,14 +522,23 @@ def restore(image, task: str = "denoise", *, holes=None, factor: int = 4, mask=N
     steps, search_steps = int(steps), int(search_steps)
     if steps < 0 or search_steps < 0:
         raise ValueError(f"step counts must be non-negative, got steps={steps}, search_steps={search_steps}")
-    if not 0 < density <= 1:
-        raise ValueError(f"density must be in (0, 1], got {density}")
+    if density != "auto" and not (isinstance(density, (int, float)) and 0 < density <= 1):
+        raise ValueError(f"density must be 'auto' or in (0, 1], got {density!r}")
     say = log if log is not None else ((lambda m: print(m, file=sys.stderr)) if progress else (lambda m: None))
-    the_mask, mask_source = _resolve_mask(mask)
-    searching = the_mask is None
-    network = models.skip_oes(seed=seed if searching or the_mask.seed is None else the_mask.seed)
     if method not in ("sparse", "dense"):
         raise ValueError(f"method must be 'sparse' or 'dense', got {method!r}")
+    if mask is None:
+        # the bundled mask that suits the image's size (or the density asked for): the network's
+        # input size is known once the image is read
+        sized = prepare(image, task, holes=holes, factor=factor, kernel=kernel, fit=fit).network_size
+        the_mask = (masks.bundled(pixels=sized[0] * sized[1]) if density == "auto"
+                    else masks.bundled(density=density))
+        mask_source = f"bundled: {the_mask.meta['bundled_file']}"
+    else:
+        the_mask, mask_source = _resolve_mask(mask)
+    searching = the_mask is None
+    search_density = 0.05 if density == "auto" else float(density)
+    network = models.skip_oes(seed=seed if searching or the_mask.seed is None else the_mask.seed)
     if the_mask is not None:
         the_mask.check_fits(network)
         verdict = masks.health(the_mask, network)
@@ -545,7 +556,7 @@ def restore(image, task: str = "denoise", *, holes=None, factor: int = 4, mask=N
         reference = ref.pixels.expand(1, 3, out_h, out_w) if ref.pixels.shape[1] == 1 else ref.pixels
 
     searching = searching and method == "sparse"
-    cost = dict(train_steps=steps, search_steps=search_steps if searching else 0, density=density, engine=engine,
+    cost = dict(train_steps=steps, search_steps=search_steps if searching else 0, density=search_density, engine=engine,
                 low_memory=low_memory, method=method)
     est = checked_estimate(problem, the_mask, **cost)
     say(est.message())
@@ -557,7 +568,7 @@ def restore(image, task: str = "denoise", *, holes=None, factor: int = 4, mask=N
     timings = dict(estimate_seconds=time.perf_counter() - started)
     search_info = None
     if searching:
-        found = search(network, z, problem.y, density=density, steps=search_steps, seed=seed,
+        found = search(network, z, problem.y, density=search_density, steps=search_steps, seed=seed,
                        degradation=problem.degradation, z_seed=z_seed, progress=progress,
                        checkpoint=ckpt("search.ckpt"), resume=checkpoint_dir is not None,
                        engine="fused" if low_memory else "unfused", recompute=low_memory)
@@ -594,7 +605,8 @@ def restore(image, task: str = "denoise", *, holes=None, factor: int = 4, mask=N
         mask=dict(source="none (dense DIP)") if method == "dense" else
         dict(source=mask_source, density=the_mask.density, kept=the_mask.kept, healthy=health.ok,
              health=health.message, seed=network_seed(the_mask, seed), z_seed=z_seed),
-        settings=dict(method=method, steps=steps, search_steps=search_steps if searching else 0, density=density, seed=seed,
+        settings=dict(method=method, steps=steps, search_steps=search_steps if searching else 0, density=density,
+                      search_density=search_density if searching else None, seed=seed,
                       engine=engine, low_memory=low_memory, record_every=record_every, fit=fit),
         estimate=est.to_dict(), losses=fitted.losses, reference=reference is not None,
         psnr_steps=fitted.steps, psnr=fitted.psnr, ssim=fitted.ssim, final_psnr=final_psnr, final_ssim=final_ssim,

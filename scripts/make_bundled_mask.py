@@ -3,6 +3,14 @@ sample (public domain, bundled with scikit-image), 256x256, Gaussian noise sigma
 
     python scripts/make_bundled_mask.py --steps 20000 --checkpoint runs/bundled/search.ckpt
 
+The sparser bundled mask (masks.BUNDLED_SMALL_FILE) was made from the checkpoint of the command's
+search (the same image, noise and seeds), its final logits taken at density 0.025 with every 1-D
+parameter kept:
+
+    oes-fast search --density 0.025 --search-steps 10000 --out runs/small
+    python scripts/make_bundled_mask.py --from-checkpoint runs/small/search.ckpt --density 0.025 \
+        --keep-vectors --out oes_fast/data/bundled_density0.025_vectors.safetensors
+
 Checkpoints every 250 steps; run again with the same arguments to resume. With a smaller
 --steps than the checkpoint holds it refuses; with --steps equal to the checkpoint's step it
 just writes the mask of that state.
@@ -22,19 +30,37 @@ def main():
     parser.add_argument("--steps", type=int, default=20000)
     parser.add_argument("--checkpoint", default="runs/bundled/search.ckpt")
     parser.add_argument("--out", default="runs/bundled/mask.safetensors")
+    parser.add_argument("--density", type=float, default=0.05)
+    parser.add_argument("--from-checkpoint", metavar="CKPT",
+                        help="no search: the mask of the logits in this search checkpoint (of the same problem)")
+    parser.add_argument("--keep-vectors", action="store_true",
+                        help="keep every 1-D parameter (batch norm, biases): oes_fast.masks.keep_vectors")
     args = parser.parse_args()
     oes_fast.allocator.keep_freed_memory()  # as the oes-fast command does
     clean = images.sample_image("astronaut", 256)
     noisy = tasks.Denoise(sigma=0.1).degrade(clean, seed=0)
     model = oes_fast.models.skip_oes(seed=0)
     z = oes_fast.models.dip_input(32, 256, 256, seed=0)
-    result = oes_fast.search(model, z, noisy, density=0.05, steps=args.steps, seed=0, z_seed=0,
+    if args.from_checkpoint:
+        state = torch.load(args.from_checkpoint, map_location="cpu", weights_only=False)["state"]
+        mask = oes_fast.masks.topk(state["logits"], args.density, model=model, seed=0)
+        mask.seed, mask.z_seed = 0, 0
+        mask.meta.update(method="oes", steps=state["step"], search_seed=0, from_checkpoint=os.path.basename(args.from_checkpoint),
+                         image="skimage.data.astronaut, center 256x256 (oes_fast.images.sample_image)",
+                         task=dict(name="denoise", sigma=0.1, noise_seed=0))
+        if args.keep_vectors:
+            mask = oes_fast.masks.keep_vectors(mask)
+        oes_fast.masks.save(mask, args.out)
+        print(mask, oes_fast.masks.health(mask, model).message)
+        return
+    result = oes_fast.search(model, z, noisy, density=args.density, steps=args.steps, seed=0, z_seed=0,
                              checkpoint=args.checkpoint, checkpoint_every=250, resume=True, progress=True)
     result.mask.meta.update(image="skimage.data.astronaut, center 256x256 (oes_fast.images.sample_image)",
                             task=dict(name="denoise", sigma=0.1, noise_seed=0))
+    mask = oes_fast.masks.keep_vectors(result.mask) if args.keep_vectors else result.mask
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    oes_fast.masks.save(result.mask, args.out)
-    print(result.mask, result.health.message)
+    oes_fast.masks.save(mask, args.out)
+    print(mask, oes_fast.masks.health(mask, model).message)
     print(json.dumps({"steps": args.steps, "final_loss": result.losses[-1] if result.losses else None}))
 
 

@@ -210,6 +210,7 @@ def _bad_input_cases(tmp_path, mask_file, photo):
         "image too small to crop": (["denoise", tiny, "--fit", "crop", "--mask", mask_file], "smaller than the minimum"),
         "density 0": (["denoise", photo, "--density", "0", "--search"], "density"),
         "density above 1": (["search", photo, "--density", "1.5"], "density"),
+        "no bundled mask at that density": (["denoise", photo, "--density", "0.03"], "no bundled mask at density 0.03"),
         "mask for another network": (["denoise", photo, "--mask", other_mask], "does not fit"),
         "corrupt mask": (["denoise", photo, "--mask", bad_mask], "not a readable mask file"),
         "missing mask": (["denoise", photo, "--mask", tmp_path / "none.safetensors"], "not found"),
@@ -221,7 +222,7 @@ def _bad_input_cases(tmp_path, mask_file, photo):
                                   "density above 1", "mask for another network", "corrupt mask", "missing mask",
                                   "unwritable output", "holes of another size", "every pixel missing",
                                   "holes with denoise", "clean of another size", "superres beyond memory",
-                                  "opaque alpha to inpaint", "sigma without synthetic"])
+                                  "opaque alpha to inpaint", "sigma without synthetic", "no bundled mask at that density"])
 def test_bad_input_is_one_clear_line_and_writes_nothing(case, tmp_path, mask_file, photo, capsys):
     args, message = _bad_input_cases(tmp_path, mask_file, photo)[case]
     out = tmp_path / "out"
@@ -232,6 +233,12 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(case, tmp_path, mask_fil
     assert err.startswith("oes-fast: error:") and message in err, err
     assert "Traceback" not in err
     assert not out.exists()
+
+
+def test_density_is_auto_or_a_number(capsys):
+    with pytest.raises(SystemExit) as exit_:  # argparse's own usage error
+        main(["denoise", "--density", "half"])
+    assert exit_.value.code == 2 and "must be auto or a number" in capsys.readouterr().err
 
 
 def test_nan_in_an_input_tensor_is_refused():

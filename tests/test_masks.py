@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 import oes_fast
-from oes_fast import masks, reference, rng
+from oes_fast import masks, models, reference, rng
 from oes_fast.flat import FlatLayout
 from oes_fast.masks import Mask, MaskMismatchError
 
@@ -294,3 +294,34 @@ def test_layer_stats():
     assert rows["empty"]["numel"] == 0 and rows["empty"]["density"] == 0.0
     assert mask.kept == 11 and mask.numel == 28
     assert "kept 11 of 28" in repr(mask)
+
+
+def test_auto_density_and_the_bundled_masks_it_picks():
+    from oes_fast.masks import AUTO_SMALL_PIXELS, auto_density, bundled
+
+    assert auto_density(AUTO_SMALL_PIXELS - 1) == 0.025 and auto_density(AUTO_SMALL_PIXELS) == 0.05
+    with pytest.raises(ValueError, match="pixels must be positive"):
+        auto_density(0)
+    model = models.skip_oes(seed=0)
+    small, large = bundled(pixels=256 * 256), bundled(pixels=512 * 512)
+    assert large.meta["bundled_file"] == "bundled_density0.05.safetensors" and abs(large.density - 0.05) < 1e-4
+    assert small.meta["bundled_file"] == "bundled_density0.025_vectors.safetensors"
+    # the sparser mask keeps every 1-D parameter and the network stays connected
+    assert 0.025 < small.density < 0.03 and small.meta["vectors_kept"]
+    assert all(bool(t.all()) for t in small.tensors.values() if t.dim() == 1)
+    assert masks.health(small, model).ok and masks.health(large, model).ok
+    assert bundled(density=0.025).kept == small.kept and bundled().kept == large.kept
+    with pytest.raises(ValueError, match="no bundled mask at density 0.1"):
+        bundled(density=0.1)
+    with pytest.raises(ValueError, match="not both"):
+        bundled(pixels=1, density=0.05)
+
+
+def test_keep_vectors_keeps_the_1d_parameters_and_nothing_else():
+    model = models.skip_oes(seed=0)
+    mask = masks.topk({n: torch.randn(p.shape, generator=torch.Generator().manual_seed(1))
+                       for n, p in model.named_parameters()}, 0.01)
+    kept = masks.keep_vectors(mask)
+    for name, t in kept.items():
+        assert bool(t.all()) if t.dim() == 1 else torch.equal(t, mask[name])
+    assert kept.meta["vectors_kept"] and not mask.meta.get("vectors_kept")

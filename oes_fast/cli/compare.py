@@ -28,7 +28,8 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from ..files import write_text
-from .common import PRESETS, UsageError, load_clean_for_benchmark, make_synthetic_task, prepare_out, version
+from .common import (PRESETS, UsageError, load_clean_for_benchmark, make_synthetic_task, prepare_out, search_density,
+                     version)
 
 # name -> what it is (the help text and the table's notes)
 METHODS = {
@@ -224,8 +225,9 @@ def run_compare(args) -> int:
     # everything the user gave is checked before anything is written
     methods = parse_methods(args.methods)
     budgets = _budgets(args)
+    args.density = search_density(args)  # every method here searches or prunes: auto is the paper's 0.05
     if not 0 < args.density <= 1:
-        raise UsageError(f"--density must be in (0, 1], got {args.density}")
+        raise UsageError(f"--density must be auto or in (0, 1], got {args.density}")
     if args.seed < 0 or args.noise_seed < 0:
         raise UsageError("seeds must be non-negative")
     clean, image_info = load_clean_for_benchmark(args)

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 
 from .common import (SYNTHETIC_HOLES, UsageError, check_common, check_out, load_mask_file, load_sample,
-                     make_synthetic_task, prepare_out, resolve_steps, run_info, write_report)
+                     make_synthetic_task, prepare_out, resolve_steps, run_info, search_density, write_report)
 
 TASKS = {"denoise": "remove noise from IMAGE", "inpaint": "fill the missing pixels of IMAGE",
          "superres": "enlarge IMAGE x4 / x8"}
@@ -147,7 +147,7 @@ def run(args) -> int:
                     allow_disconnected=args.allow_disconnected, progress=progress)
     log = (lambda m: print(m, file=sys.stderr))
     if args.search:
-        print(f"searching a mask at density {args.density} for {search_steps:,} steps, then training "
+        print(f"searching a mask at density {search_density(args)} for {search_steps:,} steps, then training "
               f"{train_steps:,} steps ...", file=sys.stderr)
     restored, report = restoration.restore(obs["image"], mask=mask, steps=train_steps, clean=obs["clean"],
                                            checkpoint_dir=out, log=log, **settings)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .common import check_common, check_out, prepare_out, resolve_steps, run_info, write_report
+from .common import check_common, check_out, prepare_out, resolve_steps, run_info, search_density, write_report
 from .restore import observation, task_name
 
 
@@ -14,6 +14,7 @@ def run(args) -> int:
 
     name = task_name(args)
     check_common(args)
+    args.density = search_density(args)
     search_steps, _ = resolve_steps(args)
     obs = observation(args, name)
     out = check_out(args)

@@ -316,14 +316,12 @@ def load_published(path, model: nn.Module, **attributes) -> Mask:
 
 
 BUNDLED_FILE = "bundled_density0.05.safetensors"
-# The sparser bundled mask, for small images (see `auto_density`): an OES search at density 0.025
-# on the same astronaut sample (10,000 steps), then every 1-D parameter kept (`keep_vectors`).
+# The sparser bundled mask: an OES search at density 0.025 on the same astronaut sample (10,000
+# steps), then every 1-D parameter kept (`keep_vectors`). Taken on request (density=0.025): at
+# 256x256 it overfits less than the 0.05 mask but also peaks lower, and ends lower on barbara
+# (docs/quality.md#density-by-image-size), so `auto_density` does not pick it.
 BUNDLED_SMALL_FILE = "bundled_density0.025_vectors.safetensors"
-# Images with fewer pixels than this (the network's input: H x W) take the sparser mask. A 5 %
-# mask keeps about 0.19 weights per observed value at 512x512 and holds its peak there; at
-# 256x256 it keeps 0.77 and overfits (docs/quality.md#density-by-image-size). The threshold is
-# the midpoint between the two sizes measured.
-AUTO_SMALL_PIXELS = 384 * 384
+BUNDLED_FILES = {0.05: BUNDLED_FILE, 0.025: BUNDLED_SMALL_FILE}
 
 
 def keep_vectors(mask: Mask) -> Mask:
@@ -339,28 +337,28 @@ def keep_vectors(mask: Mask) -> Mask:
 
 def auto_density(pixels: int) -> float:
     """The density `--density auto` stands for at an image of `pixels` pixels (the network's input
-    size, H x W): 0.05, the paper's, from AUTO_SMALL_PIXELS on, and 0.025 below (with every
-    1-D parameter kept, see `keep_vectors`)."""
+    size, H x W). Measured at 256x256 and 512x512 (docs/quality.md#density-by-image-size): 0.05,
+    the paper's, at both; 0.025 (vectors kept) ended no better on the two images it was chosen
+    on (pepper, astronaut) and 1.2 dB lower on barbara."""
     if pixels <= 0:
         raise ValueError(f"pixels must be positive, got {pixels}")
-    return 0.05 if pixels >= AUTO_SMALL_PIXELS else 0.025
+    return 0.05
 
 
 def bundled(pixels: int | None = None, density: float | None = None) -> Mask:
     """A mask shipped with the package, found by this package's OES search on the built-in
-    astronaut sample (see `mask.meta` for the image, noise and budget). Without `pixels`: the
-    density-0.05 mask. With `pixels` (the image's H x W at the network's input): the mask that
-    `auto_density(pixels)` picks, the 0.05 one from AUTO_SMALL_PIXELS on, the 0.025 one (vectors
-    kept) below; `mask.meta["bundled_file"]` names it. With `density` (0.05 or 0.025): that one. Its `seed` and `z_seed` rebuild the weights
-    and input it belongs to: `oes_fast.models.skip_oes(seed=mask.seed)`,
-    `oes_fast.models.dip_input(32, H, W, seed=mask.z_seed)`."""
+    astronaut sample (see `mask.meta` for the image, noise and budget): the one of `density`
+    (0.05 or 0.025, see BUNDLED_FILES), else the one `auto_density(pixels)` picks for an image of
+    `pixels` pixels at the network's input, else the 0.05 one. `mask.meta["bundled_file"]` names
+    it. Its `seed` and `z_seed` rebuild the weights and input it belongs to:
+    `oes_fast.models.skip_oes(seed=mask.seed)`, `oes_fast.models.dip_input(32, H, W, seed=mask.z_seed)`."""
     if pixels is not None and density is not None:
         raise ValueError("bundled: give pixels or density, not both")
-    if density is not None and density not in (0.05, 0.025):
-        raise ValueError(f"there is no bundled mask at density {density}: the bundled masks have density 0.05 and "
-                         "0.025 (search one, or give a mask file)")
     wanted = density if density is not None else (auto_density(pixels) if pixels is not None else 0.05)
-    name = BUNDLED_FILE if wanted == 0.05 else BUNDLED_SMALL_FILE
+    if wanted not in BUNDLED_FILES:
+        raise ValueError(f"there is no bundled mask at density {wanted}: the bundled masks have density "
+                         f"{' and '.join(str(d) for d in BUNDLED_FILES)} (search one, or give a mask file)")
+    name = BUNDLED_FILES[wanted]
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", name)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"the bundled mask is missing from this installation ({path})")

@@ -498,9 +498,9 @@ def restore(image, task: str = "denoise", *, holes=None, factor: int = 4, mask=N
         `search_steps` steps at `density` on this image first). Weights and z come from the mask's
         seeds (else `seed`).
     density: "auto" or a number in (0, 1]. With the bundled mask, "auto" takes the one that
-        `masks.auto_density` picks for the network's input size (0.05 from 384x384 pixels on,
-        0.025 below) and a number takes the bundled mask of that density (0.05 or 0.025); the
-        report names the file. With mask="search", "auto" is 0.05 (the paper's).
+        `masks.auto_density` picks for the network's input size (0.05 at every size measured) and
+        a number takes the bundled mask of that density (0.05 or 0.025); the report names the
+        file. With mask="search", "auto" is 0.05 (the paper's).
     steps: Sparse-DIP training steps. clean: an optional reference of the output's size, for
         PSNR/SSIM. fit: "pad" (reflect-pad to the network and crop back: the output has the
         input's size) or "crop" (center-crop to the network's multiples: the output is the crop).
@@ -527,10 +527,10 @@ def restore(image, task: str = "denoise", *, holes=None, factor: int = 4, mask=N
     say = log if log is not None else ((lambda m: print(m, file=sys.stderr)) if progress else (lambda m: None))
     if method not in ("sparse", "dense"):
         raise ValueError(f"method must be 'sparse' or 'dense', got {method!r}")
+    problem = prepare(image, task, holes=holes, factor=factor, kernel=kernel, fit=fit)
     if mask is None:
-        # the bundled mask that suits the image's size (or the density asked for): the network's
-        # input size is known once the image is read
-        sized = prepare(image, task, holes=holes, factor=factor, kernel=kernel, fit=fit).network_size
+        # the bundled mask that suits the network's input size, or the density asked for
+        sized = problem.network_size
         the_mask = (masks.bundled(pixels=sized[0] * sized[1]) if density == "auto"
                     else masks.bundled(density=density))
         mask_source = f"bundled: {the_mask.meta['bundled_file']}"
@@ -545,7 +545,6 @@ def restore(image, task: str = "denoise", *, holes=None, factor: int = 4, mask=N
         if method == "sparse" and not verdict.ok and not allow_disconnected:
             raise ValueError(f"the mask disconnects the network ({verdict.message}); a longer search usually fixes "
                              "this, or train anyway (--allow-disconnected, allow_disconnected=True)")
-    problem = prepare(image, task, holes=holes, factor=factor, kernel=kernel, fit=fit, network=network)
     out_h, out_w = problem.output_size
     reference = None
     if clean is not None:

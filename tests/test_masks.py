@@ -296,21 +296,21 @@ def test_layer_stats():
     assert "kept 11 of 28" in repr(mask)
 
 
-def test_auto_density_and_the_bundled_masks_it_picks():
-    from oes_fast.masks import AUTO_SMALL_PIXELS, auto_density, bundled
+def test_auto_density_and_the_bundled_masks():
+    from oes_fast.masks import auto_density, bundled
 
-    assert auto_density(AUTO_SMALL_PIXELS - 1) == 0.025 and auto_density(AUTO_SMALL_PIXELS) == 0.05
+    assert auto_density(256 * 256) == 0.05 and auto_density(4096 * 4096) == 0.05
     with pytest.raises(ValueError, match="pixels must be positive"):
         auto_density(0)
     model = models.skip_oes(seed=0)
-    small, large = bundled(pixels=256 * 256), bundled(pixels=512 * 512)
+    small, large = bundled(density=0.025), bundled(pixels=256 * 256)
     assert large.meta["bundled_file"] == "bundled_density0.05.safetensors" and abs(large.density - 0.05) < 1e-4
     assert small.meta["bundled_file"] == "bundled_density0.025_vectors.safetensors"
     # the sparser mask keeps every 1-D parameter and the network stays connected
     assert 0.025 < small.density < 0.03 and small.meta["vectors_kept"]
     assert all(bool(t.all()) for t in small.tensors.values() if t.dim() == 1)
     assert masks.health(small, model).ok and masks.health(large, model).ok
-    assert bundled(density=0.025).kept == small.kept and bundled().kept == large.kept
+    assert bundled().kept == large.kept
     with pytest.raises(ValueError, match="no bundled mask at density 0.1"):
         bundled(density=0.1)
     with pytest.raises(ValueError, match="not both"):

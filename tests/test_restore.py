@@ -138,19 +138,15 @@ def _escape(text):
     return re.escape(text)
 
 
-@pytest.mark.parametrize("shape, expected", [((256, 256, 3), "bundled_density0.025_vectors.safetensors"),
-                                             ((301, 451, 3), "bundled_density0.05.safetensors")])
-def test_the_bundled_mask_follows_the_image_size_and_the_report_names_it(shape, expected):
-    # 256x256 is below masks.AUTO_SMALL_PIXELS; 301x451 pads to 320x512 (163,840 pixels), above it
-    _, report = oes_fast.restore(noisy(shape), **STEPS)
-    assert report.mask["source"] == f"bundled: {expected}"
-    assert report.settings["density"] == "auto"
-    assert report.mask["healthy"]
+def test_the_report_names_the_bundled_mask():
+    _, report = oes_fast.restore(noisy((256, 256, 3)), **STEPS)
+    assert report.mask["source"] == "bundled: bundled_density0.05.safetensors"
+    assert report.settings["density"] == "auto" and report.mask["healthy"]
 
 
 def test_a_density_picks_that_bundled_mask_or_is_refused():
-    _, report = oes_fast.restore(noisy((256, 256, 3)), density=0.05, **STEPS)
-    assert report.mask["source"] == "bundled: bundled_density0.05.safetensors"
+    _, report = oes_fast.restore(noisy((256, 256, 3)), density=0.025, **STEPS)
+    assert report.mask["source"] == "bundled: bundled_density0.025_vectors.safetensors"
     with pytest.raises(ValueError, match="no bundled mask at density 0.03"):
         oes_fast.restore(noisy((256, 256, 3)), density=0.03, **STEPS)
     with pytest.raises(ValueError, match="density must be 'auto' or in"):

@@ -32,8 +32,8 @@ def common_arguments() -> argparse.ArgumentParser:
                              "(pad, default: the output has the input's size) or center-crop it (crop, for benchmarks)")
     common.add_argument("--density", type=density_value, default="auto",
                         help="fraction of parameters kept, in (0, 1], or auto (default): with the bundled mask, the "
-                             "one that suits the image's size (0.05 from 384x384 pixels on, 0.025 below); for a "
-                             "search, 0.05")
+                             "one masks.auto_density picks for the image's size (0.05 at every size measured; 0.025 "
+                             "is also bundled); for a search, 0.05")
     common.add_argument("--seed", type=int, default=0, help="seed of the weights, the input z and the search (default: 0)")
     common.add_argument("--noise-seed", type=int, default=0, help="seed of the synthetic degradation (default: 0)")
     common.add_argument("--preset", choices=sorted(PRESETS), default="quick",

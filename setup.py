@@ -6,6 +6,7 @@ extension compiles against the torch that is already installed:
 """
 import glob
 import os
+import platform
 import shutil
 
 import torch
@@ -26,11 +27,18 @@ def _build_cuda():
     return torch.version.cuda is not None and bool(nvcc) and os.path.exists(nvcc)
 
 
-# -march=native: the extension is built on the machine that runs it (vectorized for the host).
+# Portable flags: a wheel built here must run on any x86-64 CPU (or any CPU of the build's
+# architecture). The hot CPU kernels are compiled again for AVX2+FMA and AVX-512 inside
+# target regions and chosen at run time (csrc/cpu/cpu_isa.h; OES_FAST_CPU_ISA forces one).
+# OES_FAST_ARCH_FLAGS replaces the baseline flags, e.g. "-march=native" for a build that only
+# ever runs on the machine that built it.
 # -ffast-math at compile time only (never at link time, which would set FTZ/DAZ for the whole
 # process): it lets gcc call glibc's vector logf/expf (libmvec) inside `omp simd` loops.
-cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-ffast-math"]
-cxx_flags += os.environ.get("OES_FAST_ARCH_FLAGS", "-march=native").split()
+# -Wno-psabi: the 64-byte vector types of the baseline copy warn about an ABI they never cross.
+_X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
+_BASELINE_ARCH = "-march=x86-64 -mtune=generic" if _X86 else ""
+cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-ffast-math", "-Wno-psabi"]
+cxx_flags += os.environ.get("OES_FAST_ARCH_FLAGS", _BASELINE_ARCH).split()
 sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
 define_macros = []
 

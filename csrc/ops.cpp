@@ -3,9 +3,12 @@
 // oes_fast/ops.py, which chooses between the CUDA C++ kernels exposed here and Triton.
 #include <torch/extension.h>
 #include <torch/library.h>
+#include <pybind11/stl.h>
 
 #include <cstring>
+#include <string>
 
+#include "cpu/cpu_isa.h"
 #include "ops.h"
 
 TORCH_LIBRARY(oes_fast, m) {
@@ -24,6 +27,10 @@ TORCH_LIBRARY(oes_fast, m) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // The instruction set the CPU kernels run with (csrc/cpu/cpu_isa.h): "avx512", "avx2" or
+  // "baseline"; OES_FAST_CPU_ISA forces one. And those this CPU can run.
+  m.def("cpu_isa", [] { return std::string(oes_fast::cpu_isa_name(oes_fast::cpu_isa())); });
+  m.def("cpu_isas_supported", &oes_fast::cpu_isas_supported);
 #ifdef OES_FAST_WITH_CUDA
   m.attr("with_cuda") = true;
   m.def("philox_uniform_cuda", &oes_fast::philox_uniform_cuda);

@@ -94,6 +94,25 @@ def kl_prior_grad(logits: torch.Tensor, density: float) -> torch.Tensor:
     return dkl_ds * s * (1 - s)
 
 
+# ------------------------------------------------------------------------------ sparse convolution
+def sparse_conv2d(input: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
+                  kernel_size, bias=None, stride=1, padding=0, padding_mode: str = "zeros",
+                  upsample: int = 1) -> torch.Tensor:
+    """oes_fast.sparse.sparse_conv2d: the CSR weight (row o holds output channel o; col_idx =
+    c * KH * KW + ky * KW + kx) scattered into a dense weight, the input nearest-upsampled and
+    padded, then F.conv2d. Differentiable in input, values and bias."""
+    kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+    ph, pw = (padding, padding) if isinstance(padding, int) else padding
+    c_out, c_in = row_ptr.numel() - 1, input.shape[1]
+    rows = torch.repeat_interleave(torch.arange(c_out, device=values.device), row_ptr.diff())
+    dense = torch.zeros(c_out, c_in * kh * kw, dtype=values.dtype, device=values.device)
+    dense = dense.index_put((rows, col_idx.long()), values).reshape(c_out, c_in, kh, kw)
+    x = torch.nn.functional.interpolate(input, scale_factor=upsample, mode="nearest") if upsample != 1 else input
+    mode = "reflect" if padding_mode == "reflect" else "constant"
+    x = torch.nn.functional.pad(x, (pw, pw, ph, ph), mode=mode)
+    return torch.nn.functional.conv2d(x, dense, bias, stride=stride)
+
+
 # ------------------------------------------------------------------------------ masked model
 def masked_forward(model: nn.Module, params: Mapping[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
     """f(z; params) through torch.func.functional_call (the model's own weights are untouched).

@@ -5,22 +5,23 @@
 // store_tile). So an element gets the same bits whatever its position, the thread split or the
 // launch (one compiled loop for all, no scalar remainder), and full tiles, nearly all of the
 // work, run straight from memory, where loads overlap the arithmetic.
-#pragma once
-#include <ATen/OpMathType.h>
-
-#include <cmath>
-#include <cstdint>
-
-#if defined(__AVX512F__)
-#include <immintrin.h>
+//
+// Included by the kernels file of each of those ops, which per_isa.h includes once per
+// instruction set: so no include guard and no includes here (the .cpp includes <ATen/OpMathType.h>,
+// <cmath>, <cstdint>, <immintrin.h> and ../philox.h before per_isa.h), and everything below
+// lives in the copy's namespace with internal linkage.
+#ifndef OES_FAST_ISA_NS
+#error "elementwise.h is included by a kernels file inside per_isa.h"
 #endif
 
-#include "../philox.h"
-
 // One compiled copy of a tile function, whatever calls it (see above).
+#ifndef OES_TILE_FN
 #define OES_TILE_FN __attribute__((noinline))
+#endif
 
 namespace oes_fast {
+namespace OES_FAST_ISA_NS {
+namespace {
 
 constexpr int64_t kTile = 256;
 constexpr double kKlEps = 1e-6;  // the OES authors' epsilon inside the prior's logs
@@ -42,7 +43,16 @@ struct alignas(64) Tile {
   acc_t c[kTile];
 };
 
-#if defined(__AVX512F__)
+// philox_uniforms with AVX-512 intrinsics: in the isa_avx512 copy, or in every copy of a build
+// whose flags enable AVX-512. (In C++ gcc does not define __AVX512F__ inside a `#pragma GCC
+// target` region: it cannot be the test alone.)
+#if OES_FAST_VEC_BYTES == 64 || defined(__AVX512F__)
+#define OES_FAST_PHILOX_AVX512 1
+#else
+#define OES_FAST_PHILOX_AVX512 0
+#endif
+
+#if OES_FAST_PHILOX_AVX512
 // High and low 32 bits of the 32x32-bit products a * b, 16 lanes.
 inline void mul_hi_lo(__m512i a, __m512i b, __m512i& hi, __m512i& lo) {
   const __m512i even = _mm512_mul_epu32(a, b);                         // lanes 0, 2, ... as 64-bit products
@@ -57,7 +67,7 @@ inline void mul_hi_lo(__m512i a, __m512i b, __m512i& hi, __m512i& lo) {
 // philox_first_word, which widens every lane to 64 bits.
 inline void philox_uniforms(uint64_t seed, uint64_t first_offset, int64_t n, float* u) {
   int64_t i = 0;
-#if defined(__AVX512F__)
+#if OES_FAST_PHILOX_AVX512
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i round_a = _mm512_set1_epi32(static_cast<int>(kPhiloxRoundA));
   const __m512i round_b = _mm512_set1_epi32(static_cast<int>(kPhiloxRoundB));
@@ -129,4 +139,8 @@ inline void kl_term(acc_t p, acc_t log_rho, acc_t log_not_rho, acc_t& value, acc
   grad = dkl_ds * s * (acc_t(1) - s);
 }
 
+}  // namespace
+}  // namespace OES_FAST_ISA_NS
 }  // namespace oes_fast
+
+#undef OES_FAST_PHILOX_AVX512

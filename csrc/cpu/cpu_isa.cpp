@@ -1,0 +1,78 @@
+// Run-time choice of the CPU kernels' instruction set (see cpu_isa.h). Compiled at the
+// baseline flags like the rest of the extension.
+#include "cpu_isa.h"
+
+#include <c10/util/Exception.h>
+#include <c10/util/StringUtil.h>
+
+#include <cstdlib>
+#include <cstring>
+
+namespace oes_fast {
+namespace {
+
+bool supported(CpuIsa isa) {
+  switch (isa) {
+    case CpuIsa::baseline:
+      return true;
+#if OES_FAST_X86_DISPATCH
+    // libgcc's cpu model also checks (XGETBV) that the OS saves the ymm / zmm state.
+    case CpuIsa::avx2:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    case CpuIsa::avx512:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+             __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+             __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+#endif
+    default:
+      return false;
+  }
+}
+
+CpuIsa choose() {
+#if OES_FAST_X86_DISPATCH
+  __builtin_cpu_init();
+#endif
+  const char* forced = std::getenv("OES_FAST_CPU_ISA");
+  if (forced != nullptr && forced[0] != '\0') {
+    for (CpuIsa isa : {CpuIsa::baseline, CpuIsa::avx2, CpuIsa::avx512}) {
+      if (std::strcmp(forced, cpu_isa_name(isa)) == 0) {
+        TORCH_CHECK(supported(isa), "OES_FAST_CPU_ISA=", forced,
+                    ": this CPU (or this build) cannot run it; it can run: ", c10::Join(", ", cpu_isas_supported()));
+        return isa;
+      }
+    }
+    TORCH_CHECK(false, "OES_FAST_CPU_ISA must be one of baseline, avx2, avx512 (or unset), got '", forced, "'");
+  }
+  if (supported(CpuIsa::avx512)) return CpuIsa::avx512;
+  if (supported(CpuIsa::avx2)) return CpuIsa::avx2;
+  return CpuIsa::baseline;
+}
+
+}  // namespace
+
+CpuIsa cpu_isa() {
+  static const CpuIsa isa = choose();  // a throw leaves it unset: the next call tries again
+  return isa;
+}
+
+const char* cpu_isa_name(CpuIsa isa) {
+  switch (isa) {
+    case CpuIsa::avx2:
+      return "avx2";
+    case CpuIsa::avx512:
+      return "avx512";
+    default:
+      return "baseline";
+  }
+}
+
+std::vector<std::string> cpu_isas_supported() {
+  std::vector<std::string> names;
+  for (CpuIsa isa : {CpuIsa::baseline, CpuIsa::avx2, CpuIsa::avx512}) {
+    if (supported(isa)) names.emplace_back(cpu_isa_name(isa));
+  }
+  return names;
+}
+
+}  // namespace oes_fast

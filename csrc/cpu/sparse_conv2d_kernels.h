@@ -1,0 +1,561 @@
+// The CPU kernels of sparse_conv2d (forward, input gradient, weight gradient), written once and
+// compiled once per instruction set: csrc/cpu/sparse_conv2d.cpp includes this file three times,
+// each time with OES_FAST_ISA_NS naming the namespace of that copy (isa_baseline, isa_avx2,
+// isa_avx512) and, for the last two, inside a `#pragma GCC target` region. So this file includes
+// nothing: every library header is included before the first region, which keeps the library's
+// inline functions and templates (std::vector, at::parallel_for, ...) compiled once, at the
+// baseline flags; only what is defined here, in its own namespace with internal linkage, gets
+// the wider instructions. No include guard, on purpose.
+//
+// Vectors are GCC vector extensions of OES_FAST_VEC_BYTES bytes, one register of the copy's
+// instruction set: 64 (zmm) for AVX-512, 32 (ymm) for AVX2, 16 (xmm) at the baseline. (A vector
+// type wider than the registers is not split into registers by gcc: its operations go through
+// the stack, which made a 64-byte vector on AVX2 slower than the SSE2 baseline.) The arithmetic
+// of each output is the same in every copy (FMA contracted where the instruction set has FMA,
+// so the baseline's bits differ from the other two); horizontal sums (weight gradient, the
+// statistics) add lanes in a different grouping per vector width.
+#if !defined(OES_FAST_ISA_NS) || !defined(OES_FAST_VEC_BYTES)
+#error "define OES_FAST_ISA_NS and OES_FAST_VEC_BYTES before including sparse_conv2d_kernels.h"
+#endif
+
+namespace oes_fast {
+namespace OES_FAST_ISA_NS {
+namespace {
+template <typename T>
+struct VecOf;
+template <>
+struct VecOf<float> {
+  typedef float type __attribute__((vector_size(OES_FAST_VEC_BYTES)));
+};
+template <>
+struct VecOf<double> {
+  typedef double type __attribute__((vector_size(OES_FAST_VEC_BYTES)));
+};
+template <typename T>
+using vec_t = typename VecOf<T>::type;
+template <typename T>
+constexpr int64_t kLanes = OES_FAST_VEC_BYTES / static_cast<int64_t>(sizeof(T));
+
+// 4 independent accumulators a block (4 vectors of one row, or 1 vector of 4 rows).
+constexpr int kNV = 4;
+// Output rows per task: the taps' source rows of a tile stay in L1/L2 while all its output
+// channels run (tasks iterate output channels fastest).
+constexpr int64_t kRowTile = 8;
+
+template <typename V, typename T>
+inline V load(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <typename V, typename T>
+inline void store(T* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+template <typename V, typename T>
+inline V broadcast(T s) {
+  return V{} + s;
+}
+
+// Padded coordinate -> input coordinate; -1 where zero padding reads a zero.
+inline int64_t source_index(int64_t i, int64_t n, bool reflect) {
+  if (reflect) {
+    i = i < 0 ? -i : i;
+    return i >= n ? 2 * (n - 1) - i : i;
+  }
+  return (i >= 0 && i < n) ? i : -1;
+}
+
+// Stride-1 output columns whose taps all read inside the row: [lo, hi).
+inline void interior_columns(const SparseConvGeometry& g, int64_t* lo, int64_t* hi) {
+  *lo = std::min(g.PW, g.W_out);
+  *hi = std::max(*lo, std::min(g.W_out, g.W - g.KW + g.PW + 1));
+}
+
+// Input rows of one row tile, all input channels, padded in the copy: the padding is applied
+// while the tile is loaded (the padded tensor never exists), so every output column, border
+// or not, takes the vector path. kHaloBytes keeps the tile within the L2 of one core.
+constexpr int64_t kHaloBytes = 512 * 1024;
+
+template <typename T>
+void load_halo(const T* x, T* halo, int64_t rows_h, int64_t rows_load, int64_t Wa, int64_t y_in0,
+               const SparseConvGeometry& g, int64_t n) {
+  const int64_t Wp = (g.W_out - 1) * g.SW + g.KW;
+  for (int64_t c = 0; c < g.C_in; ++c) {
+    for (int64_t hr = 0; hr < rows_load; ++hr) {
+      T* dst = halo + (c * rows_h + hr) * Wa;
+      const int64_t iy = source_index(y_in0 + hr, g.H, g.reflect);
+      if (iy < 0) {
+        std::fill(dst, dst + Wp, T(0));
+        continue;
+      }
+      if (g.U == 1) {
+        const T* src = x + ((n * g.C_in + c) * g.H + iy) * g.W;
+        const int64_t lo = std::min(g.PW, Wp), hi = std::min(Wp, g.PW + g.W);
+        for (int64_t j = 0; j < lo; ++j) {
+          const int64_t ix = source_index(j - g.PW, g.W, g.reflect);
+          dst[j] = ix < 0 ? T(0) : src[ix];
+        }
+        std::memcpy(dst + lo, src + (lo - g.PW), sizeof(T) * (hi - lo));
+        for (int64_t j = hi; j < Wp; ++j) {
+          const int64_t ix = source_index(j - g.PW, g.W, g.reflect);
+          dst[j] = ix < 0 ? T(0) : src[ix];
+        }
+      } else {
+        // nearest upsampling fused into the load: upsampled pixel i reads stored pixel i / U
+        const T* src = x + ((n * g.C_in + c) * g.H_src + iy / g.U) * g.W_src;
+        for (int64_t j = 0; j < Wp; ++j) {
+          const int64_t ix = source_index(j - g.PW, g.W, g.reflect);
+          dst[j] = ix < 0 ? T(0) : src[ix / g.U];
+        }
+      }
+    }
+  }
+}
+
+// R rows x NB vectors of outputs in registers, accumulated over all m taps of one output
+// channel; `valid` columns from xo are stored (the last vector may be partial).
+template <typename T, int R, int NB>
+inline void tap_block(const T* base, int64_t row_stride, const int64_t* off, const T* w, int64_t m, T b, int64_t xo,
+                      T* out, int64_t out_stride, int64_t valid, double* stats) {
+  using V = vec_t<T>;
+  constexpr int64_t L = kLanes<T>;
+  V acc[R][NB];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NB; ++v) acc[r][v] = broadcast<V>(b);
+  for (int64_t j = 0; j < m; ++j) {
+    const T* s = base + off[j] + xo;
+    const V wv = broadcast<V>(w[j]);
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < NB; ++v) acc[r][v] += wv * load<V>(s + r * row_stride + v * L);
+  }
+  V sum = {}, sumsq = {};
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < NB; ++v) {
+      T* dst = out + r * out_stride + xo + v * L;
+      const int64_t lanes = std::min<int64_t>(L, valid - v * L);
+      if (lanes == L) {
+        store(dst, acc[r][v]);
+        sum += acc[r][v];
+        sumsq += acc[r][v] * acc[r][v];
+      } else if (lanes > 0) {
+        T tmp[L];
+        store(tmp, acc[r][v]);
+        std::memcpy(dst, tmp, sizeof(T) * lanes);
+        for (int64_t l = 0; l < lanes; ++l) {
+          sum[l] += tmp[l];
+          sumsq[l] += tmp[l] * tmp[l];
+        }
+      }
+    }
+  }
+  if (stats != nullptr) {
+    // batch-norm statistics of what was just stored (sums of at most R * NB * L values in T,
+    // then float64 across blocks)
+    double s = 0.0, ss = 0.0;
+    for (int64_t l = 0; l < L; ++l) {
+      s += sum[l];
+      ss += sumsq[l];
+    }
+    stats[0] += s;
+    stats[1] += ss;
+  }
+}
+
+template <typename T>
+void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t* ci, const T* bias, T* out,
+                    const SparseConvGeometry& g, double* stats = nullptr) {
+  // stats (optional): per output channel (sum, sum of squares) of the output, float64, [C_out][2]
+  constexpr int64_t L = kLanes<T>;
+  if (g.N == 0 || g.C_out == 0) return;
+  const int64_t KK = g.KH * g.KW;
+  const int64_t Wp = (g.W_out - 1) * g.SW + g.KW;
+  const int64_t Wa = Wp + L;  // slack: vector loads of the last partial vector stay inside
+  // rows per tile from the cache budget of the halo (all input channels)
+  const int64_t budget_rows = std::max<int64_t>(g.KH, kHaloBytes / (int64_t(sizeof(T)) * std::max<int64_t>(1, g.C_in) * Wa));
+  const int64_t tile = std::min(g.H_out, std::max<int64_t>(1, (budget_rows - g.KH) / g.SH + 1));
+  const int64_t n_tiles = (g.H_out + tile - 1) / tile;
+  // output-channel groups only where tiles alone do not give every thread several tasks
+  const int64_t want = 4 * at::get_num_threads();
+  const int64_t groups = std::min(g.C_out, std::max<int64_t>(1, (want + g.N * n_tiles - 1) / (g.N * n_tiles)));
+  const int64_t group_size = (g.C_out + groups - 1) / groups;
+  const int64_t rows_h_max = (tile - 1) * g.SH + g.KH;
+  const int64_t tasks = g.N * n_tiles * groups;
+  std::vector<double> partial(stats != nullptr ? tasks * g.C_out * 2 : 0, 0.0);
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> halo(g.C_in * rows_h_max * Wa, T(0));
+    // Tap offsets into the halo depend on neither the tile nor the image: decode them once.
+    std::vector<int64_t> off(g.nnz);
+    std::vector<T> w(g.nnz);
+    for (int64_t k = 0; k < g.nnz; ++k) {
+      const int64_t c = ci[k] / KK, r = ci[k] % KK;
+      off[k] = (c * rows_h_max + r / g.KW) * Wa + r % g.KW;
+      w[k] = vals[k];
+    }
+    const int64_t rs = g.SH * Wa;  // halo distance of consecutive output rows
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t grp = t % groups, tl = (t / groups) % n_tiles, n = t / (groups * n_tiles);
+      const int64_t y0 = tl * tile, rows = std::min(tile, g.H_out - y0);
+      const int64_t o_begin = grp * group_size, o_end = std::min(g.C_out, (grp + 1) * group_size);
+      load_halo(x, halo.data(), rows_h_max, (rows - 1) * g.SH + g.KH, Wa, y0 * g.SH - g.PH, g, n);
+      // Output channels innermost: the strip of the halo one column block reads (all input
+      // channels, KH rows) stays in L1 while every output channel of the group uses it.
+      double* part = stats != nullptr ? partial.data() + t * g.C_out * 2 : nullptr;
+      auto run = [&](auto block, int64_t r, int64_t xo, int64_t valid) {
+        for (int64_t o = o_begin; o < o_end; ++o) {
+          const T b = bias ? bias[o] : T(0);
+          T* orow = out + ((n * g.C_out + o) * g.H_out + y0 + r) * g.W_out;
+          block(halo.data() + r * rs, rp[o], rp[o + 1] - rp[o], b, xo, orow, valid, part ? part + 2 * o : nullptr);
+        }
+      };
+      const T* offw = w.data();
+      const int64_t* offp = off.data();
+      if (g.SW != 1) {
+        for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t o = o_begin; o < o_end; ++o) {
+            const T b = bias ? bias[o] : T(0);
+            T* orow = out + ((n * g.C_out + o) * g.H_out + y0 + r) * g.W_out;
+            for (int64_t xo = 0; xo < g.W_out; ++xo) {
+              T acc = b;
+              const T* base = halo.data() + r * rs + xo * g.SW;
+              for (int64_t k = rp[o]; k < rp[o + 1]; ++k) acc += offw[k] * base[offp[k]];
+              orow[xo] = acc;
+              if (part) {
+                part[2 * o] += acc;
+                part[2 * o + 1] += double(acc) * acc;
+              }
+            }
+          }
+        }
+      } else if (g.W_out >= 4 * L) {
+        auto wide = [&](const T* base, int64_t k0, int64_t m, T b, int64_t xo, T* orow, int64_t valid, double* st) {
+          tap_block<T, 1, 4>(base, rs, offp + k0, offw + k0, m, b, xo, orow, g.W_out, valid, st);
+        };
+        auto one = [&](const T* base, int64_t k0, int64_t m, T b, int64_t xo, T* orow, int64_t valid, double* st) {
+          tap_block<T, 1, 1>(base, rs, offp + k0, offw + k0, m, b, xo, orow, g.W_out, valid, st);
+        };
+        for (int64_t r = 0; r < rows; ++r) {
+          int64_t xo = 0;
+          for (; xo + 4 * L <= g.W_out; xo += 4 * L) run(wide, r, xo, 4 * L);
+          for (; xo < g.W_out; xo += L) run(one, r, xo, g.W_out - xo);
+        }
+      } else {
+        // narrow rows: block 4 rows per vector instead
+        auto four = [&](const T* base, int64_t k0, int64_t m, T b, int64_t xo, T* orow, int64_t valid, double* st) {
+          tap_block<T, 4, 1>(base, rs, offp + k0, offw + k0, m, b, xo, orow, g.W_out, valid, st);
+        };
+        auto one = [&](const T* base, int64_t k0, int64_t m, T b, int64_t xo, T* orow, int64_t valid, double* st) {
+          tap_block<T, 1, 1>(base, rs, offp + k0, offw + k0, m, b, xo, orow, g.W_out, valid, st);
+        };
+        for (int64_t xo = 0; xo < g.W_out; xo += L) {
+          int64_t r = 0;
+          for (; r + 4 <= rows; r += 4) run(four, r, xo, g.W_out - xo);
+          for (; r < rows; ++r) run(one, r, xo, g.W_out - xo);
+        }
+      }
+    }
+  });
+  if (stats != nullptr) {
+    for (int64_t i = 0; i < g.C_out * 2; ++i) {
+      double s = 0.0;
+      for (int64_t t = 0; t < tasks; ++t) s += partial[t * g.C_out * 2 + i];
+      stats[i] = s;
+    }
+  }
+}
+
+// Input gradient, any stride: the transposed convolution as a scatter. A task owns one (image, input
+// channel) plane of the gradient and adds every tap reading from that channel; the transposed
+// index (taps grouped by input channel) is built once per call by a counting sort, O(nnz).
+// Reflection is folded back on the fly: the scatter target is the reflected source row/column.
+template <typename T>
+void input_grad_generic(const T* gout, const T* vals, const int64_t* rp, const int32_t* ci, T* gin,
+                       const SparseConvGeometry& g) {
+  const int64_t KK = g.KH * g.KW, HW = g.H * g.W, HWo = g.H_out * g.W_out;
+  std::vector<int64_t> start(g.C_in + 1, 0);
+  for (int64_t k = 0; k < g.nnz; ++k) ++start[ci[k] / KK + 1];
+  for (int64_t c = 0; c < g.C_in; ++c) start[c + 1] += start[c];
+  std::vector<int64_t> t_o(g.nnz), t_ky(g.nnz), t_kx(g.nnz);
+  std::vector<T> t_w(g.nnz);
+  {
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t o = 0; o < g.C_out; ++o) {
+      for (int64_t k = rp[o]; k < rp[o + 1]; ++k) {
+        const int64_t c = ci[k] / KK, r = ci[k] % KK, d = fill[c]++;
+        t_o[d] = o;
+        t_ky[d] = r / g.KW - g.PH;
+        t_kx[d] = r % g.KW - g.PW;
+        t_w[d] = vals[k];
+      }
+    }
+  }
+  int64_t lo, hi;
+  interior_columns(g, &lo, &hi);
+  const int64_t tasks = g.N * g.C_in;
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / g.C_in, c = t % g.C_in;
+      T* gx = gin + t * HW;
+      std::fill(gx, gx + HW, T(0));
+      for (int64_t y0 = 0; y0 < g.H_out; y0 += kRowTile) {
+        const int64_t y1 = std::min(g.H_out, y0 + kRowTile);
+        for (int64_t d = start[c]; d < start[c + 1]; ++d) {
+          const T w = t_w[d];
+          const int64_t kx = t_kx[d];
+          const T* gsrc = gout + (n * g.C_out + t_o[d]) * HWo;
+          for (int64_t yo = y0; yo < y1; ++yo) {
+            const int64_t iy = source_index(yo * g.SH + t_ky[d], g.H, g.reflect);
+            if (iy < 0) continue;
+            T* drow = gx + iy * g.W;
+            const T* srow = gsrc + yo * g.W_out;
+            auto scalar = [&](int64_t xo) {
+              const int64_t ix = source_index(xo * g.SW + kx, g.W, g.reflect);
+              if (ix >= 0) drow[ix] += w * srow[xo];
+            };
+            if (g.SW != 1) {
+              for (int64_t xo = 0; xo < g.W_out; ++xo) scalar(xo);
+              continue;
+            }
+            for (int64_t xo = 0; xo < lo; ++xo) scalar(xo);
+            T* dst = drow + kx;
+#pragma omp simd
+            for (int64_t xo = lo; xo < hi; ++xo) dst[xo] += w * srow[xo];
+            for (int64_t xo = hi; xo < g.W_out; ++xo) scalar(xo);
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+inline T dot_row(const T* a, const T* b, int64_t lo, int64_t hi) {
+  using V = vec_t<T>;
+  constexpr int64_t L = kLanes<T>;
+  V acc[kNV] = {};
+  int64_t i = lo;
+  for (; i + kNV * L <= hi; i += kNV * L) {
+    for (int v = 0; v < kNV; ++v) acc[v] += load<V>(a + i + v * L) * load<V>(b + i + v * L);
+  }
+  for (; i + L <= hi; i += L) acc[0] += load<V>(a + i) * load<V>(b + i);
+  for (int v = 1; v < kNV; ++v) acc[0] += acc[v];
+  T s = 0;
+  for (int64_t l = 0; l < L; ++l) s += acc[0][l];
+  for (; i < hi; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// Weight gradient at the kept taps only, any stride: grad[k] = sum over images and output pixels of
+// grad_out[o] times the input the tap read. Tasks are (row tile, output channel); each keeps a
+// partial per tap (in float64), summed over tiles in a fixed order (deterministic).
+template <typename T>
+void weight_grad_generic(const T* gout, const T* x, const int64_t* rp, const int32_t* ci, T* gw,
+                        const SparseConvGeometry& g) {
+  const int64_t KK = g.KH * g.KW, HW = g.H * g.W, HWo = g.H_out * g.W_out;
+  const int64_t n_tiles = (g.H_out + kRowTile - 1) / kRowTile;
+  const int64_t tasks = n_tiles * g.C_out;
+  if (g.nnz == 0) return;
+  std::vector<double> partial(n_tiles * g.nnz, 0.0);
+  int64_t lo, hi;
+  interior_columns(g, &lo, &hi);
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t o = t % g.C_out, tile = t / g.C_out;
+      const int64_t y_end = std::min(g.H_out, (tile + 1) * kRowTile);
+      double* part = partial.data() + tile * g.nnz;
+      for (int64_t n = 0; n < g.N; ++n) {
+        for (int64_t yo = tile * kRowTile; yo < y_end; ++yo) {
+          const T* grow = gout + (n * g.C_out + o) * HWo + yo * g.W_out;
+          for (int64_t k = rp[o]; k < rp[o + 1]; ++k) {
+            const int64_t c = ci[k] / KK, r = ci[k] % KK;
+            const int64_t iy = source_index(yo * g.SH + r / g.KW - g.PH, g.H, g.reflect);
+            if (iy < 0) continue;
+            const T* xrow = x + (n * g.C_in + c) * HW + iy * g.W;
+            const int64_t kx = r % g.KW - g.PW;
+            T s = 0;
+            auto scalar = [&](int64_t xo) {
+              const int64_t ix = source_index(xo * g.SW + kx, g.W, g.reflect);
+              if (ix >= 0) s += grow[xo] * xrow[ix];
+            };
+            if (g.SW != 1) {
+              for (int64_t xo = 0; xo < g.W_out; ++xo) scalar(xo);
+            } else {
+              for (int64_t xo = 0; xo < lo; ++xo) scalar(xo);
+              for (int64_t xo = hi; xo < g.W_out; ++xo) scalar(xo);
+              // grow[xo] * xrow[xo + kx] over the interior: xrow + kx is the aligned partner
+              s += dot_row(grow, xrow + kx, lo, hi);
+            }
+            part[k] += static_cast<double>(s);
+          }
+        }
+      }
+    }
+  });
+  at::parallel_for(0, g.nnz, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      double s = 0.0;
+      for (int64_t tile = 0; tile < n_tiles; ++tile) s += partial[tile * g.nnz + k];
+      gw[k] = static_cast<T>(s);
+    }
+  });
+}
+
+// Input gradient, stride 1: the gradient of the padded input is the full correlation of
+// grad_output with the flipped kernel, i.e. a forward sparse convolution with the taps regrouped
+// by input channel (CSR over input channels, O(nnz) counting sort), kernel flipped and zero
+// padding K - 1; it runs on the register-blocked forward kernel into a padded plane, and the
+// padding is folded back (reflected rows/columns added onto the rows/columns they mirror).
+template <typename T>
+void input_grad_stride1(const T* gout, const T* vals, const int64_t* rp, const int32_t* ci, T* gin,
+                        const SparseConvGeometry& g) {
+  const int64_t KK = g.KH * g.KW;
+  std::vector<int64_t> trp(g.C_in + 1, 0);
+  for (int64_t k = 0; k < g.nnz; ++k) ++trp[ci[k] / KK + 1];
+  for (int64_t c = 0; c < g.C_in; ++c) trp[c + 1] += trp[c];
+  std::vector<int32_t> tci(g.nnz);
+  std::vector<T> tv(g.nnz);
+  {
+    std::vector<int64_t> fill(trp.begin(), trp.end() - 1);
+    for (int64_t o = 0; o < g.C_out; ++o) {
+      for (int64_t k = rp[o]; k < rp[o + 1]; ++k) {
+        const int64_t c = ci[k] / KK, r = ci[k] % KK, d = fill[c]++;
+        tci[d] = static_cast<int32_t>(o * KK + (g.KH - 1 - r / g.KW) * g.KW + (g.KW - 1 - r % g.KW));
+        tv[d] = vals[k];
+      }
+    }
+  }
+  SparseConvGeometry t = g;
+  t.C_in = g.C_out;
+  t.C_out = g.C_in;
+  t.H = t.H_src = g.H_out;
+  t.W = t.W_src = g.W_out;
+  t.U = 1;
+  t.PH = g.KH - 1;
+  t.PW = g.KW - 1;
+  t.reflect = false;
+  t.H_out = g.H_out + g.KH - 1;  // = H + 2 PH, the padded input
+  t.W_out = g.W_out + g.KW - 1;
+  const int64_t Hp = t.H_out, Wp = t.W_out;
+  std::vector<T> padded(g.N * g.C_in * Hp * Wp);
+  forward_kernel<T>(gout, tv.data(), trp.data(), tci.data(), nullptr, padded.data(), t);
+  at::parallel_for(0, g.N * g.C_in, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t nc = begin; nc < end; ++nc) {
+      T* gx = gin + nc * g.H * g.W;
+      const T* src = padded.data() + nc * Hp * Wp;
+      std::fill(gx, gx + g.H * g.W, T(0));
+      for (int64_t i = 0; i < Hp; ++i) {
+        const int64_t iy = source_index(i - g.PH, g.H, g.reflect);
+        if (iy < 0) continue;
+        T* drow = gx + iy * g.W;
+        const T* srow = src + i * Wp;
+        for (int64_t j = 0; j < g.PW; ++j) {
+          const int64_t ix = source_index(j - g.PW, g.W, g.reflect);
+          if (ix >= 0) drow[ix] += srow[j];
+        }
+        const T* s0 = srow + g.PW;
+#pragma omp simd
+        for (int64_t j = 0; j < g.W; ++j) drow[j] += s0[j];
+        for (int64_t j = g.PW + g.W; j < Wp; ++j) {
+          const int64_t ix = source_index(j - g.PW, g.W, g.reflect);
+          if (ix >= 0) drow[ix] += srow[j];
+        }
+      }
+    }
+  });
+}
+
+// Weight gradient, stride 1: tasks are (image, row tile); a task loads the tile's padded input
+// rows into a halo (as the forward) and, per output row and output channel, takes the dot
+// product of the grad_output row with every kept tap's shifted halo row: full vectors only
+// (the grad row is copied into a zero-tailed buffer, the halo has zeroed slack). Partials per
+// task in float64 are added in task order (deterministic).
+template <typename T>
+void weight_grad_stride1(const T* gout, const T* x, const int64_t* rp, const int32_t* ci, T* gw,
+                         const SparseConvGeometry& g) {
+  using V = vec_t<T>;
+  constexpr int64_t L = kLanes<T>;
+  if (g.nnz == 0 || g.N == 0) return;
+  const int64_t KK = g.KH * g.KW;
+  const int64_t Wp = g.W_out + g.KW - 1;
+  const int64_t Wa = Wp + L;
+  const int64_t budget_rows = std::max<int64_t>(g.KH, kHaloBytes / (int64_t(sizeof(T)) * std::max<int64_t>(1, g.C_in) * Wa));
+  const int64_t tile = std::min(g.H_out, std::max<int64_t>(1, budget_rows - g.KH + 1));
+  const int64_t n_tiles = (g.H_out + tile - 1) / tile;
+  const int64_t tasks = g.N * n_tiles;
+  const int64_t rows_h_max = tile - 1 + g.KH;
+  const int64_t nvec = (g.W_out + L - 1) / L;
+  std::vector<double> partial(tasks * g.nnz, 0.0);
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> halo(g.C_in * rows_h_max * Wa, T(0));
+    std::vector<T> grow(nvec * L, T(0));
+    std::vector<int64_t> off(g.nnz);
+    for (int64_t k = 0; k < g.nnz; ++k) {
+      const int64_t c = ci[k] / KK, r = ci[k] % KK;
+      off[k] = (c * rows_h_max + r / g.KW) * Wa + r % g.KW;
+    }
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t tl = t % n_tiles, n = t / n_tiles;
+      const int64_t y0 = tl * tile, rows = std::min(tile, g.H_out - y0);
+      load_halo(x, halo.data(), rows_h_max, rows - 1 + g.KH, Wa, y0 - g.PH, g, n);
+      double* part = partial.data() + t * g.nnz;
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* base = halo.data() + r * Wa;
+        for (int64_t o = 0; o < g.C_out; ++o) {
+          if (rp[o] == rp[o + 1]) continue;
+          std::memcpy(grow.data(), gout + ((n * g.C_out + o) * g.H_out + y0 + r) * g.W_out, sizeof(T) * g.W_out);
+          for (int64_t k = rp[o]; k < rp[o + 1]; ++k) {
+            const T* hrow = base + off[k];
+            V acc[2] = {};
+            int64_t v = 0;
+            for (; v + 2 <= nvec; v += 2) {
+              acc[0] += load<V>(grow.data() + v * L) * load<V>(hrow + v * L);
+              acc[1] += load<V>(grow.data() + (v + 1) * L) * load<V>(hrow + (v + 1) * L);
+            }
+            if (v < nvec) acc[0] += load<V>(grow.data() + v * L) * load<V>(hrow + v * L);
+            acc[0] += acc[1];
+            T s = 0;
+            for (int64_t l = 0; l < L; ++l) s += acc[0][l];
+            part[k] += static_cast<double>(s);
+          }
+        }
+      }
+    }
+  });
+  at::parallel_for(0, g.nnz, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      double s = 0.0;
+      for (int64_t t = 0; t < tasks; ++t) s += partial[t * g.nnz + k];
+      gw[k] = static_cast<T>(s);
+    }
+  });
+}
+
+// The entry points sparse_conv2d.cpp calls through OES_FAST_ISA_DISPATCH.
+template <typename T>
+void forward(const T* x, const T* vals, const int64_t* rp, const int32_t* ci, const T* bias, T* out,
+             const SparseConvGeometry& g, double* stats) {
+  forward_kernel<T>(x, vals, rp, ci, bias, out, g, stats);
+}
+
+template <typename T>
+void input_grad(const T* gout, const T* vals, const int64_t* rp, const int32_t* ci, T* gin,
+                const SparseConvGeometry& g) {
+  if (g.SH == 1 && g.SW == 1) {
+    input_grad_stride1<T>(gout, vals, rp, ci, gin, g);
+  } else {
+    input_grad_generic<T>(gout, vals, rp, ci, gin, g);
+  }
+}
+
+template <typename T>
+void weight_grad(const T* gout, const T* x, const int64_t* rp, const int32_t* ci, T* gw, const SparseConvGeometry& g) {
+  if (g.SH == 1 && g.SW == 1) {
+    weight_grad_stride1<T>(gout, x, rp, ci, gw, g);
+  } else {
+    weight_grad_generic<T>(gout, x, rp, ci, gw, g);
+  }
+}
+
+}  // namespace
+}  // namespace OES_FAST_ISA_NS
+}  // namespace oes_fast

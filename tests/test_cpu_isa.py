@@ -1,0 +1,218 @@
+"""The run-time choice of the CPU kernels' instruction set (csrc/cpu/cpu_isa.h).
+
+The extension is built with portable baseline flags; the sparse convolution's kernels are
+compiled again for AVX2+FMA and AVX-512 and one copy is chosen per process, the widest the CPU
+runs unless OES_FAST_CPU_ISA names another. The choice is made once per process, so every
+instruction set is exercised in a subprocess of its own: it runs the forward (and the forward
+with batch-norm statistics), the input gradient and the weight gradient on inputs made here,
+in float64 and float32, with 1 and then 2 threads; this process checks the results against
+oes_fast.reference and that the bits do not depend on the thread count.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import oes_fast._C as _C
+from oes_fast import reference
+from oes_fast.sparse import to_csr
+from tolerances import assert_close_to_reference
+
+ISAS = _C.cpu_isas_supported()
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+
+# (N, C_in, C_out, H, W, k, stride, padding mode, upsample, density). Rows wide enough for the
+# 4-vector blocks of both dtypes and a partial vector, narrow rows (4-row blocks in float32),
+# zero padding, stride 2 (the generic gradient kernels), the fused upsampling, 1x1, and a
+# density that leaves output channels without any kept tap.
+CASES = [
+    (1, 8, 8, 19, 150, 3, 1, "reflect", 1, 0.3),
+    (2, 4, 6, 13, 37, 5, 1, "reflect", 1, 0.5),
+    (1, 5, 3, 9, 70, 5, 1, "zeros", 1, 0.5),
+    (2, 3, 4, 11, 13, 5, 2, "reflect", 1, 0.5),
+    (1, 4, 5, 8, 40, 3, 1, "reflect", 2, 0.4),
+    (1, 6, 4, 21, 19, 1, 1, "reflect", 1, 1.0),
+    (1, 2, 6, 12, 90, 3, 1, "zeros", 1, 0.08),
+]
+DTYPES = [torch.float64, torch.float32]
+THREADS = [1, 2]
+
+# Runs in a subprocess: argv[1] holds the inputs (torch.save), argv[2] receives the results.
+WORKER = r"""
+import sys
+import torch
+import oes_fast._C as _C
+from oes_fast.sparse import sparse_conv2d
+
+cases = torch.load(sys.argv[1])
+results = {"isa": _C.cpu_isa(), "threads": {}}
+for threads in (1, 2):
+    torch.set_num_threads(threads)
+    per_case = []
+    for case in cases:
+        (n, c_in, c_out, h, w, k, stride, mode, up, density), t = case["shape"], case["tensors"]
+        out = {}
+        for dtype in (torch.float64, torch.float32):
+            x = t["x"].to(dtype).clone().requires_grad_()
+            v = t["values"].to(dtype).clone().requires_grad_()
+            b = t["bias"].to(dtype).clone().requires_grad_()
+            y = sparse_conv2d(x, v, t["row_ptr"], t["col_idx"], k, b, stride, (k - 1) // 2, mode, up)
+            y.backward(t["grad"].to(dtype))
+            got = {"out": y.detach(), "input_grad": x.grad, "weight_grad": v.grad, "bias_grad": b.grad}
+            if stride == 1:
+                y2, stats = torch.ops.oes_fast.sparse_conv2d_stats(
+                    x.detach(), v.detach(), t["row_ptr"], t["col_idx"], b.detach(), [k, k],
+                    [(k - 1) // 2] * 2, mode, up)
+                got["stats_out"], got["stats"] = y2, stats
+            out[str(dtype)] = got
+        per_case.append(out)
+    results["threads"][threads] = per_case
+torch.save(results, sys.argv[2])
+"""
+
+
+def _env(isa: str | None) -> dict:
+    env = dict(os.environ)
+    env.pop("OES_FAST_CPU_ISA", None)
+    if isa is not None:
+        env["OES_FAST_CPU_ISA"] = isa
+    return env
+
+
+def _python(code: str, isa: str | None, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], env=_env(isa), capture_output=True,
+                          text=True, timeout=600)
+
+
+def _inputs():
+    cases = []
+    for i, shape in enumerate(CASES):
+        n, c_in, c_out, h, w, k, stride, mode, up, density = shape
+        g = torch.Generator().manual_seed(1000 + i)
+        weight = torch.randn(c_out, c_in, k, k, generator=g, dtype=torch.float64)
+        keep = torch.rand(c_out, c_in, k, k, generator=g) < density
+        values, row_ptr, col_idx = to_csr(weight * keep, keep)
+        x = torch.randn(n, c_in, h, w, generator=g, dtype=torch.float64)
+        bias = torch.randn(c_out, generator=g, dtype=torch.float64)
+        h_out = (h * up + 2 * ((k - 1) // 2) - k) // stride + 1
+        w_out = (w * up + 2 * ((k - 1) // 2) - k) // stride + 1
+        grad = torch.randn(n, c_out, h_out, w_out, generator=g, dtype=torch.float64)
+        cases.append({"shape": shape, "tensors": dict(x=x, values=values, row_ptr=row_ptr, col_idx=col_idx,
+                                                      bias=bias, grad=grad)})
+    return cases
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    return _inputs()
+
+
+_RESULTS: dict[str, dict] = {}
+
+
+def _run_under(isa: str, inputs, tmp_path_factory) -> dict:
+    if isa not in _RESULTS:
+        folder = tmp_path_factory.mktemp(f"isa_{isa}")
+        torch.save(inputs, folder / "inputs.pt")
+        proc = _python(WORKER, isa, folder / "inputs.pt", folder / "results.pt")
+        assert proc.returncode == 0, f"worker under OES_FAST_CPU_ISA={isa} failed:\n{proc.stderr[-4000:]}"
+        _RESULTS[isa] = torch.load(folder / "results.pt")
+    return _RESULTS[isa]
+
+
+def _reference(case, dtype):
+    """(out, input grad, weight grad at the kept taps, bias grad) of oes_fast.reference in dtype."""
+    (n, c_in, c_out, h, w, k, stride, mode, up, density), t = case["shape"], case["tensors"]
+    x = t["x"].to(dtype).clone().requires_grad_()
+    v = t["values"].to(dtype).clone().requires_grad_()
+    b = t["bias"].to(dtype).clone().requires_grad_()
+    y = reference.sparse_conv2d(x, v, t["row_ptr"], t["col_idx"], k, b, stride, (k - 1) // 2, mode, up)
+    y.backward(t["grad"].to(dtype))
+    return {"out": y.detach(), "input_grad": x.grad, "weight_grad": v.grad, "bias_grad": b.grad}
+
+
+def test_default_is_the_widest_supported():
+    proc = _python("import oes_fast._C as C; print(C.cpu_isa())", None)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == ISAS[-1]
+    assert ISAS[0] == "baseline"
+    if X86 and "avx512f" in open("/proc/cpuinfo").read() and "avx512bw" in open("/proc/cpuinfo").read():
+        assert "avx512" in ISAS
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_forced_isa_is_reported(isa):
+    proc = _python("import oes_fast._C as C; print(C.cpu_isa())", isa)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == isa
+
+
+@pytest.mark.parametrize("value", ["avx", "AVX2 ", "sse"] + [i for i in ("avx2", "avx512") if i not in ISAS])
+def test_unknown_or_unsupported_isa_is_an_error(value):
+    code = "import oes_fast._C as C\ntry:\n    C.cpu_isa()\nexcept RuntimeError as e:\n    print('error:', e)\n"
+    proc = _python(code, value)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("error:") and "OES_FAST_CPU_ISA" in proc.stdout
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_sparse_conv2d_under_isa(isa, inputs, tmp_path_factory):
+    """Forward, statistics, input and weight gradients under one instruction set: close to the
+    reference in float64 and float32, and the same bits with 1 and 2 threads."""
+    results = _run_under(isa, inputs, tmp_path_factory)
+    assert results["isa"] == isa
+    for i, case in enumerate(inputs):
+        for dtype in DTYPES:
+            ref64, ref_lowp = _reference(case, torch.float64), _reference(case, dtype)
+            got = results["threads"][1][i][str(dtype)]
+            where = f"{case['shape']} {dtype} under {isa}"
+            for name in ("out", "input_grad", "weight_grad", "bias_grad"):
+                assert got[name].dtype == dtype
+                assert_close_to_reference(got[name], ref64[name], ref_lowp[name], name=f"{name} {where}")
+            if "stats" in got:
+                assert torch.equal(got["stats_out"], got["out"]), where
+                # float32 partial sums of blocks: the error scales with the sum of |terms|
+                out64 = got["out"].double()
+                expected = torch.stack([out64.sum((0, 2, 3)), (out64**2).sum((0, 2, 3))], 1)
+                size_ = torch.stack([out64.abs().sum((0, 2, 3)), (out64**2).sum((0, 2, 3))], 1)
+                rtol = 1e-5 if dtype == torch.float32 else 1e-12
+                assert ((got["stats"] - expected).abs() <= rtol * size_ + 1e-9).all(), where
+            other = results["threads"][2][i][str(dtype)]
+            for name in got:
+                assert torch.equal(got[name], other[name]), f"{name} {where}: bits differ between 1 and 2 threads"
+
+
+def _functions_with_vex(so_path: str) -> dict[str, bool]:
+    """{demangled function name: uses a VEX/EVEX-encoded instruction} of the shared object."""
+    text = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", so_path], capture_output=True, text=True,
+                          check=True).stdout
+    found, name = {}, None
+    for line in text.splitlines():
+        m = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if m:
+            name = m.group(1)
+            found.setdefault(name, False)
+        elif name is not None and re.search(r"\tv[a-z]", line):
+            found[name] = True
+    return found
+
+
+@pytest.mark.skipif(not X86 or shutil.which("objdump") is None, reason="needs x86-64 and objdump")
+def test_wide_instructions_only_in_the_isa_copies():
+    """The pitfall of target regions: an inline library function instantiated inside one would be
+    compiled for AVX2/AVX-512 and might be the copy the linker keeps for every caller. So no
+    function outside the isa_avx2 / isa_avx512 copies may use a VEX-encoded instruction."""
+    found = _functions_with_vex(_C.__file__)
+    if any(used for name, used in found.items() if "isa_baseline::" in name):
+        pytest.skip("built with OES_FAST_ARCH_FLAGS above the x86-64 baseline: every copy uses wide instructions")
+    outside = sorted(name for name, used in found.items()
+                     if used and not re.match(r"^(void |float |double )?oes_fast::isa_avx(2|512)::", name))
+    assert not outside, "wide instructions outside the ISA copies:\n" + "\n".join(outside[:20])
+    assert any(used for name, used in found.items() if "isa_avx512::" in name)

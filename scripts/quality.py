@@ -35,8 +35,9 @@ AUTHORS_PEPPER_512 = ([1000, 2000, 3000, 4000, 5000, 6000, 7000, 8000, 9000, 100
 def load_problem(path, sigma, noise_seed, size=256):
     """The center size x size crop of the image (the whole image when it is that size), and its noisy
     copy. A side shorter than `size` is reflect-padded after the noise is added (the noise falls on
-    the photograph's own pixels only); the box (top, left, bottom, right) of the photograph in the
-    padded image is returned for measuring PSNR there, None when nothing was padded."""
+    the photograph's own pixels only; the clean image is returned unpadded); the box (top, left,
+    bottom, right) of the photograph in the padded image is returned for measuring PSNR there,
+    None when nothing was padded."""
     clean = images.load_image(path)
     h, w = clean.shape[2:]
     top, left = max(0, (h - size) // 2), max(0, (w - size) // 2)
@@ -49,7 +50,8 @@ def load_problem(path, sigma, noise_seed, size=256):
         return clean, noisy, None
     pad_top, pad_left = (size - h) // 2, (size - w) // 2
     pads = (pad_top, size - h - pad_top, pad_left, size - w - pad_left)
-    return images.reflect_pad(clean, *pads), images.reflect_pad(noisy, *pads), (pad_top, pad_left, pad_top + h, pad_left + w)
+    # the clean image stays unpadded: PSNR compares the output's box with it
+    return clean, images.reflect_pad(noisy, *pads), (pad_top, pad_left, pad_top + h, pad_left + w)
 
 
 def run_time(fit, cpu_started, wall_started):

@@ -23,10 +23,11 @@ TORCH_LIBRARY_FRAGMENT(oes_fast, m) {
   m.def(
       "sparse_conv2d_input_grad(Tensor grad_output, Tensor values, Tensor row_ptr, Tensor col_idx, "
       "int[4] input_size, int[2] kernel_size, int[2] stride, int[2] padding, str padding_mode) -> Tensor");
-  // Gradient w.r.t. the kept weights only: one value per stored nonzero.
+  // Gradient w.r.t. the kept weights only: one value per stored nonzero. `input` is the stored
+  // input; with upsample = u > 1 the convolution read it nearest-upsampled, as the forward's.
   m.def(
       "sparse_conv2d_weight_grad(Tensor grad_output, Tensor input, Tensor row_ptr, Tensor col_idx, "
-      "int[2] kernel_size, int[2] stride, int[2] padding, str padding_mode) -> Tensor");
+      "int[2] kernel_size, int[2] stride, int[2] padding, str padding_mode, int upsample=1) -> Tensor");
 }
 
 namespace oes_fast {

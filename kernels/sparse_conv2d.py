@@ -210,7 +210,10 @@ def sparse_conv2d_input_grad(grad_output, values, row_ptr, col_idx, input_size, 
     return out
 
 
-def sparse_conv2d_weight_grad(grad_output, input, row_ptr, col_idx, kernel_size, stride, padding, padding_mode):
+def sparse_conv2d_weight_grad(grad_output, input, row_ptr, col_idx, kernel_size, stride, padding, padding_mode,
+                              upsample=1):
+    if upsample > 1:  # the kernel reads the input as the convolution saw it: upsample it first
+        input = torch.nn.functional.interpolate(input, scale_factor=upsample, mode="nearest")
     n, c, h, w, kh, kw, sh, sw, ph, pw, h_out, w_out, reflect = _geometry(input.shape, kernel_size, stride, padding,
                                                                          padding_mode)
     c_out = row_ptr.numel() - 1

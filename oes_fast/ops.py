@@ -330,9 +330,9 @@ if not _C.with_cuda:
                                                          kernel_size, stride, padding, padding_mode)
 
     def _sparse_conv2d_weight_grad_triton(grad_output, input, row_ptr, col_idx, kernel_size, stride, padding,
-                                          padding_mode):
+                                          padding_mode, upsample=1):
         return _sparse_triton().sparse_conv2d_weight_grad(grad_output, input, row_ptr, col_idx, kernel_size, stride,
-                                                          padding, padding_mode)
+                                                          padding, padding_mode, upsample)
 
     _cuda_lib.impl("sparse_conv2d", _sparse_conv2d_triton, "CUDA")
     _cuda_lib.impl("sparse_conv2d_input_grad", _sparse_conv2d_input_grad_triton, "CUDA")
@@ -363,7 +363,8 @@ def _sparse_conv2d_input_grad_fake(grad_output, values, row_ptr, col_idx, input_
 
 
 @torch.library.register_fake("oes_fast::sparse_conv2d_weight_grad")
-def _sparse_conv2d_weight_grad_fake(grad_output, input, row_ptr, col_idx, kernel_size, stride, padding, padding_mode):
+def _sparse_conv2d_weight_grad_fake(grad_output, input, row_ptr, col_idx, kernel_size, stride, padding, padding_mode,
+                                    upsample=1):
     return input.new_empty((col_idx.shape[0],))
 
 
@@ -393,7 +394,8 @@ def _sum_blocks(g, u):
 def _sparse_conv2d_backward(ctx, grad):
     # Input gradient by the transposed sparse convolution; weight gradient at kept taps only.
     # With a fused upsampling (factor u) the kernels see the upsampled input: the input gradient
-    # is that of the upsampled input summed over each u x u block.
+    # is that of the upsampled input summed over each u x u block; the weight gradient reads the
+    # upsampling as the forward does.
     input, values, row_ptr, col_idx = ctx.saved_tensors
     input_size, kernel_size, stride, padding, mode = ctx.geometry
     u = ctx.upsample
@@ -406,8 +408,8 @@ def _sparse_conv2d_backward(ctx, grad):
         if u > 1:
             grad_input = _sum_blocks(grad_input, u)
     if ctx.needs_input_grad[1]:
-        x = input if u == 1 else torch.nn.functional.interpolate(input, scale_factor=u, mode="nearest")
-        grad_values = _ops.sparse_conv2d_weight_grad(grad, x, row_ptr, col_idx, kernel_size, stride, padding, mode)
+        grad_values = _ops.sparse_conv2d_weight_grad(grad, input, row_ptr, col_idx, kernel_size, stride, padding, mode,
+                                                     u)
     if ctx.needs_input_grad[4]:
         grad_bias = _channel_sum(grad)
     return grad_input, grad_values, None, None, grad_bias, None, None, None, None, None

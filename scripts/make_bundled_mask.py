@@ -31,22 +31,26 @@ def main():
     parser.add_argument("--checkpoint", default="runs/bundled/search.ckpt")
     parser.add_argument("--out", default="runs/bundled/mask.safetensors")
     parser.add_argument("--density", type=float, default=0.05)
+    parser.add_argument("--size", type=int, default=256,
+                        help="the astronaut sample at SIZE x SIZE (512: the whole photograph, not resized)")
     parser.add_argument("--from-checkpoint", metavar="CKPT",
                         help="no search: the mask of the logits in this search checkpoint (of the same problem)")
     parser.add_argument("--keep-vectors", action="store_true",
                         help="keep every 1-D parameter (batch norm, biases): oes_fast.masks.keep_vectors")
     args = parser.parse_args()
     oes_fast.allocator.keep_freed_memory()  # as the oes-fast command does
-    clean = images.sample_image("astronaut", 256)
+    clean = images.sample_image("astronaut", args.size)
     noisy = tasks.Denoise(sigma=0.1).degrade(clean, seed=0)
     model = oes_fast.models.skip_oes(seed=0)
-    z = oes_fast.models.dip_input(32, 256, 256, seed=0)
+    z = oes_fast.models.dip_input(32, args.size, args.size, seed=0)
+    described = (f"skimage.data.astronaut, center {args.size}x{args.size} (oes_fast.images.sample_image)"
+                 if args.size < 512 else "skimage.data.astronaut, whole 512x512 (oes_fast.images.sample_image)")
     if args.from_checkpoint:
         state = torch.load(args.from_checkpoint, map_location="cpu", weights_only=False)["state"]
         mask = oes_fast.masks.topk(state["logits"], args.density, model=model, seed=0)
         mask.seed, mask.z_seed = 0, 0
         mask.meta.update(method="oes", steps=state["step"], search_seed=0, from_checkpoint=os.path.basename(args.from_checkpoint),
-                         image="skimage.data.astronaut, center 256x256 (oes_fast.images.sample_image)",
+                         image=described,
                          task=dict(name="denoise", sigma=0.1, noise_seed=0))
         if args.keep_vectors:
             mask = oes_fast.masks.keep_vectors(mask)
@@ -55,7 +59,7 @@ def main():
         return
     result = oes_fast.search(model, z, noisy, density=args.density, steps=args.steps, seed=0, z_seed=0,
                              checkpoint=args.checkpoint, checkpoint_every=250, resume=True, progress=True)
-    result.mask.meta.update(image="skimage.data.astronaut, center 256x256 (oes_fast.images.sample_image)",
+    result.mask.meta.update(image=described,
                             task=dict(name="denoise", sigma=0.1, noise_seed=0))
     mask = oes_fast.masks.keep_vectors(result.mask) if args.keep_vectors else result.mask
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

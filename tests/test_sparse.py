@@ -179,6 +179,27 @@ def test_sparse_conv2d_opcheck():
                           (g, values.detach(), row_ptr, col_idx, [2, 3, 9, 11], [5, 5], [1, 1], [2, 2], "reflect"))
     torch.library.opcheck(torch.ops.oes_fast.sparse_conv2d_weight_grad.default,
                           (g, x.detach(), row_ptr, col_idx, [5, 5], [1, 1], [2, 2], "reflect"))
+    torch.library.opcheck(torch.ops.oes_fast.sparse_conv2d_weight_grad.default,
+                          (torch.randn(2, 4, 10, 12), x.detach()[:, :, :5, :6], row_ptr, col_idx, [5, 5], [1, 1],
+                           [2, 2], "reflect", 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("mode", ["reflect", "zeros"])
+def test_weight_grad_fused_upsample_is_weight_grad_of_upsampled(dtype, stride, mode):
+    """The weight gradient with upsample=2 reads the stored input through the upsampling: the same
+    bits as the weight gradient of the upsampled input (same taps, same values, same sums)."""
+    w, keep = random_weight(5, 3, 3, 0.4, dtype, 21)
+    _, row_ptr, col_idx = to_csr(w, keep)
+    gen = torch.Generator().manual_seed(22)
+    x = torch.randn(2, 3, 13, 37, generator=gen, dtype=dtype)  # 37: odd, so the last stored column is split
+    xu = F.interpolate(x, scale_factor=2, mode="nearest")
+    h_out, w_out = ((xu.shape[2] + 2 - 3) // stride + 1, (xu.shape[3] + 2 - 3) // stride + 1)
+    g = torch.randn(2, 5, h_out, w_out, generator=gen, dtype=dtype)
+    op = torch.ops.oes_fast.sparse_conv2d_weight_grad
+    fused = op(g, x, row_ptr, col_idx, [3, 3], [stride] * 2, [1, 1], mode, 2)
+    assert torch.equal(fused, op(g, xu, row_ptr, col_idx, [3, 3], [stride] * 2, [1, 1], mode))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -14,12 +14,15 @@
 // the baseline flags. Every header any copy needs is included before per_isa.h.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/upsample_nearest2d.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "../sparse_conv2d.h"
@@ -106,11 +109,17 @@ at::Tensor sparse_conv2d_input_grad_cpu(const at::Tensor& grad_output, const at:
 at::Tensor sparse_conv2d_weight_grad_cpu(const at::Tensor& grad_output, const at::Tensor& input,
                                          const at::Tensor& row_ptr, const at::Tensor& col_idx,
                                          at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
-                                         c10::string_view padding_mode) {
+                                         c10::string_view padding_mode, int64_t upsample) {
   // values are not needed, only their count and dtype: an empty-strided stand-in is enough.
   const at::Tensor like_values = at::empty({col_idx.numel()}, input.options());
   const auto g = sparse_conv2d_geometry(input.sizes(), like_values, row_ptr, col_idx, kernel_size, stride, padding,
-                                        mode_string(padding_mode), input);
+                                        mode_string(padding_mode), input, upsample);
+  // The stride-1 kernel reads the upsampling in its halo load (as the forward); the strided
+  // one reads the input directly, so it gets the upsampled copy.
+  if (g.U > 1 && (g.SH != 1 || g.SW != 1)) {
+    return sparse_conv2d_weight_grad_cpu(grad_output, at::upsample_nearest2d(input, {g.H, g.W}), row_ptr, col_idx,
+                                         kernel_size, stride, padding, padding_mode, 1);
+  }
   TORCH_CHECK(grad_output.scalar_type() == input.scalar_type() && grad_output.device() == input.device(),
               "sparse_conv2d_weight_grad: grad_output must match the input's dtype and device");
   TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({g.N, g.C_out, g.H_out, g.W_out}),

@@ -74,8 +74,44 @@ inline void interior_columns(const SparseConvGeometry& g, int64_t* lo, int64_t* 
 
 // Input rows of one row tile, all input channels, padded in the copy: the padding is applied
 // while the tile is loaded (the padded tensor never exists), so every output column, border
-// or not, takes the vector path. kHaloBytes keeps the tile within the L2 of one core.
+// or not, takes the vector path. kHaloBytes keeps the tile within the L2 of one core, down to
+// kMinTileRows output rows: on wide images fewer rows would load each input row up to KH times
+// (a 5x5 layer 2048 wide got 1-row tiles), more than a tile spilling to L3 costs.
 constexpr int64_t kHaloBytes = 512 * 1024;
+constexpr int64_t kMinTileRows = 8;
+
+// The row tiling of a halo kernel (forward and weight gradient share it): rows of `Wa` elements
+// (the padded width and a vector of slack), `tile` output rows per tile, `rows_h` halo rows.
+struct HaloPlan {
+  int64_t Wa, tile, n_tiles, rows_h;
+};
+
+// A zeroed buffer of n elements whose first element sits on a 64-byte boundary: with Wa a whole
+// number of vectors, every halo row starts on a vector boundary, and so do the loads of taps at
+// column shift 0 (the others straddle cache lines whatever we do).
+template <typename T>
+struct AlignedBuffer {
+  explicit AlignedBuffer(int64_t n) : store(n + 64 / sizeof(T), T(0)) {
+    const auto address = reinterpret_cast<uintptr_t>(store.data());
+    data = store.data() + ((64 - address % 64) % 64) / sizeof(T);
+  }
+  std::vector<T> store;
+  T* data;
+};
+
+template <typename T>
+HaloPlan plan_halo(const SparseConvGeometry& g) {
+  HaloPlan p;
+  // a vector of slack (loads of the last partial vector stay inside), rounded to whole vectors
+  const int64_t L = kLanes<T>;
+  p.Wa = ((g.W_out - 1) * g.SW + g.KW + L + L - 1) / L * L;
+  const int64_t budget_rows = kHaloBytes / (int64_t(sizeof(T)) * std::max<int64_t>(1, g.C_in) * p.Wa);
+  const int64_t fit = budget_rows >= g.KH ? (budget_rows - g.KH) / g.SH + 1 : 0;
+  p.tile = std::max<int64_t>(1, std::min(g.H_out, std::max(kMinTileRows, fit)));
+  p.n_tiles = (g.H_out + p.tile - 1) / p.tile;
+  p.rows_h = (p.tile - 1) * g.SH + g.KH;
+  return p;
+}
 
 template <typename T>
 void load_halo(const T* x, T* halo, int64_t rows_h, int64_t rows_load, int64_t Wa, int64_t y_in0,
@@ -104,7 +140,20 @@ void load_halo(const T* x, T* halo, int64_t rows_h, int64_t rows_load, int64_t W
       } else {
         // nearest upsampling fused into the load: upsampled pixel i reads stored pixel i / U
         const T* src = x + ((n * g.C_in + c) * g.H_src + iy / g.U) * g.W_src;
-        for (int64_t j = 0; j < Wp; ++j) {
+        const int64_t lo = std::min(g.PW, Wp), hi = std::min(Wp, g.PW + g.W);
+        for (int64_t j = 0; j < lo; ++j) {
+          const int64_t ix = source_index(j - g.PW, g.W, g.reflect);
+          dst[j] = ix < 0 ? T(0) : src[ix / g.U];
+        }
+        // the interior repeats each stored pixel U times (i starts at 0 there, or the range is empty)
+        T* d = dst + g.PW;
+        const int64_t n_up = hi - lo;
+        int64_t i = 0;
+        if (g.U == 2) {
+          for (; i + 2 <= n_up; i += 2) d[i] = d[i + 1] = src[i >> 1];  // the network's 2x: no division
+        }
+        for (; i < n_up; ++i) d[i] = src[i / g.U];
+        for (int64_t j = hi; j < Wp; ++j) {
           const int64_t ix = source_index(j - g.PW, g.W, g.reflect);
           dst[j] = ix < 0 ? T(0) : src[ix / g.U];
         }
@@ -169,21 +218,16 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
   constexpr int64_t L = kLanes<T>;
   if (g.N == 0 || g.C_out == 0) return;
   const int64_t KK = g.KH * g.KW;
-  const int64_t Wp = (g.W_out - 1) * g.SW + g.KW;
-  const int64_t Wa = Wp + L;  // slack: vector loads of the last partial vector stay inside
-  // rows per tile from the cache budget of the halo (all input channels)
-  const int64_t budget_rows = std::max<int64_t>(g.KH, kHaloBytes / (int64_t(sizeof(T)) * std::max<int64_t>(1, g.C_in) * Wa));
-  const int64_t tile = std::min(g.H_out, std::max<int64_t>(1, (budget_rows - g.KH) / g.SH + 1));
-  const int64_t n_tiles = (g.H_out + tile - 1) / tile;
+  const HaloPlan plan = plan_halo<T>(g);
+  const int64_t Wa = plan.Wa, tile = plan.tile, n_tiles = plan.n_tiles, rows_h_max = plan.rows_h;
   // output-channel groups only where tiles alone do not give every thread several tasks
   const int64_t want = 4 * at::get_num_threads();
   const int64_t groups = std::min(g.C_out, std::max<int64_t>(1, (want + g.N * n_tiles - 1) / (g.N * n_tiles)));
   const int64_t group_size = (g.C_out + groups - 1) / groups;
-  const int64_t rows_h_max = (tile - 1) * g.SH + g.KH;
   const int64_t tasks = g.N * n_tiles * groups;
   std::vector<double> partial(stats != nullptr ? tasks * g.C_out * 2 : 0, 0.0);
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> halo(g.C_in * rows_h_max * Wa, T(0));
+    AlignedBuffer<T> halo(g.C_in * rows_h_max * Wa);
     // Tap offsets into the halo depend on neither the tile nor the image: decode them once.
     std::vector<int64_t> off(g.nnz);
     std::vector<T> w(g.nnz);
@@ -197,7 +241,7 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
       const int64_t grp = t % groups, tl = (t / groups) % n_tiles, n = t / (groups * n_tiles);
       const int64_t y0 = tl * tile, rows = std::min(tile, g.H_out - y0);
       const int64_t o_begin = grp * group_size, o_end = std::min(g.C_out, (grp + 1) * group_size);
-      load_halo(x, halo.data(), rows_h_max, (rows - 1) * g.SH + g.KH, Wa, y0 * g.SH - g.PH, g, n);
+      load_halo(x, halo.data, rows_h_max, (rows - 1) * g.SH + g.KH, Wa, y0 * g.SH - g.PH, g, n);
       // Output channels innermost: the strip of the halo one column block reads (all input
       // channels, KH rows) stays in L1 while every output channel of the group uses it.
       double* part = stats != nullptr ? partial.data() + t * g.C_out * 2 : nullptr;
@@ -205,7 +249,7 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
         for (int64_t o = o_begin; o < o_end; ++o) {
           const T b = bias ? bias[o] : T(0);
           T* orow = out + ((n * g.C_out + o) * g.H_out + y0 + r) * g.W_out;
-          block(halo.data() + r * rs, rp[o], rp[o + 1] - rp[o], b, xo, orow, valid, part ? part + 2 * o : nullptr);
+          block(halo.data + r * rs, rp[o], rp[o + 1] - rp[o], b, xo, orow, valid, part ? part + 2 * o : nullptr);
         }
       };
       const T* offw = w.data();
@@ -217,7 +261,7 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
             T* orow = out + ((n * g.C_out + o) * g.H_out + y0 + r) * g.W_out;
             for (int64_t xo = 0; xo < g.W_out; ++xo) {
               T acc = b;
-              const T* base = halo.data() + r * rs + xo * g.SW;
+              const T* base = halo.data + r * rs + xo * g.SW;
               for (int64_t k = rp[o]; k < rp[o + 1]; ++k) acc += offw[k] * base[offp[k]];
               orow[xo] = acc;
               if (part) {
@@ -234,13 +278,30 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
         auto one = [&](const T* base, int64_t k0, int64_t m, T b, int64_t xo, T* orow, int64_t valid, double* st) {
           tap_block<T, 1, 1>(base, rs, offp + k0, offw + k0, m, b, xo, orow, g.W_out, valid, st);
         };
-        for (int64_t r = 0; r < rows; ++r) {
+        // two rows at a time where there are two: 8 accumulators hide the FMA latency (4 would
+        // wait on it), and each tap's weight broadcast serves 8 FMAs
+        auto wide2 = [&](const T* base, int64_t k0, int64_t m, T b, int64_t xo, T* orow, int64_t valid, double* st) {
+          tap_block<T, 2, 4>(base, rs, offp + k0, offw + k0, m, b, xo, orow, g.W_out, valid, st);
+        };
+        auto one2 = [&](const T* base, int64_t k0, int64_t m, T b, int64_t xo, T* orow, int64_t valid, double* st) {
+          tap_block<T, 2, 1>(base, rs, offp + k0, offw + k0, m, b, xo, orow, g.W_out, valid, st);
+        };
+        int64_t r = 0;
+        for (; r + 2 <= rows; r += 2) {
+          int64_t xo = 0;
+          for (; xo + 4 * L <= g.W_out; xo += 4 * L) run(wide2, r, xo, 4 * L);
+          for (; xo < g.W_out; xo += L) run(one2, r, xo, g.W_out - xo);
+        }
+        for (; r < rows; ++r) {
           int64_t xo = 0;
           for (; xo + 4 * L <= g.W_out; xo += 4 * L) run(wide, r, xo, 4 * L);
           for (; xo < g.W_out; xo += L) run(one, r, xo, g.W_out - xo);
         }
       } else {
-        // narrow rows: block 4 rows per vector instead
+        // narrow rows: block 8 (or 4) rows per vector instead
+        auto eight = [&](const T* base, int64_t k0, int64_t m, T b, int64_t xo, T* orow, int64_t valid, double* st) {
+          tap_block<T, 8, 1>(base, rs, offp + k0, offw + k0, m, b, xo, orow, g.W_out, valid, st);
+        };
         auto four = [&](const T* base, int64_t k0, int64_t m, T b, int64_t xo, T* orow, int64_t valid, double* st) {
           tap_block<T, 4, 1>(base, rs, offp + k0, offw + k0, m, b, xo, orow, g.W_out, valid, st);
         };
@@ -249,6 +310,7 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
         };
         for (int64_t xo = 0; xo < g.W_out; xo += L) {
           int64_t r = 0;
+          for (; r + 8 <= rows; r += 8) run(eight, r, xo, g.W_out - xo);
           for (; r + 4 <= rows; r += 4) run(four, r, xo, g.W_out - xo);
           for (; r < rows; ++r) run(one, r, xo, g.W_out - xo);
         }
@@ -476,18 +538,14 @@ void weight_grad_stride1(const T* gout, const T* x, const int64_t* rp, const int
   constexpr int64_t L = kLanes<T>;
   if (g.nnz == 0 || g.N == 0) return;
   const int64_t KK = g.KH * g.KW;
-  const int64_t Wp = g.W_out + g.KW - 1;
-  const int64_t Wa = Wp + L;
-  const int64_t budget_rows = std::max<int64_t>(g.KH, kHaloBytes / (int64_t(sizeof(T)) * std::max<int64_t>(1, g.C_in) * Wa));
-  const int64_t tile = std::min(g.H_out, std::max<int64_t>(1, budget_rows - g.KH + 1));
-  const int64_t n_tiles = (g.H_out + tile - 1) / tile;
+  const HaloPlan plan = plan_halo<T>(g);
+  const int64_t Wa = plan.Wa, tile = plan.tile, n_tiles = plan.n_tiles, rows_h_max = plan.rows_h;
   const int64_t tasks = g.N * n_tiles;
-  const int64_t rows_h_max = tile - 1 + g.KH;
   const int64_t nvec = (g.W_out + L - 1) / L;
   std::vector<double> partial(tasks * g.nnz, 0.0);
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> halo(g.C_in * rows_h_max * Wa, T(0));
-    std::vector<T> grow(nvec * L, T(0));
+    AlignedBuffer<T> halo(g.C_in * rows_h_max * Wa);
+    AlignedBuffer<T> grow(nvec * L);
     std::vector<int64_t> off(g.nnz);
     for (int64_t k = 0; k < g.nnz; ++k) {
       const int64_t c = ci[k] / KK, r = ci[k] % KK;
@@ -496,27 +554,44 @@ void weight_grad_stride1(const T* gout, const T* x, const int64_t* rp, const int
     for (int64_t t = begin; t < end; ++t) {
       const int64_t tl = t % n_tiles, n = t / n_tiles;
       const int64_t y0 = tl * tile, rows = std::min(tile, g.H_out - y0);
-      load_halo(x, halo.data(), rows_h_max, rows - 1 + g.KH, Wa, y0 - g.PH, g, n);
+      load_halo(x, halo.data, rows_h_max, rows - 1 + g.KH, Wa, y0 - g.PH, g, n);
       double* part = partial.data() + t * g.nnz;
       for (int64_t r = 0; r < rows; ++r) {
-        const T* base = halo.data() + r * Wa;
+        const T* base = halo.data + r * Wa;
         for (int64_t o = 0; o < g.C_out; ++o) {
           if (rp[o] == rp[o + 1]) continue;
-          std::memcpy(grow.data(), gout + ((n * g.C_out + o) * g.H_out + y0 + r) * g.W_out, sizeof(T) * g.W_out);
-          for (int64_t k = rp[o]; k < rp[o + 1]; ++k) {
-            const T* hrow = base + off[k];
-            V acc[2] = {};
+          std::memcpy(grow.data, gout + ((n * g.C_out + o) * g.H_out + y0 + r) * g.W_out, sizeof(T) * g.W_out);
+          // KT taps at once share each load of the grad row, and their 2 * KT accumulators hide
+          // the FMA latency; every tap's sum has the same grouping (even and odd vectors) alone
+          // or in a group, so the bits do not depend on how the taps fall into groups.
+          auto taps = [&](auto kt, int64_t k) {
+            constexpr int KT = decltype(kt)::value;
+            const T* hrow[KT];
+            for (int i = 0; i < KT; ++i) hrow[i] = base + off[k + i];
+            V acc[KT][2] = {};
+            const T* gr = grow.data;
             int64_t v = 0;
             for (; v + 2 <= nvec; v += 2) {
-              acc[0] += load<V>(grow.data() + v * L) * load<V>(hrow + v * L);
-              acc[1] += load<V>(grow.data() + (v + 1) * L) * load<V>(hrow + (v + 1) * L);
+              const V g0 = load<V>(gr + v * L), g1 = load<V>(gr + (v + 1) * L);
+              for (int i = 0; i < KT; ++i) {
+                acc[i][0] += g0 * load<V>(hrow[i] + v * L);
+                acc[i][1] += g1 * load<V>(hrow[i] + (v + 1) * L);
+              }
             }
-            if (v < nvec) acc[0] += load<V>(grow.data() + v * L) * load<V>(hrow + v * L);
-            acc[0] += acc[1];
-            T s = 0;
-            for (int64_t l = 0; l < L; ++l) s += acc[0][l];
-            part[k] += static_cast<double>(s);
-          }
+            if (v < nvec) {
+              const V g0 = load<V>(gr + v * L);
+              for (int i = 0; i < KT; ++i) acc[i][0] += g0 * load<V>(hrow[i] + v * L);
+            }
+            for (int i = 0; i < KT; ++i) {
+              const V a = acc[i][0] + acc[i][1];
+              T s = 0;
+              for (int64_t l = 0; l < L; ++l) s += a[l];
+              part[k + i] += static_cast<double>(s);
+            }
+          };
+          int64_t k = rp[o];
+          for (; k + 4 <= rp[o + 1]; k += 4) taps(std::integral_constant<int, 4>{}, k);
+          for (; k < rp[o + 1]; ++k) taps(std::integral_constant<int, 1>{}, k);
         }
       }
     }

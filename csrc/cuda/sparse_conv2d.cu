@@ -227,7 +227,13 @@ at::Tensor sparse_conv2d_input_grad_cuda(const at::Tensor& grad_output, const at
 at::Tensor sparse_conv2d_weight_grad_cuda(const at::Tensor& grad_output, const at::Tensor& input,
                                           const at::Tensor& row_ptr, const at::Tensor& col_idx,
                                           at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                                          at::IntArrayRef padding, c10::string_view padding_mode) {
+                                          at::IntArrayRef padding, c10::string_view padding_mode, int64_t upsample) {
+  TORCH_CHECK(upsample >= 1, "sparse_conv2d_weight_grad: upsample must be >= 1, got ", upsample);
+  if (upsample > 1) {  // the kernel reads the input as the convolution saw it: upsample it first
+    return sparse_conv2d_weight_grad_cuda(
+        grad_output, at::upsample_nearest2d(input, {input.size(2) * upsample, input.size(3) * upsample}), row_ptr,
+        col_idx, kernel_size, stride, padding, padding_mode, 1);
+  }
   const at::Tensor like_values = at::empty({col_idx.numel()}, input.options());
   const auto g = sparse_conv2d_geometry(input.sizes(), like_values, row_ptr, col_idx, kernel_size, stride, padding,
                                         mode_string(padding_mode), input);

@@ -8,6 +8,9 @@ counter (offset lo, offset hi, 0, 0), offsets as int64 so 64-bit offsets work.
               (and, for the search step, the slope w * m * (1 - m) / tau)
     backward: grad_p = g * w * m * (1 - m) / tau,   grad_w = g * m   (noise regenerated)
 
+m * (1 - m) is evaluated as (e * m) * m with e = exp(-x), as the CPU kernels do (see
+_sigmoid_and_complement): 1 - m itself would cancel where m is nearly 1.
+
 float32 and bfloat16 compute in float32, float64 in float64 (u is always the float32 uniform
 of the contract, clamped, then widened). Works on CUDA tensors, and on CPU tensors when
 TRITON_INTERPRET=1 was set before triton was imported.
@@ -44,6 +47,32 @@ def _logistic_noise(seed, offs, COMPUTE: tl.constexpr):
     u = tl.rand(seed, offs)
     u = tl.minimum(tl.maximum(u, U_MIN), U_MAX).to(COMPUTE)
     return tl.log(u) - tl.log(1.0 - u)
+
+
+@triton.jit
+def _sigmoid_and_complement(x, COMPUTE: tl.constexpr):
+    """(m, 1 - m) for m = sigmoid(x), as the CPU kernels (csrc/cpu/elementwise.h:
+    sigmoid_and_complement): e = exp(min(-x, cap)), m = 1 / (1 + e), 1 - m = e * m; where m is
+    nearly 1, 1 - m computed as such would cancel to a few bits (about 20 % off in float32 at
+    x = 15). The cap (80 in float32, 700 in float64) keeps exp finite, so e * m is never
+    inf * 0 = NaN; below x = -cap, m stays 1 / (1 + e^cap) (1.8e-35 in float32, 1e-304 in
+    float64) instead of going to 0, as on the CPU. Written as the CPU's
+    `neg_x < cap ? neg_x : cap` (a NaN x gives the cap, as there)."""
+    if COMPUTE == tl.float64:
+        cap = 700.0
+    else:
+        cap = 80.0
+    neg_x = -x
+    e = tl.exp(tl.where(neg_x < cap, neg_x, cap))
+    m = 1.0 / (1.0 + e)
+    return m, e * m
+
+
+@triton.jit
+def _sigmoid_and_slope(x, COMPUTE: tl.constexpr):
+    """(m, m * (1 - m)), the derivative of m = sigmoid(x), with 1 - m from _sigmoid_and_complement."""
+    m, not_m = _sigmoid_and_complement(x, COMPUTE)
+    return m, not_m * m
 
 
 @triton.jit
@@ -98,11 +127,11 @@ def _gumbel_mask_fwd_kernel(p_ptr, w_ptr, out_ptr, slope_ptr, n, seed: tl.int64,
     w = tl.load(w_ptr + idx, mask=mask).to(COMPUTE)
     noise = _logistic_noise(seed, idx + _base_offset(offset, offset_ptr, OFFSET_FROM_PTR), COMPUTE)
     tau = _f64(tau_bits, COMPUTE)
-    # Same expression order as the CPU kernel: 1 / (1 + exp(-(p + noise) / tau)).
-    m = 1.0 / (1.0 + tl.exp(-(p + noise) / tau))
+    # Same expression order as the CPU kernel: 1 / (1 + exp(min(-((p + noise) / tau), cap))).
+    m, m_slope = _sigmoid_and_slope((p + noise) / tau, COMPUTE)
     _store(out_ptr, idx, w * m, mask, BF16_BY_HAND)
-    if WITH_SLOPE:  # d out / d p, as the backward's factor
-        _store(slope_ptr, idx, w * m * (1.0 - m) / tau, mask, BF16_BY_HAND)
+    if WITH_SLOPE:  # d out / d p = w * m * (1 - m) / tau, as the backward's factor
+        _store(slope_ptr, idx, w * m_slope / tau, mask, BF16_BY_HAND)
 
 
 @triton.jit(do_not_specialize=["seed", "offset", "tau_bits"])
@@ -117,9 +146,9 @@ def _gumbel_mask_bwd_kernel(g_ptr, p_ptr, w_ptr, gp_ptr, gw_ptr, n, seed: tl.int
     # The noise is regenerated from (seed, offset), never stored by the forward.
     noise = _logistic_noise(seed, idx + _base_offset(offset, offset_ptr, OFFSET_FROM_PTR), COMPUTE)
     tau = _f64(tau_bits, COMPUTE)
-    m = 1.0 / (1.0 + tl.exp(-(p + noise) / tau))
-    # d/dp [w * sigmoid((p + L) / tau)] = w * m * (1 - m) / tau
-    gp = g * w * m * (1.0 - m) / tau
+    m, m_slope = _sigmoid_and_slope((p + noise) / tau, COMPUTE)
+    # d/dp [w * sigmoid((p + L) / tau)] = w * m * (1 - m) / tau, m * (1 - m) evaluated as (e * m) * m
+    gp = g * w * m_slope / tau
     _store(gp_ptr, idx, gp, mask, BF16_BY_HAND)
     if WEIGHT_GRAD:
         _store(gw_ptr, idx, g * m, mask, BF16_BY_HAND)

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gumbel_mask import _as_f64_bits, _check_device, _compute_dtype, _f64, _on_device
+from .gumbel_mask import _as_f64_bits, _check_device, _compute_dtype, _f64, _on_device, _sigmoid_and_complement
 
 __all__ = ["logit_adam_step_"]
 
@@ -34,12 +34,13 @@ def _logit_adam_step_kernel(p_ptr, m_ptr, v_ptr, g_ptr, scale_ptr, partial_ptr, 
     g = tl.load(g_ptr + idx, mask=live, other=0.0).to(COMPUTE)
     if HAS_SCALE:
         g = g * tl.load(scale_ptr + idx, mask=live, other=0.0).to(COMPUTE)
-    # the KL prior of p and its derivative (csrc/cpu/elementwise.h: kl_term)
-    s = 1.0 / (1.0 + tl.exp(-p))
+    # the KL prior of p and its derivative (csrc/cpu/elementwise.h: kl_term), with 1 - s taken as
+    # e * s (no cancellation where s = sigmoid(p) is nearly 1)
+    s, not_s = _sigmoid_and_complement(p, COMPUTE)
     log_a = tl.log(s + KL_EPS) - _f64(log_rho_bits, COMPUTE)
-    log_b = tl.log(1.0 - s + KL_EPS) - _f64(log_not_rho_bits, COMPUTE)
-    value = s * log_a + (1.0 - s) * log_b
-    dkl = (log_a + s / (s + KL_EPS) - log_b - (1.0 - s) / (1.0 - s + KL_EPS)) * s * (1.0 - s)
+    log_b = tl.log(not_s + KL_EPS) - _f64(log_not_rho_bits, COMPUTE)
+    value = s * log_a + not_s * log_b
+    dkl = (log_a + s / (s + KL_EPS) - log_b - not_s / (not_s + KL_EPS)) * (s * not_s)
     g = g + _f64(kl_bits, COMPUTE) * dkl
     m = tl.load(m_ptr + idx, mask=live, other=0.0).to(COMPUTE)
     v = tl.load(v_ptr + idx, mask=live, other=0.0).to(COMPUTE)

@@ -73,25 +73,29 @@ def gumbel_mask(logits: torch.Tensor, weight: torch.Tensor, u: torch.Tensor, tau
 
 def gumbel_mask_backward(grad, logits, weight, u, tau):
     """(d/dp, d/dw) of sum(grad * w * m): grad * w * m (1 - m) / tau and grad * m."""
-    m = gumbel_sigmoid(logits, u, tau)
-    return grad * weight * m * (1 - m) / tau, grad * m
+    x = (logits + logistic_noise(u, logits.dtype)) / tau
+    m = torch.sigmoid(x)
+    # 1 - m as sigmoid(-x): where m is nearly 1, 1 - m would cancel to a few bits
+    return grad * weight * (m * torch.sigmoid(-x)) / tau, grad * m
 
 
 # ------------------------------------------------------------------------------ KL prior
 def kl_prior(logits: torch.Tensor, density: float) -> torch.Tensor:
     """sum_j KL(Bernoulli(s_j) || Bernoulli(rho)), s = sigmoid(p), with the authors' 1e-6."""
     s = torch.sigmoid(logits)
+    not_s = torch.sigmoid(-logits)  # 1 - s; where s is nearly 1, 1 - s would cancel to a few bits
     rho = density
-    return (s * torch.log((s + KL_EPS) / rho) + (1 - s) * torch.log((1 - s + KL_EPS) / (1 - rho))).sum()
+    return (s * torch.log((s + KL_EPS) / rho) + not_s * torch.log((not_s + KL_EPS) / (1 - rho))).sum()
 
 
 def kl_prior_grad(logits: torch.Tensor, density: float) -> torch.Tensor:
     """d kl_prior / d p, by the chain rule through s = sigmoid(p)."""
     s = torch.sigmoid(logits)
+    not_s = torch.sigmoid(-logits)  # 1 - s, as in kl_prior
     rho = density
     dkl_ds = (torch.log((s + KL_EPS) / rho) + s / (s + KL_EPS)
-              - torch.log((1 - s + KL_EPS) / (1 - rho)) - (1 - s) / (1 - s + KL_EPS))
-    return dkl_ds * s * (1 - s)
+              - torch.log((not_s + KL_EPS) / (1 - rho)) - not_s / (not_s + KL_EPS))
+    return dkl_ds * (s * not_s)
 
 
 # ------------------------------------------------------------------------------ sparse convolution

@@ -164,7 +164,15 @@ def test_backward_reference_matches_autograd():
     p, w = logits.clone().requires_grad_(), weight.clone().requires_grad_()
     auto = torch.autograd.grad(reference.gumbel_mask(p, w, u, TAU), (p, w), grad)
     closed = reference.gumbel_mask_backward(grad, logits, weight, u, TAU)
-    torch.testing.assert_close(closed[0], auto[0], rtol=1e-12, atol=1e-15)
+    # autograd differentiates torch.sigmoid as grad * m * (1 - m): where m is nearly 1, 1 - m
+    # keeps m's rounding (an ulp of 1, 2^-53) as an absolute error, 1e-10 relative at x = 16 and
+    # 2e-4 at x = 30 in this sample; the closed form takes m * sigmoid(-x) and is exact to a few
+    # ulps. So besides the relative bound, each element may differ by a few 2^-53 of
+    # |grad * w * m / tau| (the largest seen: 2.5 of them), a term that exceeds the relative
+    # one only where 1 - m < 1e-3 (the cancellation's region).
+    m = reference.gumbel_sigmoid(logits, u, TAU)
+    bound = 1e-12 * auto[0].abs() + 1e-15 + 8 * 2.0**-53 * (grad * weight * m).abs() / TAU
+    assert ((closed[0] - auto[0]).abs() <= bound).all(), float(((closed[0] - auto[0]).abs() / bound).max())
     torch.testing.assert_close(closed[1], auto[1], rtol=1e-12, atol=1e-15)
 
 
@@ -198,6 +206,76 @@ def test_gradcheck_float64():
     weight.requires_grad_()
     # the noise is regenerated from (seed, offset), so every evaluation sees the same mask
     assert torch.autograd.gradcheck(lambda p, w: oes_fast.gumbel_mask(p, w, SEED, OFFSET, TAU), (logits, weight))
+
+
+# ------------------------------------------------------------------------------ saturated masks
+def _triton_gumbel_mask():
+    """kernels/gumbel_mask.py on CUDA, or through the interpreter on CPU tensors; None if neither."""
+    try:
+        from oes_fast.kernels import gumbel_mask as kernels
+    except ImportError:
+        return None
+    return kernels if torch.cuda.is_available() or kernels.INTERPRETED else None
+
+
+SLOPE_IMPLS = {
+    "op_with_slope": lambda p, w, u, tau: oes_fast.ops.gumbel_mask_with_slope(p, w, SEED, OFFSET, tau)[1],
+    "op_backward": lambda p, w, u, tau: ops.gumbel_mask_backward(torch.ones_like(p), p, w, SEED, OFFSET, tau,
+                                                                 False)[0],
+    "reference": lambda p, w, u, tau: reference.gumbel_mask_backward(torch.ones_like(p), p, w, u, tau)[0],
+    "triton_with_slope": lambda p, w, u, tau: _triton_gumbel_mask().gumbel_mask_with_slope(p, w, SEED, OFFSET,
+                                                                                            tau)[1],
+    "triton_backward": lambda p, w, u, tau: _triton_gumbel_mask().gumbel_mask_backward(
+        torch.ones_like(p), p, w, SEED, OFFSET, tau, False)[0],
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("impl", list(SLOPE_IMPLS))
+def test_slope_of_saturated_mask(impl, dtype):
+    """d(w m)/dp = w m (1 - m) / tau where m is within 1e-6 of 1 (and of 0): every backend takes
+    m (1 - m) as (e m) m, e = exp(-x), and must stay close to the float64 value in relative
+    terms. Computed as m * (1 - m), float32 rounds m to 1 for x > 16.6 and the slope to 0.
+
+    The float32 slope cannot be within a few ulps of the float64 one: x = (p + L) / tau is itself
+    rounded (p + L and the logs of L, a few ulps of |x|), and where m saturates d slope / slope =
+    -dx, so the bound is a few ulps of |x| (the largest seen: 1.4 ulps of |x|, 2e-6 relative),
+    four orders of magnitude below the cancellation's 100 %. tau = 1: with the logistic noise's
+    spread (x runs over [24, 41] and [-39, -23] on the +-31 quarters of the sample), a smaller
+    tau would push x past the exp cap of 80 or leave part of the sample unsaturated."""
+    if impl.startswith("triton") and _triton_gumbel_mask() is None:
+        pytest.skip("Triton kernels need CUDA or the interpreter")
+    device = "cuda" if impl.startswith("triton") and torch.cuda.is_available() else "cpu"
+    n, tau = 4096, 1.0
+    g = torch.Generator().manual_seed(3)
+    p64 = torch.tensor([31.0, -31.0, 15.0, -15.0], dtype=torch.float64).repeat_interleave(n // 4)
+    w64 = torch.rand(n, generator=g, dtype=torch.float64) + 0.5
+    u = reference.philox_uniform(SEED, OFFSET + torch.arange(n))
+    x64 = (p64 + reference.logistic_noise(u)) / tau
+    # the sample's regime: m within 1e-6 of 1 on the first quarter, of 0 on the second, and no
+    # exp near its cap or the float32 slope near underflow anywhere
+    assert (torch.sigmoid(-x64[:n // 4]) < 1e-6).all() and (torch.sigmoid(x64[n // 4:n // 2]) < 1e-6).all()
+    assert x64.abs().max() < 42
+    ref64 = reference.gumbel_mask_backward(torch.ones(n, dtype=torch.float64), p64, w64, u, tau)[0]
+    slope = SLOPE_IMPLS[impl](p64.to(dtype).to(device), w64.to(dtype).to(device), u.to(device), tau).cpu()
+    assert slope.dtype == dtype and torch.isfinite(slope).all()
+    ulp = 2.0**-24 if dtype == torch.float32 else 2.0**-53
+    rel = (slope.double() - ref64).abs() / ref64
+    bound = 4 * ulp * (x64.abs() + 4)
+    j = int((rel / bound).argmax())
+    assert (rel <= bound).all(), (f"{impl} {dtype}: slope {slope[j].item():.9g} vs float64 {ref64[j].item():.9g} "
+                                  f"at x = {x64[j].item():.4f}, relative error {rel[j].item():.3g} > {bound[j].item():.3g}")
+
+
+def test_kl_prior_grad_of_saturated_logits():
+    """dKL/dp = dKL/ds * s (1 - s) for |p| from 10 to 40 in float64, 1 - s taken as sigmoid(-p)
+    (reference) and exp(-p) s (CPU kernel): computed as 1 - s it keeps s's rounding, 1e-3 relative
+    at p = 30, and is 0 beyond p = 37."""
+    p = torch.cat([torch.linspace(10, 40, 61), -torch.linspace(10, 40, 61)]).double()
+    for density in (0.05, 0.5, 0.9):
+        ref = reference.kl_prior_grad(p, density)
+        assert (ref != 0).all()
+        torch.testing.assert_close(oes_fast.ops.kl_prior(p, density)[1], ref, rtol=1e-12, atol=0)
 
 
 # ------------------------------------------------------------------------------ opcheck, compile

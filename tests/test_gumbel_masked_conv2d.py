@@ -170,6 +170,44 @@ def test_triton_large_offset_and_logits_only(triton_kernels):
     torch.testing.assert_close(gl.cpu(), ref[2], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_grad_logits_of_saturated_mask(backend, dtype, request):
+    """grad_logits = dW * w * m (1 - m) / tau where m is within 1e-6 of 1 (logits +31) or of 0
+    (-31), tau 1: the backends take m (1 - m) as (e m) m (computed as m * (1 - m), float32 rounds
+    m to 1 and the gradient to 0), so they stay close to the float64 value in relative terms.
+    The float64 value is built from the reference's slope (test_gumbel_mask.py:
+    test_slope_of_saturated_mask) and dW by autograd of the plain conv (no sigmoid), since
+    autograd through torch.sigmoid cancels the same way. Input and grad_output are positive, so
+    dW has no cancellation: the bound is the slope's (a few ulps of |x|, x being rounded) plus an
+    ulp per summed pixel."""
+    kernels = request.getfixturevalue("triton_kernels") if backend == "triton" else None
+    d = _device() if backend == "triton" else "cpu"
+    n, c_in, c_out, h, wd, k, pad, tau = 1, 3, 2, 6, 6, 3, 1, 1.0
+    g = torch.Generator().manual_seed(17)
+    x = torch.rand(n, c_in, h, wd, generator=g, dtype=torch.float64) + 0.5
+    grad = torch.rand(n, c_out, h, wd, generator=g, dtype=torch.float64) + 0.5
+    w = torch.rand(c_out, c_in, k, k, generator=g, dtype=torch.float64) + 0.5
+    p = torch.where(torch.arange(w.numel()) % 2 == 0, 31.0, -31.0).to(torch.float64).view(w.shape)
+    u = reference.philox_uniform(SEED, OFFSET + torch.arange(w.numel())).view(w.shape)
+    x_mask = (p + reference.logistic_noise(u)) / tau
+    assert (torch.sigmoid(-x_mask.abs()) < 1e-6).all() and x_mask.abs().max() < 42
+    w_eff = reference.gumbel_mask(p, w, u, tau).requires_grad_()
+    F.conv2d(F.pad(x, [pad] * 4), w_eff).backward(grad)
+    expected = w_eff.grad * reference.gumbel_mask_backward(torch.ones_like(p), p, w, u, tau)[0]
+    args = [t.to(dtype).to(d) for t in (grad, x, p, w)] + [SEED, OFFSET, tau, pad, "zeros"]
+    if backend == "cpu":
+        got = ops.gumbel_masked_conv2d_backward(*args, [False, True, False, False])[1]
+    else:
+        got = kernels.gumbel_masked_conv2d_backward(*args, [False, True, False, False])[1]
+    got = got.cpu()
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    ulp = 2.0**-24 if dtype == torch.float32 else 2.0**-53
+    rel = (got.double() - expected).abs() / expected
+    bound = ulp * (4 * (x_mask.abs() + 4) + n * h * wd)
+    assert (rel <= bound).all(), f"relative error {float(rel.max()):.3g}, bound {float(bound.min()):.3g}"
+
+
 # ------------------------------------------------------------------------------ fused search step
 def _tiny_problem(dtype=torch.float32):
     from oes_fast.models import Skip, initialize

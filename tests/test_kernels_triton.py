@@ -235,14 +235,22 @@ def test_bfloat16_is_float32_rounded_to_nearest_even():
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_saturated_mask_is_exact(dtype):
-    # Computed in float32, exp overflows to inf for the negative logits: m must be 0, not nan.
+    # Computed in float32, exp(-x) would overflow to inf for the negative logits: its argument
+    # is capped at 80, as in the C++ kernels, so m is their 1 / (1 + e^80) = 1.8e-35 there (not
+    # 0, not nan) and exactly 1 for the positive ones; the slope (e m) m / tau stays finite
+    # (uncapped, e m would be inf * 0). On the positive side it is e^-x / tau, tiny but not 0
+    # (1 - m, 0 in float32, gave 0): its accuracy is test_gumbel_mask.py's
+    # test_slope_of_saturated_mask.
     p, tau = SATURATED
     p = p.to(dtype).to(DEVICE)
     w = torch.ones_like(p)
-    want = (p > 0).to(dtype)
-    assert torch.equal(K.gumbel_mask_forward(p, w, 5, 0, tau), want)
-    gp, gw = K.gumbel_mask_backward(w, p, w, 5, 0, tau, True)
-    assert torch.equal(gp, torch.zeros_like(p)) and torch.equal(gw, want)
+    m = K.gumbel_mask_forward(p, w, 5, 0, tau).cpu()
+    pos, neg = (p > 0).cpu(), (p < 0).cpu()
+    assert torch.equal(m[pos], torch.ones_like(m[pos]))
+    assert ((m[neg] > 0) & (m[neg] < 2e-35)).all()
+    gp, gw = (t.cpu() for t in K.gumbel_mask_backward(w, p, w, 5, 0, tau, True))
+    assert torch.equal(gw, m)
+    assert torch.isfinite(gp).all() and (gp >= 0).all() and (gp[neg] < 2e-34).all() and (gp[pos] < 2e-13).all()
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")

@@ -114,6 +114,29 @@ def test_triton_matches_reference(triton_kernels, n, dtype, masked):
     assert_step_matches_reference([t.cpu() for t in (p, m, v, value)], state, masked, step=7)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_kl_gradient_of_saturated_logits(backend, request):
+    """The prior's gradient dKL/ds * s (1 - s) inside the step, for |p| from 10 to 40 in float64:
+    from zero moments with no data gradient and kl = 1, exp_avg = (1 - beta1) * dKL/dp. The
+    kernels take 1 - s as e s (e = exp(-p)); computed as 1 - s it keeps s's rounding (1e-3
+    relative at p = 30) and is 0 beyond p = 37."""
+    p = torch.cat([torch.linspace(10, 40, 61), -torch.linspace(10, 40, 61)]).double()
+    beta1 = 0.5
+    for density in (0.05, 0.5, 0.9):
+        logits, m, v, g = p.clone(), torch.zeros_like(p), torch.zeros_like(p), torch.zeros_like(p)
+        if backend == "cpu":
+            ops.logit_adam_step_(logits, m, v, g, step=1, density=density, kl=1.0, lr=LR, betas=(beta1, BETAS[1]),
+                                 eps=EPS)
+        else:
+            _, kernels = request.getfixturevalue("triton_kernels")
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            logits, m, v, g = (t.to(device) for t in (logits, m, v, g))
+            kernels.logit_adam_step_(logits, m, v, g, None, density, 1.0, LR, beta1, BETAS[1], EPS, 1)
+        ref = reference.kl_prior_grad(p, density)
+        assert (ref != 0).all()
+        torch.testing.assert_close(m.cpu() / (1 - beta1), ref, rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("masked", [True, False])
 def test_matches_the_unfused_composite(masked):
     """The CUDA implementation (composed of gumbel_mask_backward, kl_prior and Adam's ops), run

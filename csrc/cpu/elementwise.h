@@ -26,14 +26,19 @@ namespace {
 constexpr int64_t kTile = 256;
 constexpr double kKlEps = 1e-6;  // the OES authors' epsilon inside the prior's logs
 
-// sigmoid(x) = 1 / (1 + exp(-x)), with -x capped below the overflow of exp: under -ffast-math
-// the vector division 1 / (1 + inf) gives NaN, not 0. The cap changes nothing representable
-// (the result is then below 1e-34 in float32, 1e-304 in float64).
+// s = sigmoid(x) = 1 / (1 + exp(-x)), returned, and its complement 1 - s in `complement`, taken
+// as exp(-x) * s: where s is nearly 1, 1 - s would cancel to a few bits (about 20 % off in float32
+// at x = 15), and so would the derivative s * (1 - s). -x is capped below the overflow of exp:
+// under -ffast-math the vector division 1 / (1 + inf) gives NaN, not 0; the cap changes nothing
+// representable (s is then below 1e-34 in float32, 1e-304 in float64).
 template <typename acc_t>
-inline acc_t stable_sigmoid(acc_t x) {
+inline acc_t sigmoid_and_complement(acc_t x, acc_t& complement) {
   const acc_t max_neg_x = sizeof(acc_t) == 4 ? acc_t(80) : acc_t(700);
   const acc_t neg_x = -x;
-  return acc_t(1) / (acc_t(1) + std::exp(neg_x < max_neg_x ? neg_x : max_neg_x));
+  const acc_t e = std::exp(neg_x < max_neg_x ? neg_x : max_neg_x);
+  const acc_t s = acc_t(1) / (acc_t(1) + e);
+  complement = e * s;
+  return s;
 }
 
 template <typename acc_t>
@@ -129,14 +134,15 @@ inline void store_tile(const acc_t* src, int64_t n, scalar_t* dst) {
 template <typename acc_t>
 inline void kl_term(acc_t p, acc_t log_rho, acc_t log_not_rho, acc_t& value, acc_t& grad) {
   const acc_t eps = static_cast<acc_t>(kKlEps);
-  const acc_t s = stable_sigmoid<acc_t>(p);
+  acc_t c;  // 1 - s, accurate where s is nearly 1 (where 1 - s + eps would lose eps's digits)
+  const acc_t s = sigmoid_and_complement<acc_t>(p, c);
   const acc_t log_a = std::log(s + eps) - log_rho;
-  const acc_t log_b = std::log(acc_t(1) - s + eps) - log_not_rho;
-  value = s * log_a + (acc_t(1) - s) * log_b;
+  const acc_t log_b = std::log(c + eps) - log_not_rho;
+  value = s * log_a + c * log_b;
   // s / (s + eps) - (1 - s) / (1 - s + eps), over one division
-  const acc_t ratio_diff = eps * (acc_t(2) * s - acc_t(1)) / ((s + eps) * (acc_t(1) - s + eps));
+  const acc_t ratio_diff = eps * (s - c) / ((s + eps) * (c + eps));
   const acc_t dkl_ds = log_a - log_b + ratio_diff;
-  grad = dkl_ds * s * (acc_t(1) - s);
+  grad = dkl_ds * (s * c);
 }
 
 }  // namespace

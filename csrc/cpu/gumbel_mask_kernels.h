@@ -16,14 +16,17 @@ template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 OES_TILE_FN void gumbel_mask_forward_tile(const scalar_t* logits, const scalar_t* weight, scalar_t* out,
                                           scalar_t* slope, uint64_t seed, uint64_t first_offset, acc_t tau) {
   alignas(64) acc_t mask[kTile];
+  alignas(64) acc_t complement[kTile];  // 1 - mask
   logistic_noise_tile<acc_t>(seed, first_offset, mask);
   // the same loops with or without the slope, so both give the same masked weights
 #pragma omp simd
-  for (int64_t i = 0; i < kTile; ++i) mask[i] = stable_sigmoid<acc_t>((static_cast<acc_t>(logits[i]) + mask[i]) / tau);
+  for (int64_t i = 0; i < kTile; ++i) {
+    mask[i] = sigmoid_and_complement<acc_t>((static_cast<acc_t>(logits[i]) + mask[i]) / tau, complement[i]);
+  }
   if (slope != nullptr) {
 #pragma omp simd
     for (int64_t i = 0; i < kTile; ++i) {
-      slope[i] = static_cast<scalar_t>(static_cast<acc_t>(weight[i]) * mask[i] * (acc_t(1) - mask[i]) / tau);
+      slope[i] = static_cast<scalar_t>(static_cast<acc_t>(weight[i]) * (mask[i] * complement[i]) / tau);
     }
   }
 #pragma omp simd
@@ -68,9 +71,10 @@ OES_TILE_FN void gumbel_mask_backward_tile(const scalar_t* grad, const scalar_t*
 #pragma omp simd
   for (int64_t i = 0; i < kTile; ++i) {
     const acc_t g = static_cast<acc_t>(grad[i]);
-    const acc_t m = stable_sigmoid<acc_t>((static_cast<acc_t>(logits[i]) + noise[i]) / tau);
+    acc_t c;  // 1 - m
+    const acc_t m = sigmoid_and_complement<acc_t>((static_cast<acc_t>(logits[i]) + noise[i]) / tau, c);
     // d/dp [w * sigmoid((p + L) / tau)] = w * m * (1 - m) / tau
-    grad_logits[i] = static_cast<scalar_t>(g * static_cast<acc_t>(weight[i]) * m * (acc_t(1) - m) / tau);
+    grad_logits[i] = static_cast<scalar_t>(g * static_cast<acc_t>(weight[i]) * (m * c) / tau);
     grad_w[i] = g * m;
   }
   if (grad_weight != nullptr) {

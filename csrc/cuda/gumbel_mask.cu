@@ -55,9 +55,11 @@ __global__ void gumbel_mask_backward_kernel(const scalar_t* __restrict__ grad, c
   const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
     const acc_t g = static_cast<acc_t>(grad[i]);
-    const acc_t m = gumbel_sigmoid<acc_t>(static_cast<acc_t>(logits[i]), seed, offset + static_cast<uint64_t>(i), tau);
+    acc_t m_slope;  // m * (1 - m), evaluated as (e * m) * m
+    const acc_t m =
+        gumbel_sigmoid<acc_t>(static_cast<acc_t>(logits[i]), seed, offset + static_cast<uint64_t>(i), tau, m_slope);
     // d/dp [w * sigmoid((p + L) / tau)] = w * m * (1 - m) / tau
-    grad_logits[i] = static_cast<scalar_t>(g * static_cast<acc_t>(weight[i]) * m * (acc_t(1) - m) / tau);
+    grad_logits[i] = static_cast<scalar_t>(g * static_cast<acc_t>(weight[i]) * m_slope / tau);
     if (grad_weight != nullptr) grad_weight[i] = static_cast<scalar_t>(g * m);
   }
 }

@@ -12,7 +12,8 @@
 //   input channels, chunks of output channels), folded back by aten's reflection_pad2d_backward.
 // - weight grad: a block per (c_out, c_in) pair and split of the pixels; each thread keeps the
 //   k*k partial sums of its pixels, a block reduction, and the epilogue writes grad_logits =
-//   dW * w * m (1 - m) / tau (grad_weight = dW * m when asked), atomically when split.
+//   dW * w * m (1 - m) / tau (m (1 - m) evaluated as (e * m) * m, gumbel_sigmoid.cuh;
+//   grad_weight = dW * m when asked), atomically when split.
 // No tensor cores: this is the portable, readable CUDA path; the Triton kernels are the
 // implicit-GEMM ones (kernels/gumbel_masked_conv2d.py).
 #include <ATen/ATen.h>
@@ -211,10 +212,11 @@ __global__ void weight_grad_kernel(const scalar_t* __restrict__ g, const scalar_
   acc_t dw = acc_t(0);
   for (int w = 0; w < kThreads / 32; ++w) dw += partial[w][t];
   const int64_t idx = (static_cast<int64_t>(co) * C_in + ci) * kk + t;
-  const acc_t m =
-      gumbel_sigmoid<acc_t>(static_cast<acc_t>(logits[idx]), seed, offset + static_cast<uint64_t>(idx), tau);
+  acc_t m_slope;  // m * (1 - m), evaluated as (e * m) * m
+  const acc_t m = gumbel_sigmoid<acc_t>(static_cast<acc_t>(logits[idx]), seed, offset + static_cast<uint64_t>(idx),
+                                        tau, m_slope);
   // linear in dw, so the splits' scaled partial sums add up to the full epilogue
-  const acc_t gl = dw * static_cast<acc_t>(weight[idx]) * m * (acc_t(1) - m) / tau;
+  const acc_t gl = dw * static_cast<acc_t>(weight[idx]) * m_slope / tau;
   if (atomic) {
     atomicAdd(grad_logits + idx, static_cast<scalar_t>(gl));
     if (grad_weight != nullptr) atomicAdd(grad_weight + idx, static_cast<scalar_t>(dw * m));

@@ -20,8 +20,8 @@ is run stage by stage, mirroring SparseGenerator.forward, with a clock read betw
   sparse_conv2d_stats, sparse_conv2d_input_grad, sparse_conv2d_weight_grad) on the layer's
   actual input and output gradient captured from the step, plus the pieces the autograd formula
   (oes_fast/ops.py) adds around them: the sum of the u x u strided views of the input gradient
-  of a conv with fused upsampling, the nearest interpolation of its input for the weight
-  gradient, and the bias gradient (channel sum). Timed in shuffled rounds (below).
+  of a conv with fused upsampling (the weight gradient reads the upsampling itself, as the
+  forward does), and the bias gradient (channel sum). Timed in shuffled rounds (below).
 
 Not present in this generator, so no rows: padding (reflection is applied in the conv's halo
 load), concatenation (the OES network has no skip branches) and a separate forward upsampling
@@ -298,14 +298,10 @@ def _layer_ops(i, st, captured, fns, work):
                 return s
             fns[i, "upsample grad (sum of views)"] = up_sum
             work[i, "upsample grad (sum of views)"] = (float(c * px_out), act_up + act_in)
-    x_up = x
-    if u > 1:
-        fns[i, "upsample input for weight grad"] = (lambda x=x: F.interpolate(x, scale_factor=u, mode="nearest"))
-        work[i, "upsample input for weight grad"] = (0.0, act_in + act_up)
-        x_up = F.interpolate(x, scale_factor=u, mode="nearest")
-    fns[i, "weight_grad"] = (lambda g=g, x_up=x_up: ops.sparse_conv2d_weight_grad(
-        g, x_up, st.row_ptr, st.col_idx, st.kernel, [1, 1], [ph, pw], "reflect"))
-    work[i, "weight_grad"] = (conv_flops, act_out + act_up + weights)
+    # the weight gradient reads the stored input through the upsampling, as the forward does
+    fns[i, "weight_grad"] = (lambda g=g, x=x: ops.sparse_conv2d_weight_grad(
+        g, x, st.row_ptr, st.col_idx, st.kernel, [1, 1], [ph, pw], "reflect", u))
+    work[i, "weight_grad"] = (conv_flops, act_out + act_in + weights)
     if st.bias is not None or st.fold_weight is not None:  # the op's bias then needs a gradient
         fns[i, "bias grad (channel sum)"] = (lambda g=g: _channel_sum(g))
         work[i, "bias grad (channel sum)"] = (float(st.n_out * px_out), act_out)
@@ -597,8 +593,8 @@ def render(d: dict, quick: bool) -> str:
     lines += ["#### Per sparse conv layer (isolated ops on the layer's captured input and output gradient)\n",
               "ms and time / max(floors) per op; fwd = sparse_conv2d, +stats = sparse_conv2d_stats (the statistics "
               "epilogue's cost is the difference), dgrad = sparse_conv2d_input_grad (+ the u x u view sum for "
-              "upsampling convs, in brackets), wgrad = sparse_conv2d_weight_grad (+ the nearest interpolation of "
-              "the input, in brackets); GFLOP/s of fwd.\n",
+              "upsampling convs, in brackets), wgrad = sparse_conv2d_weight_grad (upsampling read in its "
+              "input load); GFLOP/s of fwd.\n",
               "| layer | in->out | k | out px | nnz | density | fwd ms | fwd x | fwd GFLOP/s | +stats ms | dgrad ms | dgrad x | "
               "wgrad ms | wgrad x | bias grad ms |",
               "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -609,11 +605,11 @@ def render(d: dict, quick: bool) -> str:
             continue
         f, fs = by[i, "sparse_conv2d"], by[i, "sparse_conv2d_stats"]
         dg, wg = by.get((i, "input_grad")), by[i, "weight_grad"]
-        us, ui = by.get((i, "upsample grad (sum of views)")), by.get((i, "upsample input for weight grad"))
+        us = by.get((i, "upsample grad (sum of views)"))
         bg = by.get((i, "bias grad (channel sum)"))
         dg_s = "-" if dg is None else ms(dg["time_s"]) + (f" (+{ms(us['time_s'])})" if us else "")
         dg_x = "-" if dg is None else f"{dg['over_floor']:.1f}"
-        wg_s = ms(wg["time_s"]) + (f" (+{ms(ui['time_s'])})" if ui else "")
+        wg_s = ms(wg["time_s"])
         bg_s = "-" if bg is None else ms(bg["time_s"])
         lines.append(
             f"| {c['name']} | {c['n_in']}->{c['n_out']} | {c['kernel'][0]} | {c['out_hw'][0]}x{c['out_hw'][1]} | {c['nnz']} | "
@@ -621,11 +617,11 @@ def render(d: dict, quick: bool) -> str:
             f"{ms(fs['time_s'])} | {dg_s} | {dg_x} | {wg_s} | {wg['over_floor']:.1f} | {bg_s} |")
     tot = {ph: sum(r["time_s"] for r in iso_rows if r["phase"] == ph) for ph in
            ("sparse_conv2d", "sparse_conv2d_stats", "input_grad", "weight_grad", "upsample grad (sum of views)",
-            "upsample input for weight grad", "bias grad (channel sum)")}
+            "bias grad (channel sum)")}
     conv_bwd_ctx = sum(r["time_s"] for r in step_rows if r["phase"] == "bwd" and isinstance(r["stage"], int)
                        and isinstance(r["layer"], str) and ".conv" in r["layer"])
     iso_bwd = sum(tot[k] for k in ("input_grad", "weight_grad", "upsample grad (sum of views)",
-                                   "upsample input for weight grad", "bias grad (channel sum)"))
+                                   "bias grad (channel sum)"))
     lines += ["", "Totals of the isolated ops: " + ", ".join(f"{k} {ms(v)} ms" for k, v in tot.items()) +
               f". The sparse convs' backward rows in the step (in context) sum to {ms(conv_bwd_ctx)} ms against "
               f"{ms(iso_bwd)} ms for their isolated pieces.\n"]
@@ -720,8 +716,7 @@ def render_scaling(sc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-ISO_PHASES = ("sparse_conv2d", "sparse_conv2d_stats", "input_grad", "upsample grad (sum of views)",
-              "upsample input for weight grad", "weight_grad")
+ISO_PHASES = ("sparse_conv2d", "sparse_conv2d_stats", "input_grad", "upsample grad (sum of views)", "weight_grad")
 
 
 def main(argv=None) -> int:

@@ -19,9 +19,10 @@ is run stage by stage, mirroring SparseGenerator.forward, with a clock read betw
 - isolated ops: every sparse conv's ops called directly (torch.ops.oes_fast.sparse_conv2d,
   sparse_conv2d_stats, sparse_conv2d_input_grad, sparse_conv2d_weight_grad) on the layer's
   actual input and output gradient captured from the step, plus the pieces the autograd formula
-  (oes_fast/ops.py) adds around them: the sum of the u x u strided views of the input gradient
-  of a conv with fused upsampling (the weight gradient reads the upsampling itself, as the
-  forward does), and the bias gradient (channel sum). Timed in shuffled rounds (below).
+  (oes_fast/ops.py) adds around them: the bias gradient (channel sum). A fused upsampling is
+  taken by the gradient ops themselves, as by the forward (results of the earlier formula, which
+  summed the u x u views of a full-size input gradient, render with that row). Timed in shuffled
+  rounds (below).
 
 Not present in this generator, so no rows: padding (reflection is applied in the conv's halo
 load), concatenation (the OES network has no skip branches) and a separate forward upsampling
@@ -274,7 +275,7 @@ def _layer_ops(i, st, captured, fns, work):
     values = st.values.detach()
     nnz, px_in, px_out = values.numel(), n * h * w, g.shape[0] * g.shape[2] * g.shape[3]
     weights = nnz * (F32 + 4) + (st.n_out + 1) * 8
-    act_in, act_out, act_up = F32 * c * px_in, F32 * st.n_out * px_out, F32 * c * px_out
+    act_in, act_out = F32 * c * px_in, F32 * st.n_out * px_out
     conv_flops = 2.0 * nnz * px_out
     fns[i, "sparse_conv2d"] = (lambda x=x, b=bias: ops.sparse_conv2d(
         x, values, st.row_ptr, st.col_idx, b, st.kernel, [1, 1], [ph, pw], "reflect", u))
@@ -283,21 +284,10 @@ def _layer_ops(i, st, captured, fns, work):
         x, values, st.row_ptr, st.col_idx, b, st.kernel, [ph, pw], "reflect", u))
     work[i, "sparse_conv2d_stats"] = (conv_flops + 3.0 * st.n_out * px_out, act_in + act_out + weights)
     if i > 0:  # the first conv reads z, which needs no gradient
-        fns[i, "input_grad"] = (lambda g=g, shape=[n, c, h * u, w * u]: ops.sparse_conv2d_input_grad(
-            g, values, st.row_ptr, st.col_idx, shape, st.kernel, [1, 1], [ph, pw], "reflect"))
-        work[i, "input_grad"] = (conv_flops, act_out + act_up + weights)
-        if u > 1:
-            g_up = fns[i, "input_grad"]()
-
-            def up_sum(g_up=g_up):
-                s = g_up[:, :, 0::u, 0::u].clone()
-                for a in range(u):
-                    for b_ in range(u):
-                        if a or b_:
-                            s += g_up[:, :, a::u, b_::u]
-                return s
-            fns[i, "upsample grad (sum of views)"] = up_sum
-            work[i, "upsample grad (sum of views)"] = (float(c * px_out), act_up + act_in)
+        # with a fused upsampling the op folds each u x u block onto its stored pixel itself
+        fns[i, "input_grad"] = (lambda g=g, shape=[n, c, h, w]: ops.sparse_conv2d_input_grad(
+            g, values, st.row_ptr, st.col_idx, shape, st.kernel, [1, 1], [ph, pw], "reflect", u))
+        work[i, "input_grad"] = (conv_flops, act_out + act_in + weights)
     # the weight gradient reads the stored input through the upsampling, as the forward does
     fns[i, "weight_grad"] = (lambda g=g, x=x: ops.sparse_conv2d_weight_grad(
         g, x, st.row_ptr, st.col_idx, st.kernel, [1, 1], [ph, pw], "reflect", u))

@@ -20,9 +20,12 @@ TORCH_LIBRARY_FRAGMENT(oes_fast, m) {
       "sparse_conv2d_stats(Tensor input, Tensor values, Tensor row_ptr, Tensor col_idx, Tensor? bias, "
       "int[2] kernel_size, int[2] padding, str padding_mode, int upsample=1) -> (Tensor, Tensor)");
   // Gradient w.r.t. the input (the transposed sparse convolution, reflection folded back).
+  // input_size is the stored input's; with upsample = u > 1 the convolution read it
+  // nearest-upsampled (as the forward's), and each stored pixel gets the sum of its u x u block.
   m.def(
       "sparse_conv2d_input_grad(Tensor grad_output, Tensor values, Tensor row_ptr, Tensor col_idx, "
-      "int[4] input_size, int[2] kernel_size, int[2] stride, int[2] padding, str padding_mode) -> Tensor");
+      "int[4] input_size, int[2] kernel_size, int[2] stride, int[2] padding, str padding_mode, "
+      "int upsample=1) -> Tensor");
   // Gradient w.r.t. the kept weights only: one value per stored nonzero. `input` is the stored
   // input; with upsample = u > 1 the convolution read it nearest-upsampled, as the forward's.
   m.def(

@@ -16,8 +16,8 @@ All three kernels are implicit GEMMs (no im2col buffer):
                 reflection_pad2d_backward, zeros: a slice) - one activation-sized buffer, a
                 cheap pass, instead of a 3x3 gather of mirrored candidates per tap.
 - weight grad:  dW[co, kk] = sum_r G[co, r] * X[r, kk] over the pixels r, split over programs
-                (split-K) and the epilogue writes grad_logits = dW * w * m (1 - m) / tau (m (1 - m)
-                evaluated as (e * m) * m, e = exp(-x), as the CPU kernels do; and
+                (split-K) and the epilogue writes grad_logits = dW * w * m (1 - m) / tau (1 - m
+                evaluated as e * m, e = exp(-x), as the CPU kernels do; and
                 grad_weight = dW * m when asked) directly; both are linear in dW, so the
                 partial sums of the splits are scaled and atomically added.
 Accumulation in float32 for float32 inputs (the dot's input precision: "ieee" by default,
@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .gumbel_mask import (INTERPRETED, _as_f64_bits, _base_offset, _check_seed_offset, _f64, _launch_offset,
-                          _logistic_noise, _sigmoid_and_slope)
+                          _logistic_noise, _sigmoid_and_complement)
 
 __all__ = ["gumbel_masked_conv2d_forward", "gumbel_masked_conv2d_input_grad", "gumbel_masked_conv2d_weight_grad",
            "gumbel_masked_conv2d_backward", "set_precision", "precision", "GPU_TILES", "Tile", "tile",
@@ -67,18 +67,18 @@ def _src(i, n, REFLECT: tl.constexpr):
 
 
 @triton.jit
-def _mask_and_slope(p, seed, offs, tau_bits, COMPUTE: tl.constexpr):
-    """(m, m * (1 - m)), m = sigmoid((p + L) / tau) in the expression order of every other
-    backend, m * (1 - m) as (e * m) * m (gumbel_mask._sigmoid_and_slope)."""
+def _mask_and_complement(p, seed, offs, tau_bits, COMPUTE: tl.constexpr):
+    """(m, 1 - m), m = sigmoid((p + L) / tau) in the expression order of every other backend,
+    1 - m as e * m (gumbel_mask._sigmoid_and_complement)."""
     noise = _logistic_noise(seed, offs, COMPUTE)
     tau = _f64(tau_bits, COMPUTE)
-    return _sigmoid_and_slope((p + noise) / tau, COMPUTE)
+    return _sigmoid_and_complement((p + noise) / tau, COMPUTE)
 
 
 @triton.jit
 def _mask(p, seed, offs, tau_bits, COMPUTE: tl.constexpr):
     """m = sigmoid((p + L) / tau) in the expression order of every other backend."""
-    m, _ = _mask_and_slope(p, seed, offs, tau_bits, COMPUTE)
+    m, _ = _mask_and_complement(p, seed, offs, tau_bits, COMPUTE)
     return m
 
 
@@ -222,24 +222,26 @@ def _weight_grad_kernel(g_ptr, x_ptr, p_ptr, w_ptr, gp_ptr, gw_ptr, N, C_in, H, 
         b = tl.load(x_ptr + ((img[:, None] * C_in + ci[None, :]) * H + iy) * W + ix,
                     mask=r_live[:, None] & kk_live[None, :] & vy & vx, other=0.0)
         acc = _dot(a.to(COMPUTE), b.to(COMPUTE), acc, PREC)
-    # epilogue: dW_eff -> grad_logits = dW * w * m (1 - m) / tau, grad_weight = dW * m, with
-    # m (1 - m) evaluated as (e * m) * m (no cancellation where m is nearly 1)
+    # epilogue: dW_eff -> grad_weight = dW * m and grad_logits = dW * m * (1 - m) * w / tau, with
+    # 1 - m as e * m (no cancellation where m is nearly 1); dW * m is formed first so that only
+    # two tiles (it and 1 - m) stay live, as many as the earlier m * (1 - m) needed
     widx = rco[:, None].to(tl.int64) * K + rkk[None, :]
     live = co_live[:, None] & kk_live[None, :]
     p = tl.load(p_ptr + widx, mask=live, other=0.0).to(COMPUTE)
-    m, m_slope = _mask_and_slope(p, seed, widx + offset.to(tl.int64), tau_bits, COMPUTE)
+    m, not_m = _mask_and_complement(p, seed, widx + offset.to(tl.int64), tau_bits, COMPUTE)
+    acc_m = acc * m
     # w loaded after the mask: live across the Philox rounds and the exp, its tile made the
     # default float32 kernel (64x64 on 8 warps) spill 4 bytes on sm_90 (test_triton_compile.py)
     w = tl.load(w_ptr + widx, mask=live, other=0.0).to(COMPUTE)
-    gp = acc * w * m_slope / _f64(tau_bits, COMPUTE)
+    gp = acc_m * not_m * w / _f64(tau_bits, COMPUTE)
     if ATOMIC:
         tl.atomic_add(gp_ptr + widx, gp.to(gp_ptr.dtype.element_ty), mask=live)
         if WEIGHT_GRAD:
-            tl.atomic_add(gw_ptr + widx, (acc * m).to(gw_ptr.dtype.element_ty), mask=live)
+            tl.atomic_add(gw_ptr + widx, acc_m.to(gw_ptr.dtype.element_ty), mask=live)
     else:
         tl.store(gp_ptr + widx, gp.to(gp_ptr.dtype.element_ty), mask=live)
         if WEIGHT_GRAD:
-            tl.store(gw_ptr + widx, (acc * m).to(gw_ptr.dtype.element_ty), mask=live)
+            tl.store(gw_ptr + widx, acc_m.to(gw_ptr.dtype.element_ty), mask=live)
 
 
 # ----------------------------------------------------------------------------- launchers

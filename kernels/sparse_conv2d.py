@@ -185,7 +185,12 @@ def sparse_conv2d(input, values, row_ptr, col_idx, bias, kernel_size, stride, pa
 
 
 def sparse_conv2d_input_grad(grad_output, values, row_ptr, col_idx, input_size, kernel_size, stride, padding,
-                             padding_mode):
+                             padding_mode, upsample=1):
+    if upsample > 1:  # the upsampled input's gradient, summed over each u x u block
+        n, c, h, w = input_size
+        full = sparse_conv2d_input_grad(grad_output, values, row_ptr, col_idx, [n, c, h * upsample, w * upsample],
+                                        kernel_size, stride, padding, padding_mode)
+        return full.view(n, c, h, upsample, w, upsample).sum((3, 5))
     n, c, h, w, kh, kw, sh, sw, ph, pw, h_out, w_out, reflect = _geometry(input_size, kernel_size, stride, padding,
                                                                          padding_mode)
     c_out = row_ptr.numel() - 1

@@ -182,6 +182,29 @@ def test_sparse_conv2d_opcheck():
     torch.library.opcheck(torch.ops.oes_fast.sparse_conv2d_weight_grad.default,
                           (torch.randn(2, 4, 10, 12), x.detach()[:, :, :5, :6], row_ptr, col_idx, [5, 5], [1, 1],
                            [2, 2], "reflect", 2))
+    torch.library.opcheck(torch.ops.oes_fast.sparse_conv2d_input_grad.default,
+                          (torch.randn(2, 4, 10, 12), values.detach(), row_ptr, col_idx, [2, 3, 5, 6], [5, 5], [1, 1],
+                           [2, 2], "reflect", 2))
+
+
+@pytest.mark.parametrize("upsample", [2, 3])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("mode", ["reflect", "zeros"])
+def test_input_grad_fused_upsample_sums_the_blocks(upsample, stride, mode):
+    """The input gradient with upsample=u comes back at the stored size: each stored pixel the sum
+    of its u x u block of the upsampled input's gradient (float64; the summation order differs)."""
+    w, keep = random_weight(5, 3, 3, 0.4, torch.float64, 23)
+    values, row_ptr, col_idx = to_csr(w, keep)
+    gen = torch.Generator().manual_seed(24)
+    n, c, h, w_ = 2, 3, 7, 11
+    hu, wu = h * upsample, w_ * upsample
+    g = torch.randn(n, 5, (hu + 2 - 3) // stride + 1, (wu + 2 - 3) // stride + 1, generator=gen, dtype=torch.float64)
+    op = torch.ops.oes_fast.sparse_conv2d_input_grad
+    fused = op(g, values, row_ptr, col_idx, [n, c, h, w_], [3, 3], [stride] * 2, [1, 1], mode, upsample)
+    full = op(g, values, row_ptr, col_idx, [n, c, hu, wu], [3, 3], [stride] * 2, [1, 1], mode)
+    expected = full.view(n, c, h, upsample, w_, upsample).sum((3, 5))
+    assert fused.shape == (n, c, h, w_)
+    torch.testing.assert_close(fused, expected, rtol=1e-13, atol=1e-13 * float(expected.abs().max()))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

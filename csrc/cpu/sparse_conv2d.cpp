@@ -89,15 +89,23 @@ at::Tensor sparse_conv2d_input_grad_cpu(const at::Tensor& grad_output, const at:
                                         const at::Tensor& row_ptr, const at::Tensor& col_idx,
                                         at::IntArrayRef input_size, at::IntArrayRef kernel_size,
                                         at::IntArrayRef stride, at::IntArrayRef padding,
-                                        c10::string_view padding_mode) {
+                                        c10::string_view padding_mode, int64_t upsample) {
   const auto g = sparse_conv2d_geometry(input_size, values, row_ptr, col_idx, kernel_size, stride, padding,
-                                        mode_string(padding_mode), grad_output);
+                                        mode_string(padding_mode), grad_output, upsample);
+  // The stride-1 kernel folds the u x u blocks while it folds the padding back; the strided one
+  // computes the upsampled input's gradient, summed over the blocks here.
+  if (g.U > 1 && (g.SH != 1 || g.SW != 1)) {
+    const at::Tensor full = sparse_conv2d_input_grad_cpu(grad_output, values, row_ptr, col_idx,
+                                                         {g.N, g.C_in, g.H, g.W}, kernel_size, stride, padding,
+                                                         padding_mode, 1);
+    return full.view({g.N, g.C_in, g.H_src, g.U, g.W_src, g.U}).sum({3, 5});
+  }
   TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({g.N, g.C_out, g.H_out, g.W_out}),
               "sparse_conv2d_input_grad: grad_output must have the output's shape (", g.N, ", ", g.C_out, ", ",
               g.H_out, ", ", g.W_out, "), got ", grad_output.sizes());
   const at::Tensor go = grad_output.contiguous(), v = values.contiguous(), rp = row_ptr.contiguous(),
                    ci = col_idx.contiguous();
-  at::Tensor gin = at::empty({g.N, g.C_in, g.H, g.W}, grad_output.options());
+  at::Tensor gin = at::empty({g.N, g.C_in, g.H_src, g.W_src}, grad_output.options());
   AT_DISPATCH_FLOATING_TYPES(go.scalar_type(), "sparse_conv2d_input_grad_cpu", [&] {
     auto* kernel = OES_FAST_ISA_DISPATCH(input_grad<scalar_t>);
     kernel(go.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), rp.data_ptr<int64_t>(), ci.data_ptr<int32_t>(),

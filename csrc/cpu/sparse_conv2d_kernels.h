@@ -500,26 +500,34 @@ void input_grad_stride1(const T* gout, const T* vals, const int64_t* rp, const i
   const int64_t Hp = t.H_out, Wp = t.W_out;
   std::vector<T> padded(g.N * g.C_in * Hp * Wp);
   forward_kernel<T>(gout, tv.data(), trp.data(), tci.data(), nullptr, padded.data(), t);
+  // Fold the padded plane back: reflected rows/columns onto those they mirror and, with a fused
+  // upsampling u, every upsampled pixel onto the stored pixel it was read from (iy / u, ix / u).
   at::parallel_for(0, g.N * g.C_in, 1, [&](int64_t begin, int64_t end) {
     for (int64_t nc = begin; nc < end; ++nc) {
-      T* gx = gin + nc * g.H * g.W;
+      T* gx = gin + nc * g.H_src * g.W_src;
       const T* src = padded.data() + nc * Hp * Wp;
-      std::fill(gx, gx + g.H * g.W, T(0));
+      std::fill(gx, gx + g.H_src * g.W_src, T(0));
       for (int64_t i = 0; i < Hp; ++i) {
         const int64_t iy = source_index(i - g.PH, g.H, g.reflect);
         if (iy < 0) continue;
-        T* drow = gx + iy * g.W;
+        T* drow = gx + (iy / g.U) * g.W_src;
         const T* srow = src + i * Wp;
         for (int64_t j = 0; j < g.PW; ++j) {
           const int64_t ix = source_index(j - g.PW, g.W, g.reflect);
-          if (ix >= 0) drow[ix] += srow[j];
+          if (ix >= 0) drow[ix / g.U] += srow[j];
         }
         const T* s0 = srow + g.PW;
+        if (g.U == 1) {
 #pragma omp simd
-        for (int64_t j = 0; j < g.W; ++j) drow[j] += s0[j];
+          for (int64_t j = 0; j < g.W; ++j) drow[j] += s0[j];
+        } else if (g.U == 2) {  // the network's 2x: pairs, no division
+          for (int64_t j = 0; j < g.W_src; ++j) drow[j] += s0[2 * j] + s0[2 * j + 1];
+        } else {
+          for (int64_t j = 0; j < g.W; ++j) drow[j / g.U] += s0[j];
+        }
         for (int64_t j = g.PW + g.W; j < Wp; ++j) {
           const int64_t ix = source_index(j - g.PW, g.W, g.reflect);
-          if (ix >= 0) drow[ix] += srow[j];
+          if (ix >= 0) drow[ix / g.U] += srow[j];
         }
       }
     }

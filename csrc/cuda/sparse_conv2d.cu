@@ -193,7 +193,15 @@ at::Tensor sparse_conv2d_input_grad_cuda(const at::Tensor& grad_output, const at
                                          const at::Tensor& row_ptr, const at::Tensor& col_idx,
                                          at::IntArrayRef input_size, at::IntArrayRef kernel_size,
                                          at::IntArrayRef stride, at::IntArrayRef padding,
-                                         c10::string_view padding_mode) {
+                                         c10::string_view padding_mode, int64_t upsample) {
+  TORCH_CHECK(upsample >= 1, "sparse_conv2d_input_grad: upsample must be >= 1, got ", upsample);
+  if (upsample > 1) {  // the upsampled input's gradient, summed over each u x u block
+    const int64_t n = input_size[0], c = input_size[1], h = input_size[2], w = input_size[3];
+    const at::Tensor full = sparse_conv2d_input_grad_cuda(grad_output, values, row_ptr, col_idx,
+                                                          {n, c, h * upsample, w * upsample}, kernel_size, stride,
+                                                          padding, padding_mode, 1);
+    return full.view({n, c, h, upsample, w, upsample}).sum({3, 5});
+  }
   const auto g = sparse_conv2d_geometry(input_size, values, row_ptr, col_idx, kernel_size, stride, padding,
                                         mode_string(padding_mode), grad_output);
   TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({g.N, g.C_out, g.H_out, g.W_out}),

@@ -608,11 +608,11 @@ def render(d: dict, quick: bool) -> str:
             f"{ms(fs['time_s'])} | {dg_s} | {dg_x} | {wg_s} | {wg['over_floor']:.1f} | {bg_s} |")
     tot = {ph: sum(r["time_s"] for r in iso_rows if r["phase"] == ph) for ph in
            ("sparse_conv2d", "sparse_conv2d_stats", "input_grad", "weight_grad", "upsample grad (sum of views)",
-            "bias grad (channel sum)")}
+            "bias grad (channel sum)") if any(r["phase"] == ph for r in iso_rows)}
     conv_bwd_ctx = sum(r["time_s"] for r in step_rows if r["phase"] == "bwd" and isinstance(r["stage"], int)
                        and isinstance(r["layer"], str) and ".conv" in r["layer"])
-    iso_bwd = sum(tot[k] for k in ("input_grad", "weight_grad", "upsample grad (sum of views)",
-                                   "bias grad (channel sum)"))
+    iso_bwd = sum(tot.get(k, 0.0) for k in ("input_grad", "weight_grad", "upsample grad (sum of views)",
+                                            "bias grad (channel sum)"))
     lines += ["", "Totals of the isolated ops: " + ", ".join(f"{k} {ms(v)} ms" for k, v in tot.items()) +
               f". The sparse convs' backward rows in the step (in context) sum to {ms(conv_bwd_ctx)} ms against "
               f"{ms(iso_bwd)} ms for their isolated pieces.\n"]

@@ -506,3 +506,14 @@ def test_search_step_adam_matches_torch_optim():
         for (n, new), p in zip(current.items(), params):
             torch.testing.assert_close(new, p.detach(), rtol=1e-10, atol=1e-13, msg=lambda s, n=n: f"step {step} {n}: {s}")
     assert all(not torch.equal(current[n], logits[n]) for n in logits)
+
+
+def test_cpu_slope_does_not_underflow_where_the_mask_is_nearly_0():
+    """At x = -60 in float32 the slope m (1 - m) is about 1e-26, far above float32's smallest
+    normal; formed as (m * m) * e (a regrouping -ffast-math allows) it would underflow to 0. The
+    forward's slope and the backward's gradient must both keep it, with the same bits."""
+    p, w = torch.full((4096,), -60.0), torch.ones(4096)
+    _, slope = oes_fast.ops.gumbel_mask_with_slope(p, w, SEED, OFFSET, 1.0)
+    grad_logits, _ = torch.ops.oes_fast.gumbel_mask_backward(torch.ones(4096), p, w, SEED, OFFSET, 1.0, True)
+    assert (slope > 0).all() and (grad_logits > 0).all()
+    assert torch.equal(grad_logits, slope)

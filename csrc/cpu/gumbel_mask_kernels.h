@@ -66,16 +66,22 @@ OES_TILE_FN void gumbel_mask_backward_tile(const scalar_t* grad, const scalar_t*
                                            scalar_t* grad_logits, scalar_t* grad_weight, uint64_t seed,
                                            uint64_t first_offset, acc_t tau) {
   alignas(64) acc_t noise[kTile];
+  alignas(64) acc_t mask[kTile];
+  alignas(64) acc_t complement[kTile];  // 1 - mask
   alignas(64) acc_t grad_w[kTile];
   logistic_noise_tile<acc_t>(seed, first_offset, noise);
+  // m and 1 - m go through memory before their product is formed: in one expression -ffast-math
+  // may regroup m * (e * m) as (m * m) * e, which underflows to 0 in float32 below x = -44
+#pragma omp simd
+  for (int64_t i = 0; i < kTile; ++i) {
+    mask[i] = sigmoid_and_complement<acc_t>((static_cast<acc_t>(logits[i]) + noise[i]) / tau, complement[i]);
+  }
 #pragma omp simd
   for (int64_t i = 0; i < kTile; ++i) {
     const acc_t g = static_cast<acc_t>(grad[i]);
-    acc_t c;  // 1 - m
-    const acc_t m = sigmoid_and_complement<acc_t>((static_cast<acc_t>(logits[i]) + noise[i]) / tau, c);
     // d/dp [w * sigmoid((p + L) / tau)] = w * m * (1 - m) / tau
-    grad_logits[i] = static_cast<scalar_t>(g * static_cast<acc_t>(weight[i]) * (m * c) / tau);
-    grad_w[i] = g * m;
+    grad_logits[i] = static_cast<scalar_t>(g * static_cast<acc_t>(weight[i]) * (mask[i] * complement[i]) / tau);
+    grad_w[i] = g * mask[i];
   }
   if (grad_weight != nullptr) {
 #pragma omp simd

@@ -20,9 +20,7 @@ is run stage by stage, mirroring SparseGenerator.forward, with a clock read betw
   sparse_conv2d_stats, sparse_conv2d_input_grad, sparse_conv2d_weight_grad) on the layer's
   actual input and output gradient captured from the step, plus the pieces the autograd formula
   (oes_fast/ops.py) adds around them: the bias gradient (channel sum). A fused upsampling is
-  taken by the gradient ops themselves, as by the forward (results of the earlier formula, which
-  summed the u x u views of a full-size input gradient, render with that row). Timed in shuffled
-  rounds (below).
+  taken by the gradient ops themselves, as by the forward. Timed in shuffled rounds (below).
 
 Not present in this generator, so no rows: padding (reflection is applied in the conv's halo
 load), concatenation (the OES network has no skip branches) and a separate forward upsampling
@@ -583,9 +581,8 @@ def render(d: dict, quick: bool) -> str:
     # per conv layer
     lines += ["#### Per sparse conv layer (isolated ops on the layer's captured input and output gradient)\n",
               "ms and time / max(floors) per op; fwd = sparse_conv2d, +stats = sparse_conv2d_stats (the statistics "
-              "epilogue's cost is the difference), dgrad = sparse_conv2d_input_grad (+ the u x u view sum for "
-              "upsampling convs, in brackets), wgrad = sparse_conv2d_weight_grad (upsampling read in its "
-              "input load); GFLOP/s of fwd.\n",
+              "epilogue's cost is the difference), dgrad = sparse_conv2d_input_grad (upsampling folded back in "
+              "the op), wgrad = sparse_conv2d_weight_grad (upsampling read in its input load); GFLOP/s of fwd.\n",
               "| layer | in->out | k | out px | nnz | density | fwd ms | fwd x | fwd GFLOP/s | +stats ms | dgrad ms | dgrad x | "
               "wgrad ms | wgrad x | bias grad ms |",
               "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -596,9 +593,8 @@ def render(d: dict, quick: bool) -> str:
             continue
         f, fs = by[i, "sparse_conv2d"], by[i, "sparse_conv2d_stats"]
         dg, wg = by.get((i, "input_grad")), by[i, "weight_grad"]
-        us = by.get((i, "upsample grad (sum of views)"))
         bg = by.get((i, "bias grad (channel sum)"))
-        dg_s = "-" if dg is None else ms(dg["time_s"]) + (f" (+{ms(us['time_s'])})" if us else "")
+        dg_s = "-" if dg is None else ms(dg["time_s"])
         dg_x = "-" if dg is None else f"{dg['over_floor']:.1f}"
         wg_s = ms(wg["time_s"])
         bg_s = "-" if bg is None else ms(bg["time_s"])
@@ -607,12 +603,11 @@ def render(d: dict, quick: bool) -> str:
             f"{c['density']:.2f} | {ms(f['time_s'])} | {f['over_floor']:.1f} | {f['flops'] / f['time_s'] / 1e9:.1f} | "
             f"{ms(fs['time_s'])} | {dg_s} | {dg_x} | {wg_s} | {wg['over_floor']:.1f} | {bg_s} |")
     tot = {ph: sum(r["time_s"] for r in iso_rows if r["phase"] == ph) for ph in
-           ("sparse_conv2d", "sparse_conv2d_stats", "input_grad", "weight_grad", "upsample grad (sum of views)",
-            "bias grad (channel sum)") if any(r["phase"] == ph for r in iso_rows)}
+           ("sparse_conv2d", "sparse_conv2d_stats", "input_grad", "weight_grad", "bias grad (channel sum)")
+           if any(r["phase"] == ph for r in iso_rows)}
     conv_bwd_ctx = sum(r["time_s"] for r in step_rows if r["phase"] == "bwd" and isinstance(r["stage"], int)
                        and isinstance(r["layer"], str) and ".conv" in r["layer"])
-    iso_bwd = sum(tot.get(k, 0.0) for k in ("input_grad", "weight_grad", "upsample grad (sum of views)",
-                                            "bias grad (channel sum)"))
+    iso_bwd = sum(tot.get(k, 0.0) for k in ("input_grad", "weight_grad", "bias grad (channel sum)"))
     lines += ["", "Totals of the isolated ops: " + ", ".join(f"{k} {ms(v)} ms" for k, v in tot.items()) +
               f". The sparse convs' backward rows in the step (in context) sum to {ms(conv_bwd_ctx)} ms against "
               f"{ms(iso_bwd)} ms for their isolated pieces.\n"]
@@ -707,7 +702,7 @@ def render_scaling(sc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-ISO_PHASES = ("sparse_conv2d", "sparse_conv2d_stats", "input_grad", "upsample grad (sum of views)", "weight_grad")
+ISO_PHASES = ("sparse_conv2d", "sparse_conv2d_stats", "input_grad", "weight_grad")
 
 
 def main(argv=None) -> int:

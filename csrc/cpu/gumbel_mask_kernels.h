@@ -33,29 +33,38 @@ OES_TILE_FN void gumbel_mask_forward_tile(const scalar_t* logits, const scalar_t
   for (int64_t i = 0; i < kTile; ++i) out[i] = static_cast<scalar_t>(static_cast<acc_t>(weight[i]) * mask[i]);
 }
 
+// fn(start, n, first) on every tile of kTile elements of [0, numel), split across threads: `first`
+// is the stream offset of element `start`; n < kTile only for the last tile, which the callers
+// pass through zero-padded copies.
+template <typename Fn>
+void for_each_tile(int64_t numel, uint64_t offset, const Fn& fn) {
+  const int64_t tiles = (numel + kTile - 1) / kTile;
+  at::parallel_for(0, tiles, kGrain / kTile, [&](int64_t tile_begin, int64_t tile_end) {
+    for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+      const int64_t start = tile * kTile;
+      fn(start, std::min(kTile, numel - start), offset + static_cast<uint64_t>(start));
+    }
+  });
+}
+
 template <typename scalar_t>
 void gumbel_mask_forward_cpu(const scalar_t* logits, const scalar_t* weight, scalar_t* out, scalar_t* slope,
                              int64_t numel, uint64_t seed, uint64_t offset, double tau_d) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t tau = static_cast<acc_t>(tau_d);
-  const int64_t tiles = (numel + kTile - 1) / kTile;
-  at::parallel_for(0, tiles, kGrain / kTile, [&](int64_t tile_begin, int64_t tile_end) {
-    for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
-      const int64_t start = tile * kTile, n = std::min(kTile, numel - start);
-      const uint64_t first = offset + static_cast<uint64_t>(start);
-      if (n == kTile) {
-        gumbel_mask_forward_tile<scalar_t>(logits + start, weight + start, out + start,
-                                           slope != nullptr ? slope + start : nullptr, seed, first, tau);
-        continue;
-      }
-      Tile<scalar_t> t;  // a: logits, b: weight, c: out
-      alignas(64) scalar_t slope_tile[kTile];
-      load_tile(logits + start, n, t.a);
-      load_tile(weight + start, n, t.b);
-      gumbel_mask_forward_tile<scalar_t>(t.a, t.b, t.c, slope != nullptr ? slope_tile : nullptr, seed, first, tau);
-      store_tile(t.c, n, out + start);
-      if (slope != nullptr) store_tile(slope_tile, n, slope + start);
+  for_each_tile(numel, offset, [&](int64_t start, int64_t n, uint64_t first) {
+    if (n == kTile) {
+      gumbel_mask_forward_tile<scalar_t>(logits + start, weight + start, out + start,
+                                         slope != nullptr ? slope + start : nullptr, seed, first, tau);
+      return;
     }
+    Tile<scalar_t> t;  // a: logits, b: weight, c: out
+    alignas(64) scalar_t slope_tile[kTile];
+    load_tile(logits + start, n, t.a);
+    load_tile(weight + start, n, t.b);
+    gumbel_mask_forward_tile<scalar_t>(t.a, t.b, t.c, slope != nullptr ? slope_tile : nullptr, seed, first, tau);
+    store_tile(t.c, n, out + start);
+    if (slope != nullptr) store_tile(slope_tile, n, slope + start);
   });
 }
 
@@ -95,25 +104,20 @@ void gumbel_mask_backward_cpu(const scalar_t* grad, const scalar_t* logits, cons
                               uint64_t offset, double tau_d) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t tau = static_cast<acc_t>(tau_d);
-  const int64_t tiles = (numel + kTile - 1) / kTile;
-  at::parallel_for(0, tiles, kGrain / kTile, [&](int64_t tile_begin, int64_t tile_end) {
-    for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
-      const int64_t start = tile * kTile, n = std::min(kTile, numel - start);
-      const uint64_t first = offset + static_cast<uint64_t>(start);
-      if (n == kTile) {
-        gumbel_mask_backward_tile<scalar_t>(grad + start, logits + start, weight + start, grad_logits + start,
-                                            grad_weight != nullptr ? grad_weight + start : nullptr, seed, first, tau);
-        continue;
-      }
-      Tile<scalar_t> in, out;  // in: grad, logits, weight; out: grad_logits, grad_weight
-      load_tile(grad + start, n, in.a);
-      load_tile(logits + start, n, in.b);
-      load_tile(weight + start, n, in.c);
-      gumbel_mask_backward_tile<scalar_t>(in.a, in.b, in.c, out.a, grad_weight != nullptr ? out.b : nullptr, seed,
-                                          first, tau);
-      store_tile(out.a, n, grad_logits + start);
-      if (grad_weight != nullptr) store_tile(out.b, n, grad_weight + start);
+  for_each_tile(numel, offset, [&](int64_t start, int64_t n, uint64_t first) {
+    if (n == kTile) {
+      gumbel_mask_backward_tile<scalar_t>(grad + start, logits + start, weight + start, grad_logits + start,
+                                          grad_weight != nullptr ? grad_weight + start : nullptr, seed, first, tau);
+      return;
     }
+    Tile<scalar_t> in, out;  // in: grad, logits, weight; out: grad_logits, grad_weight
+    load_tile(grad + start, n, in.a);
+    load_tile(logits + start, n, in.b);
+    load_tile(weight + start, n, in.c);
+    gumbel_mask_backward_tile<scalar_t>(in.a, in.b, in.c, out.a, grad_weight != nullptr ? out.b : nullptr, seed,
+                                        first, tau);
+    store_tile(out.a, n, grad_logits + start);
+    if (grad_weight != nullptr) store_tile(out.b, n, grad_weight + start);
   });
 }
 

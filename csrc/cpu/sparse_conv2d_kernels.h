@@ -66,6 +66,19 @@ inline int64_t source_index(int64_t i, int64_t n, bool reflect) {
   return (i >= 0 && i < n) ? i : -1;
 }
 
+// gw[k] = the sum over the `parts` rows of partial ([parts][nnz], float64) at k, in row order:
+// the weight gradients' per-task partials, added the same way whatever the thread count.
+template <typename T>
+void sum_partials(const std::vector<double>& partial, int64_t parts, int64_t nnz, T* gw) {
+  at::parallel_for(0, nnz, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      double s = 0.0;
+      for (int64_t p = 0; p < parts; ++p) s += partial[p * nnz + k];
+      gw[k] = static_cast<T>(s);
+    }
+  });
+}
+
 // Stride-1 output columns whose taps all read inside the row: [lo, hi).
 inline void interior_columns(const SparseConvGeometry& g, int64_t* lo, int64_t* hi) {
   *lo = std::min(g.PW, g.W_out);
@@ -125,38 +138,28 @@ void load_halo(const T* x, T* halo, int64_t rows_h, int64_t rows_load, int64_t W
         std::fill(dst, dst + Wp, T(0));
         continue;
       }
+      // nearest upsampling fused into the load: upsampled pixel i reads stored pixel i / U
+      const T* src = x + ((n * g.C_in + c) * g.H_src + iy / g.U) * g.W_src;
+      const int64_t lo = std::min(g.PW, Wp), hi = std::min(Wp, g.PW + g.W);
+      for (int64_t j = 0; j < lo; ++j) {
+        const int64_t ix = source_index(j - g.PW, g.W, g.reflect);
+        dst[j] = ix < 0 ? T(0) : src[ix / g.U];
+      }
+      // the interior: pixels 0 .. n_up - 1 of the (upsampled) row, from dst + PW (or none)
+      T* d = dst + lo;
+      const int64_t n_up = hi - lo;
       if (g.U == 1) {
-        const T* src = x + ((n * g.C_in + c) * g.H + iy) * g.W;
-        const int64_t lo = std::min(g.PW, Wp), hi = std::min(Wp, g.PW + g.W);
-        for (int64_t j = 0; j < lo; ++j) {
-          const int64_t ix = source_index(j - g.PW, g.W, g.reflect);
-          dst[j] = ix < 0 ? T(0) : src[ix];
-        }
-        std::memcpy(dst + lo, src + (lo - g.PW), sizeof(T) * (hi - lo));
-        for (int64_t j = hi; j < Wp; ++j) {
-          const int64_t ix = source_index(j - g.PW, g.W, g.reflect);
-          dst[j] = ix < 0 ? T(0) : src[ix];
-        }
+        std::memcpy(d, src, sizeof(T) * n_up);
       } else {
-        // nearest upsampling fused into the load: upsampled pixel i reads stored pixel i / U
-        const T* src = x + ((n * g.C_in + c) * g.H_src + iy / g.U) * g.W_src;
-        const int64_t lo = std::min(g.PW, Wp), hi = std::min(Wp, g.PW + g.W);
-        for (int64_t j = 0; j < lo; ++j) {
-          const int64_t ix = source_index(j - g.PW, g.W, g.reflect);
-          dst[j] = ix < 0 ? T(0) : src[ix / g.U];
-        }
-        // the interior repeats each stored pixel U times (i starts at 0 there, or the range is empty)
-        T* d = dst + g.PW;
-        const int64_t n_up = hi - lo;
         int64_t i = 0;
         if (g.U == 2) {
           for (; i + 2 <= n_up; i += 2) d[i] = d[i + 1] = src[i >> 1];  // the network's 2x: no division
         }
         for (; i < n_up; ++i) d[i] = src[i / g.U];
-        for (int64_t j = hi; j < Wp; ++j) {
-          const int64_t ix = source_index(j - g.PW, g.W, g.reflect);
-          dst[j] = ix < 0 ? T(0) : src[ix / g.U];
-        }
+      }
+      for (int64_t j = hi; j < Wp; ++j) {
+        const int64_t ix = source_index(j - g.PW, g.W, g.reflect);
+        dst[j] = ix < 0 ? T(0) : src[ix / g.U];
       }
     }
   }
@@ -453,13 +456,7 @@ void weight_grad_generic(const T* gout, const T* x, const int64_t* rp, const int
       }
     }
   });
-  at::parallel_for(0, g.nnz, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      double s = 0.0;
-      for (int64_t tile = 0; tile < n_tiles; ++tile) s += partial[tile * g.nnz + k];
-      gw[k] = static_cast<T>(s);
-    }
-  });
+  sum_partials(partial, n_tiles, g.nnz, gw);
 }
 
 // Input gradient, stride 1: the gradient of the padded input is the full correlation of
@@ -604,13 +601,7 @@ void weight_grad_stride1(const T* gout, const T* x, const int64_t* rp, const int
       }
     }
   });
-  at::parallel_for(0, g.nnz, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      double s = 0.0;
-      for (int64_t t = 0; t < tasks; ++t) s += partial[t * g.nnz + k];
-      gw[k] = static_cast<T>(s);
-    }
-  });
+  sum_partials(partial, tasks, g.nnz, gw);
 }
 
 // The entry points sparse_conv2d.cpp calls through OES_FAST_ISA_DISPATCH.

@@ -400,6 +400,66 @@ def _sparse_conv2d_backward(ctx, grad):
 torch.library.register_autograd(
     "oes_fast::sparse_conv2d", _sparse_conv2d_backward, setup_context=_sparse_conv2d_setup_context
 )
+
+
+def _sparse_conv2d_stats_setup_context(ctx, inputs, output):
+    # the statistics carry no gradient of their own: batch_norm_from_stats, their one user,
+    # differentiates the batch norm through its statistics itself
+    input, values, row_ptr, col_idx, bias, kernel_size, padding, padding_mode, *rest = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(input, values, row_ptr, col_idx)
+    ctx.upsample = int(rest[0]) if rest else 1
+    ctx.geometry = (list(input.shape), list(kernel_size), [1, 1], list(padding), padding_mode)
+
+
+def _sparse_conv2d_stats_backward(ctx, grad, grad_stats):
+    grads = _sparse_conv2d_backward(ctx, grad)
+    # sparse_conv2d_stats has no stride argument: drop that slot
+    return grads[:6] + grads[7:]
+
+
+torch.library.register_autograd(
+    "oes_fast::sparse_conv2d_stats", _sparse_conv2d_stats_backward, setup_context=_sparse_conv2d_stats_setup_context
+)
+
+
+class _BatchNormFromStats(torch.autograd.Function):
+    """Training-mode batch norm of x whose per-channel (sum, sum of squares) `stats` (float64,
+    from sparse_conv2d_stats) are given: one pass over x instead of a statistics pass and a
+    normalizing pass. The backward is torch's own batch-norm backward (through the statistics)."""
+
+    @staticmethod
+    def forward(ctx, x, stats, weight, bias, eps):
+        count = x.shape[0] * x.shape[2] * x.shape[3]
+        mean = stats[:, 0] / count
+        var = (stats[:, 1] / count - mean * mean).clamp_min(0.0)
+        invstd = torch.rsqrt(var + eps)
+        scale = weight.double() * invstd
+        shift = bias.double() - mean * scale
+        shape = (1, -1, 1, 1)
+        y = torch.addcmul(shift.to(x.dtype).view(shape), x, scale.to(x.dtype).view(shape))
+        ctx.save_for_backward(x, weight, mean.to(x.dtype), invstd.to(x.dtype))
+        ctx.eps = eps
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight, mean, invstd = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+            grad.contiguous(), x, weight, None, None, mean, invstd, True, ctx.eps, [need[0], need[2], need[3]])
+        return gx, None, gw, gb, None
+
+
+def batch_norm_from_stats(x: torch.Tensor, stats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                          eps: float) -> torch.Tensor:
+    """F.batch_norm(x, None, None, weight, bias, training=True, eps=eps) for an NCHW x whose
+    per-channel sum and sum of squares are `stats` ((C, 2), float64, as sparse_conv2d_stats
+    returns them): the statistics pass is skipped. Differentiable in x, weight and bias (once)."""
+    if stats.shape != (x.shape[1], 2) or stats.dtype != torch.float64:
+        raise ValueError(f"stats must be float64 of shape ({x.shape[1]}, 2), got {stats.dtype} {tuple(stats.shape)}")
+    return _BatchNormFromStats.apply(x, stats, weight, bias, float(eps))
 # ======================================================================= end of sparse_conv2d
 
 

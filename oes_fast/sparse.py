@@ -25,9 +25,10 @@ training-mode forward computes (batch norm with batch statistics), in two steps:
    on the compacted weight. Fused where it pays: the bias (with the folded constants) in the
    kernel; the nearest x2 upsampling of the up path in the kernel's input load (and the batch
    norm that follows the upsampling runs before it, on 4x fewer pixels: repeating every value
-   four times leaves batch mean and biased variance unchanged); without autograd, the batch
-   norm statistics in the kernel's epilogue (`sparse_conv2d_stats`), so batch norm is one
-   in-place normalization pass. LeakyReLU follows batch norm, so it cannot go into the conv;
+   four times leaves batch mean and biased variance unchanged); the batch norm statistics in
+   the kernel's epilogue (`sparse_conv2d_stats`), so batch norm is one normalization pass (in
+   place without autograd; in training `ops.batch_norm_from_stats`, whose backward is torch's
+   batch-norm backward). LeakyReLU follows batch norm, so it cannot go into the conv;
    it runs in place.
 
 Weight format: CSR over output channels (row_ptr int64 [C_out + 1], col_idx int32 = c * KH * KW
@@ -51,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops as _ops_module  # noqa: F401  (registers the operators)
+from .ops import batch_norm_from_stats
 from .files import atomic_path
 from .connectivity import live_channels
 
@@ -264,7 +266,13 @@ class _BatchNorm(_Stage):
 
     def forward_from_stats(self, x, stats, const, hw):
         """The batch norm of a conv output whose (sum, sum of squares) per channel the conv
-        returned (sparse_conv2d_stats), normalized in place: no statistics pass."""
+        returned (sparse_conv2d_stats): no statistics pass. Normalized in place without autograd;
+        with it, through ops.batch_norm_from_stats."""
+        if torch.is_grad_enabled():
+            beta = self.bias * self.bias_mask
+            gamma = (self.weight * self.weight_mask).index_select(0, self.live)
+            x = batch_norm_from_stats(x, stats, gamma, beta.index_select(0, self.live), self.eps)
+            return x, (None if self.const_zero else beta), hw
         count = x.shape[0] * x.shape[2] * x.shape[3]
         mean = stats[:, 0] / count
         var = (stats[:, 1] / count - mean * mean).clamp_min(0.0)
@@ -433,9 +441,9 @@ class SparseGenerator(nn.Module):
         generator's dtype and device, contiguous): (N, out_channels, H, W)."""
         self.check_input(z)
         x, const, hw = z, None, (z.shape[0], z.shape[2], z.shape[3])
-        # Without autograd, a sparse conv followed by batch norm computes the statistics in its
-        # epilogue and the batch norm only normalizes (one pass over the output saved).
-        fuse = not torch.is_grad_enabled() and self.fuse_batch_norm
+        # A sparse conv followed by batch norm computes the statistics in its epilogue and the
+        # batch norm only normalizes (one pass over the output saved; in place without autograd).
+        fuse = self.fuse_batch_norm
         stages, i = self.stages, 0
         while i < len(stages):
             stage = stages[i]

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 import oes_fast
 from oes_fast import masks, models
-from oes_fast.sparse import SparseGenerator, sparse_conv2d, to_csr
+from oes_fast.ops import batch_norm_from_stats
+from oes_fast.sparse import SparseGenerator, _Conv, sparse_conv2d, to_csr
 from tolerances import assert_close_to_reference
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -253,6 +254,43 @@ def test_sparse_conv2d_stats(size, upsample, dtype):
                           (x.to(dtype), values, row_ptr, col_idx, b.to(dtype), [3, 3], [1, 1], "reflect", upsample))
 
 
+@pytest.mark.parametrize("upsample", [1, 2])
+def test_sparse_conv2d_stats_then_batch_norm_gradcheck(upsample):
+    """Training through the fused statistics: sparse_conv2d_stats followed by
+    batch_norm_from_stats is F.batch_norm (training mode) of the conv, and its gradients in the
+    input, the values, the bias and the batch-norm scale and shift pass gradcheck (float64)."""
+    w, keep = random_weight(4, 3, 3, 0.5, torch.float64, 41)
+    values, row_ptr, col_idx = to_csr(w, keep)
+    g = torch.Generator().manual_seed(42)
+    x = torch.randn(2, 3, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
+    gamma = (torch.rand(4, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
+    beta = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
+    values.requires_grad_()
+
+    def fused(x, v, b, gamma, beta):
+        out, stats = torch.ops.oes_fast.sparse_conv2d_stats(x, v, row_ptr, col_idx, b, [3, 3], [1, 1], "reflect",
+                                                            upsample)
+        return batch_norm_from_stats(out, stats, gamma, beta, 1e-5)
+
+    conv = sparse_conv2d(x, values, row_ptr, col_idx, 3, b, 1, 1, "reflect", upsample)
+    ref = F.batch_norm(conv, None, None, gamma, beta, True, 0.0, 1e-5)
+    got = fused(x, values, b, gamma, beta)
+    assert_close_to_reference(got, ref, floor=1e-12, name="batch norm from stats")
+    go = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    args = (x, values, b, gamma, beta)
+    grads, ref_grads = torch.autograd.grad(got, args, go), torch.autograd.grad(ref, args, go)
+    # the conv bias's gradient is 0 up to rounding (a bias before batch norm): floor on the largest
+    largest = max(float(r.abs().max()) for r in ref_grads)
+    for a, r in zip(grads, ref_grads):
+        assert_close_to_reference(a, r, floor=1e-12, scale=largest, name="batch norm from stats, gradient")
+    assert torch.autograd.gradcheck(fused, args)
+    torch.library.opcheck(torch.ops.oes_fast.sparse_conv2d_stats.default,
+                          (x, values, row_ptr, col_idx, b, [3, 3], [1, 1], "reflect", upsample))
+    with pytest.raises(ValueError, match="stats must be float64"):
+        batch_norm_from_stats(got, torch.zeros(3, 2, dtype=torch.float64), gamma, beta, 1e-5)
+
+
 def test_sparse_conv2d_rejects_bad_arguments():
     w, keep = random_weight(4, 3, 3, 0.5, torch.float32, 1)
     values, row_ptr, col_idx = to_csr(w, keep)
@@ -384,18 +422,21 @@ def dense_grads(model, mask, z, target, dtype):
     return {n: p.grad * mask[n].to(dtype) for n, p in dense.named_parameters()}
 
 
-@pytest.mark.parametrize("mode", ["sparse", "dense"])
-def test_generator_gradients(mode):
-    """Gradients of the kept parameters equal autograd of the masked dense model; the kept
-    entries the generator drops (dead channels) get no gradient there either."""
+@pytest.mark.parametrize("mode,fuse", [("sparse", True), ("sparse", False), ("dense", True)])
+def test_generator_gradients(mode, fuse):
+    """Gradients of the kept parameters equal autograd of the masked dense model (with the
+    batch-norm statistics from the sparse convs' epilogue, and without); the kept entries the
+    generator drops (dead channels) get no gradient there either."""
     model = perturbed_model(3, seed=21)
     mask = random_mask(model, 0.15, seed=22)
     gen = SparseGenerator.from_masked(model, mask).double()
     gen.set_mode(mode)
+    gen.fuse_batch_norm = fuse
     z = torch.rand(1, 32, 32, 40, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 0.1
     target = torch.rand(1, 3, 32, 40, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     ref = dense_grads(model, mask, z, target, torch.float64)
     ((gen(z) - target) ** 2).mean().backward()
+    assert mode == "dense" or any(isinstance(st, _Conv) and st.mode == "sparse" for st in gen.stages)
     covered = {n: torch.zeros(g.numel(), dtype=torch.bool) for n, g in ref.items()}
     # a conv bias right before a batch norm has a gradient of exactly 0, the reference only
     # rounding noise: the floor is relative to the largest gradient of the network

@@ -12,8 +12,9 @@ is run stage by stage, mirroring SparseGenerator.forward, with a clock read betw
 - forward: without autograd, as SparseGenerator.forward runs it then (a sparse conv followed by
   batch norm computes the batch statistics in its epilogue, `sparse_conv2d_stats`, and the batch
   norm only normalizes, in place; the activation runs in place);
-- training step: zero_grad, forward with autograd (sparse_conv2d, F.batch_norm, out-of-place
-  activation), MSE loss, backward, Adam (lr 0.01; its own row). The backward is timed per stage
+- training step: zero_grad, forward with autograd as SparseGenerator.forward runs it then (a
+  sparse conv followed by batch norm: sparse_conv2d_stats, then ops.batch_norm_from_stats, one
+  out-of-place pass; other batch norms F.batch_norm; out-of-place activation), MSE loss, backward, Adam (lr 0.01; its own row). The backward is timed per stage
   in context by tensor hooks on every stage's output: on this chain the gradient of stage i's
   output arrives, then stage i's backward runs, then the gradient of its input arrives.
 - isolated ops: every sparse conv's ops called directly (torch.ops.oes_fast.sparse_conv2d,
@@ -208,13 +209,29 @@ def step_timed(gen, opt, z, target, capture=None):
     x, const, hw = z, None, (z.shape[0], z.shape[2], z.shape[3])
     outs, inputs = [], []
     t0 = t1
-    for i, st in enumerate(gen.stages):
+    stages, i = gen.stages, 0
+    while i < len(stages):  # SparseGenerator.forward's branches, with autograd
+        st = stages[i]
         inputs.append(x)
+        if (gen.fuse_batch_norm and isinstance(st, _Conv) and i + 1 < len(stages)
+                and isinstance(stages[i + 1], _BatchNorm) and st.can_fuse_stats(x)):
+            x, const, hw, stats = st(x, const, hw, with_stats=True)
+            t1 = time.perf_counter()
+            times[i, "conv + bn stats (fused)"] = t1 - t0
+            outs.append(x)
+            inputs.append(x)
+            x, const, hw = stages[i + 1].forward_from_stats(x, stats, const, hw)
+            t0 = time.perf_counter()
+            times[i + 1, "bn apply"] = t0 - t1
+            outs.append(x)
+            i += 2
+            continue
         x, const, hw = st(x, const, hw)
         t1 = time.perf_counter()
         times[i, "fwd"] = t1 - t0
         t0 = t1
         outs.append(x)
+        i += 1
     loss = ((x - target) ** 2).mean()
     t1 = time.perf_counter()
     times["loss (MSE)", "fwd"] = t1 - t0
@@ -452,6 +469,8 @@ def run(size: int, repeats: int) -> dict:
         st = gen.stages[i]
         if isinstance(st, _Conv):
             fl, nb = conv_work(st, *sh[i], backward=phase == "bwd", input_grad=i > 0)
+            if phase.startswith("conv + bn stats"):
+                fl += 3.0 * sh[i][1][1] * sh[i][1][0] * sh[i][1][2] * sh[i][1][3]
         else:
             fl, nb = stage_work(st, *sh[i], phase)
         row("step", i, labels[i], phase, ts, fl, nb, "in context")
@@ -498,7 +517,7 @@ def phase_of(r) -> str:
         return {"adam": "Adam", "zero_grad": "zero_grad"}.get(st, f"MSE loss {ph}")
     if r["section"] == "forward":
         return f"{kind}: {ph}" if kind in ("sparse conv", "batch norm") else kind
-    return f"{kind} {'forward' if ph == 'fwd' else 'backward'}"
+    return f"{kind} {'backward' if ph == 'bwd' else 'forward'}"
 
 
 def summarize(rows, peak, bw):

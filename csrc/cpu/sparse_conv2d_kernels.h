@@ -532,10 +532,10 @@ void input_grad_stride1(const T* gout, const T* vals, const int64_t* rp, const i
 }
 
 // Weight gradient, stride 1: tasks are (image, row tile); a task loads the tile's padded input
-// rows into a halo (as the forward) and, per output row and output channel, takes the dot
-// product of the grad_output row with every kept tap's shifted halo row: full vectors only
-// (the grad row is copied into a zero-tailed buffer, the halo has zeroed slack). Partials per
-// task in float64 are added in task order (deterministic).
+// rows into a halo (as the forward) and, per output channel, takes the dot product of the
+// tile's grad_output rows with every kept tap's shifted halo rows: full vectors only (the grad
+// rows are copied into zero-tailed rows, the halo has zeroed slack). Partials per task in
+// float64 are added in task order (deterministic).
 template <typename T>
 void weight_grad_stride1(const T* gout, const T* x, const int64_t* rp, const int32_t* ci, T* gw,
                          const SparseConvGeometry& g) {
@@ -550,7 +550,8 @@ void weight_grad_stride1(const T* gout, const T* x, const int64_t* rp, const int
   std::vector<double> partial(tasks * g.nnz, 0.0);
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     AlignedBuffer<T> halo(g.C_in * rows_h_max * Wa);
-    AlignedBuffer<T> grow(nvec * L);
+    // one output channel's grad rows of the tile, each padded with zeros to whole vectors
+    AlignedBuffer<T> grows(tile * nvec * L);
     std::vector<int64_t> off(g.nnz);
     for (int64_t k = 0; k < g.nnz; ++k) {
       const int64_t c = ci[k] / KK, r = ci[k] % KK;
@@ -561,20 +562,23 @@ void weight_grad_stride1(const T* gout, const T* x, const int64_t* rp, const int
       const int64_t y0 = tl * tile, rows = std::min(tile, g.H_out - y0);
       load_halo(x, halo.data, rows_h_max, rows - 1 + g.KH, Wa, y0 - g.PH, g, n);
       double* part = partial.data() + t * g.nnz;
-      for (int64_t r = 0; r < rows; ++r) {
-        const T* base = halo.data + r * Wa;
-        for (int64_t o = 0; o < g.C_out; ++o) {
-          if (rp[o] == rp[o + 1]) continue;
-          std::memcpy(grow.data, gout + ((n * g.C_out + o) * g.H_out + y0 + r) * g.W_out, sizeof(T) * g.W_out);
-          // KT taps at once share each load of the grad row, and their 2 * KT accumulators hide
-          // the FMA latency; every tap's sum has the same grouping (even and odd vectors) alone
-          // or in a group, so the bits do not depend on how the taps fall into groups.
-          auto taps = [&](auto kt, int64_t k) {
-            constexpr int KT = decltype(kt)::value;
+      for (int64_t o = 0; o < g.C_out; ++o) {
+        if (rp[o] == rp[o + 1]) continue;
+        for (int64_t r = 0; r < rows; ++r)
+          std::memcpy(grows.data + r * nvec * L, gout + ((n * g.C_out + o) * g.H_out + y0 + r) * g.W_out,
+                      sizeof(T) * g.W_out);
+        // KT taps at once share each load of the grad rows, and their 2 * KT accumulators hide
+        // the FMA latency; each tap's accumulators run over all rows of the tile, so the lanes
+        // are summed once per tile, not once per row. Every tap's sum has the same grouping
+        // (even and odd vectors of every row) alone or in a group, so the bits do not depend on
+        // how the taps fall into groups.
+        auto taps = [&](auto kt, int64_t k) {
+          constexpr int KT = decltype(kt)::value;
+          V acc[KT][2] = {};
+          for (int64_t r = 0; r < rows; ++r) {
             const T* hrow[KT];
-            for (int i = 0; i < KT; ++i) hrow[i] = base + off[k + i];
-            V acc[KT][2] = {};
-            const T* gr = grow.data;
+            for (int i = 0; i < KT; ++i) hrow[i] = halo.data + r * Wa + off[k + i];
+            const T* gr = grows.data + r * nvec * L;
             int64_t v = 0;
             for (; v + 2 <= nvec; v += 2) {
               const V g0 = load<V>(gr + v * L), g1 = load<V>(gr + (v + 1) * L);
@@ -587,17 +591,17 @@ void weight_grad_stride1(const T* gout, const T* x, const int64_t* rp, const int
               const V g0 = load<V>(gr + v * L);
               for (int i = 0; i < KT; ++i) acc[i][0] += g0 * load<V>(hrow[i] + v * L);
             }
-            for (int i = 0; i < KT; ++i) {
-              const V a = acc[i][0] + acc[i][1];
-              T s = 0;
-              for (int64_t l = 0; l < L; ++l) s += a[l];
-              part[k + i] += static_cast<double>(s);
-            }
-          };
-          int64_t k = rp[o];
-          for (; k + 4 <= rp[o + 1]; k += 4) taps(std::integral_constant<int, 4>{}, k);
-          for (; k < rp[o + 1]; ++k) taps(std::integral_constant<int, 1>{}, k);
-        }
+          }
+          for (int i = 0; i < KT; ++i) {
+            const V a = acc[i][0] + acc[i][1];
+            T s = 0;
+            for (int64_t l = 0; l < L; ++l) s += a[l];
+            part[k + i] += static_cast<double>(s);
+          }
+        };
+        int64_t k = rp[o];
+        for (; k + 4 <= rp[o + 1]; k += 4) taps(std::integral_constant<int, 4>{}, k);
+        for (; k < rp[o + 1]; ++k) taps(std::integral_constant<int, 1>{}, k);
       }
     }
   });

@@ -7,6 +7,7 @@ the architecture (model config) and the seeds that rebuild the weights the mask 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -321,7 +322,9 @@ BUNDLED_FILE = "bundled_density0.05.safetensors"
 # 256x256 it overfits less than the 0.05 mask but also peaks lower, and ends lower on barbara
 # (docs/quality.md#density-by-image-size), so `auto_density` does not pick it.
 BUNDLED_SMALL_FILE = "bundled_density0.025_vectors.safetensors"
-BUNDLED_FILES = {0.05: BUNDLED_FILE, 0.025: BUNDLED_SMALL_FILE}
+# (density, side of the square astronaut image the search ran on): file. `bundled` takes, of the
+# masks at the density wanted, the one searched at the pixel count nearest the image's.
+BUNDLED_FILES = {(0.05, 256): BUNDLED_FILE, (0.025, 256): BUNDLED_SMALL_FILE}
 
 
 def keep_vectors(mask: Mask) -> Mask:
@@ -347,18 +350,22 @@ def auto_density(pixels: int) -> float:
 
 def bundled(pixels: int | None = None, density: float | None = None) -> Mask:
     """A mask shipped with the package, found by this package's OES search on the built-in
-    astronaut sample (see `mask.meta` for the image, noise and budget): the one of `density`
-    (0.05 or 0.025, see BUNDLED_FILES), else the one `auto_density(pixels)` picks for an image of
-    `pixels` pixels at the network's input, else the 0.05 one. `mask.meta["bundled_file"]` names
-    it. Its `seed` and `z_seed` rebuild the weights and input it belongs to:
-    `oes_fast.models.skip_oes(seed=mask.seed)`, `oes_fast.models.dip_input(32, H, W, seed=mask.z_seed)`."""
-    if pixels is not None and density is not None:
-        raise ValueError("bundled: give pixels or density, not both")
+    astronaut sample (see `mask.meta` for the image, noise and budget; BUNDLED_FILES lists them):
+    of those at `density` (else the one `auto_density(pixels)` picks, else 0.05), the one
+    searched at the pixel count nearest `pixels` (by ratio; the smallest search size without
+    `pixels`). `mask.meta["bundled_file"]` names it. Its `seed` and `z_seed` rebuild the weights
+    and input it belongs to: `oes_fast.models.skip_oes(seed=mask.seed)`,
+    `oes_fast.models.dip_input(32, H, W, seed=mask.z_seed)`."""
+    if pixels is not None and pixels <= 0:
+        raise ValueError(f"pixels must be positive, got {pixels}")
     wanted = density if density is not None else (auto_density(pixels) if pixels is not None else 0.05)
-    if wanted not in BUNDLED_FILES:
+    sides = sorted(side for d, side in BUNDLED_FILES if d == wanted)
+    if not sides:
+        densities = sorted({d for d, _ in BUNDLED_FILES})
         raise ValueError(f"there is no bundled mask at density {wanted}: the bundled masks have density "
-                         f"{' and '.join(str(d) for d in BUNDLED_FILES)} (search one, or give a mask file)")
-    name = BUNDLED_FILES[wanted]
+                         f"{' and '.join(str(d) for d in densities)} (search one, or give a mask file)")
+    side = sides[0] if pixels is None else min(sides, key=lambda s: abs(math.log(pixels / (s * s))))
+    name = BUNDLED_FILES[wanted, side]
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", name)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"the bundled mask is missing from this installation ({path})")

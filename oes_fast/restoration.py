@@ -529,10 +529,9 @@ def restore(image, task: str = "denoise", *, holes=None, factor: int = 4, mask=N
         raise ValueError(f"method must be 'sparse' or 'dense', got {method!r}")
     problem = prepare(image, task, holes=holes, factor=factor, kernel=kernel, fit=fit)
     if mask is None:
-        # the bundled mask that suits the network's input size, or the density asked for
+        # the bundled mask (of the density asked for, or auto's) searched nearest the network's input size
         sized = problem.network_size
-        the_mask = (masks.bundled(pixels=sized[0] * sized[1]) if density == "auto"
-                    else masks.bundled(density=density))
+        the_mask = masks.bundled(pixels=sized[0] * sized[1], density=None if density == "auto" else density)
         mask_source = f"bundled: {the_mask.meta['bundled_file']}"
     else:
         the_mask, mask_source = _resolve_mask(mask)

@@ -311,10 +311,25 @@ def test_auto_density_and_the_bundled_masks():
     assert all(bool(t.all()) for t in small.tensors.values() if t.dim() == 1)
     assert masks.health(small, model).ok and masks.health(large, model).ok
     assert bundled().kept == large.kept
-    with pytest.raises(ValueError, match="no bundled mask at density 0.1"):
-        bundled(density=0.1)
-    with pytest.raises(ValueError, match="not both"):
-        bundled(pixels=1, density=0.05)
+    assert bundled(pixels=4096 * 4096, density=0.025).meta["bundled_file"] == small.meta["bundled_file"]
+    with pytest.raises(ValueError, match="no bundled mask at density 0.2"):
+        bundled(density=0.2)
+    with pytest.raises(ValueError, match="pixels must be positive"):
+        bundled(pixels=0)
+
+
+def test_bundled_picks_the_mask_searched_nearest_the_image_size(monkeypatch):
+    """Of the bundled masks at one density, the one searched at the pixel count nearest the
+    image's (by ratio): the 256x256 one up to about 362x362, the 512x512 one above."""
+    from oes_fast.masks import BUNDLED_FILE, BUNDLED_SMALL_FILE, bundled
+
+    # a stand-in 512x512 entry (any bundled file will do: the rule only picks the name)
+    monkeypatch.setitem(masks.BUNDLED_FILES, (0.05, 512), BUNDLED_SMALL_FILE)
+    for pixels, name in [(128 * 128, BUNDLED_FILE), (256 * 256, BUNDLED_FILE), (360 * 360, BUNDLED_FILE),
+                         (364 * 364, BUNDLED_SMALL_FILE), (512 * 512, BUNDLED_SMALL_FILE),
+                         (2048 * 2048, BUNDLED_SMALL_FILE), (256 * 1024, BUNDLED_SMALL_FILE)]:
+        assert bundled(pixels=pixels).meta["bundled_file"] == name, pixels
+    assert bundled().meta["bundled_file"] == BUNDLED_FILE  # no size: the smallest search size
 
 
 def test_keep_vectors_keeps_the_1d_parameters_and_nothing_else():

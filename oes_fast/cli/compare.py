@@ -205,7 +205,7 @@ def _bundled_mask(height: int, width: int):
     from .. import masks
 
     try:
-        mask = masks.bundled()
+        mask = masks.bundled(pixels=height * width)
     except (FileNotFoundError, ValueError) as exc:
         return None, f"skipped: the bundled mask is not available ({exc})"
     found = re.search(r"(\d+)\s*x\s*(\d+)", str(mask.meta.get("image", "")))

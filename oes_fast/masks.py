@@ -322,9 +322,14 @@ BUNDLED_FILE = "bundled_density0.05.safetensors"
 # 256x256 it overfits less than the 0.05 mask but also peaks lower, and ends lower on barbara
 # (docs/quality.md#density-by-image-size), so `auto_density` does not pick it.
 BUNDLED_SMALL_FILE = "bundled_density0.025_vectors.safetensors"
+# The mask for larger images: an OES search on the whole 512x512 astronaut (20,000 steps, density
+# 0.05, sigma 0.1, seeds 0; scripts/make_bundled_mask.py --size 512). On three 512x512 photographs
+# neither mask was searched on it ends 0.80 and 0.84 dB above the 256x256 mask (barbara, baboon)
+# and 0.41 dB below (pepper), 4,000 steps (docs/quality.md#a-mask-searched-on-the-whole-512x512-astronaut).
+BUNDLED_512_FILE = "bundled_density0.05_512.safetensors"
 # (density, side of the square astronaut image the search ran on): file. `bundled` takes, of the
 # masks at the density wanted, the one searched at the pixel count nearest the image's.
-BUNDLED_FILES = {(0.05, 256): BUNDLED_FILE, (0.025, 256): BUNDLED_SMALL_FILE}
+BUNDLED_FILES = {(0.05, 256): BUNDLED_FILE, (0.025, 256): BUNDLED_SMALL_FILE, (0.05, 512): BUNDLED_512_FILE}
 
 
 def keep_vectors(mask: Mask) -> Mask:
@@ -341,8 +346,9 @@ def keep_vectors(mask: Mask) -> Mask:
 def auto_density(pixels: int) -> float:
     """The density `--density auto` stands for at an image of `pixels` pixels (the network's input
     size, H x W). Measured at 256x256 and 512x512 (docs/quality.md#density-by-image-size): 0.05,
-    the paper's, at both; 0.025 (vectors kept) ended no better on the two images it was chosen
-    on (pepper, astronaut) and 1.2 dB lower on barbara."""
+    the paper's, at both; at 256x256, 0.025 (vectors kept) ended no better on the two images it
+    was chosen on (pepper, astronaut) and 1.2 dB lower on barbara; at 512x512, 0.1 fell 0.80 dB
+    from its peak on pepper and ended lower there."""
     if pixels <= 0:
         raise ValueError(f"pixels must be positive, got {pixels}")
     return 0.05

@@ -497,10 +497,11 @@ def restore(image, task: str = "denoise", *, holes=None, factor: int = 4, mask=N
     mask: None (a bundled mask), a `Mask`, a mask file, or "search" (an OES search of
         `search_steps` steps at `density` on this image first). Weights and z come from the mask's
         seeds (else `seed`).
-    density: "auto" or a number in (0, 1]. With the bundled mask, "auto" takes the one that
+    density: "auto" or a number in (0, 1]. With the bundled mask, "auto" takes the density that
         `masks.auto_density` picks for the network's input size (0.05 at every size measured) and
-        a number takes the bundled mask of that density (0.05 or 0.025); the report names the
-        file. With mask="search", "auto" is 0.05 (the paper's).
+        a number that density (0.05 or 0.025); of the bundled masks at it, the one searched
+        nearest the input's pixel count (0.05: 256x256 or 512x512); the report names the file.
+        With mask="search", "auto" is 0.05 (the paper's).
     steps: Sparse-DIP training steps. clean: an optional reference of the output's size, for
         PSNR/SSIM. fit: "pad" (reflect-pad to the network and crop back: the output has the
         input's size) or "crop" (center-crop to the network's multiples: the output is the crop).

@@ -312,6 +312,11 @@ def test_auto_density_and_the_bundled_masks():
     assert masks.health(small, model).ok and masks.health(large, model).ok
     assert bundled().kept == large.kept
     assert bundled(pixels=4096 * 4096, density=0.025).meta["bundled_file"] == small.meta["bundled_file"]
+    # the mask searched on the whole 512x512 astronaut, for images nearer that size
+    big = bundled(pixels=512 * 512)
+    assert big.meta["bundled_file"] == "bundled_density0.05_512.safetensors" and abs(big.density - 0.05) < 1e-4
+    assert "512x512" in big.meta["image"] and big.meta["steps"] == 20000 and masks.health(big, model).ok
+    assert bundled(pixels=1024 * 1024).meta["bundled_file"] == big.meta["bundled_file"]
     with pytest.raises(ValueError, match="no bundled mask at density 0.2"):
         bundled(density=0.2)
     with pytest.raises(ValueError, match="pixels must be positive"):
@@ -323,7 +328,7 @@ def test_bundled_picks_the_mask_searched_nearest_the_image_size(monkeypatch):
     image's (by ratio): the 256x256 one up to about 362x362, the 512x512 one above."""
     from oes_fast.masks import BUNDLED_FILE, BUNDLED_SMALL_FILE, bundled
 
-    # a stand-in 512x512 entry (any bundled file will do: the rule only picks the name)
+    # a stand-in for the 512x512 entry (any bundled file will do: the rule only picks the name)
     monkeypatch.setitem(masks.BUNDLED_FILES, (0.05, 512), BUNDLED_SMALL_FILE)
     for pixels, name in [(128 * 128, BUNDLED_FILE), (256 * 256, BUNDLED_FILE), (360 * 360, BUNDLED_FILE),
                          (364 * 364, BUNDLED_SMALL_FILE), (512 * 512, BUNDLED_SMALL_FILE),

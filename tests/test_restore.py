@@ -142,6 +142,9 @@ def test_the_report_names_the_bundled_mask():
     _, report = oes_fast.restore(noisy((256, 256, 3)), **STEPS)
     assert report.mask["source"] == "bundled: bundled_density0.05.safetensors"
     assert report.settings["density"] == "auto" and report.mask["healthy"]
+    # a photo nearer 512x512 pixels gets the mask searched at 512x512 (500x420 runs padded to 512x448)
+    _, report = oes_fast.restore(noisy((420, 500, 3)), **STEPS)
+    assert report.mask["source"] == "bundled: bundled_density0.05_512.safetensors"
 
 
 def test_a_density_picks_that_bundled_mask_or_is_refused():

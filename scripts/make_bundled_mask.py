@@ -3,6 +3,12 @@ sample (public domain, bundled with scikit-image), 256x256, Gaussian noise sigma
 
     python scripts/make_bundled_mask.py --steps 20000 --checkpoint runs/bundled/search.ckpt
 
+The bundled mask for images nearer 512x512 pixels (masks.BUNDLED_512_FILE) is the same search on
+the whole 512x512 astronaut:
+
+    python scripts/make_bundled_mask.py --size 512 --steps 20000 --checkpoint runs/astro512/search.ckpt \
+        --out oes_fast/data/bundled_density0.05_512.safetensors
+
 The sparser bundled mask (masks.BUNDLED_SMALL_FILE) was made from the checkpoint of the command's
 search (the same image, noise and seeds), its final logits taken at density 0.025 with every 1-D
 parameter kept:

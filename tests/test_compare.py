@@ -81,7 +81,7 @@ def test_unknown_method_is_a_usage_error(tmp_path, capsys, methods):
 
 
 def test_missing_bundled_mask_and_disconnected_mask_are_reported(tmp_path, capsys, monkeypatch):
-    def no_bundled():
+    def no_bundled(**size):
         raise FileNotFoundError("the bundled mask is missing from this installation (test)")
 
     real_random = prune.random
@@ -114,10 +114,18 @@ def test_bundled_mask_needs_the_image_size(monkeypatch):
     mask = prune.random(oes_fast.models.skip(seed=0, in_channels=4, channels_down=(4, 8), channels_up=(4, 8),
                                              channels_skip=(0, 0)), 0.5)
     mask.meta["image"] = "skimage.data.astronaut, center 256x256"
-    monkeypatch.setattr(masks, "bundled", lambda: mask)
+    monkeypatch.setattr(masks, "bundled", lambda **size: mask)
     assert compare._bundled_mask(256, 256) == (mask, None)
     found, why = compare._bundled_mask(320, 256)
     assert found is None and "256x256" in why and "320x256" in why
+
+
+def test_bundled_method_takes_the_mask_searched_at_the_image_size():
+    """compare's "bundled" method is the mask searched on the astronaut at the image's own size:
+    the 256x256 one for 256x256 images, the 512x512 one for 512x512 images."""
+    for side in (256, 512):
+        found, why = compare._bundled_mask(side, side)
+        assert why is None and f"{side}x{side}" in found.meta["image"]
 
 
 def test_method_names_and_budgets():

@@ -14,9 +14,10 @@ is run stage by stage, mirroring SparseGenerator.forward, with a clock read betw
   norm only normalizes, in place; the activation runs in place);
 - training step: zero_grad, forward with autograd as SparseGenerator.forward runs it then (a
   sparse conv followed by batch norm: sparse_conv2d_stats, then ops.batch_norm_from_stats, one
-  out-of-place pass; other batch norms F.batch_norm; out-of-place activation), MSE loss, backward, Adam (lr 0.01; its own row). The backward is timed per stage
-  in context by tensor hooks on every stage's output: on this chain the gradient of stage i's
-  output arrives, then stage i's backward runs, then the gradient of its input arrives.
+  out-of-place pass; other batch norms F.batch_norm; out-of-place activation), MSE loss,
+  backward, Adam (lr 0.01; its own row). The backward is timed per stage in context by tensor
+  hooks on every stage's output: on this chain the gradient of stage i's output arrives, then
+  stage i's backward runs, then the gradient of its input arrives.
 - isolated ops: every sparse conv's ops called directly (torch.ops.oes_fast.sparse_conv2d,
   sparse_conv2d_stats, sparse_conv2d_input_grad, sparse_conv2d_weight_grad) on the layer's
   actual input and output gradient captured from the step, plus the pieces the autograd formula
@@ -172,8 +173,7 @@ def forward_timed(gen, z, shapes=None):
     t0 = time.perf_counter()
     while i < len(stages):
         st = stages[i]
-        if (gen.fuse_batch_norm and isinstance(st, _Conv) and i + 1 < len(stages)
-                and isinstance(stages[i + 1], _BatchNorm) and st.can_fuse_stats(x)):
+        if gen.fuses_stats(i, x):
             xin = x
             x, const, hw, stats = st(x, const, hw, with_stats=True)
             t1 = time.perf_counter()
@@ -213,8 +213,7 @@ def step_timed(gen, opt, z, target, capture=None):
     while i < len(stages):  # SparseGenerator.forward's branches, with autograd
         st = stages[i]
         inputs.append(x)
-        if (gen.fuse_batch_norm and isinstance(st, _Conv) and i + 1 < len(stages)
-                and isinstance(stages[i + 1], _BatchNorm) and st.can_fuse_stats(x)):
+        if gen.fuses_stats(i, x):
             x, const, hw, stats = st(x, const, hw, with_stats=True)
             t1 = time.perf_counter()
             times[i, "conv + bn stats (fused)"] = t1 - t0

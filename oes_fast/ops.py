@@ -403,13 +403,11 @@ torch.library.register_autograd(
 
 
 def _sparse_conv2d_stats_setup_context(ctx, inputs, output):
-    # the statistics carry no gradient of their own: batch_norm_from_stats, their one user,
-    # differentiates the batch norm through its statistics itself
-    input, values, row_ptr, col_idx, bias, kernel_size, padding, padding_mode, *rest = inputs
+    # sparse_conv2d's context at stride 1 (this op has no stride argument). The statistics carry
+    # no gradient of their own: batch_norm_from_stats, their one user, differentiates the batch
+    # norm through its statistics itself.
+    _sparse_conv2d_setup_context(ctx, (*inputs[:6], [1, 1], *inputs[6:]), output[0])
     ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(input, values, row_ptr, col_idx)
-    ctx.upsample = int(rest[0]) if rest else 1
-    ctx.geometry = (list(input.shape), list(kernel_size), [1, 1], list(padding), padding_mode)
 
 
 def _sparse_conv2d_stats_backward(ctx, grad, grad_stats):
@@ -423,6 +421,17 @@ torch.library.register_autograd(
 )
 
 
+def batch_norm_affine(stats: torch.Tensor, count: int, weight: torch.Tensor, bias: torch.Tensor, eps: float):
+    """(mean, sqrt(var + eps), scale, shift), float64 per channel, of the training-mode batch norm
+    of values whose per-channel sum and sum of squares over `count` values are `stats` ((C, 2),
+    float64): the batch norm is x * scale + shift."""
+    mean = stats[:, 0] / count
+    var = (stats[:, 1] / count - mean * mean).clamp_min(0.0)
+    std = torch.sqrt(var + eps)
+    scale = weight.double() / std
+    return mean, std, scale, bias.double() - mean * scale
+
+
 class _BatchNormFromStats(torch.autograd.Function):
     """Training-mode batch norm of x whose per-channel (sum, sum of squares) `stats` (float64,
     from sparse_conv2d_stats) are given: one pass over x instead of a statistics pass and a
@@ -430,15 +439,10 @@ class _BatchNormFromStats(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, stats, weight, bias, eps):
-        count = x.shape[0] * x.shape[2] * x.shape[3]
-        mean = stats[:, 0] / count
-        var = (stats[:, 1] / count - mean * mean).clamp_min(0.0)
-        invstd = torch.rsqrt(var + eps)
-        scale = weight.double() * invstd
-        shift = bias.double() - mean * scale
+        mean, std, scale, shift = batch_norm_affine(stats, x.shape[0] * x.shape[2] * x.shape[3], weight, bias, eps)
         shape = (1, -1, 1, 1)
         y = torch.addcmul(shift.to(x.dtype).view(shape), x, scale.to(x.dtype).view(shape))
-        ctx.save_for_backward(x, weight, mean.to(x.dtype), invstd.to(x.dtype))
+        ctx.save_for_backward(x, weight, mean.to(x.dtype), std.reciprocal().to(x.dtype))
         ctx.eps = eps
         return y
 

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops as _ops_module  # noqa: F401  (registers the operators)
-from .ops import batch_norm_from_stats
+from .ops import batch_norm_affine, batch_norm_from_stats
 from .files import atomic_path
 from .connectivity import live_channels
 
@@ -268,19 +268,15 @@ class _BatchNorm(_Stage):
         """The batch norm of a conv output whose (sum, sum of squares) per channel the conv
         returned (sparse_conv2d_stats): no statistics pass. Normalized in place without autograd;
         with it, through ops.batch_norm_from_stats."""
-        if torch.is_grad_enabled():
-            beta = self.bias * self.bias_mask
-            gamma = (self.weight * self.weight_mask).index_select(0, self.live)
-            x = batch_norm_from_stats(x, stats, gamma, beta.index_select(0, self.live), self.eps)
-            return x, (None if self.const_zero else beta), hw
-        count = x.shape[0] * x.shape[2] * x.shape[3]
-        mean = stats[:, 0] / count
-        var = (stats[:, 1] / count - mean * mean).clamp_min(0.0)
         beta = self.bias * self.bias_mask
-        gamma = (self.weight * self.weight_mask).index_select(0, self.live).double()
-        scale = gamma / torch.sqrt(var + self.eps)
-        shift = beta.index_select(0, self.live).double() - mean * scale
-        x.mul_(scale.to(x.dtype).view(1, -1, 1, 1)).add_(shift.to(x.dtype).view(1, -1, 1, 1))
+        gamma = (self.weight * self.weight_mask).index_select(0, self.live)
+        beta_live = beta.index_select(0, self.live)
+        if torch.is_grad_enabled():
+            x = batch_norm_from_stats(x, stats, gamma, beta_live, self.eps)
+        else:
+            count = x.shape[0] * x.shape[2] * x.shape[3]
+            _, _, scale, shift = batch_norm_affine(stats, count, gamma, beta_live, self.eps)
+            x.mul_(scale.to(x.dtype).view(1, -1, 1, 1)).add_(shift.to(x.dtype).view(1, -1, 1, 1))
         return x, (None if self.const_zero else beta), hw
 
     def parameter_map(self, name):
@@ -460,14 +456,10 @@ class SparseGenerator(nn.Module):
         generator's dtype and device, contiguous): (N, out_channels, H, W)."""
         self.check_input(z)
         x, const, hw = z, None, (z.shape[0], z.shape[2], z.shape[3])
-        # A sparse conv followed by batch norm computes the statistics in its epilogue and the
-        # batch norm only normalizes (one pass over the output saved; in place without autograd).
-        fuse = self.fuse_batch_norm
         stages, i = self.stages, 0
         while i < len(stages):
             stage = stages[i]
-            if (fuse and isinstance(stage, _Conv) and i + 1 < len(stages) and isinstance(stages[i + 1], _BatchNorm)
-                    and stage.can_fuse_stats(x)):
+            if self.fuses_stats(i, x):
                 x, const, hw, stats = stage(x, const, hw, with_stats=True)
                 x, const, hw = stages[i + 1].forward_from_stats(x, stats, const, hw)
                 i += 2
@@ -475,6 +467,14 @@ class SparseGenerator(nn.Module):
             x, const, hw = stage(x, const, hw)
             i += 1
         return x
+
+    def fuses_stats(self, i: int, x) -> bool:
+        """Whether `forward` runs stage i, a sparse conv followed by batch norm, with the batch-norm
+        statistics in its epilogue (`sparse_conv2d_stats`) on input x, the batch norm then only
+        normalizing: one pass over the output saved (in place without autograd)."""
+        stages = self.stages
+        return (self.fuse_batch_norm and isinstance(stages[i], _Conv) and i + 1 < len(stages)
+                and isinstance(stages[i + 1], _BatchNorm) and stages[i].can_fuse_stats(x))
 
     def convs(self):
         """(name in the dense model, compacted conv stage) for every conv, input to output."""

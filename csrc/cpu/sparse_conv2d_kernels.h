@@ -601,8 +601,9 @@ void weight_grad_stride1(const T* gout, const T* x, const int64_t* rp, const int
           }
         };
         int64_t k = rp[o];
-        if (OES_FAST_VEC_BYTES == 64)  // 32 vector registers: 16 accumulators fit
+        if constexpr (OES_FAST_VEC_BYTES == 64) {  // 32 vector registers: 16 accumulators fit
           for (; k + 8 <= rp[o + 1]; k += 8) taps(std::integral_constant<int, 8>{}, k);
+        }
         for (; k + 4 <= rp[o + 1]; k += 4) taps(std::integral_constant<int, 4>{}, k);
         for (; k < rp[o + 1]; ++k) taps(std::integral_constant<int, 1>{}, k);
       }

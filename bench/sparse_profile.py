@@ -13,11 +13,13 @@ is run stage by stage, mirroring SparseGenerator.forward, with a clock read betw
   batch norm computes the batch statistics in its epilogue, `sparse_conv2d_stats`, and the batch
   norm only normalizes, in place; the activation runs in place);
 - training step: zero_grad, forward with autograd as SparseGenerator.forward runs it then (a
-  sparse conv followed by batch norm: sparse_conv2d_stats, then ops.batch_norm_from_stats, one
-  out-of-place pass; other batch norms F.batch_norm; out-of-place activation), MSE loss,
-  backward, Adam (lr 0.01; its own row). The backward is timed per stage in context by tensor
-  hooks on every stage's output: on this chain the gradient of stage i's output arrives, then
-  stage i's backward runs, then the gradient of its input arrives.
+  sparse conv followed by batch norm: sparse_conv2d_stats; a batch norm followed by LeakyReLU:
+  both in one op, ops.batch_norm_leaky_relu, one pass from the conv's statistics or after its
+  own statistics pass, two per channel backward: one "batch norm + activation" row each; other
+  batch norms F.batch_norm or ops.batch_norm_from_stats), MSE loss, backward, Adam (lr 0.01;
+  its own row). The backward is timed per stage in context by tensor hooks on every stage's
+  output: on this chain the gradient of stage i's output arrives, then stage i's backward runs,
+  then the gradient of its input arrives (a fused pair of stages counts as one).
 - isolated ops: every sparse conv's ops called directly (torch.ops.oes_fast.sparse_conv2d,
   sparse_conv2d_stats, sparse_conv2d_input_grad, sparse_conv2d_weight_grad) on the layer's
   actual input and output gradient captured from the step, plus the pieces the autograd formula
@@ -31,7 +33,8 @@ load), concatenation (the OES network has no skip branches) and a separate forwa
 Per row: median time over the repeats; executed FLOPs (2 x kept multiply-adds x output pixels
 for sparse convs, 2 x all compacted taps for the dense 1x1 output conv; elementwise ops: 1 per
 element for an activation, 2 for a batch-norm apply, 5 for batch norm with statistics, 3 for
-sigmoid, 4 per output pixel for 2x2 average pooling); bytes that must move, a one-pass lower
+sigmoid, 4 per output pixel for 2x2 average pooling, the sums of its parts for a fused batch
+norm + activation); bytes that must move, a one-pass lower
 bound: every input activation read once, every output written once, weights and CSR indices
 read once, float32 (a batch norm with batch statistics needs two passes over its input when it
 does not fit in cache, so its ratio cannot get below about 1.5); FLOP floor = FLOPs / peak,
@@ -90,6 +93,9 @@ from oes_fast.sparse import SparseGenerator, _BatchNorm, _Conv  # noqa: E402
 BEGIN, END = "<!-- sparse_profile:begin -->", "<!-- sparse_profile:end -->"
 PEAK_CALL, COPY_CALL = "peak conv", "bandwidth copy"
 PEAK_FLOPS = 2 * 128 * 128 * 9 * 62 * 62  # the peak conv's FLOPs
+# SparseGenerator.run_stage's phases of a batch norm run as ops.batch_norm_leaky_relu (with autograd)
+BN_ACT_FROM_STATS, BN_ACT = "bn apply + activation (fused)", "bn stats + apply + activation (fused)"
+BN_FROM_STATS, BN_ALONE = "bn apply (fused)", "bn stats + apply (fused)"
 F32 = 4
 ops = torch.ops.oes_fast
 
@@ -151,10 +157,21 @@ def stage_work(st, x_shape, out_shape, phase: str) -> tuple[float, float]:
     numel = lambda s: float(s[0] * s[1] * s[2] * s[3])  # noqa: E731
     i, o = numel(x_shape), numel(out_shape)
     if isinstance(st, _BatchNorm):
+        act = ELEMENTWISE_FLOPS["act"] * o  # a fused activation's share (no bytes of its own)
         if phase == "bn apply":  # in place, from fused statistics
             return 2 * o, F32 * 2 * o
         if phase == "fwd":  # F.batch_norm, statistics + apply
             return 5 * o, F32 * 2 * o
+        if phase == BN_FROM_STATS:
+            return 2 * o, F32 * 2 * o
+        if phase == BN_ALONE:
+            return 5 * o, F32 * 2 * o
+        if phase == BN_ACT_FROM_STATS:
+            return 2 * o + act, F32 * 2 * o
+        if phase == BN_ACT:
+            return 5 * o + act, F32 * 2 * o
+        if phase == "bwd + activation":
+            return 9 * o + act, F32 * 3 * o
         return 9 * o, F32 * 3 * o  # backward: read grad and input, write grad
     if st.op == "pool":
         return (4 * o, F32 * (i + o)) if phase == "fwd" else (i, F32 * (i + o))
@@ -169,32 +186,17 @@ def forward_timed(gen, z, shapes=None):
     assert not torch.is_grad_enabled()
     gen.check_input(z)
     x, const, hw = z, None, (z.shape[0], z.shape[2], z.shape[3])
-    stages, i, times = gen.stages, 0, {}
+    stats, i, times = None, 0, {}
     t0 = time.perf_counter()
-    while i < len(stages):
-        st = stages[i]
-        if gen.fuses_stats(i, x):
-            xin = x
-            x, const, hw, stats = st(x, const, hw, with_stats=True)
-            t1 = time.perf_counter()
-            times[i, "conv + bn stats (fused)"] = t1 - t0
-            if shapes is not None:
-                shapes[i] = (tuple(xin.shape), tuple(x.shape))
-            x, const, hw = stages[i + 1].forward_from_stats(x, stats, const, hw)
-            t0 = time.perf_counter()
-            times[i + 1, "bn apply"] = t0 - t1
-            if shapes is not None:
-                shapes[i + 1] = (tuple(x.shape), tuple(x.shape))
-            i += 2
-            continue
+    while i < len(gen.stages):  # SparseGenerator.forward's stages and fusions
         xin = x
-        x, const, hw = st(x, const, hw)
+        x, const, hw, stats, nxt, phase = gen.run_stage(i, x, const, hw, stats)
         t1 = time.perf_counter()
-        times[i, "fwd"] = t1 - t0
+        times[i, phase] = t1 - t0
         t0 = t1
         if shapes is not None:
             shapes[i] = (tuple(xin.shape), tuple(x.shape))
-        i += 1
+        i = nxt
     return x, times
 
 
@@ -207,30 +209,17 @@ def step_timed(gen, opt, z, target, capture=None):
     t1 = time.perf_counter()
     times["zero_grad", "step"] = t1 - t0
     x, const, hw = z, None, (z.shape[0], z.shape[2], z.shape[3])
-    outs, inputs = [], []
+    outs, inputs = {}, {}  # by stage index; a batch norm fused with its activation holds the pair's
     t0 = t1
-    stages, i = gen.stages, 0
-    while i < len(stages):  # SparseGenerator.forward's branches, with autograd
-        st = stages[i]
-        inputs.append(x)
-        if gen.fuses_stats(i, x):
-            x, const, hw, stats = st(x, const, hw, with_stats=True)
-            t1 = time.perf_counter()
-            times[i, "conv + bn stats (fused)"] = t1 - t0
-            outs.append(x)
-            inputs.append(x)
-            x, const, hw = stages[i + 1].forward_from_stats(x, stats, const, hw)
-            t0 = time.perf_counter()
-            times[i + 1, "bn apply"] = t0 - t1
-            outs.append(x)
-            i += 2
-            continue
-        x, const, hw = st(x, const, hw)
+    stats, i = None, 0
+    while i < len(gen.stages):  # SparseGenerator.forward's stages and fusions, with autograd
+        inputs[i] = x
+        x, const, hw, stats, nxt, phase = gen.run_stage(i, x, const, hw, stats)
         t1 = time.perf_counter()
-        times[i, "fwd"] = t1 - t0
+        times[i, phase] = t1 - t0
         t0 = t1
-        outs.append(x)
-        i += 1
+        outs[i] = x
+        i = nxt
     loss = ((x - target) ** 2).mean()
     t1 = time.perf_counter()
     times["loss (MSE)", "fwd"] = t1 - t0
@@ -244,24 +233,33 @@ def step_timed(gen, opt, z, target, capture=None):
                 grads[i] = g.detach()
         return fn
 
-    for i, o in enumerate(outs):
+    for i, o in outs.items():
         if o is not None and o.requires_grad:
             o.register_hook(hook(i))
     t_start = time.perf_counter()
     loss.backward()
     t_end = time.perf_counter()
-    last = len(outs) - 1
-    times["loss (MSE)", "bwd"] = stamps[last] - t_start
-    for i in range(last, 0, -1):
-        times[i, "bwd"] = stamps[i - 1] - stamps[i]
-    times[0, "bwd"] = t_end - stamps[0]
+    keys = sorted(outs)
+    times["loss (MSE)", "bwd"] = stamps[keys[-1]] - t_start
+    for before, i in zip(keys, keys[1:]):
+        times[i, "bwd"] = stamps[before] - stamps[i]
+    times[keys[0], "bwd"] = t_end - stamps[keys[0]]
     t0 = time.perf_counter()
     opt.step()
     times["adam", "step"] = time.perf_counter() - t0
     if capture is not None:
-        for i in range(len(outs)):
+        for i in keys:
             capture[i] = (inputs[i], grads.get(i), outs[i])
     return times
+
+
+def fused_activation_stages(step_times: dict) -> set:
+    """The stages whose batch norm step_timed ran fused with the activation after it."""
+    return {k[0] for k in step_times if k[1] in (BN_ACT, BN_ACT_FROM_STATS)}
+
+
+def step_kind(gen, i, fused: set) -> str:
+    return "batch norm + activation" if i in fused else stage_kind(gen.stages[i])
 
 
 def isolated_conv_ops(gen, capture) -> tuple[dict, dict]:
@@ -428,10 +426,10 @@ def run(size: int, repeats: int) -> dict:
     # rows
     rows = []
 
-    def row(section, key, label, phase, times, flops, nbytes, context):
+    def row(section, key, label, phase, times, flops, nbytes, context, kind=None):
         t = med(times)
         floor_f, floor_b = flops / peak, nbytes / bw
-        kind = key if isinstance(key, str) else stage_kind(gen.stages[key])
+        kind = kind or (key if isinstance(key, str) else stage_kind(gen.stages[key]))
         rows.append(dict(section=section, stage=key, kind=kind, layer=label, phase=phase, time_s=t, flops=flops,
                          bytes=nbytes, flop_floor_s=floor_f, byte_floor_s=floor_b,
                          over_floor=t / max(floor_f, floor_b) if max(floor_f, floor_b) > 0 else None,
@@ -451,6 +449,7 @@ def run(size: int, repeats: int) -> dict:
 
     step_rounds = res["sparse step (instrumented)"]
     sh = {i: (tuple(capture[i][0].shape), tuple(capture[i][2].shape)) for i in capture}
+    fused = fused_activation_stages(step_rounds[0])
     for key in step_rounds[0]:
         i, phase = key
         ts = [r[key] for r in step_rounds]
@@ -471,8 +470,9 @@ def run(size: int, repeats: int) -> dict:
             if phase.startswith("conv + bn stats"):
                 fl += 3.0 * sh[i][1][1] * sh[i][1][0] * sh[i][1][2] * sh[i][1][3]
         else:
-            fl, nb = stage_work(st, *sh[i], phase)
-        row("step", i, labels[i], phase, ts, fl, nb, "in context")
+            fl, nb = stage_work(st, *sh[i], "bwd + activation" if i in fused and phase == "bwd" else phase)
+        row("step", i, labels[i] + (" + act" if i in fused else ""), phase, ts, fl, nb, "in context",
+            kind=step_kind(gen, i, fused))
 
     for (i, phase), ts in iso.items():
         row("isolated", i, labels[i], phase, ts, *work[i, phase], "isolated")
@@ -670,10 +670,11 @@ def scaling(sizes: list[int], repeats: int) -> dict:
     out = dict(sizes=sizes, repeats=repeats, load_average_1min=load, step={}, isolated={})
     for size in sizes:
         rounds = res[size]
+        fused = fused_activation_stages(rounds[0])
         out["step"][size] = dict(
             total_s=[sum(r.values()) for r in rounds],
             rows=[dict(stage=k[0], layer=k[0] if isinstance(k[0], str) else labels[k[0]], phase=k[1],
-                       kind=k[0] if isinstance(k[0], str) else stage_kind(setups[size][0].stages[k[0]]),
+                       kind=k[0] if isinstance(k[0], str) else step_kind(setups[size][0], k[0], fused),
                        time_s=med([r[k] for r in rounds])) for k in rounds[0]])
         out["isolated"][size] = [dict(stage=k[1], layer=labels[k[1]], phase=k[2], time_s=med(v), samples_s=v)
                                  for k, v in iso.items() if k[0] == size]

@@ -620,3 +620,82 @@ def gumbel_masked_conv2d(input: torch.Tensor, logits: torch.Tensor, weight: torc
     return _ops.gumbel_masked_conv2d(input, logits, weight, bias, int(seed), int(offset), float(tau), int(padding),
                                      padding_mode)
 # ================================================================ end of gumbel_masked_conv2d
+
+
+# =============================================================================================
+# batch_norm_leaky_relu: the Sparse-DIP generator's training-mode batch norm fused with the
+# LeakyReLU after it (one pass forward, two per channel backward). Schemas:
+# csrc/batch_norm_leaky_relu.cpp; CPU kernels: csrc/cpu/batch_norm_leaky_relu.cpp, for float32
+# and float64. The three ops carry no autograd of their own: the batch norm's gradient flows
+# through its batch statistics, which _BatchNormLeakyReLU below accounts for. Other devices and
+# dtypes run reference.batch_norm_leaky_relu (F.batch_norm + F.leaky_relu).
+
+
+@torch.library.register_fake("oes_fast::batch_norm_stats")
+def _batch_norm_stats_fake(input):
+    return input.new_empty((input.shape[1], 2), dtype=torch.float64)
+
+
+@torch.library.register_fake("oes_fast::batch_norm_leaky_relu")
+def _batch_norm_leaky_relu_fake(input, scale, shift, negative_slope):
+    return torch.empty_like(input, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("oes_fast::batch_norm_leaky_relu_backward")
+def _batch_norm_leaky_relu_backward_fake(grad_output, input, mean, invstd, scale, shift, negative_slope):
+    channels = input.shape[1]
+    return (torch.empty_like(input, memory_format=torch.contiguous_format),
+            input.new_empty((channels,), dtype=torch.float64), input.new_empty((channels,), dtype=torch.float64))
+
+
+class _BatchNormLeakyReLU(torch.autograd.Function):
+    """leaky_relu(batch_norm(x)) with batch statistics, from `stats` when given (else one
+    statistics pass): the normalization and the activation in one pass, and only x kept for
+    the backward, which recomputes the pre-activation's sign from it."""
+
+    @staticmethod
+    def forward(ctx, x, stats, weight, bias, eps, negative_slope):
+        x = x.contiguous()
+        if stats is None:
+            stats = _ops.batch_norm_stats(x)
+        count = x.shape[0] * x.shape[2] * x.shape[3]
+        mean, std, scale, shift = batch_norm_affine(stats, count, weight, bias, eps)
+        ctx.save_for_backward(x, mean, std.reciprocal(), scale, shift)
+        ctx.negative_slope = negative_slope
+        ctx.dtypes = (weight.dtype, bias.dtype)
+        return _ops.batch_norm_leaky_relu(x, scale, shift, negative_slope)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        need = ctx.needs_input_grad
+        if not (need[0] or need[2] or need[3]):
+            return (None,) * 6
+        x, mean, invstd, scale, shift = ctx.saved_tensors
+        gx, gw, gb = _ops.batch_norm_leaky_relu_backward(grad.contiguous(), x, mean, invstd, scale, shift,
+                                                         ctx.negative_slope)
+        return (gx if need[0] else None, None, gw.to(ctx.dtypes[0]) if need[2] else None,
+                gb.to(ctx.dtypes[1]) if need[3] else None, None, None)
+
+
+def batch_norm_leaky_relu(x: torch.Tensor, stats: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor,
+                          eps: float, negative_slope: float = 0.2) -> torch.Tensor:
+    """F.leaky_relu(F.batch_norm(x, None, None, weight, bias, training=True, eps=eps),
+    negative_slope) of an NCHW x, in one pass over x (plus a statistics pass when `stats` is
+    None). `stats`: x's per-channel (sum, sum of squares), (C, 2) float64, as
+    sparse_conv2d_stats returns them, or None. weight, bias: (C,). Differentiable (once) in x,
+    weight and bias. CPU float32 / float64: the C++ kernels, normalizing in float64; otherwise
+    the composite reference.batch_norm_leaky_relu (batch_norm_from_stats when stats are given)."""
+    if stats is not None and (stats.shape != (x.shape[1], 2) or stats.dtype != torch.float64):
+        raise ValueError(f"stats must be float64 of shape ({x.shape[1]}, 2), got {stats.dtype} {tuple(stats.shape)}")
+    if x.dim() != 4 or x.shape[0] * x.shape[2] * x.shape[3] <= 1:
+        raise ValueError(f"batch_norm_leaky_relu: x must be (N, C, H, W) with more than one value per channel, "
+                         f"got shape {tuple(x.shape)}")
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        if stats is not None:
+            return _F.leaky_relu(batch_norm_from_stats(x, stats, weight, bias, eps), negative_slope)
+        from . import reference
+
+        return reference.batch_norm_leaky_relu(x, weight, bias, eps, negative_slope)
+    return _BatchNormLeakyReLU.apply(x, stats, weight, bias, float(eps), float(negative_slope))
+# ============================================================== end of batch_norm_leaky_relu

@@ -117,6 +117,15 @@ def sparse_conv2d(input: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tens
     return torch.nn.functional.conv2d(x, dense, bias, stride=stride)
 
 
+# ------------------------------------------------------------------------------ batch norm
+def batch_norm_leaky_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                          negative_slope: float = 0.2) -> torch.Tensor:
+    """Training-mode batch norm of an NCHW x (batch statistics, biased variance) followed by
+    LeakyReLU: the meaning of oes_fast.ops.batch_norm_leaky_relu."""
+    y = torch.nn.functional.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
+    return torch.nn.functional.leaky_relu(y, negative_slope)
+
+
 # ------------------------------------------------------------------------------ masked model
 def masked_forward(model: nn.Module, params: Mapping[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
     """f(z; params) through torch.func.functional_call (the model's own weights are untouched).

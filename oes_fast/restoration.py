@@ -26,10 +26,14 @@ from . import images, masks, memory, metrics, models, tasks
 from .masks import Mask
 
 __all__ = ["restore", "prepare", "estimate_cost", "checked_estimate", "Problem", "CostEstimate", "RestoreReport", "NotEnoughMemory",
-           "TASKS", "DEFAULT_STEPS"]
+           "TASKS", "DEFAULT_STEPS", "DEFAULT_SMOOTHING"]
 
 TASKS = ("denoise", "inpaint", "superres")
 DEFAULT_STEPS = 2000  # the command's quick budget (oes_fast.cli.common.PRESETS)
+# the result is the exponential moving average of the outputs with this decay (train.py); chosen on
+# pepper and the astronaut at 512x512, where it holds the peak better than the last output
+# (docs/quality.md, "Output smoothing")
+DEFAULT_SMOOTHING = 0.99
 # fraction of the machine's available memory a run may plan to use: the rest is the allocator's
 # rounding, buffers inside kernels and whatever else the machine runs meanwhile
 MEMORY_SHARE = 0.9
@@ -452,6 +456,7 @@ class RestoreReport:
     psnr_steps: list[int] = field(default_factory=list)
     psnr: list[float] = field(default_factory=list)  # against the reference, on the output's region
     ssim: list[float] = field(default_factory=list)
+    raw_psnr: list[float] = field(default_factory=list)  # with smoothing: psnr of the last output itself
     final_psnr: float | None = None  # against the reference, on the output exactly (cropped)
     final_ssim: float | None = None
     timings: dict = field(default_factory=dict)
@@ -485,7 +490,7 @@ def restore(image, task: str = "denoise", *, holes=None, factor: int = 4, mask=N
             progress: bool | None = True, clean=None, kernel: str = "lanczos", fit: str = "pad",
             density: float | str = "auto", search_steps: int = 20000, seed: int = 0, engine: str = "auto",
             low_memory: bool = False, record_every: int = 50, checkpoint_dir=None,
-            allow_disconnected: bool = False, method: str = "sparse", log=None):
+            allow_disconnected: bool = False, method: str = "sparse", smoothing: float = DEFAULT_SMOOTHING, log=None):
     """Restore `image` with a Sparse-DIP and return `(restored, report)`.
 
     image: a file path (PNG, JPEG, ...: gray, RGB, RGBA, 8 or 16 bits), a numpy array (H, W) or
@@ -508,6 +513,9 @@ def restore(image, task: str = "denoise", *, holes=None, factor: int = 4, mask=N
     checkpoint_dir: a folder for checkpoints; the same call resumes an interrupted run.
     method: "sparse" (Sparse-DIP, the default) or "dense" (dense DIP on the same problem, a baseline;
         the mask is then not used).
+    smoothing: in [0, 1): the restored image is the exponential moving average of the network's
+        outputs with this decay (default 0.99), PSNR/SSIM are measured on it and, in
+        `report.raw_psnr`, on the last output itself; 0 returns the last output (the OES paper's).
     log: where the estimate line goes (a callable; default: stderr when `progress`).
 
     Returns the restored image in the input's kind (a file or array gives a numpy array, a tensor
@@ -528,6 +536,8 @@ def restore(image, task: str = "denoise", *, holes=None, factor: int = 4, mask=N
     say = log if log is not None else ((lambda m: print(m, file=sys.stderr)) if progress else (lambda m: None))
     if method not in ("sparse", "dense"):
         raise ValueError(f"method must be 'sparse' or 'dense', got {method!r}")
+    if not (isinstance(smoothing, (int, float)) and 0 <= smoothing < 1):
+        raise ValueError(f"smoothing must be in [0, 1), got {smoothing!r}")
     problem = prepare(image, task, holes=holes, factor=factor, kernel=kernel, fit=fit)
     if mask is None:
         # the bundled mask (of the density asked for, or auto's) searched nearest the network's input size
@@ -578,7 +588,7 @@ def restore(image, task: str = "denoise", *, holes=None, factor: int = 4, mask=N
                            health=found.health.message)
     training = dict(steps=steps, clean=reference, clean_box=None if reference is None else problem.box,
                     degradation=problem.degradation, record_every=record_every, progress=progress,
-                    resume=checkpoint_dir is not None)
+                    resume=checkpoint_dir is not None, smoothing=smoothing)
     if method == "dense":
         fitted = train_dense(network, z, problem.y, checkpoint=ckpt("dense.ckpt"), **training)
     else:
@@ -606,9 +616,11 @@ def restore(image, task: str = "denoise", *, holes=None, factor: int = 4, mask=N
              health=health.message, seed=network_seed(the_mask, seed), z_seed=z_seed),
         settings=dict(method=method, steps=steps, search_steps=search_steps if searching else 0, density=density,
                       search_density=search_density if searching else None, seed=seed,
-                      engine=engine, low_memory=low_memory, record_every=record_every, fit=fit),
+                      engine=engine, low_memory=low_memory, record_every=record_every, fit=fit,
+                      smoothing=smoothing),
         estimate=est.to_dict(), losses=fitted.losses, reference=reference is not None,
-        psnr_steps=fitted.steps, psnr=fitted.psnr, ssim=fitted.ssim, final_psnr=final_psnr, final_ssim=final_ssim,
+        psnr_steps=fitted.steps, psnr=fitted.psnr, ssim=fitted.ssim, raw_psnr=fitted.raw_psnr,
+        final_psnr=final_psnr, final_ssim=final_ssim,
         timings=timings, search=search_info, used_mask=None if method == "dense" else the_mask)
     return restored, report
 

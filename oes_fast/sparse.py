@@ -27,9 +27,12 @@ training-mode forward computes (batch norm with batch statistics), in two steps:
    norm that follows the upsampling runs before it, on 4x fewer pixels: repeating every value
    four times leaves batch mean and biased variance unchanged); the batch norm statistics in
    the kernel's epilogue (`sparse_conv2d_stats`), so batch norm is one normalization pass (in
-   place without autograd; in training `ops.batch_norm_from_stats`, whose backward is torch's
-   batch-norm backward). LeakyReLU follows batch norm, so it cannot go into the conv;
-   it runs in place.
+   place without autograd). LeakyReLU follows batch norm, so it cannot go into the conv;
+   without autograd it runs in place, with autograd inside the batch norm's pass: every batch
+   norm then runs as `ops.batch_norm_leaky_relu`, which normalizes and activates in one pass
+   (from the conv's statistics, or after a statistics pass of its own where a pooling or
+   nothing precedes; a slope of 1 where no LeakyReLU follows) and whose backward takes two
+   passes per channel, keeping only the batch norm's input (`SparseGenerator.run_stage`).
 
 Weight format: CSR over output channels (row_ptr int64 [C_out + 1], col_idx int32 = c * KH * KW
 + ky * KW + kx, values). The CPU kernel gives each thread whole output rows of one output
@@ -52,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops as _ops_module  # noqa: F401  (registers the operators)
-from .ops import batch_norm_affine, batch_norm_from_stats
+from .ops import batch_norm_affine, batch_norm_from_stats, batch_norm_leaky_relu
 from .files import atomic_path
 from .connectivity import live_channels
 
@@ -279,6 +282,17 @@ class _BatchNorm(_Stage):
             x.mul_(scale.to(x.dtype).view(1, -1, 1, 1)).add_(shift.to(x.dtype).view(1, -1, 1, 1))
         return x, (None if self.const_zero else beta), hw
 
+    def forward_leaky_relu(self, x, stats, const, hw, negative_slope=None):
+        """This batch norm and a LeakyReLU of `negative_slope` (default: the network's; 1.0: no
+        activation) as one op (ops.batch_norm_leaky_relu): live channels x (not None) with their
+        (sum, sum of squares) `stats` from the conv's epilogue, or None to compute them; the
+        constants get the activation as well."""
+        slope = LEAKY_RELU_SLOPE if negative_slope is None else negative_slope
+        beta = self.bias * self.bias_mask
+        gamma = (self.weight * self.weight_mask).index_select(0, self.live)
+        x = batch_norm_leaky_relu(x, stats, gamma, beta.index_select(0, self.live), self.eps, slope)
+        return x, (None if self.const_zero else beta if slope == 1.0 else F.leaky_relu(beta, slope)), hw
+
     def parameter_map(self, name):
         index = torch.arange(self.weight.numel())
         return [(self.weight, f"{name}.weight", index), (self.bias, f"{name}.bias", index)]
@@ -306,8 +320,10 @@ class _AvgPool2x2(torch.autograd.Function):
         return g
 
 
+LEAKY_RELU_SLOPE = 0.2  # the OES network's nn.LeakyReLU(0.2)
+
 _ACTS = {  # one for each of oes_fast.connectivity.ACTIVATIONS
-    "LeakyReLU": lambda x, inplace: F.leaky_relu(x, 0.2, inplace=inplace),
+    "LeakyReLU": lambda x, inplace: F.leaky_relu(x, LEAKY_RELU_SLOPE, inplace=inplace),
     "ReLU": lambda x, inplace: F.relu(x, inplace=inplace),
     "ELU": lambda x, inplace: F.elu(x, inplace=inplace),
     "none": lambda x, inplace: x,
@@ -424,7 +440,8 @@ class SparseGenerator(nn.Module):
         self.shapes = {n: tuple(s) for n, s in shapes.items()}  # the dense model's parameters
         self.stages = nn.ModuleList(_STAGES[s["kind"]](s, t) for s, t in zip(specs, tensors))
         self.names = [s.get("name") for s in specs]
-        self.fuse_batch_norm = True  # see forward
+        self.fuse_batch_norm = True  # see fuses_stats
+        self.fuse_activation = True  # see fuses_batch_norm_op
 
     @classmethod
     def from_masked(cls, model: nn.Module, mask, crossover: float = CROSSOVER_DENSITY) -> "SparseGenerator":
@@ -455,18 +472,35 @@ class SparseGenerator(nn.Module):
         """The dense masked model's training-mode output for `z` (see `check_input`; the
         generator's dtype and device, contiguous): (N, out_channels, H, W)."""
         self.check_input(z)
-        x, const, hw = z, None, (z.shape[0], z.shape[2], z.shape[3])
-        stages, i = self.stages, 0
-        while i < len(stages):
-            stage = stages[i]
-            if self.fuses_stats(i, x):
-                x, const, hw, stats = stage(x, const, hw, with_stats=True)
-                x, const, hw = stages[i + 1].forward_from_stats(x, stats, const, hw)
-                i += 2
-                continue
-            x, const, hw = stage(x, const, hw)
-            i += 1
+        x, const, hw, stats, i = z, None, (z.shape[0], z.shape[2], z.shape[3]), None, 0
+        while i < len(self.stages):
+            x, const, hw, stats, i, _ = self.run_stage(i, x, const, hw, stats)
         return x
+
+    def run_stage(self, i: int, x, const, hw, stats=None):
+        """Run stage i (and the stage fused with it) as `forward` does: returns (x, const, hw,
+        stats, index of the next stage, phase). `stats`: what the previous call returned, the
+        per-channel sums of a conv fused with the batch norm that stage i then is.
+        Phases: "conv + bn stats (fused)" (sparse_conv2d_stats; the batch norm is next);
+        "bn apply" (that batch norm, in place without autograd); with autograd, every batch norm
+        as ops.batch_norm_leaky_relu: "bn apply[ + activation] (fused)" from the conv's
+        statistics, "bn stats + apply[ + activation] (fused)" with its own statistics pass, the
+        LeakyReLU after it included when there is one (else a slope of 1: the identity);
+        "fwd" (the stage alone)."""
+        stage = self.stages[i]
+        if self.fuses_stats(i, x):
+            x, const, hw, stats = stage(x, const, hw, with_stats=True)
+            return x, const, hw, stats, i + 1, "conv + bn stats (fused)"
+        if self.fuses_batch_norm_op(i, x):
+            act = self.fuses_activation(i, x)
+            x, const, hw = stage.forward_leaky_relu(x, stats, const, hw, LEAKY_RELU_SLOPE if act else 1.0)
+            phase = ("bn apply" if stats is not None else "bn stats + apply") + (" + activation" if act else "")
+            return x, const, hw, None, i + (2 if act else 1), phase + " (fused)"
+        if stats is not None:
+            x, const, hw = stage.forward_from_stats(x, stats, const, hw)
+            return x, const, hw, None, i + 1, "bn apply"
+        x, const, hw = stage(x, const, hw)
+        return x, const, hw, None, i + 1, "fwd"
 
     def fuses_stats(self, i: int, x) -> bool:
         """Whether `forward` runs stage i, a sparse conv followed by batch norm, with the batch-norm
@@ -475,6 +509,19 @@ class SparseGenerator(nn.Module):
         stages = self.stages
         return (self.fuse_batch_norm and isinstance(stages[i], _Conv) and i + 1 < len(stages)
                 and isinstance(stages[i + 1], _BatchNorm) and stages[i].can_fuse_stats(x))
+
+    def fuses_batch_norm_op(self, i: int, x) -> bool:
+        """Whether `forward` runs stage i, a batch norm, as ops.batch_norm_leaky_relu (one
+        normalizing pass whose backward keeps only its input). With autograd only: without it the
+        batch norm already runs in place."""
+        return (self.fuse_activation and torch.is_grad_enabled() and x is not None
+                and isinstance(self.stages[i], _BatchNorm))
+
+    def fuses_activation(self, i: int, x) -> bool:
+        """Whether that op (`fuses_batch_norm_op`) also applies the LeakyReLU of stage i + 1."""
+        stages = self.stages
+        return (self.fuses_batch_norm_op(i, x) and i + 1 < len(stages) and isinstance(stages[i + 1], _Elementwise)
+                and stages[i + 1].op == "act" and stages[i + 1].arg == "LeakyReLU")
 
     def convs(self):
         """(name in the dense model, compacted conv stage) for every conv, input to output."""

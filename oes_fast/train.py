@@ -27,6 +27,9 @@ class TrainResult:
     ssim: list[float] = field(default_factory=list)
     seconds: float = 0.0
     step_seconds: list[float] = field(default_factory=list)  # wall time of each step this call ran
+    # with output smoothing, psnr/ssim are of the smoothed output and these of the last output itself
+    raw_psnr: list[float] = field(default_factory=list)
+    raw_ssim: list[float] = field(default_factory=list)
 
     @property
     def peak_psnr(self) -> float | None:
@@ -43,7 +46,8 @@ class TrainResult:
     def summary(self) -> dict:
         return dict(steps=len(self.losses), final_loss=self.losses[-1] if self.losses else None,
                     peak_psnr=self.peak_psnr, peak_step=self.peak_step, final_psnr=self.final_psnr,
-                    final_ssim=self.ssim[-1] if self.ssim else None, seconds=self.seconds)
+                    final_ssim=self.ssim[-1] if self.ssim else None, seconds=self.seconds,
+                    **(dict(raw_peak_psnr=max(self.raw_psnr), raw_final_psnr=self.raw_psnr[-1]) if self.raw_psnr else {}))
 
 
 class Recorder:
@@ -81,14 +85,22 @@ class Recorder:
 
 def _fit(model, z, y, steps, *, kind, clean, lr, degradation, record_every, progress, checkpoint, checkpoint_every,
          resume, keep=None, extra_settings=None, sgld_seed=None, sgld_std=None, average_from=None,
-         clean_box=None) -> TrainResult:
+         clean_box=None, smoothing=0.0) -> TrainResult:
     """The training loop shared by every method. `keep` (name -> bool tensor) masks the
     gradients so pruned weights stay exactly zero. With `sgld_seed`, Gaussian noise of standard
     deviation `sgld_std` is added to every weight after each update (SGLD) and the outputs from
-    step `average_from` on are averaged: that average is the result and what PSNR is measured on."""
+    step `average_from` on are averaged: that average is the result and what PSNR is measured on.
+    With `smoothing` = beta in (0, 1), the result is the exponential moving average of the outputs,
+    s_0 = out_0, s_t = beta s_{t-1} + (1 - beta) out_t (the last output after the final update
+    folded in too); PSNR is measured on it, and on the output itself as `raw_psnr`."""
     steps = int(steps)
     if steps < 0:
         raise ValueError(f"steps must be non-negative, got {steps}")
+    smoothing = float(smoothing)
+    if not 0.0 <= smoothing < 1.0:
+        raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+    if smoothing and sgld_seed is not None:
+        raise ValueError("smoothing and SGLD's average are exclusive")
     check_finite("z", z)
     check_finite("y", y)
     if clean is not None:
@@ -102,13 +114,14 @@ def _fit(model, z, y, steps, *, kind, clean, lr, degradation, record_every, prog
         with torch.no_grad():
             torch._foreach_mul_(params, keep_list)
     recorder = Recorder(clean, record_every, clean_box)
+    raw_recorder = Recorder(clean, record_every, clean_box) if smoothing else None
     losses: list[float] = []
     start_step = 0
     noise = torch.Generator(device=z.device).manual_seed(sgld_seed) if sgld_seed is not None else None
     average, averaged = None, 0
     settings = dict(kind=kind, lr=lr, record_every=record_every, architecture=getattr(model, "config", None),
                     z=fingerprint(z), y=fingerprint(y), degradation=degradation.to_dict() if degradation else None,
-                    **(extra_settings or {}))
+                    **(extra_settings or {}), **(dict(smoothing=smoothing) if smoothing else {}))
     if resume and checkpoint is not None and checkpoint_exists(checkpoint):
         state = ckpt.load(checkpoint, "train", settings)
         model.load_state_dict(state["model"])
@@ -119,6 +132,9 @@ def _fit(model, z, y, steps, *, kind, clean, lr, degradation, record_every, prog
         if noise is not None:
             noise.set_state(state["noise"])
             average, averaged = state["average"], state["averaged"]
+        if smoothing:
+            average = state["average"]
+            raw_recorder.restore(state["raw_recorder"])
         if start_step > steps:
             raise ckpt.CheckpointError(f"{checkpoint} is at step {start_step}, beyond the {steps} steps asked for")
 
@@ -127,6 +143,8 @@ def _fit(model, z, y, steps, *, kind, clean, lr, degradation, record_every, prog
                      recorder=recorder.state())
         if noise is not None:
             state.update(noise=noise.get_state(), average=average, averaged=averaged)
+        if smoothing:
+            state.update(average=average, raw_recorder=raw_recorder.state())
         ckpt.save(checkpoint, "train", settings, state)
 
     started = time.perf_counter()
@@ -154,8 +172,13 @@ def _fit(model, z, y, steps, *, kind, clean, lr, degradation, record_every, prog
                 averaged += 1
                 frame = out.detach()
                 average = frame.clone() if average is None else average.add_(frame - average, alpha=1 / averaged)
+        elif smoothing:
+            frame = out.detach()
+            average = frame.clone() if average is None else average.mul_(smoothing).add_(frame, alpha=1 - smoothing)
         if recorder.due(step):
             recorder.record(step, average if average is not None else out)
+            if raw_recorder is not None:
+                raw_recorder.record(step, out)
         if bar is not None:
             bar.update(1)
             if step % 20 == 0 or step == steps - 1:
@@ -170,17 +193,23 @@ def _fit(model, z, y, steps, *, kind, clean, lr, degradation, record_every, prog
     if checkpoint is not None:
         save_checkpoint(steps)  # before the closing record, which a resumed run makes in its loop
     with torch.no_grad():
-        out = model(z_run) if average is None else average
+        last = model(z_run) if average is None or smoothing else None
+        if smoothing:
+            average = last.clone() if average is None else average.clone().mul_(smoothing).add_(last, alpha=1 - smoothing)
+        out = last if average is None else average
     if clean is not None and (not recorder.steps or recorder.steps[-1] != steps):
         recorder.record(steps, out)
+        if raw_recorder is not None:
+            raw_recorder.record(steps, last)
+    raw = dict(raw_psnr=raw_recorder.psnr, raw_ssim=raw_recorder.ssim) if raw_recorder is not None else {}
     return TrainResult(image=out.detach().cpu().contiguous(), losses=losses, model=model, steps=recorder.steps,
                        psnr=recorder.psnr, ssim=recorder.ssim, seconds=time.perf_counter() - started,
-                       step_seconds=step_seconds)
+                       step_seconds=step_seconds, **raw)
 
 
 def train_dense(model: nn.Module, z, y, steps: int = 4000, clean=None, *, lr: float = 0.01, degradation=None,
                 record_every: int = 100, progress: bool | None = None, checkpoint=None, checkpoint_every: int = 500,
-                resume: bool = False, clean_box=None) -> TrainResult:
+                resume: bool = False, clean_box=None, smoothing: float = 0.0) -> TrainResult:
     """Dense DIP: every weight of (a copy of) `model` is trained.
 
     Arguments shared by the training functions: `model` a generator (oes_fast.models; not
@@ -193,19 +222,21 @@ def train_dense(model: nn.Module, z, y, steps: int = 4000, clean=None, *, lr: fl
     `degradation` an oes_fast.tasks degradation (None: plain mean squared error against `y`);
     `progress` True/False/None (None: when stderr is a terminal); `checkpoint` a file path
     written every `checkpoint_every` steps, from which `resume=True` continues to the same
-    result as an uninterrupted run. All tensors on one device; NaN/Inf refused. Returns a
+    result as an uninterrupted run; `smoothing` = beta in [0, 1): 0 returns the last output, beta > 0
+    the exponential moving average of the outputs (s_t = beta s_{t-1} + (1 - beta) out_t), on which
+    PSNR/SSIM are then recorded (and on the output itself as `raw_psnr`/`raw_ssim`). All tensors on one device; NaN/Inf refused. Returns a
     TrainResult (image on the CPU, shaped like the model's output).
     """
     model = copy.deepcopy(model)
     return _fit(model, z, y, steps, kind="dense", clean=clean, lr=lr, degradation=degradation,
                 record_every=record_every, progress=progress, checkpoint=checkpoint,
-                checkpoint_every=checkpoint_every, resume=resume, clean_box=clean_box)
+                checkpoint_every=checkpoint_every, resume=resume, clean_box=clean_box, smoothing=smoothing)
 
 
 def train_sparse(model: nn.Module, mask: Mask, z, y, steps: int = 4000, clean=None, *, lr: float = 0.01,
                  degradation=None, record_every: int = 100, progress: bool | None = None, checkpoint=None,
                  checkpoint_every: int = 500, resume: bool = False, allow_disconnected: bool = False,
-                 engine: str = "auto", clean_box=None) -> TrainResult:
+                 engine: str = "auto", clean_box=None, smoothing: float = 0.0) -> TrainResult:
     """Sparse-DIP: start from the model's own initial weights W0, set w = W0 * mask and train
     with the pruned weights kept exactly zero. Refuses a mask that disconnects the network
     unless `allow_disconnected`.
@@ -237,7 +268,7 @@ def train_sparse(model: nn.Module, mask: Mask, z, y, steps: int = 4000, clean=No
         model, keep = SparseGenerator.from_masked(model, mask), None
     return _fit(model, z, y, steps, kind="sparse", clean=clean, lr=lr, degradation=degradation,
                 record_every=record_every, progress=progress, checkpoint=checkpoint,
-                checkpoint_every=checkpoint_every, resume=resume, keep=keep, clean_box=clean_box,
+                checkpoint_every=checkpoint_every, resume=resume, keep=keep, clean_box=clean_box, smoothing=smoothing,
                 extra_settings=dict(mask=fingerprint(mask.to_flat().to(torch.float32)), engine=engine))
 
 

@@ -99,6 +99,9 @@ def main():
                         help="seed of the noise draw (search and training; the authors' protocol trains on "
                              "another draw than the search saw, e.g. --noise-seed 1 for training)")
     parser.add_argument("--lr", type=float, default=0.01, help="learning rate of dense/sparse training")
+    parser.add_argument("--smoothing", type=float, default=0.0,
+                        help="dense, sparse: the result is the exponential moving average of the outputs with this "
+                             "decay (0: the last output); PSNR of both is recorded")
     parser.add_argument("--checkpoint-every", type=int, default=250)
     parser.add_argument("--record-every", type=int, default=50)
     parser.add_argument("--out", help="result file (dense, sparse, search, plot)")
@@ -138,7 +141,7 @@ def main():
         model, z = oes_fast.models.skip_oes(seed=0), oes_fast.models.dip_input(32, side, side, seed=0)
         fit = oes_fast.train_dense(model, z, noisy, steps=args.steps, lr=args.lr, clean=clean,
                                    record_every=args.record_every, checkpoint_every=args.checkpoint_every,
-                                   checkpoint=args.out + ".ckpt", resume=True, clean_box=box)
+                                   checkpoint=args.out + ".ckpt", resume=True, clean_box=box, smoothing=args.smoothing)
         label = args.label or "dense DIP"
     else:
         mask = (oes_fast.masks.bundled() if args.mask == "bundled" else
@@ -149,13 +152,16 @@ def main():
         z = oes_fast.models.dip_input(32, side, side, seed=mask.z_seed)
         fit = oes_fast.train_sparse(model, mask, z, noisy, steps=args.steps, lr=args.lr, clean=clean,
                                     record_every=args.record_every, checkpoint_every=args.checkpoint_every,
-                                    checkpoint=args.out + ".ckpt", resume=True, clean_box=box)
+                                    checkpoint=args.out + ".ckpt", resume=True, clean_box=box,
+                                    smoothing=args.smoothing)
         label = args.label or f"Sparse-DIP ({args.mask} mask, density {mask.density:.3f})"
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump(dict(label=label, summary=fit.summary(), steps=fit.steps, psnr=fit.psnr, ssim=fit.ssim,
+        raw = dict(raw_psnr=fit.raw_psnr, raw_ssim=fit.raw_ssim) if fit.raw_psnr else {}
+        json.dump(dict(label=label, summary=fit.summary(), steps=fit.steps, psnr=fit.psnr, ssim=fit.ssim, **raw,
                        settings=dict(image=os.path.basename(args.image), size=side, sigma=args.sigma,
                                      noise_seed=args.noise_seed, lr=args.lr, steps=args.steps, padded_box=box,
+                                     smoothing=args.smoothing,
                                      threads=torch.get_num_threads()),
                        seconds=fit.seconds, time=run_time(fit, cpu_started, wall_started)), f)
     print(json.dumps(fit.summary()))

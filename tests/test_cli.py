@@ -241,6 +241,15 @@ def test_density_is_auto_or_a_number(capsys):
     assert exit_.value.code == 2 and "must be auto or a number" in capsys.readouterr().err
 
 
+def test_smoothing_is_a_number_in_0_1_and_its_help_tells_the_default(capsys):
+    from oes_fast.cli import common
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["denoise", "--smoothing", "1"])
+    assert exit_.value.code == 2 and "must be a number in [0, 1)" in capsys.readouterr().err
+    assert common.HELP_SMOOTHING == oes_fast.restoration.DEFAULT_SMOOTHING
+
+
 def test_nan_in_an_input_tensor_is_refused():
     model = oes_fast.models.skip_oes(seed=0)
     z = oes_fast.models.dip_input(32, 256, 256)

@@ -76,6 +76,12 @@ def test_a_reference_gives_psnr_on_the_output_itself():
     expected = oes_fast.metrics.psnr(torch.from_numpy(restored).permute(2, 0, 1)[None].float(),
                                      torch.from_numpy(clean).permute(2, 0, 1)[None])
     assert report.final_psnr == pytest.approx(float(expected), abs=1e-3)
+    # by default the result is the outputs' moving average; the last output's PSNR is kept beside it
+    assert report.settings["smoothing"] == oes_fast.restoration.DEFAULT_SMOOTHING == 0.99
+    assert len(report.raw_psnr) == 2 and report.raw_psnr[0] == report.psnr[0] and report.raw_psnr[1] != report.psnr[1]
+    last, last_report = oes_fast.restore(clean, clean=clean, smoothing=0, **STEPS)
+    assert last_report.raw_psnr == [] and last_report.psnr == report.raw_psnr
+    assert not np.array_equal(last, restored)
 
 
 @pytest.mark.parametrize("case, kwargs, message", [
@@ -89,6 +95,7 @@ def test_a_reference_gives_psnr_on_the_output_itself():
     ("float out of range", dict(image=np.full((256, 256), 2.0)), "float values must lie in [0, 1]"),
     ("NaN", dict(image=np.full((256, 256), np.nan)), "NaN"),
     ("five channels", dict(image=np.zeros((256, 256, 5), np.uint8)), "channels"),
+    ("smoothing of 1", dict(smoothing=1.0), "smoothing must be in [0, 1)"),
 ])
 def test_bad_input_is_refused_with_a_message(case, kwargs, message):
     kwargs = {"image": noisy((256, 256, 3)), **kwargs}

@@ -451,6 +451,54 @@ def test_generator_gradients(mode, fuse):
         assert float(rest.abs().max()) <= 1e-10 if rest.numel() else True, f"{name}: gradient outside the generator"
 
 
+@pytest.mark.parametrize("fuse_stats,fuse_activation", [(True, True), (False, True), (True, False)])
+def test_generator_training_fused_batch_norm_leaky_relu(monkeypatch, fuse_stats, fuse_activation):
+    """Training forward and backward with every batch norm run as one op
+    (ops.batch_norm_leaky_relu, with the LeakyReLU after it, or a slope of 1 where none follows;
+    statistics from the sparse conv's epilogue after a conv, computed by the op elsewhere), and without it: output and gradients of every kept parameter
+    equal those of the masked dense model (float64). The batch norms' scales and shifts are all
+    kept, so that most channels stay live through them (the other tests' masks prune many)."""
+    model = perturbed_model(3, seed=23)
+    pruned = random_mask(model, 0.3, seed=24)
+    mask = masks.Mask({n: torch.ones_like(t) if ".bn" in n else t for n, t in pruned.items()},
+                      architecture=model.config)
+    gen = SparseGenerator.from_masked(model, mask).double()
+    gen.fuse_batch_norm, gen.fuse_activation = fuse_stats, fuse_activation
+    calls = []  # per call of the fused op: whether the statistics were given, and the slope
+    fused_op = oes_fast.sparse.batch_norm_leaky_relu
+    monkeypatch.setattr(oes_fast.sparse, "batch_norm_leaky_relu",
+                        lambda x, stats, w, b, eps, slope: calls.append((stats is not None, slope))
+                        or fused_op(x, stats, w, b, eps, slope))
+    z = torch.rand(2, 32, 32, 40, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 0.1
+    target = torch.rand(2, 3, 32, 40, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    dense = models.skip_oes(levels=3)
+    dense.load_state_dict(model.state_dict())
+    mask.apply_(dense)
+    dense.double().train()
+    ref = dense(z)
+    ((ref - target) ** 2).mean().backward()
+    ref_grads = {n: p.grad * mask[n].double() for n, p in dense.named_parameters()}
+    out = gen(z)
+    ((out - target) ** 2).mean().backward()
+    # 12 batch norms, all on live channels; down: bn1 after the pooling, bn2 after a sparse conv,
+    # each followed by LeakyReLU; up: bn_in (no activation after it), bn after a sparse conv
+    if not fuse_activation:
+        assert calls == []
+    else:
+        act = oes_fast.sparse.LEAKY_RELU_SLOPE
+        assert calls == [(False, act), (fuse_stats, act)] * 3 + [(False, 1.0), (fuse_stats, act)] * 3
+    assert_close_to_reference(out, ref, floor=1e-11, name="output")
+    largest = max(float(g.abs().max()) for g in ref_grads.values())
+    for param, name, index in gen.parameter_map():
+        got = param.grad if param.grad is not None else torch.zeros_like(param)
+        assert_close_to_reference(got, ref_grads[name].reshape(-1)[index].view_as(got), floor=1e-10, scale=largest,
+                                  name=f"grad {name}")
+    with torch.no_grad():  # the inference path keeps its in-place batch norm and activation
+        calls.clear()
+        assert_close_to_reference(gen(z), ref, floor=1e-11, name="output without autograd")
+        assert calls == []
+
+
 @pytest.mark.parametrize("size", [(8, 10), (7, 9)])
 def test_avg_pool_2x2_matches_avg_pool2d(size):
     """The generator's 2x2 average pooling and its one-pass backward against F.avg_pool2d (float64;

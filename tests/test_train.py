@@ -1,5 +1,7 @@
 """Sparse-DIP / dense DIP training: pruned weights stay zero, resume is exact, every degradation
 trains, masks transfer with the seeds that rebuild their weights."""
+import copy
+
 import pytest
 import torch
 
@@ -64,6 +66,48 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert resumed.losses == full.losses
     assert resumed.psnr == full.psnr
     assert torch.equal(resumed.image, full.image)
+
+
+def test_output_smoothing_is_the_moving_average_of_the_outputs(tmp_path):
+    model = tiny_model()
+    z, clean = tiny_images(model)
+    mask = half_mask(model)
+    y = tasks.Denoise(0.1).degrade(clean, seed=0)
+    beta, steps = 0.6, 5
+    plain = oes_fast.train_sparse(model, mask, z, y, steps=steps, clean=clean, record_every=2, progress=False)
+    smooth = oes_fast.train_sparse(model, mask, z, y, steps=steps, clean=clean, record_every=2, progress=False,
+                                   smoothing=beta)
+    # training is untouched: the same losses, and the raw curve is the plain run's curve
+    assert smooth.losses == plain.losses and smooth.raw_psnr == plain.psnr
+    # the result is the moving average of the outputs of every step and of the final weights
+    net = mask.apply_(copy.deepcopy(model))
+    opt = torch.optim.Adam(list(net.parameters()), lr=0.01)
+    keep = [mask[n].to(p.dtype) for n, p in net.named_parameters()]
+    expected = None
+    for _ in range(steps):
+        opt.zero_grad()
+        out = net(z)
+        frame = out.detach()
+        expected = frame.clone() if expected is None else beta * expected + (1 - beta) * frame
+        torch.nn.functional.mse_loss(out, y).backward()
+        for p, k in zip(net.parameters(), keep):
+            p.grad.mul_(k)
+        opt.step()
+    with torch.no_grad():
+        expected = beta * expected + (1 - beta) * net(z)
+    torch.testing.assert_close(smooth.image, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(smooth.image, plain.image)
+    assert smooth.psnr[-1] == pytest.approx(float(oes_fast.metrics.psnr(smooth.image, clean)))
+    # resume continues the average exactly
+    path = tmp_path / "train.ckpt"
+    oes_fast.train_sparse(model, mask, z, y, steps=2, clean=clean, record_every=2, checkpoint=path,
+                          checkpoint_every=2, progress=False, smoothing=beta)
+    resumed = oes_fast.train_sparse(model, mask, z, y, steps=steps, clean=clean, record_every=2, checkpoint=path,
+                                    resume=True, progress=False, smoothing=beta)
+    assert resumed.psnr == smooth.psnr and resumed.raw_psnr == smooth.raw_psnr
+    assert torch.equal(resumed.image, smooth.image)
+    with pytest.raises(ValueError, match="smoothing"):
+        oes_fast.train_dense(model, z, y, steps=1, smoothing=1.0, progress=False)
 
 
 def test_interrupted_checkpoint_write_keeps_the_last_good_one(tmp_path, monkeypatch):

@@ -42,6 +42,10 @@ def common_arguments() -> argparse.ArgumentParser:
     common.add_argument("--search-steps", type=int, help="mask-search steps (overrides the preset)")
     common.add_argument("--train-steps", type=int, help="training steps (overrides the preset)")
     common.add_argument("--record-every", type=int, default=50, help="PSNR/SSIM every N steps (default: 50)")
+    # default None: restoration.DEFAULT_SMOOTHING (not imported here: the parser loads without torch)
+    common.add_argument("--smoothing", type=smoothing_value, default=None,
+                        help="the result is the moving average of the network's outputs with this decay, in [0, 1) "
+                             f"(default: {HELP_SMOOTHING}); 0: the last output, as the OES paper reports it")
     common.add_argument("--out", default=None, help="output folder (default: runs/<command>)")
     common.add_argument("--no-progress", action="store_true", help="no progress bars")
     return common
@@ -78,6 +82,27 @@ def density_value(text: str):
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be auto or a number in (0, 1], got {text!r}") from None
+
+
+HELP_SMOOTHING = 0.99  # restoration.DEFAULT_SMOOTHING, for --help (a test keeps them equal)
+
+
+def smoothing_value(text: str) -> float:
+    """--smoothing: a number in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}")
+    return value
+
+
+def smoothing(args) -> float:
+    """--smoothing, or the library's default."""
+    from ..restoration import DEFAULT_SMOOTHING
+
+    return DEFAULT_SMOOTHING if args.smoothing is None else args.smoothing
 
 
 def search_density(args) -> float:

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 
 from ..files import write_text
 from .common import (PRESETS, UsageError, load_clean_for_benchmark, make_synthetic_task, prepare_out, search_density,
-                     version)
+                     smoothing, version)
 
 # name -> what it is (the help text and the table's notes)
 METHODS = {
@@ -225,6 +225,7 @@ def run_compare(args) -> int:
     # everything the user gave is checked before anything is written
     methods = parse_methods(args.methods)
     budgets = _budgets(args)
+    smoothed = smoothing(args)  # every method but SGLD, which averages its own way
     args.density = search_density(args)  # every method here searches or prunes: auto is the paper's 0.05
     if not 0 < args.density <= 1:
         raise UsageError(f"--density must be auto or in (0, 1], got {args.density}")
@@ -257,7 +258,7 @@ def run_compare(args) -> int:
         os.makedirs(os.path.join(out, sub), exist_ok=True)
 
     report = dict(command="compare", task=task.to_dict(), image=image_info,
-                  settings=dict(methods=methods, density=args.density, preset=args.preset,
+                  settings=dict(methods=methods, density=args.density, preset=args.preset, smoothing=smoothed,
                                 # options left at their default (None) are not recorded: reports
                                 # from before an option existed still match for --resume
                                 **{k: v for k, v in asdict(budgets).items() if v is not None}),
@@ -280,7 +281,8 @@ def run_compare(args) -> int:
         masks.save(mask, os.path.join(out, "masks", f"{row.method}.safetensors"))
         found_masks[row.method] = mask
         return train_sparse(net, mask, net_z, y, steps=budgets.train_steps, clean=clean, degradation=task,
-                            record_every=budgets.record_every, progress=progress, allow_disconnected=True)
+                            record_every=budgets.record_every, progress=progress, allow_disconnected=True,
+                            smoothing=smoothed)
 
     def make_mask(name: str):
         """The mask of a pruning/search method for (model, z, y), with the seeds that rebuild them."""
@@ -324,7 +326,7 @@ def run_compare(args) -> int:
             fit = train_with_mask(row, oes_mask, net, net_z)
         elif name == "dense":
             fit = train_dense(model, z, y, steps=budgets.train_steps, clean=clean, degradation=task,
-                              record_every=budgets.record_every, progress=progress)
+                              record_every=budgets.record_every, progress=progress, smoothing=smoothed)
             row.kept = row.numel = numel
             row.density = 1.0
         elif name == "sgld":
@@ -340,7 +342,7 @@ def run_compare(args) -> int:
             decoder = models.deep_decoder(**DEEP_DECODER, seed=args.seed)
             decoder_z = models.dip_input(*decoder.input_shape(height, width)[1:], seed=args.seed)
             fit = train_dense(decoder, decoder_z, y, steps=budgets.train_steps, clean=clean, degradation=task,
-                              record_every=budgets.record_every, progress=progress)
+                              record_every=budgets.record_every, progress=progress, smoothing=smoothed)
             row.kept = row.numel = sum(p.numel() for p in decoder.parameters())
             row.density = 1.0
             row.notes.append(f"its own network: {row.kept:,} parameters ({row.kept / numel:.2%} of the hourglass)")

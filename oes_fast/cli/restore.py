@@ -12,7 +12,8 @@ import sys
 import numpy as np
 
 from .common import (SYNTHETIC_HOLES, UsageError, check_common, check_out, load_mask_file, load_sample,
-                     make_synthetic_task, prepare_out, resolve_steps, run_info, search_density, write_report)
+                     make_synthetic_task, prepare_out, resolve_steps, run_info, search_density, smoothing,
+                     write_report)
 
 TASKS = {"denoise": "remove noise from IMAGE", "inpaint": "fill the missing pixels of IMAGE",
          "superres": "enlarge IMAGE x4 / x8"}
@@ -144,7 +145,7 @@ def run(args) -> int:
     settings = dict(task=name, holes=obs["holes"], factor=args.factor or 4, kernel=args.kernel, fit=args.fit,
                     density=args.density, search_steps=search_steps, seed=args.seed, engine=args.engine,
                     low_memory=args.low_memory, record_every=args.record_every,
-                    allow_disconnected=args.allow_disconnected, progress=progress)
+                    allow_disconnected=args.allow_disconnected, progress=progress, smoothing=smoothing(args))
     log = (lambda m: print(m, file=sys.stderr))
     if args.search:
         print(f"searching a mask at density {search_density(args)} for {search_steps:,} steps, then training "

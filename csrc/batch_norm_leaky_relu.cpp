@@ -1,0 +1,25 @@
+// Declares the batch_norm_leaky_relu operators (schemas): the training-mode batch norm of the
+// Sparse-DIP generator fused with the LeakyReLU that follows it. CPU kernels:
+// csrc/cpu/batch_norm_leaky_relu.cpp; fake kernels, autograd (the Python autograd function
+// that composes the three ops) and the composite CUDA kernels: the batch_norm_leaky_relu block
+// of oes_fast/ops.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY_FRAGMENT(oes_fast, m) {
+  // Per-channel (sum, sum of squares) of an (N, C, H, W) tensor over images and pixels: (C, 2)
+  // float64, the format of sparse_conv2d_stats' statistics. Each channel is summed by one
+  // thread in a fixed order, so the bits do not depend on the thread count.
+  m.def("batch_norm_stats(Tensor input) -> Tensor");
+  // leaky_relu(input * scale[c] + shift[c], negative_slope) of an (N, C, H, W) float32 or
+  // float64 tensor in one pass; scale and shift are (C,) float64 (oes_fast.ops.batch_norm_affine),
+  // the pre-activation is computed in float64 and rounded once.
+  m.def("batch_norm_leaky_relu(Tensor input, Tensor scale, Tensor shift, float negative_slope) -> Tensor");
+  // Backward of the training-mode batch norm (batch statistics mean, invstd; scale = weight *
+  // invstd, shift = bias - mean * scale) followed by leaky_relu, in two passes per channel:
+  // (grad_input in the input's dtype, grad_weight and grad_bias (C,) float64). The activation's
+  // slope is taken from the sign of the pre-activation, recomputed from input as the forward
+  // computed it (so the output need not be kept).
+  m.def(
+      "batch_norm_leaky_relu_backward(Tensor grad_output, Tensor input, Tensor mean, Tensor invstd, Tensor scale, "
+      "Tensor shift, float negative_slope) -> (Tensor, Tensor, Tensor)");
+}

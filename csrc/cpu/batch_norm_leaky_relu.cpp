@@ -1,0 +1,139 @@
+// CPU kernels of batch_norm_stats, batch_norm_leaky_relu and batch_norm_leaky_relu_backward
+// (schemas: csrc/batch_norm_leaky_relu.cpp): the training-mode batch norm and the LeakyReLU
+// after it in one pass forward and two backward, where torch runs a batch-norm apply, an
+// activation, the activation's backward and the batch norm's two-pass backward, with their
+// temporaries. Threads split the channels and each channel is summed in one fixed order, so
+// the results do not depend on the thread count.
+//
+// The per-channel loops are in batch_norm_leaky_relu_kernels.h, compiled once per instruction
+// set (per_isa.h); cpu_isa() chooses the copy at run time. This file holds the argument
+// handling and the registration, compiled at the baseline flags.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <tuple>
+
+#include "cpu_isa.h"
+
+namespace oes_fast {
+namespace {
+
+// Per-channel constants of the backward (all float64).
+struct ChannelBackward {
+  double mean, invstd, scale, shift, slope;
+};
+
+}  // namespace
+}  // namespace oes_fast
+
+#define OES_FAST_KERNELS_FILE "batch_norm_leaky_relu_kernels.h"
+#include "per_isa.h"
+
+namespace oes_fast {
+namespace {
+
+struct Planes {
+  int64_t N, C, HW;
+};
+
+Planes check_input(const at::Tensor& input, const char* op) {
+  TORCH_CHECK(input.dim() == 4, op, ": input must be 4-D (N, C, H, W), got ", input.sizes());
+  const auto dtype = input.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, op, ": dtype must be float32 or float64, got ", dtype);
+  return {input.size(0), input.size(1), input.size(2) * input.size(3)};
+}
+
+at::Tensor channel_vector(const at::Tensor& t, const at::Tensor& input, const char* name, const char* op) {
+  TORCH_CHECK(t.dim() == 1 && t.numel() == input.size(1) && t.scalar_type() == at::kDouble &&
+                  t.device() == input.device(),
+              op, ": ", name, " must be a float64 vector of C = ", input.size(1), " entries on ", input.device(),
+              ", got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
+  return t.contiguous();
+}
+
+// Channels per task: at least ~32K elements each, so small tensors stay on one thread.
+int64_t channel_grain(const Planes& p) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, p.N * p.HW)); }
+
+at::Tensor batch_norm_stats_cpu(const at::Tensor& input) {
+  const Planes p = check_input(input, "batch_norm_stats");
+  const at::Tensor x = input.contiguous();
+  at::Tensor stats = at::empty({p.C, 2}, input.options().dtype(at::kDouble));
+  double* out = stats.data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_stats_cpu", [&] {
+    auto* kernel = OES_FAST_ISA_DISPATCH(channel_stats<scalar_t>);
+    const scalar_t* data = x.data_ptr<scalar_t>();
+    at::parallel_for(0, p.C, channel_grain(p), [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) kernel(data + c * p.HW, p.N, p.C * p.HW, p.HW, out + 2 * c);
+    });
+  });
+  return stats;
+}
+
+at::Tensor batch_norm_leaky_relu_cpu(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& shift,
+                                     double negative_slope) {
+  const char* op = "batch_norm_leaky_relu";
+  const Planes p = check_input(input, op);
+  const at::Tensor sc = channel_vector(scale, input, "scale", op), sh = channel_vector(shift, input, "shift", op);
+  const at::Tensor x = input.contiguous();
+  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const double* scale_d = sc.data_ptr<double>();
+  const double* shift_d = sh.data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_leaky_relu_cpu", [&] {
+    auto* kernel = OES_FAST_ISA_DISPATCH(channel_forward<scalar_t>);
+    const scalar_t* in = x.data_ptr<scalar_t>();
+    scalar_t* out = y.data_ptr<scalar_t>();
+    at::parallel_for(0, p.C, channel_grain(p), [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        kernel(in + c * p.HW, out + c * p.HW, p.N, p.C * p.HW, p.HW, scale_d[c], shift_d[c], negative_slope);
+      }
+    });
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_leaky_relu_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd,
+    const at::Tensor& scale, const at::Tensor& shift, double negative_slope) {
+  const char* op = "batch_norm_leaky_relu_backward";
+  const Planes p = check_input(input, op);
+  TORCH_CHECK(grad_output.sizes() == input.sizes() && grad_output.scalar_type() == input.scalar_type() &&
+                  grad_output.device() == input.device(),
+              op, ": grad_output must match input in shape, dtype and device");
+  const at::Tensor m = channel_vector(mean, input, "mean", op), is = channel_vector(invstd, input, "invstd", op),
+                   sc = channel_vector(scale, input, "scale", op), sh = channel_vector(shift, input, "shift", op);
+  const at::Tensor g = grad_output.contiguous(), x = input.contiguous();
+  at::Tensor grad_input = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const auto vec = input.options().dtype(at::kDouble);
+  at::Tensor grad_weight = at::empty({p.C}, vec), grad_bias = at::empty({p.C}, vec);
+  const double *mean_d = m.data_ptr<double>(), *invstd_d = is.data_ptr<double>(), *scale_d = sc.data_ptr<double>(),
+               *shift_d = sh.data_ptr<double>();
+  double *gw = grad_weight.data_ptr<double>(), *gb = grad_bias.data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_leaky_relu_backward_cpu", [&] {
+    auto* kernel = OES_FAST_ISA_DISPATCH(channel_backward<scalar_t>);
+    const scalar_t* go = g.data_ptr<scalar_t>();
+    const scalar_t* in = x.data_ptr<scalar_t>();
+    scalar_t* gi = grad_input.data_ptr<scalar_t>();
+    at::parallel_for(0, p.C, channel_grain(p), [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        const ChannelBackward k{mean_d[c], invstd_d[c], scale_d[c], shift_d[c], negative_slope};
+        const int64_t at_c = c * p.HW;
+        kernel(go + at_c, in + at_c, gi + at_c, p.N, p.C * p.HW, p.HW, k, gw + c, gb + c);
+      }
+    });
+  });
+  return {grad_input, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(oes_fast, CPU, m) {
+  m.impl("batch_norm_stats", &batch_norm_stats_cpu);
+  m.impl("batch_norm_leaky_relu", &batch_norm_leaky_relu_cpu);
+  m.impl("batch_norm_leaky_relu_backward", &batch_norm_leaky_relu_backward_cpu);
+}
+
+}  // namespace oes_fast

@@ -1,0 +1,215 @@
+"""Tests of oes_fast.ops.batch_norm_leaky_relu (training-mode batch norm fused with LeakyReLU)
+and its three C++ ops, against oes_fast.reference.batch_norm_leaky_relu (F.batch_norm +
+F.leaky_relu): forward and the gradients in x, weight and bias, with the statistics given (as
+sparse_conv2d_stats returns them) and computed by the op; gradcheck; opcheck; the same bits
+with 1 and 2 threads; and every instruction set of the CPU kernels (one subprocess each, since
+the choice is made once per process). The generator's use of it is tested in test_sparse.py.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zlib
+
+import pytest
+import torch
+
+import oes_fast._C as _C
+from oes_fast import ops, reference
+from tolerances import assert_close_to_reference
+
+ops_ns = torch.ops.oes_fast
+EPS = 1e-5
+SLOPE = 0.2
+# (N, C, H, W): sides that are not multiples of any vector width, one and several images and
+# channels, and one plane of a single row.
+SHAPES = [(1, 1, 7, 13), (2, 5, 7, 13), (1, 5, 13, 7), (2, 1, 3, 17), (2, 3, 1, 9)]
+DTYPES = [torch.float64, torch.float32]
+
+
+def make_inputs(shape, seed):
+    """float64 x with a per-channel offset larger than its spread (the cancellation a batch norm
+    after a conv with bias sees), weight of both signs, bias, and an output gradient; all
+    float32 values, so that the float64 reference sees the float32 runs' inputs exactly."""
+    g = torch.Generator().manual_seed(seed)
+    n, c, h, w = shape
+    offset = torch.randn(1, c, 1, 1, generator=g, dtype=torch.float64) * 4
+    x = offset + torch.randn(shape, generator=g, dtype=torch.float64) * (0.5 + torch.rand(1, c, 1, 1, generator=g))
+    weight = torch.randn(c, generator=g, dtype=torch.float64)
+    bias = torch.randn(c, generator=g, dtype=torch.float64) * 0.5
+    grad = torch.randn(shape, generator=g, dtype=torch.float64)
+    return tuple(t.float().double() for t in (x, weight, bias, grad))
+
+
+def sums(x):
+    """(sum, sum of squares) per channel, float64: the statistics sparse_conv2d_stats returns."""
+    x = x.detach().double()
+    return torch.stack([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3))], 1)
+
+
+def run(fn, x, weight, bias, grad, dtype):
+    """fn's output and its gradients in (x, weight, bias), all in dtype."""
+    x, weight, bias = (t.detach().to(dtype).requires_grad_() for t in (x, weight, bias))
+    y = fn(x, weight, bias)
+    return (y.detach(), *torch.autograd.grad(y, (x, weight, bias), grad.to(dtype)))
+
+
+# the network's LeakyReLU, and 1: a plain batch norm (how the generator runs one with no activation after it)
+SLOPES = [SLOPE, 1.0]
+
+
+@pytest.mark.parametrize("slope", SLOPES)
+@pytest.mark.parametrize("given_stats", [False, True], ids=["stats computed", "stats given"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_reference(shape, dtype, given_stats, slope):
+    x, weight, bias, grad = make_inputs(shape, zlib.crc32(repr(shape).encode()))
+
+    def fused(x, w, b):
+        return ops.batch_norm_leaky_relu(x, sums(x) if given_stats else None, w, b, EPS, slope)
+
+    def ref(x, w, b):
+        return reference.batch_norm_leaky_relu(x, w, b, EPS, slope)
+
+    got = run(fused, x, weight, bias, grad, dtype)
+    ref64, ref_lowp = run(ref, x, weight, bias, grad, torch.float64), run(ref, x, weight, bias, grad, dtype)
+    for name, a, r, lp in zip(("output", "grad x", "grad weight", "grad bias"), got, ref64, ref_lowp):
+        assert a.dtype == dtype
+        assert_close_to_reference(a, r, lp, name=f"{name} {shape}")
+
+
+@pytest.mark.parametrize("slope", SLOPES)
+@pytest.mark.parametrize("given_stats", [False, True], ids=["stats computed", "stats given"])
+def test_gradcheck(given_stats, slope):
+    x, weight, bias, _ = make_inputs((2, 3, 4, 5), 7)
+    args = tuple(t.clone().requires_grad_() for t in (x, weight, bias))
+
+    def fused(x, w, b):
+        return ops.batch_norm_leaky_relu(x, sums(x) if given_stats else None, w, b, EPS, slope)
+
+    assert torch.autograd.gradcheck(fused, args)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_opcheck(dtype):
+    x, weight, bias, grad = (t.to(dtype) for t in make_inputs((2, 3, 5, 7), 8))
+    stats = ops_ns.batch_norm_stats(x)
+    mean, std, scale, shift = ops.batch_norm_affine(stats, 70, weight, bias, EPS)
+    torch.library.opcheck(ops_ns.batch_norm_stats.default, (x,))
+    torch.library.opcheck(ops_ns.batch_norm_leaky_relu.default, (x, scale, shift, SLOPE))
+    torch.library.opcheck(ops_ns.batch_norm_leaky_relu_backward.default,
+                          (grad, x, mean, std.reciprocal(), scale, shift, SLOPE))
+
+
+def test_stats_op_and_arguments():
+    x = make_inputs((2, 5, 7, 13), 9)[0]
+    for dtype in DTYPES:
+        got = ops_ns.batch_norm_stats(x.to(dtype))
+        exact = sums(x.to(dtype))
+        # float64 sums of float64 terms: an order of summation apart
+        size = torch.stack([x.abs().sum((0, 2, 3)), (x * x).sum((0, 2, 3))], 1)
+        assert got.dtype == torch.float64 and got.shape == (5, 2)
+        assert ((got - exact).abs() <= 1e-14 * size).all()
+    with pytest.raises(ValueError, match="stats must be float64"):
+        ops.batch_norm_leaky_relu(x, torch.zeros(4, 2, dtype=torch.float64), torch.ones(5), torch.zeros(5), EPS)
+    with pytest.raises(ValueError, match="more than one value"):
+        ops.batch_norm_leaky_relu(x[:1, :, :1, :1], None, torch.ones(5), torch.zeros(5), EPS)
+    with pytest.raises(RuntimeError, match="float64 vector"):
+        ops_ns.batch_norm_leaky_relu(x, torch.ones(5), torch.zeros(5, dtype=torch.float64), SLOPE)
+    with pytest.raises(RuntimeError, match="dtype"):
+        ops_ns.batch_norm_stats(x.half())
+
+
+def test_other_dtypes_fall_back():
+    """bfloat16 (no C++ kernel) runs the composite expression, gradients included."""
+    x, weight, bias, grad = (t.to(torch.bfloat16) for t in make_inputs((2, 3, 4, 6), 10))
+    x.requires_grad_()
+    y = ops.batch_norm_leaky_relu(x, None, weight, bias, EPS, SLOPE)
+    ref = reference.batch_norm_leaky_relu(x.detach().double(), weight.double(), bias.double(), EPS, SLOPE)
+    assert y.dtype == torch.bfloat16
+    assert_close_to_reference(y, ref, name="bfloat16 fallback")
+    y.backward(grad)
+    assert x.grad is not None and x.grad.dtype == torch.bfloat16
+
+
+def fused_results(x, weight, bias, grad, dtype, given_stats):
+    stats = sums(x.to(dtype)) if given_stats else None
+    xd, wd, bd = (t.detach().to(dtype).requires_grad_() for t in (x, weight, bias))
+    y = ops.batch_norm_leaky_relu(xd, stats, wd, bd, EPS, SLOPE)
+    y.backward(grad.to(dtype))
+    return {"out": y.detach(), "grad_x": xd.grad, "grad_weight": wd.grad, "grad_bias": bd.grad,
+            "stats": ops_ns.batch_norm_stats(xd.detach())}
+
+
+# Large enough that the channels are split among 2 threads (about 32K elements per task).
+THREAD_SHAPE = (2, 16, 64, 67)
+
+
+@pytest.mark.parametrize("given_stats", [False, True], ids=["stats computed", "stats given"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bits_do_not_depend_on_threads(dtype, given_stats):
+    inputs = make_inputs(THREAD_SHAPE, 11)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fused_results(*inputs, dtype, given_stats)
+        torch.set_num_threads(2)
+        two = fused_results(*inputs, dtype, given_stats)
+    finally:
+        torch.set_num_threads(before)
+    for name in one:
+        assert torch.equal(one[name], two[name]), f"{name}: bits differ between 1 and 2 threads"
+
+
+# ------------------------------------------------------------------------------ every ISA
+# Runs in a subprocess under OES_FAST_CPU_ISA: argv[1] holds the inputs, argv[2] gets the results.
+WORKER = r"""
+import sys
+import torch
+import oes_fast._C as _C
+from test_batch_norm_leaky_relu import fused_results
+
+cases = torch.load(sys.argv[1])
+results = {"isa": _C.cpu_isa(), "threads": {}}
+for threads in (1, 2):
+    torch.set_num_threads(threads)
+    results["threads"][threads] = [
+        {(str(dtype), given): fused_results(*case, dtype, given) for dtype in (torch.float64, torch.float32)
+         for given in (False, True)}
+        for case in cases]
+torch.save(results, sys.argv[2])
+"""
+
+ISA_SHAPES = [(2, 5, 7, 13), (1, 3, 1, 9), THREAD_SHAPE]
+
+
+@pytest.mark.parametrize("isa", _C.cpu_isas_supported())
+def test_under_isa(isa, tmp_path):
+    """Every instruction set's copy of the kernels: close to the reference in float64 and
+    float32, with and without given statistics, and the same bits with 1 and 2 threads."""
+    cases = [make_inputs(shape, 100 + i) for i, shape in enumerate(ISA_SHAPES)]
+    torch.save(cases, tmp_path / "inputs.pt")
+    env = dict(os.environ, OES_FAST_CPU_ISA=isa)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(__file__), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-c", WORKER, tmp_path / "inputs.pt", tmp_path / "results.pt"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"worker under OES_FAST_CPU_ISA={isa} failed:\n{proc.stderr[-4000:]}"
+    results = torch.load(tmp_path / "results.pt")
+    assert results["isa"] == isa
+
+    def ref(x, w, b):
+        return reference.batch_norm_leaky_relu(x, w, b, EPS, SLOPE)
+
+    for i, (x, weight, bias, grad) in enumerate(cases):
+        for dtype in DTYPES:
+            ref64 = run(ref, x, weight, bias, grad, torch.float64)
+            ref_lowp = run(ref, x, weight, bias, grad, dtype)
+            for given in (False, True):
+                got = results["threads"][1][i][str(dtype), given]
+                where = f"{ISA_SHAPES[i]} {dtype} stats {'given' if given else 'computed'} under {isa}"
+                for k, name in enumerate(("out", "grad_x", "grad_weight", "grad_bias")):
+                    assert_close_to_reference(got[name], ref64[k], ref_lowp[k], name=f"{name} {where}")
+                other = results["threads"][2][i][str(dtype), given]
+                for name in got:
+                    assert torch.equal(got[name], other[name]), f"{name} {where}: bits differ between 1 and 2 threads"

@@ -7,7 +7,7 @@ to fresh weights, at 512x512 unless said otherwise, batch norm with batch statis
 - forward: masked dense model through torch (oneDNN), compaction alone (dense convs on the
   compacted weights), the sparse generator (per-layer choice), and a torch.sparse baseline
   (unfold + torch.sparse.mm on the masked CSR weights, which is what torch offers);
-- one training step (forward, MSE loss, backward, Adam): masked dense (gradients masked, as
+- one training step (forward, MSE loss, backward, Adam: oes_fast.train.adam, fused, for both): masked dense (gradients masked, as
   the authors' loop) against the sparse generator;
 - a density sweep of one layer (64 -> 64 channels, 5x5, 128x128): sparse_conv2d against the
   dense conv of the same (compacted) weight, to locate the crossover density;
@@ -28,6 +28,7 @@ from torch import nn
 
 from oes_fast import masks, models
 from oes_fast.sparse import CROSSOVER_DENSITY, SparseGenerator, sparse_conv2d, to_csr
+from oes_fast.train import adam
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "oes_published_masks"
 # Threads for every benchmark of this file (OES_BENCH_THREADS, default 1): on the shared
@@ -175,7 +176,7 @@ def test_forward_torch_sparse(benchmark, setup):
 def test_train_step_dense_masked(benchmark, setup):
     net = copy.deepcopy(setup["dense"])
     mask = setup["mask"]
-    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    opt = adam(net.parameters(), 0.01)
     pairs = [(p, mask[n].to(p.dtype)) for n, p in net.named_parameters()]
     benchmark.extra_info.update(macs=3 * dense_macs(net, SIZE, SIZE), kind="masked dense step (grads masked)", baseline=True)
 
@@ -193,7 +194,7 @@ def test_train_step_dense_masked(benchmark, setup):
 @pytest.mark.benchmark(group="train-step-512")
 def test_train_step_sparse_generator(benchmark, setup):
     gen = SparseGenerator.from_masked(setup["model"], setup["mask"])
-    opt = torch.optim.Adam(gen.parameters(), lr=0.01)
+    opt = adam(gen.parameters(), 0.01)
     benchmark.extra_info.update(macs=3 * sum(r["macs"] for r in gen.layer_stats(SIZE, SIZE)),
                                 kind="sparse generator step")
 

@@ -88,6 +88,7 @@ def child(engine: str, size: int, steps: int, allocator: str) -> dict:
     from sparse_profile import problem
 
     from oes_fast.sparse import SparseGenerator
+    from oes_fast.train import adam
 
     load_before = os.getloadavg()[0]
     p = problem(size)
@@ -99,7 +100,7 @@ def child(engine: str, size: int, steps: int, allocator: str) -> dict:
         net = p["dense"]
         pairs = [(q, p["mask"][n].to(q.dtype)) for n, q in net.named_parameters()]
     del p
-    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    opt = adam(net.parameters(), 0.01)
 
     def step():
         opt.zero_grad(set_to_none=True)

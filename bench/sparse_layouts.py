@@ -23,6 +23,7 @@ import torch
 
 from oes_fast import masks, models
 from oes_fast.sparse import SparseGenerator
+from oes_fast.train import adam
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from steps_interleaved import round_robin  # noqa: E402
@@ -31,7 +32,7 @@ MASK = Path(__file__).resolve().parents[2] / "shared" / "data" / "oes_published_
 
 
 def training_step(net, z, target, mask=None):
-    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    opt = adam(net.parameters(), 0.01)
     pairs = [] if mask is None else [(p, mask[n].to(p.dtype)) for n, p in net.named_parameters()]
 
     def step():

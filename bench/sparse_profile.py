@@ -89,6 +89,7 @@ from report import cpu_model, measure_bandwidth  # noqa: E402
 
 from oes_fast.ops import _channel_sum  # noqa: E402
 from oes_fast.sparse import SparseGenerator, _BatchNorm, _Conv  # noqa: E402
+from oes_fast.train import adam  # noqa: E402
 
 BEGIN, END = "<!-- sparse_profile:begin -->", "<!-- sparse_profile:end -->"
 PEAK_CALL, COPY_CALL = "peak conv", "bandwidth copy"
@@ -365,11 +366,11 @@ def run(size: int, repeats: int) -> dict:
     # whole networks
     dense, dense_cl = p["dense"], copy.deepcopy(p["dense"]).to(memory_format=torch.channels_last)
     z_cl = z.contiguous(memory_format=torch.channels_last)
-    opt = torch.optim.Adam(gen.parameters(), lr=0.01)
+    opt = adam(gen.parameters(), 0.01)
     gen_whole = SparseGenerator.from_masked(p["model"], p["mask"])
-    opt_whole = torch.optim.Adam(gen_whole.parameters(), lr=0.01)
+    opt_whole = adam(gen_whole.parameters(), 0.01)
     dense_step_net = copy.deepcopy(dense)
-    dense_opt = torch.optim.Adam(dense_step_net.parameters(), lr=0.01)
+    dense_opt = adam(dense_step_net.parameters(), 0.01)
     pairs = [(q, p["mask"][n].to(q.dtype)) for n, q in dense_step_net.named_parameters()]
 
     def sparse_step():
@@ -651,7 +652,7 @@ def scaling(sizes: list[int], repeats: int) -> dict:
     for size in sizes:
         p = problem(size)
         gen = SparseGenerator.from_masked(p["model"], p["mask"])
-        opt = torch.optim.Adam(gen.parameters(), lr=0.01)
+        opt = adam(gen.parameters(), 0.01)
         setups[size] = (gen, opt, p["z"], p["target"])
         steps[size] = (lambda g=gen, o=opt, z=p["z"], t=p["target"]: step_timed(g, o, z, t))
     load = [os.getloadavg()[0]]

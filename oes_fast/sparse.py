@@ -228,13 +228,16 @@ class _Conv(_Stage):
                 x = F.interpolate(x, scale_factor=u, mode="nearest")
             if self.kernel == [1, 1]:
                 # a 1x1 conv is a matmul over channels (torch's conv2d takes a slow path here); bmm,
-                # since a broadcasting matmul copies its operands under autograd (8x slower forward)
+                # since a broadcasting matmul copies its operands under autograd (8x slower forward),
+                # with the bias added in the same call (baddbmm: no second pass over the output)
                 n, _, h, w = x.shape
                 weight = self.dense_weight().view(1, self.n_out, self.n_in).expand(n, -1, -1)
-                x = torch.bmm(weight, x.reshape(n, self.n_in, h * w))
-                x = x.view(n, self.n_out, h, w)
+                x = x.reshape(n, self.n_in, h * w)
                 if bias is not None:
-                    x = x + bias.view(1, -1, 1, 1)
+                    x = torch.baddbmm(bias.view(1, -1, 1), weight, x)
+                else:
+                    x = torch.bmm(weight, x)
+                x = x.view(n, self.n_out, h, w)
             else:
                 if ph or pw:
                     x = F.pad(x, (pw, pw, ph, ph), mode="reflect")

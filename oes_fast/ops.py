@@ -703,10 +703,10 @@ def batch_norm_leaky_relu(x: torch.Tensor, stats: torch.Tensor | None, weight: t
 
 # =============================================================================================
 # avg_pool2x2: the Sparse-DIP generator's 2x2, stride-2 average pooling in one pass forward and
-# one backward (oes_fast.sparse._AvgPool2x2 calls them on CPU float32 / float64 and keeps its
-# torch expression for the rest). Schemas: csrc/avg_pool2x2.cpp; CPU kernels:
-# csrc/cpu/avg_pool2x2.cpp. Each op is linear and the other is its adjoint, so each one's
-# gradient is the other: differentiable any number of times.
+# one backward (oes_fast.sparse.avg_pool2x2 calls them on CPU float32 / float64 and
+# oes_fast.sparse._AvgPool2x2's torch expression for the rest). Schemas: csrc/avg_pool2x2.cpp;
+# CPU kernels: csrc/cpu/avg_pool2x2.cpp. Each op is linear and the other is its adjoint, so each
+# one's gradient is the other: differentiable any number of times.
 
 
 @torch.library.register_fake("oes_fast::avg_pool2x2")

@@ -26,8 +26,9 @@ training-mode forward computes (batch norm with batch statistics), in two steps:
    kernel; the nearest x2 upsampling of the up path in the kernel's input load (and the batch
    norm that follows the upsampling runs before it, on 4x fewer pixels: repeating every value
    four times leaves batch mean and biased variance unchanged); the batch norm statistics in
-   the kernel's epilogue (`sparse_conv2d_stats`), so batch norm is one normalization pass. LeakyReLU follows batch norm, so it cannot go into the conv; it
-   runs inside the batch norm's pass: every batch norm runs as `ops.batch_norm_leaky_relu`,
+   the kernel's epilogue (`sparse_conv2d_stats`), so batch norm is one normalization pass.
+   LeakyReLU follows batch norm, so it cannot go into the conv; it runs inside the batch norm's
+   pass: every batch norm runs as `ops.batch_norm_leaky_relu`,
    which normalizes and activates in one pass (from the conv's statistics, or after a
    statistics pass of its own where a pooling or nothing precedes; a slope of 1 where no
    LeakyReLU follows) and whose backward takes two passes per channel, keeping only the batch
@@ -262,20 +263,23 @@ class _BatchNorm(_Stage):
     def spec(self) -> dict:
         return dict(eps=self.eps, const_zero=self.const_zero)
 
-    def forward(self, x, const, hw):
+    def masked_parameters(self):
+        """(beta over all channels, gamma and beta of the live channels), pruned entries zero."""
         beta = self.bias * self.bias_mask
+        gamma = (self.weight * self.weight_mask).index_select(0, self.live)
+        return beta, gamma, beta.index_select(0, self.live)
+
+    def forward(self, x, const, hw):
+        beta, gamma, beta_live = self.masked_parameters()
         if x is not None:
-            gamma = (self.weight * self.weight_mask).index_select(0, self.live)
-            x = F.batch_norm(x, None, None, gamma, beta.index_select(0, self.live), True, 0.0, self.eps)
+            x = F.batch_norm(x, None, None, gamma, beta_live, True, 0.0, self.eps)
         return x, (None if self.const_zero else beta), hw
 
     def forward_from_stats(self, x, stats, const, hw):
         """The batch norm of a conv output whose (sum, sum of squares) per channel the conv
         returned (sparse_conv2d_stats): no statistics pass. Normalized in place without autograd;
         with it, through ops.batch_norm_from_stats."""
-        beta = self.bias * self.bias_mask
-        gamma = (self.weight * self.weight_mask).index_select(0, self.live)
-        beta_live = beta.index_select(0, self.live)
+        beta, gamma, beta_live = self.masked_parameters()
         if torch.is_grad_enabled():
             x = batch_norm_from_stats(x, stats, gamma, beta_live, self.eps)
         else:
@@ -284,16 +288,15 @@ class _BatchNorm(_Stage):
             x.mul_(scale.to(x.dtype).view(1, -1, 1, 1)).add_(shift.to(x.dtype).view(1, -1, 1, 1))
         return x, (None if self.const_zero else beta), hw
 
-    def forward_leaky_relu(self, x, stats, const, hw, negative_slope=None):
-        """This batch norm and a LeakyReLU of `negative_slope` (default: the network's; 1.0: no
-        activation) as one op (ops.batch_norm_leaky_relu): live channels x (not None) with their
-        (sum, sum of squares) `stats` from the conv's epilogue, or None to compute them; the
-        constants get the activation as well."""
-        slope = LEAKY_RELU_SLOPE if negative_slope is None else negative_slope
-        beta = self.bias * self.bias_mask
-        gamma = (self.weight * self.weight_mask).index_select(0, self.live)
-        x = batch_norm_leaky_relu(x, stats, gamma, beta.index_select(0, self.live), self.eps, slope)
-        return x, (None if self.const_zero else beta if slope == 1.0 else F.leaky_relu(beta, slope)), hw
+    def forward_leaky_relu(self, x, stats, const, hw, negative_slope):
+        """This batch norm and a LeakyReLU of `negative_slope` (1.0: no activation) as one op
+        (ops.batch_norm_leaky_relu): live channels x (not None) with their (sum, sum of squares)
+        `stats` from the conv's epilogue, or None to compute them; the constants get the
+        activation as well."""
+        beta, gamma, beta_live = self.masked_parameters()
+        x = batch_norm_leaky_relu(x, stats, gamma, beta_live, self.eps, negative_slope)
+        const = None if self.const_zero else beta if negative_slope == 1.0 else F.leaky_relu(beta, negative_slope)
+        return x, const, hw
 
     def parameter_map(self, name):
         index = torch.arange(self.weight.numel())
@@ -301,25 +304,18 @@ class _BatchNorm(_Stage):
 
 
 class _AvgPool2x2(torch.autograd.Function):
-    """2x2 average pooling, stride 2 (an odd last row or column is dropped, as avg_pool2d does)."""
+    """2x2 average pooling, stride 2 (an odd last row or column is dropped, as avg_pool2d does),
+    in torch: where the C++ ops do not apply (see `avg_pool2x2`)."""
 
     @staticmethod
     def forward(ctx, x):
-        ctx.shape = x.shape
-        # CPU float32 / float64: the one-pass C++ kernels (oes_fast::avg_pool2x2), whose outputs
-        # have the bits of the expression below
-        ctx.native = (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.is_contiguous()
-                      and x.dim() == 4 and x.shape[2] >= 2 and x.shape[3] >= 2)
-        if ctx.native:
-            return torch.ops.oes_fast.avg_pool2x2(x)
         # the four strided views summed: same value as avg_pool2d, several times faster on CPU
+        ctx.shape = x.shape
         h, w = x.shape[2] // 2 * 2, x.shape[3] // 2 * 2
         return (x[:, :, 0:h:2, 0:w:2] + x[:, :, 0:h:2, 1:w:2] + x[:, :, 1:h:2, 0:w:2] + x[:, :, 1:h:2, 1:w:2]) * 0.25
 
     @staticmethod
     def backward(ctx, grad):
-        if ctx.native and grad.device.type == "cpu" and grad.dtype in (torch.float32, torch.float64):
-            return torch.ops.oes_fast.avg_pool2x2_backward(grad.contiguous(), list(ctx.shape))
         # every input pixel gets a quarter of its block's gradient: one pass that writes each
         # pixel once (autograd of the four views zero-filled and scattered four full-size tensors)
         n, c, h, w = ctx.shape
@@ -328,6 +324,16 @@ class _AvgPool2x2(torch.autograd.Function):
         if g.shape[2:] != (h, w):  # odd sides: the dropped row or column gets no gradient
             g = F.pad(g, (0, w - g.shape[3], 0, h - g.shape[2]))
         return g
+
+
+def avg_pool2x2(x: torch.Tensor) -> torch.Tensor:
+    """2x2 average pooling, stride 2, of an (N, C, H, W) x: on CPU float32 / float64 contiguous
+    input the one-pass C++ op (oes_fast::avg_pool2x2, its backward registered in ops.py; the bits
+    of _AvgPool2x2's expression), else _AvgPool2x2."""
+    if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.is_contiguous()
+            and x.dim() == 4 and x.shape[2] >= 2 and x.shape[3] >= 2):
+        return torch.ops.oes_fast.avg_pool2x2(x)
+    return _AvgPool2x2.apply(x)
 
 
 LEAKY_RELU_SLOPE = 0.2  # the OES network's nn.LeakyReLU(0.2)
@@ -364,7 +370,7 @@ class _Elementwise(_Stage):
         elif self.op == "pool":
             if x is not None:
                 if self.arg == "avg":
-                    x = _AvgPool2x2.apply(x)
+                    x = avg_pool2x2(x)
                 else:
                     x = F.max_pool2d(x, 2, 2)
             hw = (hw[0], hw[1] // 2, hw[2] // 2)

@@ -129,6 +129,11 @@ def _fit(model, z, y, steps, *, kind, clean, lr, degradation, record_every, prog
     start_step = 0
     noise = torch.Generator(device=z.device).manual_seed(sgld_seed) if sgld_seed is not None else None
     average, averaged = None, 0
+
+    def smoothed(average, frame):
+        """The moving average with `frame` folded in (in place; the first frame starts it)."""
+        return frame.clone() if average is None else average.mul_(smoothing).add_(frame, alpha=1 - smoothing)
+
     settings = dict(kind=kind, lr=lr, record_every=record_every, architecture=getattr(model, "config", None),
                     z=fingerprint(z), y=fingerprint(y), degradation=degradation.to_dict() if degradation else None,
                     **(extra_settings or {}), **(dict(smoothing=smoothing) if smoothing else {}))
@@ -183,8 +188,7 @@ def _fit(model, z, y, steps, *, kind, clean, lr, degradation, record_every, prog
                 frame = out.detach()
                 average = frame.clone() if average is None else average.add_(frame - average, alpha=1 / averaged)
         elif smoothing:
-            frame = out.detach()
-            average = frame.clone() if average is None else average.mul_(smoothing).add_(frame, alpha=1 - smoothing)
+            average = smoothed(average, out.detach())
         if recorder.due(step):
             recorder.record(step, average if average is not None else out)
             if raw_recorder is not None:
@@ -205,7 +209,7 @@ def _fit(model, z, y, steps, *, kind, clean, lr, degradation, record_every, prog
     with torch.no_grad():
         last = model(z_run) if average is None or smoothing else None
         if smoothing:
-            average = last.clone() if average is None else average.clone().mul_(smoothing).add_(last, alpha=1 - smoothing)
+            average = smoothed(average, last)
         out = last if average is None else average
     if clean is not None and (not recorder.steps or recorder.steps[-1] != steps):
         recorder.record(steps, out)

@@ -1,5 +1,6 @@
-"""Tests of the avg_pool2x2 ops (2x2, stride-2 average pooling, forward and backward) and of
-oes_fast.sparse._AvgPool2x2, which calls them on CPU float32 / float64: against F.avg_pool2d in
+"""Tests of the avg_pool2x2 ops (2x2, stride-2 average pooling, forward and backward), of
+oes_fast.sparse.avg_pool2x2, which calls them on CPU float32 / float64, and of its torch fallback
+oes_fast.sparse._AvgPool2x2: against F.avg_pool2d in
 float64 (and float32 by tests/tolerances.py's rule), odd and even sides; the forward's bits equal
 to the torch expression it replaced; gradcheck (and gradgradcheck: each op is the other's
 gradient); opcheck; the same bits with 1 and 2 threads; and every instruction set of the CPU
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import oes_fast._C as _C
-from oes_fast.sparse import _AvgPool2x2
+from oes_fast.sparse import _AvgPool2x2, avg_pool2x2
 from cpu_variants import assert_same_bits, assert_thread_independent, run_under_isa
 from tolerances import assert_close_to_reference
 
@@ -36,7 +37,7 @@ def make_inputs(shape, seed):
 
 
 def old_forward(x):
-    """The torch expression _AvgPool2x2 ran before the C++ kernels (and still runs elsewhere)."""
+    """The torch expression of _AvgPool2x2, written out: the bits the C++ forward must give."""
     h, w = x.shape[2] // 2 * 2, x.shape[3] // 2 * 2
     return (x[:, :, 0:h:2, 0:w:2] + x[:, :, 0:h:2, 1:w:2] + x[:, :, 1:h:2, 0:w:2] + x[:, :, 1:h:2, 1:w:2]) * 0.25
 
@@ -53,7 +54,8 @@ def pool(x):
     return F.avg_pool2d(x, 2, 2)
 
 
-@pytest.mark.parametrize("fn", [ops_ns.avg_pool2x2, _AvgPool2x2.apply], ids=["op", "_AvgPool2x2"])
+@pytest.mark.parametrize("fn", [ops_ns.avg_pool2x2, avg_pool2x2, _AvgPool2x2.apply],
+                         ids=["op", "avg_pool2x2", "_AvgPool2x2"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_matches_avg_pool2d(shape, dtype, fn):
@@ -75,6 +77,7 @@ def test_matches_avg_pool2d(shape, dtype, fn):
 def test_forward_bits_equal_old_expression(shape, dtype):
     x = make_inputs(shape, 3)[0].to(dtype)
     assert torch.equal(ops_ns.avg_pool2x2(x), old_forward(x))
+    assert torch.equal(avg_pool2x2(x), old_forward(x))
     assert torch.equal(_AvgPool2x2.apply(x), old_forward(x))
 
 
@@ -82,14 +85,14 @@ def test_fallback_paths():
     """Non-contiguous, bfloat16 and sides below 2 run the torch expression; same values."""
     x = make_inputs((2, 3, 8, 10), 4)[0]
     nc = x.transpose(2, 3)
-    assert torch.equal(_AvgPool2x2.apply(nc), old_forward(nc))
+    assert torch.equal(avg_pool2x2(nc), old_forward(nc))
     xb = x.to(torch.bfloat16).requires_grad_()
-    y = _AvgPool2x2.apply(xb)
+    y = avg_pool2x2(xb)
     assert y.dtype == torch.bfloat16 and torch.equal(y, old_forward(xb.detach()))
     y.sum().backward()
     assert xb.grad.dtype == torch.bfloat16 and torch.equal(xb.grad, torch.full_like(xb, 0.25))
     thin = torch.ones(1, 1, 1, 6, requires_grad=True)
-    assert _AvgPool2x2.apply(thin).shape == (1, 1, 0, 3)
+    assert avg_pool2x2(thin).shape == (1, 1, 0, 3)
 
 
 def test_gradcheck():
@@ -99,6 +102,8 @@ def test_gradcheck():
     assert torch.autograd.gradgradcheck(ops_ns.avg_pool2x2, (x,))
     assert torch.autograd.gradcheck(_AvgPool2x2.apply, (x,))
     assert torch.autograd.gradgradcheck(_AvgPool2x2.apply, (x,))
+    assert torch.autograd.gradcheck(avg_pool2x2, (x,))
+    assert torch.autograd.gradgradcheck(avg_pool2x2, (x,))
     grad.requires_grad_()
     assert torch.autograd.gradcheck(lambda g: ops_ns.avg_pool2x2_backward(g, [2, 3, 7, 9]), (grad,))
 

@@ -504,16 +504,16 @@ def test_generator_training_fused_batch_norm_leaky_relu(monkeypatch, fuse_stats,
 def test_avg_pool_2x2_matches_avg_pool2d(size):
     """The generator's 2x2 average pooling and its one-pass backward against F.avg_pool2d (float64;
     an odd last row or column is dropped and gets no gradient)."""
-    from oes_fast.sparse import _AvgPool2x2
+    from oes_fast.sparse import avg_pool2x2
 
     x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(5), dtype=torch.float64, requires_grad=True)
     ref = F.avg_pool2d(x, 2, 2)
-    out = _AvgPool2x2.apply(x)
+    out = avg_pool2x2(x)
     assert_close_to_reference(out, ref, floor=1e-15, name="avg pool")
     g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     assert_close_to_reference(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(ref, x, g)[0], floor=1e-15,
                               name="avg pool gradient")
-    assert torch.autograd.gradcheck(_AvgPool2x2.apply, (x,))
+    assert torch.autograd.gradcheck(avg_pool2x2, (x,))
 
 
 def test_generator_training_keeps_pruned_zero():

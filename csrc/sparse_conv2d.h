@@ -17,6 +17,9 @@ struct SparseConvGeometry {
   int64_t C_out, H_out, W_out;   // output
   int64_t KH, KW, SH, SW, PH, PW;
   bool reflect;                  // padding mode: true = reflection, false = zeros
+  // Set only inside the CPU kernels (the phase form of a 2x-upsampled conv reads the stored
+  // input with its border pixels repeated, what reflection of the upsampled input amounts to).
+  bool replicate = false;
   int64_t nnz;
 };
 

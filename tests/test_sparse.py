@@ -124,10 +124,13 @@ def test_sparse_conv2d_gradients(shape, density, dtype, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("shape", [(1, 3, 4, 5, 7, 3, "reflect"), (2, 4, 3, 4, 4, 3, "reflect"), (1, 2, 3, 6, 5, 5, "zeros")],
+@pytest.mark.parametrize("shape", [(1, 3, 4, 5, 7, 3, "reflect"), (2, 4, 3, 4, 4, 3, "reflect"), (1, 2, 3, 6, 5, 5, "zeros"),
+                                   (2, 3, 5, 5, 67, 3, "reflect"), (1, 4, 3, 6, 64, 3, "zeros")],
                          ids=lambda s: "x".join(map(str, s)))
 def test_sparse_conv2d_fused_upsample(shape, dtype, device):
-    """upsample=2 reads the input nearest-upsampled: conv(pad(interpolate(x))), with gradients."""
+    """upsample=2 reads the input nearest-upsampled: conv(pad(interpolate(x))), with gradients.
+    From a stored width of 64 a 3x3 conv runs in its phase form on the CPU (the last two shapes:
+    forward and weight gradient)."""
     n, c_in, c_out, h, w_, k, mode = shape
     w, keep = random_weight(c_out, c_in, k, 0.4, torch.float64, 9)
     gen = torch.Generator().manual_seed(10)
@@ -160,6 +163,22 @@ def test_sparse_conv2d_gradcheck():
     for mode in ("reflect", "zeros"):
         assert torch.autograd.gradcheck(
             lambda x, v, b: sparse_conv2d(x, v, row_ptr, col_idx, 3, b, 1, 1, mode), (x, values, b))
+
+
+def test_sparse_conv2d_phase_form_gradcheck():
+    """The 2x-upsampled 3x3 conv at a stored width of 64 and more, which runs in its phase form
+    (the four output phases as one conv of the stored input, csrc/cpu/sparse_conv2d_kernels.h)."""
+    w, keep = random_weight(3, 2, 3, 0.6, torch.float64, 6)
+    values, row_ptr, col_idx = to_csr(w, keep)
+    x = torch.randn(1, 2, 3, 65, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    values.requires_grad_()
+    for mode in ("reflect", "zeros"):
+        assert torch.autograd.gradcheck(
+            lambda x, v, b: sparse_conv2d(x, v, row_ptr, col_idx, 3, b, 1, 1, mode, upsample=2), (x, values, b),
+            fast_mode=True)
+        torch.library.opcheck(torch.ops.oes_fast.sparse_conv2d.default,
+                              (x, values, row_ptr, col_idx, b, [3, 3], [1, 1], [1, 1], mode, 2))
 
 
 def test_sparse_conv2d_opcheck():
@@ -213,7 +232,8 @@ def test_input_grad_fused_upsample_sums_the_blocks(upsample, stride, mode):
 @pytest.mark.parametrize("mode", ["reflect", "zeros"])
 def test_weight_grad_fused_upsample_is_weight_grad_of_upsampled(dtype, stride, mode):
     """The weight gradient with upsample=2 reads the stored input through the upsampling: the same
-    bits as the weight gradient of the upsampled input (same taps, same values, same sums)."""
+    bits as the weight gradient of the upsampled input (same taps, same values, same sums). Below
+    a stored width of 64: from there a 3x3 conv runs in its phase form, which sums differently."""
     w, keep = random_weight(5, 3, 3, 0.4, dtype, 21)
     _, row_ptr, col_idx = to_csr(w, keep)
     gen = torch.Generator().manual_seed(22)

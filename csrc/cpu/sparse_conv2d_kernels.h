@@ -65,16 +65,20 @@ inline int64_t source_index(int64_t i, int64_t n, bool reflect) {
   }
   return (i >= 0 && i < n) ? i : -1;
 }
+inline int64_t source_index(int64_t i, int64_t n, const SparseConvGeometry& g) {
+  if (g.replicate) return i < 0 ? 0 : (i >= n ? n - 1 : i);
+  return source_index(i, n, g.reflect);
+}
 
 // gw[k] = the sum over the `parts` rows of partial ([parts][nnz], float64) at k, in row order:
 // the weight gradients' per-task partials, added the same way whatever the thread count.
-template <typename T>
-void sum_partials(const std::vector<double>& partial, int64_t parts, int64_t nnz, T* gw) {
+template <typename Out>
+void sum_partials(const std::vector<double>& partial, int64_t parts, int64_t nnz, Out* gw) {
   at::parallel_for(0, nnz, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       double s = 0.0;
       for (int64_t p = 0; p < parts; ++p) s += partial[p * nnz + k];
-      gw[k] = static_cast<T>(s);
+      gw[k] = static_cast<Out>(s);
     }
   });
 }
@@ -133,7 +137,7 @@ void load_halo(const T* x, T* halo, int64_t rows_h, int64_t rows_load, int64_t W
   for (int64_t c = 0; c < g.C_in; ++c) {
     for (int64_t hr = 0; hr < rows_load; ++hr) {
       T* dst = halo + (c * rows_h + hr) * Wa;
-      const int64_t iy = source_index(y_in0 + hr, g.H, g.reflect);
+      const int64_t iy = source_index(y_in0 + hr, g.H, g);
       if (iy < 0) {
         std::fill(dst, dst + Wp, T(0));
         continue;
@@ -142,7 +146,7 @@ void load_halo(const T* x, T* halo, int64_t rows_h, int64_t rows_load, int64_t W
       const T* src = x + ((n * g.C_in + c) * g.H_src + iy / g.U) * g.W_src;
       const int64_t lo = std::min(g.PW, Wp), hi = std::min(Wp, g.PW + g.W);
       for (int64_t j = 0; j < lo; ++j) {
-        const int64_t ix = source_index(j - g.PW, g.W, g.reflect);
+        const int64_t ix = source_index(j - g.PW, g.W, g);
         dst[j] = ix < 0 ? T(0) : src[ix / g.U];
       }
       // the interior: pixels 0 .. n_up - 1 of the (upsampled) row, from dst + PW (or none)
@@ -158,7 +162,7 @@ void load_halo(const T* x, T* halo, int64_t rows_h, int64_t rows_load, int64_t W
         for (; i < n_up; ++i) d[i] = src[i / g.U];
       }
       for (int64_t j = hi; j < Wp; ++j) {
-        const int64_t ix = source_index(j - g.PW, g.W, g.reflect);
+        const int64_t ix = source_index(j - g.PW, g.W, g);
         dst[j] = ix < 0 ? T(0) : src[ix / g.U];
       }
     }
@@ -214,10 +218,52 @@ inline void tap_block(const T* base, int64_t row_stride, const int64_t* off, con
   }
 }
 
+// The output of the phase form of a 2x-upsampled conv (forward_up2): phase channel o' = 4 o + 2 p + q
+// of the conv is stored at rows 2 y + p, columns 2 x + q of channel o of an H x W output.
+struct PhaseOutput {
+  int64_t H, W;
+};
+
+// dst[2 j] = a[j], dst[2 j + 1] = b[j] for j < n: two phase rows into one output row.
+template <typename T>
+struct IndexVecOf;
+template <>
+struct IndexVecOf<float> {
+  typedef int32_t type __attribute__((vector_size(OES_FAST_VEC_BYTES)));
+};
+template <>
+struct IndexVecOf<double> {
+  typedef int64_t type __attribute__((vector_size(OES_FAST_VEC_BYTES)));
+};
+
+template <typename T>
+inline void interleave_row(const T* a, const T* b, int64_t n, T* dst) {
+  using V = vec_t<T>;
+  using M = typename IndexVecOf<T>::type;
+  constexpr int64_t L = kLanes<T>;
+  M lo, hi;  // lanes a0 b0 a1 b1 ... of the first and the second half
+  for (int64_t l = 0; l < L; ++l) {
+    lo[l] = (l % 2) * L + l / 2;
+    hi[l] = (l % 2) * L + L / 2 + l / 2;
+  }
+  int64_t j = 0;
+  for (; j + L <= n; j += L) {
+    const V va = load<V>(a + j), vb = load<V>(b + j);
+    store(dst + 2 * j, __builtin_shuffle(va, vb, lo));
+    store(dst + 2 * j + L, __builtin_shuffle(va, vb, hi));
+  }
+  for (; j < n; ++j) {
+    dst[2 * j] = a[j];
+    dst[2 * j + 1] = b[j];
+  }
+}
+
 template <typename T>
 void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t* ci, const T* bias, T* out,
-                    const SparseConvGeometry& g, double* stats = nullptr) {
+                    const SparseConvGeometry& g, double* stats = nullptr, const PhaseOutput* phase = nullptr) {
   // stats (optional): per output channel (sum, sum of squares) of the output, float64, [C_out][2]
+  // phase (optional): the output channels are the phases of a 2x larger output (PhaseOutput); a
+  // block's two column phases go through a small buffer and are interleaved into the output rows.
   constexpr int64_t L = kLanes<T>;
   if (g.N == 0 || g.C_out == 0) return;
   const int64_t KK = g.KH * g.KW;
@@ -226,11 +272,17 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
   // output-channel groups only where tiles alone do not give every thread several tasks
   const int64_t want = 4 * at::get_num_threads();
   const int64_t groups = std::min(g.C_out, std::max<int64_t>(1, (want + g.N * n_tiles - 1) / (g.N * n_tiles)));
-  const int64_t group_size = (g.C_out + groups - 1) / groups;
+  // (whole output channels of the phase form: its column phases are interleaved in pairs)
+  const int64_t unit = phase != nullptr ? 4 : 1;
+  const int64_t group_size = ((g.C_out + groups - 1) / groups + unit - 1) / unit * unit;
   const int64_t tasks = g.N * n_tiles * groups;
   std::vector<double> partial(stats != nullptr ? tasks * g.C_out * 2 : 0, 0.0);
+  // the blocks' output row stride: the output's, or that of the phase rows' buffer
+  constexpr int kPhaseRows = 8;
+  const int64_t ostride = phase != nullptr ? 4 * L : g.W_out;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     AlignedBuffer<T> halo(g.C_in * rows_h_max * Wa);
+    AlignedBuffer<T> phase_rows(phase != nullptr ? 2 * kPhaseRows * ostride : 0);
     // Tap offsets into the halo depend on neither the tile nor the image: decode them once.
     std::vector<int64_t> off(g.nnz);
     std::vector<T> w(g.nnz);
@@ -248,11 +300,29 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
       // Output channels innermost: the strip of the halo one column block reads (all input
       // channels, KH rows) stays in L1 while every output channel of the group uses it.
       double* part = stats != nullptr ? partial.data() + t * g.C_out * 2 : nullptr;
-      auto run = [&](auto block, int64_t r, int64_t xo, int64_t valid) {
-        for (int64_t o = o_begin; o < o_end; ++o) {
-          const T b = bias ? bias[o] : T(0);
-          T* orow = out + ((n * g.C_out + o) * g.H_out + y0 + r) * g.W_out;
-          block(halo.data + r * rs, rp[o], rp[o + 1] - rp[o], b, xo, orow, valid, part ? part + 2 * o : nullptr);
+      // a block of R rows stores min(valid, span) columns from xo
+      auto run = [&](auto block, int R, int64_t span, int64_t r, int64_t xo, int64_t valid) {
+        if (phase == nullptr) {
+          for (int64_t o = o_begin; o < o_end; ++o) {
+            const T b = bias ? bias[o] : T(0);
+            T* orow = out + ((n * g.C_out + o) * g.H_out + y0 + r) * g.W_out;
+            block(halo.data + r * rs, rp[o], rp[o + 1] - rp[o], b, xo, orow, valid, part ? part + 2 * o : nullptr);
+          }
+          return;
+        }
+        const int64_t cols = std::min(valid, span);
+        for (int64_t o = o_begin; o < o_end; o += 2) {  // column phases q = 0, 1 of one (channel, p)
+          T* t0 = phase_rows.data;
+          T* t1 = phase_rows.data + kPhaseRows * ostride;
+          block(halo.data + r * rs, rp[o], rp[o + 1] - rp[o], bias ? bias[o] : T(0), xo, t0 - xo, valid,
+                part ? part + 2 * o : nullptr);
+          block(halo.data + r * rs, rp[o + 1], rp[o + 2] - rp[o + 1], bias ? bias[o + 1] : T(0), xo, t1 - xo,
+                valid, part ? part + 2 * (o + 1) : nullptr);
+          const int64_t c = o / 4, p = (o / 2) % 2;
+          for (int rr = 0; rr < R; ++rr) {
+            T* dst = out + ((n * (g.C_out / 4) + c) * phase->H + 2 * (y0 + r + rr) + p) * phase->W + 2 * xo;
+            interleave_row(t0 + rr * ostride, t1 + rr * ostride, cols, dst);
+          }
         }
       };
       const T* offw = w.data();
@@ -276,46 +346,46 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
         }
       } else if (g.W_out >= 4 * L) {
         auto wide = [&](const T* base, int64_t k0, int64_t m, T b, int64_t xo, T* orow, int64_t valid, double* st) {
-          tap_block<T, 1, 4>(base, rs, offp + k0, offw + k0, m, b, xo, orow, g.W_out, valid, st);
+          tap_block<T, 1, 4>(base, rs, offp + k0, offw + k0, m, b, xo, orow, ostride, valid, st);
         };
         auto one = [&](const T* base, int64_t k0, int64_t m, T b, int64_t xo, T* orow, int64_t valid, double* st) {
-          tap_block<T, 1, 1>(base, rs, offp + k0, offw + k0, m, b, xo, orow, g.W_out, valid, st);
+          tap_block<T, 1, 1>(base, rs, offp + k0, offw + k0, m, b, xo, orow, ostride, valid, st);
         };
         // two rows at a time where there are two: 8 accumulators hide the FMA latency (4 would
         // wait on it), and each tap's weight broadcast serves 8 FMAs
         auto wide2 = [&](const T* base, int64_t k0, int64_t m, T b, int64_t xo, T* orow, int64_t valid, double* st) {
-          tap_block<T, 2, 4>(base, rs, offp + k0, offw + k0, m, b, xo, orow, g.W_out, valid, st);
+          tap_block<T, 2, 4>(base, rs, offp + k0, offw + k0, m, b, xo, orow, ostride, valid, st);
         };
         auto one2 = [&](const T* base, int64_t k0, int64_t m, T b, int64_t xo, T* orow, int64_t valid, double* st) {
-          tap_block<T, 2, 1>(base, rs, offp + k0, offw + k0, m, b, xo, orow, g.W_out, valid, st);
+          tap_block<T, 2, 1>(base, rs, offp + k0, offw + k0, m, b, xo, orow, ostride, valid, st);
         };
         int64_t r = 0;
         for (; r + 2 <= rows; r += 2) {
           int64_t xo = 0;
-          for (; xo + 4 * L <= g.W_out; xo += 4 * L) run(wide2, r, xo, 4 * L);
-          for (; xo < g.W_out; xo += L) run(one2, r, xo, g.W_out - xo);
+          for (; xo + 4 * L <= g.W_out; xo += 4 * L) run(wide2, 2, 4 * L, r, xo, 4 * L);
+          for (; xo < g.W_out; xo += L) run(one2, 2, L, r, xo, g.W_out - xo);
         }
         for (; r < rows; ++r) {
           int64_t xo = 0;
-          for (; xo + 4 * L <= g.W_out; xo += 4 * L) run(wide, r, xo, 4 * L);
-          for (; xo < g.W_out; xo += L) run(one, r, xo, g.W_out - xo);
+          for (; xo + 4 * L <= g.W_out; xo += 4 * L) run(wide, 1, 4 * L, r, xo, 4 * L);
+          for (; xo < g.W_out; xo += L) run(one, 1, L, r, xo, g.W_out - xo);
         }
       } else {
         // narrow rows: block 8 (or 4) rows per vector instead
         auto eight = [&](const T* base, int64_t k0, int64_t m, T b, int64_t xo, T* orow, int64_t valid, double* st) {
-          tap_block<T, 8, 1>(base, rs, offp + k0, offw + k0, m, b, xo, orow, g.W_out, valid, st);
+          tap_block<T, 8, 1>(base, rs, offp + k0, offw + k0, m, b, xo, orow, ostride, valid, st);
         };
         auto four = [&](const T* base, int64_t k0, int64_t m, T b, int64_t xo, T* orow, int64_t valid, double* st) {
-          tap_block<T, 4, 1>(base, rs, offp + k0, offw + k0, m, b, xo, orow, g.W_out, valid, st);
+          tap_block<T, 4, 1>(base, rs, offp + k0, offw + k0, m, b, xo, orow, ostride, valid, st);
         };
         auto one = [&](const T* base, int64_t k0, int64_t m, T b, int64_t xo, T* orow, int64_t valid, double* st) {
-          tap_block<T, 1, 1>(base, rs, offp + k0, offw + k0, m, b, xo, orow, g.W_out, valid, st);
+          tap_block<T, 1, 1>(base, rs, offp + k0, offw + k0, m, b, xo, orow, ostride, valid, st);
         };
         for (int64_t xo = 0; xo < g.W_out; xo += L) {
           int64_t r = 0;
-          for (; r + 8 <= rows; r += 8) run(eight, r, xo, g.W_out - xo);
-          for (; r + 4 <= rows; r += 4) run(four, r, xo, g.W_out - xo);
-          for (; r < rows; ++r) run(one, r, xo, g.W_out - xo);
+          for (; r + 8 <= rows; r += 8) run(eight, 8, L, r, xo, g.W_out - xo);
+          for (; r + 4 <= rows; r += 4) run(four, 4, L, r, xo, g.W_out - xo);
+          for (; r < rows; ++r) run(one, 1, L, r, xo, g.W_out - xo);
         }
       }
     }
@@ -537,9 +607,11 @@ void input_grad_stride1(const T* gout, const T* vals, const int64_t* rp, const i
 // tile's grad_output rows with every kept tap's shifted halo rows: full vectors only (the grad
 // rows are copied into zero-tailed rows, the halo has zeroed slack). Partials per task in
 // float64 are added in task order (deterministic).
-template <typename T>
-void weight_grad_stride1(const T* gout, const T* x, const int64_t* rp, const int32_t* ci, T* gw,
-                         const SparseConvGeometry& g) {
+template <typename T, typename Out = T>
+void weight_grad_stride1(const T* gout, const T* x, const int64_t* rp, const int32_t* ci, Out* gw,
+                         const SparseConvGeometry& g, const PhaseOutput* phase = nullptr) {
+  // phase (optional): the conv is the phase form of a 2x-upsampled one (forward_up2) and gout
+  // the 2x larger output's gradient; each phase channel's rows are read out of it.
   using V = vec_t<T>;
   constexpr int64_t L = kLanes<T>;
   if (g.nnz == 0 || g.N == 0) return;
@@ -565,9 +637,15 @@ void weight_grad_stride1(const T* gout, const T* x, const int64_t* rp, const int
       double* part = partial.data() + t * g.nnz;
       for (int64_t o = 0; o < g.C_out; ++o) {
         if (rp[o] == rp[o + 1]) continue;
-        for (int64_t r = 0; r < rows; ++r)
-          std::memcpy(grows.data + r * nvec * L, gout + ((n * g.C_out + o) * g.H_out + y0 + r) * g.W_out,
-                      sizeof(T) * g.W_out);
+        for (int64_t r = 0; r < rows; ++r) {
+          T* dst = grows.data + r * nvec * L;
+          if (phase == nullptr) {
+            std::memcpy(dst, gout + ((n * g.C_out + o) * g.H_out + y0 + r) * g.W_out, sizeof(T) * g.W_out);
+          } else {  // phase channel o = 4 c + 2 p + q: row 2 y + p, columns 2 x + q of channel c
+            const T* src = gout + ((n * (g.C_out / 4) + o / 4) * phase->H + 2 * (y0 + r) + (o / 2) % 2) * phase->W;
+            for (int64_t j = 0; j < g.W_out; ++j) dst[j] = src[2 * j + o % 2];
+          }
+        }
         // KT taps at once share each load of the grad rows, and their 2 * KT accumulators hide
         // the FMA latency; each tap's accumulators run over all rows of the tile, so the lanes
         // are summed once per tile, not once per row. Every tap's sum has the same grouping
@@ -612,11 +690,119 @@ void weight_grad_stride1(const T* gout, const T* x, const int64_t* rp, const int
   sum_partials(partial, tasks, g.nnz, gw);
 }
 
+// The phase form of a 3x3 conv (stride 1, padding 1) of a 2x nearest-upsampled input. Output
+// pixel (2 y + p, 2 x + q) reads upsampled rows 2 y + p - 1 .. 2 y + p + 1, i.e. stored rows
+// y + (p + kh - 1) div 2 for kh = 0, 1, 2: two distinct rows, and the same for columns. So each of the
+// four phases (p, q) is a 3x3 conv of the stored input whose taps are the original ones moved to
+// window position ((p + kh + 1) / 2, (q + kw + 1) / 2), those landing on one position summed, and
+// reflection of the upsampled input at its border (pad 1) reads the stored input's border pixel
+// again (replicate). On the masks OES produces (about 40 % per up layer) the four phases keep about
+// 0.7x the multiply-adds of the upsampled conv, at a quarter of the pixels per phase, and the
+// halo holds stored rows only. Used from a stored width of kPhaseMinWidth (at 32x32 it was not
+// faster, measured on the generator's up layers).
+constexpr int64_t kPhaseMinWidth = 64;
+
+inline bool use_phases(const SparseConvGeometry& g) {
+  return g.U == 2 && g.SH == 1 && g.SW == 1 && g.KH == 3 && g.KW == 3 && g.PH == 1 && g.PW == 1 &&
+         !g.replicate && g.W_src >= kPhaseMinWidth;
+}
+
+// CSR of the phase form: row 4 o + 2 p + q holds output channel o's taps at phase (p, q), in the
+// order of their first original tap; of[4 k + 2 p + q] = the phase entry original tap k went to.
+// With vals, the phase values are the sums of their original taps in CSR order.
+template <typename T>
+struct PhasePlan {
+  std::vector<int64_t> rp;
+  std::vector<int32_t> ci;
+  std::vector<T> vals;
+  std::vector<int64_t> of;
+};
+
+template <typename T>
+PhasePlan<T> plan_phases(const T* vals, const int64_t* rp, const int32_t* ci, const SparseConvGeometry& g) {
+  // (sized up front, filled by index: no library template is first instantiated in an ISA region)
+  PhasePlan<T> pl{std::vector<int64_t>(4 * g.C_out + 1, 0), std::vector<int32_t>(4 * g.nnz),
+                  std::vector<T>(vals != nullptr ? 4 * g.nnz : 0, T(0)), std::vector<int64_t>(4 * g.nnz)};
+  std::vector<int64_t> slot(g.C_in * 9, -1);
+  int64_t count = 0;
+  for (int64_t o = 0; o < g.C_out; ++o) {
+    for (int64_t ph = 0; ph < 4; ++ph) {
+      const int64_t p = ph / 2, q = ph % 2, first = count;
+      for (int64_t k = rp[o]; k < rp[o + 1]; ++k) {
+        const int64_t c = ci[k] / 9, kh = ci[k] % 9 / 3, kw = ci[k] % 3;
+        const int64_t key = c * 9 + (p + kh + 1) / 2 * 3 + (q + kw + 1) / 2;
+        if (slot[key] < 0) {
+          slot[key] = count;
+          pl.ci[count++] = static_cast<int32_t>(key);
+        }
+        pl.of[4 * k + ph] = slot[key];
+        if (vals != nullptr) pl.vals[slot[key]] += vals[k];
+      }
+      for (int64_t j = first; j < count; ++j) slot[pl.ci[j]] = -1;
+      pl.rp[4 * o + ph + 1] = count;
+    }
+  }
+  return pl;
+}
+
+// The geometry of the phase form: the stored input, 4 C_out channels at its size, replicated border.
+inline SparseConvGeometry phase_geometry(const SparseConvGeometry& g, int64_t nnz) {
+  SparseConvGeometry t = g;
+  t.U = 1;
+  t.H = t.H_out = g.H_src;
+  t.W = t.W_out = g.W_src;
+  t.C_out = 4 * g.C_out;
+  t.replicate = g.reflect;
+  t.reflect = false;
+  t.nnz = nnz;
+  return t;
+}
+
+template <typename T>
+void forward_up2(const T* x, const T* vals, const int64_t* rp, const int32_t* ci, const T* bias, T* out,
+                 const SparseConvGeometry& g, double* stats) {
+  const PhasePlan<T> pl = plan_phases(vals, rp, ci, g);
+  std::vector<T> phase_bias(bias != nullptr ? 4 * g.C_out : 0);
+  for (int64_t i = 0; i < static_cast<int64_t>(phase_bias.size()); ++i) phase_bias[i] = bias[i / 4];
+  std::vector<double> phase_stats(stats != nullptr ? 8 * g.C_out : 0);
+  const PhaseOutput po{g.H_out, g.W_out};
+  forward_kernel<T>(x, pl.vals.data(), pl.rp.data(), pl.ci.data(), bias != nullptr ? phase_bias.data() : nullptr,
+                    out, phase_geometry(g, pl.rp.back()),
+                    stats != nullptr ? phase_stats.data() : nullptr, &po);
+  if (stats != nullptr) {
+    for (int64_t o = 0; o < g.C_out; ++o) {
+      for (int i = 0; i < 2; ++i) {
+        const double* s = phase_stats.data() + 8 * o + i;
+        stats[2 * o + i] = s[0] + s[2] + s[4] + s[6];
+      }
+    }
+  }
+}
+
+template <typename T>
+void weight_grad_up2(const T* gout, const T* x, const int64_t* rp, const int32_t* ci, T* gw,
+                     const SparseConvGeometry& g) {
+  const PhasePlan<T> pl = plan_phases<T>(nullptr, rp, ci, g);
+  std::vector<double> phase_gw(pl.rp.back(), 0.0);
+  const PhaseOutput po{g.H_out, g.W_out};
+  weight_grad_stride1<T, double>(gout, x, pl.rp.data(), pl.ci.data(), phase_gw.data(),
+                                 phase_geometry(g, pl.rp.back()), &po);
+  // a tap's gradient: the sum of the gradients of the four phase entries it is part of
+  for (int64_t k = 0; k < g.nnz; ++k) {
+    const int64_t* of = pl.of.data() + 4 * k;
+    gw[k] = static_cast<T>(phase_gw[of[0]] + phase_gw[of[1]] + phase_gw[of[2]] + phase_gw[of[3]]);
+  }
+}
+
 // The entry points sparse_conv2d.cpp calls through OES_FAST_ISA_DISPATCH.
 template <typename T>
 void forward(const T* x, const T* vals, const int64_t* rp, const int32_t* ci, const T* bias, T* out,
              const SparseConvGeometry& g, double* stats) {
-  forward_kernel<T>(x, vals, rp, ci, bias, out, g, stats);
+  if (use_phases(g)) {
+    forward_up2<T>(x, vals, rp, ci, bias, out, g, stats);
+  } else {
+    forward_kernel<T>(x, vals, rp, ci, bias, out, g, stats);
+  }
 }
 
 template <typename T>
@@ -631,7 +817,9 @@ void input_grad(const T* gout, const T* vals, const int64_t* rp, const int32_t* 
 
 template <typename T>
 void weight_grad(const T* gout, const T* x, const int64_t* rp, const int32_t* ci, T* gw, const SparseConvGeometry& g) {
-  if (g.SH == 1 && g.SW == 1) {
+  if (use_phases(g)) {
+    weight_grad_up2<T>(gout, x, rp, ci, gw, g);
+  } else if (g.SH == 1 && g.SW == 1) {
     weight_grad_stride1<T>(gout, x, rp, ci, gw, g);
   } else {
     weight_grad_generic<T>(gout, x, rp, ci, gw, g);

@@ -154,31 +154,23 @@ def test_sparse_conv2d_fused_upsample(shape, dtype, device):
         assert_close_to_reference(got.detach().cpu(), e64, elp, name=name)
 
 
-def test_sparse_conv2d_gradcheck():
-    w, keep = random_weight(3, 2, 3, 0.5, torch.float64, 5)
+@pytest.mark.parametrize("upsample, size", [(1, (6, 7)), (2, (3, 65))])
+def test_sparse_conv2d_gradcheck(upsample, size):
+    """Gradients of the op; with upsample=2 at a stored width of 64 and more the CPU runs the 3x3
+    conv in its phase form (the four output phases as one conv of the stored input,
+    csrc/cpu/sparse_conv2d_kernels.h), checked by opcheck as well."""
+    w, keep = random_weight(3, 2, 3, 0.6, torch.float64, 5)
     values, row_ptr, col_idx = to_csr(w, keep)
-    x = torch.randn(1, 2, 6, 7, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(1, 2, *size, dtype=torch.float64, requires_grad=True)
     b = torch.randn(3, dtype=torch.float64, requires_grad=True)
     values.requires_grad_()
     for mode in ("reflect", "zeros"):
         assert torch.autograd.gradcheck(
-            lambda x, v, b: sparse_conv2d(x, v, row_ptr, col_idx, 3, b, 1, 1, mode), (x, values, b))
-
-
-def test_sparse_conv2d_phase_form_gradcheck():
-    """The 2x-upsampled 3x3 conv at a stored width of 64 and more, which runs in its phase form
-    (the four output phases as one conv of the stored input, csrc/cpu/sparse_conv2d_kernels.h)."""
-    w, keep = random_weight(3, 2, 3, 0.6, torch.float64, 6)
-    values, row_ptr, col_idx = to_csr(w, keep)
-    x = torch.randn(1, 2, 3, 65, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
-    values.requires_grad_()
-    for mode in ("reflect", "zeros"):
-        assert torch.autograd.gradcheck(
-            lambda x, v, b: sparse_conv2d(x, v, row_ptr, col_idx, 3, b, 1, 1, mode, upsample=2), (x, values, b),
-            fast_mode=True)
-        torch.library.opcheck(torch.ops.oes_fast.sparse_conv2d.default,
-                              (x, values, row_ptr, col_idx, b, [3, 3], [1, 1], [1, 1], mode, 2))
+            lambda x, v, b: sparse_conv2d(x, v, row_ptr, col_idx, 3, b, 1, 1, mode, upsample=upsample), (x, values, b),
+            fast_mode=upsample > 1)
+        if upsample > 1:
+            torch.library.opcheck(torch.ops.oes_fast.sparse_conv2d.default,
+                                  (x, values, row_ptr, col_idx, b, [3, 3], [1, 1], [1, 1], mode, upsample))
 
 
 def test_sparse_conv2d_opcheck():

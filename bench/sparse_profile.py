@@ -151,6 +151,14 @@ def conv_work(st: _Conv, x_shape, out_shape, backward=False, input_grad=True) ->
 ELEMENTWISE_FLOPS = {"act": 1, "sigmoid": 3}
 
 
+def conv_output_shape(st: _Conv, x_shape, out_shape, phase: str):
+    """The conv's own output shape: for a conv run with the pooling after it ("conv + pool ..."),
+    the size before the pooling (the work counted is the conv's at full size)."""
+    if phase.startswith("conv + pool"):
+        return (out_shape[0], out_shape[1], x_shape[2], x_shape[3])
+    return out_shape
+
+
 def stage_work(st, x_shape, out_shape, phase: str) -> tuple[float, float]:
     """(FLOPs, bytes) of one non-conv stage in `phase` (see the module docstring)."""
     numel = lambda s: float(s[0] * s[1] * s[2] * s[3])  # noqa: E731
@@ -259,12 +267,16 @@ def isolated_conv_ops(gen, capture) -> tuple[dict, dict]:
     fns, work = {}, {}
     for i, st in enumerate(gen.stages):
         if isinstance(st, _Conv) and st.mode == "sparse":
-            _layer_ops(i, st, capture[i], fns, work)
+            _layer_ops(i, st, capture[i], fns, work, pooled=gen.fuses_pool(i, capture[i][0]))
     return fns, work
 
 
-def _layer_ops(i, st, captured, fns, work):
-    """isolated_conv_ops for one conv (a function of its own so that the closures bind its locals)."""
+def _layer_ops(i, st, captured, fns, work, pooled=False):
+    """isolated_conv_ops for one conv (a function of its own so that the closures bind its locals).
+    pooled: the generator runs it with the 2x2 average pooling after it as one op
+    (SparseGenerator.fuses_pool); the captured output gradient is then the pooled one, and the ops
+    are sparse_conv2d_pool_stats, its weight gradient, and the input gradient through the
+    pooling's backward. The work counted is the conv's at full size either way."""
     x, g, out = captured
     x = x.detach().contiguous()
     g = g.contiguous()
@@ -277,23 +289,35 @@ def _layer_ops(i, st, captured, fns, work):
             else torch.zeros(st.n_out) if st.fold_weight is not None else None)
     values = st.values.detach()
     nnz, px_in, px_out = values.numel(), n * h * w, g.shape[0] * g.shape[2] * g.shape[3]
+    px_conv = px_in * u * u  # the conv's output pixels (before any pooling; stride 1)
     weights = nnz * (F32 + 4) + (st.n_out + 1) * 8
     act_in, act_out = F32 * c * px_in, F32 * st.n_out * px_out
-    conv_flops = 2.0 * nnz * px_out
-    fns[i, "sparse_conv2d"] = (lambda x=x, b=bias: ops.sparse_conv2d(
-        x, values, st.row_ptr, st.col_idx, b, st.kernel, [1, 1], [ph, pw], "reflect", u))
-    work[i, "sparse_conv2d"] = (conv_flops, act_in + act_out + weights)
-    fns[i, "sparse_conv2d_stats"] = (lambda x=x, b=bias: ops.sparse_conv2d_stats(
-        x, values, st.row_ptr, st.col_idx, b, st.kernel, [ph, pw], "reflect", u))
-    work[i, "sparse_conv2d_stats"] = (conv_flops + 3.0 * st.n_out * px_out, act_in + act_out + weights)
+    conv_flops = 2.0 * nnz * px_conv
+    if pooled:
+        fns[i, "sparse_conv2d_pool_stats"] = (lambda x=x, b=bias: ops.sparse_conv2d_pool_stats(
+            x, values, st.row_ptr, st.col_idx, b, st.kernel, [ph, pw], "reflect"))
+        work[i, "sparse_conv2d_pool_stats"] = (conv_flops + st.n_out * px_conv + 3.0 * st.n_out * px_out,
+                                               act_in + act_out + weights)
+        grad_conv = (lambda g=g: ops.avg_pool2x2_backward(g, [n, st.n_out, h, w]))
+        weight_grad = (lambda g=g, x=x: ops.sparse_conv2d_pool_weight_grad(
+            g, x, st.row_ptr, st.col_idx, st.kernel, [ph, pw], "reflect"))
+    else:
+        fns[i, "sparse_conv2d"] = (lambda x=x, b=bias: ops.sparse_conv2d(
+            x, values, st.row_ptr, st.col_idx, b, st.kernel, [1, 1], [ph, pw], "reflect", u))
+        work[i, "sparse_conv2d"] = (conv_flops, act_in + act_out + weights)
+        fns[i, "sparse_conv2d_stats"] = (lambda x=x, b=bias: ops.sparse_conv2d_stats(
+            x, values, st.row_ptr, st.col_idx, b, st.kernel, [ph, pw], "reflect", u))
+        work[i, "sparse_conv2d_stats"] = (conv_flops + 3.0 * st.n_out * px_out, act_in + act_out + weights)
+        grad_conv = (lambda g=g: g)
+        # the weight gradient reads the stored input through the upsampling, as the forward does
+        weight_grad = (lambda g=g, x=x: ops.sparse_conv2d_weight_grad(
+            g, x, st.row_ptr, st.col_idx, st.kernel, [1, 1], [ph, pw], "reflect", u))
     if i > 0:  # the first conv reads z, which needs no gradient
         # with a fused upsampling the op folds each u x u block onto its stored pixel itself
-        fns[i, "input_grad"] = (lambda g=g, shape=[n, c, h, w]: ops.sparse_conv2d_input_grad(
-            g, values, st.row_ptr, st.col_idx, shape, st.kernel, [1, 1], [ph, pw], "reflect", u))
+        fns[i, "input_grad"] = (lambda shape=[n, c, h, w]: ops.sparse_conv2d_input_grad(
+            grad_conv(), values, st.row_ptr, st.col_idx, shape, st.kernel, [1, 1], [ph, pw], "reflect", u))
         work[i, "input_grad"] = (conv_flops, act_out + act_in + weights)
-    # the weight gradient reads the stored input through the upsampling, as the forward does
-    fns[i, "weight_grad"] = (lambda g=g, x=x: ops.sparse_conv2d_weight_grad(
-        g, x, st.row_ptr, st.col_idx, st.kernel, [1, 1], [ph, pw], "reflect", u))
+    fns[i, "weight_grad"] = weight_grad
     work[i, "weight_grad"] = (conv_flops, act_out + act_in + weights)
     if st.bias is not None or st.fold_weight is not None:  # the op's bias then needs a gradient
         fns[i, "bias grad (channel sum)"] = (lambda g=g: _channel_sum(g))
@@ -431,8 +455,8 @@ def run(size: int, repeats: int) -> dict:
         st = gen.stages[i]
         xs, os_ = shapes[i]
         if isinstance(st, _Conv):
-            fl, nb = conv_work(st, xs, os_)
-            if phase.startswith("conv + bn stats"):
+            fl, nb = conv_work(st, xs, conv_output_shape(st, xs, os_, phase))
+            if "bn stats" in phase:
                 fl += 3.0 * os_[1] * os_[0] * os_[2] * os_[3]
         else:
             fl, nb = stage_work(st, xs, os_, phase)
@@ -441,6 +465,7 @@ def run(size: int, repeats: int) -> dict:
     step_rounds = res["sparse step (instrumented)"]
     sh = {i: (tuple(capture[i][0].shape), tuple(capture[i][2].shape)) for i in capture}
     fused = fused_activation_stages(step_rounds[0])
+    forward_phase = {i: phase for i, phase in step_rounds[0] if isinstance(i, int) and phase != "bwd"}
     for key in step_rounds[0]:
         i, phase = key
         ts = [r[key] for r in step_rounds]
@@ -457,8 +482,9 @@ def run(size: int, repeats: int) -> dict:
             continue
         st = gen.stages[i]
         if isinstance(st, _Conv):
-            fl, nb = conv_work(st, *sh[i], backward=phase == "bwd", input_grad=i > 0)
-            if phase.startswith("conv + bn stats"):
+            fl, nb = conv_work(st, sh[i][0], conv_output_shape(st, *sh[i], forward_phase[i]), backward=phase == "bwd",
+                               input_grad=i > 0)
+            if "bn stats" in phase:
                 fl += 3.0 * sh[i][1][1] * sh[i][1][0] * sh[i][1][2] * sh[i][1][3]
         else:
             fl, nb = stage_work(st, *sh[i], "bwd + activation" if i in fused and phase == "bwd" else phase)
@@ -591,16 +617,25 @@ def render(d: dict, quick: bool) -> str:
     lines += ["#### Per sparse conv layer (isolated ops on the layer's captured input and output gradient)\n",
               "ms and time / max(floors) per op; fwd = sparse_conv2d, +stats = sparse_conv2d_stats (the statistics "
               "epilogue's cost is the difference), dgrad = sparse_conv2d_input_grad (upsampling folded back in "
-              "the op), wgrad = sparse_conv2d_weight_grad (upsampling read in its input load); GFLOP/s of fwd.\n",
+              "the op), wgrad = sparse_conv2d_weight_grad (upsampling read in its input load); GFLOP/s of fwd "
+              "(FLOPs of the conv as the network defines it: the phase forms of the upsampled and the pooled "
+              "convs execute fewer). Layers marked + pool run with the pooling after them "
+              "(SparseGenerator.fuses_pool): fwd = +stats = sparse_conv2d_pool_stats, wgrad = "
+              "sparse_conv2d_pool_weight_grad, dgrad = the pooling's backward, then sparse_conv2d_input_grad.\n",
               "| layer | in->out | k | out px | nnz | density | fwd ms | fwd x | fwd GFLOP/s | +stats ms | dgrad ms | dgrad x | "
               "wgrad ms | wgrad x | bias grad ms |",
               "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     by = {(r["stage"], r["phase"]): r for r in iso_rows}
     for c in d["conv_layers"]:
         i = c["stage"]
-        if (i, "sparse_conv2d") not in by:
+        name = c["name"]
+        if (i, "sparse_conv2d_pool_stats") in by:  # run with the pooling after it
+            f = fs = by[i, "sparse_conv2d_pool_stats"]
+            name += " (+ pool)"
+        elif (i, "sparse_conv2d") in by:
+            f, fs = by[i, "sparse_conv2d"], by[i, "sparse_conv2d_stats"]
+        else:
             continue
-        f, fs = by[i, "sparse_conv2d"], by[i, "sparse_conv2d_stats"]
         dg, wg = by.get((i, "input_grad")), by[i, "weight_grad"]
         bg = by.get((i, "bias grad (channel sum)"))
         dg_s = "-" if dg is None else ms(dg["time_s"])
@@ -608,11 +643,12 @@ def render(d: dict, quick: bool) -> str:
         wg_s = ms(wg["time_s"])
         bg_s = "-" if bg is None else ms(bg["time_s"])
         lines.append(
-            f"| {c['name']} | {c['n_in']}->{c['n_out']} | {c['kernel'][0]} | {c['out_hw'][0]}x{c['out_hw'][1]} | {c['nnz']} | "
+            f"| {name} | {c['n_in']}->{c['n_out']} | {c['kernel'][0]} | {c['out_hw'][0]}x{c['out_hw'][1]} | {c['nnz']} | "
             f"{c['density']:.2f} | {ms(f['time_s'])} | {f['over_floor']:.1f} | {f['flops'] / f['time_s'] / 1e9:.1f} | "
             f"{ms(fs['time_s'])} | {dg_s} | {dg_x} | {wg_s} | {wg['over_floor']:.1f} | {bg_s} |")
     tot = {ph: sum(r["time_s"] for r in iso_rows if r["phase"] == ph) for ph in
-           ("sparse_conv2d", "sparse_conv2d_stats", "input_grad", "weight_grad", "bias grad (channel sum)")
+           ("sparse_conv2d", "sparse_conv2d_stats", "sparse_conv2d_pool_stats", "input_grad", "weight_grad",
+            "bias grad (channel sum)")
            if any(r["phase"] == ph for r in iso_rows)}
     conv_bwd_ctx = sum(r["time_s"] for r in step_rows if r["phase"] == "bwd" and isinstance(r["stage"], int)
                        and isinstance(r["layer"], str) and ".conv" in r["layer"])

@@ -421,6 +421,50 @@ torch.library.register_autograd(
 )
 
 
+@torch.library.register_fake("oes_fast::sparse_conv2d_pool_stats")
+def _sparse_conv2d_pool_stats_fake(input, values, row_ptr, col_idx, bias, kernel_size, padding, padding_mode):
+    h, w = _sparse_conv2d_out_size(input.shape[2:], kernel_size, [1, 1], padding)
+    c_out = row_ptr.shape[0] - 1
+    return (input.new_empty((input.shape[0], c_out, h // 2, w // 2)),
+            input.new_empty((c_out, 2), dtype=torch.float64))
+
+
+@torch.library.register_fake("oes_fast::sparse_conv2d_pool_weight_grad")
+def _sparse_conv2d_pool_weight_grad_fake(grad_output, input, row_ptr, col_idx, kernel_size, padding, padding_mode):
+    return input.new_empty((col_idx.shape[0],))
+
+
+def _sparse_conv2d_pool_stats_setup_context(ctx, inputs, output):
+    input, values, row_ptr, col_idx, bias, kernel_size, padding, padding_mode = inputs
+    ctx.save_for_backward(input, values, row_ptr, col_idx)
+    ctx.geometry = (list(kernel_size), list(padding), padding_mode)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _sparse_conv2d_pool_stats_backward(ctx, grad, grad_stats):
+    # The weight gradient in the pooled form; the input gradient through the conv's own transposed
+    # kernel, from the gradient the pooling hands back (a quarter of each block's, one pass).
+    input, values, row_ptr, col_idx = ctx.saved_tensors
+    kernel_size, padding, mode = ctx.geometry
+    grad = grad.contiguous()
+    grad_input = grad_values = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_conv = _ops.avg_pool2x2_backward(grad, [grad.shape[0], grad.shape[1], *input.shape[2:]])
+        grad_input = _ops.sparse_conv2d_input_grad(grad_conv, values, row_ptr, col_idx, list(input.shape), kernel_size,
+                                                   [1, 1], padding, mode)
+    if ctx.needs_input_grad[1]:
+        grad_values = _ops.sparse_conv2d_pool_weight_grad(grad, input, row_ptr, col_idx, kernel_size, padding, mode)
+    if ctx.needs_input_grad[4]:
+        grad_bias = _channel_sum(grad)  # the pooled mean of conv + bias is the pooled conv + bias
+    return grad_input, grad_values, None, None, grad_bias, None, None, None
+
+
+torch.library.register_autograd(
+    "oes_fast::sparse_conv2d_pool_stats", _sparse_conv2d_pool_stats_backward,
+    setup_context=_sparse_conv2d_pool_stats_setup_context
+)
+
+
 def batch_norm_affine(stats: torch.Tensor, count: int, weight: torch.Tensor, bias: torch.Tensor, eps: float):
     """(mean, sqrt(var + eps), scale, shift), float64 per channel, of the training-mode batch norm
     of values whose per-channel sum and sum of squares over `count` values are `stats` ((C, 2),

@@ -202,7 +202,10 @@ class _Conv(_Stage):
         """Whether forward(..., with_stats=True) applies: sparse, CPU, live inputs and outputs."""
         return self.mode == "sparse" and x is not None and x.device.type == "cpu" and self.n_out > 0 and self.n_in > 0
 
-    def forward(self, x, const, hw, with_stats: bool = False):
+    def forward(self, x, const, hw, with_stats: bool = False, pool: bool = False):
+        """with_stats: also the batch-norm statistics of the output (sparse_conv2d_stats); pool
+        (with with_stats): the output 2x2 average pooled (sparse_conv2d_pool_stats), for which
+        can_fuse_stats must hold too."""
         const_out = self.constants(const)
         bias = const_out.index_select(0, self.live_out) if const_out is not None else None
         u = self.upsample
@@ -216,6 +219,10 @@ class _Conv(_Stage):
         if self.select_in:
             x = x.index_select(1, self.live_in)
         ph, pw = (self.kernel[0] - 1) // 2, (self.kernel[1] - 1) // 2
+        if pool:
+            x, stats = torch.ops.oes_fast.sparse_conv2d_pool_stats(x, self.values, self.row_ptr, self.col_idx, bias,
+                                                                   self.kernel, [ph, pw], "reflect")
+            return x, const_out, (hw[0], hw[1] // 2, hw[2] // 2), stats
         if with_stats:
             x, stats = torch.ops.oes_fast.sparse_conv2d_stats(x, self.values, self.row_ptr, self.col_idx, bias,
                                                               self.kernel, [ph, pw], "reflect", u)
@@ -458,6 +465,10 @@ class SparseGenerator(nn.Module):
         self.names = [s.get("name") for s in specs]
         self.fuse_batch_norm = True  # see fuses_stats
         self.fuse_activation = True  # see fuses_batch_norm_op
+        # see fuses_pool: from this input width (512x512, 1 thread: the generator's first conv
+        # 9.1 -> 6.9 ms forward, 8.0 -> 7.4 ms weight gradient; at 256 0.6 -> 0.4 ms; at 128 even,
+        # at 64 slower, 0.25 -> 0.35 ms)
+        self.pool_fusion_min_width = 256
 
     @classmethod
     def from_masked(cls, model: nn.Module, mask, crossover: float = CROSSOVER_DENSITY) -> "SparseGenerator":
@@ -497,13 +508,18 @@ class SparseGenerator(nn.Module):
         """Run stage i (and the stage fused with it) as `forward` does: returns (x, const, hw,
         stats, index of the next stage, phase). `stats`: what the previous call returned, the
         per-channel sums of a conv fused with the batch norm that stage i then is.
-        Phases: "conv + bn stats (fused)" (sparse_conv2d_stats; the batch norm is next);
+        Phases: "conv + pool + bn stats (fused)" (sparse_conv2d_pool_stats: the conv, the 2x2
+        average pooling after it, and the statistics of the batch norm after that);
+        "conv + bn stats (fused)" (sparse_conv2d_stats; the batch norm is next);
         every batch norm as ops.batch_norm_leaky_relu: "bn apply[ + activation] (fused)" from the conv's
         statistics, "bn stats + apply[ + activation] (fused)" with its own statistics pass, the
         LeakyReLU after it included when there is one (else a slope of 1: the identity);
         with that fusion off (`fuse_activation`), "bn apply" (in place without autograd) after
         the conv's statistics; "fwd" (the stage alone)."""
         stage = self.stages[i]
+        if self.fuses_pool(i, x):
+            x, const, hw, stats = stage(x, const, hw, with_stats=True, pool=True)
+            return x, const, hw, stats, i + 2, "conv + pool + bn stats (fused)"
         if self.fuses_stats(i, x):
             x, const, hw, stats = stage(x, const, hw, with_stats=True)
             return x, const, hw, stats, i + 1, "conv + bn stats (fused)"
@@ -525,6 +541,18 @@ class SparseGenerator(nn.Module):
         stages = self.stages
         return (self.fuse_batch_norm and isinstance(stages[i], _Conv) and i + 1 < len(stages)
                 and isinstance(stages[i + 1], _BatchNorm) and stages[i].can_fuse_stats(x))
+
+    def fuses_pool(self, i: int, x) -> bool:
+        """Whether `forward` runs stage i, a sparse conv followed by 2x2 average pooling and batch
+        norm (every down block's first conv), as one conv at the pooled size on the input's
+        stride-2 phases (`sparse_conv2d_pool_stats`) that also returns the batch norm's statistics:
+        under `fuse_batch_norm`, on CPU, from an input `pool_fusion_min_width` wide."""
+        stages = self.stages
+        return (self.fuse_batch_norm and isinstance(stages[i], _Conv) and i + 2 < len(stages)
+                and isinstance(stages[i + 1], _Elementwise) and stages[i + 1].op == "pool"
+                and stages[i + 1].arg == "avg" and isinstance(stages[i + 2], _BatchNorm)
+                and stages[i].upsample == 1 and stages[i].can_fuse_stats(x)
+                and x.shape[-1] >= self.pool_fusion_min_width)
 
     def fuses_batch_norm_op(self, i: int, x) -> bool:
         """Whether `forward` runs stage i, a batch norm, as ops.batch_norm_leaky_relu (one

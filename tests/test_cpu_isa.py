@@ -19,6 +19,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import oes_fast._C as _C
 from oes_fast import reference
@@ -74,6 +75,13 @@ for threads in (1, 2):
                     x.detach(), v.detach(), t["row_ptr"], t["col_idx"], b.detach(), [k, k],
                     [(k - 1) // 2] * 2, mode, up)
                 got["stats_out"], got["stats"] = y2, stats
+            if stride == 1 and up == 1:  # the conv with the 2x2 average pooling after it, in one op
+                xp, vp, bp = (a.detach().clone().requires_grad_() for a in (x, v, b))
+                yp, pool_stats = torch.ops.oes_fast.sparse_conv2d_pool_stats(
+                    xp, vp, t["row_ptr"], t["col_idx"], bp, [k, k], [(k - 1) // 2] * 2, mode)
+                yp.backward(t["grad"].to(dtype)[:, :, :h // 2, :w // 2].contiguous())
+                got.update(pool_out=yp.detach(), pool_stats=pool_stats, pool_input_grad=xp.grad,
+                           pool_weight_grad=vp.grad, pool_bias_grad=bp.grad)
             out[str(dtype)] = got
         per_case.append(out)
     results["threads"][threads] = per_case
@@ -138,7 +146,13 @@ def _reference(case, dtype):
     b = t["bias"].to(dtype).clone().requires_grad_()
     y = reference.sparse_conv2d(x, v, t["row_ptr"], t["col_idx"], k, b, stride, (k - 1) // 2, mode, up)
     y.backward(t["grad"].to(dtype))
-    return {"out": y.detach(), "input_grad": x.grad, "weight_grad": v.grad, "bias_grad": b.grad}
+    out = {"out": y.detach(), "input_grad": x.grad, "weight_grad": v.grad, "bias_grad": b.grad}
+    if stride == 1 and up == 1:
+        x, v, b = (a.detach().clone().requires_grad_() for a in (x, v, b))
+        y = F.avg_pool2d(reference.sparse_conv2d(x, v, t["row_ptr"], t["col_idx"], k, b, 1, (k - 1) // 2, mode), 2)
+        y.backward(t["grad"].to(dtype)[:, :, :h // 2, :w // 2])
+        out.update(pool_out=y.detach(), pool_input_grad=x.grad, pool_weight_grad=v.grad, pool_bias_grad=b.grad)
+    return out
 
 
 def test_default_is_the_widest_supported():
@@ -167,8 +181,9 @@ def test_unknown_or_unsupported_isa_is_an_error(value):
 
 @pytest.mark.parametrize("isa", ISAS)
 def test_sparse_conv2d_under_isa(isa, inputs, tmp_path_factory):
-    """Forward, statistics, input and weight gradients under one instruction set: close to the
-    reference in float64 and float32, and the same bits with 1 and 2 threads."""
+    """Forward, statistics, input and weight gradients under one instruction set, and those of the
+    conv with the pooling after it (sparse_conv2d_pool_stats): close to the reference in float64
+    and float32, and the same bits with 1 and 2 threads."""
     results = _run_under(isa, inputs, tmp_path_factory)
     assert results["isa"] == isa
     for i, case in enumerate(inputs):
@@ -176,7 +191,7 @@ def test_sparse_conv2d_under_isa(isa, inputs, tmp_path_factory):
             ref64, ref_lowp = _reference(case, torch.float64), _reference(case, dtype)
             got = results["threads"][1][i][str(dtype)]
             where = f"{case['shape']} {dtype} under {isa}"
-            for name in ("out", "input_grad", "weight_grad", "bias_grad"):
+            for name in ref64:
                 assert got[name].dtype == dtype
                 assert_close_to_reference(got[name], ref64[name], ref_lowp[name], name=f"{name} {where}")
             if "stats" in got:
@@ -187,6 +202,12 @@ def test_sparse_conv2d_under_isa(isa, inputs, tmp_path_factory):
                 size_ = torch.stack([out64.abs().sum((0, 2, 3)), (out64**2).sum((0, 2, 3))], 1)
                 rtol = 1e-5 if dtype == torch.float32 else 1e-12
                 assert ((got["stats"] - expected).abs() <= rtol * size_ + 1e-9).all(), where
+            if "pool_stats" in got:
+                pooled = ref64["pool_out"]
+                expected = torch.stack([pooled.sum((0, 2, 3)), (pooled**2).sum((0, 2, 3))], 1)
+                size_ = torch.stack([pooled.abs().sum((0, 2, 3)), (pooled**2).sum((0, 2, 3))], 1)
+                rtol = 1e-5 if dtype == torch.float32 else 1e-12
+                assert ((got["pool_stats"] - expected).abs() <= rtol * size_ + 1e-9).all(), where
             other = results["threads"][2][i][str(dtype)]
             for name in got:
                 assert torch.equal(got[name], other[name]), f"{name} {where}: bits differ between 1 and 2 threads"

@@ -18,6 +18,7 @@ import oes_fast
 from oes_fast import masks, models
 from oes_fast.ops import batch_norm_from_stats
 from oes_fast.sparse import SparseGenerator, _Conv, sparse_conv2d, to_csr
+from cpu_variants import assert_thread_independent
 from tolerances import assert_close_to_reference
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -303,6 +304,84 @@ def test_sparse_conv2d_stats_then_batch_norm_gradcheck(upsample):
         batch_norm_from_stats(got, torch.zeros(3, 2, dtype=torch.float64), gamma, beta, 1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(2, 3, 4, 9, 67, 5, "reflect"), (1, 5, 3, 12, 20, 3, "zeros"),
+                                   (1, 2, 3, 7, 5, 5, "reflect"), (1, 4, 2, 6, 33, 1, "reflect"),
+                                   (1, 3, 5, 8, 70, 5, "zeros")],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_sparse_conv2d_pool_stats(shape, dtype):
+    """A size-keeping conv with 2x2 average pooling after it, computed as one conv of the input's
+    stride-2 phases: the pooled output (odd last rows/columns dropped), its batch-norm statistics,
+    and the input, weight and bias gradients against the reference conv + F.avg_pool2d."""
+    n, c_in, c_out, h, w_, k, mode = shape
+    w, keep = random_weight(c_out, c_in, k, 0.4, torch.float64, stable_seed(shape))
+    gen = torch.Generator().manual_seed(stable_seed(shape, "x"))
+    x = torch.randn(n, c_in, h, w_, generator=gen, dtype=torch.float64)
+    b = torch.randn(c_out, generator=gen, dtype=torch.float64)
+    g = torch.randn(n, c_out, h // 2, w_ // 2, generator=gen, dtype=torch.float64)
+    p = (k - 1) // 2
+
+    def ref(dt):
+        xr, wr, br = (t.to(dt).clone().requires_grad_() for t in (x, w, b))
+        out = F.avg_pool2d(reference_conv(xr, wr, br, 1, p, mode), 2)
+        out.backward(g.to(dt))
+        return out.detach(), xr.grad, wr.grad.reshape(c_out, -1)[keep.reshape(c_out, -1)], br.grad
+
+    r64, rlp = ref(torch.float64), ref(dtype)
+    values, row_ptr, col_idx = to_csr(w.to(dtype), keep)
+    xs, vs, bs = (t.clone().requires_grad_() for t in (x.to(dtype), values, b.to(dtype)))
+    out, stats = torch.ops.oes_fast.sparse_conv2d_pool_stats(xs, vs, row_ptr, col_idx, bs, [k, k], [p, p], mode)
+    out.backward(g.to(dtype))
+    for got, e64, elp, name in zip((out.detach(), xs.grad, vs.grad, bs.grad), r64, rlp,
+                                   ("forward", "input grad", "weight grad", "bias grad")):
+        assert_close_to_reference(got, e64, elp, name=name)
+    rtol = 1e-5 if dtype == torch.float32 else 1e-12
+    out64 = out.detach().double()
+    for got, expected, size_ in ((stats[:, 0], out64.sum((0, 2, 3)), out64.abs().sum((0, 2, 3))),
+                                 (stats[:, 1], (out64**2).sum((0, 2, 3)), (out64**2).sum((0, 2, 3)))):
+        assert ((got - expected).abs() <= rtol * size_ + 1e-9).all(), (got, expected)
+    assert_thread_independent(
+        lambda: dict(zip(("out", "stats"), torch.ops.oes_fast.sparse_conv2d_pool_stats(
+            x.to(dtype), values, row_ptr, col_idx, b.to(dtype), [k, k], [p, p], mode)),
+            weight_grad=torch.ops.oes_fast.sparse_conv2d_pool_weight_grad(
+                g.to(dtype), x.to(dtype), row_ptr, col_idx, [k, k], [p, p], mode)))
+
+
+def test_sparse_conv2d_pool_stats_gradcheck_and_opcheck():
+    w, keep = random_weight(3, 2, 5, 0.4, torch.float64, 31)
+    values, row_ptr, col_idx = to_csr(w, keep)
+    x = torch.randn(1, 2, 7, 9, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    values.requires_grad_()
+    for mode in ("reflect", "zeros"):
+        assert torch.autograd.gradcheck(
+            lambda x, v, b: torch.ops.oes_fast.sparse_conv2d_pool_stats(x, v, row_ptr, col_idx, b, [5, 5], [2, 2],
+                                                                        mode)[0], (x, values, b))
+        torch.library.opcheck(torch.ops.oes_fast.sparse_conv2d_pool_stats.default,
+                              (x, values, row_ptr, col_idx, b, [5, 5], [2, 2], mode))
+    torch.library.opcheck(torch.ops.oes_fast.sparse_conv2d_pool_weight_grad.default,
+                          (torch.randn(1, 3, 3, 4, dtype=torch.float64), x.detach(), row_ptr, col_idx, [5, 5],
+                           [2, 2], "reflect"))
+
+
+def test_sparse_conv2d_pool_stats_rejects_bad_arguments():
+    op = torch.ops.oes_fast.sparse_conv2d_pool_stats
+    w, keep = random_weight(4, 3, 3, 0.5, torch.float32, 2)
+    values, row_ptr, col_idx = to_csr(w, keep)
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(RuntimeError, match=r"padding \(k - 1\) / 2"):
+        op(x, values, row_ptr, col_idx, None, [3, 3], [0, 0], "reflect")
+    with pytest.raises(RuntimeError, match="at least 2x2"):
+        op(torch.randn(1, 3, 1, 8), values, row_ptr, col_idx, None, [3, 3], [1, 1], "zeros")
+    w4, keep4 = random_weight(4, 3, 4, 0.5, torch.float32, 3)
+    v4, rp4, ci4 = to_csr(w4, keep4)
+    with pytest.raises(RuntimeError, match="odd kernel"):
+        op(x, v4, rp4, ci4, None, [4, 4], [1, 1], "reflect")
+    with pytest.raises(RuntimeError, match="pooled output's shape"):
+        torch.ops.oes_fast.sparse_conv2d_pool_weight_grad(torch.randn(1, 4, 8, 8), x, row_ptr, col_idx, [3, 3],
+                                                          [1, 1], "reflect")
+
+
 def test_sparse_conv2d_rejects_bad_arguments():
     w, keep = random_weight(4, 3, 3, 0.5, torch.float32, 1)
     values, row_ptr, col_idx = to_csr(w, keep)
@@ -444,6 +523,7 @@ def test_generator_gradients(mode, fuse):
     gen = SparseGenerator.from_masked(model, mask).double()
     gen.set_mode(mode)
     gen.fuse_batch_norm = fuse
+    gen.pool_fusion_min_width = 0  # the down blocks' conv + pooling as one op wherever fuse is on
     z = torch.rand(1, 32, 32, 40, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 0.1
     target = torch.rand(1, 3, 32, 40, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     ref = dense_grads(model, mask, z, target, torch.float64)
@@ -476,6 +556,7 @@ def test_generator_training_fused_batch_norm_leaky_relu(monkeypatch, fuse_stats,
                       architecture=model.config)
     gen = SparseGenerator.from_masked(model, mask).double()
     gen.fuse_batch_norm, gen.fuse_activation = fuse_stats, fuse_activation
+    gen.pool_fusion_min_width = 0  # with fuse_stats, every conv + pooling as one op, whatever the size
     calls = []  # per call of the fused op: whether the statistics were given, and the slope
     fused_op = oes_fast.sparse.batch_norm_leaky_relu
     monkeypatch.setattr(oes_fast.sparse, "batch_norm_leaky_relu",
@@ -492,13 +573,14 @@ def test_generator_training_fused_batch_norm_leaky_relu(monkeypatch, fuse_stats,
     ref_grads = {n: p.grad * mask[n].double() for n, p in dense.named_parameters()}
     out = gen(z)
     ((out - target) ** 2).mean().backward()
-    # 12 batch norms, all on live channels; down: bn1 after the pooling, bn2 after a sparse conv,
-    # each followed by LeakyReLU; up: bn_in (no activation after it), bn after a sparse conv
+    # 12 batch norms, all on live channels; down: bn1 after the pooling (its statistics from the
+    # conv + pooling op where fused), bn2 after a sparse conv, each followed by LeakyReLU; up:
+    # bn_in (no activation after it), bn after a sparse conv
     if not fuse_activation:
         assert calls == []
     else:
         act = oes_fast.sparse.LEAKY_RELU_SLOPE
-        assert calls == [(False, act), (fuse_stats, act)] * 3 + [(False, 1.0), (fuse_stats, act)] * 3
+        assert calls == [(fuse_stats, act), (fuse_stats, act)] * 3 + [(False, 1.0), (fuse_stats, act)] * 3
     assert_close_to_reference(out, ref, floor=1e-11, name="output")
     largest = max(float(g.abs().max()) for g in ref_grads.values())
     for param, name, index in gen.parameter_map():

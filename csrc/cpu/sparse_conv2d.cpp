@@ -145,9 +145,73 @@ at::Tensor sparse_conv2d_weight_grad_cpu(const at::Tensor& grad_output, const at
   return gw;
 }
 
+// The conv that sparse_conv2d_pool_stats pools: stride 1, an odd kernel, the size kept.
+SparseConvGeometry pooled_conv_geometry(const char* op, at::IntArrayRef input_size, const at::Tensor& values,
+                                        const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                                        at::IntArrayRef kernel_size, at::IntArrayRef padding,
+                                        c10::string_view padding_mode, const at::Tensor& like) {
+  const auto g = sparse_conv2d_geometry(input_size, values, row_ptr, col_idx, kernel_size, {1, 1}, padding,
+                                        mode_string(padding_mode), like, 1);
+  TORCH_CHECK(g.KH % 2 == 1 && g.KW % 2 == 1 && g.PH == (g.KH - 1) / 2 && g.PW == (g.KW - 1) / 2, op,
+              ": needs an odd kernel with padding (k - 1) / 2 (a conv that keeps the size), got kernel ",
+              kernel_size, " and padding ", padding);
+  TORCH_CHECK(g.H_out >= 2 && g.W_out >= 2, op, ": the input must be at least 2x2 to pool, got ", input_size);
+  return g;
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_conv2d_pool_stats_cpu(const at::Tensor& input, const at::Tensor& values,
+                                                                const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                                                                const std::optional<at::Tensor>& bias,
+                                                                at::IntArrayRef kernel_size, at::IntArrayRef padding,
+                                                                c10::string_view padding_mode) {
+  const auto g = pooled_conv_geometry("sparse_conv2d_pool_stats", input.sizes(), values, row_ptr, col_idx,
+                                      kernel_size, padding, padding_mode, input);
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->numel() == g.C_out && bias->scalar_type() == input.scalar_type(),
+                "sparse_conv2d_pool_stats: bias must be 1-D with C_out entries of the input's dtype");
+    b = bias->contiguous();
+  }
+  const at::Tensor x = input.contiguous(), v = values.contiguous(), rp = row_ptr.contiguous(),
+                   ci = col_idx.contiguous();
+  at::Tensor out = at::empty({g.N, g.C_out, g.H_out / 2, g.W_out / 2}, input.options());
+  at::Tensor stats = at::zeros({g.C_out, 2}, input.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_conv2d_pool_stats_cpu", [&] {
+    auto* kernel = OES_FAST_ISA_DISPATCH(forward_pool<scalar_t>);
+    kernel(x.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), rp.data_ptr<int64_t>(), ci.data_ptr<int32_t>(),
+           b.defined() ? b.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), g, stats.data_ptr<double>());
+  });
+  return {out, stats};
+}
+
+at::Tensor sparse_conv2d_pool_weight_grad_cpu(const at::Tensor& grad_output, const at::Tensor& input,
+                                              const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                                              at::IntArrayRef kernel_size, at::IntArrayRef padding,
+                                              c10::string_view padding_mode) {
+  const at::Tensor like_values = at::empty({col_idx.numel()}, input.options());
+  const auto g = pooled_conv_geometry("sparse_conv2d_pool_weight_grad", input.sizes(), like_values, row_ptr,
+                                      col_idx, kernel_size, padding, padding_mode, input);
+  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type() && grad_output.device() == input.device(),
+              "sparse_conv2d_pool_weight_grad: grad_output must match the input's dtype and device");
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({g.N, g.C_out, g.H_out / 2, g.W_out / 2}),
+              "sparse_conv2d_pool_weight_grad: grad_output must have the pooled output's shape (", g.N, ", ",
+              g.C_out, ", ", g.H_out / 2, ", ", g.W_out / 2, "), got ", grad_output.sizes());
+  const at::Tensor go = grad_output.contiguous(), x = input.contiguous(), rp = row_ptr.contiguous(),
+                   ci = col_idx.contiguous();
+  at::Tensor gw = at::zeros({g.nnz}, input.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_conv2d_pool_weight_grad_cpu", [&] {
+    auto* kernel = OES_FAST_ISA_DISPATCH(weight_grad_pool<scalar_t>);
+    kernel(go.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), rp.data_ptr<int64_t>(), ci.data_ptr<int32_t>(),
+           gw.data_ptr<scalar_t>(), g);
+  });
+  return gw;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(oes_fast, CPU, m) {
+  m.impl("sparse_conv2d_pool_stats", &sparse_conv2d_pool_stats_cpu);
+  m.impl("sparse_conv2d_pool_weight_grad", &sparse_conv2d_pool_weight_grad_cpu);
   m.impl("sparse_conv2d", &sparse_conv2d_cpu);
   m.impl("sparse_conv2d_stats", &sparse_conv2d_stats_cpu);
   m.impl("sparse_conv2d_input_grad", &sparse_conv2d_input_grad_cpu);

@@ -169,6 +169,35 @@ void load_halo(const T* x, T* halo, int64_t rows_h, int64_t rows_load, int64_t W
   }
 }
 
+// The halo of the pooled form (forward_pool): phase channel c' = 4 c + 2 pu + pv, row r, column s
+// holds the padded input of the original conv `g` at (2 r + pu, 2 s + pv), channel c: the input
+// read at stride 2, so the pooled form is a stride-1 conv of these phases (no padding of its own).
+template <typename T>
+void load_halo_pooled(const T* x, T* halo, int64_t rows_h, int64_t rows_load, int64_t Wa, int64_t r0,
+                      const SparseConvGeometry& g, int64_t Wp, int64_t n) {
+  for (int64_t cp = 0; cp < 4 * g.C_in; ++cp) {
+    const int64_t c = cp / 4, pu = (cp / 2) % 2, pv = cp % 2;
+    // phase columns s whose input column 2 s + pv - PW lies inside the row: [lo, hi)
+    const int64_t lo = std::min(Wp, (g.PW - pv + 1) / 2), hi = std::max(lo, std::min(Wp, (g.W + g.PW - pv + 1) / 2));
+    for (int64_t hr = 0; hr < rows_load; ++hr) {
+      T* dst = halo + (cp * rows_h + hr) * Wa;
+      const int64_t iy = source_index(2 * (r0 + hr) + pu - g.PH, g.H, g);
+      if (iy < 0) {
+        std::fill(dst, dst + Wp, T(0));
+        continue;
+      }
+      const T* src = x + ((n * g.C_in + c) * g.H + iy) * g.W;
+      auto edge = [&](int64_t s) {
+        const int64_t ix = source_index(2 * s + pv - g.PW, g.W, g);
+        dst[s] = ix < 0 ? T(0) : src[ix];
+      };
+      for (int64_t s = 0; s < lo; ++s) edge(s);
+      for (int64_t s = lo; s < hi; ++s) dst[s] = src[2 * s + pv - g.PW];
+      for (int64_t s = hi; s < Wp; ++s) edge(s);
+    }
+  }
+}
+
 // R rows x NB vectors of outputs in registers, accumulated over all m taps of one output
 // channel; `valid` columns from xo are stored (the last vector may be partial).
 template <typename T, int R, int NB>
@@ -260,10 +289,13 @@ inline void interleave_row(const T* a, const T* b, int64_t n, T* dst) {
 
 template <typename T>
 void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t* ci, const T* bias, T* out,
-                    const SparseConvGeometry& g, double* stats = nullptr, const PhaseOutput* phase = nullptr) {
+                    const SparseConvGeometry& g, double* stats = nullptr, const PhaseOutput* phase = nullptr,
+                    const SparseConvGeometry* pooled = nullptr) {
   // stats (optional): per output channel (sum, sum of squares) of the output, float64, [C_out][2]
   // phase (optional): the output channels are the phases of a 2x larger output (PhaseOutput); a
   // block's two column phases go through a small buffer and are interleaved into the output rows.
+  // pooled (optional): the input channels are the stride-2 phases of `x` as the conv `pooled`
+  // reads it (load_halo_pooled; forward_pool).
   constexpr int64_t L = kLanes<T>;
   if (g.N == 0 || g.C_out == 0) return;
   const int64_t KK = g.KH * g.KW;
@@ -296,7 +328,11 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
       const int64_t grp = t % groups, tl = (t / groups) % n_tiles, n = t / (groups * n_tiles);
       const int64_t y0 = tl * tile, rows = std::min(tile, g.H_out - y0);
       const int64_t o_begin = grp * group_size, o_end = std::min(g.C_out, (grp + 1) * group_size);
-      load_halo(x, halo.data, rows_h_max, (rows - 1) * g.SH + g.KH, Wa, y0 * g.SH - g.PH, g, n);
+      if (pooled != nullptr) {
+        load_halo_pooled(x, halo.data, rows_h_max, rows - 1 + g.KH, Wa, y0, *pooled, g.W_out + g.KW - 1, n);
+      } else {
+        load_halo(x, halo.data, rows_h_max, (rows - 1) * g.SH + g.KH, Wa, y0 * g.SH - g.PH, g, n);
+      }
       // Output channels innermost: the strip of the halo one column block reads (all input
       // channels, KH rows) stays in L1 while every output channel of the group uses it.
       double* part = stats != nullptr ? partial.data() + t * g.C_out * 2 : nullptr;
@@ -609,9 +645,11 @@ void input_grad_stride1(const T* gout, const T* vals, const int64_t* rp, const i
 // float64 are added in task order (deterministic).
 template <typename T, typename Out = T>
 void weight_grad_stride1(const T* gout, const T* x, const int64_t* rp, const int32_t* ci, Out* gw,
-                         const SparseConvGeometry& g, const PhaseOutput* phase = nullptr) {
+                         const SparseConvGeometry& g, const PhaseOutput* phase = nullptr,
+                         const SparseConvGeometry* pooled = nullptr) {
   // phase (optional): the conv is the phase form of a 2x-upsampled one (forward_up2) and gout
   // the 2x larger output's gradient; each phase channel's rows are read out of it.
+  // pooled (optional): the input channels are the stride-2 phases of x (forward_pool).
   using V = vec_t<T>;
   constexpr int64_t L = kLanes<T>;
   if (g.nnz == 0 || g.N == 0) return;
@@ -633,7 +671,11 @@ void weight_grad_stride1(const T* gout, const T* x, const int64_t* rp, const int
     for (int64_t t = begin; t < end; ++t) {
       const int64_t tl = t % n_tiles, n = t / n_tiles;
       const int64_t y0 = tl * tile, rows = std::min(tile, g.H_out - y0);
-      load_halo(x, halo.data, rows_h_max, rows - 1 + g.KH, Wa, y0 - g.PH, g, n);
+      if (pooled != nullptr) {
+        load_halo_pooled(x, halo.data, rows_h_max, rows - 1 + g.KH, Wa, y0, *pooled, g.W_out + g.KW - 1, n);
+      } else {
+        load_halo(x, halo.data, rows_h_max, rows - 1 + g.KH, Wa, y0 - g.PH, g, n);
+      }
       double* part = partial.data() + t * g.nnz;
       for (int64_t o = 0; o < g.C_out; ++o) {
         if (rp[o] == rp[o + 1]) continue;
@@ -791,6 +833,87 @@ void weight_grad_up2(const T* gout, const T* x, const int64_t* rp, const int32_t
   for (int64_t k = 0; k < g.nnz; ++k) {
     const int64_t* of = pl.of.data() + 4 * k;
     gw[k] = static_cast<T>(phase_gw[of[0]] + phase_gw[of[1]] + phase_gw[of[2]] + phase_gw[of[3]]);
+  }
+}
+
+// The pooled form of a stride-1 conv of odd size K with padding (K - 1) / 2 followed by 2x2 average
+// pooling (stride 2, an odd last row or column dropped): pooled pixel (i, j) is the mean of conv
+// pixels (2 i + di, 2 j + dj), so it reads the padded input at (2 i + u, 2 j + v), u, v in [0, K],
+// with the kernel box-dilated: weight (w[u - di][v - dj] summed over di, dj in {0, 1}) / 4. Split u =
+// 2 a + pu (and v alike): the pooled output is a stride-1 conv of the input's four stride-2 phases
+// (load_halo_pooled) with a (K + 2) / 2 square kernel: 5x5 -> 3x3 on 4 C_in channels. No
+// full-size output is written and no pooling pass runs; on the generator's first conv (32 -> 6,
+// 512x512) it takes 0.75x the multiply-adds of the conv.
+inline int64_t pooled_kernel(int64_t k) { return (k + 2) / 2; }
+
+// The geometry of the pooled form of conv g: stride-2 phases in, pooled size out.
+inline SparseConvGeometry pooled_geometry(const SparseConvGeometry& g, int64_t nnz) {
+  SparseConvGeometry t = g;
+  t.C_in = 4 * g.C_in;
+  t.KH = pooled_kernel(g.KH);
+  t.KW = pooled_kernel(g.KW);
+  t.PH = t.PW = 0;
+  t.H_out = g.H_out / 2;
+  t.W_out = g.W_out / 2;
+  t.H = t.H_src = t.H_out + t.KH - 1;
+  t.W = t.W_src = t.W_out + t.KW - 1;
+  t.U = 1;
+  t.reflect = t.replicate = false;
+  t.nnz = nnz;
+  return t;
+}
+
+// CSR of the pooled form (rows: output channels as in g); of[4 k + 2 di + dj] = the entry tap k
+// reaches through box offset (di, dj); with vals, each entry is a quarter of the sum of its taps.
+template <typename T>
+PhasePlan<T> plan_pooled(const T* vals, const int64_t* rp, const int32_t* ci, const SparseConvGeometry& g) {
+  const int64_t KK = g.KH * g.KW, KH2 = pooled_kernel(g.KH), KW2 = pooled_kernel(g.KW), KK2 = KH2 * KW2;
+  PhasePlan<T> pl{std::vector<int64_t>(g.C_out + 1, 0), std::vector<int32_t>(4 * g.nnz),
+                  std::vector<T>(vals != nullptr ? 4 * g.nnz : 0, T(0)), std::vector<int64_t>(4 * g.nnz)};
+  std::vector<int64_t> slot(4 * g.C_in * KK2, -1);
+  int64_t count = 0;
+  for (int64_t o = 0; o < g.C_out; ++o) {
+    const int64_t first = count;
+    for (int64_t k = rp[o]; k < rp[o + 1]; ++k) {
+      const int64_t c = ci[k] / KK, kh = ci[k] % KK / g.KW, kw = ci[k] % g.KW;
+      for (int64_t d = 0; d < 4; ++d) {
+        const int64_t u = kh + d / 2, v = kw + d % 2;
+        const int64_t key = (4 * c + 2 * (u % 2) + v % 2) * KK2 + (u / 2) * KW2 + v / 2;
+        if (slot[key] < 0) {
+          slot[key] = count;
+          pl.ci[count++] = static_cast<int32_t>(key);
+        }
+        pl.of[4 * k + d] = slot[key];
+        if (vals != nullptr) pl.vals[slot[key]] += vals[k];
+      }
+    }
+    for (int64_t j = first; j < count; ++j) {
+      slot[pl.ci[j]] = -1;
+      if (vals != nullptr) pl.vals[j] *= T(0.25);
+    }
+    pl.rp[o + 1] = count;
+  }
+  return pl;
+}
+
+template <typename T>
+void forward_pool(const T* x, const T* vals, const int64_t* rp, const int32_t* ci, const T* bias, T* out,
+                  const SparseConvGeometry& g, double* stats) {
+  const PhasePlan<T> pl = plan_pooled(vals, rp, ci, g);
+  forward_kernel<T>(x, pl.vals.data(), pl.rp.data(), pl.ci.data(), bias, out, pooled_geometry(g, pl.rp.back()), stats,
+                    nullptr, &g);
+}
+
+template <typename T>
+void weight_grad_pool(const T* gout, const T* x, const int64_t* rp, const int32_t* ci, T* gw,
+                      const SparseConvGeometry& g) {
+  const PhasePlan<T> pl = plan_pooled<T>(nullptr, rp, ci, g);
+  std::vector<double> pooled_gw(pl.rp.back(), 0.0);
+  weight_grad_stride1<T, double>(gout, x, pl.rp.data(), pl.ci.data(), pooled_gw.data(), pooled_geometry(g, pl.rp.back()),
+                                 nullptr, &g);
+  for (int64_t k = 0; k < g.nnz; ++k) {
+    const int64_t* of = pl.of.data() + 4 * k;
+    gw[k] = static_cast<T>(0.25 * (pooled_gw[of[0]] + pooled_gw[of[1]] + pooled_gw[of[2]] + pooled_gw[of[3]]));
   }
 }
 

@@ -32,7 +32,8 @@ X86 = platform.machine().lower() in ("x86_64", "amd64")
 # (N, C_in, C_out, H, W, k, stride, padding mode, upsample, density). Rows wide enough for the
 # 4-vector blocks of both dtypes and a partial vector, narrow rows (4-row blocks in float32),
 # zero padding, stride 2 (the generic gradient kernels), the fused upsampling (below and from the
-# stored width of 64 where the 3x3 conv runs in its phase form), 1x1, and a
+# stored width of 64 where the 3x3 conv runs in its phase form, and from 256 where its input
+# gradient does), 1x1, and a
 # density that leaves output channels without any kept tap.
 CASES = [
     (1, 8, 8, 19, 150, 3, 1, "reflect", 1, 0.3),
@@ -42,6 +43,7 @@ CASES = [
     (1, 4, 5, 8, 40, 3, 1, "reflect", 2, 0.4),
     (2, 3, 5, 9, 67, 3, 1, "reflect", 2, 0.4),
     (1, 3, 4, 7, 64, 3, 1, "zeros", 2, 0.5),
+    (1, 2, 3, 3, 257, 3, 1, "reflect", 2, 0.5),
     (1, 6, 4, 21, 19, 1, 1, "reflect", 1, 1.0),
     (1, 2, 6, 12, 90, 3, 1, "zeros", 1, 0.08),
 ]

@@ -126,12 +126,13 @@ def test_sparse_conv2d_gradients(shape, density, dtype, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shape", [(1, 3, 4, 5, 7, 3, "reflect"), (2, 4, 3, 4, 4, 3, "reflect"), (1, 2, 3, 6, 5, 5, "zeros"),
-                                   (2, 3, 5, 5, 67, 3, "reflect"), (1, 4, 3, 6, 64, 3, "zeros")],
+                                   (2, 3, 5, 5, 67, 3, "reflect"), (1, 4, 3, 6, 64, 3, "zeros"),
+                                   (1, 2, 3, 3, 257, 3, "reflect"), (1, 3, 2, 4, 256, 3, "zeros")],
                          ids=lambda s: "x".join(map(str, s)))
 def test_sparse_conv2d_fused_upsample(shape, dtype, device):
     """upsample=2 reads the input nearest-upsampled: conv(pad(interpolate(x))), with gradients.
-    From a stored width of 64 a 3x3 conv runs in its phase form on the CPU (the last two shapes:
-    forward and weight gradient)."""
+    From a stored width of 64 a 3x3 conv runs in its phase form on the CPU (the last four shapes:
+    forward and weight gradient), from 256 its input gradient too (the last two)."""
     n, c_in, c_out, h, w_, k, mode = shape
     w, keep = random_weight(c_out, c_in, k, 0.4, torch.float64, 9)
     gen = torch.Generator().manual_seed(10)

@@ -601,7 +601,9 @@ void weight_grad_generic(const T* gout, const T* x, const int64_t* rp, const int
 // padding is folded back (reflected rows/columns added onto the rows/columns they mirror).
 template <typename T>
 void input_grad_stride1(const T* gout, const T* vals, const int64_t* rp, const int32_t* ci, T* gin,
-                        const SparseConvGeometry& g) {
+                        const SparseConvGeometry& g, const SparseConvGeometry* phases_of = nullptr) {
+  // phases_of (optional): gout is read as the stride-2 phases of this larger gradient
+  // (load_halo_pooled), as the phase form of a 2x-upsampled conv needs (input_grad_up2).
   const int64_t KK = g.KH * g.KW;
   std::vector<int64_t> trp(g.C_in + 1, 0);
   const Divider by_kk(KK);
@@ -636,7 +638,7 @@ void input_grad_stride1(const T* gout, const T* vals, const int64_t* rp, const i
   const int64_t Hp = t.H_out, Wp = t.W_out;
   // not zeroed: the forward stores every element (a zeroing pass cost about 1 ms at 512x512)
   std::unique_ptr<T[]> padded(new T[g.N * g.C_in * Hp * Wp]);
-  forward_kernel<T>(gout, tv.data(), trp.data(), tci.data(), nullptr, padded.get(), t);
+  forward_kernel<T>(gout, tv.data(), trp.data(), tci.data(), nullptr, padded.get(), t, nullptr, nullptr, phases_of);
   // Fold the padded plane back: reflected rows/columns onto those they mirror and, with a fused
   // upsampling u, every upsampled pixel onto the stored pixel it was read from (iy / u, ix / u).
   at::parallel_for(0, g.N * g.C_in, 1, [&](int64_t begin, int64_t end) {
@@ -645,12 +647,12 @@ void input_grad_stride1(const T* gout, const T* vals, const int64_t* rp, const i
       const T* src = padded.get() + nc * Hp * Wp;
       std::fill(gx, gx + g.H_src * g.W_src, T(0));
       for (int64_t i = 0; i < Hp; ++i) {
-        const int64_t iy = source_index(i - g.PH, g.H, g.reflect);
+        const int64_t iy = source_index(i - g.PH, g.H, g);
         if (iy < 0) continue;
         T* drow = gx + (iy / g.U) * g.W_src;
         const T* srow = src + i * Wp;
         for (int64_t j = 0; j < g.PW; ++j) {
-          const int64_t ix = source_index(j - g.PW, g.W, g.reflect);
+          const int64_t ix = source_index(j - g.PW, g.W, g);
           if (ix >= 0) drow[ix / g.U] += srow[j];
         }
         const T* s0 = srow + g.PW;
@@ -663,7 +665,7 @@ void input_grad_stride1(const T* gout, const T* vals, const int64_t* rp, const i
           for (int64_t j = 0; j < g.W; ++j) drow[j / g.U] += s0[j];
         }
         for (int64_t j = g.PW + g.W; j < Wp; ++j) {
-          const int64_t ix = source_index(j - g.PW, g.W, g.reflect);
+          const int64_t ix = source_index(j - g.PW, g.W, g);
           if (ix >= 0) drow[ix / g.U] += srow[j];
         }
       }
@@ -771,8 +773,10 @@ void weight_grad_stride1(const T* gout, const T* x, const int64_t* rp, const int
 // again (replicate). On the masks OES produces (about 40 % per up layer) the four phases keep about
 // 0.7x the multiply-adds of the upsampled conv, at a quarter of the pixels per phase, and the
 // halo holds stored rows only. Used from a stored width of kPhaseMinWidth (at 32x32 it was not
-// faster, measured on the generator's up layers).
+// faster, measured on the generator's up layers), for the input gradient from
+// kPhaseInputGradMinWidth (up.0, 256 stored: 8.5 -> 7.3 ms; at 128 even, at 64 slower, 3.0 -> 3.4).
 constexpr int64_t kPhaseMinWidth = 64;
+constexpr int64_t kPhaseInputGradMinWidth = 256;
 
 inline bool use_phases(const SparseConvGeometry& g) {
   return g.U == 2 && g.SH == 1 && g.SW == 1 && g.KH == 3 && g.KW == 3 && g.PH == 1 && g.PW == 1 &&
@@ -849,6 +853,25 @@ void forward_up2(const T* x, const T* vals, const int64_t* rp, const int32_t* ci
       }
     }
   }
+}
+
+// The input gradient in the phase form: the transposed conv of the four phases, each read out of
+// the output gradient at stride 2 (its rows 2 y + p, columns 2 x + q: the "pooled" halo load of a
+// geometry whose input is that gradient and whose padding is the phase conv's K - 1 = 2 phase rows),
+// with the replicated border folded back onto the stored border pixels.
+template <typename T>
+void input_grad_up2(const T* gout, const T* vals, const int64_t* rp, const int32_t* ci, T* gin,
+                    const SparseConvGeometry& g) {
+  const PhasePlan<T> pl = plan_phases(vals, rp, ci, g);
+  SparseConvGeometry grad = g;
+  grad.C_in = g.C_out;
+  grad.H = grad.H_src = g.H_out;
+  grad.W = grad.W_src = g.W_out;
+  grad.U = 1;
+  grad.PH = grad.PW = 2 * (g.KH - 1);
+  grad.reflect = grad.replicate = false;
+  input_grad_stride1<T>(gout, pl.vals.data(), pl.rp.data(), pl.ci.data(), gin, phase_geometry(g, pl.rp.back()),
+                        &grad);
 }
 
 template <typename T>
@@ -961,7 +984,9 @@ void forward(const T* x, const T* vals, const int64_t* rp, const int32_t* ci, co
 template <typename T>
 void input_grad(const T* gout, const T* vals, const int64_t* rp, const int32_t* ci, T* gin,
                 const SparseConvGeometry& g) {
-  if (g.SH == 1 && g.SW == 1) {
+  if (use_phases(g) && g.W_src >= kPhaseInputGradMinWidth) {
+    input_grad_up2<T>(gout, vals, rp, ci, gin, g);
+  } else if (g.SH == 1 && g.SW == 1) {
     input_grad_stride1<T>(gout, vals, rp, ci, gin, g);
   } else {
     input_grad_generic<T>(gout, vals, rp, ci, gin, g);

@@ -736,19 +736,22 @@ def render_scaling(sc: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(ms(v[s]) for s in sizes) + " | " +
                      " | ".join(f"{rel(v[s], v[base], s):.2f}" for s in sizes[1:]) + " |")
     # per conv layer, isolated
-    lines += ["", "Per sparse conv, isolated ops, time per pixel at the largest size over that at the smallest:\n",
+    lines += ["", "Per sparse conv, isolated ops, time per pixel at the largest size over that at the smallest "
+              "(- where the layer does not run that op at both sizes: a down block's first conv runs with its "
+              "pooling from an input 256 wide, SparseGenerator.fuses_pool):\n",
               "| layer | " + " | ".join(ph for ph in ISO_PHASES) + " |", "|---|" + "---:|" * len(ISO_PHASES)]
     big = sizes[-1]
     t0 = {(r["layer"], r["phase"]): r["time_s"] for r in sc["isolated"][base]}
     t1 = {(r["layer"], r["phase"]): r["time_s"] for r in sc["isolated"][big]}
     for layer in dict.fromkeys(r["layer"] for r in sc["isolated"][base]):
-        cells = [f"{rel(t1[layer, ph], t0[layer, ph], big):.2f}" if (layer, ph) in t0 else "-" for ph in ISO_PHASES]
+        cells = [f"{rel(t1[layer, ph], t0[layer, ph], big):.2f}" if (layer, ph) in t0 and (layer, ph) in t1 else "-"
+                 for ph in ISO_PHASES]
         lines.append(f"| {layer} | " + " | ".join(cells) + " |")
     lines.append("")
     return "\n".join(lines) + "\n"
 
 
-ISO_PHASES = ("sparse_conv2d", "sparse_conv2d_stats", "input_grad", "weight_grad")
+ISO_PHASES = ("sparse_conv2d", "sparse_conv2d_stats", "sparse_conv2d_pool_stats", "input_grad", "weight_grad")
 
 
 def main(argv=None) -> int:

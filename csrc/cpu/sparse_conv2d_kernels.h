@@ -283,7 +283,7 @@ struct PhaseOutput {
   int64_t H, W;
 };
 
-// dst[2 j] = a[j], dst[2 j + 1] = b[j] for j < n: two phase rows into one output row.
+// The integer vector of a vector's lane count (shuffle masks).
 template <typename T>
 struct IndexVecOf;
 template <>
@@ -295,6 +295,7 @@ struct IndexVecOf<double> {
   typedef int64_t type __attribute__((vector_size(OES_FAST_VEC_BYTES)));
 };
 
+// dst[2 j] = a[j], dst[2 j + 1] = b[j] for j < n: two phase rows into one output row.
 template <typename T>
 inline void interleave_row(const T* a, const T* b, int64_t n, T* dst) {
   using V = vec_t<T>;

@@ -37,19 +37,66 @@ namespace {
 
 std::string mode_string(c10::string_view s) { return std::string(s.data(), s.size()); }
 
+// The bias as the kernels take it: contiguous, or undefined for none.
+at::Tensor checked_bias(const char* op, const std::optional<at::Tensor>& bias, const SparseConvGeometry& g,
+                        const at::Tensor& input) {
+  if (!bias.has_value() || !bias->defined()) return at::Tensor();
+  TORCH_CHECK(bias->dim() == 1 && bias->numel() == g.C_out && bias->scalar_type() == input.scalar_type() &&
+                  bias->device() == input.device(),
+              op, ": bias must be 1-D with C_out = ", g.C_out, " entries of the input's dtype and device");
+  return bias->contiguous();
+}
+
+// The forward with the batch-norm statistics of its output (sparse_conv2d_stats), or of the
+// pooled output with the conv and the 2x2 average pooling as one conv (sparse_conv2d_pool_stats).
+std::tuple<at::Tensor, at::Tensor> forward_with_stats(const char* op, const at::Tensor& input, const at::Tensor& values,
+                                                      const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                                                      const std::optional<at::Tensor>& bias,
+                                                      const SparseConvGeometry& g, bool pooled) {
+  const at::Tensor b = checked_bias(op, bias, g, input);
+  const at::Tensor x = input.contiguous(), v = values.contiguous(), rp = row_ptr.contiguous(),
+                   ci = col_idx.contiguous();
+  const int64_t h = pooled ? g.H_out / 2 : g.H_out, w = pooled ? g.W_out / 2 : g.W_out;
+  at::Tensor out = at::empty({g.N, g.C_out, h, w}, input.options());
+  at::Tensor stats = at::zeros({g.C_out, 2}, input.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_conv2d_forward_with_stats", [&] {
+    auto* kernel = pooled ? OES_FAST_ISA_DISPATCH(forward_pool<scalar_t>) : OES_FAST_ISA_DISPATCH(forward<scalar_t>);
+    kernel(x.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), rp.data_ptr<int64_t>(), ci.data_ptr<int32_t>(),
+           b.defined() ? b.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), g, stats.data_ptr<double>());
+  });
+  return {out, stats};
+}
+
+// The weight gradient at the kept taps with grad_output checked against the output
+// (sparse_conv2d_weight_grad), or against the pooled output (sparse_conv2d_pool_weight_grad).
+at::Tensor weight_grad_checked(const char* op, const at::Tensor& grad_output, const at::Tensor& input,
+                               const at::Tensor& row_ptr, const at::Tensor& col_idx, const SparseConvGeometry& g,
+                               bool pooled) {
+  const int64_t h = pooled ? g.H_out / 2 : g.H_out, w = pooled ? g.W_out / 2 : g.W_out;
+  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type() && grad_output.device() == input.device(), op,
+              ": grad_output must match the input's dtype and device");
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({g.N, g.C_out, h, w}), op, ": grad_output must have the ",
+              pooled ? "pooled " : "", "output's shape (", g.N, ", ", g.C_out, ", ", h, ", ", w, "), got ",
+              grad_output.sizes());
+  const at::Tensor go = grad_output.contiguous(), x = input.contiguous(), rp = row_ptr.contiguous(),
+                   ci = col_idx.contiguous();
+  at::Tensor gw = at::zeros({g.nnz}, input.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_conv2d_weight_grad_checked", [&] {
+    auto* kernel =
+        pooled ? OES_FAST_ISA_DISPATCH(weight_grad_pool<scalar_t>) : OES_FAST_ISA_DISPATCH(weight_grad<scalar_t>);
+    kernel(go.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), rp.data_ptr<int64_t>(), ci.data_ptr<int32_t>(),
+           gw.data_ptr<scalar_t>(), g);
+  });
+  return gw;
+}
+
 at::Tensor sparse_conv2d_cpu(const at::Tensor& input, const at::Tensor& values, const at::Tensor& row_ptr,
                              const at::Tensor& col_idx, const std::optional<at::Tensor>& bias,
                              at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
                              c10::string_view padding_mode, int64_t upsample) {
   const auto g = sparse_conv2d_geometry(input.sizes(), values, row_ptr, col_idx, kernel_size, stride, padding,
                                         mode_string(padding_mode), input, upsample);
-  at::Tensor b;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->numel() == g.C_out && bias->scalar_type() == input.scalar_type() &&
-                    bias->device() == input.device(),
-                "sparse_conv2d: bias must be 1-D with C_out = ", g.C_out, " entries of the input's dtype and device");
-    b = bias->contiguous();
-  }
+  const at::Tensor b = checked_bias("sparse_conv2d", bias, g, input);
   const at::Tensor x = input.contiguous(), v = values.contiguous(), rp = row_ptr.contiguous(),
                    ci = col_idx.contiguous();
   at::Tensor out = at::empty({g.N, g.C_out, g.H_out, g.W_out}, input.options());
@@ -68,22 +115,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv2d_stats_cpu(const at::Tensor& inp
                                                            c10::string_view padding_mode, int64_t upsample) {
   const auto g = sparse_conv2d_geometry(input.sizes(), values, row_ptr, col_idx, kernel_size, {1, 1}, padding,
                                         mode_string(padding_mode), input, upsample);
-  at::Tensor b;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->numel() == g.C_out && bias->scalar_type() == input.scalar_type(),
-                "sparse_conv2d_stats: bias must be 1-D with C_out entries of the input's dtype");
-    b = bias->contiguous();
-  }
-  const at::Tensor x = input.contiguous(), v = values.contiguous(), rp = row_ptr.contiguous(),
-                   ci = col_idx.contiguous();
-  at::Tensor out = at::empty({g.N, g.C_out, g.H_out, g.W_out}, input.options());
-  at::Tensor stats = at::zeros({g.C_out, 2}, input.options().dtype(at::kDouble));
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_conv2d_stats_cpu", [&] {
-    auto* kernel = OES_FAST_ISA_DISPATCH(forward<scalar_t>);
-    kernel(x.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), rp.data_ptr<int64_t>(), ci.data_ptr<int32_t>(),
-           b.defined() ? b.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), g, stats.data_ptr<double>());
-  });
-  return {out, stats};
+  return forward_with_stats("sparse_conv2d_stats", input, values, row_ptr, col_idx, bias, g, false);
 }
 
 at::Tensor sparse_conv2d_input_grad_cpu(const at::Tensor& grad_output, const at::Tensor& values,
@@ -129,20 +161,7 @@ at::Tensor sparse_conv2d_weight_grad_cpu(const at::Tensor& grad_output, const at
     return sparse_conv2d_weight_grad_cpu(grad_output, at::upsample_nearest2d(input, {g.H, g.W}), row_ptr, col_idx,
                                          kernel_size, stride, padding, padding_mode, 1);
   }
-  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type() && grad_output.device() == input.device(),
-              "sparse_conv2d_weight_grad: grad_output must match the input's dtype and device");
-  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({g.N, g.C_out, g.H_out, g.W_out}),
-              "sparse_conv2d_weight_grad: grad_output must have the output's shape (", g.N, ", ", g.C_out, ", ",
-              g.H_out, ", ", g.W_out, "), got ", grad_output.sizes());
-  const at::Tensor go = grad_output.contiguous(), x = input.contiguous(), rp = row_ptr.contiguous(),
-                   ci = col_idx.contiguous();
-  at::Tensor gw = at::zeros({g.nnz}, input.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_conv2d_weight_grad_cpu", [&] {
-    auto* kernel = OES_FAST_ISA_DISPATCH(weight_grad<scalar_t>);
-    kernel(go.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), rp.data_ptr<int64_t>(), ci.data_ptr<int32_t>(),
-           gw.data_ptr<scalar_t>(), g);
-  });
-  return gw;
+  return weight_grad_checked("sparse_conv2d_weight_grad", grad_output, input, row_ptr, col_idx, g, false);
 }
 
 // The conv that sparse_conv2d_pool_stats pools: stride 1, an odd kernel, the size kept.
@@ -166,22 +185,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv2d_pool_stats_cpu(const at::Tensor
                                                                 c10::string_view padding_mode) {
   const auto g = pooled_conv_geometry("sparse_conv2d_pool_stats", input.sizes(), values, row_ptr, col_idx,
                                       kernel_size, padding, padding_mode, input);
-  at::Tensor b;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->numel() == g.C_out && bias->scalar_type() == input.scalar_type(),
-                "sparse_conv2d_pool_stats: bias must be 1-D with C_out entries of the input's dtype");
-    b = bias->contiguous();
-  }
-  const at::Tensor x = input.contiguous(), v = values.contiguous(), rp = row_ptr.contiguous(),
-                   ci = col_idx.contiguous();
-  at::Tensor out = at::empty({g.N, g.C_out, g.H_out / 2, g.W_out / 2}, input.options());
-  at::Tensor stats = at::zeros({g.C_out, 2}, input.options().dtype(at::kDouble));
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_conv2d_pool_stats_cpu", [&] {
-    auto* kernel = OES_FAST_ISA_DISPATCH(forward_pool<scalar_t>);
-    kernel(x.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), rp.data_ptr<int64_t>(), ci.data_ptr<int32_t>(),
-           b.defined() ? b.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), g, stats.data_ptr<double>());
-  });
-  return {out, stats};
+  return forward_with_stats("sparse_conv2d_pool_stats", input, values, row_ptr, col_idx, bias, g, true);
 }
 
 at::Tensor sparse_conv2d_pool_weight_grad_cpu(const at::Tensor& grad_output, const at::Tensor& input,
@@ -191,20 +195,7 @@ at::Tensor sparse_conv2d_pool_weight_grad_cpu(const at::Tensor& grad_output, con
   const at::Tensor like_values = at::empty({col_idx.numel()}, input.options());
   const auto g = pooled_conv_geometry("sparse_conv2d_pool_weight_grad", input.sizes(), like_values, row_ptr,
                                       col_idx, kernel_size, padding, padding_mode, input);
-  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type() && grad_output.device() == input.device(),
-              "sparse_conv2d_pool_weight_grad: grad_output must match the input's dtype and device");
-  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({g.N, g.C_out, g.H_out / 2, g.W_out / 2}),
-              "sparse_conv2d_pool_weight_grad: grad_output must have the pooled output's shape (", g.N, ", ",
-              g.C_out, ", ", g.H_out / 2, ", ", g.W_out / 2, "), got ", grad_output.sizes());
-  const at::Tensor go = grad_output.contiguous(), x = input.contiguous(), rp = row_ptr.contiguous(),
-                   ci = col_idx.contiguous();
-  at::Tensor gw = at::zeros({g.nnz}, input.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_conv2d_pool_weight_grad_cpu", [&] {
-    auto* kernel = OES_FAST_ISA_DISPATCH(weight_grad_pool<scalar_t>);
-    kernel(go.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), rp.data_ptr<int64_t>(), ci.data_ptr<int32_t>(),
-           gw.data_ptr<scalar_t>(), g);
-  });
-  return gw;
+  return weight_grad_checked("sparse_conv2d_pool_weight_grad", grad_output, input, row_ptr, col_idx, g, true);
 }
 
 }  // namespace

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import oes_fast._C as _C
 from oes_fast import reference
 from oes_fast.sparse import to_csr
-from tolerances import assert_close_to_reference
+from tolerances import assert_channel_stats, assert_close_to_reference
 
 ISAS = _C.cpu_isas_supported()
 X86 = platform.machine().lower() in ("x86_64", "amd64")
@@ -198,18 +198,9 @@ def test_sparse_conv2d_under_isa(isa, inputs, tmp_path_factory):
                 assert_close_to_reference(got[name], ref64[name], ref_lowp[name], name=f"{name} {where}")
             if "stats" in got:
                 assert torch.equal(got["stats_out"], got["out"]), where
-                # float32 partial sums of blocks: the error scales with the sum of |terms|
-                out64 = got["out"].double()
-                expected = torch.stack([out64.sum((0, 2, 3)), (out64**2).sum((0, 2, 3))], 1)
-                size_ = torch.stack([out64.abs().sum((0, 2, 3)), (out64**2).sum((0, 2, 3))], 1)
-                rtol = 1e-5 if dtype == torch.float32 else 1e-12
-                assert ((got["stats"] - expected).abs() <= rtol * size_ + 1e-9).all(), where
+                assert_channel_stats(got["stats"], got["out"], dtype, where)
             if "pool_stats" in got:
-                pooled = ref64["pool_out"]
-                expected = torch.stack([pooled.sum((0, 2, 3)), (pooled**2).sum((0, 2, 3))], 1)
-                size_ = torch.stack([pooled.abs().sum((0, 2, 3)), (pooled**2).sum((0, 2, 3))], 1)
-                rtol = 1e-5 if dtype == torch.float32 else 1e-12
-                assert ((got["pool_stats"] - expected).abs() <= rtol * size_ + 1e-9).all(), where
+                assert_channel_stats(got["pool_stats"], ref64["pool_out"], dtype, where)
             other = results["threads"][2][i][str(dtype)]
             for name in got:
                 assert torch.equal(got[name], other[name]), f"{name} {where}: bits differ between 1 and 2 threads"

@@ -19,7 +19,7 @@ from oes_fast import masks, models
 from oes_fast.ops import batch_norm_from_stats
 from oes_fast.sparse import SparseGenerator, _Conv, sparse_conv2d, to_csr
 from cpu_variants import assert_thread_independent
-from tolerances import assert_close_to_reference
+from tolerances import assert_channel_stats, assert_close_to_reference
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 MASK_NAMES = ["pepper", "baboon", "barbara"]
@@ -256,13 +256,7 @@ def test_sparse_conv2d_stats(size, upsample, dtype):
     assert torch.equal(out, sparse_conv2d(x.to(dtype), values, row_ptr, col_idx, 3, b.to(dtype), 1, 1, "reflect",
                                           upsample))
     assert stats.dtype == torch.float64 and stats.shape == (5, 2)
-    # The kernel adds float32 partial sums of blocks: its error scales with the sum of |terms|,
-    # not with the sum, which can cancel to near zero (a relative tolerance on it was flaky).
-    rtol = 1e-5 if dtype == torch.float32 else 1e-12
-    out64 = out.double()
-    for got, expected, size_ in ((stats[:, 0], out64.sum((0, 2, 3)), out64.abs().sum((0, 2, 3))),
-                                 (stats[:, 1], (out64**2).sum((0, 2, 3)), (out64**2).sum((0, 2, 3)))):
-        assert ((got - expected).abs() <= rtol * size_ + 1e-9).all(), (got, expected)
+    assert_channel_stats(stats, out, dtype, "stats")
     assert_close_to_reference(out, ref, name="stats forward")
     torch.library.opcheck(torch.ops.oes_fast.sparse_conv2d_stats.default,
                           (x.to(dtype), values, row_ptr, col_idx, b.to(dtype), [3, 3], [1, 1], "reflect", upsample))
@@ -336,11 +330,7 @@ def test_sparse_conv2d_pool_stats(shape, dtype):
     for got, e64, elp, name in zip((out.detach(), xs.grad, vs.grad, bs.grad), r64, rlp,
                                    ("forward", "input grad", "weight grad", "bias grad")):
         assert_close_to_reference(got, e64, elp, name=name)
-    rtol = 1e-5 if dtype == torch.float32 else 1e-12
-    out64 = out.detach().double()
-    for got, expected, size_ in ((stats[:, 0], out64.sum((0, 2, 3)), out64.abs().sum((0, 2, 3))),
-                                 (stats[:, 1], (out64**2).sum((0, 2, 3)), (out64**2).sum((0, 2, 3)))):
-        assert ((got - expected).abs() <= rtol * size_ + 1e-9).all(), (got, expected)
+    assert_channel_stats(stats, out.detach(), dtype, "pool stats")
     assert_thread_independent(
         lambda: dict(zip(("out", "stats"), torch.ops.oes_fast.sparse_conv2d_pool_stats(
             x.to(dtype), values, row_ptr, col_idx, b.to(dtype), [k, k], [p, p], mode)),

@@ -81,3 +81,15 @@ def assert_close_to_reference(out: torch.Tensor, ref64: torch.Tensor, ref_lowp: 
             f"= {factor} x {err_lowp:.3e} (reference in {out.dtype}) + {floor:.1e} x {scale:.3g}; "
             f"worst flat index {j}: got {float(out.reshape(-1)[j]):.10g}, expected {float(ref64.reshape(-1)[j]):.17g}"
         )
+
+
+def assert_channel_stats(stats: torch.Tensor, values: torch.Tensor, dtype: torch.dtype, name: str = "") -> None:
+    """`stats` ((C, 2) float64: per channel the sum and the sum of squares, as the sparse convs'
+    epilogue returns them) against those of `values` (N, C, H, W). The kernels add partial sums
+    of blocks in `dtype`: the error scales with the sum of |terms|, not with the sum, which can
+    cancel to near zero (a relative tolerance on the sum was flaky)."""
+    rtol = 1e-5 if dtype == torch.float32 else 1e-12
+    v = values.double()
+    expected = torch.stack([v.sum((0, 2, 3)), (v**2).sum((0, 2, 3))], 1)
+    size = torch.stack([v.abs().sum((0, 2, 3)), (v**2).sum((0, 2, 3))], 1)
+    assert ((stats - expected).abs() <= rtol * size + 1e-9).all(), (name, stats, expected)

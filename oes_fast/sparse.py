@@ -465,10 +465,11 @@ class SparseGenerator(nn.Module):
         self.names = [s.get("name") for s in specs]
         self.fuse_batch_norm = True  # see fuses_stats
         self.fuse_activation = True  # see fuses_batch_norm_op
-        # see fuses_pool: from this input width (512x512, 1 thread: the generator's first conv
-        # 9.1 -> 6.9 ms forward, 8.0 -> 7.4 ms weight gradient; at 256 0.6 -> 0.4 ms; at 128 even,
-        # at 64 slower, 0.25 -> 0.35 ms)
-        self.pool_fusion_min_width = 256
+        # see fuses_pool: from this input width (isolated ops, 1 thread, the down blocks' first
+        # convs of the published pepper mask, fused against conv + statistics + pooling: forward
+        # 0.56 -> 0.19 ms at 256, 0.37 -> 0.19 at 128, 0.25 -> 0.17 at 64, 0.28 -> 0.19 at 32, but
+        # 0.22 -> 0.31 at 16, where the pooled output is 8 wide; the weight gradients alike)
+        self.pool_fusion_min_width = 32
 
     @classmethod
     def from_masked(cls, model: nn.Module, mask, crossover: float = CROSSOVER_DENSITY) -> "SparseGenerator":
@@ -544,8 +545,8 @@ class SparseGenerator(nn.Module):
 
     def fuses_pool(self, i: int, x) -> bool:
         """Whether `forward` runs stage i, a sparse conv followed by 2x2 average pooling and batch
-        norm (every down block's first conv), as one conv at the pooled size on the input's
-        stride-2 phases (`sparse_conv2d_pool_stats`) that also returns the batch norm's statistics:
+        norm (every down block's first conv), as one conv at the pooled size on the stride-2
+        phases of the input's 2x2 box mean (`sparse_conv2d_pool_stats`) that also returns the batch norm's statistics:
         under `fuse_batch_norm`, on CPU, from an input `pool_fusion_min_width` wide."""
         stages = self.stages
         return (self.fuse_batch_norm and isinstance(stages[i], _Conv) and i + 2 < len(stages)

@@ -302,11 +302,12 @@ def test_sparse_conv2d_stats_then_batch_norm_gradcheck(upsample):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shape", [(2, 3, 4, 9, 67, 5, "reflect"), (1, 5, 3, 12, 20, 3, "zeros"),
                                    (1, 2, 3, 7, 5, 5, "reflect"), (1, 4, 2, 6, 33, 1, "reflect"),
-                                   (1, 3, 5, 8, 70, 5, "zeros")],
+                                   (1, 3, 5, 8, 70, 5, "zeros"), (1, 2, 3, 4, 3, 5, "reflect"),
+                                   (1, 3, 2, 10, 261, 5, "reflect")],
                          ids=lambda s: "x".join(map(str, s)))
 def test_sparse_conv2d_pool_stats(shape, dtype):
-    """A size-keeping conv with 2x2 average pooling after it, computed as one conv of the input's
-    stride-2 phases: the pooled output (odd last rows/columns dropped), its batch-norm statistics,
+    """A size-keeping conv with 2x2 average pooling after it, computed as one conv of the stride-2
+    phases of the input's box mean: the pooled output (odd last rows/columns dropped), its batch-norm statistics,
     and the input, weight and bias gradients against the reference conv + F.avg_pool2d."""
     n, c_in, c_out, h, w_, k, mode = shape
     w, keep = random_weight(c_out, c_in, k, 0.4, torch.float64, stable_seed(shape))

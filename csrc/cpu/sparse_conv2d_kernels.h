@@ -199,31 +199,112 @@ void load_halo(const T* x, T* halo, int64_t rows_h, int64_t rows_load, int64_t W
   }
 }
 
-// The halo of the pooled form (forward_pool): phase channel c' = 4 c + 2 pu + pv, row r, column s
-// holds the padded input of the original conv `g` at (2 r + pu, 2 s + pv), channel c: the input
-// read at stride 2, so the pooled form is a stride-1 conv of these phases (no padding of its own).
+// The integer vector of a vector's lane count (shuffle masks).
 template <typename T>
-void load_halo_pooled(const T* x, T* halo, int64_t rows_h, int64_t rows_load, int64_t Wa, int64_t r0,
-                      const SparseConvGeometry& g, int64_t Wp, int64_t n) {
-  for (int64_t cp = 0; cp < 4 * g.C_in; ++cp) {
-    const int64_t c = cp / 4, pu = (cp / 2) % 2, pv = cp % 2;
-    // phase columns s whose input column 2 s + pv - PW lies inside the row: [lo, hi)
-    const int64_t lo = std::min(Wp, (g.PW - pv + 1) / 2), hi = std::max(lo, std::min(Wp, (g.W + g.PW - pv + 1) / 2));
-    for (int64_t hr = 0; hr < rows_load; ++hr) {
-      T* dst = halo + (cp * rows_h + hr) * Wa;
-      const int64_t iy = source_index(2 * (r0 + hr) + pu - g.PH, g.H, g);
-      if (iy < 0) {
-        std::fill(dst, dst + Wp, T(0));
-        continue;
+struct IndexVecOf;
+template <>
+struct IndexVecOf<float> {
+  typedef int32_t type __attribute__((vector_size(OES_FAST_VEC_BYTES)));
+};
+template <>
+struct IndexVecOf<double> {
+  typedef int64_t type __attribute__((vector_size(OES_FAST_VEC_BYTES)));
+};
+
+// dst[j] = row i of the padded input of conv g (its padding applied), for j < len: zeros past
+// the padded size (rows and columns that only feed values no output reads).
+template <typename T>
+void padded_row(const T* x, int64_t i, T* dst, int64_t len, const SparseConvGeometry& g, int64_t n, int64_t c) {
+  const int64_t Wx = g.W + 2 * g.PW;
+  const int64_t iy = i < g.H + 2 * g.PH ? source_index(i - g.PH, g.H, g) : -1;
+  if (iy < 0) {
+    std::fill(dst, dst + len, T(0));
+    return;
+  }
+  const T* src = x + ((n * g.C_in + c) * g.H + iy) * g.W;
+  auto edge = [&](int64_t j) {
+    const int64_t ix = j < Wx ? source_index(j - g.PW, g.W, g) : -1;
+    dst[j] = ix < 0 ? T(0) : src[ix];
+  };
+  const int64_t lo = std::min(g.PW, len), hi = std::max(lo, std::min(len, g.PW + g.W));
+  for (int64_t j = 0; j < lo; ++j) edge(j);
+  T* d = dst + lo;
+  for (int64_t j = 0; j < hi - lo; ++j) d[j] = src[j];
+  for (int64_t j = hi; j < len; ++j) edge(j);
+}
+
+// The lane masks that split two vectors (a, b) = 2 L consecutive elements into their even and odd
+// elements.
+template <typename T>
+struct Deinterleave {
+  using M = typename IndexVecOf<T>::type;
+  Deinterleave() {
+    for (int64_t l = 0; l < kLanes<T>; ++l) {
+      even[l] = 2 * l;
+      odd[l] = 2 * l + 1;
+    }
+  }
+  M even, odd;
+};
+
+// Where a halo kernel reads its input as stride-2 phases (load_halo_phases): `of` is the conv whose
+// padded input is read; with box_mean, the phases of its 2x2 box mean instead (the pooled form).
+struct PhaseInput {
+  const SparseConvGeometry* of;
+  bool box_mean;
+};
+
+// The halo of a conv reading another conv's padded input xp at stride 2: phase channel
+// c' = 4 c + 2 pu + pv, row r, column s holds xp(2 r + pu, 2 s + pv) of channel c, so that the
+// reading conv is a stride-1 conv of these phases (no padding of its own). With box_mean it holds
+// the box mean B(i, j) = (xp(i, j) + xp(i + 1, j) + xp(i, j + 1) + xp(i + 1, j + 1)) / 4 at
+// (2 r + pu, 2 s + pv) instead. Each padded row is made once in a row buffer, and vector shuffles
+// split it (or the box mean of two of them) into its two column phases.
+template <typename T>
+void load_halo_phases(const T* x, T* halo, int64_t rows_h, int64_t rows_load, int64_t Wa, int64_t r0,
+                      const PhaseInput& in, int64_t Wp, int64_t n) {
+  using V = vec_t<T>;
+  constexpr int64_t L = kLanes<T>;
+  const SparseConvGeometry& g = *in.of;
+  const Deinterleave<T> split;
+  // padded rows of 2 Wp (+ 1 for the box's right neighbour) columns, and the vectors' reach past them
+  const int64_t len = 2 * Wp + 1, cap = 2 * ((Wp + L - 1) / L) * L + 2 * L;
+  std::vector<T> rows(2 * cap, T(0));
+  T* cur = rows.data();
+  T* next = rows.data() + cap;
+  const V quarter = broadcast<V>(T(0.25));
+  for (int64_t c = 0; c < g.C_in; ++c) {
+    auto dst = [&](int64_t pu, int64_t pv, int64_t hr) { return halo + ((4 * c + 2 * pu + pv) * rows_h + hr) * Wa; };
+    if (!in.box_mean) {
+      for (int64_t hr = 0; hr < rows_load; ++hr) {
+        for (int64_t pu = 0; pu < 2; ++pu) {
+          padded_row(x, 2 * (r0 + hr) + pu, cur, len, g, n, c);
+          T* d0 = dst(pu, 0, hr);
+          T* d1 = dst(pu, 1, hr);
+          for (int64_t s = 0; s < Wp; s += L) {
+            const V a = load<V>(cur + 2 * s), b = load<V>(cur + 2 * s + L);
+            store(d0 + s, __builtin_shuffle(a, b, split.even));
+            store(d1 + s, __builtin_shuffle(a, b, split.odd));
+          }
+        }
       }
-      const T* src = x + ((n * g.C_in + c) * g.H + iy) * g.W;
-      auto edge = [&](int64_t s) {
-        const int64_t ix = source_index(2 * s + pv - g.PW, g.W, g);
-        dst[s] = ix < 0 ? T(0) : src[ix];
-      };
-      for (int64_t s = 0; s < lo; ++s) edge(s);
-      for (int64_t s = lo; s < hi; ++s) dst[s] = src[2 * s + pv - g.PW];
-      for (int64_t s = hi; s < Wp; ++s) edge(s);
+      continue;
+    }
+    // B rows 2 r0 .. 2 (r0 + rows_load) - 1, each from padded rows i and i + 1
+    padded_row(x, 2 * r0, cur, len, g, n, c);
+    for (int64_t i = 2 * r0; i < 2 * (r0 + rows_load); ++i) {
+      padded_row(x, i + 1, next, len, g, n, c);
+      T* d0 = dst(i % 2, 0, i / 2 - r0);
+      T* d1 = dst(i % 2, 1, i / 2 - r0);
+      for (int64_t s = 0; s < Wp; s += L) {
+        const T* p = cur + 2 * s;
+        const T* q = next + 2 * s;
+        const V a = quarter * ((load<V>(p) + load<V>(q)) + (load<V>(p + 1) + load<V>(q + 1)));
+        const V b = quarter * ((load<V>(p + L) + load<V>(q + L)) + (load<V>(p + L + 1) + load<V>(q + L + 1)));
+        store(d0 + s, __builtin_shuffle(a, b, split.even));
+        store(d1 + s, __builtin_shuffle(a, b, split.odd));
+      }
+      std::swap(cur, next);
     }
   }
 }
@@ -283,18 +364,6 @@ struct PhaseOutput {
   int64_t H, W;
 };
 
-// The integer vector of a vector's lane count (shuffle masks).
-template <typename T>
-struct IndexVecOf;
-template <>
-struct IndexVecOf<float> {
-  typedef int32_t type __attribute__((vector_size(OES_FAST_VEC_BYTES)));
-};
-template <>
-struct IndexVecOf<double> {
-  typedef int64_t type __attribute__((vector_size(OES_FAST_VEC_BYTES)));
-};
-
 // dst[2 j] = a[j], dst[2 j + 1] = b[j] for j < n: two phase rows into one output row.
 template <typename T>
 inline void interleave_row(const T* a, const T* b, int64_t n, T* dst) {
@@ -321,12 +390,12 @@ inline void interleave_row(const T* a, const T* b, int64_t n, T* dst) {
 template <typename T>
 void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t* ci, const T* bias, T* out,
                     const SparseConvGeometry& g, double* stats = nullptr, const PhaseOutput* phase = nullptr,
-                    const SparseConvGeometry* pooled = nullptr) {
+                    const PhaseInput* phases_in = nullptr) {
   // stats (optional): per output channel (sum, sum of squares) of the output, float64, [C_out][2]
   // phase (optional): the output channels are the phases of a 2x larger output (PhaseOutput); a
   // block's two column phases go through a small buffer and are interleaved into the output rows.
-  // pooled (optional): the input channels are the stride-2 phases of `x` as the conv `pooled`
-  // reads it (load_halo_pooled; forward_pool).
+  // phases_in (optional): the input channels are the stride-2 phases of `x` as the conv
+  // phases_in->of reads it, or of their box mean (load_halo_phases; forward_pool).
   constexpr int64_t L = kLanes<T>;
   if (g.N == 0 || g.C_out == 0) return;
   const HaloPlan plan = plan_halo<T>(g);
@@ -358,8 +427,8 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
       const int64_t grp = t % groups, tl = (t / groups) % n_tiles, n = t / (groups * n_tiles);
       const int64_t y0 = tl * tile, rows = std::min(tile, g.H_out - y0);
       const int64_t o_begin = grp * group_size, o_end = std::min(g.C_out, (grp + 1) * group_size);
-      if (pooled != nullptr) {
-        load_halo_pooled(x, halo.data, rows_h_max, rows - 1 + g.KH, Wa, y0, *pooled, g.W_out + g.KW - 1, n);
+      if (phases_in != nullptr) {
+        load_halo_phases(x, halo.data, rows_h_max, rows - 1 + g.KH, Wa, y0, *phases_in, g.W_out + g.KW - 1, n);
       } else {
         load_halo(x, halo.data, rows_h_max, (rows - 1) * g.SH + g.KH, Wa, y0 * g.SH - g.PH, g, n);
       }
@@ -604,7 +673,7 @@ template <typename T>
 void input_grad_stride1(const T* gout, const T* vals, const int64_t* rp, const int32_t* ci, T* gin,
                         const SparseConvGeometry& g, const SparseConvGeometry* phases_of = nullptr) {
   // phases_of (optional): gout is read as the stride-2 phases of this larger gradient
-  // (load_halo_pooled), as the phase form of a 2x-upsampled conv needs (input_grad_up2).
+  // (load_halo_phases), as the phase form of a 2x-upsampled conv needs (input_grad_up2).
   const int64_t KK = g.KH * g.KW;
   std::vector<int64_t> trp(g.C_in + 1, 0);
   const Divider by_kk(KK);
@@ -639,7 +708,9 @@ void input_grad_stride1(const T* gout, const T* vals, const int64_t* rp, const i
   const int64_t Hp = t.H_out, Wp = t.W_out;
   // not zeroed: the forward stores every element (a zeroing pass cost about 1 ms at 512x512)
   std::unique_ptr<T[]> padded(new T[g.N * g.C_in * Hp * Wp]);
-  forward_kernel<T>(gout, tv.data(), trp.data(), tci.data(), nullptr, padded.get(), t, nullptr, nullptr, phases_of);
+  const PhaseInput phases{phases_of, false};
+  forward_kernel<T>(gout, tv.data(), trp.data(), tci.data(), nullptr, padded.get(), t, nullptr, nullptr,
+                    phases_of != nullptr ? &phases : nullptr);
   // Fold the padded plane back: reflected rows/columns onto those they mirror and, with a fused
   // upsampling u, every upsampled pixel onto the stored pixel it was read from (iy / u, ix / u).
   at::parallel_for(0, g.N * g.C_in, 1, [&](int64_t begin, int64_t end) {
@@ -682,10 +753,10 @@ void input_grad_stride1(const T* gout, const T* vals, const int64_t* rp, const i
 template <typename T, typename Out = T>
 void weight_grad_stride1(const T* gout, const T* x, const int64_t* rp, const int32_t* ci, Out* gw,
                          const SparseConvGeometry& g, const PhaseOutput* phase = nullptr,
-                         const SparseConvGeometry* pooled = nullptr) {
+                         const PhaseInput* phases_in = nullptr) {
   // phase (optional): the conv is the phase form of a 2x-upsampled one (forward_up2) and gout
   // the 2x larger output's gradient; each phase channel's rows are read out of it.
-  // pooled (optional): the input channels are the stride-2 phases of x (forward_pool).
+  // phases_in (optional): the input channels are stride-2 phases of x (load_halo_phases; forward_pool).
   using V = vec_t<T>;
   constexpr int64_t L = kLanes<T>;
   if (g.nnz == 0 || g.N == 0) return;
@@ -704,8 +775,8 @@ void weight_grad_stride1(const T* gout, const T* x, const int64_t* rp, const int
     for (int64_t t = begin; t < end; ++t) {
       const int64_t tl = t % n_tiles, n = t / n_tiles;
       const int64_t y0 = tl * tile, rows = std::min(tile, g.H_out - y0);
-      if (pooled != nullptr) {
-        load_halo_pooled(x, halo.data, rows_h_max, rows - 1 + g.KH, Wa, y0, *pooled, g.W_out + g.KW - 1, n);
+      if (phases_in != nullptr) {
+        load_halo_phases(x, halo.data, rows_h_max, rows - 1 + g.KH, Wa, y0, *phases_in, g.W_out + g.KW - 1, n);
       } else {
         load_halo(x, halo.data, rows_h_max, rows - 1 + g.KH, Wa, y0 - g.PH, g, n);
       }
@@ -892,16 +963,17 @@ void weight_grad_up2(const T* gout, const T* x, const int64_t* rp, const int32_t
 
 // The pooled form of a stride-1 conv of odd size K with padding (K - 1) / 2 followed by 2x2 average
 // pooling (stride 2, an odd last row or column dropped): pooled pixel (i, j) is the mean of conv
-// pixels (2 i + di, 2 j + dj), so it reads the padded input at (2 i + u, 2 j + v), u, v in [0, K],
-// with the kernel box-dilated: weight (w[u - di][v - dj] summed over di, dj in {0, 1}) / 4. Split u =
-// 2 a + pu (and v alike): the pooled output is a stride-1 conv of the input's four stride-2 phases
-// (load_halo_pooled) with a (K + 2) / 2 square kernel: 5x5 -> 3x3 on 4 C_in channels. No
-// full-size output is written and no pooling pass runs; on the generator's first conv (32 -> 6,
-// 512x512) it takes 0.75x the multiply-adds of the conv.
-inline int64_t pooled_kernel(int64_t k) { return (k + 2) / 2; }
+// pixels (2 i + di, 2 j + dj) for di, dj in {0, 1}, i.e. the sum over taps (ky, kx) of w times the
+// mean of padded input pixels (2 i + di + ky, 2 j + dj + kx): the conv at stride 2 of the padded
+// input's 2x2 box mean B. Split ky = 2 a + pu (kx alike): the pooled output is a stride-1 conv of
+// the four stride-2 phases of B (load_halo_phases with box_mean) with a (K + 1) / 2 square kernel,
+// 5x5 -> 3x3 on 4 C_in channels, each tap moved to one phase and position: the same taps and
+// weights, a quarter of the conv's multiply-adds (plus 3 adds per loaded element for the mean).
+// No full-size output is written and no pooling pass runs.
+inline int64_t pooled_kernel(int64_t k) { return (k + 1) / 2; }
 
 // The geometry of the pooled form of conv g: stride-2 phases in, pooled size out.
-inline SparseConvGeometry pooled_geometry(const SparseConvGeometry& g, int64_t nnz) {
+inline SparseConvGeometry pooled_geometry(const SparseConvGeometry& g) {
   SparseConvGeometry t = g;
   t.C_in = 4 * g.C_in;
   t.KH = pooled_kernel(g.KH);
@@ -913,62 +985,34 @@ inline SparseConvGeometry pooled_geometry(const SparseConvGeometry& g, int64_t n
   t.W = t.W_src = t.W_out + t.KW - 1;
   t.U = 1;
   t.reflect = t.replicate = false;
-  t.nnz = nnz;
   return t;
 }
 
-// CSR of the pooled form (rows: output channels as in g); of[4 k + 2 di + dj] = the entry tap k
-// reaches through box offset (di, dj); with vals, each entry is a quarter of the sum of its taps.
-template <typename T>
-PhasePlan<T> plan_pooled(const T* vals, const int64_t* rp, const int32_t* ci, const SparseConvGeometry& g) {
-  const int64_t KK = g.KH * g.KW, KH2 = pooled_kernel(g.KH), KW2 = pooled_kernel(g.KW), KK2 = KH2 * KW2;
-  PhasePlan<T> pl{std::vector<int64_t>(g.C_out + 1, 0), std::vector<int32_t>(4 * g.nnz),
-                  std::vector<T>(vals != nullptr ? 4 * g.nnz : 0, T(0)), std::vector<int64_t>(4 * g.nnz)};
-  std::vector<int64_t> slot(4 * g.C_in * KK2, -1);
-  int64_t count = 0;
-  for (int64_t o = 0; o < g.C_out; ++o) {
-    const int64_t first = count;
-    for (int64_t k = rp[o]; k < rp[o + 1]; ++k) {
-      const int64_t c = ci[k] / KK, kh = ci[k] % KK / g.KW, kw = ci[k] % g.KW;
-      for (int64_t d = 0; d < 4; ++d) {
-        const int64_t u = kh + d / 2, v = kw + d % 2;
-        const int64_t key = (4 * c + 2 * (u % 2) + v % 2) * KK2 + (u / 2) * KW2 + v / 2;
-        if (slot[key] < 0) {
-          slot[key] = count;
-          pl.ci[count++] = static_cast<int32_t>(key);
-        }
-        pl.of[4 * k + d] = slot[key];
-        if (vals != nullptr) pl.vals[slot[key]] += vals[k];
-      }
-    }
-    for (int64_t j = first; j < count; ++j) {
-      slot[pl.ci[j]] = -1;
-      if (vals != nullptr) pl.vals[j] *= T(0.25);
-    }
-    pl.rp[o + 1] = count;
+// col_idx of the pooled form: tap (c, ky, kx) of g is tap (4 c + 2 (ky % 2) + kx % 2, ky / 2, kx / 2).
+inline std::vector<int32_t> pooled_col_idx(const int32_t* ci, const SparseConvGeometry& g) {
+  const int64_t KK = g.KH * g.KW, KH2 = pooled_kernel(g.KH), KW2 = pooled_kernel(g.KW);
+  std::vector<int32_t> out(g.nnz);
+  for (int64_t k = 0; k < g.nnz; ++k) {
+    const int64_t c = ci[k] / KK, ky = ci[k] % KK / g.KW, kx = ci[k] % g.KW;
+    out[k] = static_cast<int32_t>(((4 * c + 2 * (ky % 2) + kx % 2) * KH2 + ky / 2) * KW2 + kx / 2);
   }
-  return pl;
+  return out;
 }
 
 template <typename T>
 void forward_pool(const T* x, const T* vals, const int64_t* rp, const int32_t* ci, const T* bias, T* out,
                   const SparseConvGeometry& g, double* stats) {
-  const PhasePlan<T> pl = plan_pooled(vals, rp, ci, g);
-  forward_kernel<T>(x, pl.vals.data(), pl.rp.data(), pl.ci.data(), bias, out, pooled_geometry(g, pl.rp.back()), stats,
-                    nullptr, &g);
+  const std::vector<int32_t> pci = pooled_col_idx(ci, g);
+  const PhaseInput box{&g, true};
+  forward_kernel<T>(x, vals, rp, pci.data(), bias, out, pooled_geometry(g), stats, nullptr, &box);
 }
 
 template <typename T>
 void weight_grad_pool(const T* gout, const T* x, const int64_t* rp, const int32_t* ci, T* gw,
                       const SparseConvGeometry& g) {
-  const PhasePlan<T> pl = plan_pooled<T>(nullptr, rp, ci, g);
-  std::vector<double> pooled_gw(pl.rp.back(), 0.0);
-  weight_grad_stride1<T, double>(gout, x, pl.rp.data(), pl.ci.data(), pooled_gw.data(), pooled_geometry(g, pl.rp.back()),
-                                 nullptr, &g);
-  for (int64_t k = 0; k < g.nnz; ++k) {
-    const int64_t* of = pl.of.data() + 4 * k;
-    gw[k] = static_cast<T>(0.25 * (pooled_gw[of[0]] + pooled_gw[of[1]] + pooled_gw[of[2]] + pooled_gw[of[3]]));
-  }
+  const std::vector<int32_t> pci = pooled_col_idx(ci, g);
+  const PhaseInput box{&g, true};
+  weight_grad_stride1<T>(gout, x, rp, pci.data(), gw, pooled_geometry(g), nullptr, &box);
 }
 
 // The entry points sparse_conv2d.cpp calls through OES_FAST_ISA_DISPATCH.

@@ -275,8 +275,8 @@ def _layer_ops(i, st, captured, fns, work, pooled=False):
     """isolated_conv_ops for one conv (a function of its own so that the closures bind its locals).
     pooled: the generator runs it with the 2x2 average pooling after it as one op
     (SparseGenerator.fuses_pool); the captured output gradient is then the pooled one, and the ops
-    are sparse_conv2d_pool_stats, its weight gradient, and the input gradient through the
-    pooling's backward. The work counted is the conv's at full size either way."""
+    are sparse_conv2d_pool_stats and its weight and input gradients. The work counted is the
+    conv's at full size either way."""
     x, g, out = captured
     x = x.detach().contiguous()
     g = g.contiguous()
@@ -298,9 +298,10 @@ def _layer_ops(i, st, captured, fns, work, pooled=False):
             x, values, st.row_ptr, st.col_idx, b, st.kernel, [ph, pw], "reflect"))
         work[i, "sparse_conv2d_pool_stats"] = (conv_flops + st.n_out * px_conv + 3.0 * st.n_out * px_out,
                                                act_in + act_out + weights)
-        grad_conv = (lambda g=g: ops.avg_pool2x2_backward(g, [n, st.n_out, h, w]))
         weight_grad = (lambda g=g, x=x: ops.sparse_conv2d_pool_weight_grad(
             g, x, st.row_ptr, st.col_idx, st.kernel, [ph, pw], "reflect"))
+        input_grad = (lambda g=g, shape=[n, c, h, w]: ops.sparse_conv2d_pool_input_grad(
+            g, values, st.row_ptr, st.col_idx, shape, st.kernel, [ph, pw], "reflect"))
     else:
         fns[i, "sparse_conv2d"] = (lambda x=x, b=bias: ops.sparse_conv2d(
             x, values, st.row_ptr, st.col_idx, b, st.kernel, [1, 1], [ph, pw], "reflect", u))
@@ -308,14 +309,14 @@ def _layer_ops(i, st, captured, fns, work, pooled=False):
         fns[i, "sparse_conv2d_stats"] = (lambda x=x, b=bias: ops.sparse_conv2d_stats(
             x, values, st.row_ptr, st.col_idx, b, st.kernel, [ph, pw], "reflect", u))
         work[i, "sparse_conv2d_stats"] = (conv_flops + 3.0 * st.n_out * px_out, act_in + act_out + weights)
-        grad_conv = (lambda g=g: g)
+        # with a fused upsampling the op folds each u x u block onto its stored pixel itself
+        input_grad = (lambda g=g, shape=[n, c, h, w]: ops.sparse_conv2d_input_grad(
+            g, values, st.row_ptr, st.col_idx, shape, st.kernel, [1, 1], [ph, pw], "reflect", u))
         # the weight gradient reads the stored input through the upsampling, as the forward does
         weight_grad = (lambda g=g, x=x: ops.sparse_conv2d_weight_grad(
             g, x, st.row_ptr, st.col_idx, st.kernel, [1, 1], [ph, pw], "reflect", u))
     if i > 0:  # the first conv reads z, which needs no gradient
-        # with a fused upsampling the op folds each u x u block onto its stored pixel itself
-        fns[i, "input_grad"] = (lambda shape=[n, c, h, w]: ops.sparse_conv2d_input_grad(
-            grad_conv(), values, st.row_ptr, st.col_idx, shape, st.kernel, [1, 1], [ph, pw], "reflect", u))
+        fns[i, "input_grad"] = input_grad
         work[i, "input_grad"] = (conv_flops, act_out + act_in + weights)
     fns[i, "weight_grad"] = weight_grad
     work[i, "weight_grad"] = (conv_flops, act_out + act_in + weights)
@@ -621,7 +622,7 @@ def render(d: dict, quick: bool) -> str:
               "(FLOPs of the conv as the network defines it: the phase forms of the upsampled and the pooled "
               "convs execute fewer). Layers marked + pool run with the pooling after them "
               "(SparseGenerator.fuses_pool): fwd = +stats = sparse_conv2d_pool_stats, wgrad = "
-              "sparse_conv2d_pool_weight_grad, dgrad = the pooling's backward, then sparse_conv2d_input_grad.\n",
+              "sparse_conv2d_pool_weight_grad, dgrad = sparse_conv2d_pool_input_grad.\n",
               "| layer | in->out | k | out px | nnz | density | fwd ms | fwd x | fwd GFLOP/s | +stats ms | dgrad ms | dgrad x | "
               "wgrad ms | wgrad x | bias grad ms |",
               "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -738,7 +739,7 @@ def render_scaling(sc: dict) -> str:
     # per conv layer, isolated
     lines += ["", "Per sparse conv, isolated ops, time per pixel at the largest size over that at the smallest "
               "(- where the layer does not run that op at both sizes: a down block's first conv runs with its "
-              "pooling from an input 256 wide, SparseGenerator.fuses_pool):\n",
+              "pooling from an input 32 wide, SparseGenerator.fuses_pool):\n",
               "| layer | " + " | ".join(ph for ph in ISO_PHASES) + " |", "|---|" + "---:|" * len(ISO_PHASES)]
     big = sizes[-1]
     t0 = {(r["layer"], r["phase"]): r["time_s"] for r in sc["isolated"][base]}

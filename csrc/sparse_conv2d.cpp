@@ -32,17 +32,19 @@ TORCH_LIBRARY_FRAGMENT(oes_fast, m) {
       "sparse_conv2d_weight_grad(Tensor grad_output, Tensor input, Tensor row_ptr, Tensor col_idx, "
       "int[2] kernel_size, int[2] stride, int[2] padding, str padding_mode, int upsample=1) -> Tensor");
   // CPU: a stride-1 conv that keeps the size (odd kernel, padding (k - 1) / 2) followed by 2x2
-  // average pooling (stride 2, an odd last row or column dropped), computed as one conv of the
-  // input's stride-2 phases at the pooled size (csrc/cpu/sparse_conv2d_kernels.h), with the
-  // batch-norm statistics of the pooled output as sparse_conv2d_stats returns them. Its weight
-  // gradient takes the pooled output's gradient; the input gradient is sparse_conv2d_input_grad
-  // of avg_pool2x2_backward of it (oes_fast/ops.py).
+  // average pooling (stride 2, an odd last row or column dropped), computed as one conv at the
+  // pooled size: the conv at stride 2 of the input's 2x2 box mean (csrc/cpu/sparse_conv2d_kernels.h),
+  // with the batch-norm statistics of the pooled output as sparse_conv2d_stats returns them. Its
+  // weight and input gradients take the pooled output's gradient; input_size is the input's.
   m.def(
       "sparse_conv2d_pool_stats(Tensor input, Tensor values, Tensor row_ptr, Tensor col_idx, Tensor? bias, "
       "int[2] kernel_size, int[2] padding, str padding_mode) -> (Tensor, Tensor)");
   m.def(
       "sparse_conv2d_pool_weight_grad(Tensor grad_output, Tensor input, Tensor row_ptr, Tensor col_idx, "
       "int[2] kernel_size, int[2] padding, str padding_mode) -> Tensor");
+  m.def(
+      "sparse_conv2d_pool_input_grad(Tensor grad_output, Tensor values, Tensor row_ptr, Tensor col_idx, "
+      "int[4] input_size, int[2] kernel_size, int[2] padding, str padding_mode) -> Tensor");
 }
 
 namespace oes_fast {

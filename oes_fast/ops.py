@@ -434,6 +434,12 @@ def _sparse_conv2d_pool_weight_grad_fake(grad_output, input, row_ptr, col_idx, k
     return input.new_empty((col_idx.shape[0],))
 
 
+@torch.library.register_fake("oes_fast::sparse_conv2d_pool_input_grad")
+def _sparse_conv2d_pool_input_grad_fake(grad_output, values, row_ptr, col_idx, input_size, kernel_size, padding,
+                                        padding_mode):
+    return grad_output.new_empty(tuple(input_size))
+
+
 def _sparse_conv2d_pool_stats_setup_context(ctx, inputs, output):
     input, values, row_ptr, col_idx, bias, kernel_size, padding, padding_mode = inputs
     ctx.save_for_backward(input, values, row_ptr, col_idx)
@@ -442,16 +448,14 @@ def _sparse_conv2d_pool_stats_setup_context(ctx, inputs, output):
 
 
 def _sparse_conv2d_pool_stats_backward(ctx, grad, grad_stats):
-    # The weight gradient in the pooled form; the input gradient through the conv's own transposed
-    # kernel, from the gradient the pooling hands back (a quarter of each block's, one pass).
+    # The weight and input gradients in the pooled form, from the pooled output's gradient.
     input, values, row_ptr, col_idx = ctx.saved_tensors
     kernel_size, padding, mode = ctx.geometry
     grad = grad.contiguous()
     grad_input = grad_values = grad_bias = None
     if ctx.needs_input_grad[0]:
-        grad_conv = _ops.avg_pool2x2_backward(grad, [grad.shape[0], grad.shape[1], *input.shape[2:]])
-        grad_input = _ops.sparse_conv2d_input_grad(grad_conv, values, row_ptr, col_idx, list(input.shape), kernel_size,
-                                                   [1, 1], padding, mode)
+        grad_input = _ops.sparse_conv2d_pool_input_grad(grad, values, row_ptr, col_idx, list(input.shape), kernel_size,
+                                                        padding, mode)
     if ctx.needs_input_grad[1]:
         grad_values = _ops.sparse_conv2d_pool_weight_grad(grad, input, row_ptr, col_idx, kernel_size, padding, mode)
     if ctx.needs_input_grad[4]:

@@ -336,7 +336,9 @@ def test_sparse_conv2d_pool_stats(shape, dtype):
         lambda: dict(zip(("out", "stats"), torch.ops.oes_fast.sparse_conv2d_pool_stats(
             x.to(dtype), values, row_ptr, col_idx, b.to(dtype), [k, k], [p, p], mode)),
             weight_grad=torch.ops.oes_fast.sparse_conv2d_pool_weight_grad(
-                g.to(dtype), x.to(dtype), row_ptr, col_idx, [k, k], [p, p], mode)))
+                g.to(dtype), x.to(dtype), row_ptr, col_idx, [k, k], [p, p], mode),
+            input_grad=torch.ops.oes_fast.sparse_conv2d_pool_input_grad(
+                g.to(dtype), values, row_ptr, col_idx, list(x.shape), [k, k], [p, p], mode)))
 
 
 def test_sparse_conv2d_pool_stats_gradcheck_and_opcheck():
@@ -351,9 +353,11 @@ def test_sparse_conv2d_pool_stats_gradcheck_and_opcheck():
                                                                         mode)[0], (x, values, b))
         torch.library.opcheck(torch.ops.oes_fast.sparse_conv2d_pool_stats.default,
                               (x, values, row_ptr, col_idx, b, [5, 5], [2, 2], mode))
+    g = torch.randn(1, 3, 3, 4, dtype=torch.float64)
     torch.library.opcheck(torch.ops.oes_fast.sparse_conv2d_pool_weight_grad.default,
-                          (torch.randn(1, 3, 3, 4, dtype=torch.float64), x.detach(), row_ptr, col_idx, [5, 5],
-                           [2, 2], "reflect"))
+                          (g, x.detach(), row_ptr, col_idx, [5, 5], [2, 2], "reflect"))
+    torch.library.opcheck(torch.ops.oes_fast.sparse_conv2d_pool_input_grad.default,
+                          (g, values.detach(), row_ptr, col_idx, [1, 2, 7, 9], [5, 5], [2, 2], "zeros"))
 
 
 def test_sparse_conv2d_pool_stats_rejects_bad_arguments():
@@ -372,6 +376,9 @@ def test_sparse_conv2d_pool_stats_rejects_bad_arguments():
     with pytest.raises(RuntimeError, match="pooled output's shape"):
         torch.ops.oes_fast.sparse_conv2d_pool_weight_grad(torch.randn(1, 4, 8, 8), x, row_ptr, col_idx, [3, 3],
                                                           [1, 1], "reflect")
+    with pytest.raises(RuntimeError, match="pooled output's shape"):
+        torch.ops.oes_fast.sparse_conv2d_pool_input_grad(torch.randn(1, 4, 8, 8), values, row_ptr, col_idx,
+                                                         [1, 3, 8, 8], [3, 3], [1, 1], "reflect")
 
 
 def test_sparse_conv2d_rejects_bad_arguments():

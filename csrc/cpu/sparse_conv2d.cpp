@@ -198,9 +198,31 @@ at::Tensor sparse_conv2d_pool_weight_grad_cpu(const at::Tensor& grad_output, con
   return weight_grad_checked("sparse_conv2d_pool_weight_grad", grad_output, input, row_ptr, col_idx, g, true);
 }
 
+at::Tensor sparse_conv2d_pool_input_grad_cpu(const at::Tensor& grad_output, const at::Tensor& values,
+                                             const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                                             at::IntArrayRef input_size, at::IntArrayRef kernel_size,
+                                             at::IntArrayRef padding, c10::string_view padding_mode) {
+  const char* op = "sparse_conv2d_pool_input_grad";
+  const auto g = pooled_conv_geometry(op, input_size, values, row_ptr, col_idx, kernel_size, padding, padding_mode,
+                                      grad_output);
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({g.N, g.C_out, g.H_out / 2, g.W_out / 2}), op,
+              ": grad_output must have the pooled output's shape (", g.N, ", ", g.C_out, ", ", g.H_out / 2, ", ",
+              g.W_out / 2, "), got ", grad_output.sizes());
+  const at::Tensor go = grad_output.contiguous(), v = values.contiguous(), rp = row_ptr.contiguous(),
+                   ci = col_idx.contiguous();
+  at::Tensor gin = at::empty({g.N, g.C_in, g.H, g.W}, grad_output.options());
+  AT_DISPATCH_FLOATING_TYPES(go.scalar_type(), "sparse_conv2d_pool_input_grad_cpu", [&] {
+    auto* kernel = OES_FAST_ISA_DISPATCH(input_grad_pool<scalar_t>);
+    kernel(go.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), rp.data_ptr<int64_t>(), ci.data_ptr<int32_t>(),
+           gin.data_ptr<scalar_t>(), g);
+  });
+  return gin;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(oes_fast, CPU, m) {
+  m.impl("sparse_conv2d_pool_input_grad", &sparse_conv2d_pool_input_grad_cpu);
   m.impl("sparse_conv2d_pool_stats", &sparse_conv2d_pool_stats_cpu);
   m.impl("sparse_conv2d_pool_weight_grad", &sparse_conv2d_pool_weight_grad_cpu);
   m.impl("sparse_conv2d", &sparse_conv2d_cpu);

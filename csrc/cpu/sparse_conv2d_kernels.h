@@ -669,11 +669,13 @@ void weight_grad_generic(const T* gout, const T* x, const int64_t* rp, const int
 // by input channel (CSR over input channels, O(nnz) counting sort), kernel flipped and zero
 // padding K - 1; it runs on the register-blocked forward kernel into a padded plane, and the
 // padding is folded back (reflected rows/columns added onto the rows/columns they mirror).
+//
+// padded: the gradient of the padded input, (N, C_in, H_out + KH - 1, W_out + KW - 1), every
+// element stored; phases_of (optional): gout is read as the stride-2 phases of this larger
+// gradient (load_halo_phases), as the phase form of a 2x-upsampled conv needs (input_grad_up2).
 template <typename T>
-void input_grad_stride1(const T* gout, const T* vals, const int64_t* rp, const int32_t* ci, T* gin,
-                        const SparseConvGeometry& g, const SparseConvGeometry* phases_of = nullptr) {
-  // phases_of (optional): gout is read as the stride-2 phases of this larger gradient
-  // (load_halo_phases), as the phase form of a 2x-upsampled conv needs (input_grad_up2).
+void padded_input_grad(const T* gout, const T* vals, const int64_t* rp, const int32_t* ci,
+                       const SparseConvGeometry& g, const SparseConvGeometry* phases_of, T* padded) {
   const int64_t KK = g.KH * g.KW;
   std::vector<int64_t> trp(g.C_in + 1, 0);
   const Divider by_kk(KK);
@@ -705,12 +707,18 @@ void input_grad_stride1(const T* gout, const T* vals, const int64_t* rp, const i
   t.reflect = false;
   t.H_out = g.H_out + g.KH - 1;  // = H + 2 PH, the padded input
   t.W_out = g.W_out + g.KW - 1;
-  const int64_t Hp = t.H_out, Wp = t.W_out;
-  // not zeroed: the forward stores every element (a zeroing pass cost about 1 ms at 512x512)
-  std::unique_ptr<T[]> padded(new T[g.N * g.C_in * Hp * Wp]);
   const PhaseInput phases{phases_of, false};
-  forward_kernel<T>(gout, tv.data(), trp.data(), tci.data(), nullptr, padded.get(), t, nullptr, nullptr,
+  forward_kernel<T>(gout, tv.data(), trp.data(), tci.data(), nullptr, padded, t, nullptr, nullptr,
                     phases_of != nullptr ? &phases : nullptr);
+}
+
+template <typename T>
+void input_grad_stride1(const T* gout, const T* vals, const int64_t* rp, const int32_t* ci, T* gin,
+                        const SparseConvGeometry& g, const SparseConvGeometry* phases_of = nullptr) {
+  const int64_t Hp = g.H_out + g.KH - 1, Wp = g.W_out + g.KW - 1;
+  // not zeroed: every element is stored (a zeroing pass cost about 1 ms at 512x512)
+  std::unique_ptr<T[]> padded(new T[g.N * g.C_in * Hp * Wp]);
+  padded_input_grad(gout, vals, rp, ci, g, phases_of, padded.get());
   // Fold the padded plane back: reflected rows/columns onto those they mirror and, with a fused
   // upsampling u, every upsampled pixel onto the stored pixel it was read from (iy / u, ix / u).
   at::parallel_for(0, g.N * g.C_in, 1, [&](int64_t begin, int64_t end) {
@@ -1013,6 +1021,65 @@ void weight_grad_pool(const T* gout, const T* x, const int64_t* rp, const int32_
   const std::vector<int32_t> pci = pooled_col_idx(ci, g);
   const PhaseInput box{&g, true};
   weight_grad_stride1<T>(gout, x, rp, pci.data(), gw, pooled_geometry(g), nullptr, &box);
+}
+
+// The input gradient of the pooled form: the gradient of the box mean's phases (the transposed
+// conv of the pooled gradient with the pooled form's taps, padded_input_grad), then the adjoint of
+// the mean, row by row: the phases interleaved back into rows of B's gradient dB (interleave_row),
+// each padded input pixel (a, b) taking a quarter of dB at (a - 1 .. a, b - 1 .. b), and the
+// padding folded back onto the pixels it mirrors. A quarter of the multiply-adds of the conv's
+// own input gradient, and no full-size gradient of the conv's output.
+template <typename T>
+void input_grad_pool(const T* gout, const T* vals, const int64_t* rp, const int32_t* ci, T* gin,
+                     const SparseConvGeometry& g) {
+  const std::vector<int32_t> pci = pooled_col_idx(ci, g);
+  const SparseConvGeometry t = pooled_geometry(g);
+  const int64_t Hb = t.H, Wb = t.W;  // phase rows and columns of B
+  std::unique_ptr<T[]> dB(new T[t.N * t.C_in * Hb * Wb]);
+  padded_input_grad(gout, vals, rp, pci.data(), t, nullptr, dB.get());
+  const int64_t Hx = g.H + 2 * g.PH, Wx = g.W + 2 * g.PW;  // the padded input
+  const int64_t len = 2 * Wb + 1;  // padded columns 0 .. 2 Wb reach dB
+  at::parallel_for(0, g.N * g.C_in, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> rows(3 * len + 1, T(0));
+    T* brow = rows.data();                // a row of dB
+    T* prev = rows.data() + len + 1;      // its horizontal adjoint, row a - 1
+    T* cur = rows.data() + 2 * len + 1;   // ... row a
+    for (int64_t nc = begin; nc < end; ++nc) {
+      const int64_t n = nc / g.C_in, c = nc % g.C_in;
+      T* gx = gin + nc * g.H * g.W;
+      std::fill(gx, gx + g.H * g.W, T(0));
+      std::fill(prev, prev + len, T(0));
+      for (int64_t a = 0; a <= 2 * Hb && a < Hx; ++a) {
+        // cur[b] = dB(a, b) + dB(a, b - 1), dB zero outside its 2 Hb x 2 Wb
+        if (a < 2 * Hb) {
+          const T* ph = dB.get() + ((n * t.C_in + 4 * c + 2 * (a % 2)) * Hb + a / 2) * Wb;
+          interleave_row(ph, ph + Hb * Wb, Wb, brow);
+          cur[0] = brow[0];
+          for (int64_t b = 1; b < 2 * Wb; ++b) cur[b] = brow[b] + brow[b - 1];
+          cur[2 * Wb] = brow[2 * Wb - 1];
+        } else {
+          std::fill(cur, cur + len, T(0));
+        }
+        const int64_t iy = source_index(a - g.PH, g.H, g);
+        if (iy >= 0) {
+          T* drow = gx + iy * g.W;
+          const T quarter = T(0.25);
+          auto edge = [&](int64_t b) {
+            const int64_t ix = source_index(b - g.PW, g.W, g);
+            if (ix >= 0) drow[ix] += quarter * (cur[b] + prev[b]);
+          };
+          const int64_t lo = std::min(g.PW, len), hi = std::max(lo, std::min(len, g.PW + g.W));
+          for (int64_t b = 0; b < lo; ++b) edge(b);
+          const T* c0 = cur + g.PW;
+          const T* p0 = prev + g.PW;
+#pragma omp simd
+          for (int64_t j = 0; j < hi - lo; ++j) drow[j] += quarter * (c0[j] + p0[j]);
+          for (int64_t b = hi; b < std::min(len, Wx); ++b) edge(b);
+        }
+        std::swap(prev, cur);
+      }
+    }
+  });
 }
 
 // The entry points sparse_conv2d.cpp calls through OES_FAST_ISA_DISPATCH.

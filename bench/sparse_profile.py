@@ -729,13 +729,14 @@ def render_scaling(sc: dict) -> str:
             a = agg.setdefault(f"isolated {r['phase']}", {})
             a[s] = a.get(s, 0.0) + r["time_s"]
     tot = {s: med(sc["step"][s]["total_s"]) for s in sizes}
-    order = sorted(agg, key=lambda k: (k.startswith("isolated"), -agg[k][sizes[-1]]))
+    # (a phase runs at some sizes only where a layer changes form with the size: the generator
+    # fuses a conv with the pooling after it from an input 32 wide; - where it does not run)
+    order = sorted(agg, key=lambda k: (k.startswith("isolated"), -agg[k].get(sizes[-1], 0.0)))
     for name in ["whole step (median of per-round sums)"] + order:
         v = tot if name.startswith("whole") else agg[name]
-        if v.get(base, 0) <= 0:
-            continue
-        lines.append(f"| {name} | " + " | ".join(ms(v[s]) for s in sizes) + " | " +
-                     " | ".join(f"{rel(v[s], v[base], s):.2f}" for s in sizes[1:]) + " |")
+        lines.append(f"| {name} | " + " | ".join(ms(v[s]) if s in v else "-" for s in sizes) + " | " +
+                     " | ".join(f"{rel(v[s], v[base], s):.2f}" if s in v and v.get(base, 0) > 0 else "-"
+                                for s in sizes[1:]) + " |")
     # per conv layer, isolated
     lines += ["", "Per sparse conv, isolated ops, time per pixel at the largest size over that at the smallest "
               "(- where the layer does not run that op at both sizes: a down block's first conv runs with its "

@@ -360,6 +360,38 @@ def test_sparse_conv2d_pool_stats_gradcheck_and_opcheck():
                           (g, values.detach(), row_ptr, col_idx, [1, 2, 7, 9], [5, 5], [2, 2], "zeros"))
 
 
+@pytest.mark.parametrize("pooled", [False, True], ids=["conv", "pooled"])
+def test_sparse_conv2d_several_row_tiles(pooled):
+    """Inputs wide and deep enough that the halo kernels split the rows into several tiles (their
+    halo budget holds a few rows; tiles are at least 32 rows): forward, statistics, input and
+    weight gradients against the reference across the tile boundaries, float64."""
+    c_in, c_out, h, w_ = (32, 3, 150, 300) if pooled else (64, 4, 75, 300)
+    w, keep = random_weight(c_out, c_in, 5, 0.05, torch.float64, stable_seed("tiles", pooled))
+    gen = torch.Generator().manual_seed(stable_seed("tiles x", pooled))
+    x = torch.randn(1, c_in, h, w_, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(c_out, generator=gen, dtype=torch.float64, requires_grad=True)
+    ref = reference_conv(x, w.requires_grad_(), b, 1, 2, "reflect")
+    if pooled:
+        ref = F.avg_pool2d(ref, 2)
+    g = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    ref_grads = torch.autograd.grad(ref, (x, w, b), g)
+    values, row_ptr, col_idx = to_csr(w.detach(), keep)
+    values.requires_grad_()
+    if pooled:
+        out, stats = torch.ops.oes_fast.sparse_conv2d_pool_stats(x, values, row_ptr, col_idx, b, [5, 5], [2, 2],
+                                                                 "reflect")
+    else:
+        out, stats = torch.ops.oes_fast.sparse_conv2d_stats(x, values, row_ptr, col_idx, b, [5, 5], [2, 2],
+                                                            "reflect", 1)
+        out = torch.ops.oes_fast.sparse_conv2d(x, values, row_ptr, col_idx, b, [5, 5], [1, 1], [2, 2], "reflect", 1)
+    grads = torch.autograd.grad(out, (x, values, b), g)
+    assert_close_to_reference(out.detach(), ref.detach(), name="forward")
+    assert_channel_stats(stats, ref.detach(), torch.float64, "stats")
+    for got, r, name in zip(grads, (ref_grads[0], ref_grads[1].reshape(c_out, -1)[keep.reshape(c_out, -1)],
+                                    ref_grads[2]), ("input grad", "weight grad", "bias grad")):
+        assert_close_to_reference(got, r, name=name)
+
+
 def test_sparse_conv2d_pool_stats_rejects_bad_arguments():
     op = torch.ops.oes_fast.sparse_conv2d_pool_stats
     w, keep = random_weight(4, 3, 3, 0.5, torch.float32, 2)

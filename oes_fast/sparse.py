@@ -546,8 +546,9 @@ class SparseGenerator(nn.Module):
     def fuses_pool(self, i: int, x) -> bool:
         """Whether `forward` runs stage i, a sparse conv followed by 2x2 average pooling and batch
         norm (every down block's first conv), as one conv at the pooled size on the stride-2
-        phases of the input's 2x2 box mean (`sparse_conv2d_pool_stats`) that also returns the batch norm's statistics:
-        under `fuse_batch_norm`, on CPU, from an input `pool_fusion_min_width` wide."""
+        phases of the input's 2x2 box mean (`sparse_conv2d_pool_stats`) that also returns the
+        batch norm's statistics: under `fuse_batch_norm`, on CPU, from an input
+        `pool_fusion_min_width` wide."""
         stages = self.stages
         return (self.fuse_batch_norm and isinstance(stages[i], _Conv) and i + 2 < len(stages)
                 and isinstance(stages[i + 1], _Elementwise) and stages[i + 1].op == "pool"

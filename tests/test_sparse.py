@@ -307,8 +307,9 @@ def test_sparse_conv2d_stats_then_batch_norm_gradcheck(upsample):
                          ids=lambda s: "x".join(map(str, s)))
 def test_sparse_conv2d_pool_stats(shape, dtype):
     """A size-keeping conv with 2x2 average pooling after it, computed as one conv of the stride-2
-    phases of the input's box mean: the pooled output (odd last rows/columns dropped), its batch-norm statistics,
-    and the input, weight and bias gradients against the reference conv + F.avg_pool2d."""
+    phases of the input's box mean: the pooled output (odd last rows/columns dropped), its
+    batch-norm statistics, and the input, weight and bias gradients against the reference conv +
+    F.avg_pool2d."""
     n, c_in, c_out, h, w_, k, mode = shape
     w, keep = random_weight(c_out, c_in, k, 0.4, torch.float64, stable_seed(shape))
     gen = torch.Generator().manual_seed(stable_seed(shape, "x"))

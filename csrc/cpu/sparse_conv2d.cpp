@@ -90,6 +90,27 @@ at::Tensor weight_grad_checked(const char* op, const at::Tensor& grad_output, co
   return gw;
 }
 
+// The input gradient with grad_output checked against the output (sparse_conv2d_input_grad), or
+// against the pooled output (sparse_conv2d_pool_input_grad).
+at::Tensor input_grad_checked(const char* op, const at::Tensor& grad_output, const at::Tensor& values,
+                              const at::Tensor& row_ptr, const at::Tensor& col_idx, const SparseConvGeometry& g,
+                              bool pooled) {
+  const int64_t h = pooled ? g.H_out / 2 : g.H_out, w = pooled ? g.W_out / 2 : g.W_out;
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({g.N, g.C_out, h, w}), op, ": grad_output must have the ",
+              pooled ? "pooled " : "", "output's shape (", g.N, ", ", g.C_out, ", ", h, ", ", w, "), got ",
+              grad_output.sizes());
+  const at::Tensor go = grad_output.contiguous(), v = values.contiguous(), rp = row_ptr.contiguous(),
+                   ci = col_idx.contiguous();
+  at::Tensor gin = at::empty({g.N, g.C_in, g.H_src, g.W_src}, grad_output.options());
+  AT_DISPATCH_FLOATING_TYPES(go.scalar_type(), "sparse_conv2d_input_grad_checked", [&] {
+    auto* kernel =
+        pooled ? OES_FAST_ISA_DISPATCH(input_grad_pool<scalar_t>) : OES_FAST_ISA_DISPATCH(input_grad<scalar_t>);
+    kernel(go.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), rp.data_ptr<int64_t>(), ci.data_ptr<int32_t>(),
+           gin.data_ptr<scalar_t>(), g);
+  });
+  return gin;
+}
+
 at::Tensor sparse_conv2d_cpu(const at::Tensor& input, const at::Tensor& values, const at::Tensor& row_ptr,
                              const at::Tensor& col_idx, const std::optional<at::Tensor>& bias,
                              at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
@@ -133,18 +154,7 @@ at::Tensor sparse_conv2d_input_grad_cpu(const at::Tensor& grad_output, const at:
                                                          padding_mode, 1);
     return full.view({g.N, g.C_in, g.H_src, g.U, g.W_src, g.U}).sum({3, 5});
   }
-  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({g.N, g.C_out, g.H_out, g.W_out}),
-              "sparse_conv2d_input_grad: grad_output must have the output's shape (", g.N, ", ", g.C_out, ", ",
-              g.H_out, ", ", g.W_out, "), got ", grad_output.sizes());
-  const at::Tensor go = grad_output.contiguous(), v = values.contiguous(), rp = row_ptr.contiguous(),
-                   ci = col_idx.contiguous();
-  at::Tensor gin = at::empty({g.N, g.C_in, g.H_src, g.W_src}, grad_output.options());
-  AT_DISPATCH_FLOATING_TYPES(go.scalar_type(), "sparse_conv2d_input_grad_cpu", [&] {
-    auto* kernel = OES_FAST_ISA_DISPATCH(input_grad<scalar_t>);
-    kernel(go.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), rp.data_ptr<int64_t>(), ci.data_ptr<int32_t>(),
-           gin.data_ptr<scalar_t>(), g);
-  });
-  return gin;
+  return input_grad_checked("sparse_conv2d_input_grad", grad_output, values, row_ptr, col_idx, g, false);
 }
 
 at::Tensor sparse_conv2d_weight_grad_cpu(const at::Tensor& grad_output, const at::Tensor& input,
@@ -202,21 +212,9 @@ at::Tensor sparse_conv2d_pool_input_grad_cpu(const at::Tensor& grad_output, cons
                                              const at::Tensor& row_ptr, const at::Tensor& col_idx,
                                              at::IntArrayRef input_size, at::IntArrayRef kernel_size,
                                              at::IntArrayRef padding, c10::string_view padding_mode) {
-  const char* op = "sparse_conv2d_pool_input_grad";
-  const auto g = pooled_conv_geometry(op, input_size, values, row_ptr, col_idx, kernel_size, padding, padding_mode,
-                                      grad_output);
-  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({g.N, g.C_out, g.H_out / 2, g.W_out / 2}), op,
-              ": grad_output must have the pooled output's shape (", g.N, ", ", g.C_out, ", ", g.H_out / 2, ", ",
-              g.W_out / 2, "), got ", grad_output.sizes());
-  const at::Tensor go = grad_output.contiguous(), v = values.contiguous(), rp = row_ptr.contiguous(),
-                   ci = col_idx.contiguous();
-  at::Tensor gin = at::empty({g.N, g.C_in, g.H, g.W}, grad_output.options());
-  AT_DISPATCH_FLOATING_TYPES(go.scalar_type(), "sparse_conv2d_pool_input_grad_cpu", [&] {
-    auto* kernel = OES_FAST_ISA_DISPATCH(input_grad_pool<scalar_t>);
-    kernel(go.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), rp.data_ptr<int64_t>(), ci.data_ptr<int32_t>(),
-           gin.data_ptr<scalar_t>(), g);
-  });
-  return gin;
+  const auto g = pooled_conv_geometry("sparse_conv2d_pool_input_grad", input_size, values, row_ptr, col_idx,
+                                      kernel_size, padding, padding_mode, grad_output);
+  return input_grad_checked("sparse_conv2d_pool_input_grad", grad_output, values, row_ptr, col_idx, g, true);
 }
 
 }  // namespace

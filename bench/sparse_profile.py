@@ -12,7 +12,8 @@ is run stage by stage, mirroring SparseGenerator.forward, with a clock read betw
 - forward: without autograd, as SparseGenerator.forward runs it then (SparseGenerator.run_stage:
   a sparse conv followed by batch norm computes the batch statistics in its epilogue,
   `sparse_conv2d_stats`; every batch norm runs as ops.batch_norm_leaky_relu, one pass with the
-  LeakyReLU after it, after its own statistics pass where no conv precedes);
+  LeakyReLU after it, after its own statistics pass where no conv precedes; the last one, its
+  LeakyReLU and the 1x1 output conv as ops.batch_norm_leaky_relu_conv1x1, one pass);
 - training step: zero_grad, forward with autograd as SparseGenerator.forward runs it then (a
   sparse conv followed by batch norm: sparse_conv2d_stats; a batch norm followed by LeakyReLU:
   both in one op, ops.batch_norm_leaky_relu, one pass from the conv's statistics or after its
@@ -163,6 +164,10 @@ def stage_work(st, x_shape, out_shape, phase: str) -> tuple[float, float]:
     """(FLOPs, bytes) of one non-conv stage in `phase` (see the module docstring)."""
     numel = lambda s: float(s[0] * s[1] * s[2] * s[3])  # noqa: E731
     i, o = numel(x_shape), numel(out_shape)
+    if isinstance(st, _BatchNorm) and "1x1 conv" in phase:
+        # the head without autograd (ops.batch_norm_leaky_relu_conv1x1): batch-norm apply and
+        # activation on the input, the 1x1 conv (every compacted tap) into out_shape's channels
+        return 3 * i + 2.0 * x_shape[1] * o, F32 * (i + o)
     if isinstance(st, _BatchNorm):
         # the phase names its parts (SparseGenerator.run_stage): "bn stats + apply[ + activation]
         # (fused)", "bn apply[ + activation][ (fused)]" from the conv's statistics, "fwd"
@@ -508,7 +513,7 @@ def run(size: int, repeats: int) -> dict:
         instrumented_totals=dict(
             forward=[sum(r.values()) for r in fwd_rounds], step=[sum(r.values()) for r in step_rounds]),
         conv_layers=[dict(stage=i, name=labels[i], n_in=st.n_in, n_out=st.n_out, kernel=st.kernel, nnz=st.values.numel(),
-                          density=st.density, mode=st.mode, upsample=st.upsample, out_hw=list(shapes[i][1][2:]))
+                          density=st.density, mode=st.mode, upsample=st.upsample, out_hw=list(sh[i][1][2:]))
                      for i, st in enumerate(gen.stages) if isinstance(st, _Conv)],
         rows=rows,
     )
@@ -609,7 +614,7 @@ def render(d: dict, quick: bool) -> str:
               "Python loop between stages and check_input; in the step, each stage's backward row also holds the "
               "autograd bookkeeping and the small graph of the folded constants that the engine runs in between, "
               "and a freed tensor's release is charged to the stage during which its last reference goes.\n"]
-    for title, rs in (("Forward without autograd (inference path: fused BN statistics, batch norm and activation in one op)", fwd_rows),
+    for title, rs in (("Forward without autograd (inference path: fused BN statistics, batch norm and activation in one op, the last one with the 1x1 output conv)", fwd_rows),
                       ("Training step (zero_grad, forward with autograd, MSE, backward, Adam lr 0.01)", step_rows)):
         lines += [f"#### {title}: by phase\n"]
         lines += table(summarize(rs, peak, bw), ["phase", "n"])

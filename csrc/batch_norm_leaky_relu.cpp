@@ -22,4 +22,12 @@ TORCH_LIBRARY_FRAGMENT(oes_fast, m) {
   m.def(
       "batch_norm_leaky_relu_backward(Tensor grad_output, Tensor input, Tensor mean, Tensor invstd, Tensor scale, "
       "Tensor shift, float negative_slope) -> (Tensor, Tensor, Tensor)");
+  // The generator's head without autograd: the 1x1 conv (weight (C_out, C), optional bias
+  // (C_out,), both of the input's dtype) of batch_norm_leaky_relu(input, scale, shift,
+  // negative_slope), in one pass over the input: (N, C_out, H, W). The activation is rounded to
+  // the input's dtype as batch_norm_leaky_relu stores it; the conv sums in float64 and rounds
+  // once. No autograd (the generator's inference path).
+  m.def(
+      "batch_norm_leaky_relu_conv1x1(Tensor input, Tensor scale, Tensor shift, float negative_slope, Tensor weight, "
+      "Tensor? bias) -> Tensor");
 }

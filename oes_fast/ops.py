@@ -726,6 +726,30 @@ class _BatchNormLeakyReLU(torch.autograd.Function):
                 gb.to(ctx.dtypes[1]) if need[3] else None, None, None)
 
 
+@torch.library.register_fake("oes_fast::batch_norm_leaky_relu_conv1x1")
+def _batch_norm_leaky_relu_conv1x1_fake(input, scale, shift, negative_slope, weight, bias):
+    n, _, h, w = input.shape
+    return input.new_empty((n, weight.shape[0], h, w))
+
+
+def batch_norm_leaky_relu_conv1x1(x: torch.Tensor, stats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                                  eps: float, negative_slope: float, conv_weight: torch.Tensor,
+                                  conv_bias: torch.Tensor | None) -> torch.Tensor:
+    """The 1x1 conv (conv_weight (C_out, C), conv_bias (C_out,) or None) of
+    batch_norm_leaky_relu(x, stats, weight, bias, eps, negative_slope), in one pass over x and
+    without autograd (the generator's head at inference; reference.batch_norm_leaky_relu_conv1x1
+    is its meaning). x: NCHW, CPU, float32 or float64; stats as batch_norm_leaky_relu takes them
+    (not None)."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (x, weight, bias, conv_weight, conv_bias)):
+        raise RuntimeError("batch_norm_leaky_relu_conv1x1 has no autograd: call it under torch.no_grad()")
+    if stats.shape != (x.shape[1], 2) or stats.dtype != torch.float64:
+        raise ValueError(f"stats must be float64 of shape ({x.shape[1]}, 2), got {stats.dtype} {tuple(stats.shape)}")
+    count = x.shape[0] * x.shape[2] * x.shape[3]
+    _, _, scale, shift = batch_norm_affine(stats, count, weight, bias, eps)
+    return _ops.batch_norm_leaky_relu_conv1x1(x, scale, shift, float(negative_slope), conv_weight, conv_bias)
+
+
 def batch_norm_leaky_relu(x: torch.Tensor, stats: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor,
                           eps: float, negative_slope: float = 0.2) -> torch.Tensor:
     """F.leaky_relu(F.batch_norm(x, None, None, weight, bias, training=True, eps=eps),

@@ -126,6 +126,15 @@ def batch_norm_leaky_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     return torch.nn.functional.leaky_relu(y, negative_slope)
 
 
+def batch_norm_leaky_relu_conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                                  negative_slope: float, conv_weight: torch.Tensor,
+                                  conv_bias: torch.Tensor | None) -> torch.Tensor:
+    """A 1x1 conv (conv_weight (C_out, C)) of batch_norm_leaky_relu: the meaning of
+    oes_fast.ops.batch_norm_leaky_relu_conv1x1 (the generator's head)."""
+    y = batch_norm_leaky_relu(x, weight, bias, eps, negative_slope)
+    return torch.nn.functional.conv2d(y, conv_weight[:, :, None, None], conv_bias)
+
+
 # ------------------------------------------------------------------------------ masked model
 def masked_forward(model: nn.Module, params: Mapping[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
     """f(z; params) through torch.func.functional_call (the model's own weights are untouched).

@@ -32,7 +32,9 @@ training-mode forward computes (batch norm with batch statistics), in two steps:
    which normalizes and activates in one pass (from the conv's statistics, or after a
    statistics pass of its own where a pooling or nothing precedes; a slope of 1 where no
    LeakyReLU follows) and whose backward takes two passes per channel, keeping only the batch
-   norm's input (`SparseGenerator.run_stage`).
+   norm's input (`SparseGenerator.run_stage`). Without autograd, the last batch norm, its
+   LeakyReLU and the 1x1 output conv are one pass too (`ops.batch_norm_leaky_relu_conv1x1`), and
+   the sigmoid runs in place.
 
 Weight format: CSR over output channels (row_ptr int64 [C_out + 1], col_idx int32 = c * KH * KW
 + ky * KW + kx, values). The CPU kernel gives each thread whole output rows of one output
@@ -55,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops as _ops_module  # noqa: F401  (registers the operators)
-from .ops import batch_norm_affine, batch_norm_from_stats, batch_norm_leaky_relu
+from .ops import batch_norm_affine, batch_norm_from_stats, batch_norm_leaky_relu, batch_norm_leaky_relu_conv1x1
 from .files import atomic_path
 from .connectivity import live_channels
 
@@ -197,6 +199,25 @@ class _Conv(_Stage):
         kk = self.kernel[0] * self.kernel[1]
         w = self.values.new_zeros(self.n_out * self.n_in * kk).scatter(0, self.dense_pos, self.values)
         return w.view(self.n_out, self.n_in, *self.kernel)
+
+    def is_pointwise(self, x) -> bool:
+        """Whether forward_head applies: a 1x1 conv (sparse or dense) of live inputs x (CPU float32
+        or float64)."""
+        return (self.kernel == [1, 1] and self.upsample == 1 and not self.select_in
+                and self.n_out > 0 and self.n_in > 0 and x is not None and x.device.type == "cpu"
+                and x.dtype in (torch.float32, torch.float64) and x.shape[1] == self.n_in)
+
+    def forward_head(self, x, stats, bn, const, hw, negative_slope):
+        """This 1x1 conv of bn's batch norm of x (whose statistics the conv before returned) and a
+        LeakyReLU of `negative_slope`, in one op without autograd (ops.batch_norm_leaky_relu_conv1x1).
+        `const`: the constants of the batch norm's input."""
+        beta, gamma, beta_live = bn.masked_parameters()
+        const_in = None if bn.const_zero else F.leaky_relu(beta, negative_slope)
+        const_out = self.constants(const_in)
+        bias = const_out.index_select(0, self.live_out) if const_out is not None else None
+        x = batch_norm_leaky_relu_conv1x1(x, stats, gamma, beta_live, bn.eps, negative_slope,
+                                          self.dense_weight().view(self.n_out, self.n_in), bias)
+        return x, const_out, hw
 
     def can_fuse_stats(self, x) -> bool:
         """Whether forward(..., with_stats=True) applies: sparse, CPU, live inputs and outputs."""
@@ -387,7 +408,7 @@ class _Elementwise(_Stage):
             hw = (hw[0], hw[1] * 2, hw[2] * 2)
         elif self.op == "sigmoid":
             if x is not None:
-                x = torch.sigmoid(x)
+                x = torch.sigmoid(x) if torch.is_grad_enabled() else x.sigmoid_()
             const = None
         else:  # pragma: no cover - specs are written by this module
             raise ValueError(f"unknown stage {self.op!r}")
@@ -512,7 +533,9 @@ class SparseGenerator(nn.Module):
         Phases: "conv + pool + bn stats (fused)" (sparse_conv2d_pool_stats: the conv, the 2x2
         average pooling after it, and the statistics of the batch norm after that);
         "conv + bn stats (fused)" (sparse_conv2d_stats; the batch norm is next);
-        every batch norm as ops.batch_norm_leaky_relu: "bn apply[ + activation] (fused)" from the conv's
+        without autograd, the last batch norm, its LeakyReLU and the 1x1 conv after them as
+        ops.batch_norm_leaky_relu_conv1x1: "bn apply + activation + 1x1 conv (fused)" (see `fuses_head`);
+        every other batch norm as ops.batch_norm_leaky_relu: "bn apply[ + activation] (fused)" from the conv's
         statistics, "bn stats + apply[ + activation] (fused)" with its own statistics pass, the
         LeakyReLU after it included when there is one (else a slope of 1: the identity);
         with that fusion off (`fuse_activation`), "bn apply" (in place without autograd) after
@@ -524,6 +547,9 @@ class SparseGenerator(nn.Module):
         if self.fuses_stats(i, x):
             x, const, hw, stats = stage(x, const, hw, with_stats=True)
             return x, const, hw, stats, i + 1, "conv + bn stats (fused)"
+        if self.fuses_head(i, x, stats):
+            x, const, hw = self.stages[i + 2].forward_head(x, stats, stage, const, hw, LEAKY_RELU_SLOPE)
+            return x, const, hw, None, i + 3, "bn apply + activation + 1x1 conv (fused)"
         if self.fuses_batch_norm_op(i, x):
             act = self.fuses_activation(i, x)
             x, const, hw = stage.forward_leaky_relu(x, stats, const, hw, LEAKY_RELU_SLOPE if act else 1.0)
@@ -555,6 +581,15 @@ class SparseGenerator(nn.Module):
                 and stages[i + 1].arg == "avg" and isinstance(stages[i + 2], _BatchNorm)
                 and stages[i].upsample == 1 and stages[i].can_fuse_stats(x)
                 and x.shape[-1] >= self.pool_fusion_min_width)
+
+    def fuses_head(self, i: int, x, stats) -> bool:
+        """Whether `forward` runs stage i, a batch norm whose statistics the conv before returned,
+        the LeakyReLU after it and the 1x1 conv after that (the output conv) as one op
+        without autograd (ops.batch_norm_leaky_relu_conv1x1): under `fuse_activation`, with
+        autograd off, on CPU float32 or float64."""
+        stages = self.stages
+        return (self.fuses_activation(i, x) and stats is not None and not torch.is_grad_enabled()
+                and i + 2 < len(stages) and isinstance(stages[i + 2], _Conv) and stages[i + 2].is_pointwise(x))
 
     def fuses_batch_norm_op(self, i: int, x) -> bool:
         """Whether `forward` runs stage i, a batch norm, as ops.batch_norm_leaky_relu (one

@@ -133,7 +133,7 @@ def main():
                                  checkpoint=args.out + ".ckpt", checkpoint_every=args.checkpoint_every, resume=True, progress=True)
         result.mask.meta.update(image=f"{os.path.basename(args.image)}, center {side}x{side}",
                                 task=dict(name="denoise", sigma=args.sigma, noise_seed=args.noise_seed),
-                                search_seconds=result.seconds)
+                                search_seconds=result.seconds, time=run_time(result, cpu_started, wall_started))
         oes_fast.masks.save(result.mask, args.out)
         print(result.mask, result.health.message)
         return

@@ -1,6 +1,7 @@
 """Tests of oes_fast.ops.batch_norm_leaky_relu (training-mode batch norm fused with LeakyReLU)
 and its three C++ ops, against oes_fast.reference.batch_norm_leaky_relu (F.batch_norm +
-F.leaky_relu): forward and the gradients in x, weight and bias, with the statistics given (as
+F.leaky_relu), and of the generator's head op batch_norm_leaky_relu_conv1x1 (the same with a 1x1
+conv after it, without autograd) against reference.batch_norm_leaky_relu_conv1x1: forward and the gradients in x, weight and bias, with the statistics given (as
 sparse_conv2d_stats returns them) and computed by the op; gradcheck; opcheck; the same bits
 with 1 and 2 threads; and every instruction set of the CPU kernels (one subprocess each, since
 the choice is made once per process). The generator's use of it is tested in test_sparse.py.
@@ -131,13 +132,77 @@ def test_other_dtypes_fall_back():
     assert x.grad is not None and x.grad.dtype == torch.bfloat16
 
 
+def head_weights(channels, outputs, seed):
+    """A 1x1 conv's (outputs, channels) weight and (outputs,) bias, float32 values in float64."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(outputs, channels, generator=g, dtype=torch.float64) / channels**0.5
+    return w.float().double(), torch.randn(outputs, generator=g, dtype=torch.float64).float().double()
+
+
+def head(x, weight, bias, conv_weight, conv_bias, dtype):
+    """ops.batch_norm_leaky_relu_conv1x1 in dtype, from the given statistics (as the generator calls it)."""
+    cast = (lambda t: None if t is None else t.to(dtype))
+    with torch.no_grad():
+        return ops.batch_norm_leaky_relu_conv1x1(x.to(dtype), sums(x.to(dtype)), weight.to(dtype), bias.to(dtype),
+                                                 EPS, SLOPE, cast(conv_weight), cast(conv_bias))
+
+
+def head_reference(x, weight, bias, conv_weight, conv_bias, dtype):
+    cast = (lambda t: None if t is None else t.to(dtype))
+    return reference.batch_norm_leaky_relu_conv1x1(x.to(dtype), weight.to(dtype), bias.to(dtype), EPS, SLOPE,
+                                                   cast(conv_weight), cast(conv_bias))
+
+
+# (shape, outputs): one and several output channels; planes of fewer pixels than a chunk (128),
+# of several chunks with a partial last one, and of several whole chunks
+HEAD_CASES = [((1, 1, 7, 13), 1), ((2, 5, 7, 13), 3), ((2, 16, 17, 19), 3), ((1, 3, 16, 32), 5), ((2, 4, 1, 9), 2)]
+
+
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no bias"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,outputs", HEAD_CASES, ids=lambda c: "x".join(map(str, c)) if isinstance(c, tuple) else str(c))
+def test_conv1x1_matches_reference(shape, outputs, dtype, with_bias):
+    """The head op (batch norm, LeakyReLU and a 1x1 conv in one pass, no autograd) against the
+    composite reference in float64, as close as the reference run in dtype."""
+    x, weight, bias, _ = make_inputs(shape, zlib.crc32(repr(shape).encode()))
+    conv_weight, conv_bias = head_weights(shape[1], outputs, 5)
+    conv_bias = conv_bias if with_bias else None
+    got = head(x, weight, bias, conv_weight, conv_bias, dtype)
+    ref64 = head_reference(x, weight, bias, conv_weight, conv_bias, torch.float64)
+    ref_lowp = head_reference(x, weight, bias, conv_weight, conv_bias, dtype)
+    assert got.dtype == dtype and got.shape == (shape[0], outputs, *shape[2:])
+    assert_close_to_reference(got, ref64, ref_lowp, name=f"head {shape} -> {outputs}")
+
+
+def test_conv1x1_opcheck_and_errors():
+    x, weight, bias, _ = make_inputs((2, 4, 5, 7), 12)
+    conv_weight, conv_bias = head_weights(4, 3, 6)
+    stats = ops_ns.batch_norm_stats(x)
+    _, _, scale, shift = ops.batch_norm_affine(stats, 70, weight, bias, EPS)
+    for dtype in DTYPES:
+        args = (x.to(dtype), scale, shift, SLOPE, conv_weight.to(dtype))
+        torch.library.opcheck(ops_ns.batch_norm_leaky_relu_conv1x1.default, (*args, conv_bias.to(dtype)))
+        torch.library.opcheck(ops_ns.batch_norm_leaky_relu_conv1x1.default, (*args, None))
+    with pytest.raises(RuntimeError, match=r"weight must be \(C_out, C = 4\)"):
+        ops_ns.batch_norm_leaky_relu_conv1x1(x, scale, shift, SLOPE, conv_weight[:, :3].contiguous(), conv_bias)
+    with pytest.raises(RuntimeError, match="weight must be"):
+        ops_ns.batch_norm_leaky_relu_conv1x1(x, scale, shift, SLOPE, conv_weight.float(), conv_bias)
+    with pytest.raises(RuntimeError, match="bias must be a vector of C_out = 3"):
+        ops_ns.batch_norm_leaky_relu_conv1x1(x, scale, shift, SLOPE, conv_weight, conv_bias[:2])
+    with pytest.raises(ValueError, match="stats must be float64"):
+        ops.batch_norm_leaky_relu_conv1x1(x, stats.float(), weight, bias, EPS, SLOPE, conv_weight, conv_bias)
+    with pytest.raises(RuntimeError, match="no autograd"):
+        ops.batch_norm_leaky_relu_conv1x1(x, stats, weight.requires_grad_(), bias, EPS, SLOPE, conv_weight, None)
+
+
 def fused_results(x, weight, bias, grad, dtype, given_stats):
     stats = sums(x.to(dtype)) if given_stats else None
     xd, wd, bd = (t.detach().to(dtype).requires_grad_() for t in (x, weight, bias))
     y = ops.batch_norm_leaky_relu(xd, stats, wd, bd, EPS, SLOPE)
     y.backward(grad.to(dtype))
     return {"out": y.detach(), "grad_x": xd.grad, "grad_weight": wd.grad, "grad_bias": bd.grad,
-            "stats": ops_ns.batch_norm_stats(xd.detach())}
+            "stats": ops_ns.batch_norm_stats(xd.detach()),
+            "head": head(x, weight, bias, *head_weights(x.shape[1], 3, 7), dtype)}
 
 
 # Large enough that the channels are split among 2 threads (about 32K elements per task).
@@ -178,4 +243,7 @@ def test_under_isa(isa, tmp_path):
                 where = f"{ISA_SHAPES[i]} {dtype} stats {'given' if given else 'computed'} under {isa}"
                 for k, name in enumerate(("out", "grad_x", "grad_weight", "grad_bias")):
                     assert_close_to_reference(got[name], ref64[k], ref_lowp[k], name=f"{name} {where}")
+                conv = head_weights(x.shape[1], 3, 7)
+                assert_close_to_reference(got["head"], head_reference(x, weight, bias, *conv, torch.float64),
+                                          head_reference(x, weight, bias, *conv, dtype), name=f"head {where}")
                 assert_same_bits(got, results["threads"][2][i][str(dtype), given], where)

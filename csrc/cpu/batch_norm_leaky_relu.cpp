@@ -15,7 +15,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <tuple>
+#include <vector>
 
 #include "cpu_isa.h"
 
@@ -25,6 +27,15 @@ namespace {
 // Per-channel constants of the backward (all float64).
 struct ChannelBackward {
   double mean, invstd, scale, shift, slope;
+};
+
+// The head's constants (batch_norm_leaky_relu_conv1x1): C input and O output channels, the
+// per-channel scale and shift, the slope, the (O, C) weight and the optional bias, all float64.
+struct Head {
+  int64_t C, O;
+  const double *scale, *shift;
+  double slope;
+  const double *weight, *bias;
 };
 
 }  // namespace
@@ -128,12 +139,57 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_leaky_relu_backward_cp
   return {grad_input, grad_weight, grad_bias};
 }
 
+at::Tensor batch_norm_leaky_relu_conv1x1_cpu(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& shift,
+                                             double negative_slope, const at::Tensor& weight,
+                                             const std::optional<at::Tensor>& bias) {
+  const char* op = "batch_norm_leaky_relu_conv1x1";
+  const Planes p = check_input(input, op);
+  const at::Tensor sc = channel_vector(scale, input, "scale", op), sh = channel_vector(shift, input, "shift", op);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == p.C && weight.scalar_type() == input.scalar_type() &&
+                  weight.device() == input.device(),
+              op, ": weight must be (C_out, C = ", p.C, ") of the input's dtype and device, got ", weight.scalar_type(),
+              " ", weight.sizes(), " on ", weight.device());
+  const int64_t O = weight.size(0);
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->numel() == O && bias->scalar_type() == input.scalar_type() &&
+                    bias->device() == input.device(),
+                op, ": bias must be a vector of C_out = ", O, " entries of the input's dtype and device, got ",
+                bias->scalar_type(), " ", bias->sizes(), " on ", bias->device());
+  }
+  const at::Tensor w = weight.to(at::kDouble).contiguous();
+  const at::Tensor b = has_bias ? bias->to(at::kDouble).contiguous() : at::Tensor();
+  const Head head{p.C, O, sc.data_ptr<double>(), sh.data_ptr<double>(), negative_slope, w.data_ptr<double>(),
+                  has_bias ? b.data_ptr<double>() : nullptr};
+  const at::Tensor x = input.contiguous();
+  at::Tensor y = at::empty({p.N, O, input.size(2), input.size(3)}, x.options());
+  // tasks: chunks of kHeadChunk pixels of one image; every pixel is computed alone, so the bits
+  // do not depend on the thread count
+  const int64_t K = isa_baseline::kHeadChunk;
+  const int64_t chunks = (p.HW + K - 1) / K, tasks = p.N * chunks;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_leaky_relu_conv1x1_cpu", [&] {
+    auto* kernel = OES_FAST_ISA_DISPATCH(head_chunk<scalar_t>);
+    const scalar_t* in = x.data_ptr<scalar_t>();
+    scalar_t* out = y.data_ptr<scalar_t>();
+    at::parallel_for(0, tasks, std::max<int64_t>(1, 32768 / (K * std::max<int64_t>(1, p.C))),
+                     [&](int64_t begin, int64_t end) {
+      std::vector<double> act(p.C * K);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t n = t / chunks, i0 = (t % chunks) * K;
+        kernel(in + n * p.C * p.HW + i0, out + n * O * p.HW + i0, p.HW, std::min(K, p.HW - i0), head, act.data());
+      }
+    });
+  });
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(oes_fast, CPU, m) {
   m.impl("batch_norm_stats", &batch_norm_stats_cpu);
   m.impl("batch_norm_leaky_relu", &batch_norm_leaky_relu_cpu);
   m.impl("batch_norm_leaky_relu_backward", &batch_norm_leaky_relu_backward_cpu);
+  m.impl("batch_norm_leaky_relu_conv1x1", &batch_norm_leaky_relu_conv1x1_cpu);
 }
 
 }  // namespace oes_fast

@@ -17,7 +17,8 @@ is run stage by stage, mirroring SparseGenerator.forward, with a clock read betw
 - training step: zero_grad, forward with autograd as SparseGenerator.forward runs it then (a
   sparse conv followed by batch norm: sparse_conv2d_stats; a batch norm followed by LeakyReLU:
   both in one op, ops.batch_norm_leaky_relu, one pass from the conv's statistics or after its
-  own statistics pass, two per channel backward: one "batch norm + activation" row each; other
+  own statistics pass, two per channel backward: one "batch norm + activation" row each; the
+  last one with the 1x1 output conv, ops.batch_norm_leaky_relu_conv1x1: "+ act + out"; other
   batch norms F.batch_norm or ops.batch_norm_from_stats), MSE loss, backward, Adam (lr 0.01;
   its own row). The backward is timed per stage in context by tensor hooks on every stage's
   output: on this chain the gradient of stage i's output arrives, then stage i's backward runs,
@@ -165,8 +166,12 @@ def stage_work(st, x_shape, out_shape, phase: str) -> tuple[float, float]:
     numel = lambda s: float(s[0] * s[1] * s[2] * s[3])  # noqa: E731
     i, o = numel(x_shape), numel(out_shape)
     if isinstance(st, _BatchNorm) and "1x1 conv" in phase:
-        # the head without autograd (ops.batch_norm_leaky_relu_conv1x1): batch-norm apply and
-        # activation on the input, the 1x1 conv (every compacted tap) into out_shape's channels
+        # the head (ops.batch_norm_leaky_relu_conv1x1): batch-norm apply and activation on the
+        # input, the 1x1 conv (every compacted tap) into out_shape's channels; backward: the
+        # batch norm's and the activation's, and the conv's input and weight gradients (read the
+        # input and the output's gradient, write the input's)
+        if phase.startswith("bwd"):
+            return 10 * i + 4.0 * x_shape[1] * o, F32 * (2 * i + o)
         return 3 * i + 2.0 * x_shape[1] * o, F32 * (i + o)
     if isinstance(st, _BatchNorm):
         # the phase names its parts (SparseGenerator.run_stage): "bn stats + apply[ + activation]
@@ -262,7 +267,14 @@ def fused_activation_stages(step_times: dict) -> set:
     return {k[0] for k in step_times if "activation" in k[1]}
 
 
-def step_kind(gen, i, fused: set) -> str:
+def head_stages(step_times: dict) -> set:
+    """The stages whose batch norm step_timed ran with the activation and the 1x1 output conv."""
+    return {k[0] for k in step_times if "1x1 conv" in k[1]}
+
+
+def step_kind(gen, i, fused: set, heads: set = frozenset()) -> str:
+    if i in heads:
+        return "batch norm + activation + 1x1 conv"
     return "batch norm + activation" if i in fused else stage_kind(gen.stages[i])
 
 
@@ -470,7 +482,7 @@ def run(size: int, repeats: int) -> dict:
 
     step_rounds = res["sparse step (instrumented)"]
     sh = {i: (tuple(capture[i][0].shape), tuple(capture[i][2].shape)) for i in capture}
-    fused = fused_activation_stages(step_rounds[0])
+    fused, heads = fused_activation_stages(step_rounds[0]), head_stages(step_rounds[0])
     forward_phase = {i: phase for i, phase in step_rounds[0] if isinstance(i, int) and phase != "bwd"}
     for key in step_rounds[0]:
         i, phase = key
@@ -493,9 +505,10 @@ def run(size: int, repeats: int) -> dict:
             if "bn stats" in phase:
                 fl += 3.0 * sh[i][1][1] * sh[i][1][0] * sh[i][1][2] * sh[i][1][3]
         else:
-            fl, nb = stage_work(st, *sh[i], "bwd + activation" if i in fused and phase == "bwd" else phase)
-        row("step", i, labels[i] + (" + act" if i in fused else ""), phase, ts, fl, nb, "in context",
-            kind=step_kind(gen, i, fused))
+            bwd = "bwd + activation" + (" + 1x1 conv" if i in heads else "")
+            fl, nb = stage_work(st, *sh[i], bwd if i in fused and phase == "bwd" else phase)
+        label = labels[i] + (" + act + out" if i in heads else " + act" if i in fused else "")
+        row("step", i, label, phase, ts, fl, nb, "in context", kind=step_kind(gen, i, fused, heads))
 
     for (i, phase), ts in iso.items():
         row("isolated", i, labels[i], phase, ts, *work[i, phase], "isolated")
@@ -512,8 +525,9 @@ def run(size: int, repeats: int) -> dict:
                for k, v in whole.items()},
         instrumented_totals=dict(
             forward=[sum(r.values()) for r in fwd_rounds], step=[sum(r.values()) for r in step_rounds]),
+        # (the output conv has no stage of its own where the head op runs it: its output is stage i - 2's)
         conv_layers=[dict(stage=i, name=labels[i], n_in=st.n_in, n_out=st.n_out, kernel=st.kernel, nnz=st.values.numel(),
-                          density=st.density, mode=st.mode, upsample=st.upsample, out_hw=list(sh[i][1][2:]))
+                          density=st.density, mode=st.mode, upsample=st.upsample, out_hw=list((sh[i] if i in sh else sh[i - 2])[1][2:]))
                      for i, st in enumerate(gen.stages) if isinstance(st, _Conv)],
         rows=rows,
     )

@@ -22,12 +22,19 @@ TORCH_LIBRARY_FRAGMENT(oes_fast, m) {
   m.def(
       "batch_norm_leaky_relu_backward(Tensor grad_output, Tensor input, Tensor mean, Tensor invstd, Tensor scale, "
       "Tensor shift, float negative_slope) -> (Tensor, Tensor, Tensor)");
-  // The generator's head without autograd: the 1x1 conv (weight (C_out, C), optional bias
-  // (C_out,), both of the input's dtype) of batch_norm_leaky_relu(input, scale, shift,
-  // negative_slope), in one pass over the input: (N, C_out, H, W). The activation is rounded to
-  // the input's dtype as batch_norm_leaky_relu stores it; the conv sums in float64 and rounds
-  // once. No autograd (the generator's inference path).
+  // The generator's head: the 1x1 conv (weight (C_out, C), optional bias (C_out,), both of the
+  // input's dtype) of batch_norm_leaky_relu(input, scale, shift, negative_slope), in one pass
+  // over the input: (N, C_out, H, W). The activation is rounded to the input's dtype as
+  // batch_norm_leaky_relu stores it; the conv sums in float64 and rounds once.
   m.def(
       "batch_norm_leaky_relu_conv1x1(Tensor input, Tensor scale, Tensor shift, float negative_slope, Tensor weight, "
       "Tensor? bias) -> Tensor");
+  // Its backward, with the batch norm's gradient through its batch statistics (mean, invstd as
+  // batch_norm_leaky_relu_backward takes them), in two passes over the input (the activation
+  // recomputed): (grad_input in the input's dtype, grad of the batch norm's weight and bias (C,),
+  // grad_weight (C_out, C) and grad_bias (C_out,), all four float64). Sums over pixels in
+  // float64 in a fixed order: the bits do not depend on the thread count.
+  m.def(
+      "batch_norm_leaky_relu_conv1x1_backward(Tensor grad_output, Tensor input, Tensor mean, Tensor invstd, "
+      "Tensor scale, Tensor shift, float negative_slope, Tensor weight) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -676,7 +676,9 @@ def gumbel_masked_conv2d(input: torch.Tensor, logits: torch.Tensor, weight: torc
 # csrc/batch_norm_leaky_relu.cpp; CPU kernels: csrc/cpu/batch_norm_leaky_relu.cpp, for float32
 # and float64. The three ops carry no autograd of their own: the batch norm's gradient flows
 # through its batch statistics, which _BatchNormLeakyReLU below accounts for. Other devices and
-# dtypes run reference.batch_norm_leaky_relu (F.batch_norm + F.leaky_relu).
+# dtypes run reference.batch_norm_leaky_relu (F.batch_norm + F.leaky_relu). The generator's head,
+# the last batch norm with its LeakyReLU and the 1x1 output conv, is one more pair of ops
+# (batch_norm_leaky_relu_conv1x1 and its backward, through _BatchNormLeakyReLUConv1x1; CPU only).
 
 
 @torch.library.register_fake("oes_fast::batch_norm_stats")
@@ -732,22 +734,60 @@ def _batch_norm_leaky_relu_conv1x1_fake(input, scale, shift, negative_slope, wei
     return input.new_empty((n, weight.shape[0], h, w))
 
 
-def batch_norm_leaky_relu_conv1x1(x: torch.Tensor, stats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                                  eps: float, negative_slope: float, conv_weight: torch.Tensor,
+@torch.library.register_fake("oes_fast::batch_norm_leaky_relu_conv1x1_backward")
+def _batch_norm_leaky_relu_conv1x1_backward_fake(grad_output, input, mean, invstd, scale, shift, negative_slope,
+                                                 weight):
+    channels, outputs = input.shape[1], weight.shape[0]
+    return (torch.empty_like(input, memory_format=torch.contiguous_format),
+            input.new_empty((channels,), dtype=torch.float64), input.new_empty((channels,), dtype=torch.float64),
+            input.new_empty((outputs, channels), dtype=torch.float64),
+            input.new_empty((outputs,), dtype=torch.float64))
+
+
+class _BatchNormLeakyReLUConv1x1(torch.autograd.Function):
+    """conv1x1(leaky_relu(batch_norm(x))) with batch statistics: one pass forward, two backward
+    (the activation recomputed from x), keeping only x and the batch norm's per-channel
+    constants (where torch keeps x, the activation and the conv's output's inputs)."""
+
+    @staticmethod
+    def forward(ctx, x, stats, weight, bias, eps, negative_slope, conv_weight, conv_bias):
+        x = x.contiguous()
+        if stats is None:
+            stats = _ops.batch_norm_stats(x)
+        mean, std, scale, shift = batch_norm_affine(stats, x.shape[0] * x.shape[2] * x.shape[3], weight, bias, eps)
+        ctx.save_for_backward(x, mean, std.reciprocal(), scale, shift, conv_weight)
+        ctx.negative_slope = negative_slope
+        ctx.dtypes = (weight.dtype, bias.dtype, conv_weight.dtype)
+        return _ops.batch_norm_leaky_relu_conv1x1(x, scale, shift, negative_slope, conv_weight, conv_bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        need = ctx.needs_input_grad
+        x, mean, invstd, scale, shift, conv_weight = ctx.saved_tensors
+        gx, gw, gb, gcw, gcb = _ops.batch_norm_leaky_relu_conv1x1_backward(
+            grad.contiguous(), x, mean, invstd, scale, shift, ctx.negative_slope, conv_weight)
+        w_dtype, b_dtype, c_dtype = ctx.dtypes
+        return (gx if need[0] else None, None, gw.to(w_dtype) if need[2] else None,
+                gb.to(b_dtype) if need[3] else None, None, None, gcw.to(c_dtype) if need[6] else None,
+                gcb.to(c_dtype) if need[7] else None)
+
+
+def batch_norm_leaky_relu_conv1x1(x: torch.Tensor, stats: torch.Tensor | None, weight: torch.Tensor,
+                                  bias: torch.Tensor, eps: float, negative_slope: float, conv_weight: torch.Tensor,
                                   conv_bias: torch.Tensor | None) -> torch.Tensor:
     """The 1x1 conv (conv_weight (C_out, C), conv_bias (C_out,) or None) of
-    batch_norm_leaky_relu(x, stats, weight, bias, eps, negative_slope), in one pass over x and
-    without autograd (the generator's head at inference; reference.batch_norm_leaky_relu_conv1x1
-    is its meaning). x: NCHW, CPU, float32 or float64; stats as batch_norm_leaky_relu takes them
-    (not None)."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                       for t in (x, weight, bias, conv_weight, conv_bias)):
-        raise RuntimeError("batch_norm_leaky_relu_conv1x1 has no autograd: call it under torch.no_grad()")
-    if stats.shape != (x.shape[1], 2) or stats.dtype != torch.float64:
+    batch_norm_leaky_relu(x, stats, weight, bias, eps, negative_slope), in one pass over x (the
+    generator's head; reference.batch_norm_leaky_relu_conv1x1 is its meaning). x: NCHW, CPU,
+    float32 or float64; stats as batch_norm_leaky_relu takes them. Differentiable (once) in x,
+    weight, bias, conv_weight and conv_bias."""
+    if stats is not None and (stats.shape != (x.shape[1], 2) or stats.dtype != torch.float64):
         raise ValueError(f"stats must be float64 of shape ({x.shape[1]}, 2), got {stats.dtype} {tuple(stats.shape)}")
-    count = x.shape[0] * x.shape[2] * x.shape[3]
-    _, _, scale, shift = batch_norm_affine(stats, count, weight, bias, eps)
-    return _ops.batch_norm_leaky_relu_conv1x1(x, scale, shift, float(negative_slope), conv_weight, conv_bias)
+    if x.dim() != 4 or x.shape[0] * x.shape[2] * x.shape[3] <= 1:
+        raise ValueError(f"batch_norm_leaky_relu_conv1x1: x must be (N, C, H, W) with more than one value per "
+                         f"channel, got shape {tuple(x.shape)}")
+    return _BatchNormLeakyReLUConv1x1.apply(x, stats, weight, bias, float(eps), float(negative_slope), conv_weight,
+                                            conv_bias)
 
 
 def batch_norm_leaky_relu(x: torch.Tensor, stats: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor,

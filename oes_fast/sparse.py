@@ -32,9 +32,9 @@ training-mode forward computes (batch norm with batch statistics), in two steps:
    which normalizes and activates in one pass (from the conv's statistics, or after a
    statistics pass of its own where a pooling or nothing precedes; a slope of 1 where no
    LeakyReLU follows) and whose backward takes two passes per channel, keeping only the batch
-   norm's input (`SparseGenerator.run_stage`). Without autograd, the last batch norm, its
-   LeakyReLU and the 1x1 output conv are one pass too (`ops.batch_norm_leaky_relu_conv1x1`), and
-   the sigmoid runs in place.
+   norm's input (`SparseGenerator.run_stage`). The last batch norm, its LeakyReLU and the 1x1
+   output conv are one pass too (`ops.batch_norm_leaky_relu_conv1x1`, two passes backward), and
+   without autograd the sigmoid runs in place.
 
 Weight format: CSR over output channels (row_ptr int64 [C_out + 1], col_idx int32 = c * KH * KW
 + ky * KW + kx, values). The CPU kernel gives each thread whole output rows of one output
@@ -209,7 +209,7 @@ class _Conv(_Stage):
 
     def forward_head(self, x, stats, bn, const, hw, negative_slope):
         """This 1x1 conv of bn's batch norm of x (whose statistics the conv before returned) and a
-        LeakyReLU of `negative_slope`, in one op without autograd (ops.batch_norm_leaky_relu_conv1x1).
+        LeakyReLU of `negative_slope`, in one op (ops.batch_norm_leaky_relu_conv1x1).
         `const`: the constants of the batch norm's input."""
         beta, gamma, beta_live = bn.masked_parameters()
         const_in = None if bn.const_zero else F.leaky_relu(beta, negative_slope)
@@ -533,7 +533,7 @@ class SparseGenerator(nn.Module):
         Phases: "conv + pool + bn stats (fused)" (sparse_conv2d_pool_stats: the conv, the 2x2
         average pooling after it, and the statistics of the batch norm after that);
         "conv + bn stats (fused)" (sparse_conv2d_stats; the batch norm is next);
-        without autograd, the last batch norm, its LeakyReLU and the 1x1 conv after them as
+        the last batch norm, its LeakyReLU and the 1x1 conv after them as
         ops.batch_norm_leaky_relu_conv1x1: "bn apply + activation + 1x1 conv (fused)" (see `fuses_head`);
         every other batch norm as ops.batch_norm_leaky_relu: "bn apply[ + activation] (fused)" from the conv's
         statistics, "bn stats + apply[ + activation] (fused)" with its own statistics pass, the
@@ -585,10 +585,9 @@ class SparseGenerator(nn.Module):
     def fuses_head(self, i: int, x, stats) -> bool:
         """Whether `forward` runs stage i, a batch norm whose statistics the conv before returned,
         the LeakyReLU after it and the 1x1 conv after that (the output conv) as one op
-        without autograd (ops.batch_norm_leaky_relu_conv1x1): under `fuse_activation`, with
-        autograd off, on CPU float32 or float64."""
+        (ops.batch_norm_leaky_relu_conv1x1): under `fuse_activation`, on CPU float32 or float64."""
         stages = self.stages
-        return (self.fuses_activation(i, x) and stats is not None and not torch.is_grad_enabled()
+        return (self.fuses_activation(i, x) and stats is not None
                 and i + 2 < len(stages) and isinstance(stages[i + 2], _Conv) and stages[i + 2].is_pointwise(x))
 
     def fuses_batch_norm_op(self, i: int, x) -> bool:

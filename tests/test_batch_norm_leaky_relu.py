@@ -1,7 +1,7 @@
 """Tests of oes_fast.ops.batch_norm_leaky_relu (training-mode batch norm fused with LeakyReLU)
 and its three C++ ops, against oes_fast.reference.batch_norm_leaky_relu (F.batch_norm +
 F.leaky_relu), and of the generator's head op batch_norm_leaky_relu_conv1x1 (the same with a 1x1
-conv after it, without autograd) against reference.batch_norm_leaky_relu_conv1x1: forward and the gradients in x, weight and bias, with the statistics given (as
+conv after it) and its backward against reference.batch_norm_leaky_relu_conv1x1: forward and the gradients in x, weight and bias, with the statistics given (as
 sparse_conv2d_stats returns them) and computed by the op; gradcheck; opcheck; the same bits
 with 1 and 2 threads; and every instruction set of the CPU kernels (one subprocess each, since
 the choice is made once per process). The generator's use of it is tested in test_sparse.py.
@@ -139,22 +139,38 @@ def head_weights(channels, outputs, seed):
     return w.float().double(), torch.randn(outputs, generator=g, dtype=torch.float64).float().double()
 
 
-def head(x, weight, bias, conv_weight, conv_bias, dtype):
-    """ops.batch_norm_leaky_relu_conv1x1 in dtype, from the given statistics (as the generator calls it)."""
-    cast = (lambda t: None if t is None else t.to(dtype))
-    with torch.no_grad():
-        return ops.batch_norm_leaky_relu_conv1x1(x.to(dtype), sums(x.to(dtype)), weight.to(dtype), bias.to(dtype),
-                                                 EPS, SLOPE, cast(conv_weight), cast(conv_bias))
+HEAD_GRADS = ("head", "head grad x", "head grad weight", "head grad bias", "head grad conv weight",
+              "head grad conv bias")
 
 
-def head_reference(x, weight, bias, conv_weight, conv_bias, dtype):
-    cast = (lambda t: None if t is None else t.to(dtype))
-    return reference.batch_norm_leaky_relu_conv1x1(x.to(dtype), weight.to(dtype), bias.to(dtype), EPS, SLOPE,
-                                                   cast(conv_weight), cast(conv_bias))
+def head_run(fn, x, weight, bias, conv_weight, conv_bias, grad, dtype):
+    """fn(x, weight, bias, conv_weight, conv_bias) in dtype and its gradients in all five for the
+    output gradient `grad` (conv_bias may be None: no gradient then)."""
+    args = [None if t is None else t.detach().to(dtype).requires_grad_() for t in (x, weight, bias, conv_weight,
+                                                                                   conv_bias)]
+    y = fn(*args)
+    wrt = [t for t in args if t is not None]
+    grads = torch.autograd.grad(y, wrt, grad.to(dtype))
+    return (y.detach(), *grads)
 
 
-# (shape, outputs): one and several output channels; planes of fewer pixels than a chunk (128),
-# of several chunks with a partial last one, and of several whole chunks
+def head_fused(x, weight, bias, conv_weight, conv_bias):
+    """ops.batch_norm_leaky_relu_conv1x1 from the given statistics, as the generator calls it."""
+    return ops.batch_norm_leaky_relu_conv1x1(x, sums(x), weight, bias, EPS, SLOPE, conv_weight, conv_bias)
+
+
+def head_reference(x, weight, bias, conv_weight, conv_bias):
+    return reference.batch_norm_leaky_relu_conv1x1(x, weight, bias, EPS, SLOPE, conv_weight, conv_bias)
+
+
+def head_grad(shape, outputs, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape[0], outputs, *shape[2:], generator=g, dtype=torch.float64).float().double()
+
+
+# (shape, outputs): one and several output channels (3, the generator's, compiled as a constant
+# in the backward); planes of fewer pixels than a chunk (128), of several chunks with a partial
+# last one, and of several whole chunks
 HEAD_CASES = [((1, 1, 7, 13), 1), ((2, 5, 7, 13), 3), ((2, 16, 17, 19), 3), ((1, 3, 16, 32), 5), ((2, 4, 1, 9), 2)]
 
 
@@ -162,37 +178,53 @@ HEAD_CASES = [((1, 1, 7, 13), 1), ((2, 5, 7, 13), 3), ((2, 16, 17, 19), 3), ((1,
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,outputs", HEAD_CASES, ids=lambda c: "x".join(map(str, c)) if isinstance(c, tuple) else str(c))
 def test_conv1x1_matches_reference(shape, outputs, dtype, with_bias):
-    """The head op (batch norm, LeakyReLU and a 1x1 conv in one pass, no autograd) against the
-    composite reference in float64, as close as the reference run in dtype."""
+    """The head op (batch norm, LeakyReLU and a 1x1 conv in one pass) and its backward against
+    the composite reference in float64, as close as the reference run in dtype."""
     x, weight, bias, _ = make_inputs(shape, zlib.crc32(repr(shape).encode()))
     conv_weight, conv_bias = head_weights(shape[1], outputs, 5)
     conv_bias = conv_bias if with_bias else None
-    got = head(x, weight, bias, conv_weight, conv_bias, dtype)
-    ref64 = head_reference(x, weight, bias, conv_weight, conv_bias, torch.float64)
-    ref_lowp = head_reference(x, weight, bias, conv_weight, conv_bias, dtype)
-    assert got.dtype == dtype and got.shape == (shape[0], outputs, *shape[2:])
-    assert_close_to_reference(got, ref64, ref_lowp, name=f"head {shape} -> {outputs}")
+    grad = head_grad(shape, outputs, 6)
+    got = head_run(head_fused, x, weight, bias, conv_weight, conv_bias, grad, dtype)
+    ref64 = head_run(head_reference, x, weight, bias, conv_weight, conv_bias, grad, torch.float64)
+    ref_lowp = head_run(head_reference, x, weight, bias, conv_weight, conv_bias, grad, dtype)
+    assert got[0].dtype == dtype and got[0].shape == (shape[0], outputs, *shape[2:])
+    for name, a, r, lp in zip(HEAD_GRADS, got, ref64, ref_lowp):
+        assert a.dtype == dtype
+        assert_close_to_reference(a, r, lp, name=f"{name} {shape} -> {outputs}")
+
+
+@pytest.mark.parametrize("outputs", [3, 2])
+def test_conv1x1_gradcheck(outputs):
+    x, weight, bias, _ = make_inputs((2, 3, 4, 5), 13)
+    conv_weight, conv_bias = head_weights(3, outputs, 14)
+    args = tuple(t.clone().requires_grad_() for t in (x, weight, bias, conv_weight, conv_bias))
+    assert torch.autograd.gradcheck(head_fused, args)
 
 
 def test_conv1x1_opcheck_and_errors():
     x, weight, bias, _ = make_inputs((2, 4, 5, 7), 12)
     conv_weight, conv_bias = head_weights(4, 3, 6)
     stats = ops_ns.batch_norm_stats(x)
-    _, _, scale, shift = ops.batch_norm_affine(stats, 70, weight, bias, EPS)
+    mean, std, scale, shift = ops.batch_norm_affine(stats, 70, weight, bias, EPS)
+    grad = head_grad((2, 4, 5, 7), 3, 7)
     for dtype in DTYPES:
         args = (x.to(dtype), scale, shift, SLOPE, conv_weight.to(dtype))
         torch.library.opcheck(ops_ns.batch_norm_leaky_relu_conv1x1.default, (*args, conv_bias.to(dtype)))
         torch.library.opcheck(ops_ns.batch_norm_leaky_relu_conv1x1.default, (*args, None))
+        torch.library.opcheck(ops_ns.batch_norm_leaky_relu_conv1x1_backward.default,
+                              (grad.to(dtype), x.to(dtype), mean, std.reciprocal(), scale, shift, SLOPE,
+                               conv_weight.to(dtype)))
     with pytest.raises(RuntimeError, match=r"weight must be \(C_out, C = 4\)"):
         ops_ns.batch_norm_leaky_relu_conv1x1(x, scale, shift, SLOPE, conv_weight[:, :3].contiguous(), conv_bias)
     with pytest.raises(RuntimeError, match="weight must be"):
         ops_ns.batch_norm_leaky_relu_conv1x1(x, scale, shift, SLOPE, conv_weight.float(), conv_bias)
     with pytest.raises(RuntimeError, match="bias must be a vector of C_out = 3"):
         ops_ns.batch_norm_leaky_relu_conv1x1(x, scale, shift, SLOPE, conv_weight, conv_bias[:2])
+    with pytest.raises(RuntimeError, match=r"grad_output must be \(N, C_out, H, W\)"):
+        ops_ns.batch_norm_leaky_relu_conv1x1_backward(grad[:, :2], x, mean, std.reciprocal(), scale, shift, SLOPE,
+                                                      conv_weight)
     with pytest.raises(ValueError, match="stats must be float64"):
         ops.batch_norm_leaky_relu_conv1x1(x, stats.float(), weight, bias, EPS, SLOPE, conv_weight, conv_bias)
-    with pytest.raises(RuntimeError, match="no autograd"):
-        ops.batch_norm_leaky_relu_conv1x1(x, stats, weight.requires_grad_(), bias, EPS, SLOPE, conv_weight, None)
 
 
 def fused_results(x, weight, bias, grad, dtype, given_stats):
@@ -202,7 +234,8 @@ def fused_results(x, weight, bias, grad, dtype, given_stats):
     y.backward(grad.to(dtype))
     return {"out": y.detach(), "grad_x": xd.grad, "grad_weight": wd.grad, "grad_bias": bd.grad,
             "stats": ops_ns.batch_norm_stats(xd.detach()),
-            "head": head(x, weight, bias, *head_weights(x.shape[1], 3, 7), dtype)}
+            **dict(zip(HEAD_GRADS, head_run(head_fused, x, weight, bias, *head_weights(x.shape[1], 3, 7),
+                                            head_grad(x.shape, 3, 8), dtype)))}
 
 
 # Large enough that the channels are split among 2 threads (about 32K elements per task).
@@ -243,7 +276,9 @@ def test_under_isa(isa, tmp_path):
                 where = f"{ISA_SHAPES[i]} {dtype} stats {'given' if given else 'computed'} under {isa}"
                 for k, name in enumerate(("out", "grad_x", "grad_weight", "grad_bias")):
                     assert_close_to_reference(got[name], ref64[k], ref_lowp[k], name=f"{name} {where}")
-                conv = head_weights(x.shape[1], 3, 7)
-                assert_close_to_reference(got["head"], head_reference(x, weight, bias, *conv, torch.float64),
-                                          head_reference(x, weight, bias, *conv, dtype), name=f"head {where}")
+                head_args = (x, weight, bias, *head_weights(x.shape[1], 3, 7), head_grad(x.shape, 3, 8))
+                head64 = head_run(head_reference, *head_args, torch.float64)
+                head_lowp = head_run(head_reference, *head_args, dtype)
+                for name, r, lp in zip(HEAD_GRADS, head64, head_lowp):
+                    assert_close_to_reference(got[name], r, lp, name=f"{name} {where}")
                 assert_same_bits(got, results["threads"][2][i][str(dtype), given], where)

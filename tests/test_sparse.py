@@ -579,6 +579,7 @@ def test_generator_gradients(mode, fuse):
 def test_generator_training_fused_batch_norm_leaky_relu(monkeypatch, fuse_stats, fuse_activation):
     """Training forward and backward with every batch norm run as one op
     (ops.batch_norm_leaky_relu, with the LeakyReLU after it, or a slope of 1 where none follows;
+    the last one with the output conv too, ops.batch_norm_leaky_relu_conv1x1;
     statistics from the sparse conv's epilogue after a conv, computed by the op elsewhere), and without it: output and gradients of every kept parameter
     equal those of the masked dense model (float64). The batch norms' scales and shifts are all
     kept, so that most channels stay live through them (the other tests' masks prune many)."""
@@ -594,6 +595,10 @@ def test_generator_training_fused_batch_norm_leaky_relu(monkeypatch, fuse_stats,
     monkeypatch.setattr(oes_fast.sparse, "batch_norm_leaky_relu",
                         lambda x, stats, w, b, eps, slope: calls.append((stats is not None, slope))
                         or fused_op(x, stats, w, b, eps, slope))
+    head_calls = []  # the last batch norm, its activation and the output conv as one op (fuses_head)
+    head_op = oes_fast.sparse.batch_norm_leaky_relu_conv1x1
+    monkeypatch.setattr(oes_fast.sparse, "batch_norm_leaky_relu_conv1x1",
+                        lambda *args: head_calls.append(args[5]) or head_op(*args))
     z = torch.rand(2, 32, 32, 40, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 0.1
     target = torch.rand(2, 3, 32, 40, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     dense = models.skip_oes(levels=3)
@@ -612,22 +617,21 @@ def test_generator_training_fused_batch_norm_leaky_relu(monkeypatch, fuse_stats,
         assert calls == []
     else:
         act = oes_fast.sparse.LEAKY_RELU_SLOPE
-        assert calls == [(fuse_stats, act), (fuse_stats, act)] * 3 + [(False, 1.0), (fuse_stats, act)] * 3
+        # the last batch norm (statistics from up.0's conv) goes into the head op instead
+        head = fuse_stats and fuse_activation
+        assert calls == ([(fuse_stats, act), (fuse_stats, act)] * 3 + [(False, 1.0), (fuse_stats, act)] * 3)[
+            :-1 if head else None]
+        assert head_calls == ([act] if head else [])
     assert_close_to_reference(out, ref, floor=1e-11, name="output")
     largest = max(float(g.abs().max()) for g in ref_grads.values())
     for param, name, index in gen.parameter_map():
         got = param.grad if param.grad is not None else torch.zeros_like(param)
         assert_close_to_reference(got, ref_grads[name].reshape(-1)[index].view_as(got), floor=1e-10, scale=largest,
                                   name=f"grad {name}")
-    # the inference path runs the same ops, except that the last batch norm (after a conv that
-    # returned its statistics), its activation and the output conv are one op there
-    head_calls = []
-    head_op = oes_fast.sparse.batch_norm_leaky_relu_conv1x1
-    monkeypatch.setattr(oes_fast.sparse, "batch_norm_leaky_relu_conv1x1",
-                        lambda *args: head_calls.append(args[5]) or head_op(*args))
-    expected_calls = calls[:-1] if fuse_stats and fuse_activation else list(calls)
-    with torch.no_grad():
+    expected_calls = list(calls)
+    with torch.no_grad():  # the inference path runs the same ops
         calls.clear()
+        head_calls.clear()
         assert_close_to_reference(gen(z), ref, floor=1e-11, name="output without autograd")
         assert calls == expected_calls
         assert head_calls == ([oes_fast.sparse.LEAKY_RELU_SLOPE] if fuse_stats and fuse_activation else [])

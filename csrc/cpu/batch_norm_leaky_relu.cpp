@@ -38,6 +38,17 @@ struct Head {
   const double *weight, *bias;
 };
 
+// The head's backward constants (batch_norm_leaky_relu_conv1x1_backward), all float64: the batch
+// norm's mean and scale and shift per input channel, the slope, the (O, C) weight, and for the
+// second pass the per-channel coefficients of the input gradient.
+struct HeadBackward {
+  int64_t C, O;
+  const double *mean, *scale, *shift;
+  double slope;
+  const double* weight;
+  const double *xc_coef, *constant;
+};
+
 }  // namespace
 }  // namespace oes_fast
 
@@ -183,6 +194,94 @@ at::Tensor batch_norm_leaky_relu_conv1x1_cpu(const at::Tensor& input, const at::
   return y;
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_leaky_relu_conv1x1_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd,
+    const at::Tensor& scale, const at::Tensor& shift, double negative_slope, const at::Tensor& weight) {
+  const char* op = "batch_norm_leaky_relu_conv1x1_backward";
+  const Planes p = check_input(input, op);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == p.C && weight.scalar_type() == input.scalar_type() &&
+                  weight.device() == input.device(),
+              op, ": weight must be (C_out, C = ", p.C, ") of the input's dtype and device, got ", weight.scalar_type(),
+              " ", weight.sizes(), " on ", weight.device());
+  const int64_t O = weight.size(0);
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({p.N, O, input.size(2), input.size(3)}) &&
+                  grad_output.scalar_type() == input.scalar_type() && grad_output.device() == input.device(),
+              op, ": grad_output must be (N, C_out, H, W) = (", p.N, ", ", O, ", ", input.size(2), ", ", input.size(3),
+              ") of the input's dtype and device, got ", grad_output.scalar_type(), " ", grad_output.sizes());
+  const at::Tensor m = channel_vector(mean, input, "mean", op), is = channel_vector(invstd, input, "invstd", op),
+                   sc = channel_vector(scale, input, "scale", op), sh = channel_vector(shift, input, "shift", op);
+  const at::Tensor w = weight.to(at::kDouble).contiguous();
+  const at::Tensor x = input.contiguous(), go = grad_output.contiguous();
+  at::Tensor grad_input = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const auto vec = input.options().dtype(at::kDouble);
+  at::Tensor grad_bn_weight = at::empty({p.C}, vec), grad_bn_bias = at::empty({p.C}, vec);
+  at::Tensor grad_weight = at::empty({O, p.C}, vec), grad_bias = at::empty({O}, vec);
+  at::Tensor xc_coef = at::empty({p.C}, vec), constant = at::empty({p.C}, vec);
+  HeadBackward h{p.C, O, m.data_ptr<double>(), sc.data_ptr<double>(), sh.data_ptr<double>(), negative_slope,
+                 w.data_ptr<double>(), xc_coef.data_ptr<double>(), constant.data_ptr<double>()};
+  // Pass 1's sums per task of kTaskChunks chunks of one image, added in task order: the bits do
+  // not depend on the thread count.
+  const int64_t K = isa_baseline::kHeadChunk, lanes = isa_baseline::kHeadMaxLanes, kTaskChunks = 16;
+  const int64_t chunks = (p.HW + K - 1) / K, per_image = (chunks + kTaskChunks - 1) / kTaskChunks;
+  const int64_t tasks = p.N * per_image, entries = O * p.C + O + 2 * p.C;
+  std::vector<double> partial(tasks * entries, 0.0);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_leaky_relu_conv1x1_backward_cpu", [&] {
+    // the generator's 3 outputs (RGB) compiled as a constant, any other count at run time
+    auto* sums = O == 3 ? OES_FAST_ISA_DISPATCH(head_backward_sums<scalar_t, 3>)
+                        : OES_FAST_ISA_DISPATCH(head_backward_sums<scalar_t, 0>);
+    auto* input_grad = O == 3 ? OES_FAST_ISA_DISPATCH(head_backward_input<scalar_t, 3>)
+                              : OES_FAST_ISA_DISPATCH(head_backward_input<scalar_t, 0>);
+    const scalar_t* in = x.data_ptr<scalar_t>();
+    const scalar_t* gout = go.data_ptr<scalar_t>();
+    scalar_t* gin = grad_input.data_ptr<scalar_t>();
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<double> g(O * K), act(p.C * K), acc(entries * lanes);
+      for (int64_t t = begin; t < end; ++t) {
+        std::fill(acc.begin(), acc.end(), 0.0);
+        const int64_t n = t / per_image, first = (t % per_image) * kTaskChunks;
+        for (int64_t k = first; k < std::min(chunks, first + kTaskChunks); ++k) {
+          const int64_t i0 = k * K;
+          sums(in + n * p.C * p.HW + i0, gout + n * O * p.HW + i0, p.HW, std::min(K, p.HW - i0), h, g.data(),
+               act.data(), acc.data());
+        }
+        for (int64_t e = 0; e < entries; ++e) {
+          double s = 0.0;
+          for (int64_t l = 0; l < lanes; ++l) s += acc[e * lanes + l];
+          partial[t * entries + e] = s;
+        }
+      }
+    });
+    std::vector<double> total(entries, 0.0);
+    for (int64_t t = 0; t < tasks; ++t)
+      for (int64_t e = 0; e < entries; ++e) total[e] += partial[t * entries + e];
+    double *gw = grad_weight.data_ptr<double>(), *gb = grad_bias.data_ptr<double>();
+    for (int64_t e = 0; e < O * p.C; ++e) gw[e] = total[e];
+    for (int64_t o = 0; o < O; ++o) gb[o] = total[O * p.C + o];
+    // the batch norm's gradients and the input gradient's coefficients, as channel_backward
+    const double count = static_cast<double>(p.N * p.HW);
+    const double *invstd_d = is.data_ptr<double>(), *scale_d = sc.data_ptr<double>();
+    double *gbw = grad_bn_weight.data_ptr<double>(), *gbb = grad_bn_bias.data_ptr<double>();
+    double *coef = xc_coef.data_ptr<double>(), *cst = constant.data_ptr<double>();
+    for (int64_t c = 0; c < p.C; ++c) {
+      const double sum_dt = total[O * p.C + O + c], sum_dt_xc = total[O * p.C + O + p.C + c];
+      gbb[c] = sum_dt;
+      gbw[c] = sum_dt_xc * invstd_d[c];
+      coef[c] = -scale_d[c] * invstd_d[c] * invstd_d[c] * sum_dt_xc / count;
+      cst[c] = -scale_d[c] * sum_dt / count;
+    }
+    at::parallel_for(0, p.N * chunks, std::max<int64_t>(1, 32768 / (K * std::max<int64_t>(1, p.C))),
+                     [&](int64_t begin, int64_t end) {
+      std::vector<double> g(O * K), xb(K);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t n = t / chunks, i0 = (t % chunks) * K;
+        input_grad(in + n * p.C * p.HW + i0, gout + n * O * p.HW + i0, gin + n * p.C * p.HW + i0, p.HW,
+                   std::min(K, p.HW - i0), h, g.data(), xb.data());
+      }
+    });
+  });
+  return {grad_input, grad_bn_weight, grad_bn_bias, grad_weight, grad_bias};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(oes_fast, CPU, m) {
@@ -190,6 +289,7 @@ TORCH_LIBRARY_IMPL(oes_fast, CPU, m) {
   m.impl("batch_norm_leaky_relu", &batch_norm_leaky_relu_cpu);
   m.impl("batch_norm_leaky_relu_backward", &batch_norm_leaky_relu_backward_cpu);
   m.impl("batch_norm_leaky_relu_conv1x1", &batch_norm_leaky_relu_conv1x1_cpu);
+  m.impl("batch_norm_leaky_relu_conv1x1_backward", &batch_norm_leaky_relu_conv1x1_backward_cpu);
 }
 
 }  // namespace oes_fast

@@ -207,10 +207,10 @@ class _Conv(_Stage):
                 and self.n_out > 0 and self.n_in > 0 and x is not None and x.device.type == "cpu"
                 and x.dtype in (torch.float32, torch.float64) and x.shape[1] == self.n_in)
 
-    def forward_head(self, x, stats, bn, const, hw, negative_slope):
+    def forward_head(self, x, stats, bn, hw, negative_slope):
         """This 1x1 conv of bn's batch norm of x (whose statistics the conv before returned) and a
-        LeakyReLU of `negative_slope`, in one op (ops.batch_norm_leaky_relu_conv1x1).
-        `const`: the constants of the batch norm's input."""
+        LeakyReLU of `negative_slope`, in one op (ops.batch_norm_leaky_relu_conv1x1). The batch
+        norm maps its input's constant channels to beta, so their constants come from bn."""
         beta, gamma, beta_live = bn.masked_parameters()
         const_in = None if bn.const_zero else F.leaky_relu(beta, negative_slope)
         const_out = self.constants(const_in)
@@ -548,7 +548,7 @@ class SparseGenerator(nn.Module):
             x, const, hw, stats = stage(x, const, hw, with_stats=True)
             return x, const, hw, stats, i + 1, "conv + bn stats (fused)"
         if self.fuses_head(i, x, stats):
-            x, const, hw = self.stages[i + 2].forward_head(x, stats, stage, const, hw, LEAKY_RELU_SLOPE)
+            x, const, hw = self.stages[i + 2].forward_head(x, stats, stage, hw, LEAKY_RELU_SLOPE)
             return x, const, hw, None, i + 3, "bn apply + activation + 1x1 conv (fused)"
         if self.fuses_batch_norm_op(i, x):
             act = self.fuses_activation(i, x)

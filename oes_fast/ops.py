@@ -698,6 +698,25 @@ def _batch_norm_leaky_relu_backward_fake(grad_output, input, mean, invstd, scale
             input.new_empty((channels,), dtype=torch.float64), input.new_empty((channels,), dtype=torch.float64))
 
 
+def _batch_norm_constants(x, stats, weight, bias, eps):
+    """(mean, 1 / std, scale, shift) per channel, float64, of the training-mode batch norm of a
+    contiguous x: from `stats`, or from one statistics pass when None."""
+    if stats is None:
+        stats = _ops.batch_norm_stats(x)
+    mean, std, scale, shift = batch_norm_affine(stats, x.shape[0] * x.shape[2] * x.shape[3], weight, bias, eps)
+    return mean, std.reciprocal(), scale, shift
+
+
+def _check_batch_norm_input(x, stats, op):
+    """ValueError unless x is (N, C, H, W) with more than one value per channel and stats (if
+    given) are (C, 2) float64."""
+    if stats is not None and (stats.shape != (x.shape[1], 2) or stats.dtype != torch.float64):
+        raise ValueError(f"stats must be float64 of shape ({x.shape[1]}, 2), got {stats.dtype} {tuple(stats.shape)}")
+    if x.dim() != 4 or x.shape[0] * x.shape[2] * x.shape[3] <= 1:
+        raise ValueError(f"{op}: x must be (N, C, H, W) with more than one value per channel, "
+                         f"got shape {tuple(x.shape)}")
+
+
 class _BatchNormLeakyReLU(torch.autograd.Function):
     """leaky_relu(batch_norm(x)) with batch statistics, from `stats` when given (else one
     statistics pass): the normalization and the activation in one pass, and only x kept for
@@ -706,11 +725,8 @@ class _BatchNormLeakyReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, stats, weight, bias, eps, negative_slope):
         x = x.contiguous()
-        if stats is None:
-            stats = _ops.batch_norm_stats(x)
-        count = x.shape[0] * x.shape[2] * x.shape[3]
-        mean, std, scale, shift = batch_norm_affine(stats, count, weight, bias, eps)
-        ctx.save_for_backward(x, mean, std.reciprocal(), scale, shift)
+        mean, invstd, scale, shift = _batch_norm_constants(x, stats, weight, bias, eps)
+        ctx.save_for_backward(x, mean, invstd, scale, shift)
         ctx.negative_slope = negative_slope
         ctx.dtypes = (weight.dtype, bias.dtype)
         return _ops.batch_norm_leaky_relu(x, scale, shift, negative_slope)
@@ -752,10 +768,8 @@ class _BatchNormLeakyReLUConv1x1(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, stats, weight, bias, eps, negative_slope, conv_weight, conv_bias):
         x = x.contiguous()
-        if stats is None:
-            stats = _ops.batch_norm_stats(x)
-        mean, std, scale, shift = batch_norm_affine(stats, x.shape[0] * x.shape[2] * x.shape[3], weight, bias, eps)
-        ctx.save_for_backward(x, mean, std.reciprocal(), scale, shift, conv_weight)
+        mean, invstd, scale, shift = _batch_norm_constants(x, stats, weight, bias, eps)
+        ctx.save_for_backward(x, mean, invstd, scale, shift, conv_weight)
         ctx.negative_slope = negative_slope
         ctx.dtypes = (weight.dtype, bias.dtype, conv_weight.dtype)
         return _ops.batch_norm_leaky_relu_conv1x1(x, scale, shift, negative_slope, conv_weight, conv_bias)
@@ -781,11 +795,7 @@ def batch_norm_leaky_relu_conv1x1(x: torch.Tensor, stats: torch.Tensor | None, w
     generator's head; reference.batch_norm_leaky_relu_conv1x1 is its meaning). x: NCHW, CPU,
     float32 or float64; stats as batch_norm_leaky_relu takes them. Differentiable (once) in x,
     weight, bias, conv_weight and conv_bias."""
-    if stats is not None and (stats.shape != (x.shape[1], 2) or stats.dtype != torch.float64):
-        raise ValueError(f"stats must be float64 of shape ({x.shape[1]}, 2), got {stats.dtype} {tuple(stats.shape)}")
-    if x.dim() != 4 or x.shape[0] * x.shape[2] * x.shape[3] <= 1:
-        raise ValueError(f"batch_norm_leaky_relu_conv1x1: x must be (N, C, H, W) with more than one value per "
-                         f"channel, got shape {tuple(x.shape)}")
+    _check_batch_norm_input(x, stats, "batch_norm_leaky_relu_conv1x1")
     return _BatchNormLeakyReLUConv1x1.apply(x, stats, weight, bias, float(eps), float(negative_slope), conv_weight,
                                             conv_bias)
 
@@ -798,11 +808,7 @@ def batch_norm_leaky_relu(x: torch.Tensor, stats: torch.Tensor | None, weight: t
     sparse_conv2d_stats returns them, or None. weight, bias: (C,). Differentiable (once) in x,
     weight and bias. CPU float32 / float64: the C++ kernels, normalizing in float64; otherwise
     the composite reference.batch_norm_leaky_relu (batch_norm_from_stats when stats are given)."""
-    if stats is not None and (stats.shape != (x.shape[1], 2) or stats.dtype != torch.float64):
-        raise ValueError(f"stats must be float64 of shape ({x.shape[1]}, 2), got {stats.dtype} {tuple(stats.shape)}")
-    if x.dim() != 4 or x.shape[0] * x.shape[2] * x.shape[3] <= 1:
-        raise ValueError(f"batch_norm_leaky_relu: x must be (N, C, H, W) with more than one value per channel, "
-                         f"got shape {tuple(x.shape)}")
+    _check_batch_norm_input(x, stats, "batch_norm_leaky_relu")
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         if stats is not None:
             return _F.leaky_relu(batch_norm_from_stats(x, stats, weight, bias, eps), negative_slope)

@@ -212,8 +212,7 @@ class _Conv(_Stage):
         LeakyReLU of `negative_slope`, in one op (ops.batch_norm_leaky_relu_conv1x1). The batch
         norm maps its input's constant channels to beta, so their constants come from bn."""
         beta, gamma, beta_live = bn.masked_parameters()
-        const_in = None if bn.const_zero else F.leaky_relu(beta, negative_slope)
-        const_out = self.constants(const_in)
+        const_out = self.constants(bn.constants_after(beta, negative_slope))
         bias = const_out.index_select(0, self.live_out) if const_out is not None else None
         x = batch_norm_leaky_relu_conv1x1(x, stats, gamma, beta_live, bn.eps, negative_slope,
                                           self.dense_weight().view(self.n_out, self.n_in), bias)
@@ -316,6 +315,11 @@ class _BatchNorm(_Stage):
             x.mul_(scale.to(x.dtype).view(1, -1, 1, 1)).add_(shift.to(x.dtype).view(1, -1, 1, 1))
         return x, (None if self.const_zero else beta), hw
 
+    def constants_after(self, beta, negative_slope):
+        """The constants of this batch norm's output channels and the LeakyReLU of `negative_slope`
+        after it (1.0: none): beta, for constant inputs and pruned gammas alike."""
+        return None if self.const_zero else beta if negative_slope == 1.0 else F.leaky_relu(beta, negative_slope)
+
     def forward_leaky_relu(self, x, stats, const, hw, negative_slope):
         """This batch norm and a LeakyReLU of `negative_slope` (1.0: no activation) as one op
         (ops.batch_norm_leaky_relu): live channels x (not None) with their (sum, sum of squares)
@@ -323,8 +327,7 @@ class _BatchNorm(_Stage):
         activation as well."""
         beta, gamma, beta_live = self.masked_parameters()
         x = batch_norm_leaky_relu(x, stats, gamma, beta_live, self.eps, negative_slope)
-        const = None if self.const_zero else beta if negative_slope == 1.0 else F.leaky_relu(beta, negative_slope)
-        return x, const, hw
+        return x, self.constants_after(beta, negative_slope), hw
 
     def parameter_map(self, name):
         index = torch.arange(self.weight.numel())

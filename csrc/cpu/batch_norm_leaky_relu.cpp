@@ -150,16 +150,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_leaky_relu_backward_cp
   return {grad_input, grad_weight, grad_bias};
 }
 
+// The head's (C_out, C) conv weight, checked against the input, as float64.
+at::Tensor head_weight(const at::Tensor& weight, const at::Tensor& input, const Planes& p, const char* op) {
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == p.C && weight.scalar_type() == input.scalar_type() &&
+                  weight.device() == input.device(),
+              op, ": weight must be (C_out, C = ", p.C, ") of the input's dtype and device, got ", weight.scalar_type(),
+              " ", weight.sizes(), " on ", weight.device());
+  return weight.to(at::kDouble).contiguous();
+}
+
 at::Tensor batch_norm_leaky_relu_conv1x1_cpu(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& shift,
                                              double negative_slope, const at::Tensor& weight,
                                              const std::optional<at::Tensor>& bias) {
   const char* op = "batch_norm_leaky_relu_conv1x1";
   const Planes p = check_input(input, op);
   const at::Tensor sc = channel_vector(scale, input, "scale", op), sh = channel_vector(shift, input, "shift", op);
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == p.C && weight.scalar_type() == input.scalar_type() &&
-                  weight.device() == input.device(),
-              op, ": weight must be (C_out, C = ", p.C, ") of the input's dtype and device, got ", weight.scalar_type(),
-              " ", weight.sizes(), " on ", weight.device());
+  const at::Tensor w = head_weight(weight, input, p, op);
   const int64_t O = weight.size(0);
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias) {
@@ -168,7 +174,6 @@ at::Tensor batch_norm_leaky_relu_conv1x1_cpu(const at::Tensor& input, const at::
                 op, ": bias must be a vector of C_out = ", O, " entries of the input's dtype and device, got ",
                 bias->scalar_type(), " ", bias->sizes(), " on ", bias->device());
   }
-  const at::Tensor w = weight.to(at::kDouble).contiguous();
   const at::Tensor b = has_bias ? bias->to(at::kDouble).contiguous() : at::Tensor();
   const Head head{p.C, O, sc.data_ptr<double>(), sh.data_ptr<double>(), negative_slope, w.data_ptr<double>(),
                   has_bias ? b.data_ptr<double>() : nullptr};
@@ -199,10 +204,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
     const at::Tensor& scale, const at::Tensor& shift, double negative_slope, const at::Tensor& weight) {
   const char* op = "batch_norm_leaky_relu_conv1x1_backward";
   const Planes p = check_input(input, op);
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == p.C && weight.scalar_type() == input.scalar_type() &&
-                  weight.device() == input.device(),
-              op, ": weight must be (C_out, C = ", p.C, ") of the input's dtype and device, got ", weight.scalar_type(),
-              " ", weight.sizes(), " on ", weight.device());
+  const at::Tensor w = head_weight(weight, input, p, op);
   const int64_t O = weight.size(0);
   TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({p.N, O, input.size(2), input.size(3)}) &&
                   grad_output.scalar_type() == input.scalar_type() && grad_output.device() == input.device(),
@@ -210,7 +212,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
               ") of the input's dtype and device, got ", grad_output.scalar_type(), " ", grad_output.sizes());
   const at::Tensor m = channel_vector(mean, input, "mean", op), is = channel_vector(invstd, input, "invstd", op),
                    sc = channel_vector(scale, input, "scale", op), sh = channel_vector(shift, input, "shift", op);
-  const at::Tensor w = weight.to(at::kDouble).contiguous();
   const at::Tensor x = input.contiguous(), go = grad_output.contiguous();
   at::Tensor grad_input = at::empty_like(x, at::MemoryFormat::Contiguous);
   const auto vec = input.options().dtype(at::kDouble);

@@ -1,5 +1,6 @@
 // CPU kernels of batch_norm_stats, batch_norm_leaky_relu and batch_norm_leaky_relu_backward, one
-// channel at a time, and of batch_norm_leaky_relu_conv1x1, a chunk of pixels at a time (the ATen side, which splits the channels among threads, is
+// channel at a time, and of batch_norm_leaky_relu_conv1x1 and its backward, a chunk of pixels at
+// a time (the ATen side, which splits the channels or chunks among threads, is
 // batch_norm_leaky_relu.cpp). Channel c of image n is the contiguous plane at
 // (n * C + c) * HW: a kernel walks the N planes of its channel with `image_stride` = C * HW.
 // Everything is computed in float64: the pre-activation x * scale + shift would cancel in
@@ -90,17 +91,8 @@ void channel_backward(const scalar_t* grad, const scalar_t* x, scalar_t* grad_x,
   }
 }
 
-// The generator's head without autograd (batch_norm_leaky_relu_conv1x1): for `count` pixels of
-// one image, whose channel c starts at x + c * plane, out[o] (likewise at out + o * plane) =
-// bias[o] + sum_c weight[o][c] * act_c, act_c = leaky_relu(x_c * scale[c] + shift[c]) rounded to
-// scalar_t as batch_norm_leaky_relu stores it; the sums in float64 (in channel order), rounded
-// once. `act` holds h.C * kHeadChunk doubles; count <= kHeadChunk. The chunk's activations are
-// made first; then the sums of kHeadAcc vectors of pixels stay in registers over the channel
-// loop, kHeadAcc independent FMA chains (with the sums in memory, or one chain per vector as gcc
-// arranged a plain loop, the op ran 3-4x slower than batch_norm_leaky_relu on the same input).
-// The next chunk of each channel is prefetched: the hardware did not follow the C short runs
-// (16 channels at 512x512, 1 thread: 2.7 -> 1.6 ms). Chunks of 64, 256, 512 and 1024 pixels
-// were slower than 128.
+// The generator's head (batch_norm_leaky_relu_conv1x1) and its backward work on chunks of
+// kHeadChunk pixels of one image in float64 vectors of kHeadLanes.
 using HeadVec = double __attribute__((vector_size(OES_FAST_VEC_BYTES)));
 constexpr int64_t kHeadLanes = OES_FAST_VEC_BYTES / 8;
 constexpr int64_t kHeadAcc = 8;
@@ -117,6 +109,45 @@ struct HeadOut<double> {
   using type = HeadVec;
 };
 
+inline HeadVec load_head(const double* p) {
+  HeadVec v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store_head(double* p, HeadVec v) { __builtin_memcpy(p, &v, sizeof v); }
+template <typename scalar_t>
+inline HeadVec round_lanes(HeadVec v) {
+  return __builtin_convertvector(__builtin_convertvector(v, typename HeadOut<scalar_t>::type), HeadVec);
+}
+// The first n (any count; none when n <= 0) lanes of v rounded to scalar_t at p.
+template <typename scalar_t>
+inline void store_rounded(scalar_t* p, HeadVec v, int64_t n) {
+  if (n >= kHeadLanes) {
+    const typename HeadOut<scalar_t>::type rounded = __builtin_convertvector(v, typename HeadOut<scalar_t>::type);
+    __builtin_memcpy(p, &rounded, sizeof rounded);
+  } else {
+    for (int64_t l = 0; l < n; ++l) p[l] = static_cast<scalar_t>(v[l]);
+  }
+}
+
+// The next chunk of a plane (read, or about to be written: kWrite), into the cache: the hardware
+// did not follow the C short runs of a chunk loop (16 channels at 512x512, 1 thread: head_chunk
+// 2.7 -> 1.6 ms; the backward's input loads had been 70 % of its time). always_inline: gcc 12
+// drops calls to a function whose only effect is a prefetch.
+template <int kWrite, typename scalar_t>
+__attribute__((always_inline)) inline void prefetch_next_chunk(const scalar_t* p) {
+  for (int64_t i = 0; i < kHeadChunk; i += 64 / int64_t(sizeof(scalar_t))) __builtin_prefetch(p + kHeadChunk + i, kWrite, 0);
+}
+
+// The head (batch_norm_leaky_relu_conv1x1): for `count` pixels of one image, whose channel c
+// starts at x + c * plane, out[o] (likewise at out + o * plane) = bias[o] + sum_c weight[o][c] *
+// act_c, act_c = leaky_relu(x_c * scale[c] + shift[c]) rounded to scalar_t as
+// batch_norm_leaky_relu stores it; the sums in float64 (in channel order), rounded once. `act`
+// holds h.C * kHeadChunk doubles; count <= kHeadChunk. The chunk's activations are made first;
+// then the sums of kHeadAcc vectors of pixels stay in registers over the channel loop, kHeadAcc
+// independent FMA chains (with the sums in memory, or one chain per vector as gcc arranged a
+// plain loop, the op ran 3-4x slower than batch_norm_leaky_relu on the same input). Chunks of
+// 64, 256, 512 and 1024 pixels were slower than 128.
 template <typename scalar_t>
 void head_chunk(const scalar_t* x, scalar_t* out, int64_t plane, int64_t count, const Head& h, double* act) {
   constexpr int64_t block = kHeadAcc * kHeadLanes;
@@ -125,7 +156,7 @@ void head_chunk(const scalar_t* x, scalar_t* out, int64_t plane, int64_t count, 
     const scalar_t* p = x + c * plane;
     double* a = act + c * kHeadChunk;
     const double scale = h.scale[c], shift = h.shift[c], slope = h.slope;
-    for (int64_t i = 0; i < kHeadChunk; i += 64 / sizeof(scalar_t)) __builtin_prefetch(p + kHeadChunk + i, 0, 0);
+    prefetch_next_chunk<0>(p);
 #pragma omp simd
     for (int64_t i = 0; i < count; ++i) {
       const double pre = pre_activation(static_cast<double>(p[i]), scale, shift);
@@ -143,49 +174,21 @@ void head_chunk(const scalar_t* x, scalar_t* out, int64_t plane, int64_t count, 
       for (int64_t c = 0; c < h.C; ++c) {
         const HeadVec wc = HeadVec{} + w[c];
         const double* a = act + c * kHeadChunk + i0;
-        for (int64_t v = 0; v < kHeadAcc; ++v) {
-          HeadVec av;
-          __builtin_memcpy(&av, a + v * kHeadLanes, sizeof av);
-          sum[v] += wc * av;
-        }
+        for (int64_t v = 0; v < kHeadAcc; ++v) sum[v] += wc * load_head(a + v * kHeadLanes);
       }
-      if (count - i0 >= block) {
-        using OutVec = typename HeadOut<scalar_t>::type;
-        for (int64_t v = 0; v < kHeadAcc; ++v) {
-          const OutVec rounded = __builtin_convertvector(sum[v], OutVec);
-          __builtin_memcpy(q + i0 + v * kHeadLanes, &rounded, sizeof rounded);
-        }
-      } else {
-        for (int64_t i = 0; i < count - i0; ++i) q[i0 + i] = static_cast<scalar_t>(sum[i / kHeadLanes][i % kHeadLanes]);
+      for (int64_t v = 0; v < kHeadAcc; ++v) {
+        const int64_t at = i0 + v * kHeadLanes;
+        store_rounded(q + at, sum[v], count - at);
       }
     }
   }
 }
 
-// kHeadLanes values of p (float32 or float64) as float64 lanes, and back (rounded).
-template <typename scalar_t>
-inline HeadVec load_lanes(const scalar_t* p) {
-  typename HeadOut<scalar_t>::type v;
-  __builtin_memcpy(&v, p, sizeof v);
-  return __builtin_convertvector(v, HeadVec);
-}
-template <typename scalar_t>
-inline HeadVec round_lanes(HeadVec v) {
-  return __builtin_convertvector(__builtin_convertvector(v, typename HeadOut<scalar_t>::type), HeadVec);
-}
-inline HeadVec load_head(const double* p) {
-  HeadVec v;
-  __builtin_memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void store_head(double* p, HeadVec v) { __builtin_memcpy(p, &v, sizeof v); }
-
 // A chunk of one plane as float64 in xb[0, count), zeros up to a whole number of lanes.
 template <typename scalar_t>
 inline int64_t chunk_as_double(const scalar_t* p, int64_t count, double* xb) {
   const int64_t padded = (count + kHeadLanes - 1) / kHeadLanes * kHeadLanes;
-  // the plane's next chunk, as head_chunk does (without it this load was 70 % of the op's time)
-  for (int64_t i = 0; i < kHeadChunk; i += 64 / sizeof(scalar_t)) __builtin_prefetch(p + kHeadChunk + i, 0, 0);
+  prefetch_next_chunk<0>(p);
   for (int64_t i = 0; i < count; ++i) xb[i] = static_cast<double>(p[i]);
   for (int64_t i = count; i < padded; ++i) xb[i] = 0.0;
   return padded;
@@ -283,16 +286,11 @@ void head_backward_input(const scalar_t* x, const scalar_t* grad, scalar_t* grad
     const HeadVec scale = HeadVec{} + h.scale[c], shift = HeadVec{} + h.shift[c], mean = HeadVec{} + h.mean[c];
     const HeadVec coef = HeadVec{} + h.xc_coef[c], constant = HeadVec{} + h.constant[c];
     scalar_t* out = grad_x + c * plane;
-    for (int64_t i = 0; i < kHeadChunk; i += 64 / sizeof(scalar_t)) __builtin_prefetch(out + kHeadChunk + i, 1, 0);
+    prefetch_next_chunk<1>(out);
     for (int64_t i = 0; i < padded; i += kHeadLanes) {
       const HeadVec xv = load_head(xb + i);
       const HeadVec gx = head_terms(h, O, c, g, i, xv, scale, shift).dt * scale + (xv - mean) * coef + constant;
-      if (i + kHeadLanes <= count) {
-        const typename HeadOut<scalar_t>::type rounded = __builtin_convertvector(gx, typename HeadOut<scalar_t>::type);
-        __builtin_memcpy(out + i, &rounded, sizeof rounded);
-      } else {
-        for (int64_t l = 0; i + l < count; ++l) out[i + l] = static_cast<scalar_t>(gx[l]);
-      }
+      store_rounded(out + i, gx, count - i);
     }
   }
 }

@@ -960,8 +960,7 @@ void forward_up2(const T* x, const T* vals, const int64_t* rp, const int32_t* ci
 // The input gradient in the phase form: the transposed conv of the four phases, each read out of
 // the output gradient at stride 2 (its rows 2 y + p, columns 2 x + q: load_halo_phases, without
 // the mean, of a geometry whose input is that gradient and whose padding is the phase conv's
-// K - 1 = 2 phase rows),
-// with the replicated border folded back onto the stored border pixels.
+// K - 1 = 2 phase rows), with the replicated border folded back onto the stored border pixels.
 template <typename T>
 void input_grad_up2(const T* gout, const T* vals, const int64_t* rp, const int32_t* ci, T* gin,
                     const SparseConvGeometry& g) {

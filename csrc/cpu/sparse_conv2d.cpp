@@ -67,17 +67,22 @@ std::tuple<at::Tensor, at::Tensor> forward_with_stats(const char* op, const at::
   return {out, stats};
 }
 
+// grad_output has the output's shape, or the pooled output's (the sparse_conv2d_pool_* ops).
+void check_grad_output_shape(const char* op, const at::Tensor& grad_output, const SparseConvGeometry& g, bool pooled) {
+  const int64_t h = pooled ? g.H_out / 2 : g.H_out, w = pooled ? g.W_out / 2 : g.W_out;
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({g.N, g.C_out, h, w}), op, ": grad_output must have the ",
+              pooled ? "pooled " : "", "output's shape (", g.N, ", ", g.C_out, ", ", h, ", ", w, "), got ",
+              grad_output.sizes());
+}
+
 // The weight gradient at the kept taps with grad_output checked against the output
 // (sparse_conv2d_weight_grad), or against the pooled output (sparse_conv2d_pool_weight_grad).
 at::Tensor weight_grad_checked(const char* op, const at::Tensor& grad_output, const at::Tensor& input,
                                const at::Tensor& row_ptr, const at::Tensor& col_idx, const SparseConvGeometry& g,
                                bool pooled) {
-  const int64_t h = pooled ? g.H_out / 2 : g.H_out, w = pooled ? g.W_out / 2 : g.W_out;
   TORCH_CHECK(grad_output.scalar_type() == input.scalar_type() && grad_output.device() == input.device(), op,
               ": grad_output must match the input's dtype and device");
-  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({g.N, g.C_out, h, w}), op, ": grad_output must have the ",
-              pooled ? "pooled " : "", "output's shape (", g.N, ", ", g.C_out, ", ", h, ", ", w, "), got ",
-              grad_output.sizes());
+  check_grad_output_shape(op, grad_output, g, pooled);
   const at::Tensor go = grad_output.contiguous(), x = input.contiguous(), rp = row_ptr.contiguous(),
                    ci = col_idx.contiguous();
   at::Tensor gw = at::zeros({g.nnz}, input.options());
@@ -95,10 +100,7 @@ at::Tensor weight_grad_checked(const char* op, const at::Tensor& grad_output, co
 at::Tensor input_grad_checked(const char* op, const at::Tensor& grad_output, const at::Tensor& values,
                               const at::Tensor& row_ptr, const at::Tensor& col_idx, const SparseConvGeometry& g,
                               bool pooled) {
-  const int64_t h = pooled ? g.H_out / 2 : g.H_out, w = pooled ? g.W_out / 2 : g.W_out;
-  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({g.N, g.C_out, h, w}), op, ": grad_output must have the ",
-              pooled ? "pooled " : "", "output's shape (", g.N, ", ", g.C_out, ", ", h, ", ", w, "), got ",
-              grad_output.sizes());
+  check_grad_output_shape(op, grad_output, g, pooled);
   const at::Tensor go = grad_output.contiguous(), v = values.contiguous(), rp = row_ptr.contiguous(),
                    ci = col_idx.contiguous();
   at::Tensor gin = at::empty({g.N, g.C_in, g.H_src, g.W_src}, grad_output.options());

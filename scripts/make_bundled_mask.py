@@ -24,11 +24,13 @@ just writes the mask of that state.
 import argparse
 import json
 import os
+import time
 
 import torch
 
 import oes_fast
 from oes_fast import images, tasks
+from quality import run_time  # scripts/quality.py: the same CPU-time record as its searches
 
 
 def main():
@@ -63,10 +65,12 @@ def main():
         oes_fast.masks.save(mask, args.out)
         print(mask, oes_fast.masks.health(mask, model).message)
         return
+    cpu_started, wall_started = time.process_time(), time.perf_counter()
     result = oes_fast.search(model, z, noisy, density=args.density, steps=args.steps, seed=0, z_seed=0,
                              checkpoint=args.checkpoint, checkpoint_every=250, resume=True, progress=True)
     result.mask.meta.update(image=described,
-                            task=dict(name="denoise", sigma=0.1, noise_seed=0))
+                            task=dict(name="denoise", sigma=0.1, noise_seed=0),
+                            time=run_time(result, cpu_started, wall_started))
     mask = oes_fast.masks.keep_vectors(result.mask) if args.keep_vectors else result.mask
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     oes_fast.masks.save(mask, args.out)

@@ -46,6 +46,9 @@ CASES = [
     (1, 2, 3, 3, 257, 3, 1, "reflect", 2, 0.5),
     (1, 6, 4, 21, 19, 1, 1, "reflect", 1, 1.0),
     (1, 2, 6, 12, 90, 3, 1, "zeros", 1, 0.08),
+    # many outputs on few inputs: column-shifted windows (use_shifted_window), plain and phase form
+    (1, 2, 16, 10, 70, 3, 1, "reflect", 1, 0.5),
+    (1, 2, 12, 4, 64, 3, 1, "reflect", 2, 0.5),
 ]
 DTYPES = [torch.float64, torch.float32]
 THREADS = [1, 2]

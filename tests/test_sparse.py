@@ -63,6 +63,9 @@ SHAPES = [
     (1, 4, 3, 10, 15, 3, 2, "zeros"),
     (1, 2, 3, 4, 4, 5, 1, "reflect"),
     (1, 8, 8, 33, 65, 3, 1, "reflect"),
+    # many outputs on few inputs: from density 0.5 the CPU forward reads column-shifted windows
+    # (use_shifted_window)
+    (1, 2, 16, 10, 70, 3, 1, "reflect"),
 ]
 DENSITIES = [0.0, 0.05, 0.5, 1.0]
 
@@ -127,12 +130,14 @@ def test_sparse_conv2d_gradients(shape, density, dtype, device):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shape", [(1, 3, 4, 5, 7, 3, "reflect"), (2, 4, 3, 4, 4, 3, "reflect"), (1, 2, 3, 6, 5, 5, "zeros"),
                                    (2, 3, 5, 5, 67, 3, "reflect"), (1, 4, 3, 6, 64, 3, "zeros"),
-                                   (1, 2, 3, 3, 257, 3, "reflect"), (1, 3, 2, 4, 256, 3, "zeros")],
+                                   (1, 2, 3, 3, 257, 3, "reflect"), (1, 3, 2, 4, 256, 3, "zeros"),
+                                   (1, 2, 12, 4, 64, 3, "reflect")],
                          ids=lambda s: "x".join(map(str, s)))
 def test_sparse_conv2d_fused_upsample(shape, dtype, device):
     """upsample=2 reads the input nearest-upsampled: conv(pad(interpolate(x))), with gradients.
-    From a stored width of 64 a 3x3 conv runs in its phase form on the CPU (the last four shapes:
-    forward and weight gradient), from 256 its input gradient too (the last two)."""
+    From a stored width of 64 a 3x3 conv runs in its phase form on the CPU (the last five shapes:
+    forward and weight gradient), from 256 its input gradient too (the two before the last); the
+    last one's phase form reads column-shifted windows (use_shifted_window)."""
     n, c_in, c_out, h, w_, k, mode = shape
     w, keep = random_weight(c_out, c_in, k, 0.4, torch.float64, 9)
     gen = torch.Generator().manual_seed(10)

@@ -85,11 +85,16 @@ struct Divider {
 };
 
 // Halo offset of each tap position r = ky * KW + kx within a channel's rows (`Wa` apart), and the
-// halo offset of tap col_idx value i: channel i / KK, position i % KK.
+// halo offset of tap col_idx value i: channel i / KK, position i % KK. In a shifted window
+// (shifted_window: KW column-shifted copies of each channel's rows) column kx is read from copy
+// kx at column 0.
 struct TapOffsets {
-  TapOffsets(const SparseConvGeometry& g, int64_t rows_h, int64_t Wa)
-      : by_kk(g.KH * g.KW), kk(g.KH * g.KW), channel(rows_h * Wa), position(g.KH * g.KW) {
-    for (int64_t r = 0; r < kk; ++r) position[r] = (r / g.KW) * Wa + r % g.KW;
+  TapOffsets(const SparseConvGeometry& g, int64_t rows_h, int64_t Wa, bool shifted = false)
+      : by_kk(g.KH * g.KW), kk(g.KH * g.KW), channel((shifted ? g.KW : 1) * rows_h * Wa), position(g.KH * g.KW) {
+    for (int64_t r = 0; r < kk; ++r) {
+      const int64_t ky = r / g.KW, kx = r % g.KW;
+      position[r] = shifted ? (kx * rows_h + ky) * Wa : ky * Wa + kx;
+    }
   }
   int64_t operator()(int64_t i) const {
     const int64_t c = by_kk(i);
@@ -331,6 +336,36 @@ void load_halo_phases(const T* x, T* halo, int64_t rows_h, int64_t rows_load, in
   }
 }
 
+// The taps of a stride-1 conv read the halo at column shifts 0 .. KW - 1 from the output's vector
+// boundaries, so with 64-byte vectors all but shift 0 straddle two cache lines, and the register
+// blocks ran at about one FMA a cycle, bound by their loads. A shifted window holds rows
+// r .. r + rows - 1 of every halo channel in KW copies, copy kx starting at column kx, so that every
+// tap loads whole aligned vectors (TapOffsets with shifted). It is made per block of output rows
+// (tap_block's R) rather than per tile: a tile's KW copies would not stay in L2. Worth it where
+// the copies are few against the multiply-adds (kWindowMaxCost): the up layers, whose masks keep
+// about 40 % of the weights; the down layers' 5-15 % do not pay for the copies.
+template <typename T>
+void shifted_window(const T* halo, int64_t rows_h, int64_t Wa, int64_t r, int64_t rows, const SparseConvGeometry& g,
+                    T* window, int64_t window_rows) {
+  for (int64_t c = 0; c < g.C_in; ++c) {
+    for (int64_t kx = 0; kx < g.KW; ++kx) {
+      const T* src = halo + (c * rows_h + r) * Wa + kx;
+      T* dst = window + (c * g.KW + kx) * window_rows * Wa;
+      // (the last kx columns of a copy are never written: zeros, as the halo's slack)
+      for (int64_t i = 0; i < rows; ++i) std::memcpy(dst + i * Wa, src + i * Wa, sizeof(T) * (Wa - kx));
+    }
+  }
+}
+
+// Use shifted windows where their copies (per output row) are at most this share of the
+// multiply-adds (per output row, vectors of both), with blocks of `rows` output rows.
+constexpr double kWindowMaxCost = 0.1;
+
+inline bool use_shifted_window(const SparseConvGeometry& g, int64_t rows) {
+  const double copies = double(g.C_in) * g.KW * (rows + g.KH - 1) / rows;
+  return g.SW == 1 && g.SH == 1 && g.KW > 1 && copies <= kWindowMaxCost * double(g.nnz);
+}
+
 // R rows x NB vectors of outputs in registers, accumulated over all m taps of one output
 // channel; `valid` columns from xo are stored (the last vector may be partial).
 template <typename T, int R, int NB>
@@ -420,6 +455,10 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
   // phases_in->of reads it, or of their box mean (load_halo_phases; forward_pool).
   constexpr int64_t L = kLanes<T>;
   if (g.N == 0 || g.C_out == 0) return;
+  const bool wide = g.SW == 1 && g.W_out >= 4 * L;
+  // (narrow rows, 8-row blocks of one vector, were not faster with windows: up.3-up.5, 16-32 wide)
+  constexpr int64_t kWindowBlockRows = 2;  // the wide rows' blocks
+  const bool windowed = wide && use_shifted_window(g, kWindowBlockRows);
   const HaloPlan plan = plan_halo<T>(g);
   const int64_t Wa = plan.Wa, tile = plan.tile, n_tiles = plan.n_tiles, rows_h_max = plan.rows_h;
   // output-channel groups only where tiles alone do not give every thread several tasks
@@ -436,10 +475,12 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     AlignedBuffer<T> halo(g.C_in * rows_h_max * Wa);
     AlignedBuffer<T> phase_rows(phase != nullptr ? 2 * kPhaseRows * ostride : 0);
-    // Tap offsets into the halo depend on neither the tile nor the image: decode them once.
+    const int64_t window_rows = kWindowBlockRows + g.KH - 1;
+    AlignedBuffer<T> window(windowed ? g.C_in * g.KW * window_rows * Wa : 0);
+    // Tap offsets into the halo (or the window) depend on neither the tile nor the image: decode them once.
     std::vector<int64_t> off(g.nnz);
     std::vector<T> w(g.nnz);
-    const TapOffsets offset(g, rows_h_max, Wa);
+    const TapOffsets offset = windowed ? TapOffsets(g, window_rows, Wa, true) : TapOffsets(g, rows_h_max, Wa);
     for (int64_t k = 0; k < g.nnz; ++k) {
       off[k] = offset(ci[k]);
       w[k] = vals[k];
@@ -459,11 +500,12 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
       double* part = stats != nullptr ? partial.data() + t * g.C_out * 2 : nullptr;
       // a block of R rows stores min(valid, span) columns from xo
       auto run = [&](auto block, int R, int64_t span, int64_t r, int64_t xo, int64_t valid) {
+        const T* base = windowed ? window.data : halo.data + r * rs;  // (a window starts at row r)
         if (phase == nullptr) {
           for (int64_t o = o_begin; o < o_end; ++o) {
             const T b = bias ? bias[o] : T(0);
             T* orow = out + ((n * g.C_out + o) * g.H_out + y0 + r) * g.W_out;
-            block(halo.data + r * rs, rp[o], rp[o + 1] - rp[o], b, xo, orow, valid, part ? part + 2 * o : nullptr);
+            block(base, rp[o], rp[o + 1] - rp[o], b, xo, orow, valid, part ? part + 2 * o : nullptr);
           }
           return;
         }
@@ -471,9 +513,9 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
         for (int64_t o = o_begin; o < o_end; o += 2) {  // column phases q = 0, 1 of one (channel, p)
           T* t0 = phase_rows.data;
           T* t1 = phase_rows.data + kPhaseRows * ostride;
-          block(halo.data + r * rs, rp[o], rp[o + 1] - rp[o], bias ? bias[o] : T(0), xo, t0 - xo, valid,
+          block(base, rp[o], rp[o + 1] - rp[o], bias ? bias[o] : T(0), xo, t0 - xo, valid,
                 part ? part + 2 * o : nullptr);
-          block(halo.data + r * rs, rp[o + 1], rp[o + 2] - rp[o + 1], bias ? bias[o + 1] : T(0), xo, t1 - xo,
+          block(base, rp[o + 1], rp[o + 2] - rp[o + 1], bias ? bias[o + 1] : T(0), xo, t1 - xo,
                 valid, part ? part + 2 * (o + 1) : nullptr);
           const int64_t c = o / 4, p = (o / 2) % 2;
           for (int rr = 0; rr < R; ++rr) {
@@ -501,8 +543,8 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
             }
           }
         }
-      } else if (g.W_out >= 4 * L) {
-        auto wide = [&](const T* base, int64_t k0, int64_t m, T b, int64_t xo, T* orow, int64_t valid, double* st) {
+      } else if (wide) {
+        auto wide1 = [&](const T* base, int64_t k0, int64_t m, T b, int64_t xo, T* orow, int64_t valid, double* st) {
           tap_block<T, 1, 4>(base, rs, offp + k0, offw + k0, m, b, xo, orow, ostride, valid, st);
         };
         auto one = [&](const T* base, int64_t k0, int64_t m, T b, int64_t xo, T* orow, int64_t valid, double* st) {
@@ -518,13 +560,15 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
         };
         int64_t r = 0;
         for (; r + 2 <= rows; r += 2) {
+          if (windowed) shifted_window(halo.data, rows_h_max, Wa, r, window_rows, g, window.data, window_rows);
           int64_t xo = 0;
           for (; xo + 4 * L <= g.W_out; xo += 4 * L) run(wide2, 2, 4 * L, r, xo, 4 * L);
           for (; xo < g.W_out; xo += L) run(one2, 2, L, r, xo, g.W_out - xo);
         }
         for (; r < rows; ++r) {
+          if (windowed) shifted_window(halo.data, rows_h_max, Wa, r, g.KH, g, window.data, window_rows);
           int64_t xo = 0;
-          for (; xo + 4 * L <= g.W_out; xo += 4 * L) run(wide, 1, 4 * L, r, xo, 4 * L);
+          for (; xo + 4 * L <= g.W_out; xo += 4 * L) run(wide1, 1, 4 * L, r, xo, 4 * L);
           for (; xo < g.W_out; xo += L) run(one, 1, L, r, xo, g.W_out - xo);
         }
       } else {

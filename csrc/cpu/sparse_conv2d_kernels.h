@@ -447,22 +447,30 @@ inline void interleave_row(const T* a, const T* b, int64_t n, T* dst) {
   }
 }
 
-// The output-channel group size of a kernel whose `tiles` (images x row tiles) alone would not
-// give every thread several tasks (whole `unit`s of channels; the last group may be smaller):
-// at::parallel_for hands each thread one contiguous run of tasks, so the task count is made a
-// multiple of the thread count where the channels allow it (tiles x groups). The grouping does
-// not change the bits: each output value, and each tap's partial sum, comes from one task.
-inline int64_t channel_group_size(int64_t channels, int64_t unit, int64_t tiles) {
+// Output-channel groups of a kernel over `tiles` (images x row tiles) of equal work: group i is
+// channels [bounds[i], bounds[i + 1]). at::parallel_for hands each thread one contiguous run of
+// the tiles x groups tasks, so there are as few groups as make that count a multiple of the
+// thread count (each task loads its tile's halo, whatever its channels), and the groups hold
+// whole `unit`s of channels with about equal numbers of taps (the channels' taps differ
+// tenfold). The grouping does not change the bits: each output value, and each tap's partial
+// sum, comes from one task.
+inline std::vector<int64_t> channel_groups(const int64_t* rp, int64_t channels, int64_t unit, int64_t tiles) {
   const int64_t threads = at::get_num_threads();
   const int64_t units = std::max<int64_t>(1, (channels + unit - 1) / unit);
-  if (threads == 1) return units * unit;  // (one task per tile: groups would only load its halo again)
-  auto size_of = [&](int64_t groups) { return (units + groups - 1) / groups * unit; };
-  const int64_t first = std::min(units, std::max<int64_t>(1, (4 * threads + tiles - 1) / tiles));
-  for (int64_t groups = first; groups <= units; ++groups) {
-    const int64_t used = (channels + size_of(groups) - 1) / size_of(groups);  // the non-empty groups
-    if (tiles * used % threads == 0) return size_of(groups);
+  const int64_t count = std::min(units, threads / std::gcd(std::max<int64_t>(1, tiles), threads));
+  auto cost = [&](int64_t u) {  // taps of units [0, u), plus one per channel (its stores)
+    const int64_t c = std::min(channels, u * unit);
+    return rp[c] - rp[0] + c;
+  };
+  std::vector<int64_t> bounds(count + 1, 0);
+  int64_t u = 0;
+  for (int64_t i = 1; i < count; ++i) {
+    const int64_t target = cost(units) * i / count;
+    while (u < units - (count - i) && (u <= bounds[i - 1] / unit || cost(u) < target)) ++u;
+    bounds[i] = std::min(channels, u * unit);
   }
-  return size_of(first);
+  bounds[count] = channels;
+  return bounds;
 }
 
 template <typename T>
@@ -483,8 +491,8 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
   const HaloPlan plan = plan_halo<T>(g);
   const int64_t Wa = plan.Wa, tile = plan.tile, n_tiles = plan.n_tiles, rows_h_max = plan.rows_h;
   // (whole output channels of the phase form: its column phases are interleaved in pairs)
-  const int64_t group_size = channel_group_size(g.C_out, phase != nullptr ? 4 : 1, g.N * n_tiles);
-  const int64_t groups = (g.C_out + group_size - 1) / group_size;
+  const std::vector<int64_t> bounds = channel_groups(rp, g.C_out, phase != nullptr ? 4 : 1, g.N * n_tiles);
+  const int64_t groups = int64_t(bounds.size()) - 1;
   const int64_t tasks = g.N * n_tiles * groups;
   std::vector<double> partial(stats != nullptr ? tasks * g.C_out * 2 : 0, 0.0);
   // the blocks' output row stride: the output's, or that of the phase rows' buffer
@@ -507,7 +515,7 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
     for (int64_t t = begin; t < end; ++t) {
       const int64_t grp = t % groups, tl = (t / groups) % n_tiles, n = t / (groups * n_tiles);
       const int64_t y0 = tl * tile, rows = std::min(tile, g.H_out - y0);
-      const int64_t o_begin = grp * group_size, o_end = std::min(g.C_out, (grp + 1) * group_size);
+      const int64_t o_begin = bounds[grp], o_end = bounds[grp + 1];
       if (phases_in != nullptr) {
         load_halo_phases(x, halo.data, rows_h_max, rows - 1 + g.KH, Wa, y0, *phases_in, g.W_out + g.KW - 1, n);
       } else {
@@ -856,8 +864,8 @@ void weight_grad_stride1(const T* gout, const T* x, const int64_t* rp, const int
   const int64_t Wa = plan.Wa, tile = plan.tile, n_tiles = plan.n_tiles, rows_h_max = plan.rows_h;
   // tasks: (image, row tile, output-channel group); the groups' taps are disjoint, so each
   // (image, tile) row of partials has each tap's sum from one task, whatever the grouping
-  const int64_t group_size = channel_group_size(g.C_out, 1, g.N * n_tiles);
-  const int64_t groups = (g.C_out + group_size - 1) / group_size;
+  const std::vector<int64_t> bounds = channel_groups(rp, g.C_out, 1, g.N * n_tiles);
+  const int64_t groups = int64_t(bounds.size()) - 1;
   const int64_t tasks = g.N * n_tiles * groups;
   const int64_t nvec = (g.W_out + L - 1) / L;
   std::vector<double> partial(g.N * n_tiles * g.nnz, 0.0);
@@ -871,8 +879,7 @@ void weight_grad_stride1(const T* gout, const T* x, const int64_t* rp, const int
     for (int64_t t = begin; t < end; ++t) {
       const int64_t grp = t % groups, tl = (t / groups) % n_tiles, n = t / (groups * n_tiles);
       const int64_t y0 = tl * tile, rows = std::min(tile, g.H_out - y0);
-      const int64_t o_begin = grp * group_size, o_end = std::min(g.C_out, o_begin + group_size);
-      if (o_begin >= o_end) continue;
+      const int64_t o_begin = bounds[grp], o_end = bounds[grp + 1];
       if (phases_in != nullptr) {
         load_halo_phases(x, halo.data, rows_h_max, rows - 1 + g.KH, Wa, y0, *phases_in, g.W_out + g.KW - 1, n);
       } else {

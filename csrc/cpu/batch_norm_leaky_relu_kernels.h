@@ -254,40 +254,39 @@ void head_backward_sums(const scalar_t* x, const scalar_t* grad, int64_t plane, 
   }
   for (int64_t c = 0; c < C; ++c) {
     double* a = act + c * kHeadChunk;
-    chunk_as_double(x + c * plane, count, a);  // x, replaced by the activation below
+    chunk_as_double(x + c * plane, count, a);  // x (replaced by the activation where kO is 0)
     const HeadVec scale = HeadVec{} + h.scale[c], shift = HeadVec{} + h.shift[c], mean = HeadVec{} + h.mean[c];
     HeadVec dt_sum = load_head(acc_dt + c * kHeadMaxLanes), dtxc_sum = load_head(acc_dtxc + c * kHeadMaxLanes);
+    // with kO, the weight gradient's sums too, while the activation is in registers (one pass over
+    // the chunk where a second one read the stored activation and the gradients again)
+    HeadVec w_sum[kO > 0 ? kO : 1];
     if constexpr (kO > 0) {
-      // the weight gradient's sums too, while the activation is in registers (one pass over
-      // the chunk where a second one read the stored activation and the gradients again)
-      HeadVec w_sum[kO];
       for (int64_t o = 0; o < kO; ++o) w_sum[o] = load_head(acc_w + (o * C + c) * kHeadMaxLanes);
-      for (int64_t i = 0; i < padded; i += kHeadLanes) {
-        const HeadVec xv = load_head(a + i);
-        const HeadTerms t = head_terms(h, kO, c, g, i, xv, scale, shift);
-        dt_sum += t.dt;
-        dtxc_sum += t.dt * (xv - mean);
-        const HeadVec av = round_lanes<scalar_t>(t.pre * t.fac);
+    }
+    for (int64_t i = 0; i < padded; i += kHeadLanes) {
+      const HeadVec xv = load_head(a + i);
+      const HeadTerms t = head_terms(h, O, c, g, i, xv, scale, shift);
+      dt_sum += t.dt;
+      dtxc_sum += t.dt * (xv - mean);
+      const HeadVec av = round_lanes<scalar_t>(t.pre * t.fac);
+      if constexpr (kO > 0) {
         for (int64_t o = 0; o < kO; ++o) w_sum[o] += load_head(g + o * kHeadChunk + i) * av;
+      } else {
+        store_head(a + i, av);
       }
+    }
+    if constexpr (kO > 0) {
       for (int64_t o = 0; o < kO; ++o) store_head(acc_w + (o * C + c) * kHeadMaxLanes, w_sum[o]);
-    } else {
-      for (int64_t i = 0; i < padded; i += kHeadLanes) {
-        const HeadVec xv = load_head(a + i);
-        const HeadTerms t = head_terms(h, O, c, g, i, xv, scale, shift);
-        dt_sum += t.dt;
-        dtxc_sum += t.dt * (xv - mean);
-        store_head(a + i, round_lanes<scalar_t>(t.pre * t.fac));
-      }
     }
     store_head(acc_dt + c * kHeadMaxLanes, dt_sum);
     store_head(acc_dtxc + c * kHeadMaxLanes, dtxc_sum);
   }
-  if constexpr (kO > 0) return;
-  for (int64_t o = 0; o < O; ++o) {
-    for (int64_t c = 0; c < C; ++c) {
-      double* w = acc_w + (o * C + c) * kHeadMaxLanes;
-      store_head(w, load_head(w) + dot_lanes(g + o * kHeadChunk, act + c * kHeadChunk, padded));
+  if constexpr (kO == 0) {
+    for (int64_t o = 0; o < O; ++o) {
+      for (int64_t c = 0; c < C; ++c) {
+        double* w = acc_w + (o * C + c) * kHeadMaxLanes;
+        store_head(w, load_head(w) + dot_lanes(g + o * kHeadChunk, act + c * kHeadChunk, padded));
+      }
     }
   }
 }

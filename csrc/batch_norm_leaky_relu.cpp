@@ -10,6 +10,10 @@ TORCH_LIBRARY_FRAGMENT(oes_fast, m) {
   // float64, the format of sparse_conv2d_stats' statistics. Each channel is summed by one
   // thread in a fixed order, so the bits do not depend on the thread count.
   m.def("batch_norm_stats(Tensor input) -> Tensor");
+  // The batch norm's per-channel constants from such statistics over `count` values per
+  // channel, weight and bias (C,): (mean, invstd, scale, shift), each (C,) float64, with
+  // scale = weight / sqrt(var + eps) and shift = bias - mean * scale (oes_fast.ops.batch_norm_affine).
+  m.def("batch_norm_constants(Tensor stats, int count, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
   // leaky_relu(input * scale[c] + shift[c], negative_slope) of an (N, C, H, W) float32 or
   // float64 tensor in one pass; scale and shift are (C,) float64 (oes_fast.ops.batch_norm_affine),
   // the pre-activation is computed in float64 and rounded once.

@@ -487,10 +487,11 @@ class _BatchNormFromStats(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, stats, weight, bias, eps):
-        mean, std, scale, shift = batch_norm_affine(stats, x.shape[0] * x.shape[2] * x.shape[3], weight, bias, eps)
+        mean, invstd, scale, shift = batch_norm_constants(stats, x.shape[0] * x.shape[2] * x.shape[3], weight, bias,
+                                                          eps)
         shape = (1, -1, 1, 1)
         y = torch.addcmul(shift.to(x.dtype).view(shape), x, scale.to(x.dtype).view(shape))
-        ctx.save_for_backward(x, weight, mean.to(x.dtype), std.reciprocal().to(x.dtype))
+        ctx.save_for_backward(x, weight, mean.to(x.dtype), invstd.to(x.dtype))
         ctx.eps = eps
         return y
 
@@ -698,13 +699,31 @@ def _batch_norm_leaky_relu_backward_fake(grad_output, input, mean, invstd, scale
             input.new_empty((channels,), dtype=torch.float64), input.new_empty((channels,), dtype=torch.float64))
 
 
+@torch.library.register_fake("oes_fast::batch_norm_constants")
+def _batch_norm_constants_fake(stats, count, weight, bias, eps):
+    return tuple(stats.new_empty((stats.shape[0],)) for _ in range(4))
+
+
+def batch_norm_constants(stats: torch.Tensor, count: int, weight: torch.Tensor, bias: torch.Tensor, eps: float):
+    """(mean, 1 / sqrt(var + eps), scale, shift), float64 per channel: batch_norm_affine's
+    formula, in one C++ call for CPU statistics (the same bits; a dozen small tensor ops cost
+    more than the batch norm's pass over a small layer). Not differentiable."""
+    if stats.device.type == "cpu":
+        return _ops.batch_norm_constants(stats, count, weight.detach(), bias.detach(), eps)
+    mean, std, scale, shift = batch_norm_affine(stats, count, weight, bias, eps)
+    return mean, std.reciprocal(), scale, shift
+
+
 def _batch_norm_constants(x, stats, weight, bias, eps):
-    """(mean, 1 / std, scale, shift) per channel, float64, of the training-mode batch norm of a
-    contiguous x: from `stats`, or from one statistics pass when None."""
+    """batch_norm_constants of a contiguous x: from `stats`, or from one statistics pass when None."""
     if stats is None:
         stats = _ops.batch_norm_stats(x)
-    mean, std, scale, shift = batch_norm_affine(stats, x.shape[0] * x.shape[2] * x.shape[3], weight, bias, eps)
-    return mean, std.reciprocal(), scale, shift
+    return batch_norm_constants(stats, x.shape[0] * x.shape[2] * x.shape[3], weight, bias, float(eps))
+
+
+def _needs_grad(*tensors) -> bool:
+    """Whether autograd would record an op on these tensors (None entries allowed)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _check_batch_norm_input(x, stats, op):
@@ -796,6 +815,10 @@ def batch_norm_leaky_relu_conv1x1(x: torch.Tensor, stats: torch.Tensor | None, w
     float32 or float64; stats as batch_norm_leaky_relu takes them. Differentiable (once) in x,
     weight, bias, conv_weight and conv_bias."""
     _check_batch_norm_input(x, stats, "batch_norm_leaky_relu_conv1x1")
+    if not _needs_grad(x, weight, bias, conv_weight, conv_bias):
+        x = x.contiguous()
+        _, _, scale, shift = _batch_norm_constants(x, stats, weight, bias, eps)
+        return _ops.batch_norm_leaky_relu_conv1x1(x, scale, shift, float(negative_slope), conv_weight, conv_bias)
     return _BatchNormLeakyReLUConv1x1.apply(x, stats, weight, bias, float(eps), float(negative_slope), conv_weight,
                                             conv_bias)
 
@@ -815,6 +838,10 @@ def batch_norm_leaky_relu(x: torch.Tensor, stats: torch.Tensor | None, weight: t
         from . import reference
 
         return reference.batch_norm_leaky_relu(x, weight, bias, eps, negative_slope)
+    if not _needs_grad(x, weight, bias):  # the op alone: the autograd function's call costs more on small layers
+        x = x.contiguous()
+        _, _, scale, shift = _batch_norm_constants(x, stats, weight, bias, eps)
+        return _ops.batch_norm_leaky_relu(x, scale, shift, float(negative_slope))
     return _BatchNormLeakyReLU.apply(x, stats, weight, bias, float(eps), float(negative_slope))
 # ============================================================== end of batch_norm_leaky_relu
 

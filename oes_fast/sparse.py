@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops as _ops_module  # noqa: F401  (registers the operators)
-from .ops import batch_norm_affine, batch_norm_from_stats, batch_norm_leaky_relu, batch_norm_leaky_relu_conv1x1
+from .ops import batch_norm_constants, batch_norm_from_stats, batch_norm_leaky_relu, batch_norm_leaky_relu_conv1x1
 from .files import atomic_path
 from .connectivity import live_channels
 
@@ -311,7 +311,7 @@ class _BatchNorm(_Stage):
             x = batch_norm_from_stats(x, stats, gamma, beta_live, self.eps)
         else:
             count = x.shape[0] * x.shape[2] * x.shape[3]
-            _, _, scale, shift = batch_norm_affine(stats, count, gamma, beta_live, self.eps)
+            _, _, scale, shift = batch_norm_constants(stats, count, gamma, beta_live, self.eps)
             x.mul_(scale.to(x.dtype).view(1, -1, 1, 1)).add_(shift.to(x.dtype).view(1, -1, 1, 1))
         return x, (None if self.const_zero else beta), hw
 
@@ -486,6 +486,9 @@ class SparseGenerator(nn.Module):
         self.config = dict(config)
         self.shapes = {n: tuple(s) for n, s in shapes.items()}  # the dense model's parameters
         self.stages = nn.ModuleList(_STAGES[s["kind"]](s, t) for s, t in zip(specs, tensors))
+        # the same modules in a plain list for the loop of `forward`: ModuleList indexing costs a
+        # few us a call, and the loop and its fusion checks index it about 400 times a forward
+        self._chain = list(self.stages)
         self.names = [s.get("name") for s in specs]
         self.fuse_batch_norm = True  # see fuses_stats
         self.fuse_activation = True  # see fuses_batch_norm_op
@@ -525,7 +528,7 @@ class SparseGenerator(nn.Module):
         generator's dtype and device, contiguous): (N, out_channels, H, W)."""
         self.check_input(z)
         x, const, hw, stats, i = z, None, (z.shape[0], z.shape[2], z.shape[3]), None, 0
-        while i < len(self.stages):
+        while i < len(self._chain):
             x, const, hw, stats, i, _ = self.run_stage(i, x, const, hw, stats)
         return x
 
@@ -543,7 +546,7 @@ class SparseGenerator(nn.Module):
         LeakyReLU after it included when there is one (else a slope of 1: the identity);
         with that fusion off (`fuse_activation`), "bn apply" (in place without autograd) after
         the conv's statistics; "fwd" (the stage alone)."""
-        stage = self.stages[i]
+        stage = self._chain[i]
         if self.fuses_pool(i, x):
             x, const, hw, stats = stage(x, const, hw, with_stats=True, pool=True)
             return x, const, hw, stats, i + 2, "conv + pool + bn stats (fused)"
@@ -551,7 +554,7 @@ class SparseGenerator(nn.Module):
             x, const, hw, stats = stage(x, const, hw, with_stats=True)
             return x, const, hw, stats, i + 1, "conv + bn stats (fused)"
         if self.fuses_head(i, x, stats):
-            x, const, hw = self.stages[i + 2].forward_head(x, stats, stage, hw, LEAKY_RELU_SLOPE)
+            x, const, hw = self._chain[i + 2].forward_head(x, stats, stage, hw, LEAKY_RELU_SLOPE)
             return x, const, hw, None, i + 3, "bn apply + activation + 1x1 conv (fused)"
         if self.fuses_batch_norm_op(i, x):
             act = self.fuses_activation(i, x)
@@ -568,7 +571,7 @@ class SparseGenerator(nn.Module):
         """Whether `forward` runs stage i, a sparse conv followed by batch norm, with the batch-norm
         statistics in its epilogue (`sparse_conv2d_stats`) on input x, the batch norm then only
         normalizing: one pass over the output saved (in place without autograd)."""
-        stages = self.stages
+        stages = self._chain
         return (self.fuse_batch_norm and isinstance(stages[i], _Conv) and i + 1 < len(stages)
                 and isinstance(stages[i + 1], _BatchNorm) and stages[i].can_fuse_stats(x))
 
@@ -578,7 +581,7 @@ class SparseGenerator(nn.Module):
         phases of the input's 2x2 box mean (`sparse_conv2d_pool_stats`) that also returns the
         batch norm's statistics: under `fuse_batch_norm`, on CPU, from an input
         `pool_fusion_min_width` wide."""
-        stages = self.stages
+        stages = self._chain
         return (self.fuse_batch_norm and isinstance(stages[i], _Conv) and i + 2 < len(stages)
                 and isinstance(stages[i + 1], _Elementwise) and stages[i + 1].op == "pool"
                 and stages[i + 1].arg == "avg" and isinstance(stages[i + 2], _BatchNorm)
@@ -589,18 +592,18 @@ class SparseGenerator(nn.Module):
         """Whether `forward` runs stage i, a batch norm whose statistics the conv before returned,
         the LeakyReLU after it and the 1x1 conv after that (the output conv) as one op
         (ops.batch_norm_leaky_relu_conv1x1): under `fuse_activation`, on CPU float32 or float64."""
-        stages = self.stages
+        stages = self._chain
         return (self.fuses_activation(i, x) and stats is not None
                 and i + 2 < len(stages) and isinstance(stages[i + 2], _Conv) and stages[i + 2].is_pointwise(x))
 
     def fuses_batch_norm_op(self, i: int, x) -> bool:
         """Whether `forward` runs stage i, a batch norm, as ops.batch_norm_leaky_relu (one
         normalizing pass with the activation after it, whose backward keeps only its input)."""
-        return self.fuse_activation and x is not None and isinstance(self.stages[i], _BatchNorm)
+        return self.fuse_activation and x is not None and isinstance(self._chain[i], _BatchNorm)
 
     def fuses_activation(self, i: int, x) -> bool:
         """Whether that op (`fuses_batch_norm_op`) also applies the LeakyReLU of stage i + 1."""
-        stages = self.stages
+        stages = self._chain
         return (self.fuses_batch_norm_op(i, x) and i + 1 < len(stages) and isinstance(stages[i + 1], _Elementwise)
                 and stages[i + 1].op == "act" and stages[i + 1].arg == "LeakyReLU")
 

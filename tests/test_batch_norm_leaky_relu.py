@@ -101,6 +101,37 @@ def test_opcheck(dtype):
                           (grad, x, mean, std.reciprocal(), scale, shift, SLOPE))
 
 
+@pytest.mark.parametrize("wdtype", DTYPES, ids=str)
+def test_constants_op_matches_the_formula(wdtype):
+    """batch_norm_constants (one C++ call) gives batch_norm_affine's bits: means far from zero
+    (the variance's cancellation), a constant channel (variance rounding below zero, clamped), a
+    zero weight, and NaN statistics passed through."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 6, 5, 7, generator=g, dtype=torch.float64) * torch.tensor([1, 1e-3, 10, 1, 1, 1]).view(1, -1, 1, 1)
+    x = x + torch.tensor([0, 300, -5, 0, 1, 0.1]).view(1, -1, 1, 1)
+    x[:, 3] = 0.7  # constant: q / n - m * m can round below zero
+    stats = ops_ns.batch_norm_stats(x)
+    stats[5] = float("nan")
+    weight = torch.randn(6, generator=g, dtype=torch.float64).to(wdtype)
+    weight[4] = 0
+    bias = torch.randn(6, generator=g, dtype=torch.float64).to(wdtype)
+    mean, invstd, scale, shift = ops_ns.batch_norm_constants(stats, 70, weight, bias, EPS)
+    ref_mean, std, ref_scale, ref_shift = ops.batch_norm_affine(stats, 70, weight, bias, EPS)
+    for got, ref in ((mean, ref_mean), (invstd, std.reciprocal()), (scale, ref_scale), (shift, ref_shift)):
+        assert got.dtype == torch.float64
+        assert torch.equal(torch.isnan(got), torch.isnan(ref))
+        assert torch.equal(got.nan_to_num(0.0), ref.nan_to_num(0.0))
+    assert torch.isnan(scale[5]) and torch.isnan(shift[5])
+    finite = stats.nan_to_num(1.0)  # opcheck compares outputs with NaN != NaN
+    torch.library.opcheck(ops_ns.batch_norm_constants.default, (finite, 70, weight, bias, EPS))
+    with pytest.raises(RuntimeError, match="stats must be"):
+        ops_ns.batch_norm_constants(stats.float(), 70, weight, bias, EPS)
+    with pytest.raises(RuntimeError, match="vectors of C = 6"):
+        ops_ns.batch_norm_constants(stats, 70, weight[:5], bias, EPS)
+    with pytest.raises(RuntimeError, match="count must be positive"):
+        ops_ns.batch_norm_constants(stats, 0, weight, bias, EPS)
+
+
 def test_stats_op_and_arguments():
     x = make_inputs((2, 5, 7, 13), 9)[0]
     for dtype in DTYPES:

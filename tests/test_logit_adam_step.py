@@ -5,8 +5,10 @@ import pytest
 import torch
 from torch.library import opcheck
 
+import oes_fast._C as _C
 from oes_fast import ops, reference
 from oes_fast.mask_search import LogitAdam
+from cpu_variants import run_under_isa
 from tolerances import assert_close_to_reference, tolerance
 
 SEED, OFFSET, TAU, DENSITY, KL, LR = 1234, 5_000_000_000, 0.2, 0.05, 1e-3, 0.01
@@ -238,3 +240,34 @@ def test_bad_input(change, message):
             *kwargs["betas"], kwargs["eps"], kwargs["step"])
     with pytest.raises(RuntimeError, match=message.split(" must")[0].split(" counts")[0]):
         torch.ops.oes_fast.logit_adam_step_(*args)
+
+
+def step_without_prior(p, m, v, grad):
+    """One logit_adam_step_ at step 1 with kl = 0 (Adam alone), on copies: {name: tensor}."""
+    p, m, v = p.clone(), m.clone(), v.clone()
+    ops.logit_adam_step_(p, m, v, grad, step=1, density=DENSITY, kl=0.0, lr=LR, betas=BETAS, eps=EPS)
+    return {"logits": p, "exp_avg": m, "exp_avg_sq": v}
+
+
+@pytest.mark.parametrize("isa", _C.cpu_isas_supported())
+def test_subnormal_second_moment(isa, tmp_path):
+    """Gradients of 1e-25 to 1e-15 make exp_avg_sq = (1 - beta2) g^2 subnormal in float32 (below
+    1.2e-38). -ffast-math computes the vector sqrt of it from an estimated reciprocal square root,
+    which is infinite for a subnormal on SSE and AVX2 (not AVX-512): the search's logits turned
+    NaN on an AVX2 machine. Every instruction set, 1 and 2 threads, against torch's Adam in
+    float64."""
+    n = 301
+    g = torch.Generator().manual_seed(8)
+    grad = torch.logspace(-25, -15, n, dtype=torch.float64) * torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+    p = torch.randn(n, generator=g, dtype=torch.float64)
+    state = [t.float() for t in (p, torch.zeros(n), torch.zeros(n), grad)]
+    assert (state[3].double() ** 2 * (1 - BETAS[1]) < torch.finfo(torch.float32).tiny).sum() > n // 2
+    ref = dict(step=0, exp_avg=torch.zeros(n, dtype=torch.float64), exp_avg_sq=torch.zeros(n, dtype=torch.float64))
+    ref_p = reference.adam_update(state[0].double(), state[3].double(), ref, LR, BETAS, EPS)
+    out = run_under_isa(isa, tmp_path, "test_logit_adam_step", "step_without_prior", [tuple(state)])
+    for threads, (got,) in out["threads"].items():
+        assert torch.isfinite(got["logits"]).all(), f"{isa}, {threads} threads: non-finite logits"
+        # the update g / (|g| + eps) * lr is below 1e-9 here: the logits keep their float32 values
+        torch.testing.assert_close(got["logits"].double(), ref_p, rtol=2e-7, atol=0)
+        torch.testing.assert_close(got["exp_avg"].double(), ref["exp_avg"], rtol=2e-6, atol=1e-45)
+        torch.testing.assert_close(got["exp_avg_sq"].double(), ref["exp_avg_sq"], rtol=2e-5, atol=2e-45)

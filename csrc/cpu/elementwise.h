@@ -36,7 +36,11 @@ inline acc_t sigmoid_and_complement(acc_t x, acc_t& complement) {
   const acc_t max_neg_x = sizeof(acc_t) == 4 ? acc_t(80) : acc_t(700);
   const acc_t neg_x = -x;
   const acc_t e = std::exp(neg_x < max_neg_x ? neg_x : max_neg_x);
-  const acc_t s = acc_t(1) / (acc_t(1) + e);
+  // 1 where 1 + e rounds to 1: -ffast-math divides float vectors by an estimated reciprocal and
+  // a Newton step, and AVX2's 12-bit estimate makes 1 / 1 come out 0.99999994 (saturated masks
+  // one ulp below 1; AVX-512's 14-bit estimate gives 1)
+  const acc_t d = acc_t(1) + e;
+  const acc_t s = d == acc_t(1) ? acc_t(1) : acc_t(1) / d;
   complement = e * s;
   return s;
 }

@@ -13,6 +13,17 @@ struct TileConstants {
   acc_t kl, log_rho, log_not_rho, beta1, beta2, step_size, bias2_sqrt, eps;
 };
 
+// sqrt(v) for v >= 0. -ffast-math takes a float vector's sqrt as v * rsqrt(v) with one Newton
+// step, and the rsqrt estimate of SSE and AVX2 (not AVX-512's) is infinite for a subnormal v:
+// exp_avg_sq is subnormal in float32 under gradients of about 3e-18, and the search's logits
+// came out NaN on an AVX2 machine. A subnormal v is scaled into the normal range first (by 2^48,
+// exact), its root back by 2^-24.
+template <typename acc_t>
+inline acc_t sqrt_of_any(acc_t v) {
+  const bool small = v < (sizeof(acc_t) == 4 ? acc_t(0x1p-126) : acc_t(0x1p-1022));
+  return std::sqrt(small ? v * acc_t(0x1p48) : v) * (small ? acc_t(0x1p-24) : acc_t(1));
+}
+
 // One tile: kTile logits and their Adam state updated in place; `prior` gets each element's KL
 // term. `grad_scale` may be null (the gradient is then the logits' own).
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
@@ -37,7 +48,7 @@ OES_TILE_FN void logit_adam_tile(scalar_t* logits, scalar_t* exp_avg, scalar_t* 
     const acc_t v = c.beta2 * static_cast<acc_t>(exp_avg_sq[i]) + (acc_t(1) - c.beta2) * g * g;
     exp_avg[i] = static_cast<scalar_t>(m1);
     exp_avg_sq[i] = static_cast<scalar_t>(v);
-    logits[i] = static_cast<scalar_t>(p - c.step_size * m1 / (std::sqrt(v) / c.bias2_sqrt + c.eps));
+    logits[i] = static_cast<scalar_t>(p - c.step_size * m1 / (sqrt_of_any(v) / c.bias2_sqrt + c.eps));
   }
 }
 

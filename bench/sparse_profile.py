@@ -90,6 +90,7 @@ import bench_sparse  # noqa: E402
 from bench_sparse import DATA  # noqa: E402
 from report import cpu_model, measure_bandwidth  # noqa: E402
 
+import oes_fast._C as _C  # noqa: E402
 from oes_fast.ops import _channel_sum  # noqa: E402
 from oes_fast.sparse import SparseGenerator, _BatchNorm, _Conv  # noqa: E402
 from oes_fast.train import adam  # noqa: E402
@@ -518,6 +519,7 @@ def run(size: int, repeats: int) -> dict:
              for k, v in whole.items()}
     return dict(
         size=size, repeats=repeats, threads=torch.get_num_threads(), cpu=cpu_model(), cores=os.cpu_count(),
+        isa=_C.cpu_isa(),
         torch=torch.__version__, date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         load_average_1min=load, peak_flops=peak, peaks_measured=peaks, bandwidth=bw, bandwidths_measured=bws,
         floor_samples_s=floor_samples,
@@ -593,7 +595,8 @@ def render(d: dict, quick: bool) -> str:
     peak, bw, size = d["peak_flops"], d["bandwidth"], d["size"]
     la = d["load_average_1min"]
     W = d["whole"]
-    lines = [f"### Sparse generator profile, {size}x{size}: {d['cpu']} ({d['cores']} cores), {d['date']}, "
+    isa = f", {d['isa']} kernels" if "isa" in d else ""
+    lines = [f"### Sparse generator profile, {size}x{size}: {d['cpu']} ({d['cores']} cores{isa}), {d['date']}, "
              f"{d['threads']} thread, load average {la[0]:.2f} (bench/sparse_profile.py)"
              + (" - quick smoke run" if quick else "") + "\n",
              f"torch {d['torch']}, allocator: {d['allocator']}. OES network (seed 0), published pepper mask (density 0.05) on fresh weights, "

@@ -8,9 +8,11 @@ import pytest
 import torch
 
 import oes_fast
+import oes_fast._C as _C
 from oes_fast import reference
 from oes_fast.flat import FlatLayout
 from oes_fast.ops import philox_uniform
+from cpu_variants import run_under_isa
 from tolerances import assert_close_to_reference
 
 ops = torch.ops.oes_fast
@@ -517,3 +519,25 @@ def test_cpu_slope_does_not_underflow_where_the_mask_is_nearly_0():
     grad_logits, _ = torch.ops.oes_fast.gumbel_mask_backward(torch.ones(4096), p, w, SEED, OFFSET, 1.0, True)
     assert (slope > 0).all() and (grad_logits > 0).all()
     assert torch.equal(grad_logits, slope)
+
+
+def saturated_masks(logits, weight):
+    """gumbel_mask of saturated logits (float32 and float64) at TAU / 2: {dtype: mask}."""
+    return {str(d): torch.ops.oes_fast.gumbel_mask(logits.to(d), weight.to(d), SEED, 0, TAU / 2)
+            for d in (torch.float32, torch.float64)}
+
+
+@pytest.mark.parametrize("isa", _C.cpu_isas_supported())
+def test_saturated_mask_under_every_isa(isa, tmp_path):
+    """Logits of +-20 to +-40 at tau = 0.1 saturate the sigmoid whatever the noise: the mask is
+    the weight exactly on the positive side, under every instruction set (AVX2's reciprocal
+    estimate once made 1 / 1 come out 0.99999994), and below 1e-30 on the negative side (the
+    kernels cap exp's argument at 80 in float32, 700 in float64: sigmoid_and_complement)."""
+    logits = torch.cat([torch.linspace(20, 40, 40), -torch.linspace(20, 40, 40)]).double()
+    weight = torch.ones_like(logits)
+    out = run_under_isa(isa, tmp_path, "test_gumbel_mask", "saturated_masks", [(logits, weight)])
+    for threads, (masks,) in out["threads"].items():
+        for dtype, mask in masks.items():
+            where = f"{isa}, {threads} threads, {dtype}"
+            assert (mask[:40] == 1).all(), where
+            assert (mask[40:] >= 0).all() and (mask[40:] < 1e-30).all(), where

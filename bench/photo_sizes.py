@@ -231,7 +231,10 @@ def render(data: dict, rows: list[dict], sizes: list[int], quick: bool) -> str:
 
     loads = [x for r in data["runs"] for x in (r["load_before"], r["load_after"])]
     la = data["load_at_start"]
-    lines = [f"### Sparse-DIP training at photo sizes: {cpu_model()} ({os.cpu_count()} cores), {data['date']}, 1 thread, "
+    # the machine as measured (files written before these keys: the machine rendering them)
+    isa = f", {data['isa']} kernels" if "isa" in data else ""
+    cpu, cores = data.get("cpu") or cpu_model(), data.get("cores") or os.cpu_count()
+    lines = [f"### Sparse-DIP training at photo sizes: {cpu} ({cores} cores{isa}), {data['date']}, 1 thread, "
              f"load average {la:.2f} (bench/photo_sizes.py)" + (" - quick smoke run" if quick else "") + "\n",
              f"torch {data['torch']}, allocator: {data['allocator']}. One step = zero_grad, forward, MSE, backward, "
              f"Adam (lr 0.01); OES network, published pepper mask (density 0.05) on fresh weights. Each (engine, "
@@ -307,13 +310,18 @@ def main(argv=None) -> int:
     else:
         import torch
 
+        from oes_fast import _C
+
+        sys.path.insert(0, str(HERE))
+        from report import cpu_model
+
         start_load = os.getloadavg()[0]
         data = run_all(sizes, rounds, steps, args.allocator)
         data.update(sizes=sizes, rounds=rounds, load_at_start=start_load, quick=args.quick,
                     date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), torch=torch.__version__,
                     allocator=("glibc keeps freed memory (keep_freed_memory)" if args.allocator == "kept" and
                                all(r["allocator_kept"] for r in data["runs"]) else "glibc default"),
-                    memory_fraction=MEMORY_FRACTION)
+                    memory_fraction=MEMORY_FRACTION, cpu=cpu_model(), cores=os.cpu_count(), isa=_C.cpu_isa())
     rows = summarize(data, sizes)
     data["rows"] = rows
     sys.path.insert(0, str(HERE))

@@ -2,11 +2,12 @@
 
     OMP_NUM_THREADS=1 python bench/sparse_profile.py [--size 512] [--repeats 9] [--quick]
         [--scaling 1024,2048] [--scaling-repeats 3] [--allocator kept|default]
-        [--out bench/REPORT.md] [--json bench/sparse_profile.json]
+        [--out bench/REPORT.md] [--json bench/sparse_profile.json] [--threads 1]
 
 The problem is bench/bench_sparse.py's (its helpers are imported): the OES network (seed 0)
 with the published pepper mask (density 0.05) applied to fresh weights, z = dip_input(32, S, S,
-seed 1), batch norm with batch statistics, one thread. `SparseGenerator.from_masked(model, mask)`
+seed 1), batch norm with batch statistics, one thread (--threads N: N torch threads for every
+timing, the peak and the bandwidth that set the floors included). `SparseGenerator.from_masked(model, mask)`
 is run stage by stage, mirroring SparseGenerator.forward, with a clock read between stages:
 
 - forward: without autograd, as SparseGenerator.forward runs it then (SparseGenerator.run_stage:
@@ -380,8 +381,8 @@ def page_faults(fn) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
-def run(size: int, repeats: int) -> dict:
-    torch.set_num_threads(1)
+def run(size: int, repeats: int, threads: int = 1) -> dict:
+    torch.set_num_threads(threads)
     load = [os.getloadavg()[0]]
     peaks, bws = [measure_peak()], [measure_bandwidth()[0]]
     p = problem(size)
@@ -597,11 +598,11 @@ def render(d: dict, quick: bool) -> str:
     W = d["whole"]
     isa = f", {d['isa']} kernels" if "isa" in d else ""
     lines = [f"### Sparse generator profile, {size}x{size}: {d['cpu']} ({d['cores']} cores{isa}), {d['date']}, "
-             f"{d['threads']} thread, load average {la[0]:.2f} (bench/sparse_profile.py)"
+             f"{d['threads']} thread{'s' if d['threads'] > 1 else ''}, load average {la[0]:.2f} (bench/sparse_profile.py)"
              + (" - quick smoke run" if quick else "") + "\n",
              f"torch {d['torch']}, allocator: {d['allocator']}. OES network (seed 0), published pepper mask (density 0.05) on fresh weights, "
              f"batch statistics. Floors from a peak of {peak / 1e9:.1f} GFLOP/s (oneDNN dense conv 128->128 3x3 "
-             f"64x64, 1 thread) and a bandwidth of {bw / 1e9:.1f} GB/s (torch copy of 256 MiB, read + write), both "
+             f"64x64, {d['threads']} thread{'s' if d['threads'] > 1 else ''}) and a bandwidth of {bw / 1e9:.1f} GB/s (torch copy of 256 MiB, read + write), both "
              f"timed inside the rounds next to the rows, medians of {len(d['floor_samples_s'][PEAK_CALL])} samples "
              f"(same contention as the rows). Measured alone at start and end: "
              f"{', '.join(f'{x / 1e9:.1f}' for x in d['peaks_measured'])} GFLOP/s (median of 20 convs), "
@@ -785,6 +786,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fast smoke run: 256x256, 2 rounds")
     parser.add_argument("--allocator", choices=("kept", "default"), default="kept",
                         help="kept: glibc keeps freed memory (as the oes-fast command runs); default: glibc's own")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads for every timing, the peak and the bandwidth included (default 1)")
     parser.add_argument("--scaling", help="also compare the time per pixel at these sides, e.g. 1024,2048")
     parser.add_argument("--scaling-repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=HERE / "REPORT.md", help="markdown file (section replaced)")
@@ -804,7 +807,7 @@ def main(argv=None) -> int:
         from oes_fast.allocator import keep_freed_memory
 
         kept = keep_freed_memory()
-    d = run(size, repeats)
+    d = run(size, repeats, args.threads)
     d["quick"] = args.quick
     d["cpus"] = os.cpu_count()
     d["allocator"] = ("glibc keeps freed memory (keep_freed_memory)" if kept else

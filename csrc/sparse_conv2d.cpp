@@ -113,9 +113,18 @@ SparseConvGeometry sparse_conv2d_geometry(at::IntArrayRef input_size, const at::
     }
     const int32_t* c = ci.data_ptr<int32_t>();
     const int64_t limit = g.C_in * g.KH * g.KW;
+    // the range first, in a loop the compiler vectorizes (a check per tap, with its message's
+    // arguments, took 22 us of a 26,500-tap layer's call); the offending entry only on failure
+    int32_t lo = 0, hi = 0;
     for (int64_t k = 0; k < g.nnz; ++k) {
-      TORCH_CHECK(c[k] >= 0 && c[k] < limit, "sparse_conv2d: col_idx[", k, "] = ", c[k], " out of range [0, ", limit,
-                  ")");
+      lo = std::min(lo, c[k]);
+      hi = std::max(hi, c[k]);
+    }
+    if (lo < 0 || hi >= limit) {
+      for (int64_t k = 0; k < g.nnz; ++k) {
+        TORCH_CHECK(c[k] >= 0 && c[k] < limit, "sparse_conv2d: col_idx[", k, "] = ", c[k], " out of range [0, ",
+                    limit, ")");
+      }
     }
   }
   return g;

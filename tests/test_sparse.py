@@ -433,6 +433,15 @@ def test_sparse_conv2d_rejects_bad_arguments():
     bad[0] = 3 * 9
     with pytest.raises(RuntimeError, match="out of range"):
         sparse_conv2d(x, values, row_ptr, bad, 3, None, 1, 1, "reflect")
+    # the first offending entry is named, a negative one too (the range is checked before any entry)
+    last = col_idx.numel() - 1
+    bad = col_idx.clone()
+    bad[last] = -1
+    with pytest.raises(RuntimeError, match=rf"col_idx\[{last}\] = -1 out of range \[0, 27\)"):
+        sparse_conv2d(x, values, row_ptr, bad, 3, None, 1, 1, "reflect")
+    bad[1] = 40
+    with pytest.raises(RuntimeError, match=r"col_idx\[1\] = 40 out of range"):
+        sparse_conv2d(x, values, row_ptr, bad, 3, None, 1, 1, "reflect")
 
 
 def test_to_csr_round_trip():

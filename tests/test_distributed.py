@@ -158,7 +158,14 @@ def test_entry_point_search_on_two_processes(tmp_path):
     model = oes_fast.models.skip_oes(seed=0)
     z = oes_fast.models.dip_input(32, 256, 256, seed=0)
     single = oes_fast.search(model, z, noisy, density=0.05, steps=2, progress=False)
-    assert (mask.to_flat() != single.mask.to_flat()).float().mean() < 1e-4
+    # Only rounding differs, but Adam's first steps move a logit by about lr * sign(g): where the
+    # images' gradients nearly cancel, the two ranks' backward passes added by the all-reduce
+    # round differently from the single process's one backward of their summed output gradient,
+    # and a few logits cross the top-k threshold: 332 of 3,008,867 entries (1.1e-4) on an AVX2
+    # machine (Zen 3), above the 1e-4 this test used to allow; reversing the images' order in the
+    # single process alone moved 8. The bound is the float32 one of
+    # test_two_process_search_equals_single_process.
+    assert (mask.to_flat() != single.mask.to_flat()).float().mean() < 1e-3
     assert mask.meta["world_size"] == WORLD and (out / "report.json").is_file()
 
 

@@ -800,6 +800,8 @@ def main(argv=None) -> int:
         if sc:  # JSON turned the per-size keys into strings
             sc["step"], sc["isolated"] = ({int(k): v for k, v in sc[part].items()} for part in ("step", "isolated"))
         return _write(args.out, d, render(d, d["quick"]), sc)
+    if args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
     size = args.size or (256 if args.quick else 512)
     repeats = args.repeats or (2 if args.quick else 9)
     kept = False

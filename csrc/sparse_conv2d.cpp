@@ -114,7 +114,8 @@ SparseConvGeometry sparse_conv2d_geometry(at::IntArrayRef input_size, const at::
     const int32_t* c = ci.data_ptr<int32_t>();
     const int64_t limit = g.C_in * g.KH * g.KW;
     // the range first, in a loop the compiler vectorizes (a check per tap, with its message's
-    // arguments, took 22 us of a 26,500-tap layer's call); the offending entry only on failure
+    // arguments: 32 us of each call on a 26,521-tap layer, 8.5 us this way); the offending entry
+    // only on failure
     int32_t lo = 0, hi = 0;
     for (int64_t k = 0; k < g.nnz; ++k) {
       lo = std::min(lo, c[k]);

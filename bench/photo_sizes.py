@@ -304,6 +304,7 @@ def main(argv=None) -> int:
         parser.error("--sizes must be ascending")
     rounds = 1 if args.quick else args.rounds
     steps = args.steps or (2 if args.quick else None)
+    sys.path.insert(0, str(HERE))  # report, gpu_suite
     if args.from_json:
         data = json.loads(args.from_json.read_text())
         sizes, args.quick = data["sizes"], data["quick"]
@@ -311,8 +312,6 @@ def main(argv=None) -> int:
         import torch
 
         from oes_fast import _C
-
-        sys.path.insert(0, str(HERE))
         from report import cpu_model
 
         start_load = os.getloadavg()[0]
@@ -324,7 +323,6 @@ def main(argv=None) -> int:
                     memory_fraction=MEMORY_FRACTION, cpu=cpu_model(), cores=os.cpu_count(), isa=_C.cpu_isa())
     rows = summarize(data, sizes)
     data["rows"] = rows
-    sys.path.insert(0, str(HERE))
     body = render(data, rows, sizes, args.quick)
     print(body)
     args.json.write_text(json.dumps(data, indent=1) + "\n")

@@ -43,7 +43,7 @@ bound: every input activation read once, every output written once, weights and 
 read once, float32 (a batch norm with batch statistics needs two passes over its input when it
 does not fit in cache, so its ratio cannot get below about 1.5); FLOP floor = FLOPs / peak,
 byte floor = bytes / bandwidth, and time / max(floors). Peak: oneDNN dense conv 128 -> 128,
-3x3, 64x64, no padding (bench_sparse.py's test_peak_conv), single thread; bandwidth: a torch copy
+3x3, 64x64, no padding (bench_sparse.py's test_peak_conv), on the run's threads; bandwidth: a torch copy
 of 256 MiB, read + write counted (bench/report.py's measure_bandwidth). Both are timed once per
 round inside the shuffled rounds, so they see the contention the rows see, and their medians
 set the floors (the machine is shared: a peak measured alone in a quiet second and rows timed
@@ -597,12 +597,13 @@ def render(d: dict, quick: bool) -> str:
     la = d["load_average_1min"]
     W = d["whole"]
     isa = f", {d['isa']} kernels" if "isa" in d else ""
+    threads = f"{d['threads']} thread" + ("s" if d["threads"] > 1 else "")
     lines = [f"### Sparse generator profile, {size}x{size}: {d['cpu']} ({d['cores']} cores{isa}), {d['date']}, "
-             f"{d['threads']} thread{'s' if d['threads'] > 1 else ''}, load average {la[0]:.2f} (bench/sparse_profile.py)"
+             f"{threads}, load average {la[0]:.2f} (bench/sparse_profile.py)"
              + (" - quick smoke run" if quick else "") + "\n",
              f"torch {d['torch']}, allocator: {d['allocator']}. OES network (seed 0), published pepper mask (density 0.05) on fresh weights, "
              f"batch statistics. Floors from a peak of {peak / 1e9:.1f} GFLOP/s (oneDNN dense conv 128->128 3x3 "
-             f"64x64, {d['threads']} thread{'s' if d['threads'] > 1 else ''}) and a bandwidth of {bw / 1e9:.1f} GB/s (torch copy of 256 MiB, read + write), both "
+             f"64x64, {threads}) and a bandwidth of {bw / 1e9:.1f} GB/s (torch copy of 256 MiB, read + write), both "
              f"timed inside the rounds next to the rows, medians of {len(d['floor_samples_s'][PEAK_CALL])} samples "
              f"(same contention as the rows). Measured alone at start and end: "
              f"{', '.join(f'{x / 1e9:.1f}' for x in d['peaks_measured'])} GFLOP/s (median of 20 convs), "

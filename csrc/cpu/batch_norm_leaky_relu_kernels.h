@@ -36,20 +36,6 @@ void channel_stats(const scalar_t* x, int64_t images, int64_t image_stride, int6
   out[1] = sum_sq;
 }
 
-template <typename scalar_t>
-void channel_forward(const scalar_t* x, scalar_t* y, int64_t images, int64_t image_stride, int64_t hw, double scale,
-                     double shift, double slope) {
-  for (int64_t n = 0; n < images; ++n) {
-    const scalar_t* p = x + n * image_stride;
-    scalar_t* q = y + n * image_stride;
-#pragma omp simd
-    for (int64_t i = 0; i < hw; ++i) {
-      const double pre = pre_activation(static_cast<double>(p[i]), scale, shift);
-      q[i] = static_cast<scalar_t>(pre > 0.0 ? pre : pre * slope);
-    }
-  }
-}
-
 // Pass 1: the sums of dt = grad * leaky'(pre) and of dt * (x - mean); pass 2: grad_x. Both
 // passes walk the same channel, so on planes that fit in cache the second reads from it.
 template <typename scalar_t>
@@ -92,7 +78,8 @@ void channel_backward(const scalar_t* grad, const scalar_t* x, scalar_t* grad_x,
 }
 
 // The generator's head (batch_norm_leaky_relu_conv1x1) and its backward work on chunks of
-// kHeadChunk pixels of one image in float64 vectors of kHeadLanes.
+// kHeadChunk pixels of one image in float64 vectors of kHeadLanes (channel_forward uses the
+// vectors too).
 using HeadVec = double __attribute__((vector_size(OES_FAST_VEC_BYTES)));
 constexpr int64_t kHeadLanes = OES_FAST_VEC_BYTES / 8;
 constexpr int64_t kHeadAcc = 8;
@@ -130,6 +117,37 @@ inline void store_rounded(scalar_t* p, HeadVec v, int64_t n) {
   }
 }
 
+// kHeadLanes values at p as float64 lanes
+inline HeadVec load_as_double(const float* p) {
+  HeadOut<float>::type v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return __builtin_convertvector(v, HeadVec);
+}
+inline HeadVec load_as_double(const double* p) { return load_head(p); }
+
+// batch_norm_leaky_relu on channel c: y = leaky_relu(x * scale + shift) over its N planes.
+template <typename scalar_t>
+void channel_forward(const scalar_t* x, scalar_t* y, int64_t images, int64_t image_stride, int64_t hw, double scale,
+                     double shift, double slope) {
+  // In explicit vectors: from the plain loop gcc made code that rounded both candidates to
+  // scalar_t and blended after, twice the conversions (the op on 28 channels of 128x128, AVX2,
+  // 1 thread: 0.234 -> 0.146 ms). The same operations on each value: the same bits.
+  const HeadVec vscale = HeadVec{} + scale, vshift = HeadVec{} + shift, vslope = HeadVec{} + slope;
+  for (int64_t n = 0; n < images; ++n) {
+    const scalar_t* p = x + n * image_stride;
+    scalar_t* q = y + n * image_stride;
+    int64_t i = 0;
+    for (; i + kHeadLanes <= hw; i += kHeadLanes) {
+      const HeadVec pre = load_as_double(p + i) * vscale + vshift;
+      store_rounded(q + i, pre > 0.0 ? pre : pre * vslope, kHeadLanes);
+    }
+    for (; i < hw; ++i) {
+      const double pre = pre_activation(static_cast<double>(p[i]), scale, shift);
+      q[i] = static_cast<scalar_t>(pre > 0.0 ? pre : pre * slope);
+    }
+  }
+}
+
 // The next chunk of a plane (read, or about to be written: kWrite), into the cache: the hardware
 // did not follow the C short runs of a chunk loop (16 channels at 512x512, 1 thread: head_chunk
 // 2.7 -> 1.6 ms; the backward's input loads had been 70 % of its time). always_inline: gcc 12
@@ -156,9 +174,15 @@ void head_chunk(const scalar_t* x, scalar_t* out, int64_t plane, int64_t count, 
     const scalar_t* p = x + c * plane;
     double* a = act + c * kHeadChunk;
     const double scale = h.scale[c], shift = h.shift[c], slope = h.slope;
+    const HeadVec vscale = HeadVec{} + scale, vshift = HeadVec{} + shift, vslope = HeadVec{} + slope;
     prefetch_next_chunk<0>(p);
-#pragma omp simd
-    for (int64_t i = 0; i < count; ++i) {
+    // in vectors, as channel_forward (the op on 16 channels of 512x512: 4.1 -> 3.2 ms)
+    int64_t i = 0;
+    for (; i + kHeadLanes <= count; i += kHeadLanes) {
+      const HeadVec pre = load_as_double(p + i) * vscale + vshift;
+      store_head(a + i, round_lanes<scalar_t>(pre > 0.0 ? pre : pre * vslope));
+    }
+    for (; i < count; ++i) {
       const double pre = pre_activation(static_cast<double>(p[i]), scale, shift);
       a[i] = static_cast<double>(static_cast<scalar_t>(pre > 0.0 ? pre : pre * slope));
     }

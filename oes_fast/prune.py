@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import rng
@@ -128,7 +129,7 @@ def _check_scope(scope: str) -> None:
 
 # ------------------------------------------------------------------------------ helpers
 def _mse(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return torch.mean((x - y) ** 2)
+    return F.mse_loss(x, y)  # as loop.data_loss says why
 
 
 def _loss_fn(degradation) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

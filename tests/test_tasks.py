@@ -72,6 +72,27 @@ def test_denoise_forward_loss_and_gradient():
     assert torch.allclose(x.grad, 2 * (x - y).detach() / x.numel())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 3, 64, 64), (2, 3, 37, 41), (1, 1, 5, 3)])
+def test_mse_losses_have_the_written_out_bits(shape, dtype):
+    # loop.data_loss and Degradation.loss take F.mse_loss (one op each way) for
+    # torch.mean((x - y) ** 2); a loss whose own gradient is 1, as every loss here, gets the same
+    # bits both ways, value and gradient.
+    from oes_fast.loop import data_loss
+
+    g = torch.Generator().manual_seed(sum(shape))
+    y = torch.rand(shape, generator=g, dtype=dtype)
+    x0 = torch.rand(shape, generator=g, dtype=dtype)
+    x = x0.clone().requires_grad_()
+    expected = torch.mean((x - y) ** 2)
+    (expected_grad,) = torch.autograd.grad(expected, x)
+    for loss_fn in (data_loss, Denoise(0.1).loss):
+        x = x0.clone().requires_grad_()
+        loss = loss_fn(x, y)
+        loss.backward()
+        assert torch.equal(loss.detach(), expected.detach()) and torch.equal(x.grad, expected_grad)
+
+
 def test_degrade_rejects_bad_clean_images():
     bad = smooth_image(16, 16)
     bad[0, 0, 0, 0] = float("nan")

@@ -575,14 +575,14 @@ def summarize(rows, peak, bw):
     return sorted(out, key=lambda g: -g["time_s"])
 
 
-def floors_line(fwd_rows, step_rows, f_ref, s_ref, peak, bw) -> str:
+def floors_line(fwd_phases, step_phases, f_ref, s_ref, peak, bw) -> str:
     """Issue 16's floor target, read on this run: the uninstrumented forward and step against
-    their FLOP floors (all their rows' FLOPs at the peak) and against the sums of their phases'
-    larger floors (the tables below)."""
+    their FLOP floors (all their FLOPs at the peak) and against the sums of their phases' larger
+    floors (`summarize`'s phases, the tables below)."""
     parts = []
-    for name, rows, t in (("forward", fwd_rows, f_ref), ("step", step_rows, s_ref)):
-        flop_floor = sum(r["flops"] for r in rows) / peak
-        floor_sum = sum(max(g["flop_floor_s"], g["byte_floor_s"]) for g in summarize(rows, peak, bw))
+    for name, phases, t in (("forward", fwd_phases, f_ref), ("step", step_phases, s_ref)):
+        flop_floor = sum(g["flops"] for g in phases) / peak
+        floor_sum = sum(max(g["flop_floor_s"], g["byte_floor_s"]) for g in phases)
         parts.append(f"the {name} ({ms(t)} ms) is {t / flop_floor:.2f}x its FLOP floor ({ms(flop_floor)} ms) and "
                      f"{t / floor_sum:.2f}x the sum of its phases' larger floors ({ms(floor_sum)} ms)")
     return f"Against the floors at {peak / 1e9:.1f} GFLOP/s and {bw / 1e9:.1f} GB/s: " + "; ".join(parts) + ".\n"
@@ -646,11 +646,12 @@ def render(d: dict, quick: bool) -> str:
               "Python loop between stages and check_input; in the step, each stage's backward row also holds the "
               "autograd bookkeeping and the small graph of the folded constants that the engine runs in between, "
               "and a freed tensor's release is charged to the stage during which its last reference goes.\n"]
-    lines += [floors_line(fwd_rows, step_rows, f_ref, s_ref, peak, bw)]
-    for title, rs in (("Forward without autograd (inference path: fused BN statistics, batch norm and activation in one op, the last one with the 1x1 output conv)", fwd_rows),
-                      ("Training step (zero_grad, forward with autograd, MSE, backward, Adam lr 0.01)", step_rows)):
+    fwd_phases, step_phases = summarize(fwd_rows, peak, bw), summarize(step_rows, peak, bw)
+    lines += [floors_line(fwd_phases, step_phases, f_ref, s_ref, peak, bw)]
+    for title, phases in (("Forward without autograd (inference path: fused BN statistics, batch norm and activation in one op, the last one with the 1x1 output conv)", fwd_phases),
+                          ("Training step (zero_grad, forward with autograd, MSE, backward, Adam lr 0.01)", step_phases)):
         lines += [f"#### {title}: by phase\n"]
-        lines += table(summarize(rs, peak, bw), ["phase", "n"])
+        lines += table(phases, ["phase", "n"])
         lines.append("")
     # per conv layer
     lines += ["#### Per sparse conv layer (isolated ops on the layer's captured input and output gradient)\n",

@@ -386,21 +386,36 @@ inline void tap_block(const T* base, int64_t row_stride, const int64_t* off, con
       for (int v = 0; v < NB; ++v) acc[r][v] += wv * load<V>(s + r * row_stride + v * L);
   }
   V sum = {}, sumsq = {};
-  for (int r = 0; r < R; ++r) {
-    for (int v = 0; v < NB; ++v) {
-      T* dst = out + r * out_stride + xo + v * L;
-      const int64_t lanes = std::min<int64_t>(L, valid - v * L);
-      if (lanes == L) {
-        store(dst, acc[r][v]);
+  if (valid >= NB * L) {
+    // every lane stored (all blocks but a row's last): the loops unrolled, so that the sums
+    // stay in registers (left to itself gcc kept this loop, spilled them to the stack and
+    // copied each to the output in 16-byte halves)
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 16
+      for (int v = 0; v < NB; ++v) {
+        store(out + r * out_stride + xo + v * L, acc[r][v]);
         sum += acc[r][v];
         sumsq += acc[r][v] * acc[r][v];
-      } else if (lanes > 0) {
-        T tmp[L];
-        store(tmp, acc[r][v]);
-        std::memcpy(dst, tmp, sizeof(T) * lanes);
-        for (int64_t l = 0; l < lanes; ++l) {
-          sum[l] += tmp[l];
-          sumsq[l] += tmp[l] * tmp[l];
+      }
+    }
+  } else {
+    for (int r = 0; r < R; ++r) {
+      for (int v = 0; v < NB; ++v) {
+        T* dst = out + r * out_stride + xo + v * L;
+        const int64_t lanes = std::min<int64_t>(L, valid - v * L);
+        if (lanes == L) {
+          store(dst, acc[r][v]);
+          sum += acc[r][v];
+          sumsq += acc[r][v] * acc[r][v];
+        } else if (lanes > 0) {
+          T tmp[L];
+          store(tmp, acc[r][v]);
+          std::memcpy(dst, tmp, sizeof(T) * lanes);
+          for (int64_t l = 0; l < lanes; ++l) {
+            sum[l] += tmp[l];
+            sumsq[l] += tmp[l] * tmp[l];
+          }
         }
       }
     }

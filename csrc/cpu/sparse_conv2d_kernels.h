@@ -361,8 +361,13 @@ void shifted_window(const T* halo, int64_t rows_h, int64_t Wa, int64_t r, int64_
 }
 
 // Use shifted windows where their copies (per output row) are at most this share of the
-// multiply-adds (per output row, vectors of both), with blocks of `rows` output rows.
-constexpr double kWindowMaxCost = 0.1;
+// multiply-adds (per output row, vectors of both), with blocks of `rows` output rows. With
+// AVX2's 32-byte vectors an unaligned load straddles a cache line only half the time, and the
+// windows save less (Zen 3, rounds alternating both versions in one process, bench/kernel_ab.py):
+// up.1's input gradient, copies at 5.2 % of its multiply-adds, ran 1.10x and 1.12x faster
+// without them (two runs); the forwards of up.0 and up.1 (3.5 % and 2.9 %) showed 0.96x to 1.08x
+// across three runs, no difference; up.2's and up.3's (2.1 % and 0.9 %) lost 7-11 % without.
+constexpr double kWindowMaxCost = OES_FAST_VEC_BYTES == 32 ? 0.025 : 0.1;
 
 inline bool use_shifted_window(const SparseConvGeometry& g, int64_t rows) {
   const double copies = double(g.C_in) * g.KW * (rows + g.KH - 1) / rows;

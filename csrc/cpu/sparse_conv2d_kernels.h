@@ -100,6 +100,21 @@ struct TapOffsets {
     const int64_t c = by_kk(i);
     return c * channel + position[i - c * kk];
   }
+  // off[k] = (*this)(ci[k]) for the n taps ci of a conv with C_in input channels: through a
+  // table of every col_idx value where there are fewer of those than taps. Decoding each tap
+  // (a 128-bit multiply, a lookup) took about 1.6 ns: on the deep layers (down.5.conv2, 26,521
+  // taps at 8x8) 60 % as long as their multiply-adds.
+  void decode(const int32_t* ci, int64_t n, int64_t C_in, int64_t* off) const {
+    const int64_t values = C_in * kk;
+    if (values >= n) {
+      for (int64_t k = 0; k < n; ++k) off[k] = (*this)(ci[k]);
+      return;
+    }
+    std::vector<int64_t> table(values);
+    for (int64_t c = 0; c < C_in; ++c)
+      for (int64_t r = 0; r < kk; ++r) table[c * kk + r] = c * channel + position[r];
+    for (int64_t k = 0; k < n; ++k) off[k] = table[ci[k]];
+  }
   Divider by_kk;
   int64_t kk, channel;
   std::vector<int64_t> position;
@@ -527,10 +542,8 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
     std::vector<int64_t> off(g.nnz);
     std::vector<T> w(g.nnz);
     const TapOffsets offset = windowed ? TapOffsets(g, window_rows, Wa, true) : TapOffsets(g, rows_h_max, Wa);
-    for (int64_t k = 0; k < g.nnz; ++k) {
-      off[k] = offset(ci[k]);
-      w[k] = vals[k];
-    }
+    offset.decode(ci, g.nnz, g.C_in, off.data());
+    for (int64_t k = 0; k < g.nnz; ++k) w[k] = vals[k];
     const int64_t rs = g.SH * Wa;  // halo distance of consecutive output rows
     for (int64_t t = begin; t < end; ++t) {
       const int64_t grp = t % groups, tl = (t / groups) % n_tiles, n = t / (groups * n_tiles);
@@ -895,7 +908,7 @@ void weight_grad_stride1(const T* gout, const T* x, const int64_t* rp, const int
     AlignedBuffer<T> grows(tile * nvec * L);
     std::vector<int64_t> off(g.nnz);
     const TapOffsets offset(g, rows_h_max, Wa);
-    for (int64_t k = 0; k < g.nnz; ++k) off[k] = offset(ci[k]);
+    offset.decode(ci, g.nnz, g.C_in, off.data());
     for (int64_t t = begin; t < end; ++t) {
       const int64_t grp = t % groups, tl = (t / groups) % n_tiles, n = t / (groups * n_tiles);
       const int64_t y0 = tl * tile, rows = std::min(tile, g.H_out - y0);

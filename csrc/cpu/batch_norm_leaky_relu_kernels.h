@@ -204,6 +204,14 @@ void head_chunk(const scalar_t* x, scalar_t* out, int64_t plane, int64_t count, 
         const double* a = act + c * kHeadChunk + i0;
         for (int64_t v = 0; v < kHeadAcc; ++v) sum[v] += wc * load_head(a + v * kHeadLanes);
       }
+      // unrolled, so that the sums are stored from registers (gcc kept this loop, with the sums
+      // spilled to the stack and reloaded, and a partial store's branches for every vector)
+      if (count - i0 >= block) {
+#pragma GCC unroll 16
+        for (int64_t v = 0; v < kHeadAcc; ++v) store_rounded(q + i0 + v * kHeadLanes, sum[v], kHeadLanes);
+        continue;
+      }
+#pragma GCC unroll 16
       for (int64_t v = 0; v < kHeadAcc; ++v) {
         const int64_t at = i0 + v * kHeadLanes;
         store_rounded(q + at, sum[v], count - at);

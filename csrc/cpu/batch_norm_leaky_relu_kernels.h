@@ -15,6 +15,11 @@ namespace {
 // The one expression both the forward and the backward evaluate, so that the backward's
 // choice of slope is the forward's, bit for bit, without keeping the output.
 inline double pre_activation(double x, double scale, double shift) { return x * scale + shift; }
+// leaky_relu(pre_activation(x)), not rounded: the scalar loops' value (activation_lanes: in lanes)
+inline double activation(double x, double scale, double shift, double slope) {
+  const double pre = pre_activation(x, scale, shift);
+  return pre > 0.0 ? pre : pre * slope;
+}
 
 // (sum, sum of squares) of channel c into out[0], out[1].
 template <typename scalar_t>
@@ -126,7 +131,7 @@ inline HeadVec load_as_double(const float* p) {
 inline HeadVec load_as_double(const double* p) { return load_head(p); }
 
 // leaky_relu(x * scale + shift) of the kHeadLanes values at p, in float64 (not rounded): each
-// lane as pre_activation and the scalar loops compute it
+// lane as `activation` computes it
 template <typename scalar_t>
 inline HeadVec activation_lanes(const scalar_t* p, HeadVec scale, HeadVec shift, HeadVec slope) {
   const HeadVec pre = load_as_double(p) * scale + shift;
@@ -147,10 +152,7 @@ void channel_forward(const scalar_t* x, scalar_t* y, int64_t images, int64_t ima
     int64_t i = 0;
     for (; i + kHeadLanes <= hw; i += kHeadLanes)
       store_rounded(q + i, activation_lanes(p + i, vscale, vshift, vslope), kHeadLanes);
-    for (; i < hw; ++i) {
-      const double pre = pre_activation(static_cast<double>(p[i]), scale, shift);
-      q[i] = static_cast<scalar_t>(pre > 0.0 ? pre : pre * slope);
-    }
+    for (; i < hw; ++i) q[i] = static_cast<scalar_t>(activation(static_cast<double>(p[i]), scale, shift, slope));
   }
 }
 
@@ -186,10 +188,8 @@ void head_chunk(const scalar_t* x, scalar_t* out, int64_t plane, int64_t count, 
     int64_t i = 0;
     for (; i + kHeadLanes <= count; i += kHeadLanes)
       store_head(a + i, round_lanes<scalar_t>(activation_lanes(p + i, vscale, vshift, vslope)));
-    for (; i < count; ++i) {
-      const double pre = pre_activation(static_cast<double>(p[i]), scale, shift);
-      a[i] = static_cast<double>(static_cast<scalar_t>(pre > 0.0 ? pre : pre * slope));
-    }
+    for (; i < count; ++i)
+      a[i] = static_cast<double>(static_cast<scalar_t>(activation(static_cast<double>(p[i]), scale, shift, slope)));
     for (int64_t i = count; i < padded; ++i) a[i] = 0.0;  // a last block's unused pixels
   }
   for (int64_t o = 0; o < h.O; ++o) {

@@ -14,8 +14,9 @@ it times `input_grad` instead, on a random output gradient (layers with a fused 
 
 Per layer it prints A's and B's minimum and median (ms), the median of the per-round ratios A / B
 (above 1: B is faster) with the 10th and 90th percentiles, and whether the outputs and the
-batch-norm statistics have the same bits (else their largest difference). A development tool: needs a compiler, an x86 processor
-with AVX2 and FMA, and git; nothing in the package or the tests uses it.
+batch-norm statistics have the same bits (else their largest difference). A development tool:
+needs a compiler, an x86 processor with AVX2 and FMA, and git; nothing in the package or the
+tests uses it.
 """
 from __future__ import annotations
 
@@ -54,14 +55,19 @@ HARNESS = r"""
 #undef OES_FAST_ISA_NS
 #pragma GCC pop_options
 
-// stride 1, reflection padding (k - 1) / 2, the input nearest-upsampled by U: the generator's convs
-std::tuple<at::Tensor, at::Tensor> forward(bool b_version, bool pooled, const at::Tensor& x, const at::Tensor& values,
-                                           const at::Tensor& row_ptr, const at::Tensor& col_idx,
-                                           const at::Tensor& bias, int64_t k, int64_t U) {
+// the generator's convs: stride 1, reflection padding (k - 1) / 2, the input x nearest-upsampled by U
+oes_fast::SparseConvGeometry geometry(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
+                                      int64_t k, int64_t U) {
   oes_fast::SparseConvGeometry g;
   g.N = x.size(0); g.C_in = x.size(1); g.H_src = x.size(2); g.W_src = x.size(3); g.U = U;
   g.H = g.H_out = g.H_src * U; g.W = g.W_out = g.W_src * U; g.C_out = row_ptr.numel() - 1;
   g.KH = g.KW = k; g.SH = g.SW = 1; g.PH = g.PW = (k - 1) / 2; g.reflect = true; g.nnz = values.numel();
+  return g;
+}
+std::tuple<at::Tensor, at::Tensor> forward(bool b_version, bool pooled, const at::Tensor& x, const at::Tensor& values,
+                                           const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                                           const at::Tensor& bias, int64_t k, int64_t U) {
+  const auto g = geometry(x, values, row_ptr, k, U);
   at::Tensor out = at::empty({g.N, g.C_out, pooled ? g.H / 2 : g.H, pooled ? g.W / 2 : g.W}, x.options());
   at::Tensor stats = at::zeros({g.C_out, 2}, x.options().dtype(at::kDouble));
   auto* kernel = b_version ? (pooled ? &oes_fast::isa_b::forward_pool<float> : &oes_fast::isa_b::forward<float>)
@@ -72,10 +78,7 @@ std::tuple<at::Tensor, at::Tensor> forward(bool b_version, bool pooled, const at
 }
 at::Tensor input_grad(bool b_version, const at::Tensor& x, const at::Tensor& grad_output, const at::Tensor& values,
                       const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t k, int64_t U) {
-  oes_fast::SparseConvGeometry g;
-  g.N = x.size(0); g.C_in = x.size(1); g.H_src = x.size(2); g.W_src = x.size(3); g.U = U;
-  g.H = g.H_out = g.H_src * U; g.W = g.W_out = g.W_src * U; g.C_out = row_ptr.numel() - 1;
-  g.KH = g.KW = k; g.SH = g.SW = 1; g.PH = g.PW = (k - 1) / 2; g.reflect = true; g.nnz = values.numel();
+  const auto g = geometry(x, values, row_ptr, k, U);
   at::Tensor grad_input = at::empty_like(x);
   auto* kernel = b_version ? &oes_fast::isa_b::input_grad<float> : &oes_fast::isa_a::input_grad<float>;
   kernel(grad_output.data_ptr<float>(), values.data_ptr<float>(), row_ptr.data_ptr<int64_t>(),
@@ -101,7 +104,8 @@ def build(rev: str, folder: Path):
 
 
 def captured_layers(names: list[str]) -> dict:
-    """Layer name -> (its input in the no-grad forward, its stage) of the profile's problem."""
+    """Layer name -> (its input in the no-grad forward, its stage, whether the network fuses the
+    pooling after it) of the profile's problem."""
     sys.path.insert(0, str(ROOT / "bench"))
     import sparse_profile
     from oes_fast.sparse import SparseGenerator

@@ -227,7 +227,7 @@ def summarize(data: dict, sizes: list[int]) -> list[dict]:
 
 
 def render(data: dict, rows: list[dict], sizes: list[int], quick: bool) -> str:
-    from report import cpu_model
+    from oes_fast.cli.common import cpu_model
 
     loads = [x for r in data["runs"] for x in (r["load_before"], r["load_after"])]
     la = data["load_at_start"]
@@ -312,7 +312,7 @@ def main(argv=None) -> int:
         import torch
 
         from oes_fast import _C
-        from report import cpu_model
+        from oes_fast.cli.common import cpu_model
 
         start_load = os.getloadavg()[0]
         data = run_all(sizes, rounds, steps, args.allocator)

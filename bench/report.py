@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from oes_fast.cli.common import cpu_model
+
 HERE = Path(__file__).resolve().parent
 METHOD_ORDER = ["fused", "compiled", "plain_torch", "authors_loop"]
 METHOD_TEXT = {
@@ -29,16 +31,6 @@ METHOD_TEXT = {
     "plain_torch": "plain PyTorch on the flat buffers (rand, clamp, log, sigmoid, mul)",
     "authors_loop": "authors' style: per-parameter two-class gumbel_softmax",
 }
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def triton_version() -> str:

@@ -89,9 +89,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import bench_sparse  # noqa: E402
 from bench_sparse import DATA  # noqa: E402
-from report import cpu_model, measure_bandwidth  # noqa: E402
+from report import measure_bandwidth  # noqa: E402
 
 import oes_fast._C as _C  # noqa: E402
+from oes_fast.cli.common import cpu_model  # noqa: E402
 from oes_fast.ops import _channel_sum  # noqa: E402
 from oes_fast.sparse import SparseGenerator, _BatchNorm, _Conv  # noqa: E402
 from oes_fast.train import adam  # noqa: E402

@@ -6,8 +6,8 @@ For each size: a noisy photo (pepper from ../shared/data, center-cropped to 256 
 enlarged x2 with Lanczos for 1024; Gaussian noise sigma 0.1, seed 0, saved as an 8-bit PNG) is
 restored by `oes-fast denoise PHOTO` as a new user runs it (the quick budget, no reference), in
 a fresh process. Recorded: the estimate the command printed, the run's own time after the
-estimate (search + training, from report.json), the whole command's wall time, the thread count
-and the load average. Writes a JSON file and prints a markdown table.
+estimate (search + training, from report.json), the whole command's wall time, the thread count,
+the processor and its copy of the CPU kernels, and the load average. Writes a JSON file and prints a markdown table.
 """
 import argparse
 import json
@@ -62,23 +62,28 @@ def main():
         report = json.load(open(os.path.join(out, "report.json")))
         est = report["estimate"]
         run = report["timings"].get("search_seconds", 0.0) + report["timings"]["train_seconds"]
-        row = dict(size=size, command=" ".join(cmd), threads=report["machine"]["threads"],
+        machine = report["machine"]
+        row = dict(size=size, command=" ".join(cmd), threads=machine["threads"], processor=machine["processor"],
+                   cpu_kernels=machine["cpu_kernels"],
                    estimate_seconds=est["seconds"], estimate_line=re.sub(r"\s+", " ", est["message"]),
                    run_seconds=run, ratio=run / est["seconds"], wall_seconds=wall,
                    estimate_phase_seconds=report["timings"]["estimate_seconds"], steps=report["settings"]["steps"],
                    peak_estimate_gb=(est["resident_bytes"] + est["peak_bytes"]) / 1e9,
                    load_before=load_before, load_after=os.getloadavg()[0],
                    date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
-        rows = [r for r in rows if r["size"] != size or r["threads"] != row["threads"]] + [row]
+        key = lambda r: (r["size"], r["threads"], r.get("cpu_kernels"))  # noqa: E731
+        rows = [r for r in rows if key(r) != key(row)] + [row]
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=2)
         print(f"{size}: estimate {row['estimate_seconds']:.0f} s, run {run:.0f} s ({row['ratio']:.2f}x), "
               f"wall {wall:.0f} s", flush=True)
-    print("\n| size | threads | steps | estimate printed | run (after the estimate) | run / estimate | whole command |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("\n| size | threads | CPU kernels | steps | estimate printed | run (after the estimate) | run / estimate "
+          "| whole command | date |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---|")
     for r in sorted(rows, key=lambda r: (r["threads"], r["size"])):
-        print(f"| {r['size']}x{r['size']} | {r['threads']} | {r['steps']:,} | {r['estimate_seconds']:.0f} s | "
-              f"{r['run_seconds']:.0f} s | {r['ratio']:.2f} | {r['wall_seconds']:.0f} s |")
+        print(f"| {r['size']}x{r['size']} | {r['threads']} | {r.get('cpu_kernels', '?')} | {r['steps']:,} | "
+              f"{r['estimate_seconds']:.0f} s | {r['run_seconds']:.0f} s | {r['ratio']:.2f} | {r['wall_seconds']:.0f} s "
+              f"| {r['date']} |")
 
 
 if __name__ == "__main__":

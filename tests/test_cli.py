@@ -52,6 +52,8 @@ def test_denoise_restores_the_photo_as_it_is(tmp_path, mask_file, photo, capsys)
     assert report["mask"]["seed"] == 3 and report["mask"]["z_seed"] == 4
     assert len(report["losses"]) == 2 and report["psnr"] == [] and report["final_psnr"] is None
     assert "no reference" in report["note"] and report["image"]["mode"] == "observation"
+    # the machine a run's timings come from: its processor and the copy of the CPU kernels it ran
+    assert report["machine"]["processor"] and report["machine"]["cpu_kernels"] in ("avx512", "avx2", "baseline")
     assert Image.open(out / "restored.png").size == (300, 260)
     # the input is written as given: no noise was added
     assert np.array_equal(np.asarray(Image.open(out / "input.png")), np.asarray(Image.open(photo)))

@@ -211,14 +211,35 @@ def version() -> str:
     return __version__
 
 
+def cpu_model() -> str:
+    """The processor's name (/proc/cpuinfo's model name on Linux)."""
+    import platform
+    from pathlib import Path
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def run_info() -> dict:
-    """Versions and machine, for report.json."""
+    """Versions and machine, for report.json: the processor and which copy of the CPU kernels it
+    runs (avx512, avx2 or baseline: the speed of a run depends on it), the GPU if there is one."""
     import platform
 
     import torch
 
+    from .. import _C
+
+    machine = dict(platform=platform.platform(), processor=cpu_model(), cpu_kernels=_C.cpu_isa(),
+                   threads=torch.get_num_threads())
+    if torch.cuda.is_available():
+        machine["gpu"] = torch.cuda.get_device_name()
     return dict(versions=dict(oes_fast=version(), torch=torch.__version__, python=platform.python_version()),
-                machine=dict(platform=platform.platform(), threads=torch.get_num_threads()))
+                machine=machine)
 
 
 def write_report(out, report) -> None:

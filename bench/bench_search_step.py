@@ -6,13 +6,15 @@ then python bench/report.py out.json.
 Per image size (256 and 512 square, the OES network, 3,008,867 parameters):
   search_step    oes_fast's step: ONE gumbel_mask_with_slope launch over the flat parameters
                  (masked weights and their slope in the logits), the generator on views of
-                 that buffer (channels-last activations), then ONE pass for the logits: chain
-                 rule with the saved slope, KL prior, Adam
+                 that buffer (the activations in oes_fast.loop.network_input's layout:
+                 channels-last where the CPU has AVX-512, else contiguous), then ONE pass for
+                 the logits: chain rule with the saved slope, KL prior, Adam
   dense_step     one plain dense DIP training step of the same network (forward, backward,
                  Adam over all weights): the cost floor a search step is held to (target 1.2x)
   dense_step_channels_last
-                 the same on channels-last activations, the layout oes_fast's CPU loops use:
-                 search_step over this is the cost of the masking itself
+                 the same on channels-last activations, the layout oes_fast's CPU loops use
+                 with AVX-512 (dense_step's is theirs elsewhere): the faster of the two dense
+                 steps is the cost floor
   authors_step   the authors'-style step: deep copy of the model, a two-class Gumbel-softmax
                  per parameter tensor, multiply, forward, backward, Adam (target: 4x slower
                  than search_step at 256)
@@ -25,7 +27,6 @@ import torch
 import torch.nn.functional as F
 
 import oes_fast
-from oes_fast.loop import network_input
 from oes_fast.mask_search import SearchStep as OesSearchStep
 from oes_fast.allocator import keep_freed_memory
 from oes_fast.reference import KL_EPS
@@ -70,10 +71,10 @@ class DenseStep:
 
 class DenseStepChannelsLast(DenseStep):
     """The same dense step on channels-last activations, as oes_fast.train_dense runs it on a
-    CPU: search_step against this one is the cost of the masking alone."""
+    CPU with AVX-512 (oes_fast.loop.network_input; contiguous elsewhere, as DenseStep)."""
 
     def __init__(self, model, z, y):
-        super().__init__(model, network_input(model, z), y)
+        super().__init__(model, z.contiguous(memory_format=torch.channels_last), y)
 
 
 class AuthorsStep:

@@ -51,12 +51,25 @@ def check_finite(name: str, t: torch.Tensor) -> None:
 
 
 def network_input(model: nn.Module, z: torch.Tensor) -> torch.Tensor:
-    """z as the training loops feed it to `model`: channels-last on a CPU, where oneDNN runs the
-    dense generators' convolutions (forward and backward) about a quarter faster that way
-    (bench/bench_search_step.py); as it is elsewhere, and for models that say they need it."""
-    if z.device.type == "cpu" and z.dim() == 4 and getattr(model, "channels_last_input", True):
+    """z as the training loops feed it to `model`: channels-last on a CPU with AVX-512, where
+    oneDNN ran the dense generators' convolutions (forward and backward) about a quarter faster
+    that way; as it is elsewhere, and for models that say they need it. On an AVX2 processor
+    (Zen 3) the contiguous layout was the faster one: a search step 1.11x (256x256) and 1.19x
+    (512x512) faster than channels-last, a dense DIP step 1.15x and 1.20x (1 thread, rounds
+    alternating both; docs/performance.md)."""
+    if (z.device.type == "cpu" and z.dim() == 4 and getattr(model, "channels_last_input", True)
+            and channels_last_is_faster()):
         return z.contiguous(memory_format=torch.channels_last)
     return z
+
+
+def channels_last_is_faster() -> bool:
+    """Whether oneDNN's convolutions on this CPU were measured faster on channels-last
+    activations: where the processor has AVX-512 (whatever copy of our kernels OES_FAST_CPU_ISA
+    picks; oneDNN chooses its own)."""
+    from . import _C
+
+    return "avx512" in _C.cpu_isas_supported()
 
 
 def data_loss(out: torch.Tensor, y: torch.Tensor, degradation=None) -> torch.Tensor:

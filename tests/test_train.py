@@ -239,3 +239,18 @@ def test_auto_engine_choice():
     assert choose_engine("auto", oes_fast.prune.random(with_skips, 0.05), with_skips) == "dense"
     with pytest.raises(ValueError, match="engine"):
         oes_fast.train_sparse(model, low, *tiny_images(model), steps=1, engine="turbo", progress=False)
+
+
+@pytest.mark.parametrize("isas, channels_last", [(["baseline", "avx2", "avx512"], True), (["baseline", "avx2"], False)])
+def test_dense_generators_take_the_layout_measured_faster(monkeypatch, isas, channels_last):
+    # channels-last activations where the processor has AVX-512, contiguous ones on AVX2 (and
+    # always contiguous for the sparse generator, whose kernels index contiguous activations)
+    from oes_fast import _C, loop
+
+    monkeypatch.setattr(_C, "cpu_isas_supported", lambda: isas)
+    model = tiny_model()
+    z, _ = tiny_images(model)
+    x = loop.network_input(model, z)
+    assert x.is_contiguous(memory_format=torch.channels_last) == channels_last and torch.equal(x, z)
+    model.channels_last_input = False
+    assert loop.network_input(model, z).is_contiguous()

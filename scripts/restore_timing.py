@@ -7,7 +7,8 @@ enlarged x2 with Lanczos for 1024; Gaussian noise sigma 0.1, seed 0, saved as an
 restored by `oes-fast denoise PHOTO` as a new user runs it (the quick budget, no reference), in
 a fresh process. Recorded: the estimate the command printed, the run's own time after the
 estimate (search + training, from report.json), the whole command's wall time, the thread count,
-the processor and its copy of the CPU kernels, and the load average. Writes a JSON file and prints a markdown table.
+the processor and its copy of the CPU kernels, and the load average. Writes a JSON file (one row
+per size, thread count and copy of the kernels) and prints a markdown table.
 """
 import argparse
 import json
@@ -37,6 +38,11 @@ def noisy_photo(size: int, folder: str) -> str:
     path = os.path.join(folder, f"pepper{size}_noisy.png")
     Image.fromarray(np.round(np.clip(clean + 0.1 * noise, 0, 1) * 255).astype(np.uint8)).save(path)
     return path
+
+
+def row_key(row: dict) -> tuple:
+    """Which row a new measurement replaces: the same size, threads and copy of the kernels."""
+    return row["size"], row["threads"], row.get("cpu_kernels")
 
 
 def main():
@@ -71,8 +77,7 @@ def main():
                    peak_estimate_gb=(est["resident_bytes"] + est["peak_bytes"]) / 1e9,
                    load_before=load_before, load_after=os.getloadavg()[0],
                    date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
-        key = lambda r: (r["size"], r["threads"], r.get("cpu_kernels"))  # noqa: E731
-        rows = [r for r in rows if key(r) != key(row)] + [row]
+        rows = [r for r in rows if row_key(r) != row_key(row)] + [row]
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=2)
         print(f"{size}: estimate {row['estimate_seconds']:.0f} s, run {run:.0f} s ({row['ratio']:.2f}x), "

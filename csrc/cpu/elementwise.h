@@ -87,6 +87,28 @@ inline void mul_hi_lo(__m256i a, __m256i b, __m256i& hi, __m256i& lo) {
 }
 #endif
 
+#if OES_FAST_PHILOX_AVX512 || OES_FAST_PHILOX_AVX2
+// philox_first_word's ten rounds on a vector of counters (c0, c1, 0, 0) with key (k0, k1): the
+// first output words. `splat` broadcasts a word, `xor3` is the three-way xor.
+template <typename V, typename Splat, typename Xor3>
+inline V philox_rounds(V c0, V c1, uint32_t k0, uint32_t k1, Splat splat, Xor3 xor3) {
+  const V round_a = splat(kPhiloxRoundA), round_b = splat(kPhiloxRoundB);
+  V c2 = splat(0u), c3 = splat(0u);
+  for (int round = 0; round < 10; ++round) {
+    V hi_a, lo_a, hi_b, lo_b;
+    mul_hi_lo(c0, round_a, hi_a, lo_a);
+    mul_hi_lo(c2, round_b, hi_b, lo_b);
+    c0 = xor3(hi_b, c1, splat(k0));
+    c2 = xor3(hi_a, c3, splat(k1));
+    c1 = lo_b;
+    c3 = lo_a;
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
+  }
+  return c0;
+}
+#endif
+
 // philox_uniform(seed, first_offset + i) for i < n, bit for bit. With AVX-512, 16 counters per
 // vector with the 32x32->64-bit products of vpmuludq: twice as fast as what gcc makes of
 // philox_first_word, which widens every lane to 64 bits. With AVX2, 8 counters a vector the same
@@ -96,59 +118,35 @@ inline void philox_uniforms(uint64_t seed, uint64_t first_offset, int64_t n, flo
   int64_t i = 0;
 #if OES_FAST_PHILOX_AVX512
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i round_a = _mm512_set1_epi32(static_cast<int>(kPhiloxRoundA));
-  const __m512i round_b = _mm512_set1_epi32(static_cast<int>(kPhiloxRoundB));
+  auto splat = [](uint32_t w) { return _mm512_set1_epi32(static_cast<int>(w)); };
+  auto xor3 = [](__m512i a, __m512i b, __m512i c) { return _mm512_ternarylogic_epi32(a, b, c, 0x96); };
   for (; i + 16 <= n; i += 16) {
     const uint64_t first = first_offset + static_cast<uint64_t>(i);
-    const __m512i first_lo = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(first)));
-    __m512i c0 = _mm512_add_epi32(first_lo, iota);
+    const __m512i first_lo = splat(static_cast<uint32_t>(first));
+    const __m512i c0 = _mm512_add_epi32(first_lo, iota);
     const __mmask16 carry = _mm512_cmplt_epu32_mask(c0, first_lo);  // the low word wrapped
-    __m512i c1 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(first >> 32)));
-    c1 = _mm512_mask_add_epi32(c1, carry, c1, _mm512_set1_epi32(1));
-    __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
-    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-    for (int round = 0; round < 10; ++round) {
-      __m512i hi_a, lo_a, hi_b, lo_b;
-      mul_hi_lo(c0, round_a, hi_a, lo_a);
-      mul_hi_lo(c2, round_b, hi_b, lo_b);
-      // 0x96: three-way xor
-      c0 = _mm512_ternarylogic_epi32(hi_b, c1, _mm512_set1_epi32(static_cast<int>(k0)), 0x96);
-      c2 = _mm512_ternarylogic_epi32(hi_a, c3, _mm512_set1_epi32(static_cast<int>(k1)), 0x96);
-      c1 = lo_b;
-      c3 = lo_a;
-      k0 += kPhiloxKeyA;
-      k1 += kPhiloxKeyB;
-    }
-    const __m512i x = _mm512_xor_si512(c0, _mm512_srai_epi32(c0, 31));  // x < 0 ? ~x : x
+    const __m512i high = splat(static_cast<uint32_t>(first >> 32));
+    const __m512i c1 = _mm512_mask_add_epi32(high, carry, high, splat(1u));
+    const __m512i word =
+        philox_rounds(c0, c1, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32), splat, xor3);
+    const __m512i x = _mm512_xor_si512(word, _mm512_srai_epi32(word, 31));  // x < 0 ? ~x : x
     _mm512_storeu_ps(u + i, _mm512_mul_ps(_mm512_cvtepi32_ps(x), _mm512_set1_ps(kUniformScale)));
   }
 #elif OES_FAST_PHILOX_AVX2
   const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i round_a = _mm256_set1_epi32(static_cast<int>(kPhiloxRoundA));
-  const __m256i round_b = _mm256_set1_epi32(static_cast<int>(kPhiloxRoundB));
-  const __m256i sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+  auto splat = [](uint32_t w) { return _mm256_set1_epi32(static_cast<int>(w)); };
+  auto xor3 = [](__m256i a, __m256i b, __m256i c) { return _mm256_xor_si256(_mm256_xor_si256(a, b), c); };
+  const __m256i sign = splat(0x80000000u);
   for (; i + 8 <= n; i += 8) {
     const uint64_t first = first_offset + static_cast<uint64_t>(i);
-    const __m256i first_lo = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(first)));
-    __m256i c0 = _mm256_add_epi32(first_lo, iota);
+    const __m256i first_lo = splat(static_cast<uint32_t>(first));
+    const __m256i c0 = _mm256_add_epi32(first_lo, iota);
     // the low word wrapped where c0 < first_lo unsigned (signed compare of sign-flipped words): -1 there
-    const __m256i carry =
-        _mm256_cmpgt_epi32(_mm256_xor_si256(first_lo, sign), _mm256_xor_si256(c0, sign));
-    __m256i c1 = _mm256_sub_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(first >> 32))), carry);
-    __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
-    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-    for (int round = 0; round < 10; ++round) {
-      __m256i hi_a, lo_a, hi_b, lo_b;
-      mul_hi_lo(c0, round_a, hi_a, lo_a);
-      mul_hi_lo(c2, round_b, hi_b, lo_b);
-      c0 = _mm256_xor_si256(_mm256_xor_si256(hi_b, c1), _mm256_set1_epi32(static_cast<int>(k0)));
-      c2 = _mm256_xor_si256(_mm256_xor_si256(hi_a, c3), _mm256_set1_epi32(static_cast<int>(k1)));
-      c1 = lo_b;
-      c3 = lo_a;
-      k0 += kPhiloxKeyA;
-      k1 += kPhiloxKeyB;
-    }
-    const __m256i x = _mm256_xor_si256(c0, _mm256_srai_epi32(c0, 31));  // x < 0 ? ~x : x
+    const __m256i carry = _mm256_cmpgt_epi32(_mm256_xor_si256(first_lo, sign), _mm256_xor_si256(c0, sign));
+    const __m256i c1 = _mm256_sub_epi32(splat(static_cast<uint32_t>(first >> 32)), carry);
+    const __m256i word =
+        philox_rounds(c0, c1, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32), splat, xor3);
+    const __m256i x = _mm256_xor_si256(word, _mm256_srai_epi32(word, 31));  // x < 0 ? ~x : x
     _mm256_storeu_ps(u + i, _mm256_mul_ps(_mm256_cvtepi32_ps(x), _mm256_set1_ps(kUniformScale)));
   }
 #endif
@@ -201,3 +199,4 @@ inline void kl_term(acc_t p, acc_t log_rho, acc_t log_not_rho, acc_t& value, acc
 }  // namespace oes_fast
 
 #undef OES_FAST_PHILOX_AVX512
+#undef OES_FAST_PHILOX_AVX2

@@ -29,7 +29,7 @@ TORCH_LIBRARY_FRAGMENT(oes_fast, m) {
   // The generator's head: the 1x1 conv (weight (C_out, C), optional bias (C_out,), both of the
   // input's dtype) of batch_norm_leaky_relu(input, scale, shift, negative_slope), in one pass
   // over the input: (N, C_out, H, W). The activation is rounded to the input's dtype as
-  // batch_norm_leaky_relu stores it; the conv sums in float64 and rounds once.
+  // batch_norm_leaky_relu stores it; the conv sums in the input's dtype, in channel order.
   m.def(
       "batch_norm_leaky_relu_conv1x1(Tensor input, Tensor scale, Tensor shift, float negative_slope, Tensor weight, "
       "Tensor? bias) -> Tensor");

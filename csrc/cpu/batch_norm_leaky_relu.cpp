@@ -235,7 +235,7 @@ at::Tensor batch_norm_leaky_relu_conv1x1_cpu(const at::Tensor& input, const at::
     scalar_t* out = y.data_ptr<scalar_t>();
     at::parallel_for(0, tasks, std::max<int64_t>(1, 32768 / (K * std::max<int64_t>(1, p.C))),
                      [&](int64_t begin, int64_t end) {
-      std::vector<double> act(p.C * K);
+      std::vector<scalar_t> act(p.C * K);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t n = t / chunks, i0 = (t % chunks) * K;
         kernel(in + n * p.C * p.HW + i0, out + n * O * p.HW + i0, p.HW, std::min(K, p.HW - i0), head, act.data());

@@ -3,8 +3,9 @@
 // a time (the ATen side, which splits the channels or chunks among threads, is
 // batch_norm_leaky_relu.cpp). Channel c of image n is the contiguous plane at
 // (n * C + c) * HW: a kernel walks the N planes of its channel with `image_stride` = C * HW.
-// Everything is computed in float64: the pre-activation x * scale + shift would cancel in
-// float32 where |mean| >> std (the byte traffic, not the arithmetic, bounds these loops).
+// Everything is computed in float64 but the sums of the head's 1x1 conv on float32 inputs: the
+// pre-activation x * scale + shift would cancel in float32 where |mean| >> std (the byte
+// traffic, not the arithmetic, bounds these loops).
 // Included once per instruction set by per_isa.h (from batch_norm_leaky_relu.cpp): no includes,
 // no include guard; everything in the copy's namespace with internal linkage.
 
@@ -167,55 +168,77 @@ __attribute__((always_inline)) inline void prefetch_next_chunk(const scalar_t* p
 
 // The head (batch_norm_leaky_relu_conv1x1): for `count` pixels of one image, whose channel c
 // starts at x + c * plane, out[o] (likewise at out + o * plane) = bias[o] + sum_c weight[o][c] *
-// act_c, act_c = leaky_relu(x_c * scale[c] + shift[c]) rounded to scalar_t as
-// batch_norm_leaky_relu stores it; the sums in float64 (in channel order), rounded once. `act`
-// holds h.C * kHeadChunk doubles; count <= kHeadChunk. The chunk's activations are made first;
-// then the sums of kHeadAcc vectors of pixels stay in registers over the channel loop, kHeadAcc
-// independent FMA chains (with the sums in memory, or one chain per vector as gcc arranged a
-// plain loop, the op ran 3-4x slower than batch_norm_leaky_relu on the same input). Chunks of
-// 64, 256, 512 and 1024 pixels were slower than 128.
+// act_c in channel order, act_c = leaky_relu(x_c * scale[c] + shift[c]) rounded to scalar_t as
+// batch_norm_leaky_relu stores it (made in float64: see the top of this file). The sums: in
+// float64 vectors for float64 inputs, in float32 vectors for float32 inputs, as a float32 conv
+// sums (16 channels at 512x512, 1 thread, float32: 3.8-5.2 ms with float64 sums, rounded once,
+// 2.5-3.2 ms so; the activations in float32 too were faster still, but their rounding took
+// the backward's conv weight gradient past the tests' bound: docs/performance.md, fifth session
+// on the Zen 3 machine). `act` holds h.C * kHeadChunk values of scalar_t;
+// count <= kHeadChunk. The chunk's activations are made first; then the sums of kHeadAcc vectors
+// of pixels stay in registers over the channel loop, kHeadAcc independent FMA chains (with the
+// sums in memory, or one chain per vector as gcc arranged a plain loop, the op ran 3-4x slower
+// than batch_norm_leaky_relu on the same input). Chunks of 64, 256, 512 and 1024 pixels were
+// slower than 128.
 template <typename scalar_t>
-void head_chunk(const scalar_t* x, scalar_t* out, int64_t plane, int64_t count, const Head& h, double* act) {
-  constexpr int64_t block = kHeadAcc * kHeadLanes;
+struct HeadSum;  // the sums' vectors: kHeadSumLanes<scalar_t> values of scalar_t
+template <>
+struct HeadSum<float> {
+  typedef float type __attribute__((vector_size(OES_FAST_VEC_BYTES)));
+};
+template <>
+struct HeadSum<double> {
+  using type = HeadVec;
+};
+template <typename scalar_t>
+constexpr int64_t kHeadSumLanes = OES_FAST_VEC_BYTES / static_cast<int64_t>(sizeof(scalar_t));
+
+template <typename scalar_t>
+void head_chunk(const scalar_t* x, scalar_t* out, int64_t plane, int64_t count, const Head& h, scalar_t* act) {
+  using V = typename HeadSum<scalar_t>::type;
+  using Out = typename HeadOut<scalar_t>::type;
+  constexpr int64_t L = kHeadSumLanes<scalar_t>, block = kHeadAcc * L;  // block divides kHeadChunk
   const int64_t padded = (count + block - 1) / block * block;
   for (int64_t c = 0; c < h.C; ++c) {
     const scalar_t* p = x + c * plane;
-    double* a = act + c * kHeadChunk;
+    scalar_t* a = act + c * kHeadChunk;
     const double scale = h.scale[c], shift = h.shift[c], slope = h.slope;
     const HeadVec vscale = HeadVec{} + scale, vshift = HeadVec{} + shift, vslope = HeadVec{} + slope;
     prefetch_next_chunk<0>(p);
     // in vectors, as channel_forward (the op on 16 channels of 512x512: 4.1 -> 3.2 ms)
     int64_t i = 0;
-    for (; i + kHeadLanes <= count; i += kHeadLanes)
-      store_head(a + i, round_lanes<scalar_t>(activation_lanes(p + i, vscale, vshift, vslope)));
-    for (; i < count; ++i)
-      a[i] = static_cast<double>(static_cast<scalar_t>(activation(static_cast<double>(p[i]), scale, shift, slope)));
-    for (int64_t i = count; i < padded; ++i) a[i] = 0.0;  // a last block's unused pixels
+    for (; i + kHeadLanes <= count; i += kHeadLanes) {
+      const Out rounded = __builtin_convertvector(activation_lanes(p + i, vscale, vshift, vslope), Out);
+      __builtin_memcpy(a + i, &rounded, sizeof rounded);
+    }
+    for (; i < count; ++i) a[i] = static_cast<scalar_t>(activation(static_cast<double>(p[i]), scale, shift, slope));
+    for (; i < padded; ++i) a[i] = scalar_t(0);  // a last block's unused pixels
   }
   for (int64_t o = 0; o < h.O; ++o) {
     const double* w = h.weight + o * h.C;
-    const double b = h.bias != nullptr ? h.bias[o] : 0.0;
+    const V b = V{} + static_cast<scalar_t>(h.bias != nullptr ? h.bias[o] : 0.0);
     scalar_t* q = out + o * plane;
     for (int64_t i0 = 0; i0 < count; i0 += block) {
-      HeadVec sum[kHeadAcc];
-      for (int64_t v = 0; v < kHeadAcc; ++v) sum[v] = HeadVec{} + b;
+      V sum[kHeadAcc];
+      for (int64_t v = 0; v < kHeadAcc; ++v) sum[v] = b;
       for (int64_t c = 0; c < h.C; ++c) {
-        const HeadVec wc = HeadVec{} + w[c];
-        const double* a = act + c * kHeadChunk + i0;
-        for (int64_t v = 0; v < kHeadAcc; ++v) sum[v] += wc * load_head(a + v * kHeadLanes);
+        const V wc = V{} + static_cast<scalar_t>(w[c]);
+        const scalar_t* a = act + c * kHeadChunk + i0;
+        for (int64_t v = 0; v < kHeadAcc; ++v) {
+          V av;
+          __builtin_memcpy(&av, a + v * L, sizeof av);
+          sum[v] += wc * av;
+        }
       }
       // unrolled, so that the sums are stored from registers (gcc kept this loop, with the sums
       // spilled to the stack and reloaded, and a partial store's branches for every vector)
       if (count - i0 >= block) {
 #pragma GCC unroll 16
-        for (int64_t v = 0; v < kHeadAcc; ++v) store_rounded(q + i0 + v * kHeadLanes, sum[v], kHeadLanes);
+        for (int64_t v = 0; v < kHeadAcc; ++v) __builtin_memcpy(q + i0 + v * L, &sum[v], sizeof sum[v]);
         continue;
       }
-#pragma GCC unroll 16
-      for (int64_t v = 0; v < kHeadAcc; ++v) {
-        const int64_t at = i0 + v * kHeadLanes;
-        store_rounded(q + at, sum[v], count - at);
-      }
+      for (int64_t v = 0; v < kHeadAcc; ++v)
+        for (int64_t l = 0, at = i0 + v * L; l < L && at + l < count; ++l) q[at + l] = sum[v][l];
     }
   }
 }

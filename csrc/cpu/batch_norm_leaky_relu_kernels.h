@@ -169,13 +169,13 @@ __attribute__((always_inline)) inline void prefetch_next_chunk(const scalar_t* p
 // The head (batch_norm_leaky_relu_conv1x1): for `count` pixels of one image, whose channel c
 // starts at x + c * plane, out[o] (likewise at out + o * plane) = bias[o] + sum_c weight[o][c] *
 // act_c in channel order, act_c = leaky_relu(x_c * scale[c] + shift[c]) rounded to scalar_t as
-// batch_norm_leaky_relu stores it (made in float64: see the top of this file). The sums: in
-// float64 vectors for float64 inputs, in float32 vectors for float32 inputs, as a float32 conv
-// sums (16 channels at 512x512, 1 thread, float32: 3.8-5.2 ms with float64 sums, rounded once,
-// 2.5-3.2 ms so; the activations in float32 too were faster still, but their rounding took
-// the backward's conv weight gradient past the tests' bound: docs/performance.md, fifth session
-// on the Zen 3 machine). `act` holds h.C * kHeadChunk values of scalar_t;
-// count <= kHeadChunk. The chunk's activations are made first; then the sums of kHeadAcc vectors
+// batch_norm_leaky_relu stores it (made in float64: see the top of this file). The sums run in
+// vectors of scalar_t, as a float32 conv sums float32 inputs (the op on 16 float32 channels at
+// 512x512, 1 thread: 3.8-5.2 ms with the sums in float64 and rounded once, 2.5-3.2 ms in
+// float32). Activations made in float32 as well were faster still, but their rounding took the
+// backward's conv weight gradient past the tests' bound (docs/performance.md, the fifth session
+// on the Zen 3 machine). `act` holds h.C * kHeadChunk values of scalar_t; count <=
+// kHeadChunk. The chunk's activations are made first; then the sums of kHeadAcc vectors
 // of pixels stay in registers over the channel loop, kHeadAcc independent FMA chains (with the
 // sums in memory, or one chain per vector as gcc arranged a plain loop, the op ran 3-4x slower
 // than batch_norm_leaky_relu on the same input). Chunks of 64, 256, 512 and 1024 pixels were

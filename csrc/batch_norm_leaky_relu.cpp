@@ -1,8 +1,8 @@
 // Declares the batch_norm_leaky_relu operators (schemas): the training-mode batch norm of the
 // Sparse-DIP generator fused with the LeakyReLU that follows it. CPU kernels:
-// csrc/cpu/batch_norm_leaky_relu.cpp; fake kernels, autograd (the Python autograd function
-// that composes the three ops) and the composite CUDA kernels: the batch_norm_leaky_relu block
-// of oes_fast/ops.py.
+// csrc/cpu/batch_norm_leaky_relu.cpp; the differentiable ops that compose them, batch_norm_act
+// and batch_norm_act_conv1x1: csrc/batch_norm_act.cpp; fake kernels and the composition for
+// other devices: the batch_norm_leaky_relu block of oes_fast/ops.py.
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(oes_fast, m) {

@@ -1,6 +1,7 @@
 // Declares the sparse_conv2d operators (schemas) and their shared argument checks.
 // CPU kernels: csrc/cpu/sparse_conv2d.cpp; CUDA C++: csrc/cuda/sparse_conv2d.cu (registered
-// there); Triton, fake and autograd registrations: the sparse_conv2d block of oes_fast/ops.py.
+// there); autograd: csrc/sparse_conv2d_autograd.cpp; Triton and fake registrations: the
+// sparse_conv2d block of oes_fast/ops.py.
 #include <torch/library.h>
 
 #include "sparse_conv2d.h"
@@ -14,8 +15,8 @@ TORCH_LIBRARY_FRAGMENT(oes_fast, m) {
       "int[2] kernel_size, int[2] stride, int[2] padding, str padding_mode, int upsample=1) -> Tensor");
   // Stride-1 forward that also returns the batch-norm statistics of its output: stats[o] =
   // (sum, sum of squares) over images and pixels, float64, accumulated in the epilogue while the
-  // outputs are in registers (saves the statistics pass of a following batch norm). No autograd:
-  // for inference; the generator uses sparse_conv2d + F.batch_norm when gradients are needed.
+  // outputs are in registers (saves the statistics pass of a following batch norm). The
+  // statistics carry no gradient: batch_norm_from_stats differentiates through them itself.
   m.def(
       "sparse_conv2d_stats(Tensor input, Tensor values, Tensor row_ptr, Tensor col_idx, Tensor? bias, "
       "int[2] kernel_size, int[2] padding, str padding_mode, int upsample=1) -> (Tensor, Tensor)");
@@ -24,7 +25,7 @@ TORCH_LIBRARY_FRAGMENT(oes_fast, m) {
   // nearest-upsampled (as the forward's), and each stored pixel gets the sum of its u x u block.
   m.def(
       "sparse_conv2d_input_grad(Tensor grad_output, Tensor values, Tensor row_ptr, Tensor col_idx, "
-      "int[4] input_size, int[2] kernel_size, int[2] stride, int[2] padding, str padding_mode, "
+      "SymInt[4] input_size, int[2] kernel_size, int[2] stride, int[2] padding, str padding_mode, "
       "int upsample=1) -> Tensor");
   // Gradient w.r.t. the kept weights only: one value per stored nonzero. `input` is the stored
   // input; with upsample = u > 1 the convolution read it nearest-upsampled, as the forward's.
@@ -44,7 +45,7 @@ TORCH_LIBRARY_FRAGMENT(oes_fast, m) {
       "int[2] kernel_size, int[2] padding, str padding_mode) -> Tensor");
   m.def(
       "sparse_conv2d_pool_input_grad(Tensor grad_output, Tensor values, Tensor row_ptr, Tensor col_idx, "
-      "int[4] input_size, int[2] kernel_size, int[2] padding, str padding_mode) -> Tensor");
+      "SymInt[4] input_size, int[2] kernel_size, int[2] padding, str padding_mode) -> Tensor");
 }
 
 namespace oes_fast {

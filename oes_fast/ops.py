@@ -368,57 +368,8 @@ def _sparse_conv2d_weight_grad_fake(grad_output, input, row_ptr, col_idx, kernel
     return input.new_empty((col_idx.shape[0],))
 
 
-def _sparse_conv2d_setup_context(ctx, inputs, output):
-    input, values, row_ptr, col_idx, bias, kernel_size, stride, padding, padding_mode, *rest = inputs
-    ctx.save_for_backward(input, values, row_ptr, col_idx)
-    ctx.upsample = int(rest[0]) if rest else 1
-    ctx.geometry = (list(input.shape), list(kernel_size), list(stride), list(padding), padding_mode)
-
-
-def _sparse_conv2d_backward(ctx, grad):
-    # Input gradient by the transposed sparse convolution; weight gradient at kept taps only.
-    # With a fused upsampling (factor u) both gradient kernels take it as the forward does: the
-    # input gradient comes back at the stored size (each pixel the sum of its u x u block), the
-    # weight gradient reads the stored input through the upsampling.
-    input, values, row_ptr, col_idx = ctx.saved_tensors
-    input_size, kernel_size, stride, padding, mode = ctx.geometry
-    u = ctx.upsample
-    n, c, h, w = input_size
-    grad = grad.contiguous()
-    grad_input = grad_values = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        grad_input = _ops.sparse_conv2d_input_grad(grad, values, row_ptr, col_idx, [n, c, h, w], kernel_size, stride,
-                                                   padding, mode, u)
-    if ctx.needs_input_grad[1]:
-        grad_values = _ops.sparse_conv2d_weight_grad(grad, input, row_ptr, col_idx, kernel_size, stride, padding, mode,
-                                                     u)
-    if ctx.needs_input_grad[4]:
-        grad_bias = _channel_sum(grad)
-    return grad_input, grad_values, None, None, grad_bias, None, None, None, None, None
-
-
-torch.library.register_autograd(
-    "oes_fast::sparse_conv2d", _sparse_conv2d_backward, setup_context=_sparse_conv2d_setup_context
-)
-
-
-def _sparse_conv2d_stats_setup_context(ctx, inputs, output):
-    # sparse_conv2d's context at stride 1 (this op has no stride argument). The statistics carry
-    # no gradient of their own: batch_norm_from_stats, their one user, differentiates the batch
-    # norm through its statistics itself.
-    _sparse_conv2d_setup_context(ctx, (*inputs[:6], [1, 1], *inputs[6:]), output[0])
-    ctx.mark_non_differentiable(output[1])
-
-
-def _sparse_conv2d_stats_backward(ctx, grad, grad_stats):
-    grads = _sparse_conv2d_backward(ctx, grad)
-    # sparse_conv2d_stats has no stride argument: drop that slot
-    return grads[:6] + grads[7:]
-
-
-torch.library.register_autograd(
-    "oes_fast::sparse_conv2d_stats", _sparse_conv2d_stats_backward, setup_context=_sparse_conv2d_stats_setup_context
-)
+# The autograd of sparse_conv2d and sparse_conv2d_stats (and of sparse_conv2d_pool_stats below) is
+# C++, for every device: csrc/sparse_conv2d_autograd.cpp.
 
 
 @torch.library.register_fake("oes_fast::sparse_conv2d_pool_stats")
@@ -438,35 +389,6 @@ def _sparse_conv2d_pool_weight_grad_fake(grad_output, input, row_ptr, col_idx, k
 def _sparse_conv2d_pool_input_grad_fake(grad_output, values, row_ptr, col_idx, input_size, kernel_size, padding,
                                         padding_mode):
     return grad_output.new_empty(tuple(input_size))
-
-
-def _sparse_conv2d_pool_stats_setup_context(ctx, inputs, output):
-    input, values, row_ptr, col_idx, bias, kernel_size, padding, padding_mode = inputs
-    ctx.save_for_backward(input, values, row_ptr, col_idx)
-    ctx.geometry = (list(kernel_size), list(padding), padding_mode)
-    ctx.mark_non_differentiable(output[1])
-
-
-def _sparse_conv2d_pool_stats_backward(ctx, grad, grad_stats):
-    # The weight and input gradients in the pooled form, from the pooled output's gradient.
-    input, values, row_ptr, col_idx = ctx.saved_tensors
-    kernel_size, padding, mode = ctx.geometry
-    grad = grad.contiguous()
-    grad_input = grad_values = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        grad_input = _ops.sparse_conv2d_pool_input_grad(grad, values, row_ptr, col_idx, list(input.shape), kernel_size,
-                                                        padding, mode)
-    if ctx.needs_input_grad[1]:
-        grad_values = _ops.sparse_conv2d_pool_weight_grad(grad, input, row_ptr, col_idx, kernel_size, padding, mode)
-    if ctx.needs_input_grad[4]:
-        grad_bias = _channel_sum(grad)  # the pooled mean of conv + bias is the pooled conv + bias
-    return grad_input, grad_values, None, None, grad_bias, None, None, None
-
-
-torch.library.register_autograd(
-    "oes_fast::sparse_conv2d_pool_stats", _sparse_conv2d_pool_stats_backward,
-    setup_context=_sparse_conv2d_pool_stats_setup_context
-)
 
 
 def batch_norm_affine(stats: torch.Tensor, count: int, weight: torch.Tensor, bias: torch.Tensor, eps: float):
@@ -675,11 +597,12 @@ def gumbel_masked_conv2d(input: torch.Tensor, logits: torch.Tensor, weight: torc
 # batch_norm_leaky_relu: the Sparse-DIP generator's training-mode batch norm fused with the
 # LeakyReLU after it (one pass forward, two per channel backward). Schemas:
 # csrc/batch_norm_leaky_relu.cpp; CPU kernels: csrc/cpu/batch_norm_leaky_relu.cpp, for float32
-# and float64. The three ops carry no autograd of their own: the batch norm's gradient flows
-# through its batch statistics, which _BatchNormLeakyReLU below accounts for. Other devices and
-# dtypes run reference.batch_norm_leaky_relu (F.batch_norm + F.leaky_relu). The generator's head,
-# the last batch norm with its LeakyReLU and the 1x1 output conv, is one more pair of ops
-# (batch_norm_leaky_relu_conv1x1 and its backward, through _BatchNormLeakyReLUConv1x1; CPU only).
+# and float64. Those kernels carry no autograd of their own; batch_norm_act composes them into
+# one differentiable op, its gradient flowing through the batch statistics, with its autograd in
+# C++ (csrc/batch_norm_act.cpp). Other devices and dtypes run reference.batch_norm_leaky_relu
+# (F.batch_norm + F.leaky_relu). The generator's head, the last batch norm with its LeakyReLU
+# and the 1x1 output conv, is one more pair of kernels (batch_norm_leaky_relu_conv1x1 and its
+# backward) and one more differentiable op (batch_norm_act_conv1x1; CPU only).
 
 
 @torch.library.register_fake("oes_fast::batch_norm_stats")
@@ -714,18 +637,6 @@ def batch_norm_constants(stats: torch.Tensor, count: int, weight: torch.Tensor, 
     return mean, std.reciprocal(), scale, shift
 
 
-def _batch_norm_constants(x, stats, weight, bias, eps):
-    """batch_norm_constants of a contiguous x: from `stats`, or from one statistics pass when None."""
-    if stats is None:
-        stats = _ops.batch_norm_stats(x)
-    return batch_norm_constants(stats, x.shape[0] * x.shape[2] * x.shape[3], weight, bias, float(eps))
-
-
-def _needs_grad(*tensors) -> bool:
-    """Whether autograd would record an op on these tensors (None entries allowed)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def _check_batch_norm_input(x, stats, op):
     """ValueError unless x is (N, C, H, W) with more than one value per channel and stats (if
     given) are (C, 2) float64."""
@@ -734,33 +645,6 @@ def _check_batch_norm_input(x, stats, op):
     if x.dim() != 4 or x.shape[0] * x.shape[2] * x.shape[3] <= 1:
         raise ValueError(f"{op}: x must be (N, C, H, W) with more than one value per channel, "
                          f"got shape {tuple(x.shape)}")
-
-
-class _BatchNormLeakyReLU(torch.autograd.Function):
-    """leaky_relu(batch_norm(x)) with batch statistics, from `stats` when given (else one
-    statistics pass): the normalization and the activation in one pass, and only x kept for
-    the backward, which recomputes the pre-activation's sign from it."""
-
-    @staticmethod
-    def forward(ctx, x, stats, weight, bias, eps, negative_slope):
-        x = x.contiguous()
-        mean, invstd, scale, shift = _batch_norm_constants(x, stats, weight, bias, eps)
-        ctx.save_for_backward(x, mean, invstd, scale, shift)
-        ctx.negative_slope = negative_slope
-        ctx.dtypes = (weight.dtype, bias.dtype)
-        return _ops.batch_norm_leaky_relu(x, scale, shift, negative_slope)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        need = ctx.needs_input_grad
-        if not (need[0] or need[2] or need[3]):
-            return (None,) * 6
-        x, mean, invstd, scale, shift = ctx.saved_tensors
-        gx, gw, gb = _ops.batch_norm_leaky_relu_backward(grad.contiguous(), x, mean, invstd, scale, shift,
-                                                         ctx.negative_slope)
-        return (gx if need[0] else None, None, gw.to(ctx.dtypes[0]) if need[2] else None,
-                gb.to(ctx.dtypes[1]) if need[3] else None, None, None)
 
 
 @torch.library.register_fake("oes_fast::batch_norm_leaky_relu_conv1x1")
@@ -779,31 +663,15 @@ def _batch_norm_leaky_relu_conv1x1_backward_fake(grad_output, input, mean, invst
             input.new_empty((outputs,), dtype=torch.float64))
 
 
-class _BatchNormLeakyReLUConv1x1(torch.autograd.Function):
-    """conv1x1(leaky_relu(batch_norm(x))) with batch statistics: one pass forward, two backward
-    (the activation recomputed from x), keeping only x and the batch norm's per-channel
-    constants (where torch keeps x, the activation and the conv's output's inputs)."""
+@torch.library.register_fake("oes_fast::batch_norm_act")
+def _batch_norm_act_fake(input, stats, weight, bias, eps, negative_slope):
+    return torch.empty_like(input, memory_format=torch.contiguous_format)
 
-    @staticmethod
-    def forward(ctx, x, stats, weight, bias, eps, negative_slope, conv_weight, conv_bias):
-        x = x.contiguous()
-        mean, invstd, scale, shift = _batch_norm_constants(x, stats, weight, bias, eps)
-        ctx.save_for_backward(x, mean, invstd, scale, shift, conv_weight)
-        ctx.negative_slope = negative_slope
-        ctx.dtypes = (weight.dtype, bias.dtype, conv_weight.dtype)
-        return _ops.batch_norm_leaky_relu_conv1x1(x, scale, shift, negative_slope, conv_weight, conv_bias)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        need = ctx.needs_input_grad
-        x, mean, invstd, scale, shift, conv_weight = ctx.saved_tensors
-        gx, gw, gb, gcw, gcb = _ops.batch_norm_leaky_relu_conv1x1_backward(
-            grad.contiguous(), x, mean, invstd, scale, shift, ctx.negative_slope, conv_weight)
-        w_dtype, b_dtype, c_dtype = ctx.dtypes
-        return (gx if need[0] else None, None, gw.to(w_dtype) if need[2] else None,
-                gb.to(b_dtype) if need[3] else None, None, None, gcw.to(c_dtype) if need[6] else None,
-                gcb.to(c_dtype) if need[7] else None)
+@torch.library.register_fake("oes_fast::batch_norm_act_conv1x1")
+def _batch_norm_act_conv1x1_fake(input, stats, weight, bias, eps, negative_slope, conv_weight, conv_bias):
+    n, _, h, w = input.shape
+    return input.new_empty((n, conv_weight.shape[0], h, w))
 
 
 def batch_norm_leaky_relu_conv1x1(x: torch.Tensor, stats: torch.Tensor | None, weight: torch.Tensor,
@@ -815,12 +683,8 @@ def batch_norm_leaky_relu_conv1x1(x: torch.Tensor, stats: torch.Tensor | None, w
     float32 or float64; stats as batch_norm_leaky_relu takes them. Differentiable (once) in x,
     weight, bias, conv_weight and conv_bias."""
     _check_batch_norm_input(x, stats, "batch_norm_leaky_relu_conv1x1")
-    if not _needs_grad(x, weight, bias, conv_weight, conv_bias):
-        x = x.contiguous()
-        _, _, scale, shift = _batch_norm_constants(x, stats, weight, bias, eps)
-        return _ops.batch_norm_leaky_relu_conv1x1(x, scale, shift, float(negative_slope), conv_weight, conv_bias)
-    return _BatchNormLeakyReLUConv1x1.apply(x, stats, weight, bias, float(eps), float(negative_slope), conv_weight,
-                                            conv_bias)
+    return _ops.batch_norm_act_conv1x1(x, stats, weight, bias, float(eps), float(negative_slope), conv_weight,
+                                       conv_bias)
 
 
 def batch_norm_leaky_relu(x: torch.Tensor, stats: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor,
@@ -838,11 +702,7 @@ def batch_norm_leaky_relu(x: torch.Tensor, stats: torch.Tensor | None, weight: t
         from . import reference
 
         return reference.batch_norm_leaky_relu(x, weight, bias, eps, negative_slope)
-    if not _needs_grad(x, weight, bias):  # the op alone: the autograd function's call costs more on small layers
-        x = x.contiguous()
-        _, _, scale, shift = _batch_norm_constants(x, stats, weight, bias, eps)
-        return _ops.batch_norm_leaky_relu(x, scale, shift, float(negative_slope))
-    return _BatchNormLeakyReLU.apply(x, stats, weight, bias, float(eps), float(negative_slope))
+    return _ops.batch_norm_act(x, stats, weight, bias, float(eps), float(negative_slope))
 # ============================================================== end of batch_norm_leaky_relu
 
 

@@ -286,14 +286,26 @@ class _BatchNorm(_Stage):
         self.register_buffer("weight_mask", tensors["weight_mask"].to(torch.bool))
         self.register_buffer("bias_mask", tensors["bias_mask"].to(torch.bool))
         self.const_zero = bool(spec["const_zero"])
+        # fixed by the mask (see masked_parameters)
+        self.betas_pruned = not bool(self.bias_mask.any())
+        self.live_gammas_kept = bool(self.weight_mask.index_select(0, self.live).all())
 
     def spec(self) -> dict:
         return dict(eps=self.eps, const_zero=self.const_zero)
 
     def masked_parameters(self):
-        """(beta over all channels, gamma and beta of the live channels), pruned entries zero."""
+        """(beta over all channels, gamma and beta of the live channels), pruned entries zero.
+        Where the mask prunes every beta (the published and the bundled masks do), beta is a
+        constant zero, and where it keeps every live gamma, gamma is taken without the product:
+        the same values with fewer autograd ops, which cost more than the batch norm's own
+        kernels on the small layers (a 256x256 training step: 24 batch norms, about 2 ms of
+        these ops)."""
+        weight = self.weight if self.live_gammas_kept else self.weight * self.weight_mask
+        gamma = weight.index_select(0, self.live)
+        if self.betas_pruned:
+            zeros = self.bias.detach().new_zeros
+            return zeros(self.bias.shape), gamma, zeros(self.live.shape)
         beta = self.bias * self.bias_mask
-        gamma = (self.weight * self.weight_mask).index_select(0, self.live)
         return beta, gamma, beta.index_select(0, self.live)
 
     def forward(self, x, const, hw):

@@ -101,6 +101,39 @@ def test_opcheck(dtype):
                           (grad, x, mean, std.reciprocal(), scale, shift, SLOPE))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_differentiable_ops_opcheck_and_bits(dtype):
+    """batch_norm_act and batch_norm_act_conv1x1 (the kernels composed, autograd in C++) pass
+    opcheck with and without statistics and with inputs that need gradients, and give the bits
+    of their kernels called one by one, forward and backward."""
+    x, weight, bias, grad = (t.to(dtype) for t in make_inputs((2, 4, 5, 7), 9))
+    conv_weight, conv_bias = (t.to(dtype) for t in head_weights(4, 3, 10))
+    head_grad_out = head_grad((2, 4, 5, 7), 3, 11).to(dtype)
+    for stats in (None, sums(x)):
+        for leaf in (False, True):
+            x_, w_, b_, cw_, cb_ = (t.clone().requires_grad_(leaf) for t in (x, weight, bias, conv_weight, conv_bias))
+            torch.library.opcheck(ops_ns.batch_norm_act.default, (x_, stats, w_, b_, EPS, SLOPE))
+            torch.library.opcheck(ops_ns.batch_norm_act_conv1x1.default, (x_, stats, w_, b_, EPS, SLOPE, cw_, cb_))
+            torch.library.opcheck(ops_ns.batch_norm_act_conv1x1.default, (x_, stats, w_, b_, EPS, SLOPE, cw_, None))
+    # the kernels one by one, as the C++ autograd composes them
+    mean, invstd, scale, shift = ops_ns.batch_norm_constants(ops_ns.batch_norm_stats(x), 70, weight, bias, EPS)
+    want = (ops_ns.batch_norm_leaky_relu(x, scale, shift, SLOPE),
+            *ops_ns.batch_norm_leaky_relu_backward(grad, x, mean, invstd, scale, shift, SLOPE))
+    x_, w_, b_ = (t.clone().requires_grad_() for t in (x, weight, bias))
+    y = ops_ns.batch_norm_act(x_, None, w_, b_, EPS, SLOPE)
+    got = (y, *torch.autograd.grad(y, (x_, w_, b_), grad))
+    for g, w in zip(got, want):
+        assert torch.equal(g, w.to(g.dtype))
+    want = (ops_ns.batch_norm_leaky_relu_conv1x1(x, scale, shift, SLOPE, conv_weight, conv_bias),
+            *ops_ns.batch_norm_leaky_relu_conv1x1_backward(head_grad_out, x, mean, invstd, scale, shift, SLOPE,
+                                                           conv_weight))
+    args = [t.clone().requires_grad_() for t in (x, weight, bias, conv_weight, conv_bias)]
+    y = ops_ns.batch_norm_act_conv1x1(args[0], None, args[1], args[2], EPS, SLOPE, args[3], args[4])
+    got = (y, *torch.autograd.grad(y, args, head_grad_out))
+    for g, w in zip(got, want):
+        assert torch.equal(g, w.to(g.dtype))
+
+
 @pytest.mark.parametrize("wdtype", DTYPES, ids=str)
 def test_constants_op_matches_the_formula(wdtype):
     """batch_norm_constants (one C++ call) gives batch_norm_affine's bits: means far from zero

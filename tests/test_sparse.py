@@ -347,6 +347,40 @@ def test_sparse_conv2d_pool_stats(shape, dtype):
                 g.to(dtype), values, row_ptr, col_idx, list(x.shape), [k, k], [p, p], mode)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_conv_autograd_gives_the_gradient_ops_bits(dtype):
+    """The C++ autograd of sparse_conv2d, sparse_conv2d_stats (upsampled too) and
+    sparse_conv2d_pool_stats (csrc/sparse_conv2d_autograd.cpp) returns the bits of the gradient
+    ops called directly, and the bias gradient summed in float64."""
+    ops = torch.ops.oes_fast
+    w, keep = random_weight(4, 3, 3, 0.5, dtype, 41)
+    values, row_ptr, col_idx = to_csr(w, keep)
+    gen = torch.Generator().manual_seed(42)
+    x = torch.randn(2, 3, 8, 10, generator=gen, dtype=dtype)
+    b = torch.randn(4, generator=gen, dtype=dtype)
+    k, p = [3, 3], [1, 1]
+    cases = {
+        "conv": (lambda *a: ops.sparse_conv2d(*a, k, [1, 1], p, "reflect", 1), 1, False),
+        "stats": (lambda *a: ops.sparse_conv2d_stats(*a, k, p, "reflect", 1)[0], 1, False),
+        "stats upsampled": (lambda *a: ops.sparse_conv2d_stats(*a, k, p, "reflect", 2)[0], 2, False),
+        "pool stats": (lambda *a: ops.sparse_conv2d_pool_stats(*a, k, p, "reflect")[0], 1, True),
+    }
+    for name, (fn, u, pooled) in cases.items():
+        xs, vs, bs = (t.clone().requires_grad_() for t in (x, values, b))
+        out = fn(xs, vs, row_ptr, col_idx, bs)
+        g = torch.randn(out.shape, generator=gen, dtype=dtype)
+        got = torch.autograd.grad(out, (xs, vs, bs), g)
+        if pooled:
+            want_x = ops.sparse_conv2d_pool_input_grad(g, values, row_ptr, col_idx, list(x.shape), k, p, "reflect")
+            want_v = ops.sparse_conv2d_pool_weight_grad(g, x, row_ptr, col_idx, k, p, "reflect")
+        else:
+            want_x = ops.sparse_conv2d_input_grad(g, values, row_ptr, col_idx, list(x.shape), k, [1, 1], p, "reflect", u)
+            want_v = ops.sparse_conv2d_weight_grad(g, x, row_ptr, col_idx, k, [1, 1], p, "reflect", u)
+        want_b = g.sum((0, 2, 3), dtype=torch.float64).to(dtype)
+        for got_t, want_t, what in zip(got, (want_x, want_v, want_b), ("input", "values", "bias")):
+            assert torch.equal(got_t, want_t), f"{name}: {what} gradient"
+
+
 def test_sparse_conv2d_pool_stats_gradcheck_and_opcheck():
     w, keep = random_weight(3, 2, 5, 0.4, torch.float64, 31)
     values, row_ptr, col_idx = to_csr(w, keep)

@@ -1,0 +1,201 @@
+// batch_norm_act and batch_norm_act_conv1x1: the Sparse-DIP generator's training-mode batch norm
+// with the LeakyReLU after it (and, for its last one, the 1x1 output conv), each one
+// differentiable op. They compose the kernels of csrc/batch_norm_leaky_relu.cpp: the statistics
+// pass where no statistics are given, the per-channel constants, one normalizing pass forward
+// (batch_norm_leaky_relu / batch_norm_leaky_relu_conv1x1) and their backward ops, keeping only
+// the input and the per-channel constants for the backward.
+//
+// Why C++: as a Python autograd function the composition cost about 100 us of Python per batch
+// norm and step (the function's call, the constants' op calls, the gradients' dtype conversions),
+// on layers whose kernels take 10-50 us below 64x64: about 3 ms of a 256x256 Sparse-DIP step
+// with its 23 batch norms.
+//
+// Registered for the CPU key (the composition, for calls below autograd) and the Autograd key
+// (the autograd function); the fake kernels are in oes_fast/ops.py. CPU only: the Python wrappers
+// (oes_fast.ops.batch_norm_leaky_relu and batch_norm_leaky_relu_conv1x1) run the reference
+// composition on other devices.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+TORCH_LIBRARY_FRAGMENT(oes_fast, m) {
+  // leaky_relu(batch_norm(input), negative_slope) with batch statistics (training mode): from
+  // `stats` ((C, 2) float64 per-channel sum and sum of squares, sparse_conv2d_stats' format) or
+  // after a statistics pass when None; weight and bias (C,). Differentiable once in input,
+  // weight and bias; a slope of 1 is the batch norm alone.
+  m.def(
+      "batch_norm_act(Tensor input, Tensor? stats, Tensor weight, Tensor bias, float eps, float negative_slope) "
+      "-> Tensor");
+  // The 1x1 conv (conv_weight (C_out, C), conv_bias (C_out,) or None) of batch_norm_act(input,
+  // stats, weight, bias, eps, negative_slope): the generator's head. Differentiable once in
+  // input, weight, bias, conv_weight and conv_bias.
+  m.def(
+      "batch_norm_act_conv1x1(Tensor input, Tensor? stats, Tensor weight, Tensor bias, float eps, "
+      "float negative_slope, Tensor conv_weight, Tensor? conv_bias) -> Tensor");
+}
+
+namespace oes_fast {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using Constants = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// (mean, invstd, scale, shift) of the contiguous x, float64 per channel, from `stats` or from a
+// statistics pass.
+Constants batch_norm_constants(const at::Tensor& x, const std::optional<at::Tensor>& stats, const at::Tensor& weight,
+                               const at::Tensor& bias, double eps) {
+  static const auto stats_op = c10::Dispatcher::singleton()
+                                   .findSchemaOrThrow("oes_fast::batch_norm_stats", "")
+                                   .typed<at::Tensor(const at::Tensor&)>();
+  static const auto constants_op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("oes_fast::batch_norm_constants", "")
+          .typed<Constants(const at::Tensor&, int64_t, const at::Tensor&, const at::Tensor&, double)>();
+  TORCH_CHECK(x.dim() == 4, "batch_norm_act: input must be 4-D (N, C, H, W), got ", x.sizes());
+  const at::Tensor s = stats.has_value() && stats->defined() ? *stats : stats_op.call(x);
+  return constants_op.call(s, x.size(0) * x.size(2) * x.size(3), weight, bias, eps);
+}
+
+at::Tensor normalize(const at::Tensor& x, const Constants& c, double slope) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("oes_fast::batch_norm_leaky_relu", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
+  return op.call(x, std::get<2>(c), std::get<3>(c), slope);
+}
+
+at::Tensor head(const at::Tensor& x, const Constants& c, double slope, const at::Tensor& conv_weight,
+                const std::optional<at::Tensor>& conv_bias) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("oes_fast::batch_norm_leaky_relu_conv1x1", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+                                               const at::Tensor&, const std::optional<at::Tensor>&)>();
+  return op.call(x, std::get<2>(c), std::get<3>(c), slope, conv_weight, conv_bias);
+}
+
+bool given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// The float64 gradient g in dtype `dtype` where wanted, else undefined.
+at::Tensor as_grad(bool wanted, const at::Tensor& g, const c10::IValue& dtype) {
+  return wanted ? g.to(static_cast<at::ScalarType>(dtype.toInt())) : at::Tensor();
+}
+
+// What both forwards keep for the backward: x, the constants and the head's conv weight (saved),
+// the slope, the dtypes of the batch norm's weight and bias, and where their autograd edges are
+// (stats, a tensor when given, takes edge 1).
+void save_batch_norm(AutogradContext* ctx, const at::Tensor& x, const Constants& c, double slope,
+                     const std::optional<at::Tensor>& stats, const at::Tensor& weight, const at::Tensor& bias,
+                     const at::Tensor& conv_weight = at::Tensor()) {
+  ctx->save_for_backward({x, std::get<0>(c), std::get<1>(c), std::get<2>(c), std::get<3>(c), conv_weight});
+  ctx->saved_data["slope"] = slope;
+  ctx->saved_data["weight_edge"] = static_cast<int64_t>(given(stats) ? 2 : 1);
+  ctx->saved_data["weight_dtype"] = static_cast<int64_t>(weight.scalar_type());
+  ctx->saved_data["bias_dtype"] = static_cast<int64_t>(bias.scalar_type());
+}
+
+class BatchNormActFunction : public torch::autograd::Function<BatchNormActFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const std::optional<at::Tensor>& stats,
+                            const at::Tensor& weight, const at::Tensor& bias, double eps, double negative_slope) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const at::Tensor x = input.contiguous();
+    const Constants c = batch_norm_constants(x, stats, weight, bias, eps);
+    save_batch_norm(ctx, x, c, negative_slope, stats, weight, bias);
+    return normalize(x, c, negative_slope);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("oes_fast::batch_norm_leaky_relu_backward", "")
+                               .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                                   const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                   const at::Tensor&, const at::Tensor&, double)>();
+    const int64_t w = ctx->saved_data["weight_edge"].toInt();
+    const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(w),
+               need_b = ctx->needs_input_grad(w + 1);
+    if (!(need_x || need_w || need_b)) return variable_list(6);
+    const auto s = ctx->get_saved_variables();
+    const auto [gx, gw, gb] = op.call(grads[0].contiguous(), s[0], s[1], s[2], s[3], s[4],
+                                      ctx->saved_data["slope"].toDouble());
+    return {need_x ? gx : at::Tensor(), at::Tensor(), as_grad(need_w, gw, ctx->saved_data["weight_dtype"]),
+            as_grad(need_b, gb, ctx->saved_data["bias_dtype"]), at::Tensor(), at::Tensor()};
+  }
+};
+
+class BatchNormActConv1x1Function : public torch::autograd::Function<BatchNormActConv1x1Function> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const std::optional<at::Tensor>& stats,
+                            const at::Tensor& weight, const at::Tensor& bias, double eps, double negative_slope,
+                            const at::Tensor& conv_weight, const std::optional<at::Tensor>& conv_bias) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const at::Tensor x = input.contiguous();
+    const Constants c = batch_norm_constants(x, stats, weight, bias, eps);
+    save_batch_norm(ctx, x, c, negative_slope, stats, weight, bias, conv_weight);
+    ctx->saved_data["conv_dtype"] = static_cast<int64_t>(conv_weight.scalar_type());
+    ctx->saved_data["has_conv_bias"] = given(conv_bias);
+    return head(x, c, negative_slope, conv_weight, conv_bias);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("oes_fast::batch_norm_leaky_relu_conv1x1_backward", "")
+                               .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+                                   const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                   const at::Tensor&, const at::Tensor&, double, const at::Tensor&)>();
+    const int64_t w = ctx->saved_data["weight_edge"].toInt();
+    const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(w),
+               need_b = ctx->needs_input_grad(w + 1), need_cw = ctx->needs_input_grad(w + 2),
+               need_cb = ctx->saved_data["has_conv_bias"].toBool() && ctx->needs_input_grad(w + 3);
+    if (!(need_x || need_w || need_b || need_cw || need_cb)) return variable_list(8);
+    const auto s = ctx->get_saved_variables();
+    const auto [gx, gw, gb, gcw, gcb] = op.call(grads[0].contiguous(), s[0], s[1], s[2], s[3], s[4],
+                                                ctx->saved_data["slope"].toDouble(), s[5]);
+    const c10::IValue& conv_dtype = ctx->saved_data["conv_dtype"];
+    return {need_x ? gx : at::Tensor(), at::Tensor(), as_grad(need_w, gw, ctx->saved_data["weight_dtype"]),
+            as_grad(need_b, gb, ctx->saved_data["bias_dtype"]), at::Tensor(), at::Tensor(),
+            as_grad(need_cw, gcw, conv_dtype), as_grad(need_cb, gcb, conv_dtype)};
+  }
+};
+
+at::Tensor batch_norm_act_cpu(const at::Tensor& input, const std::optional<at::Tensor>& stats,
+                              const at::Tensor& weight, const at::Tensor& bias, double eps, double negative_slope) {
+  const at::Tensor x = input.contiguous();
+  return normalize(x, batch_norm_constants(x, stats, weight, bias, eps), negative_slope);
+}
+
+at::Tensor batch_norm_act_conv1x1_cpu(const at::Tensor& input, const std::optional<at::Tensor>& stats,
+                                      const at::Tensor& weight, const at::Tensor& bias, double eps,
+                                      double negative_slope, const at::Tensor& conv_weight,
+                                      const std::optional<at::Tensor>& conv_bias) {
+  const at::Tensor x = input.contiguous();
+  return head(x, batch_norm_constants(x, stats, weight, bias, eps), negative_slope, conv_weight, conv_bias);
+}
+
+at::Tensor batch_norm_act_autograd(const at::Tensor& input, const std::optional<at::Tensor>& stats,
+                                   const at::Tensor& weight, const at::Tensor& bias, double eps,
+                                   double negative_slope) {
+  return BatchNormActFunction::apply(input, stats, weight, bias, eps, negative_slope);
+}
+
+at::Tensor batch_norm_act_conv1x1_autograd(const at::Tensor& input, const std::optional<at::Tensor>& stats,
+                                           const at::Tensor& weight, const at::Tensor& bias, double eps,
+                                           double negative_slope, const at::Tensor& conv_weight,
+                                           const std::optional<at::Tensor>& conv_bias) {
+  return BatchNormActConv1x1Function::apply(input, stats, weight, bias, eps, negative_slope, conv_weight, conv_bias);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(oes_fast, CPU, m) {
+  m.impl("batch_norm_act", &batch_norm_act_cpu);
+  m.impl("batch_norm_act_conv1x1", &batch_norm_act_conv1x1_cpu);
+}
+
+TORCH_LIBRARY_IMPL(oes_fast, Autograd, m) {
+  m.impl("batch_norm_act", &batch_norm_act_autograd);
+  m.impl("batch_norm_act_conv1x1", &batch_norm_act_conv1x1_autograd);
+}
+
+}  // namespace oes_fast

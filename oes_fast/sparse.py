@@ -291,6 +291,9 @@ class _BatchNorm(_Stage):
         # fixed by the mask (see masked_parameters)
         self.betas_pruned = not bool(self.bias_mask.any())
         self.live_gammas_kept = bool(self.weight_mask.index_select(0, self.live).all())
+        if self.betas_pruned:  # its betas, all channels and live ones (read only)
+            self.register_buffer("zero_beta", torch.zeros_like(self.bias.detach()), persistent=False)
+            self.register_buffer("zero_beta_live", self.zero_beta[: len(self.live)].clone(), persistent=False)
 
     def spec(self) -> dict:
         return dict(eps=self.eps, const_zero=self.const_zero)
@@ -305,8 +308,7 @@ class _BatchNorm(_Stage):
         weight = self.weight if self.live_gammas_kept else self.weight * self.weight_mask
         gamma = weight.index_select(0, self.live)
         if self.betas_pruned:
-            zeros = self.bias.detach().new_zeros
-            return zeros(self.bias.shape), gamma, zeros(self.live.shape)
+            return self.zero_beta, gamma, self.zero_beta_live
         beta = self.bias * self.bias_mask
         return beta, gamma, beta.index_select(0, self.live)
 

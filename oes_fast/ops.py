@@ -368,8 +368,8 @@ def _sparse_conv2d_weight_grad_fake(grad_output, input, row_ptr, col_idx, kernel
     return input.new_empty((col_idx.shape[0],))
 
 
-# The autograd of sparse_conv2d and sparse_conv2d_stats (and of sparse_conv2d_pool_stats below) is
-# C++, for every device: csrc/sparse_conv2d_autograd.cpp.
+# The autograd of sparse_conv2d, sparse_conv2d_stats and sparse_conv2d_pool_stats is C++, for
+# every device: csrc/sparse_conv2d_autograd.cpp.
 
 
 @torch.library.register_fake("oes_fast::sparse_conv2d_pool_stats")

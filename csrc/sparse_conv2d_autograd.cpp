@@ -86,7 +86,7 @@ void save_conv(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& 
   ctx->save_for_backward({input, values, row_ptr, col_idx});
   ctx->saved_data["kernel"] = kernel_size.vec();
   ctx->saved_data["padding"] = padding.vec();
-  ctx->saved_data["mode"] = std::string(mode);
+  ctx->saved_data["mode"] = std::string(mode.data(), mode.size());
   ctx->saved_data["has_bias"] = has_tensor(bias);
 }
 

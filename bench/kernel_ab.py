@@ -32,6 +32,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = "csrc/cpu/sparse_conv2d_kernels.h"
+VECTORS = "csrc/cpu/vectors.h"  # included by the kernels file (from 2026-11-30)
 DEFAULT_LAYERS = ["down.0.conv1", "up.0.conv", "up.1.conv", "up.2.conv", "up.3.conv", "up.4.conv"]
 FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-ffast-math", "-Wno-psabi", "-march=x86-64", "-mtune=generic"]
 
@@ -48,10 +49,10 @@ HARNESS = r"""
 #pragma GCC target("avx,avx2,fma")
 #define OES_FAST_VEC_BYTES 32
 #define OES_FAST_ISA_NS isa_a
-#include "@DIR@/kernels_a.h"
+#include "@DIR@/a/kernels.h"
 #undef OES_FAST_ISA_NS
 #define OES_FAST_ISA_NS isa_b
-#include "@DIR@/kernels_b.h"
+#include "@DIR@/b/kernels.h"
 #undef OES_FAST_ISA_NS
 #pragma GCC pop_options
 
@@ -92,12 +93,27 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 """
 
 
+def _git_show(rev: str, path: str) -> str | None:
+    out = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, capture_output=True, text=True)
+    if out.returncode != 0 and path == KERNELS:
+        raise SystemExit(f"git show {rev}:{path} failed: {out.stderr.strip()}")
+    return out.stdout if out.returncode == 0 else None
+
+
+def _working_tree(path: str) -> str | None:
+    return (ROOT / path).read_text() if (ROOT / path).exists() else None
+
+
 def build(rev: str, folder: Path):
     from torch.utils.cpp_extension import load
 
-    a = subprocess.run(["git", "show", f"{rev}:{KERNELS}"], cwd=ROOT, check=True, capture_output=True, text=True)
-    (folder / "kernels_a.h").write_text(a.stdout)
-    (folder / "kernels_b.h").write_text((ROOT / KERNELS).read_text())
+    # each version in its own folder, with the per-ISA header it includes where it has one
+    for version, read in (("a", lambda path: _git_show(rev, path)), ("b", lambda path: _working_tree(path))):
+        (folder / version).mkdir()
+        for path, name in ((KERNELS, "kernels.h"), (VECTORS, "vectors.h")):
+            text = read(path)
+            if text is not None:
+                (folder / version / name).write_text(text)
     source = folder / "harness.cpp"
     source.write_text(HARNESS.replace("@ROOT@", str(ROOT)).replace("@DIR@", str(folder)))
     return load("oes_fast_kernel_ab", [str(source)], extra_cflags=FLAGS, build_directory=str(folder))

@@ -6,8 +6,9 @@
 // Everything is computed in float64 but the sums of the head's 1x1 conv on float32 inputs: the
 // pre-activation x * scale + shift would cancel in float32 where |mean| >> std (the byte
 // traffic, not the arithmetic, bounds these loops).
-// Included once per instruction set by per_isa.h (from batch_norm_leaky_relu.cpp): no includes,
-// no include guard; everything in the copy's namespace with internal linkage.
+// Included once per instruction set by per_isa.h (from batch_norm_leaky_relu.cpp): no library
+// includes, no include guard; everything in the copy's namespace with internal linkage.
+#include "vectors.h"  // vec_t<T>, kLanes<T>
 
 namespace oes_fast {
 namespace OES_FAST_ISA_NS {
@@ -86,8 +87,8 @@ void channel_backward(const scalar_t* grad, const scalar_t* x, scalar_t* grad_x,
 // The generator's head (batch_norm_leaky_relu_conv1x1) and its backward work on chunks of
 // kHeadChunk pixels of one image in float64 vectors of kHeadLanes (channel_forward uses the
 // vectors too).
-using HeadVec = double __attribute__((vector_size(OES_FAST_VEC_BYTES)));
-constexpr int64_t kHeadLanes = OES_FAST_VEC_BYTES / 8;
+using HeadVec = vec_t<double>;
+constexpr int64_t kHeadLanes = kLanes<double>;
 constexpr int64_t kHeadAcc = 8;
 constexpr int64_t kHeadChunk = 128;  // a multiple of kHeadAcc * kHeadLanes in every copy (<= 64)
 // kHeadLanes values of the output's dtype
@@ -181,22 +182,9 @@ __attribute__((always_inline)) inline void prefetch_next_chunk(const scalar_t* p
 // than batch_norm_leaky_relu on the same input). Chunks of 64, 256, 512 and 1024 pixels were
 // slower than 128.
 template <typename scalar_t>
-struct HeadSum;  // the sums' vectors: kHeadSumLanes<scalar_t> values of scalar_t
-template <>
-struct HeadSum<float> {
-  typedef float type __attribute__((vector_size(OES_FAST_VEC_BYTES)));
-};
-template <>
-struct HeadSum<double> {
-  using type = HeadVec;
-};
-template <typename scalar_t>
-constexpr int64_t kHeadSumLanes = OES_FAST_VEC_BYTES / static_cast<int64_t>(sizeof(scalar_t));
-
-template <typename scalar_t>
 void head_chunk(const scalar_t* x, scalar_t* out, int64_t plane, int64_t count, const Head& h, scalar_t* act) {
-  using V = typename HeadSum<scalar_t>::type;
-  constexpr int64_t L = kHeadSumLanes<scalar_t>, block = kHeadAcc * L;  // block divides kHeadChunk
+  using V = vec_t<scalar_t>;  // the sums' vectors
+  constexpr int64_t L = kLanes<scalar_t>, block = kHeadAcc * L;  // block divides kHeadChunk
   const int64_t padded = (count + block - 1) / block * block;
   for (int64_t c = 0; c < h.C; ++c) {
     const scalar_t* p = x + c * plane;

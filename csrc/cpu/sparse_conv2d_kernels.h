@@ -2,10 +2,11 @@
 // compiled once per instruction set: csrc/cpu/sparse_conv2d.cpp includes this file three times,
 // each time with OES_FAST_ISA_NS naming the namespace of that copy (isa_baseline, isa_avx2,
 // isa_avx512) and, for the last two, inside a `#pragma GCC target` region. So this file includes
-// nothing: every library header is included before the first region, which keeps the library's
-// inline functions and templates (std::vector, at::parallel_for, ...) compiled once, at the
-// baseline flags; only what is defined here, in its own namespace with internal linkage, gets
-// the wider instructions. No include guard, on purpose.
+// no library header (only vectors.h, its vector types, made per copy like itself): every library
+// header is included before the first region, which keeps the library's inline functions and
+// templates (std::vector, at::parallel_for, ...) compiled once, at the baseline flags; only what
+// is defined here, in its own namespace with internal linkage, gets the wider instructions. No
+// include guard, on purpose.
 //
 // Vectors are GCC vector extensions of OES_FAST_VEC_BYTES bytes, one register of the copy's
 // instruction set: 64 (zmm) for AVX-512, 32 (ymm) for AVX2, 16 (xmm) at the baseline. (A vector
@@ -18,23 +19,11 @@
 #error "define OES_FAST_ISA_NS and OES_FAST_VEC_BYTES before including sparse_conv2d_kernels.h"
 #endif
 
+#include "vectors.h"  // vec_t<T>, kLanes<T>
+
 namespace oes_fast {
 namespace OES_FAST_ISA_NS {
 namespace {
-template <typename T>
-struct VecOf;
-template <>
-struct VecOf<float> {
-  typedef float type __attribute__((vector_size(OES_FAST_VEC_BYTES)));
-};
-template <>
-struct VecOf<double> {
-  typedef double type __attribute__((vector_size(OES_FAST_VEC_BYTES)));
-};
-template <typename T>
-using vec_t = typename VecOf<T>::type;
-template <typename T>
-constexpr int64_t kLanes = OES_FAST_VEC_BYTES / static_cast<int64_t>(sizeof(T));
 
 // 4 independent accumulators a block (4 vectors of one row, or 1 vector of 4 rows).
 constexpr int kNV = 4;

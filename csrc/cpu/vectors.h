@@ -1,0 +1,31 @@
+// The vector types of a kernels file's copy: vec_t<T> is one register of the copy's instruction
+// set (OES_FAST_VEC_BYTES: 16, 32 or 64 bytes) of float or double, kLanes<T> its lane count.
+// Shared by the kernels files of sparse_conv2d and batch_norm_leaky_relu, which per_isa.h
+// includes once per instruction set: so no include guard and no includes here, and everything
+// below lives in the copy's namespace with internal linkage.
+#ifndef OES_FAST_ISA_NS
+#error "vectors.h is included by a kernels file inside per_isa.h"
+#endif
+
+namespace oes_fast {
+namespace OES_FAST_ISA_NS {
+namespace {
+
+template <typename T>
+struct VecOf;
+template <>
+struct VecOf<float> {
+  typedef float type __attribute__((vector_size(OES_FAST_VEC_BYTES)));
+};
+template <>
+struct VecOf<double> {
+  typedef double type __attribute__((vector_size(OES_FAST_VEC_BYTES)));
+};
+template <typename T>
+using vec_t = typename VecOf<T>::type;
+template <typename T>
+constexpr int64_t kLanes = OES_FAST_VEC_BYTES / static_cast<int64_t>(sizeof(T));
+
+}  // namespace
+}  // namespace OES_FAST_ISA_NS
+}  // namespace oes_fast

@@ -456,7 +456,7 @@ def _compile(model, mask, crossover: float) -> tuple[list[dict], list[dict]]:
         if kind == "conv":
             w, wmask = _masked(module, prefix, "weight", mask)
             live_in, live_out = e["live_in"].nonzero().flatten(), e["live_out"].nonzero().flatten()
-            if first_conv and len(live_in) != len(e["live_in"]):
+            if first_conv:
                 # the network's input: its dead channels stay in the CSR's numbering (no taps read
                 # them), which spares a copy of z's live channels every step (1.4 ms at 256x256)
                 live_in = torch.arange(len(e["live_in"]), device=live_in.device)

@@ -12,13 +12,18 @@ is run stage by stage, mirroring SparseGenerator.forward, with a clock read betw
 
 - forward: without autograd, as SparseGenerator.forward runs it then (SparseGenerator.run_stage:
   a sparse conv followed by batch norm computes the batch statistics in its epilogue,
-  `sparse_conv2d_stats`; every batch norm runs as ops.batch_norm_leaky_relu, one pass with the
-  LeakyReLU after it, after its own statistics pass where no conv precedes; the last one, its
-  LeakyReLU and the 1x1 output conv as ops.batch_norm_leaky_relu_conv1x1, one pass);
+  `sparse_conv2d_stats`; a batch norm (with the LeakyReLU after it) that a sparse conv follows
+  is made in that conv's input load, ops.batch_norm_leaky_relu_sparse_conv2d: one row "bn ...
+  + conv ... (fused)" named after both, counted as a sparse conv; every other batch norm runs
+  as ops.batch_norm_leaky_relu, one pass with the LeakyReLU after it, after its own statistics
+  pass where no conv precedes; the last one, its LeakyReLU and the 1x1 output conv as
+  ops.batch_norm_leaky_relu_conv1x1, one pass);
 - training step: zero_grad, forward with autograd as SparseGenerator.forward runs it then (a
   sparse conv followed by batch norm: sparse_conv2d_stats; a batch norm followed by LeakyReLU:
   both in one op, ops.batch_norm_leaky_relu, one pass from the conv's statistics or after its
-  own statistics pass, two per channel backward: one "batch norm + activation" row each; the
+  own statistics pass, two per channel backward: one "batch norm + activation" row each; in the
+  next sparse conv's input load where one follows, as in the forward: one "batch norm[ +
+  activation] + sparse conv" row each, forward and backward; the
   last one with the 1x1 output conv, ops.batch_norm_leaky_relu_conv1x1: "+ act + out"; other
   batch norms F.batch_norm or ops.batch_norm_from_stats), MSE loss, backward, Adam (lr 0.01;
   its own row). The backward is timed per stage in context by tensor hooks on every stage's
@@ -26,7 +31,8 @@ is run stage by stage, mirroring SparseGenerator.forward, with a clock read betw
   then the gradient of its input arrives (a fused pair of stages counts as one).
 - isolated ops: every sparse conv's ops called directly (torch.ops.oes_fast.sparse_conv2d,
   sparse_conv2d_stats, sparse_conv2d_input_grad, sparse_conv2d_weight_grad) on the layer's
-  actual input and output gradient captured from the step, plus the pieces the autograd formula
+  actual input and output gradient captured from a step run with the batch norms as ops of
+  their own (capture_unfused: a conv's input is then the activated tensor), plus the pieces the autograd formula
   (oes_fast/ops.py) adds around them: the bias gradient (channel sum). A fused upsampling is
   taken by the gradient ops themselves, as by the forward. Timed in shuffled rounds (below).
 
@@ -275,10 +281,60 @@ def head_stages(step_times: dict) -> set:
     return {k[0] for k in step_times if "1x1 conv" in k[1]}
 
 
-def step_kind(gen, i, fused: set, heads: set = frozenset()) -> str:
+def prologue_stages(step_times: dict) -> set:
+    """The stages whose batch norm (and activation) step_timed ran in the next sparse conv's input
+    load (ops.batch_norm_leaky_relu_sparse_conv2d; SparseGenerator.prologue_conv)."""
+    return {k[0] for k in step_times if "+ conv" in k[1]}
+
+
+def prologue_conv_index(i: int, phase: str) -> int:
+    """The conv of a "bn ... + conv ..." phase of stage i: after the batch norm and its activation."""
+    return i + (2 if "activation" in phase else 1)
+
+
+def step_kind(gen, i, fused: set, heads: set = frozenset(), prologues: set = frozenset()) -> str:
     if i in heads:
         return "batch norm + activation + 1x1 conv"
+    if i in prologues:
+        return "batch norm" + (" + activation" if i in fused else "") + " + sparse conv"
     return "batch norm + activation" if i in fused else stage_kind(gen.stages[i])
+
+
+def prologue_work(gen, i, phase, x_shape, conv_out_shape, backward=False) -> tuple[float, float]:
+    """(FLOPs, bytes) of a batch norm (and activation) made in the input load of the sparse conv
+    after it: the conv's work on an input of x's size (x is read instead of the activation) plus
+    the batch norm's arithmetic (2 per element, 5 with its own statistics pass, which reads x once
+    more; 1 for the activation); backward: the conv's and the batch norm's (9 per element)."""
+    conv = gen.stages[prologue_conv_index(i, phase)]
+    numel = float(x_shape[0] * x_shape[1] * x_shape[2] * x_shape[3])
+    act = ELEMENTWISE_FLOPS["act"] * numel if "activation" in phase else 0.0
+    fl, nb = conv_work(conv, x_shape, conv_out_shape, backward=backward)
+    if backward:  # the batch norm's backward reads x and the activation's gradient, writes x's
+        return fl + 9 * numel + act, nb + F32 * 3 * numel
+    own_stats = phase.startswith("bn stats")
+    conv_stats = 3.0 * conv_out_shape[0] * conv_out_shape[1] * conv_out_shape[2] * conv_out_shape[3]
+    return fl + conv_stats + (5 if own_stats else 2) * numel + act, nb + (F32 * numel if own_stats else 0.0)
+
+
+def prologue_conv_out(phase, x_shape, out_shape, upsample) -> tuple:
+    """The conv's own output shape of a prologue phase (before its pooling, if any)."""
+    if "pool" in phase:
+        return (out_shape[0], out_shape[1], x_shape[2], x_shape[3])
+    return (out_shape[0], out_shape[1], x_shape[2] * upsample, x_shape[3] * upsample)
+
+
+def capture_unfused(gen, opt, z, target) -> dict:
+    """step_timed's capture of one more step with every stage's input and output gradient, the
+    batch norms run as ops of their own (fuse_prologue off): the convs that run with a batch norm
+    in their input load get their activated input captured, so the isolated ops time the conv's
+    kernels alone on it."""
+    capture, before = {}, gen.fuse_prologue
+    gen.fuse_prologue = False
+    try:
+        step_timed(gen, opt, z, target, capture)
+    finally:
+        gen.fuse_prologue = before
+    return capture
 
 
 def isolated_conv_ops(gen, capture) -> tuple[dict, dict]:
@@ -447,8 +503,7 @@ def run(size: int, repeats: int, threads: int = 1) -> dict:
     faults = {k: page_faults(f) for k, f in calls.items() if "instrumented" not in k}
 
     # isolated ops on the captured tensors of one more step
-    capture = {}
-    step_timed(gen, opt, z, target, capture)
+    capture = capture_unfused(gen, opt, z, target)
     fns, work = isolated_conv_ops(gen, capture)
     iso = rounds_shuffled({**{k: timed(f) for k, f in fns.items()}, **floors}, repeats)
     for k in floors:
@@ -475,6 +530,12 @@ def run(size: int, repeats: int, threads: int = 1) -> dict:
     for (i, phase) in fwd_rounds[0]:
         st = gen.stages[i]
         xs, os_ = shapes[i]
+        if "+ conv" in phase:
+            j = prologue_conv_index(i, phase)
+            fl, nb = prologue_work(gen, i, phase, xs, prologue_conv_out(phase, xs, os_, gen.stages[j].upsample))
+            row("forward", i, f"{labels[i]} + {labels[j]}", phase, [r[i, phase] for r in fwd_rounds], fl, nb,
+                "in context", kind="sparse conv")
+            continue
         if isinstance(st, _Conv):
             fl, nb = conv_work(st, xs, conv_output_shape(st, xs, os_, phase))
             if "bn stats" in phase:
@@ -486,6 +547,7 @@ def run(size: int, repeats: int, threads: int = 1) -> dict:
     step_rounds = res["sparse step (instrumented)"]
     sh = {i: (tuple(capture[i][0].shape), tuple(capture[i][2].shape)) for i in capture}
     fused, heads = fused_activation_stages(step_rounds[0]), head_stages(step_rounds[0])
+    prologues = prologue_stages(step_rounds[0])
     forward_phase = {i: phase for i, phase in step_rounds[0] if isinstance(i, int) and phase != "bwd"}
     for key in step_rounds[0]:
         i, phase = key
@@ -502,6 +564,13 @@ def run(size: int, repeats: int, threads: int = 1) -> dict:
             row("step", i, i, phase, ts, fl, nb, "in context")
             continue
         st = gen.stages[i]
+        if i in prologues:  # (sh: the unfused capture's shapes, the conv's at its own index)
+            j = prologue_conv_index(i, forward_phase[i])
+            conv_out = prologue_conv_out(forward_phase[i], sh[i][0], sh[j][1], gen.stages[j].upsample)
+            fl, nb = prologue_work(gen, i, forward_phase[i], sh[i][0], conv_out, backward=phase == "bwd")
+            row("step", i, f"{labels[i]} + {labels[j]}", phase, ts, fl, nb, "in context",
+                kind=step_kind(gen, i, fused, heads, prologues))
+            continue
         if isinstance(st, _Conv):
             fl, nb = conv_work(st, sh[i][0], conv_output_shape(st, *sh[i], forward_phase[i]), backward=phase == "bwd",
                                input_grad=i > 0)
@@ -728,8 +797,7 @@ def scaling(sizes: list[int], repeats: int) -> dict:
     fns, labels = {}, None
     for size, (gen, opt, z, target) in setups.items():
         labels = stage_labels(gen)
-        capture = {}
-        step_timed(gen, opt, z, target, capture)
+        capture = capture_unfused(gen, opt, z, target)
         f, _ = isolated_conv_ops(gen, capture)
         fns.update({(size, *k): v for k, v in f.items()})
         del capture
@@ -738,11 +806,12 @@ def scaling(sizes: list[int], repeats: int) -> dict:
     out = dict(sizes=sizes, repeats=repeats, load_average_1min=load, step={}, isolated={})
     for size in sizes:
         rounds = res[size]
-        fused = fused_activation_stages(rounds[0])
+        fused, prologues = fused_activation_stages(rounds[0]), prologue_stages(rounds[0])
         out["step"][size] = dict(
             total_s=[sum(r.values()) for r in rounds],
             rows=[dict(stage=k[0], layer=k[0] if isinstance(k[0], str) else labels[k[0]], phase=k[1],
-                       kind=k[0] if isinstance(k[0], str) else step_kind(setups[size][0], k[0], fused),
+                       kind=k[0] if isinstance(k[0], str) else step_kind(setups[size][0], k[0], fused, set(),
+                                                                          prologues),
                        time_s=med([r[k] for r in rounds])) for k in rounds[0]])
         out["isolated"][size] = [dict(stage=k[1], layer=labels[k[1]], phase=k[2], time_s=med(v), samples_s=v)
                                  for k, v in iso.items() if k[0] == size]

@@ -20,7 +20,10 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
+
+#include "sparse_conv2d.h"
 
 TORCH_LIBRARY_FRAGMENT(oes_fast, m) {
   // leaky_relu(batch_norm(input), negative_slope) with batch statistics (training mode): from
@@ -36,6 +39,16 @@ TORCH_LIBRARY_FRAGMENT(oes_fast, m) {
   m.def(
       "batch_norm_act_conv1x1(Tensor input, Tensor? stats, Tensor weight, Tensor bias, float eps, "
       "float negative_slope, Tensor conv_weight, Tensor? conv_bias) -> Tensor");
+  // sparse_conv2d_stats (pool = false) or sparse_conv2d_pool_stats (pool = true) of
+  // batch_norm_act(input, stats, weight, bias, eps, negative_slope), with the batch norm's
+  // normalizing pass and activation made in the conv's input load (sparse_conv2d_act_stats): the
+  // activated tensor is neither written nor kept for the backward, which makes it again in the
+  // weight gradient's load. Differentiable once in input, weight, bias, values and conv_bias; the
+  // statistics output carries no gradient (as sparse_conv2d_stats'). CPU only.
+  m.def(
+      "batch_norm_act_sparse_conv2d(Tensor input, Tensor? stats, Tensor weight, Tensor bias, float eps, "
+      "float negative_slope, Tensor values, Tensor row_ptr, Tensor col_idx, Tensor? conv_bias, int[2] kernel_size, "
+      "int[2] padding, str padding_mode, int upsample, bool pool) -> (Tensor, Tensor)");
 }
 
 namespace oes_fast {
@@ -159,6 +172,106 @@ class BatchNormActConv1x1Function : public torch::autograd::Function<BatchNormAc
   }
 };
 
+using Conv = std::tuple<at::Tensor, at::Tensor>;
+
+// The conv of the activated input (sparse_conv2d_act_stats) with the constants c.
+Conv act_conv(const at::Tensor& x, const Constants& c, double slope, const at::Tensor& values,
+              const at::Tensor& row_ptr, const at::Tensor& col_idx, const std::optional<at::Tensor>& conv_bias,
+              at::IntArrayRef kernel_size, at::IntArrayRef padding, c10::string_view mode, int64_t upsample,
+              bool pool) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("oes_fast::sparse_conv2d_act_stats", "")
+                             .typed<Conv(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+                                         const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const std::optional<at::Tensor>&, at::IntArrayRef, at::IntArrayRef,
+                                         c10::string_view, int64_t, bool)>();
+  return op.call(x, std::get<2>(c), std::get<3>(c), slope, values, row_ptr, col_idx, conv_bias, kernel_size, padding,
+                 mode, upsample, pool);
+}
+
+// The backward: the conv's input gradient (the activated input's), its weight gradient (the
+// activation made again in the load) and bias gradient, then the batch norm's and activation's
+// backward from that input gradient (batch_norm_leaky_relu_backward, as BatchNormActFunction).
+class BatchNormActSparseConv2dFunction : public torch::autograd::Function<BatchNormActSparseConv2dFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const std::optional<at::Tensor>& stats,
+                               const at::Tensor& weight, const at::Tensor& bias, double eps, double negative_slope,
+                               const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                               const std::optional<at::Tensor>& conv_bias, at::IntArrayRef kernel_size,
+                               at::IntArrayRef padding, c10::string_view mode, int64_t upsample, bool pool) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const at::Tensor x = input.contiguous();
+    const Constants c = batch_norm_constants(x, stats, weight, bias, eps);
+    save_batch_norm(ctx, x, c, negative_slope, stats, weight, bias, values);
+    ctx->saved_data["row_ptr"] = row_ptr;
+    ctx->saved_data["col_idx"] = col_idx;
+    ctx->saved_data["has_conv_bias"] = given(conv_bias);
+    ctx->saved_data["kernel"] = kernel_size.vec();
+    ctx->saved_data["padding"] = padding.vec();
+    ctx->saved_data["mode"] = std::string(mode.data(), mode.size());
+    ctx->saved_data["upsample"] = upsample;
+    ctx->saved_data["pool"] = pool;
+    auto [out, out_stats] =
+        act_conv(x, c, negative_slope, values, row_ptr, col_idx, conv_bias, kernel_size, padding, mode, upsample, pool);
+    ctx->mark_non_differentiable({out_stats});
+    return {out, out_stats};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto input_grad =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("oes_fast::sparse_conv2d_input_grad", "")
+            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                              c10::SymIntArrayRef, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
+                              c10::string_view, int64_t)>();
+    static const auto pool_input_grad =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("oes_fast::sparse_conv2d_pool_input_grad", "")
+            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                              c10::SymIntArrayRef, at::IntArrayRef, at::IntArrayRef, c10::string_view)>();
+    static const auto weight_grad =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("oes_fast::sparse_conv2d_act_weight_grad", "")
+            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+                              const at::Tensor&, const at::Tensor&, at::IntArrayRef, at::IntArrayRef,
+                              c10::string_view, int64_t, bool)>();
+    static const auto batch_norm_backward = c10::Dispatcher::singleton()
+                                                .findSchemaOrThrow("oes_fast::batch_norm_leaky_relu_backward", "")
+                                                .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                                                    const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                    const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
+    // edges: input 0, stats (when given), weight w, bias w + 1, values w + 2, conv_bias w + 5
+    const int64_t w = ctx->saved_data["weight_edge"].toInt();
+    const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(w),
+               need_b = ctx->needs_input_grad(w + 1), need_v = ctx->needs_input_grad(w + 2),
+               need_cb = ctx->saved_data["has_conv_bias"].toBool() && ctx->needs_input_grad(w + 5);
+    variable_list out(15);
+    if (!(need_x || need_w || need_b || need_v || need_cb)) return out;
+    const auto s = ctx->get_saved_variables();
+    const at::Tensor &x = s[0], &mean = s[1], &invstd = s[2], &scale = s[3], &shift = s[4], &values = s[5];
+    const at::Tensor row_ptr = ctx->saved_data["row_ptr"].toTensor(), col_idx = ctx->saved_data["col_idx"].toTensor();
+    const std::vector<int64_t> kernel = ctx->saved_data["kernel"].toIntVector(),
+                               padding = ctx->saved_data["padding"].toIntVector();
+    const std::string mode = ctx->saved_data["mode"].toStringRef();
+    const int64_t upsample = ctx->saved_data["upsample"].toInt();
+    const bool pool = ctx->saved_data["pool"].toBool();
+    const double slope = ctx->saved_data["slope"].toDouble();
+    const at::Tensor g = grads[0].contiguous();
+    if (need_v)
+      out[6] = weight_grad.call(g, x, scale, shift, slope, row_ptr, col_idx, kernel, padding, mode, upsample, pool);
+    if (need_cb) out[9] = channel_sum(g);
+    if (need_x || need_w || need_b) {
+      const at::Tensor g_act =
+          pool ? pool_input_grad.call(g, values, row_ptr, col_idx, x.sym_sizes(), kernel, padding, mode)
+               : input_grad.call(g, values, row_ptr, col_idx, x.sym_sizes(), kernel, {1, 1}, padding, mode, upsample);
+      const auto [gx, gw, gb] = batch_norm_backward.call(g_act, x, mean, invstd, scale, shift, slope);
+      if (need_x) out[0] = gx;
+      out[2] = as_grad(need_w, gw, ctx->saved_data["weight_dtype"]);
+      out[3] = as_grad(need_b, gb, ctx->saved_data["bias_dtype"]);
+    }
+    return out;
+  }
+};
+
 at::Tensor batch_norm_act_cpu(const at::Tensor& input, const std::optional<at::Tensor>& stats,
                               const at::Tensor& weight, const at::Tensor& bias, double eps, double negative_slope) {
   const at::Tensor x = input.contiguous();
@@ -186,14 +299,40 @@ at::Tensor batch_norm_act_conv1x1_autograd(const at::Tensor& input, const std::o
   return BatchNormActConv1x1Function::apply(input, stats, weight, bias, eps, negative_slope, conv_weight, conv_bias);
 }
 
+Conv batch_norm_act_sparse_conv2d_cpu(const at::Tensor& input, const std::optional<at::Tensor>& stats,
+                                      const at::Tensor& weight, const at::Tensor& bias, double eps,
+                                      double negative_slope, const at::Tensor& values, const at::Tensor& row_ptr,
+                                      const at::Tensor& col_idx, const std::optional<at::Tensor>& conv_bias,
+                                      at::IntArrayRef kernel_size, at::IntArrayRef padding, c10::string_view mode,
+                                      int64_t upsample, bool pool) {
+  const at::Tensor x = input.contiguous();
+  return act_conv(x, batch_norm_constants(x, stats, weight, bias, eps), negative_slope, values, row_ptr, col_idx,
+                  conv_bias, kernel_size, padding, mode, upsample, pool);
+}
+
+Conv batch_norm_act_sparse_conv2d_autograd(const at::Tensor& input, const std::optional<at::Tensor>& stats,
+                                           const at::Tensor& weight, const at::Tensor& bias, double eps,
+                                           double negative_slope, const at::Tensor& values,
+                                           const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                                           const std::optional<at::Tensor>& conv_bias, at::IntArrayRef kernel_size,
+                                           at::IntArrayRef padding, c10::string_view mode, int64_t upsample,
+                                           bool pool) {
+  const auto out = BatchNormActSparseConv2dFunction::apply(input, stats, weight, bias, eps, negative_slope, values,
+                                                           row_ptr, col_idx, conv_bias, kernel_size, padding, mode,
+                                                           upsample, pool);
+  return {out[0], out[1]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(oes_fast, CPU, m) {
+  m.impl("batch_norm_act_sparse_conv2d", &batch_norm_act_sparse_conv2d_cpu);
   m.impl("batch_norm_act", &batch_norm_act_cpu);
   m.impl("batch_norm_act_conv1x1", &batch_norm_act_conv1x1_cpu);
 }
 
 TORCH_LIBRARY_IMPL(oes_fast, Autograd, m) {
+  m.impl("batch_norm_act_sparse_conv2d", &batch_norm_act_sparse_conv2d_autograd);
   m.impl("batch_norm_act", &batch_norm_act_autograd);
   m.impl("batch_norm_act_conv1x1", &batch_norm_act_conv1x1_autograd);
 }

@@ -46,6 +46,21 @@ TORCH_LIBRARY_FRAGMENT(oes_fast, m) {
   m.def(
       "sparse_conv2d_pool_input_grad(Tensor grad_output, Tensor values, Tensor row_ptr, Tensor col_idx, "
       "SymInt[4] input_size, int[2] kernel_size, int[2] padding, str padding_mode) -> Tensor");
+  // CPU: sparse_conv2d_stats (pool = false) or sparse_conv2d_pool_stats (pool = true, upsample 1)
+  // of batch_norm_leaky_relu(input, scale, shift, negative_slope) (scale, shift: (C_in,) float64),
+  // the activation made while the conv loads its input rows, with the bits that op would store:
+  // a batch norm's normalizing pass and the LeakyReLU after it fused into the next conv (no
+  // activated tensor is written or read). Not differentiable; batch_norm_act_sparse_conv2d is.
+  m.def(
+      "sparse_conv2d_act_stats(Tensor input, Tensor scale, Tensor shift, float negative_slope, Tensor values, "
+      "Tensor row_ptr, Tensor col_idx, Tensor? bias, int[2] kernel_size, int[2] padding, str padding_mode, "
+      "int upsample, bool pool) -> (Tensor, Tensor)");
+  // Its weight gradient (sparse_conv2d_weight_grad or sparse_conv2d_pool_weight_grad of the
+  // activated input, activated in the same way while loading).
+  m.def(
+      "sparse_conv2d_act_weight_grad(Tensor grad_output, Tensor input, Tensor scale, Tensor shift, "
+      "float negative_slope, Tensor row_ptr, Tensor col_idx, int[2] kernel_size, int[2] padding, "
+      "str padding_mode, int upsample, bool pool) -> Tensor");
 }
 
 namespace oes_fast {

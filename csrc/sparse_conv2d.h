@@ -21,6 +21,13 @@ struct SparseConvGeometry {
   // input with its border pixels repeated, what reflection of the upsampled input amounts to).
   bool replicate = false;
   int64_t nnz;
+  // Set only by the CPU ops with an input prologue (sparse_conv2d_act_*): the conv reads
+  // leaky_relu(x * act_scale[c] + act_shift[c], act_slope) of each stored input channel c, as
+  // batch_norm_leaky_relu would store it, made while the input rows are loaded (float64
+  // constants, C_in each); nullptr: x itself.
+  const double* act_scale = nullptr;
+  const double* act_shift = nullptr;
+  double act_slope = 1.0;
 };
 
 // Validates shapes, dtypes, devices and index ranges; returns the geometry. `input_size` is the
@@ -31,5 +38,8 @@ SparseConvGeometry sparse_conv2d_geometry(at::IntArrayRef input_size, const at::
                                           at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                           at::IntArrayRef padding, const std::string& padding_mode,
                                           const at::Tensor& like, int64_t upsample = 1);
+
+// A conv bias's gradient from the output's (csrc/sparse_conv2d_autograd.cpp).
+at::Tensor channel_sum(const at::Tensor& grad);
 
 }  // namespace oes_fast

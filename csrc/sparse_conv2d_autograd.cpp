@@ -18,7 +18,18 @@
 #include <string>
 #include <tuple>
 
+#include "sparse_conv2d.h"
+
 namespace oes_fast {
+
+// A conv bias's gradient: grad summed over images and pixels, in float64 below float64 (a sum
+// over a whole image loses several ulps in float32 otherwise), as oes_fast.ops._channel_sum.
+at::Tensor channel_sum(const at::Tensor& grad) {
+  const auto dtype = grad.scalar_type();
+  const auto wide = dtype == at::kDouble ? dtype : at::kDouble;
+  return grad.sum({0, 2, 3}, false, wide).to(dtype);
+}
+
 namespace {
 
 using torch::autograd::AutogradContext;
@@ -45,14 +56,6 @@ weight_grad_op() {
                                                const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
                                                c10::string_view, int64_t)>();
   return op;
-}
-
-// A conv bias's gradient: grad summed over images and pixels, in float64 below float64 (a sum
-// over a whole image loses several ulps in float32 otherwise), as oes_fast.ops._channel_sum.
-at::Tensor channel_sum(const at::Tensor& grad) {
-  const auto dtype = grad.scalar_type();
-  const auto wide = dtype == at::kDouble ? dtype : at::kDouble;
-  return grad.sum({0, 2, 3}, false, wide).to(dtype);
 }
 
 bool has_tensor(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }

@@ -674,6 +674,49 @@ def _batch_norm_act_conv1x1_fake(input, stats, weight, bias, eps, negative_slope
     return input.new_empty((n, conv_weight.shape[0], h, w))
 
 
+def _act_conv_out_shape(input, row_ptr, kernel_size, padding, upsample, pool):
+    h, w = _sparse_conv2d_out_size([s * upsample for s in input.shape[2:]], kernel_size, [1, 1], padding)
+    return (input.shape[0], row_ptr.shape[0] - 1, h // 2, w // 2) if pool else (input.shape[0], row_ptr.shape[0] - 1, h, w)
+
+
+@torch.library.register_fake("oes_fast::sparse_conv2d_act_stats")
+def _sparse_conv2d_act_stats_fake(input, scale, shift, negative_slope, values, row_ptr, col_idx, bias, kernel_size,
+                                  padding, padding_mode, upsample, pool):
+    shape = _act_conv_out_shape(input, row_ptr, kernel_size, padding, upsample, pool)
+    return input.new_empty(shape), input.new_empty((shape[1], 2), dtype=torch.float64)
+
+
+@torch.library.register_fake("oes_fast::sparse_conv2d_act_weight_grad")
+def _sparse_conv2d_act_weight_grad_fake(grad_output, input, scale, shift, negative_slope, row_ptr, col_idx,
+                                        kernel_size, padding, padding_mode, upsample, pool):
+    return input.new_empty((col_idx.shape[0],))
+
+
+@torch.library.register_fake("oes_fast::batch_norm_act_sparse_conv2d")
+def _batch_norm_act_sparse_conv2d_fake(input, stats, weight, bias, eps, negative_slope, values, row_ptr, col_idx,
+                                       conv_bias, kernel_size, padding, padding_mode, upsample, pool):
+    shape = _act_conv_out_shape(input, row_ptr, kernel_size, padding, upsample, pool)
+    return input.new_empty(shape), input.new_empty((shape[1], 2), dtype=torch.float64)
+
+
+def batch_norm_leaky_relu_sparse_conv2d(x: torch.Tensor, stats: torch.Tensor | None, weight: torch.Tensor,
+                                        bias: torch.Tensor, eps: float, negative_slope: float, values: torch.Tensor,
+                                        row_ptr: torch.Tensor, col_idx: torch.Tensor, conv_bias: torch.Tensor | None,
+                                        kernel_size, padding, padding_mode: str = "reflect", upsample: int = 1,
+                                        pool: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """sparse_conv2d_stats(batch_norm_leaky_relu(x, stats, weight, bias, eps, negative_slope),
+    values, row_ptr, col_idx, conv_bias, kernel_size, padding, padding_mode, upsample) (or, with
+    pool, the conv's 2x2 average pooling and its statistics, as sparse_conv2d_pool_stats), with
+    the batch norm's normalizing pass and activation made while the conv loads its input: the
+    activated tensor is never stored (forward or backward). Returns (output, its (C_out, 2)
+    float64 statistics). x: NCHW, CPU, float32 or float64. Differentiable (once) in x, weight,
+    bias, values and conv_bias; the same values and gradients, bit for bit, as the two ops."""
+    _check_batch_norm_input(x, stats, "batch_norm_leaky_relu_sparse_conv2d")
+    return _ops.batch_norm_act_sparse_conv2d(x, stats, weight, bias, float(eps), float(negative_slope), values,
+                                             row_ptr, col_idx, conv_bias, list(kernel_size), list(padding),
+                                             padding_mode, int(upsample), bool(pool))
+
+
 def batch_norm_leaky_relu_conv1x1(x: torch.Tensor, stats: torch.Tensor | None, weight: torch.Tensor,
                                   bias: torch.Tensor, eps: float, negative_slope: float, conv_weight: torch.Tensor,
                                   conv_bias: torch.Tensor | None) -> torch.Tensor:

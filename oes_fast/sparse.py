@@ -27,14 +27,16 @@ training-mode forward computes (batch norm with batch statistics), in two steps:
    norm that follows the upsampling runs before it, on 4x fewer pixels: repeating every value
    four times leaves batch mean and biased variance unchanged); the batch norm statistics in
    the kernel's epilogue (`sparse_conv2d_stats`), so batch norm is one normalization pass.
-   LeakyReLU follows batch norm, so it cannot go into the conv; it runs inside the batch norm's
-   pass: every batch norm runs as `ops.batch_norm_leaky_relu`,
-   which normalizes and activates in one pass (from the conv's statistics, or after a
-   statistics pass of its own where a pooling or nothing precedes; a slope of 1 where no
-   LeakyReLU follows) and whose backward takes two passes per channel, keeping only the batch
-   norm's input (`SparseGenerator.run_stage`). The last batch norm, its LeakyReLU and the 1x1
-   output conv are one pass too (`ops.batch_norm_leaky_relu_conv1x1`, two passes backward), and
-   without autograd the sigmoid runs in place.
+   LeakyReLU follows batch norm, so it cannot go into the conv's epilogue; the batch norm's
+   normalization and the LeakyReLU go into the next sparse conv's input load instead
+   (`ops.batch_norm_leaky_relu_sparse_conv2d`, on CPU: the activated tensor is never stored, and
+   the weight gradient's load makes it again). Every other batch norm runs as
+   `ops.batch_norm_leaky_relu`, which normalizes and activates in one pass (from the conv's
+   statistics, or after a statistics pass of its own where a pooling or nothing precedes; a
+   slope of 1 where no LeakyReLU follows) and whose backward takes two passes per channel,
+   keeping only the batch norm's input (`SparseGenerator.run_stage`). The last batch norm, its
+   LeakyReLU and the 1x1 output conv are one pass too (`ops.batch_norm_leaky_relu_conv1x1`, two
+   passes backward), and without autograd the sigmoid runs in place.
 
 Weight format: CSR over output channels (row_ptr int64 [C_out + 1], col_idx int32 = c * KH * KW
 + ky * KW + kx, values). The CPU kernel gives each thread whole output rows of one output
@@ -57,7 +59,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops as _ops_module  # noqa: F401  (registers the operators)
-from .ops import batch_norm_constants, batch_norm_from_stats, batch_norm_leaky_relu, batch_norm_leaky_relu_conv1x1
+from .ops import (batch_norm_constants, batch_norm_from_stats, batch_norm_leaky_relu, batch_norm_leaky_relu_conv1x1,
+                  batch_norm_leaky_relu_sparse_conv2d)
 from .files import atomic_path
 from .connectivity import live_channels
 
@@ -219,6 +222,22 @@ class _Conv(_Stage):
         x = batch_norm_leaky_relu_conv1x1(x, stats, gamma, beta_live, bn.eps, negative_slope,
                                           self.dense_weight().view(self.n_out, self.n_in), bias)
         return x, const_out, hw
+
+    def forward_after_batch_norm(self, x, stats, bn, hw, negative_slope, pool: bool = False):
+        """forward(bn's batch norm of x and a LeakyReLU of `negative_slope` (1.0: none),
+        with_stats=True, pool) in one op (ops.batch_norm_leaky_relu_sparse_conv2d): the batch
+        norm and activation made in this conv's input load. `stats`: x's statistics from the conv
+        before, or None. can_fuse_stats must hold for x."""
+        beta, gamma, beta_live = bn.masked_parameters()
+        const_out = self.constants(bn.constants_after(beta, negative_slope))
+        bias = const_out.index_select(0, self.live_out) if const_out is not None else None
+        u = self.upsample
+        ph, pw = (self.kernel[0] - 1) // 2, (self.kernel[1] - 1) // 2
+        x, stats = batch_norm_leaky_relu_sparse_conv2d(x, stats, gamma, beta_live, bn.eps, negative_slope, self.values,
+                                                       self.row_ptr, self.col_idx, bias, self.kernel, [ph, pw],
+                                                       "reflect", u, pool)
+        hw = (hw[0], hw[1] // 2, hw[2] // 2) if pool else (hw[0], hw[1] * u, hw[2] * u)
+        return x, const_out, hw, stats
 
     def can_fuse_stats(self, x) -> bool:
         """Whether forward(..., with_stats=True) applies: sparse, CPU, live inputs and outputs."""
@@ -511,6 +530,7 @@ class SparseGenerator(nn.Module):
         self.names = [s.get("name") for s in specs]
         self.fuse_batch_norm = True  # see fuses_stats
         self.fuse_activation = True  # see fuses_batch_norm_op
+        self.fuse_prologue = True  # see prologue_conv
         # see fuses_pool: from this input width (isolated ops, 1 thread, the down blocks' first
         # convs of the published pepper mask, fused against conv + statistics + pooling: forward
         # 0.56 -> 0.19 ms at 256, 0.37 -> 0.19 at 128, 0.25 -> 0.17 at 64, 0.28 -> 0.19 at 32, but
@@ -560,6 +580,10 @@ class SparseGenerator(nn.Module):
         "conv + bn stats (fused)" (sparse_conv2d_stats; the batch norm is next);
         the last batch norm, its LeakyReLU and the 1x1 conv after them as
         ops.batch_norm_leaky_relu_conv1x1: "bn apply + activation + 1x1 conv (fused)" (see `fuses_head`);
+        a batch norm, the LeakyReLU after it if any and the sparse conv after that (with its
+        statistics, and its pooling where fuses_pool) as ops.batch_norm_leaky_relu_sparse_conv2d:
+        "bn apply[ + activation] + conv[ + pool] + bn stats (fused)", "bn stats + apply..." where
+        the batch norm's statistics were not given (see `prologue_conv`);
         every other batch norm as ops.batch_norm_leaky_relu: "bn apply[ + activation] (fused)" from the conv's
         statistics, "bn stats + apply[ + activation] (fused)" with its own statistics pass, the
         LeakyReLU after it included when there is one (else a slope of 1: the identity);
@@ -575,6 +599,14 @@ class SparseGenerator(nn.Module):
         if self.fuses_head(i, x, stats):
             x, const, hw = self._chain[i + 2].forward_head(x, stats, stage, hw, LEAKY_RELU_SLOPE)
             return x, const, hw, None, i + 3, "bn apply + activation + 1x1 conv (fused)"
+        j = self.prologue_conv(i, x)
+        if j is not None:
+            act, pool = j == i + 2, self.fuses_pool(j, x)
+            phase = (("bn apply" if stats is not None else "bn stats + apply") + (" + activation" if act else "")
+                     + (" + conv + pool + bn stats (fused)" if pool else " + conv + bn stats (fused)"))
+            x, const, hw, stats = self._chain[j].forward_after_batch_norm(x, stats, stage, hw,
+                                                                          LEAKY_RELU_SLOPE if act else 1.0, pool)
+            return x, const, hw, stats, j + (2 if pool else 1), phase
         if self.fuses_batch_norm_op(i, x):
             act = self.fuses_activation(i, x)
             x, const, hw = stage.forward_leaky_relu(x, stats, const, hw, LEAKY_RELU_SLOPE if act else 1.0)
@@ -614,6 +646,20 @@ class SparseGenerator(nn.Module):
         stages = self._chain
         return (self.fuses_activation(i, x) and stats is not None
                 and i + 2 < len(stages) and isinstance(stages[i + 2], _Conv) and stages[i + 2].is_pointwise(x))
+
+    def prologue_conv(self, i: int, x) -> int | None:
+        """The index of the conv into whose input load `forward` puts stage i, a batch norm of x,
+        with the LeakyReLU after it if any (ops.batch_norm_leaky_relu_sparse_conv2d), or None:
+        under `fuse_prologue` and `fuse_activation`, where the conv is sparse and run with its
+        statistics (`fuses_stats`) or its pooling (`fuses_pool`), on CPU float32 or float64,
+        and reads x's channels as they are (not the first conv)."""
+        if not (self.fuse_prologue and self.fuses_batch_norm_op(i, x)) or x.dtype not in (torch.float32, torch.float64):
+            return None
+        j = i + (2 if self.fuses_activation(i, x) else 1)
+        conv = self._chain[j] if j < len(self._chain) else None
+        if not (isinstance(conv, _Conv) and not conv.select_in and (self.fuses_stats(j, x) or self.fuses_pool(j, x))):
+            return None
+        return j
 
     def fuses_batch_norm_op(self, i: int, x) -> bool:
         """Whether `forward` runs stage i, a batch norm, as ops.batch_norm_leaky_relu (one

@@ -5,8 +5,10 @@ compiled again for AVX2+FMA and AVX-512 and one copy is chosen per process, the 
 runs unless OES_FAST_CPU_ISA names another. The choice is made once per process, so every
 instruction set is exercised in a subprocess of its own: it runs the forward (and the forward
 with batch-norm statistics), the input gradient and the weight gradient on inputs made here,
-in float64 and float32, with 1 and then 2 threads; this process checks the results against
-oes_fast.reference and that the bits do not depend on the thread count.
+in float64 and float32, with 1 and then 2 threads, and the same with a batch norm and LeakyReLU
+made in the conv's input load (batch_norm_act_sparse_conv2d) and as two ops before it; this
+process checks the results against oes_fast.reference, that the fused op gives the two ops'
+bits, and that the bits do not depend on the thread count.
 """
 from __future__ import annotations
 
@@ -60,6 +62,7 @@ import torch
 import oes_fast._C as _C
 from oes_fast.sparse import sparse_conv2d
 
+ACT_RESULTS = ("out", "stats", "input_grad", "gamma_grad", "beta_grad", "weight_grad", "bias_grad")
 cases = torch.load(sys.argv[1])
 results = {"isa": _C.cpu_isa(), "threads": {}}
 for threads in (1, 2):
@@ -87,6 +90,27 @@ for threads in (1, 2):
                 yp.backward(t["grad"].to(dtype)[:, :, :h // 2, :w // 2].contiguous())
                 got.update(pool_out=yp.detach(), pool_stats=pool_stats, pool_input_grad=xp.grad,
                            pool_weight_grad=vp.grad, pool_bias_grad=bp.grad)
+            if stride == 1:  # a batch norm + LeakyReLU before the conv: in its input load, and as two ops
+                for pool in (False, True) if up == 1 else (False,):
+                    grad = t["grad"].to(dtype)[:, :, :h // 2, :w // 2].contiguous() if pool else t["grad"].to(dtype)
+                    for fused in (False, True):
+                        xa, ga, ba, va, ca = (t[name].to(dtype).clone().requires_grad_()
+                                              for name in ("x", "gamma", "beta", "values", "bias"))
+                        conv = ([k, k], [(k - 1) // 2] * 2, mode)
+                        if fused:
+                            y, stats = torch.ops.oes_fast.batch_norm_act_sparse_conv2d(
+                                xa, None, ga, ba, 1e-5, 0.2, va, t["row_ptr"], t["col_idx"], ca, *conv, up, pool)
+                        else:
+                            act = torch.ops.oes_fast.batch_norm_act(xa, None, ga, ba, 1e-5, 0.2)
+                            if pool:
+                                y, stats = torch.ops.oes_fast.sparse_conv2d_pool_stats(
+                                    act, va, t["row_ptr"], t["col_idx"], ca, *conv)
+                            else:
+                                y, stats = torch.ops.oes_fast.sparse_conv2d_stats(
+                                    act, va, t["row_ptr"], t["col_idx"], ca, *conv, up)
+                        y.backward(grad)
+                        for name, r in zip(ACT_RESULTS, (y.detach(), stats, xa.grad, ga.grad, ba.grad, va.grad, ca.grad)):
+                            got[f"act{'_pool' if pool else ''}_{name}{'' if fused else '_two_ops'}"] = r
             out[str(dtype)] = got
         per_case.append(out)
     results["threads"][threads] = per_case
@@ -120,8 +144,11 @@ def _inputs():
         h_out = (h * up + 2 * ((k - 1) // 2) - k) // stride + 1
         w_out = (w * up + 2 * ((k - 1) // 2) - k) // stride + 1
         grad = torch.randn(n, c_out, h_out, w_out, generator=g, dtype=torch.float64)
+        # a batch norm's scale and shift before the conv (sparse_conv2d_act_*)
+        gamma = torch.randn(c_in, generator=g, dtype=torch.float64)
+        beta = torch.randn(c_in, generator=g, dtype=torch.float64) * 0.5
         cases.append({"shape": shape, "tensors": dict(x=x, values=values, row_ptr=row_ptr, col_idx=col_idx,
-                                                      bias=bias, grad=grad)})
+                                                      bias=bias, grad=grad, gamma=gamma, beta=beta)})
     return cases
 
 
@@ -157,6 +184,33 @@ def _reference(case, dtype):
         y = F.avg_pool2d(reference.sparse_conv2d(x, v, t["row_ptr"], t["col_idx"], k, b, 1, (k - 1) // 2, mode), 2)
         y.backward(t["grad"].to(dtype)[:, :, :h // 2, :w // 2])
         out.update(pool_out=y.detach(), pool_input_grad=x.grad, pool_weight_grad=v.grad, pool_bias_grad=b.grad)
+    return out
+
+
+ACT_RESULTS = ("out", "stats", "input_grad", "gamma_grad", "beta_grad", "weight_grad", "bias_grad")
+
+
+def _act_reference(case, dtype, pool):
+    """ACT_RESULTS but the statistics of the conv (with the pooling after it if pool) of
+    reference.batch_norm_leaky_relu of x, in dtype; and the scales of the batch norm's gradients
+    (see test_sparse_conv2d_under_isa)."""
+    (n, c_in, c_out, h, w, k, stride, mode, up, density), t = case["shape"], case["tensors"]
+    x, gamma, beta, v, b = (t[name].to(dtype).clone().requires_grad_() for name in ("x", "gamma", "beta", "values", "bias"))
+    act = reference.batch_norm_leaky_relu(x, gamma, beta, 1e-5, 0.2)
+    act.retain_grad()
+    y = reference.sparse_conv2d(act, v, t["row_ptr"], t["col_idx"], k, b, 1, (k - 1) // 2, mode, up)
+    grad = t["grad"].to(dtype)
+    if pool:
+        y, grad = F.avg_pool2d(y, 2), grad[:, :, :h // 2, :w // 2]
+    y.backward(grad)
+    out = dict(zip(ACT_RESULTS[:1] + ACT_RESULTS[2:], (y.detach(), x.grad, gamma.grad, beta.grad, v.grad, b.grad)))
+    # gamma's and beta's gradients sum dt * xhat and dt over every pixel, dt = the activation's
+    # input gradient (rounded to dtype by the conv's input gradient) times its slope: their
+    # rounding error scales with the sum of the terms' magnitudes, not with the sum
+    xd = x.detach()
+    xhat = (xd - xd.mean((0, 2, 3), keepdim=True)) / torch.sqrt(xd.var((0, 2, 3), unbiased=False, keepdim=True) + 1e-5)
+    dt = (act.grad * torch.where(act.detach() > 0, 1.0, 0.2)).abs()
+    out["scales"] = {"gamma_grad": float((dt * xhat.abs()).sum((0, 2, 3)).max()), "beta_grad": float(dt.sum((0, 2, 3)).max())}
     return out
 
 
@@ -204,6 +258,18 @@ def test_sparse_conv2d_under_isa(isa, inputs, tmp_path_factory):
                 assert_channel_stats(got["stats"], got["out"], dtype, where)
             if "pool_stats" in got:
                 assert_channel_stats(got["pool_stats"], ref64["pool_out"], dtype, where)
+            # the batch norm and activation in the conv's input load: the two ops' bits, the reference's values
+            for pool in ("", "_pool"):
+                if f"act{pool}_out" not in got:
+                    continue
+                for name in ACT_RESULTS:
+                    assert torch.equal(got[f"act{pool}_{name}"], got[f"act{pool}_{name}_two_ops"]), f"act{pool} {name} {where}"
+                act64, act_lowp = _act_reference(case, torch.float64, pool == "_pool"), _act_reference(case, dtype, pool == "_pool")
+                scales = act64.pop("scales")
+                for name in act64:
+                    assert_close_to_reference(got[f"act{pool}_{name}"], act64[name], act_lowp[name],
+                                              name=f"act{pool} {name} {where}", scale=scales.get(name))
+                assert_channel_stats(got[f"act{pool}_stats"], act64["out"], dtype, where)
             other = results["threads"][2][i][str(dtype)]
             for name in got:
                 assert torch.equal(got[name], other[name]), f"{name} {where}: bits differ between 1 and 2 threads"

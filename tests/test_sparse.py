@@ -400,6 +400,64 @@ def test_sparse_conv2d_pool_stats_gradcheck_and_opcheck():
                           (g, values.detach(), row_ptr, col_idx, [1, 2, 7, 9], [5, 5], [2, 2], "zeros"))
 
 
+@pytest.mark.parametrize("form", ["conv", "upsampled", "pooled"])
+def test_batch_norm_act_sparse_conv2d_gradcheck_and_opcheck(form):
+    """The batch norm + LeakyReLU made in the conv's input load (batch_norm_act_sparse_conv2d and
+    its two kernel ops): gradcheck in x, the batch norm's weight and bias, the conv's values and
+    bias (float64, statistics computed and given, both padding modes), and opcheck of the three
+    ops. Their values against oes_fast.reference, and the bits of the unfused ops, are checked
+    under every instruction set in test_cpu_isa.py."""
+    ops = torch.ops.oes_fast
+    k = 5 if form == "pooled" else 3
+    up, pool = (2, False) if form == "upsampled" else (1, form == "pooled")
+    w, keep = random_weight(3, 2, k, 0.5, torch.float64, stable_seed("act", form))
+    values, row_ptr, col_idx = to_csr(w, keep)
+    gen = torch.Generator().manual_seed(stable_seed("act inputs", form))
+    x = torch.randn(2, 2, 6, 7, generator=gen, dtype=torch.float64) * 2 + 0.3
+    gamma, beta = torch.rand(2, generator=gen, dtype=torch.float64) + 0.5, torch.randn(2, generator=gen, dtype=torch.float64)
+    b = torch.randn(3, generator=gen, dtype=torch.float64)
+    conv = ([k, k], [(k - 1) // 2] * 2)
+    for mode in ("reflect", "zeros"):
+        for given in (False, True):
+            leaves = [t.clone().requires_grad_() for t in (x, gamma, beta, values, b)]
+
+            def fn(x_, g_, b_, v_, cb_):
+                # given statistics are x's (the gradient flows through them as batch statistics)
+                stats = ops.batch_norm_stats(x_.detach()) if given else None
+                return ops.batch_norm_act_sparse_conv2d(x_, stats, g_, b_, 1e-5, 0.2, v_, row_ptr, col_idx, cb_, *conv,
+                                                        mode, up, pool)[0]
+
+            assert torch.autograd.gradcheck(fn, leaves)
+            torch.library.opcheck(ops.batch_norm_act_sparse_conv2d.default,
+                                  (leaves[0], ops.batch_norm_stats(x) if given else None, *leaves[1:3], 1e-5, 0.2,
+                                   leaves[3], row_ptr, col_idx, leaves[4], *conv, mode, up, pool))
+    _, _, scale, shift = ops.batch_norm_constants(ops.batch_norm_stats(x), x.numel() // 2, gamma, beta, 1e-5)
+    out, _ = ops.sparse_conv2d_act_stats(x, scale, shift, 0.2, values, row_ptr, col_idx, b, *conv, "reflect", up, pool)
+    torch.library.opcheck(ops.sparse_conv2d_act_stats.default,
+                          (x, scale, shift, 0.2, values, row_ptr, col_idx, b, *conv, "reflect", up, pool))
+    torch.library.opcheck(ops.sparse_conv2d_act_weight_grad.default,
+                          (torch.randn_like(out), x, scale, shift, 0.2, row_ptr, col_idx, *conv, "reflect", up, pool))
+
+
+def test_batch_norm_act_sparse_conv2d_rejects_bad_arguments():
+    ops = torch.ops.oes_fast
+    w, keep = random_weight(4, 3, 3, 0.5, torch.float32, 5)
+    values, row_ptr, col_idx = to_csr(w, keep)
+    x = torch.randn(1, 3, 8, 8)
+    scale, shift = torch.ones(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    conv = ([3, 3], [1, 1], "reflect")
+    with pytest.raises(RuntimeError, match="scale and shift must be contiguous float64 vectors of C_in = 3"):
+        ops.sparse_conv2d_act_stats(x, scale.float(), shift, 0.2, values, row_ptr, col_idx, None, *conv, 1, False)
+    with pytest.raises(RuntimeError, match="C_in = 3"):
+        ops.sparse_conv2d_act_weight_grad(torch.randn(1, 4, 8, 8), x, scale[:2], shift[:2], 0.2, row_ptr, col_idx,
+                                          *conv, 1, False)
+    with pytest.raises(RuntimeError, match="pool takes no upsampling"):
+        ops.sparse_conv2d_act_stats(x, scale, shift, 0.2, values, row_ptr, col_idx, None, *conv, 2, True)
+    with pytest.raises(ValueError, match="stats must be float64 of shape"):
+        oes_fast.ops.batch_norm_leaky_relu_sparse_conv2d(x, torch.zeros(3, 2), torch.ones(3), torch.zeros(3), 1e-5,
+                                                         0.2, values, row_ptr, col_idx, None, [3, 3], [1, 1])
+
+
 @pytest.mark.parametrize("pooled", [False, True], ids=["conv", "pooled"])
 def test_sparse_conv2d_several_row_tiles(pooled):
     """Inputs wide and deep enough that the halo kernels split the rows into several tiles (their
@@ -540,6 +598,26 @@ def test_generator_float32_published(shared_data):
     assert_close_to_reference(out, ref64, ref32, factor=4.0, name="generator float32")
 
 
+def test_generator_prologue_fusion_keeps_the_bits(shared_data):
+    """The published pepper mask, float32, one training step's output and gradients with the batch
+    norms made in the next sparse convs' input loads (fuse_prologue) and as ops of their own:
+    the same bits."""
+    model = models.skip_oes(seed=0)
+    gen = SparseGenerator.from_masked(model, published_mask(model, shared_data, "pepper"))
+    z = models.dip_input(32, 256, 256, seed=3)
+    target = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(4))
+    results = []
+    for fuse in (False, True):
+        gen.fuse_prologue = fuse
+        gen.zero_grad(set_to_none=True)
+        out = gen(z)
+        ((out - target) ** 2).mean().backward()
+        results.append([out.detach()] + [p.grad for p in gen.parameters() if p.grad is not None])
+    assert len(results[0]) == len(results[1]) > 20
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 def perturbed_model(levels, seed):
     """A small OES-style network whose biases and batch-norm parameters are all nonzero, so
     that constant channels carry nonzero values through the compaction."""
@@ -623,12 +701,16 @@ def test_generator_gradients(mode, fuse):
         assert float(rest.abs().max()) <= 1e-10 if rest.numel() else True, f"{name}: gradient outside the generator"
 
 
-@pytest.mark.parametrize("fuse_stats,fuse_activation", [(True, True), (False, True), (True, False)])
-def test_generator_training_fused_batch_norm_leaky_relu(monkeypatch, fuse_stats, fuse_activation):
+@pytest.mark.parametrize("fuse_stats,fuse_activation,fuse_prologue",
+                         [(True, True, False), (False, True, False), (True, False, False), (True, True, True)])
+def test_generator_training_fused_batch_norm_leaky_relu(monkeypatch, fuse_stats, fuse_activation, fuse_prologue):
     """Training forward and backward with every batch norm run as one op
     (ops.batch_norm_leaky_relu, with the LeakyReLU after it, or a slope of 1 where none follows;
     the last one with the output conv too, ops.batch_norm_leaky_relu_conv1x1;
-    statistics from the sparse conv's epilogue after a conv, computed by the op elsewhere), and without it: output and gradients of every kept parameter
+    statistics from the sparse conv's epilogue after a conv, computed by the op elsewhere), and without it;
+    with fuse_prologue, every batch norm (and its LeakyReLU) that a sparse conv with its
+    statistics follows made in that conv's input load (ops.batch_norm_leaky_relu_sparse_conv2d):
+    output and gradients of every kept parameter
     equal those of the masked dense model (float64). The batch norms' scales and shifts are all
     kept, so that most channels stay live through them (the other tests' masks prune many)."""
     model = perturbed_model(3, seed=23)
@@ -636,8 +718,13 @@ def test_generator_training_fused_batch_norm_leaky_relu(monkeypatch, fuse_stats,
     mask = masks.Mask({n: torch.ones_like(t) if ".bn" in n else t for n, t in pruned.items()},
                       architecture=model.config)
     gen = SparseGenerator.from_masked(model, mask).double()
-    gen.fuse_batch_norm, gen.fuse_activation = fuse_stats, fuse_activation
+    gen.fuse_batch_norm, gen.fuse_activation, gen.fuse_prologue = fuse_stats, fuse_activation, fuse_prologue
     gen.pool_fusion_min_width = 0  # with fuse_stats, every conv + pooling as one op, whatever the size
+    prologue_calls = []  # per call: statistics given, slope, pooled
+    prologue_op = oes_fast.sparse.batch_norm_leaky_relu_sparse_conv2d
+    monkeypatch.setattr(oes_fast.sparse, "batch_norm_leaky_relu_sparse_conv2d",
+                        lambda *args: prologue_calls.append((args[1] is not None, args[5], args[14]))
+                        or prologue_op(*args))
     calls = []  # per call of the fused op: whether the statistics were given, and the slope
     fused_op = oes_fast.sparse.batch_norm_leaky_relu
     monkeypatch.setattr(oes_fast.sparse, "batch_norm_leaky_relu",
@@ -661,27 +748,35 @@ def test_generator_training_fused_batch_norm_leaky_relu(monkeypatch, fuse_stats,
     # 12 batch norms, all on live channels; down: bn1 after the pooling (its statistics from the
     # conv + pooling op where fused), bn2 after a sparse conv, each followed by LeakyReLU; up:
     # bn_in (no activation after it), bn after a sparse conv
+    act = oes_fast.sparse.LEAKY_RELU_SLOPE
     if not fuse_activation:
-        assert calls == []
+        assert calls == [] and prologue_calls == []
+    elif fuse_prologue:
+        # down: each block's bn1 into its conv2, bn2 into the next block's conv1 + pooling, but
+        # the last bn2 (an up block's bn_in follows); up: each bn_in into its conv, each bn but
+        # the last (the head) before the next bn_in
+        assert prologue_calls == [(True, act, False), (True, act, True)] * 2 + [(True, act, False)] + [(False, 1.0, False)] * 3
+        assert calls == [(True, act)] * 3
+        assert head_calls == [act]
     else:
-        act = oes_fast.sparse.LEAKY_RELU_SLOPE
         # the last batch norm (statistics from up.0's conv) goes into the head op instead
         head = fuse_stats and fuse_activation
         assert calls == ([(fuse_stats, act), (fuse_stats, act)] * 3 + [(False, 1.0), (fuse_stats, act)] * 3)[
             :-1 if head else None]
-        assert head_calls == ([act] if head else [])
+        assert head_calls == ([act] if head else []) and prologue_calls == []
     assert_close_to_reference(out, ref, floor=1e-11, name="output")
     largest = max(float(g.abs().max()) for g in ref_grads.values())
     for param, name, index in gen.parameter_map():
         got = param.grad if param.grad is not None else torch.zeros_like(param)
         assert_close_to_reference(got, ref_grads[name].reshape(-1)[index].view_as(got), floor=1e-10, scale=largest,
                                   name=f"grad {name}")
-    expected_calls = list(calls)
+    expected_calls, expected_prologue = list(calls), list(prologue_calls)
     with torch.no_grad():  # the inference path runs the same ops
         calls.clear()
         head_calls.clear()
+        prologue_calls.clear()
         assert_close_to_reference(gen(z), ref, floor=1e-11, name="output without autograd")
-        assert calls == expected_calls
+        assert calls == expected_calls and prologue_calls == expected_prologue
         assert head_calls == ([oes_fast.sparse.LEAKY_RELU_SLOPE] if fuse_stats and fuse_activation else [])
 
 

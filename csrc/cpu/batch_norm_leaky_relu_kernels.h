@@ -8,20 +8,12 @@
 // traffic, not the arithmetic, bounds these loops).
 // Included once per instruction set by per_isa.h (from batch_norm_leaky_relu.cpp): no library
 // includes, no include guard; everything in the copy's namespace with internal linkage.
-#include "vectors.h"  // vec_t<T>, kLanes<T>
+#include "vectors.h"     // vec_t<T>, kLanes<T>
+#include "activation.h"  // activation, activate_row, F64Vec, ...
 
 namespace oes_fast {
 namespace OES_FAST_ISA_NS {
 namespace {
-
-// The one expression both the forward and the backward evaluate, so that the backward's
-// choice of slope is the forward's, bit for bit, without keeping the output.
-inline double pre_activation(double x, double scale, double shift) { return x * scale + shift; }
-// leaky_relu(pre_activation(x)), not rounded: the scalar loops' value (activation_lanes: in lanes)
-inline double activation(double x, double scale, double shift, double slope) {
-  const double pre = pre_activation(x, scale, shift);
-  return pre > 0.0 ? pre : pre * slope;
-}
 
 // (sum, sum of squares) of channel c into out[0], out[1].
 template <typename scalar_t>
@@ -85,77 +77,20 @@ void channel_backward(const scalar_t* grad, const scalar_t* x, scalar_t* grad_x,
 }
 
 // The generator's head (batch_norm_leaky_relu_conv1x1) and its backward work on chunks of
-// kHeadChunk pixels of one image in float64 vectors of kHeadLanes (channel_forward uses the
+// kHeadChunk pixels of one image in float64 vectors of kF64Lanes (channel_forward uses the
 // vectors too).
-using HeadVec = vec_t<double>;
-constexpr int64_t kHeadLanes = kLanes<double>;
 constexpr int64_t kHeadAcc = 8;
-constexpr int64_t kHeadChunk = 128;  // a multiple of kHeadAcc * kHeadLanes in every copy (<= 64)
-// kHeadLanes values of the output's dtype
+constexpr int64_t kHeadChunk = 128;  // a multiple of kHeadAcc * kF64Lanes in every copy (<= 64)
 template <typename scalar_t>
-struct HeadOut;
-template <>
-struct HeadOut<float> {
-  using type = float __attribute__((vector_size(kHeadLanes * 4)));
-};
-template <>
-struct HeadOut<double> {
-  using type = HeadVec;
-};
-
-inline HeadVec load_head(const double* p) {
-  HeadVec v;
-  __builtin_memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void store_head(double* p, HeadVec v) { __builtin_memcpy(p, &v, sizeof v); }
-template <typename scalar_t>
-inline HeadVec round_lanes(HeadVec v) {
-  return __builtin_convertvector(__builtin_convertvector(v, typename HeadOut<scalar_t>::type), HeadVec);
-}
-// The first n (any count; none when n <= 0) lanes of v rounded to scalar_t at p.
-template <typename scalar_t>
-inline void store_rounded(scalar_t* p, HeadVec v, int64_t n) {
-  if (n >= kHeadLanes) {
-    const typename HeadOut<scalar_t>::type rounded = __builtin_convertvector(v, typename HeadOut<scalar_t>::type);
-    __builtin_memcpy(p, &rounded, sizeof rounded);
-  } else {
-    for (int64_t l = 0; l < n; ++l) p[l] = static_cast<scalar_t>(v[l]);
-  }
-}
-
-// kHeadLanes values at p as float64 lanes
-inline HeadVec load_as_double(const float* p) {
-  HeadOut<float>::type v;
-  __builtin_memcpy(&v, p, sizeof v);
-  return __builtin_convertvector(v, HeadVec);
-}
-inline HeadVec load_as_double(const double* p) { return load_head(p); }
-
-// leaky_relu(x * scale + shift) of the kHeadLanes values at p, in float64 (not rounded): each
-// lane as `activation` computes it
-template <typename scalar_t>
-inline HeadVec activation_lanes(const scalar_t* p, HeadVec scale, HeadVec shift, HeadVec slope) {
-  const HeadVec pre = load_as_double(p) * scale + shift;
-  return pre > 0.0 ? pre : pre * slope;
+inline F64Vec round_lanes(F64Vec v) {
+  return __builtin_convertvector(__builtin_convertvector(v, F64Narrow<scalar_t>), F64Vec);
 }
 
 // batch_norm_leaky_relu on channel c: y = leaky_relu(x * scale + shift) over its N planes.
 template <typename scalar_t>
 void channel_forward(const scalar_t* x, scalar_t* y, int64_t images, int64_t image_stride, int64_t hw, double scale,
                      double shift, double slope) {
-  // In explicit vectors: from the plain loop gcc made code that rounded both candidates to
-  // scalar_t and blended after, twice the conversions (the op on 28 channels of 128x128, AVX2,
-  // 1 thread: 0.234 -> 0.146 ms). The same operations on each value: the same bits.
-  const HeadVec vscale = HeadVec{} + scale, vshift = HeadVec{} + shift, vslope = HeadVec{} + slope;
-  for (int64_t n = 0; n < images; ++n) {
-    const scalar_t* p = x + n * image_stride;
-    scalar_t* q = y + n * image_stride;
-    int64_t i = 0;
-    for (; i + kHeadLanes <= hw; i += kHeadLanes)
-      store_rounded(q + i, activation_lanes(p + i, vscale, vshift, vslope), kHeadLanes);
-    for (; i < hw; ++i) q[i] = static_cast<scalar_t>(activation(static_cast<double>(p[i]), scale, shift, slope));
-  }
+  for (int64_t n = 0; n < images; ++n) activate_row(x + n * image_stride, y + n * image_stride, hw, scale, shift, slope);
 }
 
 // The next chunk of a plane (read, or about to be written: kWrite), into the cache: the hardware
@@ -189,15 +124,10 @@ void head_chunk(const scalar_t* x, scalar_t* out, int64_t plane, int64_t count, 
   for (int64_t c = 0; c < h.C; ++c) {
     const scalar_t* p = x + c * plane;
     scalar_t* a = act + c * kHeadChunk;
-    const double scale = h.scale[c], shift = h.shift[c], slope = h.slope;
-    const HeadVec vscale = HeadVec{} + scale, vshift = HeadVec{} + shift, vslope = HeadVec{} + slope;
     prefetch_next_chunk<0>(p);
     // in vectors, as channel_forward (the op on 16 channels of 512x512: 4.1 -> 3.2 ms)
-    int64_t i = 0;
-    for (; i + kHeadLanes <= count; i += kHeadLanes)
-      store_rounded(a + i, activation_lanes(p + i, vscale, vshift, vslope), kHeadLanes);
-    for (; i < count; ++i) a[i] = static_cast<scalar_t>(activation(static_cast<double>(p[i]), scale, shift, slope));
-    for (; i < padded; ++i) a[i] = scalar_t(0);  // a last block's unused pixels
+    activate_row(p, a, count, h.scale[c], h.shift[c], h.slope);
+    for (int64_t i = count; i < padded; ++i) a[i] = scalar_t(0);  // a last block's unused pixels
   }
   for (int64_t o = 0; o < h.O; ++o) {
     const double* w = h.weight + o * h.C;
@@ -231,7 +161,7 @@ void head_chunk(const scalar_t* x, scalar_t* out, int64_t plane, int64_t count, 
 // A chunk of one plane as float64 in xb[0, count), zeros up to a whole number of lanes.
 template <typename scalar_t>
 inline int64_t chunk_as_double(const scalar_t* p, int64_t count, double* xb) {
-  const int64_t padded = (count + kHeadLanes - 1) / kHeadLanes * kHeadLanes;
+  const int64_t padded = (count + kF64Lanes - 1) / kF64Lanes * kF64Lanes;
   prefetch_next_chunk<0>(p);
   for (int64_t i = 0; i < count; ++i) xb[i] = static_cast<double>(p[i]);
   for (int64_t i = count; i < padded; ++i) xb[i] = 0.0;
@@ -239,16 +169,16 @@ inline int64_t chunk_as_double(const scalar_t* p, int64_t count, double* xb) {
 }
 
 // sum over the n (a whole number of lanes) values of a * b, lane by lane, in 4 independent chains
-inline HeadVec dot_lanes(const double* a, const double* b, int64_t n) {
-  HeadVec s0 = HeadVec{}, s1 = HeadVec{}, s2 = HeadVec{}, s3 = HeadVec{};
+inline F64Vec dot_lanes(const double* a, const double* b, int64_t n) {
+  F64Vec s0 = F64Vec{}, s1 = F64Vec{}, s2 = F64Vec{}, s3 = F64Vec{};
   int64_t i = 0;
-  for (; i + 4 * kHeadLanes <= n; i += 4 * kHeadLanes) {
-    s0 += load_head(a + i) * load_head(b + i);
-    s1 += load_head(a + i + kHeadLanes) * load_head(b + i + kHeadLanes);
-    s2 += load_head(a + i + 2 * kHeadLanes) * load_head(b + i + 2 * kHeadLanes);
-    s3 += load_head(a + i + 3 * kHeadLanes) * load_head(b + i + 3 * kHeadLanes);
+  for (; i + 4 * kF64Lanes <= n; i += 4 * kF64Lanes) {
+    s0 += load_f64(a + i) * load_f64(b + i);
+    s1 += load_f64(a + i + kF64Lanes) * load_f64(b + i + kF64Lanes);
+    s2 += load_f64(a + i + 2 * kF64Lanes) * load_f64(b + i + 2 * kF64Lanes);
+    s3 += load_f64(a + i + 3 * kF64Lanes) * load_f64(b + i + 3 * kF64Lanes);
   }
-  for (; i < n; i += kHeadLanes) s0 += load_head(a + i) * load_head(b + i);
+  for (; i < n; i += kF64Lanes) s0 += load_f64(a + i) * load_f64(b + i);
   return (s0 + s1) + (s2 + s3);
 }
 
@@ -256,15 +186,15 @@ inline HeadVec dot_lanes(const double* a, const double* b, int64_t n) {
 // activation's slope factor (1 or slope) and dt = (sum_o W[o][c] g_o) * that factor. O: the
 // outputs (a constant where the caller's kO is).
 struct HeadTerms {
-  HeadVec pre, fac, dt;
+  F64Vec pre, fac, dt;
 };
-inline HeadTerms head_terms(const HeadBackward& h, int64_t O, int64_t c, const double* g, int64_t i, HeadVec xv,
-                            HeadVec scale, HeadVec shift) {
+inline HeadTerms head_terms(const HeadBackward& h, int64_t O, int64_t c, const double* g, int64_t i, F64Vec xv,
+                            F64Vec scale, F64Vec shift) {
   HeadTerms t;
   t.pre = xv * scale + shift;
-  t.fac = t.pre > 0.0 ? HeadVec{} + 1.0 : HeadVec{} + h.slope;
-  HeadVec ga = HeadVec{};
-  for (int64_t o = 0; o < O; ++o) ga += h.weight[o * h.C + c] * load_head(g + o * kHeadChunk + i);
+  t.fac = t.pre > 0.0 ? F64Vec{} + 1.0 : F64Vec{} + h.slope;
+  F64Vec ga = F64Vec{};
+  for (int64_t o = 0; o < O; ++o) ga += h.weight[o * h.C + c] * load_f64(g + o * kHeadChunk + i);
   t.dt = ga * t.fac;
   return t;
 }
@@ -292,44 +222,44 @@ void head_backward_sums(const scalar_t* x, const scalar_t* grad, int64_t plane, 
   double* acc_dt = acc_b + O * kHeadMaxLanes;
   double* acc_dtxc = acc_dt + C * kHeadMaxLanes;
   for (int64_t o = 0; o < O; ++o) {
-    HeadVec sum = load_head(acc_b + o * kHeadMaxLanes);
-    for (int64_t i = 0; i < padded; i += kHeadLanes) sum += load_head(g + o * kHeadChunk + i);
-    store_head(acc_b + o * kHeadMaxLanes, sum);
+    F64Vec sum = load_f64(acc_b + o * kHeadMaxLanes);
+    for (int64_t i = 0; i < padded; i += kF64Lanes) sum += load_f64(g + o * kHeadChunk + i);
+    store_f64(acc_b + o * kHeadMaxLanes, sum);
   }
   for (int64_t c = 0; c < C; ++c) {
     double* a = act + c * kHeadChunk;
     chunk_as_double(x + c * plane, count, a);  // x (replaced by the activation where kO is 0)
-    const HeadVec scale = HeadVec{} + h.scale[c], shift = HeadVec{} + h.shift[c], mean = HeadVec{} + h.mean[c];
-    HeadVec dt_sum = load_head(acc_dt + c * kHeadMaxLanes), dtxc_sum = load_head(acc_dtxc + c * kHeadMaxLanes);
+    const F64Vec scale = F64Vec{} + h.scale[c], shift = F64Vec{} + h.shift[c], mean = F64Vec{} + h.mean[c];
+    F64Vec dt_sum = load_f64(acc_dt + c * kHeadMaxLanes), dtxc_sum = load_f64(acc_dtxc + c * kHeadMaxLanes);
     // with kO, the weight gradient's sums too, while the activation is in registers (one pass over
     // the chunk where a second one read the stored activation and the gradients again)
-    HeadVec w_sum[kO > 0 ? kO : 1];
+    F64Vec w_sum[kO > 0 ? kO : 1];
     if constexpr (kO > 0) {
-      for (int64_t o = 0; o < kO; ++o) w_sum[o] = load_head(acc_w + (o * C + c) * kHeadMaxLanes);
+      for (int64_t o = 0; o < kO; ++o) w_sum[o] = load_f64(acc_w + (o * C + c) * kHeadMaxLanes);
     }
-    for (int64_t i = 0; i < padded; i += kHeadLanes) {
-      const HeadVec xv = load_head(a + i);
+    for (int64_t i = 0; i < padded; i += kF64Lanes) {
+      const F64Vec xv = load_f64(a + i);
       const HeadTerms t = head_terms(h, O, c, g, i, xv, scale, shift);
       dt_sum += t.dt;
       dtxc_sum += t.dt * (xv - mean);
-      const HeadVec av = round_lanes<scalar_t>(t.pre * t.fac);
+      const F64Vec av = round_lanes<scalar_t>(t.pre * t.fac);
       if constexpr (kO > 0) {
-        for (int64_t o = 0; o < kO; ++o) w_sum[o] += load_head(g + o * kHeadChunk + i) * av;
+        for (int64_t o = 0; o < kO; ++o) w_sum[o] += load_f64(g + o * kHeadChunk + i) * av;
       } else {
-        store_head(a + i, av);
+        store_f64(a + i, av);
       }
     }
     if constexpr (kO > 0) {
-      for (int64_t o = 0; o < kO; ++o) store_head(acc_w + (o * C + c) * kHeadMaxLanes, w_sum[o]);
+      for (int64_t o = 0; o < kO; ++o) store_f64(acc_w + (o * C + c) * kHeadMaxLanes, w_sum[o]);
     }
-    store_head(acc_dt + c * kHeadMaxLanes, dt_sum);
-    store_head(acc_dtxc + c * kHeadMaxLanes, dtxc_sum);
+    store_f64(acc_dt + c * kHeadMaxLanes, dt_sum);
+    store_f64(acc_dtxc + c * kHeadMaxLanes, dtxc_sum);
   }
   if constexpr (kO == 0) {
     for (int64_t o = 0; o < O; ++o) {
       for (int64_t c = 0; c < C; ++c) {
         double* w = acc_w + (o * C + c) * kHeadMaxLanes;
-        store_head(w, load_head(w) + dot_lanes(g + o * kHeadChunk, act + c * kHeadChunk, padded));
+        store_f64(w, load_f64(w) + dot_lanes(g + o * kHeadChunk, act + c * kHeadChunk, padded));
       }
     }
   }
@@ -345,13 +275,13 @@ void head_backward_input(const scalar_t* x, const scalar_t* grad, scalar_t* grad
   for (int64_t o = 0; o < O; ++o) padded = chunk_as_double(grad + o * plane, count, g + o * kHeadChunk);
   for (int64_t c = 0; c < C; ++c) {
     chunk_as_double(x + c * plane, count, xb);
-    const HeadVec scale = HeadVec{} + h.scale[c], shift = HeadVec{} + h.shift[c], mean = HeadVec{} + h.mean[c];
-    const HeadVec coef = HeadVec{} + h.xc_coef[c], constant = HeadVec{} + h.constant[c];
+    const F64Vec scale = F64Vec{} + h.scale[c], shift = F64Vec{} + h.shift[c], mean = F64Vec{} + h.mean[c];
+    const F64Vec coef = F64Vec{} + h.xc_coef[c], constant = F64Vec{} + h.constant[c];
     scalar_t* out = grad_x + c * plane;
     prefetch_next_chunk<1>(out);
-    for (int64_t i = 0; i < padded; i += kHeadLanes) {
-      const HeadVec xv = load_head(xb + i);
-      const HeadVec gx = head_terms(h, O, c, g, i, xv, scale, shift).dt * scale + (xv - mean) * coef + constant;
+    for (int64_t i = 0; i < padded; i += kF64Lanes) {
+      const F64Vec xv = load_f64(xb + i);
+      const F64Vec gx = head_terms(h, O, c, g, i, xv, scale, shift).dt * scale + (xv - mean) * coef + constant;
       store_rounded(out + i, gx, count - i);
     }
   }

@@ -19,7 +19,8 @@
 #error "define OES_FAST_ISA_NS and OES_FAST_VEC_BYTES before including sparse_conv2d_kernels.h"
 #endif
 
-#include "vectors.h"  // vec_t<T>, kLanes<T>
+#include "vectors.h"     // vec_t<T>, kLanes<T>
+#include "activation.h"  // activate_row: the input prologue (SparseConvGeometry::act_scale)
 
 namespace oes_fast {
 namespace OES_FAST_ISA_NS {
@@ -196,6 +197,7 @@ template <typename T>
 void load_halo(const T* x, T* halo, int64_t rows_h, int64_t rows_load, int64_t Wa, int64_t y_in0,
                const SparseConvGeometry& g, int64_t n) {
   const int64_t Wp = (g.W_out - 1) * g.SW + g.KW;
+  std::vector<T> act_row(g.act_scale != nullptr ? g.W_src : 0);
   for (int64_t c = 0; c < g.C_in; ++c) {
     for (int64_t hr = 0; hr < rows_load; ++hr) {
       T* dst = halo + (c * rows_h + hr) * Wa;
@@ -207,6 +209,10 @@ void load_halo(const T* x, T* halo, int64_t rows_h, int64_t rows_load, int64_t W
       // nearest upsampling fused into the load: upsampled pixel i reads stored pixel i / U
       const T* src = x + ((n * g.C_in + c) * g.H_src + iy / g.U) * g.W_src;
       prefetch_row_ahead(src, iy / g.U, g.H_src, g.W_src);
+      if (g.act_scale != nullptr) {  // the prologue: the stored row activated, then read as x's
+        activate_row(src, act_row.data(), g.W_src, g.act_scale[c], g.act_shift[c], g.act_slope);
+        src = act_row.data();
+      }
       const int64_t lo = std::min(g.PW, Wp), hi = std::min(Wp, g.PW + g.W);
       for (int64_t j = 0; j < lo; ++j) {
         const int64_t ix = source_index(j - g.PW, g.W, g);
@@ -245,9 +251,11 @@ struct IndexVecOf<double> {
 };
 
 // dst[j] = row i of the padded input of conv g (its padding applied), for j < len: zeros past
-// the padded size (rows and columns that only feed values no output reads).
+// the padded size (rows and columns that only feed values no output reads). With g's prologue
+// (act_scale) the row is activated into act_row (g.W values) first.
 template <typename T>
-void padded_row(const T* x, int64_t i, T* dst, int64_t len, const SparseConvGeometry& g, int64_t n, int64_t c) {
+void padded_row(const T* x, int64_t i, T* dst, int64_t len, const SparseConvGeometry& g, int64_t n, int64_t c,
+                T* act_row) {
   const int64_t Wx = g.W + 2 * g.PW;
   const int64_t iy = i < g.H + 2 * g.PH ? source_index(i - g.PH, g.H, g) : -1;
   if (iy < 0) {
@@ -256,6 +264,10 @@ void padded_row(const T* x, int64_t i, T* dst, int64_t len, const SparseConvGeom
   }
   const T* src = x + ((n * g.C_in + c) * g.H + iy) * g.W;
   prefetch_row_ahead(src, iy, g.H, g.W);
+  if (g.act_scale != nullptr) {
+    activate_row(src, act_row, g.W, g.act_scale[c], g.act_shift[c], g.act_slope);
+    src = act_row;
+  }
   auto edge = [&](int64_t j) {
     const int64_t ix = j < Wx ? source_index(j - g.PW, g.W, g) : -1;
     dst[j] = ix < 0 ? T(0) : src[ix];
@@ -304,6 +316,7 @@ void load_halo_phases(const T* x, T* halo, int64_t rows_h, int64_t rows_load, in
   // padded rows of 2 Wp (+ 1 for the box's right neighbour) columns, and the vectors' reach past them
   const int64_t len = 2 * Wp + 1, cap = 2 * ((Wp + L - 1) / L) * L + 2 * L;
   std::vector<T> rows(2 * cap, T(0));
+  std::vector<T> act_row(g.act_scale != nullptr ? g.W : 0);
   T* cur = rows.data();
   T* next = rows.data() + cap;
   const V quarter = broadcast<V>(T(0.25));
@@ -312,7 +325,7 @@ void load_halo_phases(const T* x, T* halo, int64_t rows_h, int64_t rows_load, in
     if (!in.box_mean) {
       for (int64_t hr = 0; hr < rows_load; ++hr) {
         for (int64_t pu = 0; pu < 2; ++pu) {
-          padded_row(x, 2 * (r0 + hr) + pu, cur, len, g, n, c);
+          padded_row(x, 2 * (r0 + hr) + pu, cur, len, g, n, c, act_row.data());
           T* d0 = dst(pu, 0, hr);
           T* d1 = dst(pu, 1, hr);
           for (int64_t s = 0; s < Wp; s += L) {
@@ -325,9 +338,9 @@ void load_halo_phases(const T* x, T* halo, int64_t rows_h, int64_t rows_load, in
       continue;
     }
     // B rows 2 r0 .. 2 (r0 + rows_load) - 1, each from padded rows i and i + 1
-    padded_row(x, 2 * r0, cur, len, g, n, c);
+    padded_row(x, 2 * r0, cur, len, g, n, c, act_row.data());
     for (int64_t i = 2 * r0; i < 2 * (r0 + rows_load); ++i) {
-      padded_row(x, i + 1, next, len, g, n, c);
+      padded_row(x, i + 1, next, len, g, n, c, act_row.data());
       T* d0 = dst(i % 2, 0, i / 2 - r0);
       T* d1 = dst(i % 2, 1, i / 2 - r0);
       for (int64_t s = 0; s < Wp; s += L) {

@@ -32,7 +32,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = "csrc/cpu/sparse_conv2d_kernels.h"
-VECTORS = "csrc/cpu/vectors.h"  # included by the kernels file (from 2026-11-30)
+# the per-ISA headers the kernels file includes (vectors.h from 2026-11-30 01:5x, activation.h from 02:4x)
+HEADERS = ("csrc/cpu/vectors.h", "csrc/cpu/activation.h")
 DEFAULT_LAYERS = ["down.0.conv1", "up.0.conv", "up.1.conv", "up.2.conv", "up.3.conv", "up.4.conv"]
 FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-ffast-math", "-Wno-psabi", "-march=x86-64", "-mtune=generic"]
 
@@ -107,10 +108,10 @@ def _working_tree(path: str) -> str | None:
 def build(rev: str, folder: Path):
     from torch.utils.cpp_extension import load
 
-    # each version in its own folder, with the per-ISA header it includes where it has one
+    # each version in its own folder, with the per-ISA headers it includes where it has them
     for version, read in (("a", lambda path: _git_show(rev, path)), ("b", lambda path: _working_tree(path))):
         (folder / version).mkdir()
-        for path, name in ((KERNELS, "kernels.h"), (VECTORS, "vectors.h")):
+        for path, name in ((KERNELS, "kernels.h"), *((h, Path(h).name) for h in HEADERS)):
             text = read(path)
             if text is not None:
                 (folder / version / name).write_text(text)
@@ -128,6 +129,7 @@ def captured_layers(names: list[str]) -> dict:
 
     p = sparse_profile.problem(512)
     gen = SparseGenerator.from_masked(p["model"], p["mask"])
+    gen.fuse_prologue = False  # each conv's input as a tensor: the activated one (the kernels' own work)
     unknown = set(names) - {n for n in gen.names if n}
     if unknown:
         raise SystemExit(f"no sparse conv named {sorted(unknown)}; the generator's: {[n for n in gen.names if n]}")

@@ -1,9 +1,11 @@
-// batch_norm_act and batch_norm_act_conv1x1: the Sparse-DIP generator's training-mode batch norm
-// with the LeakyReLU after it (and, for its last one, the 1x1 output conv), each one
-// differentiable op. They compose the kernels of csrc/batch_norm_leaky_relu.cpp: the statistics
-// pass where no statistics are given, the per-channel constants, one normalizing pass forward
-// (batch_norm_leaky_relu / batch_norm_leaky_relu_conv1x1) and their backward ops, keeping only
-// the input and the per-channel constants for the backward.
+// batch_norm_act, batch_norm_act_conv1x1 and batch_norm_act_sparse_conv2d: the Sparse-DIP
+// generator's training-mode batch norm with the LeakyReLU after it (and, for its last one, the
+// 1x1 output conv; where a sparse conv follows, that conv, the batch norm made in its input
+// load), each one differentiable op. They compose the kernels of csrc/batch_norm_leaky_relu.cpp
+// (and of the sparse convs): the statistics pass where no statistics are given, the per-channel
+// constants, one pass forward (batch_norm_leaky_relu / batch_norm_leaky_relu_conv1x1 /
+// sparse_conv2d_act_stats) and their backward ops, keeping only the input, the per-channel
+// constants and the conv's weights for the backward.
 //
 // Why C++: as a Python autograd function the composition cost about 100 us of Python per batch
 // norm and step (the function's call, the constants' op calls, the gradients' dtype conversions),
@@ -11,9 +13,9 @@
 // with its 23 batch norms.
 //
 // Registered for the CPU key (the composition, for calls below autograd) and the Autograd key
-// (the autograd function); the fake kernels are in oes_fast/ops.py. CPU only: the Python wrappers
-// (oes_fast.ops.batch_norm_leaky_relu and batch_norm_leaky_relu_conv1x1) run the reference
-// composition on other devices.
+// (the autograd function); the fake kernels are in oes_fast/ops.py. CPU only: the Python wrapper
+// oes_fast.ops.batch_norm_leaky_relu runs the reference composition on other devices, and the
+// generator calls the other two on CPU tensors only.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -97,7 +99,8 @@ at::Tensor as_grad(bool wanted, const at::Tensor& g, const c10::IValue& dtype) {
   return wanted ? g.to(static_cast<at::ScalarType>(dtype.toInt())) : at::Tensor();
 }
 
-// What both forwards keep for the backward: x, the constants and the head's conv weight (saved),
+// What the forwards keep for the backward: x, the constants and the conv weight (the head's, or
+// the sparse conv's values; saved),
 // the slope, the dtypes of the batch norm's weight and bias, and where their autograd edges are
 // (stats, a tensor when given, takes edge 1).
 void save_batch_norm(AutogradContext* ctx, const at::Tensor& x, const Constants& c, double slope,

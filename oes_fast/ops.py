@@ -676,7 +676,8 @@ def _batch_norm_act_conv1x1_fake(input, stats, weight, bias, eps, negative_slope
 
 def _act_conv_out_shape(input, row_ptr, kernel_size, padding, upsample, pool):
     h, w = _sparse_conv2d_out_size([s * upsample for s in input.shape[2:]], kernel_size, [1, 1], padding)
-    return (input.shape[0], row_ptr.shape[0] - 1, h // 2, w // 2) if pool else (input.shape[0], row_ptr.shape[0] - 1, h, w)
+    n, c_out = input.shape[0], row_ptr.shape[0] - 1
+    return (n, c_out, h // 2, w // 2) if pool else (n, c_out, h, w)
 
 
 @torch.library.register_fake("oes_fast::sparse_conv2d_act_stats")
@@ -712,6 +713,9 @@ def batch_norm_leaky_relu_sparse_conv2d(x: torch.Tensor, stats: torch.Tensor | N
     float64 statistics). x: NCHW, CPU, float32 or float64. Differentiable (once) in x, weight,
     bias, values and conv_bias; the same values and gradients, bit for bit, as the two ops."""
     _check_batch_norm_input(x, stats, "batch_norm_leaky_relu_sparse_conv2d")
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"batch_norm_leaky_relu_sparse_conv2d: x must be a CPU float32 or float64 tensor, got "
+                         f"{x.dtype} on {x.device}")
     return _ops.batch_norm_act_sparse_conv2d(x, stats, weight, bias, float(eps), float(negative_slope), values,
                                              row_ptr, col_idx, conv_bias, list(kernel_size), list(padding),
                                              padding_mode, int(upsample), bool(pool))

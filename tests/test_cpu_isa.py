@@ -109,7 +109,8 @@ for threads in (1, 2):
                                 y, stats = torch.ops.oes_fast.sparse_conv2d_stats(
                                     act, va, t["row_ptr"], t["col_idx"], ca, *conv, up)
                         y.backward(grad)
-                        for name, r in zip(ACT_RESULTS, (y.detach(), stats, xa.grad, ga.grad, ba.grad, va.grad, ca.grad)):
+                        act_out = (y.detach(), stats, xa.grad, ga.grad, ba.grad, va.grad, ca.grad)
+                        for name, r in zip(ACT_RESULTS, act_out):
                             got[f"act{'_pool' if pool else ''}_{name}{'' if fused else '_two_ops'}"] = r
             out[str(dtype)] = got
         per_case.append(out)
@@ -195,7 +196,8 @@ def _act_reference(case, dtype, pool):
     reference.batch_norm_leaky_relu of x, in dtype; and the scales of the batch norm's gradients
     (see test_sparse_conv2d_under_isa)."""
     (n, c_in, c_out, h, w, k, stride, mode, up, density), t = case["shape"], case["tensors"]
-    x, gamma, beta, v, b = (t[name].to(dtype).clone().requires_grad_() for name in ("x", "gamma", "beta", "values", "bias"))
+    x, gamma, beta, v, b = (t[name].to(dtype).clone().requires_grad_()
+                            for name in ("x", "gamma", "beta", "values", "bias"))
     act = reference.batch_norm_leaky_relu(x, gamma, beta, 1e-5, 0.2)
     act.retain_grad()
     y = reference.sparse_conv2d(act, v, t["row_ptr"], t["col_idx"], k, b, 1, (k - 1) // 2, mode, up)
@@ -210,7 +212,8 @@ def _act_reference(case, dtype, pool):
     xd = x.detach()
     xhat = (xd - xd.mean((0, 2, 3), keepdim=True)) / torch.sqrt(xd.var((0, 2, 3), unbiased=False, keepdim=True) + 1e-5)
     dt = (act.grad * torch.where(act.detach() > 0, 1.0, 0.2)).abs()
-    out["scales"] = {"gamma_grad": float((dt * xhat.abs()).sum((0, 2, 3)).max()), "beta_grad": float(dt.sum((0, 2, 3)).max())}
+    out["scales"] = {"gamma_grad": float((dt * xhat.abs()).sum((0, 2, 3)).max()),
+                     "beta_grad": float(dt.sum((0, 2, 3)).max())}
     return out
 
 
@@ -263,8 +266,10 @@ def test_sparse_conv2d_under_isa(isa, inputs, tmp_path_factory):
                 if f"act{pool}_out" not in got:
                     continue
                 for name in ACT_RESULTS:
-                    assert torch.equal(got[f"act{pool}_{name}"], got[f"act{pool}_{name}_two_ops"]), f"act{pool} {name} {where}"
-                act64, act_lowp = _act_reference(case, torch.float64, pool == "_pool"), _act_reference(case, dtype, pool == "_pool")
+                    two_ops = got[f"act{pool}_{name}_two_ops"]
+                    assert torch.equal(got[f"act{pool}_{name}"], two_ops), f"act{pool} {name} {where}"
+                act64 = _act_reference(case, torch.float64, pool == "_pool")
+                act_lowp = _act_reference(case, dtype, pool == "_pool")
                 scales = act64.pop("scales")
                 for name in act64:
                     assert_close_to_reference(got[f"act{pool}_{name}"], act64[name], act_lowp[name],

@@ -414,7 +414,8 @@ def test_batch_norm_act_sparse_conv2d_gradcheck_and_opcheck(form):
     values, row_ptr, col_idx = to_csr(w, keep)
     gen = torch.Generator().manual_seed(stable_seed("act inputs", form))
     x = torch.randn(2, 2, 6, 7, generator=gen, dtype=torch.float64) * 2 + 0.3
-    gamma, beta = torch.rand(2, generator=gen, dtype=torch.float64) + 0.5, torch.randn(2, generator=gen, dtype=torch.float64)
+    gamma = torch.rand(2, generator=gen, dtype=torch.float64) + 0.5
+    beta = torch.randn(2, generator=gen, dtype=torch.float64)
     b = torch.randn(3, generator=gen, dtype=torch.float64)
     conv = ([k, k], [(k - 1) // 2] * 2)
     for mode in ("reflect", "zeros"):
@@ -453,6 +454,9 @@ def test_batch_norm_act_sparse_conv2d_rejects_bad_arguments():
                                           *conv, 1, False)
     with pytest.raises(RuntimeError, match="pool takes no upsampling"):
         ops.sparse_conv2d_act_stats(x, scale, shift, 0.2, values, row_ptr, col_idx, None, *conv, 2, True)
+    with pytest.raises(ValueError, match="CPU float32 or float64 tensor, got torch.float16"):
+        oes_fast.ops.batch_norm_leaky_relu_sparse_conv2d(x.half(), None, torch.ones(3), torch.zeros(3), 1e-5, 0.2,
+                                                         values, row_ptr, col_idx, None, [3, 3], [1, 1])
     with pytest.raises(ValueError, match="stats must be float64 of shape"):
         oes_fast.ops.batch_norm_leaky_relu_sparse_conv2d(x, torch.zeros(3, 2), torch.ones(3), torch.zeros(3), 1e-5,
                                                          0.2, values, row_ptr, col_idx, None, [3, 3], [1, 1])
@@ -755,7 +759,8 @@ def test_generator_training_fused_batch_norm_leaky_relu(monkeypatch, fuse_stats,
         # down: each block's bn1 into its conv2, bn2 into the next block's conv1 + pooling, but
         # the last bn2 (an up block's bn_in follows); up: each bn_in into its conv, each bn but
         # the last (the head) before the next bn_in
-        assert prologue_calls == [(True, act, False), (True, act, True)] * 2 + [(True, act, False)] + [(False, 1.0, False)] * 3
+        down, up = [(True, act, False), (True, act, True)] * 2 + [(True, act, False)], [(False, 1.0, False)] * 3
+        assert prologue_calls == down + up
         assert calls == [(True, act)] * 3
         assert head_calls == [act]
     else:

@@ -220,17 +220,6 @@ class BatchNormActSparseConv2dFunction : public torch::autograd::Function<BatchN
     return {out, out_stats};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto input_grad =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("oes_fast::sparse_conv2d_input_grad", "")
-            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                              c10::SymIntArrayRef, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
-                              c10::string_view, int64_t)>();
-    static const auto pool_input_grad =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("oes_fast::sparse_conv2d_pool_input_grad", "")
-            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                              c10::SymIntArrayRef, at::IntArrayRef, at::IntArrayRef, c10::string_view)>();
     static const auto weight_grad =
         c10::Dispatcher::singleton()
             .findSchemaOrThrow("oes_fast::sparse_conv2d_act_weight_grad", "")
@@ -264,8 +253,7 @@ class BatchNormActSparseConv2dFunction : public torch::autograd::Function<BatchN
     if (need_cb) out[9] = channel_sum(g);
     if (need_x || need_w || need_b) {
       const at::Tensor g_act =
-          pool ? pool_input_grad.call(g, values, row_ptr, col_idx, x.sym_sizes(), kernel, padding, mode)
-               : input_grad.call(g, values, row_ptr, col_idx, x.sym_sizes(), kernel, {1, 1}, padding, mode, upsample);
+          conv_input_grad(g, values, row_ptr, col_idx, x.sym_sizes(), kernel, {1, 1}, padding, mode, upsample, pool);
       const auto [gx, gw, gb] = batch_norm_backward.call(g_act, x, mean, invstd, scale, shift, slope);
       if (need_x) out[0] = gx;
       out[2] = as_grad(need_w, gw, ctx->saved_data["weight_dtype"]);

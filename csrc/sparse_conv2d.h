@@ -39,7 +39,14 @@ SparseConvGeometry sparse_conv2d_geometry(at::IntArrayRef input_size, const at::
                                           at::IntArrayRef padding, const std::string& padding_mode,
                                           const at::Tensor& like, int64_t upsample = 1);
 
-// A conv bias's gradient from the output's (csrc/sparse_conv2d_autograd.cpp).
+// For the C++ autograd (csrc/sparse_conv2d_autograd.cpp, csrc/batch_norm_act.cpp): a conv bias's
+// gradient from the output's, and the conv's input gradient through the dispatcher
+// (sparse_conv2d_input_grad, or with pool sparse_conv2d_pool_input_grad from the pooled output's
+// gradient, which takes neither stride nor upsampling).
 at::Tensor channel_sum(const at::Tensor& grad);
+at::Tensor conv_input_grad(const at::Tensor& grad, const at::Tensor& values, const at::Tensor& row_ptr,
+                           const at::Tensor& col_idx, c10::SymIntArrayRef input_size, at::IntArrayRef kernel,
+                           at::IntArrayRef stride, at::IntArrayRef padding, c10::string_view mode, int64_t upsample,
+                           bool pool);
 
 }  // namespace oes_fast

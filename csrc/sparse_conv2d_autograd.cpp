@@ -30,22 +30,28 @@ at::Tensor channel_sum(const at::Tensor& grad) {
   return grad.sum({0, 2, 3}, false, wide).to(dtype);
 }
 
+at::Tensor conv_input_grad(const at::Tensor& grad, const at::Tensor& values, const at::Tensor& row_ptr,
+                           const at::Tensor& col_idx, c10::SymIntArrayRef input_size, at::IntArrayRef kernel,
+                           at::IntArrayRef stride, at::IntArrayRef padding, c10::string_view mode, int64_t upsample,
+                           bool pool) {
+  static const auto plain = c10::Dispatcher::singleton()
+                                .findSchemaOrThrow("oes_fast::sparse_conv2d_input_grad", "")
+                                .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                  const at::Tensor&, c10::SymIntArrayRef, at::IntArrayRef,
+                                                  at::IntArrayRef, at::IntArrayRef, c10::string_view, int64_t)>();
+  static const auto pooled = c10::Dispatcher::singleton()
+                                 .findSchemaOrThrow("oes_fast::sparse_conv2d_pool_input_grad", "")
+                                 .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                   const at::Tensor&, c10::SymIntArrayRef, at::IntArrayRef,
+                                                   at::IntArrayRef, c10::string_view)>();
+  if (pool) return pooled.call(grad, values, row_ptr, col_idx, input_size, kernel, padding, mode);
+  return plain.call(grad, values, row_ptr, col_idx, input_size, kernel, stride, padding, mode, upsample);
+}
+
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                    c10::SymIntArrayRef, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
-                                    c10::string_view, int64_t)>
-input_grad_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("oes_fast::sparse_conv2d_input_grad", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                               const at::Tensor&, c10::SymIntArrayRef, at::IntArrayRef,
-                                               at::IntArrayRef, at::IntArrayRef, c10::string_view, int64_t)>();
-  return op;
-}
 
 c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                     at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, c10::string_view, int64_t)>
@@ -99,8 +105,8 @@ void save_conv(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& 
 std::pair<at::Tensor, at::Tensor> conv_grads(const ConvBackward& b, at::IntArrayRef stride, int64_t upsample) {
   at::Tensor grad_input, grad_values;
   if (b.need_input)
-    grad_input = input_grad_op().call(b.grad, b.values, b.row_ptr, b.col_idx, b.input.sym_sizes(), b.kernel, stride,
-                                      b.padding, b.mode, upsample);
+    grad_input = conv_input_grad(b.grad, b.values, b.row_ptr, b.col_idx, b.input.sym_sizes(), b.kernel, stride,
+                                 b.padding, b.mode, upsample, false);
   if (b.need_values)
     grad_values = weight_grad_op().call(b.grad, b.input, b.row_ptr, b.col_idx, b.kernel, stride, b.padding, b.mode,
                                         upsample);
@@ -183,11 +189,6 @@ class SparseConv2dPoolStatsFunction : public torch::autograd::Function<SparseCon
     return {out, stats};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto input_grad = c10::Dispatcher::singleton()
-                                       .findSchemaOrThrow("oes_fast::sparse_conv2d_pool_input_grad", "")
-                                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                         const at::Tensor&, c10::SymIntArrayRef, at::IntArrayRef,
-                                                         at::IntArrayRef, c10::string_view)>();
     static const auto weight_grad = c10::Dispatcher::singleton()
                                         .findSchemaOrThrow("oes_fast::sparse_conv2d_pool_weight_grad", "")
                                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
@@ -196,7 +197,8 @@ class SparseConv2dPoolStatsFunction : public torch::autograd::Function<SparseCon
     const ConvBackward b(ctx, grads);
     at::Tensor gi, gv, gb;
     if (b.need_input)
-      gi = input_grad.call(b.grad, b.values, b.row_ptr, b.col_idx, b.input.sym_sizes(), b.kernel, b.padding, b.mode);
+      gi = conv_input_grad(b.grad, b.values, b.row_ptr, b.col_idx, b.input.sym_sizes(), b.kernel, {1, 1}, b.padding,
+                           b.mode, 1, true);
     if (b.need_values) gv = weight_grad.call(b.grad, b.input, b.row_ptr, b.col_idx, b.kernel, b.padding, b.mode);
     if (b.need_bias) gb = channel_sum(b.grad);
     return {gi, gv, at::Tensor(), at::Tensor(), gb, at::Tensor(), at::Tensor(), at::Tensor()};

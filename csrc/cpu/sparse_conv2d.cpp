@@ -220,9 +220,18 @@ at::Tensor sparse_conv2d_pool_input_grad_cpu(const at::Tensor& grad_output, cons
   return input_grad_checked("sparse_conv2d_pool_input_grad", grad_output, values, row_ptr, col_idx, g, true);
 }
 
-// The conv of the activated input (sparse_conv2d_act_*): g with its prologue's constants, checked.
-SparseConvGeometry with_prologue(const char* op, SparseConvGeometry g, const at::Tensor& input,
-                                 const at::Tensor& scale, const at::Tensor& shift, double negative_slope) {
+// The geometry of a sparse_conv2d_act_* op: the stride-1 conv (or its pooled form) of the
+// activated input, with its prologue's constants, checked. `values` may be a stand-in of the
+// right length and dtype (the weight gradient has none).
+SparseConvGeometry act_geometry(const char* op, const at::Tensor& input, const at::Tensor& values,
+                                const at::Tensor& row_ptr, const at::Tensor& col_idx, at::IntArrayRef kernel_size,
+                                at::IntArrayRef padding, c10::string_view padding_mode, int64_t upsample, bool pool,
+                                const at::Tensor& scale, const at::Tensor& shift, double negative_slope) {
+  TORCH_CHECK(!pool || upsample == 1, op, ": pool takes no upsampling, got upsample = ", upsample);
+  SparseConvGeometry g = pool ? pooled_conv_geometry(op, input.sizes(), values, row_ptr, col_idx, kernel_size,
+                                                     padding, padding_mode, input)
+                              : sparse_conv2d_geometry(input.sizes(), values, row_ptr, col_idx, kernel_size, {1, 1},
+                                                       padding, mode_string(padding_mode), input, upsample);
   for (const auto* t : {&scale, &shift}) {
     TORCH_CHECK(t->dim() == 1 && t->numel() == g.C_in && t->scalar_type() == at::kDouble &&
                     t->device() == input.device() && t->is_contiguous(),
@@ -241,13 +250,9 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv2d_act_stats_cpu(
     const std::optional<at::Tensor>& bias, at::IntArrayRef kernel_size, at::IntArrayRef padding,
     c10::string_view padding_mode, int64_t upsample, bool pool) {
   const char* op = "sparse_conv2d_act_stats";
-  TORCH_CHECK(!pool || upsample == 1, op, ": pool takes no upsampling, got upsample = ", upsample);
-  const auto g = pool ? pooled_conv_geometry(op, input.sizes(), values, row_ptr, col_idx, kernel_size, padding,
-                                             padding_mode, input)
-                      : sparse_conv2d_geometry(input.sizes(), values, row_ptr, col_idx, kernel_size, {1, 1}, padding,
-                                               mode_string(padding_mode), input, upsample);
-  return forward_with_stats(op, input, values, row_ptr, col_idx, bias,
-                            with_prologue(op, g, input, scale, shift, negative_slope), pool);
+  const auto g = act_geometry(op, input, values, row_ptr, col_idx, kernel_size, padding, padding_mode, upsample, pool,
+                              scale, shift, negative_slope);
+  return forward_with_stats(op, input, values, row_ptr, col_idx, bias, g, pool);
 }
 
 at::Tensor sparse_conv2d_act_weight_grad_cpu(const at::Tensor& grad_output, const at::Tensor& input,
@@ -256,14 +261,10 @@ at::Tensor sparse_conv2d_act_weight_grad_cpu(const at::Tensor& grad_output, cons
                                              at::IntArrayRef kernel_size, at::IntArrayRef padding,
                                              c10::string_view padding_mode, int64_t upsample, bool pool) {
   const char* op = "sparse_conv2d_act_weight_grad";
-  TORCH_CHECK(!pool || upsample == 1, op, ": pool takes no upsampling, got upsample = ", upsample);
   const at::Tensor like_values = at::empty({col_idx.numel()}, input.options());
-  const auto g = pool ? pooled_conv_geometry(op, input.sizes(), like_values, row_ptr, col_idx, kernel_size, padding,
-                                             padding_mode, input)
-                      : sparse_conv2d_geometry(input.sizes(), like_values, row_ptr, col_idx, kernel_size, {1, 1},
-                                               padding, mode_string(padding_mode), input, upsample);
-  return weight_grad_checked(op, grad_output, input, row_ptr, col_idx,
-                             with_prologue(op, g, input, scale, shift, negative_slope), pool);
+  const auto g = act_geometry(op, input, like_values, row_ptr, col_idx, kernel_size, padding, padding_mode, upsample,
+                              pool, scale, shift, negative_slope);
+  return weight_grad_checked(op, grad_output, input, row_ptr, col_idx, g, pool);
 }
 
 }  // namespace

@@ -674,30 +674,26 @@ def _batch_norm_act_conv1x1_fake(input, stats, weight, bias, eps, negative_slope
     return input.new_empty((n, conv_weight.shape[0], h, w))
 
 
-def _act_conv_out_shape(input, row_ptr, kernel_size, padding, upsample, pool):
-    h, w = _sparse_conv2d_out_size([s * upsample for s in input.shape[2:]], kernel_size, [1, 1], padding)
-    n, c_out = input.shape[0], row_ptr.shape[0] - 1
-    return (n, c_out, h // 2, w // 2) if pool else (n, c_out, h, w)
-
-
 @torch.library.register_fake("oes_fast::sparse_conv2d_act_stats")
 def _sparse_conv2d_act_stats_fake(input, scale, shift, negative_slope, values, row_ptr, col_idx, bias, kernel_size,
                                   padding, padding_mode, upsample, pool):
-    shape = _act_conv_out_shape(input, row_ptr, kernel_size, padding, upsample, pool)
-    return input.new_empty(shape), input.new_empty((shape[1], 2), dtype=torch.float64)
+    if pool:
+        return _sparse_conv2d_pool_stats_fake(input, values, row_ptr, col_idx, bias, kernel_size, padding, padding_mode)
+    return _sparse_conv2d_stats_fake(input, values, row_ptr, col_idx, bias, kernel_size, padding, padding_mode, upsample)
 
 
 @torch.library.register_fake("oes_fast::sparse_conv2d_act_weight_grad")
 def _sparse_conv2d_act_weight_grad_fake(grad_output, input, scale, shift, negative_slope, row_ptr, col_idx,
                                         kernel_size, padding, padding_mode, upsample, pool):
-    return input.new_empty((col_idx.shape[0],))
+    return _sparse_conv2d_weight_grad_fake(grad_output, input, row_ptr, col_idx, kernel_size, [1, 1], padding,
+                                           padding_mode, upsample)
 
 
 @torch.library.register_fake("oes_fast::batch_norm_act_sparse_conv2d")
 def _batch_norm_act_sparse_conv2d_fake(input, stats, weight, bias, eps, negative_slope, values, row_ptr, col_idx,
                                        conv_bias, kernel_size, padding, padding_mode, upsample, pool):
-    shape = _act_conv_out_shape(input, row_ptr, kernel_size, padding, upsample, pool)
-    return input.new_empty(shape), input.new_empty((shape[1], 2), dtype=torch.float64)
+    return _sparse_conv2d_act_stats_fake(input, None, None, negative_slope, values, row_ptr, col_idx, conv_bias,
+                                         kernel_size, padding, padding_mode, upsample, pool)
 
 
 def batch_norm_leaky_relu_sparse_conv2d(x: torch.Tensor, stats: torch.Tensor | None, weight: torch.Tensor,

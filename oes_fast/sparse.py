@@ -212,13 +212,23 @@ class _Conv(_Stage):
                 and self.n_out > 0 and self.n_in > 0 and x is not None and x.device.type == "cpu"
                 and x.dtype in (torch.float32, torch.float64) and x.shape[1] == self.n_in)
 
-    def forward_head(self, x, stats, bn, hw, negative_slope):
-        """This 1x1 conv of bn's batch norm of x (whose statistics the conv before returned) and a
-        LeakyReLU of `negative_slope`, in one op (ops.batch_norm_leaky_relu_conv1x1). The batch
-        norm maps its input's constant channels to beta, so their constants come from bn."""
+    def live_bias(self, const_out):
+        """The bias of the live outputs: the output constants `constants` returned, or None."""
+        return const_out.index_select(0, self.live_out) if const_out is not None else None
+
+    def after_batch_norm(self, bn, negative_slope):
+        """What this conv, run in one op with bn's batch norm and a LeakyReLU of `negative_slope`
+        (1.0: none) before it, takes from bn: (gamma and beta of bn's live channels, this conv's
+        output constants, its bias on the live outputs). The batch norm maps its input's constant
+        channels to beta, so their constants come from bn."""
         beta, gamma, beta_live = bn.masked_parameters()
         const_out = self.constants(bn.constants_after(beta, negative_slope))
-        bias = const_out.index_select(0, self.live_out) if const_out is not None else None
+        return gamma, beta_live, const_out, self.live_bias(const_out)
+
+    def forward_head(self, x, stats, bn, hw, negative_slope):
+        """This 1x1 conv of bn's batch norm of x (whose statistics the conv before returned) and a
+        LeakyReLU of `negative_slope`, in one op (ops.batch_norm_leaky_relu_conv1x1)."""
+        gamma, beta_live, const_out, bias = self.after_batch_norm(bn, negative_slope)
         x = batch_norm_leaky_relu_conv1x1(x, stats, gamma, beta_live, bn.eps, negative_slope,
                                           self.dense_weight().view(self.n_out, self.n_in), bias)
         return x, const_out, hw
@@ -228,9 +238,7 @@ class _Conv(_Stage):
         with_stats=True, pool) in one op (ops.batch_norm_leaky_relu_sparse_conv2d): the batch
         norm and activation made in this conv's input load. `stats`: x's statistics from the conv
         before, or None. can_fuse_stats must hold for x."""
-        beta, gamma, beta_live = bn.masked_parameters()
-        const_out = self.constants(bn.constants_after(beta, negative_slope))
-        bias = const_out.index_select(0, self.live_out) if const_out is not None else None
+        gamma, beta_live, const_out, bias = self.after_batch_norm(bn, negative_slope)
         u = self.upsample
         ph, pw = (self.kernel[0] - 1) // 2, (self.kernel[1] - 1) // 2
         x, stats = batch_norm_leaky_relu_sparse_conv2d(x, stats, gamma, beta_live, bn.eps, negative_slope, self.values,
@@ -248,7 +256,7 @@ class _Conv(_Stage):
         (with with_stats): the output 2x2 average pooled (sparse_conv2d_pool_stats), for which
         can_fuse_stats must hold too."""
         const_out = self.constants(const)
-        bias = const_out.index_select(0, self.live_out) if const_out is not None else None
+        bias = self.live_bias(const_out)
         u = self.upsample
         hw = (hw[0], hw[1] * u, hw[2] * u)
         if self.n_out == 0:

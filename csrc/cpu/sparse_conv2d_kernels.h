@@ -19,7 +19,7 @@
 #error "define OES_FAST_ISA_NS and OES_FAST_VEC_BYTES before including sparse_conv2d_kernels.h"
 #endif
 
-#include "vectors.h"     // vec_t<T>, kLanes<T>
+#include "vectors.h"     // vec_t<T>, kLanes<T>, IndexVecOf<T>
 #include "activation.h"  // activate_row: the input prologue (SparseConvGeometry::act_scale)
 
 namespace oes_fast {
@@ -237,18 +237,6 @@ void load_halo(const T* x, T* halo, int64_t rows_h, int64_t rows_load, int64_t W
     }
   }
 }
-
-// The integer vector of a vector's lane count (shuffle masks).
-template <typename T>
-struct IndexVecOf;
-template <>
-struct IndexVecOf<float> {
-  typedef int32_t type __attribute__((vector_size(OES_FAST_VEC_BYTES)));
-};
-template <>
-struct IndexVecOf<double> {
-  typedef int64_t type __attribute__((vector_size(OES_FAST_VEC_BYTES)));
-};
 
 // dst[j] = row i of the padded input of conv g (its padding applied), for j < len: zeros past
 // the padded size (rows and columns that only feed values no output reads). With g's prologue

@@ -1,5 +1,6 @@
 // The vector types of a kernels file's copy: vec_t<T> is one register of the copy's instruction
-// set (OES_FAST_VEC_BYTES: 16, 32 or 64 bytes) of float or double, kLanes<T> its lane count.
+// set (OES_FAST_VEC_BYTES: 16, 32 or 64 bytes) of float or double, kLanes<T> its lane count,
+// IndexVecOf<T>::type the integer vector of as many lanes.
 // Shared by the kernels files of sparse_conv2d and batch_norm_leaky_relu, which per_isa.h
 // includes once per instruction set: so no include guard and no includes here, and everything
 // below lives in the copy's namespace with internal linkage.
@@ -25,6 +26,17 @@ template <typename T>
 using vec_t = typename VecOf<T>::type;
 template <typename T>
 constexpr int64_t kLanes = OES_FAST_VEC_BYTES / static_cast<int64_t>(sizeof(T));
+// The integer vector of as many lanes (shuffle masks).
+template <typename T>
+struct IndexVecOf;
+template <>
+struct IndexVecOf<float> {
+  typedef int32_t type __attribute__((vector_size(OES_FAST_VEC_BYTES)));
+};
+template <>
+struct IndexVecOf<double> {
+  typedef int64_t type __attribute__((vector_size(OES_FAST_VEC_BYTES)));
+};
 
 }  // namespace
 }  // namespace OES_FAST_ISA_NS

@@ -282,21 +282,37 @@ def head_stages(step_times: dict) -> set:
 
 
 def prologue_stages(step_times: dict) -> set:
-    """The stages whose batch norm (and activation) step_timed ran in the next sparse conv's input
-    load (ops.batch_norm_leaky_relu_sparse_conv2d; SparseGenerator.prologue_conv)."""
+    """The stages whose batch norm (and activation, and the batch norm after it) step_timed ran in
+    the next sparse conv's input load (ops.batch_norm_leaky_relu_sparse_conv2d,
+    ops.batch_norm_leaky_relu_batch_norm_sparse_conv2d; SparseGenerator.prologue_conv,
+    pair_prologue_conv)."""
     return {k[0] for k in step_times if "+ conv" in k[1]}
 
 
+def pair_stages(step_times: dict) -> set:
+    """The prologue stages with two batch norms ("bn ... + activation + bn stats + apply + conv")."""
+    return {k[0] for k in step_times if "+ conv" in k[1] and k[1].count("apply") == 2}
+
+
 def prologue_conv_index(i: int, phase: str) -> int:
-    """The conv of a "bn ... + conv ..." phase of stage i: after the batch norm and its activation."""
-    return i + (2 if "activation" in phase else 1)
+    """The conv of a "bn ... + conv ..." phase of stage i: after the batch norm, its activation and
+    the second batch norm, where the phase has them."""
+    return i + phase.count("apply") + ("activation" in phase)
 
 
-def step_kind(gen, i, fused: set, heads: set = frozenset(), prologues: set = frozenset()) -> str:
+def prologue_label(labels, i: int, phase: str) -> str:
+    """The row label of a prologue phase: the batch norms' and the conv's names."""
+    norms = [labels[i]] + ([labels[i + 2]] if phase.count("apply") == 2 else [])
+    return " + ".join(norms + [labels[prologue_conv_index(i, phase)]])
+
+
+def step_kind(gen, i, fused: set, heads: set = frozenset(), prologues: set = frozenset(),
+              pairs: set = frozenset()) -> str:
     if i in heads:
         return "batch norm + activation + 1x1 conv"
     if i in prologues:
-        return "batch norm" + (" + activation" if i in fused else "") + " + sparse conv"
+        return ("batch norm" + (" + activation" if i in fused else "") + (" + batch norm" if i in pairs else "")
+                + " + sparse conv")
     return "batch norm + activation" if i in fused else stage_kind(gen.stages[i])
 
 
@@ -304,16 +320,22 @@ def prologue_work(gen, i, phase, x_shape, conv_out_shape, backward=False) -> tup
     """(FLOPs, bytes) of a batch norm (and activation) made in the input load of the sparse conv
     after it: the conv's work on an input of x's size (x is read instead of the activation) plus
     the batch norm's arithmetic (2 per element, 5 with its own statistics pass, which reads x once
-    more; 1 for the activation); backward: the conv's and the batch norm's (9 per element)."""
+    more; 1 for the activation); backward: the conv's and the batch norm's (9 per element). With a
+    second batch norm (a pair): its statistics pass (reads x, activates, 5 + 1 per element) and
+    backward (9 per element; the activation made again: reads x, writes it, and that backward
+    reads it and the gradient and writes one)."""
     conv = gen.stages[prologue_conv_index(i, phase)]
     numel = float(x_shape[0] * x_shape[1] * x_shape[2] * x_shape[3])
     act = ELEMENTWISE_FLOPS["act"] * numel if "activation" in phase else 0.0
+    pair = phase.count("apply") == 2
     fl, nb = conv_work(conv, x_shape, conv_out_shape, backward=backward)
     if backward:  # the batch norm's backward reads x and the activation's gradient, writes x's
-        return fl + 9 * numel + act, nb + F32 * 3 * numel
+        fl, nb = fl + 9 * numel + act, nb + F32 * 3 * numel
+        return (fl + 9 * numel + act, nb + F32 * 5 * numel) if pair else (fl, nb)
     own_stats = phase.startswith("bn stats")
     conv_stats = 3.0 * conv_out_shape[0] * conv_out_shape[1] * conv_out_shape[2] * conv_out_shape[3]
-    return fl + conv_stats + (5 if own_stats else 2) * numel + act, nb + (F32 * numel if own_stats else 0.0)
+    fl, nb = fl + conv_stats + (5 if own_stats else 2) * numel + act, nb + (F32 * numel if own_stats else 0.0)
+    return (fl + 6 * numel, nb + F32 * numel) if pair else (fl, nb)
 
 
 def prologue_conv_out(phase, x_shape, out_shape, upsample) -> tuple:
@@ -533,7 +555,7 @@ def run(size: int, repeats: int, threads: int = 1) -> dict:
         if "+ conv" in phase:
             j = prologue_conv_index(i, phase)
             fl, nb = prologue_work(gen, i, phase, xs, prologue_conv_out(phase, xs, os_, gen.stages[j].upsample))
-            row("forward", i, f"{labels[i]} + {labels[j]}", phase, [r[i, phase] for r in fwd_rounds], fl, nb,
+            row("forward", i, prologue_label(labels, i, phase), phase, [r[i, phase] for r in fwd_rounds], fl, nb,
                 "in context", kind="sparse conv")
             continue
         if isinstance(st, _Conv):
@@ -547,7 +569,7 @@ def run(size: int, repeats: int, threads: int = 1) -> dict:
     step_rounds = res["sparse step (instrumented)"]
     sh = {i: (tuple(capture[i][0].shape), tuple(capture[i][2].shape)) for i in capture}
     fused, heads = fused_activation_stages(step_rounds[0]), head_stages(step_rounds[0])
-    prologues = prologue_stages(step_rounds[0])
+    prologues, pairs = prologue_stages(step_rounds[0]), pair_stages(step_rounds[0])
     forward_phase = {i: phase for i, phase in step_rounds[0] if isinstance(i, int) and phase != "bwd"}
     for key in step_rounds[0]:
         i, phase = key
@@ -568,8 +590,8 @@ def run(size: int, repeats: int, threads: int = 1) -> dict:
             j = prologue_conv_index(i, forward_phase[i])
             conv_out = prologue_conv_out(forward_phase[i], sh[i][0], sh[j][1], gen.stages[j].upsample)
             fl, nb = prologue_work(gen, i, forward_phase[i], sh[i][0], conv_out, backward=phase == "bwd")
-            row("step", i, f"{labels[i]} + {labels[j]}", phase, ts, fl, nb, "in context",
-                kind=step_kind(gen, i, fused, heads, prologues))
+            row("step", i, prologue_label(labels, i, forward_phase[i]), phase, ts, fl, nb, "in context",
+                kind=step_kind(gen, i, fused, heads, prologues, pairs))
             continue
         if isinstance(st, _Conv):
             fl, nb = conv_work(st, sh[i][0], conv_output_shape(st, *sh[i], forward_phase[i]), backward=phase == "bwd",
@@ -806,12 +828,12 @@ def scaling(sizes: list[int], repeats: int) -> dict:
     out = dict(sizes=sizes, repeats=repeats, load_average_1min=load, step={}, isolated={})
     for size in sizes:
         rounds = res[size]
-        fused, prologues = fused_activation_stages(rounds[0]), prologue_stages(rounds[0])
+        fused, prologues, pairs = fused_activation_stages(rounds[0]), prologue_stages(rounds[0]), pair_stages(rounds[0])
         out["step"][size] = dict(
             total_s=[sum(r.values()) for r in rounds],
             rows=[dict(stage=k[0], layer=k[0] if isinstance(k[0], str) else labels[k[0]], phase=k[1],
                        kind=k[0] if isinstance(k[0], str) else step_kind(setups[size][0], k[0], fused, set(),
-                                                                          prologues),
+                                                                          prologues, pairs),
                        time_s=med([r[k] for r in rounds])) for k in rounds[0]])
         out["isolated"][size] = [dict(stage=k[1], layer=labels[k[1]], phase=k[2], time_s=med(v), samples_s=v)
                                  for k, v in iso.items() if k[0] == size]

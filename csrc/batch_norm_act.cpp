@@ -24,6 +24,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "sparse_conv2d.h"
 
@@ -51,6 +52,19 @@ TORCH_LIBRARY_FRAGMENT(oes_fast, m) {
       "batch_norm_act_sparse_conv2d(Tensor input, Tensor? stats, Tensor weight, Tensor bias, float eps, "
       "float negative_slope, Tensor values, Tensor row_ptr, Tensor col_idx, Tensor? conv_bias, int[2] kernel_size, "
       "int[2] padding, str padding_mode, int upsample, bool pool) -> (Tensor, Tensor)");
+  // The same with a second batch norm (weight2, bias2, eps2, batch statistics, no activation)
+  // between the activation and the conv: the conv of
+  // batch_norm_act(batch_norm_act(input, stats, weight, bias, eps, negative_slope), None, weight2,
+  // bias2, eps2, 1.0), the generator's up path (a batch norm and its LeakyReLU, then the next
+  // block's input batch norm). The second batch norm's statistics come from a pass over the input
+  // that activates it without writing it (batch_norm_act_stats), and both batch norms are made in
+  // the conv's input load. Differentiable once in input, weight, bias, weight2, bias2, values and
+  // conv_bias; the statistics output carries no gradient. CPU only.
+  m.def(
+      "batch_norm_act_norm_sparse_conv2d(Tensor input, Tensor? stats, Tensor weight, Tensor bias, float eps, "
+      "float negative_slope, Tensor weight2, Tensor bias2, float eps2, Tensor values, Tensor row_ptr, "
+      "Tensor col_idx, Tensor? conv_bias, int[2] kernel_size, int[2] padding, str padding_mode, int upsample, "
+      "bool pool) -> (Tensor, Tensor)");
 }
 
 namespace oes_fast {
@@ -94,6 +108,16 @@ at::Tensor head(const at::Tensor& x, const Constants& c, double slope, const at:
 
 bool given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
+// batch_norm_leaky_relu_backward through the dispatcher
+const auto& batch_norm_backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("oes_fast::batch_norm_leaky_relu_backward", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                                 const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                 const at::Tensor&, const at::Tensor&, double)>();
+  return op;
+}
+
 // The float64 gradient g in dtype `dtype` where wanted, else undefined.
 at::Tensor as_grad(bool wanted, const at::Tensor& g, const c10::IValue& dtype) {
   return wanted ? g.to(static_cast<at::ScalarType>(dtype.toInt())) : at::Tensor();
@@ -105,8 +129,11 @@ at::Tensor as_grad(bool wanted, const at::Tensor& g, const c10::IValue& dtype) {
 // (stats, a tensor when given, takes edge 1).
 void save_batch_norm(AutogradContext* ctx, const at::Tensor& x, const Constants& c, double slope,
                      const std::optional<at::Tensor>& stats, const at::Tensor& weight, const at::Tensor& bias,
-                     const at::Tensor& conv_weight = at::Tensor()) {
-  ctx->save_for_backward({x, std::get<0>(c), std::get<1>(c), std::get<2>(c), std::get<3>(c), conv_weight});
+                     const at::Tensor& conv_weight = at::Tensor(), const Constants* second = nullptr) {
+  std::vector<at::Tensor> saved{x, std::get<0>(c), std::get<1>(c), std::get<2>(c), std::get<3>(c), conv_weight};
+  if (second != nullptr)  // a second batch norm's constants (batch_norm_act_norm_sparse_conv2d)
+    saved.insert(saved.end(), {std::get<0>(*second), std::get<1>(*second), std::get<2>(*second), std::get<3>(*second)});
+  ctx->save_for_backward(saved);
   ctx->saved_data["slope"] = slope;
   ctx->saved_data["weight_edge"] = static_cast<int64_t>(given(stats) ? 2 : 1);
   ctx->saved_data["weight_dtype"] = static_cast<int64_t>(weight.scalar_type());
@@ -124,17 +151,12 @@ class BatchNormActFunction : public torch::autograd::Function<BatchNormActFuncti
     return normalize(x, c, negative_slope);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("oes_fast::batch_norm_leaky_relu_backward", "")
-                               .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                                   const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                   const at::Tensor&, const at::Tensor&, double)>();
     const int64_t w = ctx->saved_data["weight_edge"].toInt();
     const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(w),
                need_b = ctx->needs_input_grad(w + 1);
     if (!(need_x || need_w || need_b)) return variable_list(6);
     const auto s = ctx->get_saved_variables();
-    const auto [gx, gw, gb] = op.call(grads[0].contiguous(), s[0], s[1], s[2], s[3], s[4],
+    const auto [gx, gw, gb] = batch_norm_backward_op().call(grads[0].contiguous(), s[0], s[1], s[2], s[3], s[4],
                                       ctx->saved_data["slope"].toDouble());
     return {need_x ? gx : at::Tensor(), at::Tensor(), as_grad(need_w, gw, ctx->saved_data["weight_dtype"]),
             as_grad(need_b, gb, ctx->saved_data["bias_dtype"]), at::Tensor(), at::Tensor()};
@@ -178,18 +200,80 @@ class BatchNormActConv1x1Function : public torch::autograd::Function<BatchNormAc
 using Conv = std::tuple<at::Tensor, at::Tensor>;
 
 // The conv of the activated input (sparse_conv2d_act_stats) with the constants c.
+// With `post` (the second batch norm's constants), the conv reads that batch norm of the activation.
 Conv act_conv(const at::Tensor& x, const Constants& c, double slope, const at::Tensor& values,
               const at::Tensor& row_ptr, const at::Tensor& col_idx, const std::optional<at::Tensor>& conv_bias,
               at::IntArrayRef kernel_size, at::IntArrayRef padding, c10::string_view mode, int64_t upsample,
-              bool pool) {
+              bool pool, const Constants* post = nullptr) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("oes_fast::sparse_conv2d_act_stats", "")
                              .typed<Conv(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
                                          const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                          const std::optional<at::Tensor>&, at::IntArrayRef, at::IntArrayRef,
-                                         c10::string_view, int64_t, bool)>();
+                                         c10::string_view, int64_t, bool, const std::optional<at::Tensor>&,
+                                         const std::optional<at::Tensor>&)>();
+  std::optional<at::Tensor> post_scale, post_shift;
+  if (post != nullptr) {
+    post_scale = std::get<2>(*post);
+    post_shift = std::get<3>(*post);
+  }
   return op.call(x, std::get<2>(c), std::get<3>(c), slope, values, row_ptr, col_idx, conv_bias, kernel_size, padding,
-                 mode, upsample, pool);
+                 mode, upsample, pool, post_scale, post_shift);
+}
+
+// sparse_conv2d_act_weight_grad: the weight gradient of act_conv's conv.
+at::Tensor act_weight_grad(const at::Tensor& g, const at::Tensor& x, const Constants& c, double slope,
+                           const at::Tensor& row_ptr, const at::Tensor& col_idx, at::IntArrayRef kernel,
+                           at::IntArrayRef padding, c10::string_view mode, int64_t upsample, bool pool,
+                           const Constants* post = nullptr) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("oes_fast::sparse_conv2d_act_weight_grad", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                               const at::Tensor&, double, const at::Tensor&, const at::Tensor&,
+                                               at::IntArrayRef, at::IntArrayRef, c10::string_view, int64_t, bool,
+                                               const std::optional<at::Tensor>&, const std::optional<at::Tensor>&)>();
+  std::optional<at::Tensor> post_scale, post_shift;
+  if (post != nullptr) {
+    post_scale = std::get<2>(*post);
+    post_shift = std::get<3>(*post);
+  }
+  return op.call(g, x, std::get<2>(c), std::get<3>(c), slope, row_ptr, col_idx, kernel, padding, mode, upsample, pool,
+                 post_scale, post_shift);
+}
+
+at::Tensor batch_norm_act_stats(const at::Tensor& x, const Constants& c, double slope) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("oes_fast::batch_norm_act_stats", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
+  return op.call(x, std::get<2>(c), std::get<3>(c), slope);
+}
+
+// The conv's settings, kept by the forwards of the sparse-conv ops for their backward.
+void save_conv(AutogradContext* ctx, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+               const std::optional<at::Tensor>& conv_bias, at::IntArrayRef kernel_size, at::IntArrayRef padding,
+               c10::string_view mode, int64_t upsample, bool pool) {
+  ctx->saved_data["row_ptr"] = row_ptr;
+  ctx->saved_data["col_idx"] = col_idx;
+  ctx->saved_data["has_conv_bias"] = given(conv_bias);
+  ctx->saved_data["kernel"] = kernel_size.vec();
+  ctx->saved_data["padding"] = padding.vec();
+  ctx->saved_data["mode"] = std::string(mode.data(), mode.size());
+  ctx->saved_data["upsample"] = upsample;
+  ctx->saved_data["pool"] = pool;
+}
+
+struct SavedConv {
+  at::Tensor row_ptr, col_idx;
+  std::vector<int64_t> kernel, padding;
+  std::string mode;
+  int64_t upsample;
+  bool pool;
+};
+SavedConv saved_conv(AutogradContext* ctx) {
+  return {ctx->saved_data["row_ptr"].toTensor(), ctx->saved_data["col_idx"].toTensor(),
+          ctx->saved_data["kernel"].toIntVector(), ctx->saved_data["padding"].toIntVector(),
+          ctx->saved_data["mode"].toStringRef(), ctx->saved_data["upsample"].toInt(),
+          ctx->saved_data["pool"].toBool()};
 }
 
 // The backward: the conv's input gradient (the activated input's), its weight gradient (the
@@ -206,31 +290,13 @@ class BatchNormActSparseConv2dFunction : public torch::autograd::Function<BatchN
     const at::Tensor x = input.contiguous();
     const Constants c = batch_norm_constants(x, stats, weight, bias, eps);
     save_batch_norm(ctx, x, c, negative_slope, stats, weight, bias, values);
-    ctx->saved_data["row_ptr"] = row_ptr;
-    ctx->saved_data["col_idx"] = col_idx;
-    ctx->saved_data["has_conv_bias"] = given(conv_bias);
-    ctx->saved_data["kernel"] = kernel_size.vec();
-    ctx->saved_data["padding"] = padding.vec();
-    ctx->saved_data["mode"] = std::string(mode.data(), mode.size());
-    ctx->saved_data["upsample"] = upsample;
-    ctx->saved_data["pool"] = pool;
+    save_conv(ctx, row_ptr, col_idx, conv_bias, kernel_size, padding, mode, upsample, pool);
     auto [out, out_stats] =
         act_conv(x, c, negative_slope, values, row_ptr, col_idx, conv_bias, kernel_size, padding, mode, upsample, pool);
     ctx->mark_non_differentiable({out_stats});
     return {out, out_stats};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto weight_grad =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("oes_fast::sparse_conv2d_act_weight_grad", "")
-            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
-                              const at::Tensor&, const at::Tensor&, at::IntArrayRef, at::IntArrayRef,
-                              c10::string_view, int64_t, bool)>();
-    static const auto batch_norm_backward = c10::Dispatcher::singleton()
-                                                .findSchemaOrThrow("oes_fast::batch_norm_leaky_relu_backward", "")
-                                                .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                                                    const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                    const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
     // edges: input 0, stats (when given), weight w, bias w + 1, values w + 2, conv_bias w + 5
     const int64_t w = ctx->saved_data["weight_edge"].toInt();
     const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(w),
@@ -239,25 +305,93 @@ class BatchNormActSparseConv2dFunction : public torch::autograd::Function<BatchN
     variable_list out(15);
     if (!(need_x || need_w || need_b || need_v || need_cb)) return out;
     const auto s = ctx->get_saved_variables();
-    const at::Tensor &x = s[0], &mean = s[1], &invstd = s[2], &scale = s[3], &shift = s[4], &values = s[5];
-    const at::Tensor row_ptr = ctx->saved_data["row_ptr"].toTensor(), col_idx = ctx->saved_data["col_idx"].toTensor();
-    const std::vector<int64_t> kernel = ctx->saved_data["kernel"].toIntVector(),
-                               padding = ctx->saved_data["padding"].toIntVector();
-    const std::string mode = ctx->saved_data["mode"].toStringRef();
-    const int64_t upsample = ctx->saved_data["upsample"].toInt();
-    const bool pool = ctx->saved_data["pool"].toBool();
+    const at::Tensor& x = s[0];
+    const Constants c{s[1], s[2], s[3], s[4]};
+    const at::Tensor& values = s[5];
+    const SavedConv v = saved_conv(ctx);
     const double slope = ctx->saved_data["slope"].toDouble();
     const at::Tensor g = grads[0].contiguous();
     if (need_v)
-      out[6] = weight_grad.call(g, x, scale, shift, slope, row_ptr, col_idx, kernel, padding, mode, upsample, pool);
+      out[6] = act_weight_grad(g, x, c, slope, v.row_ptr, v.col_idx, v.kernel, v.padding, v.mode, v.upsample, v.pool);
     if (need_cb) out[9] = channel_sum(g);
     if (need_x || need_w || need_b) {
-      const at::Tensor g_act =
-          conv_input_grad(g, values, row_ptr, col_idx, x.sym_sizes(), kernel, {1, 1}, padding, mode, upsample, pool);
-      const auto [gx, gw, gb] = batch_norm_backward.call(g_act, x, mean, invstd, scale, shift, slope);
+      const at::Tensor g_act = conv_input_grad(g, values, v.row_ptr, v.col_idx, x.sym_sizes(), v.kernel, {1, 1},
+                                               v.padding, v.mode, v.upsample, v.pool);
+      const auto [gx, gw, gb] = batch_norm_backward_op().call(g_act, x, s[1], s[2], s[3], s[4], slope);
       if (need_x) out[0] = gx;
       out[2] = as_grad(need_w, gw, ctx->saved_data["weight_dtype"]);
       out[3] = as_grad(need_b, gb, ctx->saved_data["bias_dtype"]);
+    }
+    return out;
+  }
+};
+
+// The second batch norm's constants: its batch statistics are those of the activation
+// batch_norm_act would store (batch_norm_act_stats; that tensor is not written).
+Constants second_constants(const at::Tensor& x, const Constants& c, double slope, const at::Tensor& weight2,
+                           const at::Tensor& bias2, double eps2) {
+  return batch_norm_constants(x, batch_norm_act_stats(x, c, slope), weight2, bias2, eps2);
+}
+
+// The backward: the conv's input gradient (the second batch norm's output's), its weight gradient
+// (both batch norms made again in the load) and bias gradient; then the second batch norm's
+// backward, on the activation made again (the one tensor it writes besides the gradients), and
+// the first batch norm's and activation's.
+class BatchNormActNormSparseConv2dFunction : public torch::autograd::Function<BatchNormActNormSparseConv2dFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const std::optional<at::Tensor>& stats,
+                               const at::Tensor& weight, const at::Tensor& bias, double eps, double negative_slope,
+                               const at::Tensor& weight2, const at::Tensor& bias2, double eps2,
+                               const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                               const std::optional<at::Tensor>& conv_bias, at::IntArrayRef kernel_size,
+                               at::IntArrayRef padding, c10::string_view mode, int64_t upsample, bool pool) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const at::Tensor x = input.contiguous();
+    const Constants c = batch_norm_constants(x, stats, weight, bias, eps);
+    const Constants c2 = second_constants(x, c, negative_slope, weight2, bias2, eps2);
+    save_batch_norm(ctx, x, c, negative_slope, stats, weight, bias, values, &c2);
+    ctx->saved_data["weight2_dtype"] = static_cast<int64_t>(weight2.scalar_type());
+    ctx->saved_data["bias2_dtype"] = static_cast<int64_t>(bias2.scalar_type());
+    save_conv(ctx, row_ptr, col_idx, conv_bias, kernel_size, padding, mode, upsample, pool);
+    auto [out, out_stats] = act_conv(x, c, negative_slope, values, row_ptr, col_idx, conv_bias, kernel_size, padding,
+                                     mode, upsample, pool, &c2);
+    ctx->mark_non_differentiable({out_stats});
+    return {out, out_stats};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    // edges: input 0, stats (when given), weight w, bias w + 1, weight2 w + 2, bias2 w + 3,
+    // values w + 4, conv_bias w + 7
+    const int64_t w = ctx->saved_data["weight_edge"].toInt();
+    const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(w),
+               need_b = ctx->needs_input_grad(w + 1), need_w2 = ctx->needs_input_grad(w + 2),
+               need_b2 = ctx->needs_input_grad(w + 3), need_v = ctx->needs_input_grad(w + 4),
+               need_cb = ctx->saved_data["has_conv_bias"].toBool() && ctx->needs_input_grad(w + 7);
+    variable_list out(18);
+    const bool need_first = need_x || need_w || need_b;
+    if (!(need_first || need_w2 || need_b2 || need_v || need_cb)) return out;
+    const auto s = ctx->get_saved_variables();
+    const at::Tensor &x = s[0], &values = s[5];
+    const Constants c{s[1], s[2], s[3], s[4]}, c2{s[6], s[7], s[8], s[9]};
+    const SavedConv v = saved_conv(ctx);
+    const double slope = ctx->saved_data["slope"].toDouble();
+    const at::Tensor g = grads[0].contiguous();
+    if (need_v)
+      out[9] = act_weight_grad(g, x, c, slope, v.row_ptr, v.col_idx, v.kernel, v.padding, v.mode, v.upsample, v.pool,
+                               &c2);
+    if (need_cb) out[12] = channel_sum(g);
+    if (need_first || need_w2 || need_b2) {
+      const at::Tensor g_norm = conv_input_grad(g, values, v.row_ptr, v.col_idx, x.sym_sizes(), v.kernel, {1, 1},
+                                                v.padding, v.mode, v.upsample, v.pool);
+      const auto [g_act, gw2, gb2] = batch_norm_backward_op().call(g_norm, normalize(x, c, slope), s[6], s[7], s[8],
+                                                                   s[9], 1.0);
+      out[6] = as_grad(need_w2, gw2, ctx->saved_data["weight2_dtype"]);
+      out[7] = as_grad(need_b2, gb2, ctx->saved_data["bias2_dtype"]);
+      if (need_first) {
+        const auto [gx, gw, gb] = batch_norm_backward_op().call(g_act, x, s[1], s[2], s[3], s[4], slope);
+        if (need_x) out[0] = gx;
+        out[2] = as_grad(need_w, gw, ctx->saved_data["weight_dtype"]);
+        out[3] = as_grad(need_b, gb, ctx->saved_data["bias_dtype"]);
+      }
     }
     return out;
   }
@@ -314,15 +448,45 @@ Conv batch_norm_act_sparse_conv2d_autograd(const at::Tensor& input, const std::o
   return {out[0], out[1]};
 }
 
+Conv batch_norm_act_norm_sparse_conv2d_cpu(const at::Tensor& input, const std::optional<at::Tensor>& stats,
+                                           const at::Tensor& weight, const at::Tensor& bias, double eps,
+                                           double negative_slope, const at::Tensor& weight2, const at::Tensor& bias2,
+                                           double eps2, const at::Tensor& values, const at::Tensor& row_ptr,
+                                           const at::Tensor& col_idx, const std::optional<at::Tensor>& conv_bias,
+                                           at::IntArrayRef kernel_size, at::IntArrayRef padding,
+                                           c10::string_view mode, int64_t upsample, bool pool) {
+  const at::Tensor x = input.contiguous();
+  const Constants c = batch_norm_constants(x, stats, weight, bias, eps);
+  const Constants c2 = second_constants(x, c, negative_slope, weight2, bias2, eps2);
+  return act_conv(x, c, negative_slope, values, row_ptr, col_idx, conv_bias, kernel_size, padding, mode, upsample,
+                  pool, &c2);
+}
+
+Conv batch_norm_act_norm_sparse_conv2d_autograd(const at::Tensor& input, const std::optional<at::Tensor>& stats,
+                                                const at::Tensor& weight, const at::Tensor& bias, double eps,
+                                                double negative_slope, const at::Tensor& weight2,
+                                                const at::Tensor& bias2, double eps2, const at::Tensor& values,
+                                                const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                                                const std::optional<at::Tensor>& conv_bias,
+                                                at::IntArrayRef kernel_size, at::IntArrayRef padding,
+                                                c10::string_view mode, int64_t upsample, bool pool) {
+  const auto out = BatchNormActNormSparseConv2dFunction::apply(input, stats, weight, bias, eps, negative_slope, weight2,
+                                                               bias2, eps2, values, row_ptr, col_idx, conv_bias,
+                                                               kernel_size, padding, mode, upsample, pool);
+  return {out[0], out[1]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(oes_fast, CPU, m) {
+  m.impl("batch_norm_act_norm_sparse_conv2d", &batch_norm_act_norm_sparse_conv2d_cpu);
   m.impl("batch_norm_act_sparse_conv2d", &batch_norm_act_sparse_conv2d_cpu);
   m.impl("batch_norm_act", &batch_norm_act_cpu);
   m.impl("batch_norm_act_conv1x1", &batch_norm_act_conv1x1_cpu);
 }
 
 TORCH_LIBRARY_IMPL(oes_fast, Autograd, m) {
+  m.impl("batch_norm_act_norm_sparse_conv2d", &batch_norm_act_norm_sparse_conv2d_autograd);
   m.impl("batch_norm_act_sparse_conv2d", &batch_norm_act_sparse_conv2d_autograd);
   m.impl("batch_norm_act", &batch_norm_act_autograd);
   m.impl("batch_norm_act_conv1x1", &batch_norm_act_conv1x1_autograd);

@@ -10,6 +10,10 @@ TORCH_LIBRARY_FRAGMENT(oes_fast, m) {
   // float64, the format of sparse_conv2d_stats' statistics. Each channel is summed by one
   // thread in a fixed order, so the bits do not depend on the thread count.
   m.def("batch_norm_stats(Tensor input) -> Tensor");
+  // batch_norm_stats(batch_norm_leaky_relu(input, scale, shift, negative_slope)), the same bits,
+  // without writing that tensor: the statistics of a batch norm that follows an activation, for
+  // batch_norm_act_norm_sparse_conv2d.
+  m.def("batch_norm_act_stats(Tensor input, Tensor scale, Tensor shift, float negative_slope) -> Tensor");
   // The batch norm's per-channel constants from such statistics over `count` values per
   // channel, weight and bias (C,): (mean, invstd, scale, shift), each (C,) float64, with
   // scale = weight / sqrt(var + eps) and shift = bias - mean * scale (oes_fast.ops.batch_norm_affine).

@@ -50,17 +50,20 @@ TORCH_LIBRARY_FRAGMENT(oes_fast, m) {
   // of batch_norm_leaky_relu(input, scale, shift, negative_slope) (scale, shift: (C_in,) float64),
   // the activation made while the conv loads its input rows, with the bits that op would store:
   // a batch norm's normalizing pass and the LeakyReLU after it fused into the next conv (no
-  // activated tensor is written or read). Not differentiable; batch_norm_act_sparse_conv2d is.
+  // activated tensor is written or read). With post_scale and post_shift ((C_in,) float64), the
+  // conv reads batch_norm_leaky_relu(that, post_scale, post_shift, 1.0) instead: a second batch
+  // norm's apply after the activation. Not differentiable; batch_norm_act_sparse_conv2d and
+  // batch_norm_act_norm_sparse_conv2d are.
   m.def(
       "sparse_conv2d_act_stats(Tensor input, Tensor scale, Tensor shift, float negative_slope, Tensor values, "
       "Tensor row_ptr, Tensor col_idx, Tensor? bias, int[2] kernel_size, int[2] padding, str padding_mode, "
-      "int upsample, bool pool) -> (Tensor, Tensor)");
+      "int upsample, bool pool, Tensor? post_scale=None, Tensor? post_shift=None) -> (Tensor, Tensor)");
   // Its weight gradient (sparse_conv2d_weight_grad or sparse_conv2d_pool_weight_grad of the
   // activated input, activated in the same way while loading).
   m.def(
       "sparse_conv2d_act_weight_grad(Tensor grad_output, Tensor input, Tensor scale, Tensor shift, "
       "float negative_slope, Tensor row_ptr, Tensor col_idx, int[2] kernel_size, int[2] padding, "
-      "str padding_mode, int upsample, bool pool) -> Tensor");
+      "str padding_mode, int upsample, bool pool, Tensor? post_scale=None, Tensor? post_shift=None) -> Tensor");
 }
 
 namespace oes_fast {

@@ -28,6 +28,11 @@ struct SparseConvGeometry {
   const double* act_scale = nullptr;
   const double* act_shift = nullptr;
   double act_slope = 1.0;
+  // With the prologue, optionally a second batch norm's apply after it (no activation): the conv
+  // reads that value * post_scale[c] + post_shift[c], rounded again, as batch_norm_leaky_relu
+  // with a slope of 1 would store it from the stored activation; nullptr: none.
+  const double* post_scale = nullptr;
+  const double* post_shift = nullptr;
 };
 
 // Validates shapes, dtypes, devices and index ranges; returns the geometry. `input_size` is the

@@ -610,6 +610,11 @@ def _batch_norm_stats_fake(input):
     return input.new_empty((input.shape[1], 2), dtype=torch.float64)
 
 
+@torch.library.register_fake("oes_fast::batch_norm_act_stats")
+def _batch_norm_act_stats_fake(input, scale, shift, negative_slope):
+    return _batch_norm_stats_fake(input)
+
+
 @torch.library.register_fake("oes_fast::batch_norm_leaky_relu")
 def _batch_norm_leaky_relu_fake(input, scale, shift, negative_slope):
     return torch.empty_like(input, memory_format=torch.contiguous_format)
@@ -676,7 +681,7 @@ def _batch_norm_act_conv1x1_fake(input, stats, weight, bias, eps, negative_slope
 
 @torch.library.register_fake("oes_fast::sparse_conv2d_act_stats")
 def _sparse_conv2d_act_stats_fake(input, scale, shift, negative_slope, values, row_ptr, col_idx, bias, kernel_size,
-                                  padding, padding_mode, upsample, pool):
+                                  padding, padding_mode, upsample, pool, post_scale=None, post_shift=None):
     if pool:
         return _sparse_conv2d_pool_stats_fake(input, values, row_ptr, col_idx, bias, kernel_size, padding, padding_mode)
     return _sparse_conv2d_stats_fake(input, values, row_ptr, col_idx, bias, kernel_size, padding, padding_mode, upsample)
@@ -684,7 +689,8 @@ def _sparse_conv2d_act_stats_fake(input, scale, shift, negative_slope, values, r
 
 @torch.library.register_fake("oes_fast::sparse_conv2d_act_weight_grad")
 def _sparse_conv2d_act_weight_grad_fake(grad_output, input, scale, shift, negative_slope, row_ptr, col_idx,
-                                        kernel_size, padding, padding_mode, upsample, pool):
+                                        kernel_size, padding, padding_mode, upsample, pool, post_scale=None,
+                                        post_shift=None):
     return _sparse_conv2d_weight_grad_fake(grad_output, input, row_ptr, col_idx, kernel_size, [1, 1], padding,
                                            padding_mode, upsample)
 
@@ -694,6 +700,22 @@ def _batch_norm_act_sparse_conv2d_fake(input, stats, weight, bias, eps, negative
                                        conv_bias, kernel_size, padding, padding_mode, upsample, pool):
     return _sparse_conv2d_act_stats_fake(input, None, None, negative_slope, values, row_ptr, col_idx, conv_bias,
                                          kernel_size, padding, padding_mode, upsample, pool)
+
+
+@torch.library.register_fake("oes_fast::batch_norm_act_norm_sparse_conv2d")
+def _batch_norm_act_norm_sparse_conv2d_fake(input, stats, weight, bias, eps, negative_slope, weight2, bias2, eps2,
+                                            values, row_ptr, col_idx, conv_bias, kernel_size, padding, padding_mode,
+                                            upsample, pool):
+    return _sparse_conv2d_act_stats_fake(input, None, None, negative_slope, values, row_ptr, col_idx, conv_bias,
+                                         kernel_size, padding, padding_mode, upsample, pool)
+
+
+def _check_fused_conv_input(x, stats, op):
+    """_check_batch_norm_input, and ValueError unless x is a CPU float32 or float64 tensor (the
+    fused batch-norm-and-conv ops are CPU only)."""
+    _check_batch_norm_input(x, stats, op)
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"{op}: x must be a CPU float32 or float64 tensor, got {x.dtype} on {x.device}")
 
 
 def batch_norm_leaky_relu_sparse_conv2d(x: torch.Tensor, stats: torch.Tensor | None, weight: torch.Tensor,
@@ -708,13 +730,32 @@ def batch_norm_leaky_relu_sparse_conv2d(x: torch.Tensor, stats: torch.Tensor | N
     activated tensor is never stored (forward or backward). Returns (output, its (C_out, 2)
     float64 statistics). x: NCHW, CPU, float32 or float64. Differentiable (once) in x, weight,
     bias, values and conv_bias; the same values and gradients, bit for bit, as the two ops."""
-    _check_batch_norm_input(x, stats, "batch_norm_leaky_relu_sparse_conv2d")
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"batch_norm_leaky_relu_sparse_conv2d: x must be a CPU float32 or float64 tensor, got "
-                         f"{x.dtype} on {x.device}")
+    _check_fused_conv_input(x, stats, "batch_norm_leaky_relu_sparse_conv2d")
     return _ops.batch_norm_act_sparse_conv2d(x, stats, weight, bias, float(eps), float(negative_slope), values,
                                              row_ptr, col_idx, conv_bias, list(kernel_size), list(padding),
                                              padding_mode, int(upsample), bool(pool))
+
+
+def batch_norm_leaky_relu_batch_norm_sparse_conv2d(
+        x: torch.Tensor, stats: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+        negative_slope: float, weight2: torch.Tensor, bias2: torch.Tensor, eps2: float, values: torch.Tensor,
+        row_ptr: torch.Tensor, col_idx: torch.Tensor, conv_bias: torch.Tensor | None, kernel_size, padding,
+        padding_mode: str = "reflect", upsample: int = 1, pool: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """batch_norm_leaky_relu_sparse_conv2d(batch_norm_leaky_relu(x, stats, weight, bias, eps,
+    negative_slope), None, weight2, bias2, eps2, 1.0, values, ...): a batch norm and its
+    LeakyReLU, then a second batch norm (batch statistics, no activation), then the sparse conv,
+    as the generator's up path runs them. The second batch norm's statistics come from a pass over
+    x that activates it without storing it, and both batch norms are made in the conv's input
+    load: neither intermediate tensor is stored in the forward (the backward makes the activation
+    again for the second batch norm's gradient). Returns (output, its (C_out, 2) float64
+    statistics). x: NCHW, CPU, float32 or float64. Differentiable (once) in x, weight, bias,
+    weight2, bias2, values and conv_bias; the same values and gradients, bit for bit, as the ops
+    it replaces."""
+    _check_fused_conv_input(x, stats, "batch_norm_leaky_relu_batch_norm_sparse_conv2d")
+    return _ops.batch_norm_act_norm_sparse_conv2d(x, stats, weight, bias, float(eps), float(negative_slope), weight2,
+                                                  bias2, float(eps2), values, row_ptr, col_idx, conv_bias,
+                                                  list(kernel_size), list(padding), padding_mode, int(upsample),
+                                                  bool(pool))
 
 
 def batch_norm_leaky_relu_conv1x1(x: torch.Tensor, stats: torch.Tensor | None, weight: torch.Tensor,

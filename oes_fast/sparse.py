@@ -30,7 +30,10 @@ training-mode forward computes (batch norm with batch statistics), in two steps:
    LeakyReLU follows batch norm, so it cannot go into the conv's epilogue; the batch norm's
    normalization and the LeakyReLU go into the next sparse conv's input load instead
    (`ops.batch_norm_leaky_relu_sparse_conv2d`, on CPU: the activated tensor is never stored, and
-   the weight gradient's load makes it again). Every other batch norm runs as
+   the weight gradient's load makes it again). In the up path a batch norm and its LeakyReLU are
+   followed by the next block's input batch norm: the conv's load makes all three
+   (`ops.batch_norm_leaky_relu_batch_norm_sparse_conv2d`), the second batch norm's statistics
+   from a pass that activates without storing. Every other batch norm runs as
    `ops.batch_norm_leaky_relu`, which normalizes and activates in one pass (from the conv's
    statistics, or after a statistics pass of its own where a pooling or nothing precedes; a
    slope of 1 where no LeakyReLU follows) and whose backward takes two passes per channel,
@@ -59,7 +62,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops as _ops_module  # noqa: F401  (registers the operators)
-from .ops import (batch_norm_constants, batch_norm_from_stats, batch_norm_leaky_relu, batch_norm_leaky_relu_conv1x1,
+from .ops import (batch_norm_constants, batch_norm_from_stats, batch_norm_leaky_relu,
+                  batch_norm_leaky_relu_batch_norm_sparse_conv2d, batch_norm_leaky_relu_conv1x1,
                   batch_norm_leaky_relu_sparse_conv2d)
 from .files import atomic_path
 from .connectivity import live_channels
@@ -244,6 +248,22 @@ class _Conv(_Stage):
         x, stats = batch_norm_leaky_relu_sparse_conv2d(x, stats, gamma, beta_live, bn.eps, negative_slope, self.values,
                                                        self.row_ptr, self.col_idx, bias, self.kernel, [ph, pw],
                                                        "reflect", u, pool)
+        hw = (hw[0], hw[1] // 2, hw[2] // 2) if pool else (hw[0], hw[1] * u, hw[2] * u)
+        return x, const_out, hw, stats
+
+    def forward_after_batch_norms(self, x, stats, bn1, bn2, hw, negative_slope, pool: bool = False):
+        """forward_after_batch_norm(bn1's batch norm of x and a LeakyReLU of `negative_slope`, None,
+        bn2, hw, 1.0, pool) in one op (ops.batch_norm_leaky_relu_batch_norm_sparse_conv2d): both
+        batch norms and the activation made in this conv's input load, bn2's statistics from a
+        pass that activates x without storing it. `stats`: x's statistics from the conv before, or
+        None. bn2 normalizes the channels bn1 does (the same tensor)."""
+        _, gamma1, beta1_live = bn1.masked_parameters()
+        gamma2, beta2_live, const_out, bias = self.after_batch_norm(bn2, 1.0)
+        u = self.upsample
+        ph, pw = (self.kernel[0] - 1) // 2, (self.kernel[1] - 1) // 2
+        x, stats = batch_norm_leaky_relu_batch_norm_sparse_conv2d(
+            x, stats, gamma1, beta1_live, bn1.eps, negative_slope, gamma2, beta2_live, bn2.eps, self.values,
+            self.row_ptr, self.col_idx, bias, self.kernel, [ph, pw], "reflect", u, pool)
         hw = (hw[0], hw[1] // 2, hw[2] // 2) if pool else (hw[0], hw[1] * u, hw[2] * u)
         return x, const_out, hw, stats
 
@@ -539,6 +559,7 @@ class SparseGenerator(nn.Module):
         self.fuse_batch_norm = True  # see fuses_stats
         self.fuse_activation = True  # see fuses_batch_norm_op
         self.fuse_prologue = True  # see prologue_conv
+        self.fuse_batch_norm_pairs = True  # see pair_prologue_conv
         # see fuses_pool: from this input width (isolated ops, 1 thread, the down blocks' first
         # convs of the published pepper mask, fused against conv + statistics + pooling: forward
         # 0.56 -> 0.19 ms at 256, 0.37 -> 0.19 at 128, 0.25 -> 0.17 at 64, 0.28 -> 0.19 at 32, but
@@ -588,6 +609,9 @@ class SparseGenerator(nn.Module):
         "conv + bn stats (fused)" (sparse_conv2d_stats; the batch norm is next);
         the last batch norm, its LeakyReLU and the 1x1 conv after them as
         ops.batch_norm_leaky_relu_conv1x1: "bn apply + activation + 1x1 conv (fused)" (see `fuses_head`);
+        a batch norm, its LeakyReLU, a second batch norm and the sparse conv after that as
+        ops.batch_norm_leaky_relu_batch_norm_sparse_conv2d: "bn apply + activation + bn stats +
+        apply + conv + bn stats (fused)" (see `pair_prologue_conv`);
         a batch norm, the LeakyReLU after it if any and the sparse conv after that (with its
         statistics, and its pooling where fuses_pool) as ops.batch_norm_leaky_relu_sparse_conv2d:
         "bn apply[ + activation] + conv[ + pool] + bn stats (fused)", "bn stats + apply..." where
@@ -607,6 +631,14 @@ class SparseGenerator(nn.Module):
         if self.fuses_head(i, x, stats):
             x, const, hw = self._chain[i + 2].forward_head(x, stats, stage, hw, LEAKY_RELU_SLOPE)
             return x, const, hw, None, i + 3, "bn apply + activation + 1x1 conv (fused)"
+        j = self.pair_prologue_conv(i, x)
+        if j is not None:
+            pool = self.fuses_pool(j, x)
+            phase = (("bn apply" if stats is not None else "bn stats + apply") + " + activation + bn stats + apply"
+                     + (" + conv + pool + bn stats (fused)" if pool else " + conv + bn stats (fused)"))
+            x, const, hw, stats = self._chain[j].forward_after_batch_norms(x, stats, stage, self._chain[i + 2], hw,
+                                                                           LEAKY_RELU_SLOPE, pool)
+            return x, const, hw, stats, j + (2 if pool else 1), phase
         j = self.prologue_conv(i, x)
         if j is not None:
             act, pool = j == i + 2, self.fuses_pool(j, x)
@@ -668,6 +700,19 @@ class SparseGenerator(nn.Module):
         if not (isinstance(conv, _Conv) and not conv.select_in and (self.fuses_stats(j, x) or self.fuses_pool(j, x))):
             return None
         return j
+
+    def pair_prologue_conv(self, i: int, x) -> int | None:
+        """The index of the conv into whose input load `forward` puts stage i, a batch norm of x,
+        the LeakyReLU after it and the batch norm after that (the up path's `bn`, its activation
+        and the next block's `bn_in`; ops.batch_norm_leaky_relu_batch_norm_sparse_conv2d), or
+        None: under `fuse_batch_norm_pairs`, where the second batch norm goes into the conv after
+        it without an activation between (`prologue_conv`)."""
+        stages = self._chain
+        if not (self.fuse_batch_norm_pairs and self.fuses_activation(i, x) and i + 2 < len(stages)
+                and isinstance(stages[i + 2], _BatchNorm)):
+            return None
+        j = self.prologue_conv(i + 2, x)
+        return j if j == i + 3 else None
 
     def fuses_batch_norm_op(self, i: int, x) -> bool:
         """Whether `forward` runs stage i, a batch norm, as ops.batch_norm_leaky_relu (one

@@ -6,8 +6,9 @@ runs unless OES_FAST_CPU_ISA names another. The choice is made once per process,
 instruction set is exercised in a subprocess of its own: it runs the forward (and the forward
 with batch-norm statistics), the input gradient and the weight gradient on inputs made here,
 in float64 and float32, with 1 and then 2 threads, and the same with a batch norm and LeakyReLU
-made in the conv's input load (batch_norm_act_sparse_conv2d) and as two ops before it; this
-process checks the results against oes_fast.reference, that the fused op gives the two ops'
+made in the conv's input load (batch_norm_act_sparse_conv2d) and as two ops before it, and the
+same with a second batch norm after the activation (batch_norm_act_norm_sparse_conv2d, three ops);
+this process checks the results against oes_fast.reference, that the fused op gives the two ops'
 bits, and that the bits do not depend on the thread count.
 """
 from __future__ import annotations
@@ -63,6 +64,7 @@ import oes_fast._C as _C
 from oes_fast.sparse import sparse_conv2d
 
 ACT_RESULTS = ("out", "stats", "input_grad", "gamma_grad", "beta_grad", "weight_grad", "bias_grad")
+PAIR_RESULTS = ACT_RESULTS + ("gamma2_grad", "beta2_grad")
 cases = torch.load(sys.argv[1])
 results = {"isa": _C.cpu_isa(), "threads": {}}
 for threads in (1, 2):
@@ -112,6 +114,29 @@ for threads in (1, 2):
                         act_out = (y.detach(), stats, xa.grad, ga.grad, ba.grad, va.grad, ca.grad)
                         for name, r in zip(ACT_RESULTS, act_out):
                             got[f"act{'_pool' if pool else ''}_{name}{'' if fused else '_two_ops'}"] = r
+                    # a batch norm + LeakyReLU, then a second batch norm, before the conv: all in its
+                    # input load (batch_norm_act_norm_sparse_conv2d), and as three ops
+                    for fused in (False, True):
+                        xa, ga, ba, g2, b2, va, ca = (t[name].to(dtype).clone().requires_grad_() for name in
+                                                      ("x", "gamma", "beta", "gamma2", "beta2", "values", "bias"))
+                        conv = ([k, k], [(k - 1) // 2] * 2, mode)
+                        if fused:
+                            y, stats = torch.ops.oes_fast.batch_norm_act_norm_sparse_conv2d(
+                                xa, None, ga, ba, 1e-5, 0.2, g2, b2, 1e-3, va, t["row_ptr"], t["col_idx"], ca, *conv,
+                                up, pool)
+                        else:
+                            act = torch.ops.oes_fast.batch_norm_act(xa, None, ga, ba, 1e-5, 0.2)
+                            norm = torch.ops.oes_fast.batch_norm_act(act, None, g2, b2, 1e-3, 1.0)
+                            if pool:
+                                y, stats = torch.ops.oes_fast.sparse_conv2d_pool_stats(
+                                    norm, va, t["row_ptr"], t["col_idx"], ca, *conv)
+                            else:
+                                y, stats = torch.ops.oes_fast.sparse_conv2d_stats(
+                                    norm, va, t["row_ptr"], t["col_idx"], ca, *conv, up)
+                        y.backward(grad)
+                        pair_out = (y.detach(), stats, xa.grad, ga.grad, ba.grad, va.grad, ca.grad, g2.grad, b2.grad)
+                        for name, r in zip(PAIR_RESULTS, pair_out):
+                            got[f"pair{'_pool' if pool else ''}_{name}{'' if fused else '_three_ops'}"] = r
             out[str(dtype)] = got
         per_case.append(out)
     results["threads"][threads] = per_case
@@ -148,8 +173,12 @@ def _inputs():
         # a batch norm's scale and shift before the conv (sparse_conv2d_act_*)
         gamma = torch.randn(c_in, generator=g, dtype=torch.float64)
         beta = torch.randn(c_in, generator=g, dtype=torch.float64) * 0.5
+        # a second batch norm after the first's LeakyReLU (batch_norm_act_norm_sparse_conv2d)
+        gamma2 = torch.randn(c_in, generator=g, dtype=torch.float64)
+        beta2 = torch.randn(c_in, generator=g, dtype=torch.float64) * 0.5
         cases.append({"shape": shape, "tensors": dict(x=x, values=values, row_ptr=row_ptr, col_idx=col_idx,
-                                                      bias=bias, grad=grad, gamma=gamma, beta=beta)})
+                                                      bias=bias, grad=grad, gamma=gamma, beta=beta, gamma2=gamma2,
+                                                      beta2=beta2)})
     return cases
 
 
@@ -217,6 +246,21 @@ def _act_reference(case, dtype, pool):
     return out
 
 
+PAIR_RESULTS = ACT_RESULTS + ("gamma2_grad", "beta2_grad")
+
+
+def _pair_reference(case, dtype, pool):
+    """The output of the conv (with the pooling after it if pool) of reference.batch_norm_leaky_relu
+    of x, then reference.batch_norm_leaky_relu with a slope of 1 (the second batch norm), in dtype."""
+    (n, c_in, c_out, h, w, k, stride, mode, up, density), t = case["shape"], case["tensors"]
+    x, gamma, beta, gamma2, beta2, v, b = (t[name].to(dtype) for name in
+                                           ("x", "gamma", "beta", "gamma2", "beta2", "values", "bias"))
+    norm = reference.batch_norm_leaky_relu(reference.batch_norm_leaky_relu(x, gamma, beta, 1e-5, 0.2), gamma2, beta2,
+                                           1e-3, 1.0)
+    y = reference.sparse_conv2d(norm, v, t["row_ptr"], t["col_idx"], k, b, 1, (k - 1) // 2, mode, up)
+    return F.avg_pool2d(y, 2) if pool else y
+
+
 def test_default_is_the_widest_supported():
     proc = _python("import oes_fast._C as C; print(C.cpu_isa())", None)
     assert proc.returncode == 0, proc.stderr
@@ -275,6 +319,13 @@ def test_sparse_conv2d_under_isa(isa, inputs, tmp_path_factory):
                     assert_close_to_reference(got[f"act{pool}_{name}"], act64[name], act_lowp[name],
                                               name=f"act{pool} {name} {where}", scale=scales.get(name))
                 assert_channel_stats(got[f"act{pool}_stats"], act64["out"], dtype, where)
+                # the pair of batch norms in the load: the three ops' bits (each checked against the
+                # reference on its own, here and in test_sparse.py), the reference's output
+                for name in PAIR_RESULTS:
+                    three_ops = got[f"pair{pool}_{name}_three_ops"]
+                    assert torch.equal(got[f"pair{pool}_{name}"], three_ops), f"pair{pool} {name} {where}"
+                pair64, pair_lowp = (_pair_reference(case, d, pool == "_pool") for d in (torch.float64, dtype))
+                assert_close_to_reference(got[f"pair{pool}_out"], pair64, pair_lowp, name=f"pair{pool} out {where}")
             other = results["threads"][2][i][str(dtype)]
             for name in got:
                 assert torch.equal(got[name], other[name]), f"{name} {where}: bits differ between 1 and 2 threads"

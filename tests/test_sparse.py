@@ -440,6 +440,61 @@ def test_batch_norm_act_sparse_conv2d_gradcheck_and_opcheck(form):
                           (torch.randn_like(out), x, scale, shift, 0.2, row_ptr, col_idx, *conv, "reflect", up, pool))
 
 
+@pytest.mark.parametrize("form", ["conv", "upsampled", "pooled"])
+def test_batch_norm_act_norm_sparse_conv2d_gradcheck_and_opcheck(form):
+    """A batch norm + LeakyReLU, then a second batch norm, made in the conv's input load
+    (batch_norm_act_norm_sparse_conv2d; the post_scale / post_shift of the two kernel ops, and
+    batch_norm_act_stats): gradcheck in x, both batch norms' weights and biases, the conv's values
+    and bias (float64, the first batch norm's statistics computed and given, both padding modes),
+    the output against oes_fast.reference, and opcheck of the ops. The bits of the three ops it
+    replaces are checked under every instruction set in test_cpu_isa.py."""
+    ops = torch.ops.oes_fast
+    k = 5 if form == "pooled" else 3
+    up, pool = (2, False) if form == "upsampled" else (1, form == "pooled")
+    w, keep = random_weight(3, 2, k, 0.5, torch.float64, stable_seed("pair", form))
+    values, row_ptr, col_idx = to_csr(w, keep)
+    gen = torch.Generator().manual_seed(stable_seed("pair inputs", form))
+    x = torch.randn(2, 2, 6, 7, generator=gen, dtype=torch.float64) * 2 + 0.3
+    gamma, gamma2 = (torch.rand(2, generator=gen, dtype=torch.float64) + 0.5 for _ in range(2))
+    beta, beta2 = (torch.randn(2, generator=gen, dtype=torch.float64) for _ in range(2))
+    b = torch.randn(3, generator=gen, dtype=torch.float64)
+    conv = ([k, k], [(k - 1) // 2] * 2)
+    ref = oes_fast.reference
+    norm = ref.batch_norm_leaky_relu(ref.batch_norm_leaky_relu(x, gamma, beta, 1e-5, 0.2), gamma2, beta2, 1e-3, 1.0)
+    expected = ref.sparse_conv2d(norm, values, row_ptr, col_idx, k, b, 1, (k - 1) // 2, "reflect", up)
+    if pool:
+        expected = F.avg_pool2d(expected, 2)
+    got = ops.batch_norm_act_norm_sparse_conv2d(x, None, gamma, beta, 1e-5, 0.2, gamma2, beta2, 1e-3, values, row_ptr,
+                                                col_idx, b, *conv, "reflect", up, pool)[0]
+    assert_close_to_reference(got, expected, name=f"pair {form}")
+    for mode in ("reflect", "zeros"):
+        for given in (False, True):
+            leaves = [t.clone().requires_grad_() for t in (x, gamma, beta, gamma2, beta2, values, b)]
+
+            def fn(x_, g_, b_, g2_, b2_, v_, cb_):
+                stats = ops.batch_norm_stats(x_.detach()) if given else None
+                return ops.batch_norm_act_norm_sparse_conv2d(x_, stats, g_, b_, 1e-5, 0.2, g2_, b2_, 1e-3, v_, row_ptr,
+                                                             col_idx, cb_, *conv, mode, up, pool)[0]
+
+            assert torch.autograd.gradcheck(fn, leaves)
+            torch.library.opcheck(ops.batch_norm_act_norm_sparse_conv2d.default,
+                                  (leaves[0], ops.batch_norm_stats(x) if given else None, *leaves[1:3], 1e-5, 0.2,
+                                   *leaves[3:5], 1e-3, leaves[5], row_ptr, col_idx, leaves[6], *conv, mode, up, pool))
+    _, _, scale, shift = ops.batch_norm_constants(ops.batch_norm_stats(x), x.numel() // 2, gamma, beta, 1e-5)
+    act = ops.batch_norm_leaky_relu(x, scale, shift, 0.2)
+    assert torch.equal(ops.batch_norm_act_stats(x, scale, shift, 0.2), ops.batch_norm_stats(act))
+    torch.library.opcheck(ops.batch_norm_act_stats.default, (x, scale, shift, 0.2))
+    _, _, scale2, shift2 = ops.batch_norm_constants(ops.batch_norm_stats(act), x.numel() // 2, gamma2, beta2, 1e-3)
+    out, _ = ops.sparse_conv2d_act_stats(x, scale, shift, 0.2, values, row_ptr, col_idx, b, *conv, "reflect", up, pool,
+                                         scale2, shift2)
+    torch.library.opcheck(ops.sparse_conv2d_act_stats.default,
+                          (x, scale, shift, 0.2, values, row_ptr, col_idx, b, *conv, "reflect", up, pool, scale2,
+                           shift2))
+    torch.library.opcheck(ops.sparse_conv2d_act_weight_grad.default,
+                          (torch.randn_like(out), x, scale, shift, 0.2, row_ptr, col_idx, *conv, "reflect", up, pool,
+                           scale2, shift2))
+
+
 def test_batch_norm_act_sparse_conv2d_rejects_bad_arguments():
     ops = torch.ops.oes_fast
     w, keep = random_weight(4, 3, 3, 0.5, torch.float32, 5)
@@ -447,7 +502,7 @@ def test_batch_norm_act_sparse_conv2d_rejects_bad_arguments():
     x = torch.randn(1, 3, 8, 8)
     scale, shift = torch.ones(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
     conv = ([3, 3], [1, 1], "reflect")
-    with pytest.raises(RuntimeError, match="scale and shift must be contiguous float64 vectors of C_in = 3"):
+    with pytest.raises(RuntimeError, match="must be contiguous float64 vectors of C_in = 3"):
         ops.sparse_conv2d_act_stats(x, scale.float(), shift, 0.2, values, row_ptr, col_idx, None, *conv, 1, False)
     with pytest.raises(RuntimeError, match="C_in = 3"):
         ops.sparse_conv2d_act_weight_grad(torch.randn(1, 4, 8, 8), x, scale[:2], shift[:2], 0.2, row_ptr, col_idx,
@@ -460,6 +515,17 @@ def test_batch_norm_act_sparse_conv2d_rejects_bad_arguments():
     with pytest.raises(ValueError, match="stats must be float64 of shape"):
         oes_fast.ops.batch_norm_leaky_relu_sparse_conv2d(x, torch.zeros(3, 2), torch.ones(3), torch.zeros(3), 1e-5,
                                                          0.2, values, row_ptr, col_idx, None, [3, 3], [1, 1])
+    with pytest.raises(RuntimeError, match="post_scale and post_shift are given together"):
+        ops.sparse_conv2d_act_stats(x, scale, shift, 0.2, values, row_ptr, col_idx, None, *conv, 1, False, scale)
+    with pytest.raises(RuntimeError, match=r"\(and post_scale, post_shift\) must be contiguous float64 vectors"):
+        ops.sparse_conv2d_act_weight_grad(torch.randn(1, 4, 8, 8), x, scale, shift, 0.2, row_ptr, col_idx, *conv, 1,
+                                          False, scale[:2], shift[:2])
+    with pytest.raises(ValueError, match="batch_norm_leaky_relu_batch_norm_sparse_conv2d: x must be a CPU float32"):
+        oes_fast.ops.batch_norm_leaky_relu_batch_norm_sparse_conv2d(
+            x.half(), None, torch.ones(3), torch.zeros(3), 1e-5, 0.2, torch.ones(3), torch.zeros(3), 1e-5, values,
+            row_ptr, col_idx, None, [3, 3], [1, 1])
+    with pytest.raises(RuntimeError, match="batch_norm_act_stats: scale must be a float64 vector of C = 3"):
+        ops.batch_norm_act_stats(x, scale.float(), shift, 0.2)
 
 
 @pytest.mark.parametrize("pooled", [False, True], ids=["conv", "pooled"])
@@ -604,22 +670,22 @@ def test_generator_float32_published(shared_data):
 
 def test_generator_prologue_fusion_keeps_the_bits(shared_data):
     """The published pepper mask, float32, one training step's output and gradients with the batch
-    norms made in the next sparse convs' input loads (fuse_prologue) and as ops of their own:
-    the same bits."""
+    norms made in the next sparse convs' input loads (fuse_prologue; the up path's pairs of batch
+    norms together, fuse_batch_norm_pairs, or not) and as ops of their own: the same bits."""
     model = models.skip_oes(seed=0)
     gen = SparseGenerator.from_masked(model, published_mask(model, shared_data, "pepper"))
     z = models.dip_input(32, 256, 256, seed=3)
     target = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(4))
     results = []
-    for fuse in (False, True):
-        gen.fuse_prologue = fuse
+    for fuse, pairs in ((False, False), (True, False), (True, True)):
+        gen.fuse_prologue, gen.fuse_batch_norm_pairs = fuse, pairs
         gen.zero_grad(set_to_none=True)
         out = gen(z)
         ((out - target) ** 2).mean().backward()
         results.append([out.detach()] + [p.grad for p in gen.parameters() if p.grad is not None])
-    assert len(results[0]) == len(results[1]) > 20
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
+    assert len(results[0]) == len(results[1]) == len(results[2]) > 20
+    for a, b, c in zip(*results):
+        assert torch.equal(a, b) and torch.equal(a, c)
 
 
 def perturbed_model(levels, seed):
@@ -705,16 +771,19 @@ def test_generator_gradients(mode, fuse):
         assert float(rest.abs().max()) <= 1e-10 if rest.numel() else True, f"{name}: gradient outside the generator"
 
 
-@pytest.mark.parametrize("fuse_stats,fuse_activation,fuse_prologue",
-                         [(True, True, False), (False, True, False), (True, False, False), (True, True, True)])
-def test_generator_training_fused_batch_norm_leaky_relu(monkeypatch, fuse_stats, fuse_activation, fuse_prologue):
+@pytest.mark.parametrize("fuse_stats,fuse_activation,fuse_prologue,fuse_pairs",
+                         [(True, True, False, False), (False, True, False, False), (True, False, False, False),
+                          (True, True, True, False), (True, True, True, True)])
+def test_generator_training_fused_batch_norm_leaky_relu(monkeypatch, fuse_stats, fuse_activation, fuse_prologue,
+                                                        fuse_pairs):
     """Training forward and backward with every batch norm run as one op
     (ops.batch_norm_leaky_relu, with the LeakyReLU after it, or a slope of 1 where none follows;
     the last one with the output conv too, ops.batch_norm_leaky_relu_conv1x1;
     statistics from the sparse conv's epilogue after a conv, computed by the op elsewhere), and without it;
     with fuse_prologue, every batch norm (and its LeakyReLU) that a sparse conv with its
-    statistics follows made in that conv's input load (ops.batch_norm_leaky_relu_sparse_conv2d):
-    output and gradients of every kept parameter
+    statistics follows made in that conv's input load (ops.batch_norm_leaky_relu_sparse_conv2d),
+    and with fuse_pairs a batch norm, its LeakyReLU and the batch norm after them in the load of
+    the conv after those (ops.batch_norm_leaky_relu_batch_norm_sparse_conv2d): output and gradients of every kept parameter
     equal those of the masked dense model (float64). The batch norms' scales and shifts are all
     kept, so that most channels stay live through them (the other tests' masks prune many)."""
     model = perturbed_model(3, seed=23)
@@ -723,12 +792,17 @@ def test_generator_training_fused_batch_norm_leaky_relu(monkeypatch, fuse_stats,
                       architecture=model.config)
     gen = SparseGenerator.from_masked(model, mask).double()
     gen.fuse_batch_norm, gen.fuse_activation, gen.fuse_prologue = fuse_stats, fuse_activation, fuse_prologue
+    gen.fuse_batch_norm_pairs = fuse_pairs
     gen.pool_fusion_min_width = 0  # with fuse_stats, every conv + pooling as one op, whatever the size
     prologue_calls = []  # per call: statistics given, slope, pooled
     prologue_op = oes_fast.sparse.batch_norm_leaky_relu_sparse_conv2d
     monkeypatch.setattr(oes_fast.sparse, "batch_norm_leaky_relu_sparse_conv2d",
                         lambda *args: prologue_calls.append((args[1] is not None, args[5], args[14]))
                         or prologue_op(*args))
+    pair_calls = []  # per call: statistics given, slope, pooled
+    pair_op = oes_fast.sparse.batch_norm_leaky_relu_batch_norm_sparse_conv2d
+    monkeypatch.setattr(oes_fast.sparse, "batch_norm_leaky_relu_batch_norm_sparse_conv2d",
+                        lambda *args: pair_calls.append((args[1] is not None, args[5], args[17])) or pair_op(*args))
     calls = []  # per call of the fused op: whether the statistics were given, and the slope
     fused_op = oes_fast.sparse.batch_norm_leaky_relu
     monkeypatch.setattr(oes_fast.sparse, "batch_norm_leaky_relu",
@@ -754,7 +828,13 @@ def test_generator_training_fused_batch_norm_leaky_relu(monkeypatch, fuse_stats,
     # bn_in (no activation after it), bn after a sparse conv
     act = oes_fast.sparse.LEAKY_RELU_SLOPE
     if not fuse_activation:
-        assert calls == [] and prologue_calls == []
+        assert calls == [] and prologue_calls == [] and pair_calls == []
+    elif fuse_pairs:
+        # down as below; then each bn with its LeakyReLU (the last down block's bn2, the up
+        # blocks' bn but the head's) and the bn_in after it into that bn_in's conv
+        assert prologue_calls == [(True, act, False), (True, act, True)] * 2 + [(True, act, False)]
+        assert pair_calls == [(True, act, False)] * 3
+        assert calls == [] and head_calls == [act]
     elif fuse_prologue:
         # down: each block's bn1 into its conv2, bn2 into the next block's conv1 + pooling, but
         # the last bn2 (an up block's bn_in follows); up: each bn_in into its conv, each bn but
@@ -775,13 +855,14 @@ def test_generator_training_fused_batch_norm_leaky_relu(monkeypatch, fuse_stats,
         got = param.grad if param.grad is not None else torch.zeros_like(param)
         assert_close_to_reference(got, ref_grads[name].reshape(-1)[index].view_as(got), floor=1e-10, scale=largest,
                                   name=f"grad {name}")
-    expected_calls, expected_prologue = list(calls), list(prologue_calls)
+    expected_calls, expected_prologue, expected_pairs = list(calls), list(prologue_calls), list(pair_calls)
     with torch.no_grad():  # the inference path runs the same ops
         calls.clear()
         head_calls.clear()
         prologue_calls.clear()
+        pair_calls.clear()
         assert_close_to_reference(gen(z), ref, floor=1e-11, name="output without autograd")
-        assert calls == expected_calls and prologue_calls == expected_prologue
+        assert calls == expected_calls and prologue_calls == expected_prologue and pair_calls == expected_pairs
         assert head_calls == ([oes_fast.sparse.LEAKY_RELU_SLOPE] if fuse_stats and fuse_activation else [])
 
 

@@ -84,6 +84,26 @@ inline void activate_row(const scalar_t* x, scalar_t* y, int64_t n, double scale
   for (; i < n; ++i) y[i] = static_cast<scalar_t>(activation(static_cast<double>(x[i]), scale, shift, slope));
 }
 
+// activate_row(x, y, n, scale, shift, slope), then activate_row(y, y, n, scale2, shift2, 1.0) (a
+// second batch norm's apply), in one pass: each stage rounded to scalar_t as there, the same bits.
+template <typename scalar_t>
+inline void activate_row_twice(const scalar_t* x, scalar_t* y, int64_t n, double scale, double shift, double slope,
+                               double scale2, double shift2) {
+  const F64Vec vscale = F64Vec{} + scale, vshift = F64Vec{} + shift, vslope = F64Vec{} + slope;
+  const F64Vec vscale2 = F64Vec{} + scale2, vshift2 = F64Vec{} + shift2, one = F64Vec{} + 1.0;
+  int64_t i = 0;
+  for (; i + kF64Lanes <= n; i += kF64Lanes) {
+    const F64Narrow<scalar_t> first = __builtin_convertvector(activation_lanes(x + i, vscale, vshift, vslope),
+                                                              F64Narrow<scalar_t>);
+    const F64Vec pre = __builtin_convertvector(first, F64Vec) * vscale2 + vshift2;
+    store_rounded(y + i, pre > 0.0 ? pre : pre * one, kF64Lanes);
+  }
+  for (; i < n; ++i) {
+    const scalar_t first = static_cast<scalar_t>(activation(static_cast<double>(x[i]), scale, shift, slope));
+    y[i] = static_cast<scalar_t>(activation(static_cast<double>(first), scale2, shift2, 1.0));
+  }
+}
+
 }  // namespace
 }  // namespace OES_FAST_ISA_NS
 }  // namespace oes_fast

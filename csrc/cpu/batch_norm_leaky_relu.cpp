@@ -96,6 +96,30 @@ at::Tensor batch_norm_stats_cpu(const at::Tensor& input) {
   return stats;
 }
 
+at::Tensor batch_norm_act_stats_cpu(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& shift,
+                                    double negative_slope) {
+  const char* op = "batch_norm_act_stats";
+  const Planes p = check_input(input, op);
+  const at::Tensor sc = channel_vector(scale, input, "scale", op), sh = channel_vector(shift, input, "shift", op);
+  const at::Tensor x = input.contiguous();
+  at::Tensor stats = at::empty({p.C, 2}, input.options().dtype(at::kDouble));
+  double* out = stats.data_ptr<double>();
+  const double* scale_d = sc.data_ptr<double>();
+  const double* shift_d = sh.data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_act_stats_cpu", [&] {
+    auto* kernel = OES_FAST_ISA_DISPATCH(channel_act_stats<scalar_t>);
+    const scalar_t* data = x.data_ptr<scalar_t>();
+    at::parallel_for(0, p.C, channel_grain(p), [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> plane(p.HW);
+      for (int64_t c = begin; c < end; ++c) {
+        kernel(data + c * p.HW, p.N, p.C * p.HW, p.HW, scale_d[c], shift_d[c], negative_slope, plane.data(),
+               out + 2 * c);
+      }
+    });
+  });
+  return stats;
+}
+
 // The training-mode batch norm's per-channel constants from the statistics: the formula of
 // oes_fast.ops.batch_norm_affine, one operation at a time in IEEE float64 (no contraction, no
 // reciprocal for the division: the file's -ffast-math is off here), so that both give the same
@@ -333,6 +357,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
 
 TORCH_LIBRARY_IMPL(oes_fast, CPU, m) {
   m.impl("batch_norm_stats", &batch_norm_stats_cpu);
+  m.impl("batch_norm_act_stats", &batch_norm_act_stats_cpu);
   m.impl("batch_norm_constants", &batch_norm_constants_cpu);
   m.impl("batch_norm_leaky_relu", &batch_norm_leaky_relu_cpu);
   m.impl("batch_norm_leaky_relu_backward", &batch_norm_leaky_relu_backward_cpu);

@@ -35,6 +35,27 @@ void channel_stats(const scalar_t* x, int64_t images, int64_t image_stride, int6
   out[1] = sum_sq;
 }
 
+// channel_stats of leaky_relu(x * scale + shift) as channel_forward stores it, from x: each plane
+// activated into `plane` (hw values, in cache) and summed by channel_stats, so the statistics have
+// the bits of batch_norm_stats on batch_norm_leaky_relu's output, which is not written.
+template <typename scalar_t>
+void channel_act_stats(const scalar_t* x, int64_t images, int64_t image_stride, int64_t hw, double scale,
+                       double shift, double slope, scalar_t* plane, double* out) {
+  // channel_stats itself, not a copy inlined here: gcc, free to reassociate in this file
+  // (-ffast-math), summed an inlined one-image copy in another order
+  void (*const volatile plane_stats)(const scalar_t*, int64_t, int64_t, int64_t, double*) = &channel_stats<scalar_t>;
+  double sum = 0.0, sum_sq = 0.0;
+  for (int64_t n = 0; n < images; ++n) {
+    activate_row(x + n * image_stride, plane, hw, scale, shift, slope);
+    double s[2];
+    plane_stats(plane, 1, hw, hw, s);  // one image: its sums as they are (0.0 + s), as channel_stats adds them
+    sum += s[0];
+    sum_sq += s[1];
+  }
+  out[0] = sum;
+  out[1] = sum_sq;
+}
+
 // Pass 1: the sums of dt = grad * leaky'(pre) and of dt * (x - mean); pass 2: grad_x. Both
 // passes walk the same channel, so on planes that fit in cache the second reads from it.
 template <typename scalar_t>

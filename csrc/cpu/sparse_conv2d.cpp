@@ -22,6 +22,7 @@
 #include <cstring>
 #include <memory>
 #include <numeric>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -226,21 +227,33 @@ at::Tensor sparse_conv2d_pool_input_grad_cpu(const at::Tensor& grad_output, cons
 SparseConvGeometry act_geometry(const char* op, const at::Tensor& input, const at::Tensor& values,
                                 const at::Tensor& row_ptr, const at::Tensor& col_idx, at::IntArrayRef kernel_size,
                                 at::IntArrayRef padding, c10::string_view padding_mode, int64_t upsample, bool pool,
-                                const at::Tensor& scale, const at::Tensor& shift, double negative_slope) {
+                                const at::Tensor& scale, const at::Tensor& shift, double negative_slope,
+                                const std::optional<at::Tensor>& post_scale,
+                                const std::optional<at::Tensor>& post_shift) {
   TORCH_CHECK(!pool || upsample == 1, op, ": pool takes no upsampling, got upsample = ", upsample);
   SparseConvGeometry g = pool ? pooled_conv_geometry(op, input.sizes(), values, row_ptr, col_idx, kernel_size,
                                                      padding, padding_mode, input)
                               : sparse_conv2d_geometry(input.sizes(), values, row_ptr, col_idx, kernel_size, {1, 1},
                                                        padding, mode_string(padding_mode), input, upsample);
-  for (const auto* t : {&scale, &shift}) {
+  const bool post = post_scale.has_value() && post_scale->defined();
+  TORCH_CHECK(post == (post_shift.has_value() && post_shift->defined()), op,
+              ": post_scale and post_shift are given together or not at all");
+  std::vector<const at::Tensor*> constants{&scale, &shift};
+  if (post) constants.insert(constants.end(), {&*post_scale, &*post_shift});
+  for (const auto* t : constants) {
     TORCH_CHECK(t->dim() == 1 && t->numel() == g.C_in && t->scalar_type() == at::kDouble &&
                     t->device() == input.device() && t->is_contiguous(),
-                op, ": scale and shift must be contiguous float64 vectors of C_in = ", g.C_in, " entries on ",
-                input.device(), ", got ", t->scalar_type(), " ", t->sizes(), " on ", t->device());
+                op, ": scale and shift (and post_scale, post_shift) must be contiguous float64 vectors of C_in = ",
+                g.C_in, " entries on ", input.device(), ", got ", t->scalar_type(), " ", t->sizes(), " on ",
+                t->device());
   }
   g.act_scale = scale.data_ptr<double>();
   g.act_shift = shift.data_ptr<double>();
   g.act_slope = negative_slope;
+  if (post) {
+    g.post_scale = post_scale->data_ptr<double>();
+    g.post_shift = post_shift->data_ptr<double>();
+  }
   return g;
 }
 
@@ -248,10 +261,11 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv2d_act_stats_cpu(
     const at::Tensor& input, const at::Tensor& scale, const at::Tensor& shift, double negative_slope,
     const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor& col_idx,
     const std::optional<at::Tensor>& bias, at::IntArrayRef kernel_size, at::IntArrayRef padding,
-    c10::string_view padding_mode, int64_t upsample, bool pool) {
+    c10::string_view padding_mode, int64_t upsample, bool pool, const std::optional<at::Tensor>& post_scale,
+    const std::optional<at::Tensor>& post_shift) {
   const char* op = "sparse_conv2d_act_stats";
   const auto g = act_geometry(op, input, values, row_ptr, col_idx, kernel_size, padding, padding_mode, upsample, pool,
-                              scale, shift, negative_slope);
+                              scale, shift, negative_slope, post_scale, post_shift);
   return forward_with_stats(op, input, values, row_ptr, col_idx, bias, g, pool);
 }
 
@@ -259,11 +273,13 @@ at::Tensor sparse_conv2d_act_weight_grad_cpu(const at::Tensor& grad_output, cons
                                              const at::Tensor& scale, const at::Tensor& shift, double negative_slope,
                                              const at::Tensor& row_ptr, const at::Tensor& col_idx,
                                              at::IntArrayRef kernel_size, at::IntArrayRef padding,
-                                             c10::string_view padding_mode, int64_t upsample, bool pool) {
+                                             c10::string_view padding_mode, int64_t upsample, bool pool,
+                                             const std::optional<at::Tensor>& post_scale,
+                                             const std::optional<at::Tensor>& post_shift) {
   const char* op = "sparse_conv2d_act_weight_grad";
   const at::Tensor like_values = at::empty({col_idx.numel()}, input.options());
   const auto g = act_geometry(op, input, like_values, row_ptr, col_idx, kernel_size, padding, padding_mode, upsample,
-                              pool, scale, shift, negative_slope);
+                              pool, scale, shift, negative_slope, post_scale, post_shift);
   return weight_grad_checked(op, grad_output, input, row_ptr, col_idx, g, pool);
 }
 

@@ -193,6 +193,18 @@ __attribute__((always_inline)) inline void prefetch_row_ahead(const T* row, int6
   for (int64_t j = 0; j < width; j += 64 / int64_t(sizeof(T))) __builtin_prefetch(ahead + j, 0, 3);
 }
 
+// dst[0, n) = input channel c's stored row src through g's prologue (act_scale: a batch norm's
+// apply and LeakyReLU, then post_scale: a second batch norm's apply), each stage rounded to T as
+// batch_norm_leaky_relu stores it.
+template <typename T>
+inline void prologue_row(const T* src, T* dst, int64_t n, const SparseConvGeometry& g, int64_t c) {
+  if (g.post_scale == nullptr) {
+    activate_row(src, dst, n, g.act_scale[c], g.act_shift[c], g.act_slope);
+  } else {
+    activate_row_twice(src, dst, n, g.act_scale[c], g.act_shift[c], g.act_slope, g.post_scale[c], g.post_shift[c]);
+  }
+}
+
 template <typename T>
 void load_halo(const T* x, T* halo, int64_t rows_h, int64_t rows_load, int64_t Wa, int64_t y_in0,
                const SparseConvGeometry& g, int64_t n) {
@@ -210,7 +222,7 @@ void load_halo(const T* x, T* halo, int64_t rows_h, int64_t rows_load, int64_t W
       const T* src = x + ((n * g.C_in + c) * g.H_src + iy / g.U) * g.W_src;
       prefetch_row_ahead(src, iy / g.U, g.H_src, g.W_src);
       if (g.act_scale != nullptr) {  // the prologue: the stored row activated, then read as x's
-        activate_row(src, act_row.data(), g.W_src, g.act_scale[c], g.act_shift[c], g.act_slope);
+        prologue_row(src, act_row.data(), g.W_src, g, c);
         src = act_row.data();
       }
       const int64_t lo = std::min(g.PW, Wp), hi = std::min(Wp, g.PW + g.W);
@@ -253,7 +265,7 @@ void padded_row(const T* x, int64_t i, T* dst, int64_t len, const SparseConvGeom
   const T* src = x + ((n * g.C_in + c) * g.H + iy) * g.W;
   prefetch_row_ahead(src, iy, g.H, g.W);
   if (g.act_scale != nullptr) {
-    activate_row(src, act_row, g.W, g.act_scale[c], g.act_shift[c], g.act_slope);
+    prologue_row(src, act_row, g.W, g, c);
     src = act_row;
   }
   auto edge = [&](int64_t j) {

@@ -24,6 +24,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "sparse_conv2d.h"
@@ -199,6 +200,13 @@ class BatchNormActConv1x1Function : public torch::autograd::Function<BatchNormAc
 
 using Conv = std::tuple<at::Tensor, at::Tensor>;
 
+// The sparse_conv2d_act_* ops' post_scale and post_shift: a second batch norm's scale and shift
+// (its constants `post`), or None.
+std::pair<std::optional<at::Tensor>, std::optional<at::Tensor>> post_constants(const Constants* post) {
+  if (post == nullptr) return {};
+  return {std::get<2>(*post), std::get<3>(*post)};
+}
+
 // The conv of the activated input (sparse_conv2d_act_stats) with the constants c.
 // With `post` (the second batch norm's constants), the conv reads that batch norm of the activation.
 Conv act_conv(const at::Tensor& x, const Constants& c, double slope, const at::Tensor& values,
@@ -212,11 +220,7 @@ Conv act_conv(const at::Tensor& x, const Constants& c, double slope, const at::T
                                          const std::optional<at::Tensor>&, at::IntArrayRef, at::IntArrayRef,
                                          c10::string_view, int64_t, bool, const std::optional<at::Tensor>&,
                                          const std::optional<at::Tensor>&)>();
-  std::optional<at::Tensor> post_scale, post_shift;
-  if (post != nullptr) {
-    post_scale = std::get<2>(*post);
-    post_shift = std::get<3>(*post);
-  }
+  const auto [post_scale, post_shift] = post_constants(post);
   return op.call(x, std::get<2>(c), std::get<3>(c), slope, values, row_ptr, col_idx, conv_bias, kernel_size, padding,
                  mode, upsample, pool, post_scale, post_shift);
 }
@@ -232,11 +236,7 @@ at::Tensor act_weight_grad(const at::Tensor& g, const at::Tensor& x, const Const
                                                const at::Tensor&, double, const at::Tensor&, const at::Tensor&,
                                                at::IntArrayRef, at::IntArrayRef, c10::string_view, int64_t, bool,
                                                const std::optional<at::Tensor>&, const std::optional<at::Tensor>&)>();
-  std::optional<at::Tensor> post_scale, post_shift;
-  if (post != nullptr) {
-    post_scale = std::get<2>(*post);
-    post_shift = std::get<3>(*post);
-  }
+  const auto [post_scale, post_shift] = post_constants(post);
   return op.call(g, x, std::get<2>(c), std::get<3>(c), slope, row_ptr, col_idx, kernel, padding, mode, upsample, pool,
                  post_scale, post_shift);
 }

@@ -237,33 +237,26 @@ class _Conv(_Stage):
                                           self.dense_weight().view(self.n_out, self.n_in), bias)
         return x, const_out, hw
 
-    def forward_after_batch_norm(self, x, stats, bn, hw, negative_slope, pool: bool = False):
+    def forward_after_batch_norm(self, x, stats, bn, hw, negative_slope, pool: bool = False, bn2=None):
         """forward(bn's batch norm of x and a LeakyReLU of `negative_slope` (1.0: none),
         with_stats=True, pool) in one op (ops.batch_norm_leaky_relu_sparse_conv2d): the batch
-        norm and activation made in this conv's input load. `stats`: x's statistics from the conv
-        before, or None. can_fuse_stats must hold for x."""
-        gamma, beta_live, const_out, bias = self.after_batch_norm(bn, negative_slope)
+        norm and activation made in this conv's input load. With bn2, a second batch norm (of the
+        channels bn normalizes, no activation) between those and this conv, made in the load too
+        (ops.batch_norm_leaky_relu_batch_norm_sparse_conv2d; its statistics from a pass that
+        activates x without storing it). `stats`: x's statistics from the conv before, or None.
+        can_fuse_stats must hold for x."""
         u = self.upsample
-        ph, pw = (self.kernel[0] - 1) // 2, (self.kernel[1] - 1) // 2
-        x, stats = batch_norm_leaky_relu_sparse_conv2d(x, stats, gamma, beta_live, bn.eps, negative_slope, self.values,
-                                                       self.row_ptr, self.col_idx, bias, self.kernel, [ph, pw],
-                                                       "reflect", u, pool)
-        hw = (hw[0], hw[1] // 2, hw[2] // 2) if pool else (hw[0], hw[1] * u, hw[2] * u)
-        return x, const_out, hw, stats
-
-    def forward_after_batch_norms(self, x, stats, bn1, bn2, hw, negative_slope, pool: bool = False):
-        """forward_after_batch_norm(bn1's batch norm of x and a LeakyReLU of `negative_slope`, None,
-        bn2, hw, 1.0, pool) in one op (ops.batch_norm_leaky_relu_batch_norm_sparse_conv2d): both
-        batch norms and the activation made in this conv's input load, bn2's statistics from a
-        pass that activates x without storing it. `stats`: x's statistics from the conv before, or
-        None. bn2 normalizes the channels bn1 does (the same tensor)."""
-        _, gamma1, beta1_live = bn1.masked_parameters()
-        gamma2, beta2_live, const_out, bias = self.after_batch_norm(bn2, 1.0)
-        u = self.upsample
-        ph, pw = (self.kernel[0] - 1) // 2, (self.kernel[1] - 1) // 2
-        x, stats = batch_norm_leaky_relu_batch_norm_sparse_conv2d(
-            x, stats, gamma1, beta1_live, bn1.eps, negative_slope, gamma2, beta2_live, bn2.eps, self.values,
-            self.row_ptr, self.col_idx, bias, self.kernel, [ph, pw], "reflect", u, pool)
+        conv = (self.values, self.row_ptr, self.col_idx)
+        geometry = (self.kernel, [(self.kernel[0] - 1) // 2, (self.kernel[1] - 1) // 2], "reflect", u, pool)
+        if bn2 is None:
+            gamma, beta_live, const_out, bias = self.after_batch_norm(bn, negative_slope)
+            x, stats = batch_norm_leaky_relu_sparse_conv2d(x, stats, gamma, beta_live, bn.eps, negative_slope, *conv,
+                                                           bias, *geometry)
+        else:
+            _, gamma, beta_live = bn.masked_parameters()
+            gamma2, beta2_live, const_out, bias = self.after_batch_norm(bn2, 1.0)
+            x, stats = batch_norm_leaky_relu_batch_norm_sparse_conv2d(
+                x, stats, gamma, beta_live, bn.eps, negative_slope, gamma2, beta2_live, bn2.eps, *conv, bias, *geometry)
         hw = (hw[0], hw[1] // 2, hw[2] // 2) if pool else (hw[0], hw[1] * u, hw[2] * u)
         return x, const_out, hw, stats
 
@@ -631,21 +624,16 @@ class SparseGenerator(nn.Module):
         if self.fuses_head(i, x, stats):
             x, const, hw = self._chain[i + 2].forward_head(x, stats, stage, hw, LEAKY_RELU_SLOPE)
             return x, const, hw, None, i + 3, "bn apply + activation + 1x1 conv (fused)"
-        j = self.pair_prologue_conv(i, x)
+        pair = self.pair_prologue_conv(i, x)
+        j = pair if pair is not None else self.prologue_conv(i, x)
         if j is not None:
-            pool = self.fuses_pool(j, x)
-            phase = (("bn apply" if stats is not None else "bn stats + apply") + " + activation + bn stats + apply"
-                     + (" + conv + pool + bn stats (fused)" if pool else " + conv + bn stats (fused)"))
-            x, const, hw, stats = self._chain[j].forward_after_batch_norms(x, stats, stage, self._chain[i + 2], hw,
-                                                                           LEAKY_RELU_SLOPE, pool)
-            return x, const, hw, stats, j + (2 if pool else 1), phase
-        j = self.prologue_conv(i, x)
-        if j is not None:
-            act, pool = j == i + 2, self.fuses_pool(j, x)
+            # the conv after the batch norm, its LeakyReLU if any (j > i + 1) and a second batch norm if a pair
+            act, pool, bn2 = j > i + 1, self.fuses_pool(j, x), self._chain[i + 2] if pair is not None else None
             phase = (("bn apply" if stats is not None else "bn stats + apply") + (" + activation" if act else "")
+                     + (" + bn stats + apply" if bn2 is not None else "")
                      + (" + conv + pool + bn stats (fused)" if pool else " + conv + bn stats (fused)"))
             x, const, hw, stats = self._chain[j].forward_after_batch_norm(x, stats, stage, hw,
-                                                                          LEAKY_RELU_SLOPE if act else 1.0, pool)
+                                                                          LEAKY_RELU_SLOPE if act else 1.0, pool, bn2)
             return x, const, hw, stats, j + (2 if pool else 1), phase
         if self.fuses_batch_norm_op(i, x):
             act = self.fuses_activation(i, x)

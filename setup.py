@@ -79,6 +79,7 @@ setup(
         "pillow",
         "pypng",  # 16-bit color PNGs (Pillow reads and writes them at 8 bits)
         "scikit-image",
+        "PyWavelets",  # skimage.restoration.estimate_sigma (metrics.noise_sigma)
         "tqdm",
         "matplotlib",
     ],

@@ -26,7 +26,7 @@ from . import images, masks, memory, metrics, models, tasks
 from .masks import Mask
 
 __all__ = ["restore", "prepare", "estimate_cost", "checked_estimate", "Problem", "CostEstimate", "RestoreReport", "NotEnoughMemory",
-           "TASKS", "DEFAULT_STEPS", "DEFAULT_SMOOTHING"]
+           "TASKS", "DEFAULT_STEPS", "DEFAULT_SMOOTHING", "DEFAULT_NOISE_LEVEL"]
 
 TASKS = ("denoise", "inpaint", "superres")
 DEFAULT_STEPS = 2000  # the command's quick budget (oes_fast.cli.common.PRESETS)
@@ -34,6 +34,10 @@ DEFAULT_STEPS = 2000  # the command's quick budget (oes_fast.cli.common.PRESETS)
 # pepper and the astronaut at 512x512, where it holds the peak better than the last output
 # (docs/quality.md, "Output smoothing")
 DEFAULT_SMOOTHING = 0.99
+# "auto": denoising fits down to the noise level estimated from the image (metrics.noise_sigma) and
+# no further; chosen on pepper and the astronaut at 256x256, where the plain fit fell 2 dB from its
+# peak on pepper (docs/quality.md, "Fitting down to the noise level")
+DEFAULT_NOISE_LEVEL = "auto"
 # fraction of the machine's available memory a run may plan to use: the rest is the allocator's
 # rounding, buffers inside kernels and whatever else the machine runs meanwhile
 MEMORY_SHARE = 0.9
@@ -450,6 +454,7 @@ class RestoreReport:
     fit: dict
     mask: dict
     settings: dict
+    noise: dict  # sigma: the noise level the fit stopped at (0: off), source: where it came from
     estimate: dict
     losses: list[float] = field(default_factory=list)  # the training loss at every step
     reference: bool = False  # a reference (clean) image was given
@@ -490,7 +495,8 @@ def restore(image, task: str = "denoise", *, holes=None, factor: int = 4, mask=N
             progress: bool | None = True, clean=None, kernel: str = "lanczos", fit: str = "pad",
             density: float | str = "auto", search_steps: int = 20000, seed: int = 0, engine: str = "auto",
             low_memory: bool = False, record_every: int = 50, checkpoint_dir=None,
-            allow_disconnected: bool = False, method: str = "sparse", smoothing: float = DEFAULT_SMOOTHING, log=None):
+            allow_disconnected: bool = False, method: str = "sparse", smoothing: float = DEFAULT_SMOOTHING,
+            noise_level: float | str = DEFAULT_NOISE_LEVEL, log=None):
     """Restore `image` with a Sparse-DIP and return `(restored, report)`.
 
     image: a file path (PNG, JPEG, ...: gray, RGB, RGBA, 8 or 16 bits), a numpy array (H, W) or
@@ -516,6 +522,12 @@ def restore(image, task: str = "denoise", *, holes=None, factor: int = 4, mask=N
     smoothing: in [0, 1): the restored image is the exponential moving average of the network's
         outputs with this decay (default 0.99), PSNR/SSIM are measured on it and, in
         `report.raw_psnr`, on the last output itself; 0 returns the last output (the OES paper's).
+    noise_level: "auto" (default), "off", or the standard deviation of the image's noise in [0, 1]
+        (its range: 0.1 is about 25 of 255). With a level sigma > 0 the network fits the image only
+        until the loss reaches sigma^2 (max(loss - sigma^2, 0) is minimized): it stops fitting the
+        noise. "auto": for denoise, the level estimated from the image (`metrics.noise_sigma`); for
+        inpaint and superres, off. "off" or 0: the plain loss, as the OES paper trains. The level
+        used and where it came from are in `report.noise`.
     log: where the estimate line goes (a callable; default: stderr when `progress`).
 
     Returns the restored image in the input's kind (a file or array gives a numpy array, a tensor
@@ -538,7 +550,10 @@ def restore(image, task: str = "denoise", *, holes=None, factor: int = 4, mask=N
         raise ValueError(f"method must be 'sparse' or 'dense', got {method!r}")
     if not (isinstance(smoothing, (int, float)) and 0 <= smoothing < 1):
         raise ValueError(f"smoothing must be in [0, 1), got {smoothing!r}")
+    if noise_level not in ("auto", "off") and not (isinstance(noise_level, (int, float)) and 0 <= noise_level <= 1):
+        raise ValueError(f"noise_level must be 'auto', 'off' or a standard deviation in [0, 1], got {noise_level!r}")
     problem = prepare(image, task, holes=holes, factor=factor, kernel=kernel, fit=fit)
+    noise = resolve_noise_level(noise_level, problem)
     if mask is None:
         # the bundled mask (of the density asked for, or auto's) searched nearest the network's input size
         sized = problem.network_size
@@ -569,6 +584,9 @@ def restore(image, task: str = "denoise", *, holes=None, factor: int = 4, mask=N
                 low_memory=low_memory, method=method)
     est = checked_estimate(problem, the_mask, **cost)
     say(est.message())
+    if noise["sigma"] > 0:
+        say(f"noise level {noise['sigma']:.4f}, {noise['source']}: the network fits the image down to it and no "
+            "further (--noise-level off, noise_level='off': the plain loss)")
 
     h, w = problem.network_size
     z_seed = seed if searching or the_mask.z_seed is None else the_mask.z_seed
@@ -588,7 +606,7 @@ def restore(image, task: str = "denoise", *, holes=None, factor: int = 4, mask=N
                            health=found.health.message)
     training = dict(steps=steps, clean=reference, clean_box=None if reference is None else problem.box,
                     degradation=problem.degradation, record_every=record_every, progress=progress,
-                    resume=checkpoint_dir is not None, smoothing=smoothing)
+                    resume=checkpoint_dir is not None, smoothing=smoothing, noise_level=noise["sigma"])
     if method == "dense":
         fitted = train_dense(network, z, problem.y, checkpoint=ckpt("dense.ckpt"), **training)
     else:
@@ -617,12 +635,26 @@ def restore(image, task: str = "denoise", *, holes=None, factor: int = 4, mask=N
         settings=dict(method=method, steps=steps, search_steps=search_steps if searching else 0, density=density,
                       search_density=search_density if searching else None, seed=seed,
                       engine=engine, low_memory=low_memory, record_every=record_every, fit=fit,
-                      smoothing=smoothing),
-        estimate=est.to_dict(), losses=fitted.losses, reference=reference is not None,
+                      smoothing=smoothing, noise_level=noise_level),
+        noise=noise, estimate=est.to_dict(), losses=fitted.losses, reference=reference is not None,
         psnr_steps=fitted.steps, psnr=fitted.psnr, ssim=fitted.ssim, raw_psnr=fitted.raw_psnr,
         final_psnr=final_psnr, final_ssim=final_ssim,
         timings=timings, search=search_info, used_mask=None if method == "dense" else the_mask)
     return restored, report
+
+
+def resolve_noise_level(noise_level: float | str, problem: Problem) -> dict:
+    """The noise level a run fits down to: {"sigma": float, "source": str}. "auto" estimates it
+    from the observation for denoising (the image as given, before padding) and is off for the
+    other tasks, whose observations are usually clean."""
+    if noise_level == "off" or noise_level == 0:
+        return dict(sigma=0.0, source="off")
+    if noise_level != "auto":
+        return dict(sigma=float(noise_level), source="given")
+    if problem.task != "denoise":
+        return dict(sigma=0.0, source=f"off (auto: {problem.task} fits the plain loss)")
+    return dict(sigma=metrics.noise_sigma(problem.observation.pixels),
+                source="estimated from the image (metrics.noise_sigma)")
 
 
 def network_seed(mask: Mask, seed: int) -> int:

@@ -95,15 +95,22 @@ class Recorder:
 
 def _fit(model, z, y, steps, *, kind, clean, lr, degradation, record_every, progress, checkpoint, checkpoint_every,
          resume, keep=None, extra_settings=None, sgld_seed=None, sgld_std=None, average_from=None,
-         clean_box=None, smoothing=0.0) -> TrainResult:
+         clean_box=None, smoothing=0.0, noise_level=0.0) -> TrainResult:
     """The training loop shared by every method. `keep` (name -> bool tensor) masks the
     gradients so pruned weights stay exactly zero. With `sgld_seed`, Gaussian noise of standard
     deviation `sgld_std` is added to every weight after each update (SGLD) and the outputs from
     step `average_from` on are averaged: that average is the result and what PSNR is measured on.
     With `smoothing` = beta in (0, 1), the result is the exponential moving average of the outputs,
     s_0 = out_0, s_t = beta s_{t-1} + (1 - beta) out_t (the last output after the final update
-    folded in too); PSNR is measured on it, and on the output itself as `raw_psnr`."""
+    folded in too); PSNR is measured on it, and on the output itself as `raw_psnr`.
+    With `noise_level` = sigma > 0, the gradient is that of max(loss - sigma^2, 0): the fit stops
+    where its residual reaches the noise's variance (the discrepancy principle); the recorded
+    losses are the losses themselves."""
     steps = int(steps)
+    noise_level = float(noise_level)
+    if not (math.isfinite(noise_level) and 0.0 <= noise_level <= 1.0):
+        raise ValueError(f"noise_level must be a standard deviation in [0, 1] (the image's range), got {noise_level}")
+    noise_floor = noise_level ** 2
     if steps < 0:
         raise ValueError(f"steps must be non-negative, got {steps}")
     smoothing = float(smoothing)
@@ -136,7 +143,8 @@ def _fit(model, z, y, steps, *, kind, clean, lr, degradation, record_every, prog
 
     settings = dict(kind=kind, lr=lr, record_every=record_every, architecture=getattr(model, "config", None),
                     z=fingerprint(z), y=fingerprint(y), degradation=degradation.to_dict() if degradation else None,
-                    **(extra_settings or {}), **(dict(smoothing=smoothing) if smoothing else {}))
+                    **(extra_settings or {}), **(dict(smoothing=smoothing) if smoothing else {}),
+                    **(dict(noise_level=noise_level) if noise_level else {}))
     if resume and checkpoint is not None and checkpoint_exists(checkpoint):
         state = ckpt.load(checkpoint, "train", settings)
         model.load_state_dict(state["model"])
@@ -173,7 +181,7 @@ def _fit(model, z, y, steps, *, kind, clean, lr, degradation, record_every, prog
         out = model(z_run)
         loss = data_loss(out, y, degradation)
         if loss.requires_grad:  # a network cut by its mask may have nothing left to train
-            loss.backward()
+            (loss - noise_floor).clamp_min(0).backward() if noise_floor else loss.backward()
             if keep_list is not None:
                 torch._foreach_mul_([p.grad for p in params], keep_list)
             optimizer.step()
@@ -223,7 +231,7 @@ def _fit(model, z, y, steps, *, kind, clean, lr, degradation, record_every, prog
 
 def train_dense(model: nn.Module, z, y, steps: int = 4000, clean=None, *, lr: float = 0.01, degradation=None,
                 record_every: int = 100, progress: bool | None = None, checkpoint=None, checkpoint_every: int = 500,
-                resume: bool = False, clean_box=None, smoothing: float = 0.0) -> TrainResult:
+                resume: bool = False, clean_box=None, smoothing: float = 0.0, noise_level: float = 0.0) -> TrainResult:
     """Dense DIP: every weight of (a copy of) `model` is trained.
 
     Arguments shared by the training functions: `model` a generator (oes_fast.models; not
@@ -238,19 +246,23 @@ def train_dense(model: nn.Module, z, y, steps: int = 4000, clean=None, *, lr: fl
     written every `checkpoint_every` steps, from which `resume=True` continues to the same
     result as an uninterrupted run; `smoothing` = beta in [0, 1): 0 returns the last output, beta > 0
     the exponential moving average of the outputs (s_t = beta s_{t-1} + (1 - beta) out_t), on which
-    PSNR/SSIM are then recorded (and on the output itself as `raw_psnr`/`raw_ssim`). All tensors on one device; NaN/Inf refused. Returns a
+    PSNR/SSIM are then recorded (and on the output itself as `raw_psnr`/`raw_ssim`); `noise_level` =
+    sigma in [0, 1], the standard deviation of the noise in `y` (e.g. `metrics.noise_sigma(y)`): with
+    sigma > 0 the fit minimizes max(loss - sigma^2, 0), so it stops where its residual reaches the
+    noise's variance instead of fitting the noise (0: the loss itself, as oes-spec.md). All tensors on one device; NaN/Inf refused. Returns a
     TrainResult (image on the CPU, shaped like the model's output).
     """
     model = copy.deepcopy(model)
     return _fit(model, z, y, steps, kind="dense", clean=clean, lr=lr, degradation=degradation,
                 record_every=record_every, progress=progress, checkpoint=checkpoint,
-                checkpoint_every=checkpoint_every, resume=resume, clean_box=clean_box, smoothing=smoothing)
+                checkpoint_every=checkpoint_every, resume=resume, clean_box=clean_box, smoothing=smoothing,
+                noise_level=noise_level)
 
 
 def train_sparse(model: nn.Module, mask: Mask, z, y, steps: int = 4000, clean=None, *, lr: float = 0.01,
                  degradation=None, record_every: int = 100, progress: bool | None = None, checkpoint=None,
                  checkpoint_every: int = 500, resume: bool = False, allow_disconnected: bool = False,
-                 engine: str = "auto", clean_box=None, smoothing: float = 0.0) -> TrainResult:
+                 engine: str = "auto", clean_box=None, smoothing: float = 0.0, noise_level: float = 0.0) -> TrainResult:
     """Sparse-DIP: start from the model's own initial weights W0, set w = W0 * mask and train
     with the pruned weights kept exactly zero. Refuses a mask that disconnects the network
     unless `allow_disconnected`.
@@ -283,7 +295,7 @@ def train_sparse(model: nn.Module, mask: Mask, z, y, steps: int = 4000, clean=No
     return _fit(model, z, y, steps, kind="sparse", clean=clean, lr=lr, degradation=degradation,
                 record_every=record_every, progress=progress, checkpoint=checkpoint,
                 checkpoint_every=checkpoint_every, resume=resume, keep=keep, clean_box=clean_box, smoothing=smoothing,
-                extra_settings=dict(mask=fingerprint(mask.to_flat().to(torch.float32)), engine=engine))
+                noise_level=noise_level, extra_settings=dict(mask=fingerprint(mask.to_flat().to(torch.float32)), engine=engine))
 
 
 def train_sgld(model: nn.Module, z, y, steps: int = 4000, clean=None, *, lr: float = 0.01, average_from: int | None = None,

@@ -102,6 +102,10 @@ def main():
     parser.add_argument("--smoothing", type=float, default=0.0,
                         help="dense, sparse: the result is the exponential moving average of the outputs with this "
                              "decay (0: the last output); PSNR of both is recorded")
+    parser.add_argument("--noise-level", default="off",
+                        help="dense, sparse: fit down to this noise level only (train_*(noise_level=)): off "
+                             "(default, the plain loss), estimate (metrics.noise_sigma of the noisy image, as "
+                             "restore's auto), sigma (--sigma itself) or a number")
     parser.add_argument("--checkpoint-every", type=int, default=250)
     parser.add_argument("--record-every", type=int, default=50)
     parser.add_argument("--out", help="result file (dense, sparse, search, plot)")
@@ -126,6 +130,11 @@ def main():
         return
     clean, noisy, box = load_problem(args.image, args.sigma, noise_seed=args.noise_seed, size=args.size)
     side = args.size
+    if args.noise_level == "estimate":
+        level = oes_fast.metrics.noise_sigma(noisy if box is None else noisy[:, :, box[0]:box[2], box[1]:box[3]])
+    else:
+        level = dict(off=0.0, sigma=args.sigma).get(args.noise_level)
+        level = float(args.noise_level) if level is None else level
     cpu_started, wall_started = time.process_time(), time.perf_counter()
     if args.method == "search":
         model, z = oes_fast.models.skip_oes(seed=0), oes_fast.models.dip_input(32, side, side, seed=0)
@@ -141,7 +150,8 @@ def main():
         model, z = oes_fast.models.skip_oes(seed=0), oes_fast.models.dip_input(32, side, side, seed=0)
         fit = oes_fast.train_dense(model, z, noisy, steps=args.steps, lr=args.lr, clean=clean,
                                    record_every=args.record_every, checkpoint_every=args.checkpoint_every,
-                                   checkpoint=args.out + ".ckpt", resume=True, clean_box=box, smoothing=args.smoothing)
+                                   checkpoint=args.out + ".ckpt", resume=True, clean_box=box, smoothing=args.smoothing,
+                                   noise_level=level)
         label = args.label or "dense DIP"
     else:
         mask = (oes_fast.masks.bundled() if args.mask == "bundled" else
@@ -153,7 +163,7 @@ def main():
         fit = oes_fast.train_sparse(model, mask, z, noisy, steps=args.steps, lr=args.lr, clean=clean,
                                     record_every=args.record_every, checkpoint_every=args.checkpoint_every,
                                     checkpoint=args.out + ".ckpt", resume=True, clean_box=box,
-                                    smoothing=args.smoothing)
+                                    smoothing=args.smoothing, noise_level=level)
         label = args.label or f"Sparse-DIP ({args.mask} mask, density {mask.density:.3f})"
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
@@ -161,7 +171,7 @@ def main():
         json.dump(dict(label=label, summary=fit.summary(), steps=fit.steps, psnr=fit.psnr, ssim=fit.ssim, **raw,
                        settings=dict(image=os.path.basename(args.image), size=side, sigma=args.sigma,
                                      noise_seed=args.noise_seed, lr=args.lr, steps=args.steps, padded_box=box,
-                                     smoothing=args.smoothing,
+                                     smoothing=args.smoothing, noise_level=level,
                                      threads=torch.get_num_threads()),
                        seconds=fit.seconds, time=run_time(fit, cpu_started, wall_started)), f)
     print(json.dumps(fit.summary()))

@@ -59,6 +59,9 @@ def test_denoise_restores_the_photo_as_it_is(tmp_path, mask_file, photo, capsys)
     assert np.array_equal(np.asarray(Image.open(out / "input.png")), np.asarray(Image.open(photo)))
     assert "estimate: about" in err and "peak memory" in err
     assert "outputs in" in stdout
+    # denoising fits down to the noise level estimated from the photo, and says so
+    assert report["settings"]["noise_level"] == "auto" and report["noise"]["sigma"] > 0
+    assert f"noise level {report['noise']['sigma']:.4f}, estimated from the image" in err
 
 
 @pytest.mark.parametrize("shape, mode", [((301, 451, 3), "RGB"), ((200, 200), "L")])
@@ -250,6 +253,21 @@ def test_smoothing_is_a_number_in_0_1_and_its_help_tells_the_default(capsys):
         main(["denoise", "--smoothing", "1"])
     assert exit_.value.code == 2 and "must be a number in [0, 1)" in capsys.readouterr().err
     assert common.HELP_SMOOTHING == oes_fast.restoration.DEFAULT_SMOOTHING
+
+
+def test_noise_level_is_auto_off_or_a_number(tmp_path, mask_file, photo, capsys):
+    from oes_fast.cli import restore
+
+    for bad in ("2", "-0.1", "loud"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["denoise", "--noise-level", bad])
+        assert exit_.value.code == 2 and "must be auto, off or a standard deviation in [0, 1]" in capsys.readouterr().err
+    assert restore.task_arguments().parse_args([]).noise_level == oes_fast.restoration.DEFAULT_NOISE_LEVEL
+    for value, sigma in (("off", 0.0), ("0.03", 0.03)):
+        out = tmp_path / value
+        code, _, _ = run_cli(["denoise", photo, "--mask", mask_file, "--out", out, "--noise-level", value, *FAST], capsys)
+        noise = json.loads((out / "report.json").read_text())["noise"]
+        assert code == 0 and noise["sigma"] == sigma
 
 
 def test_nan_in_an_input_tensor_is_refused():

@@ -96,11 +96,33 @@ def test_a_reference_gives_psnr_on_the_output_itself():
     ("NaN", dict(image=np.full((256, 256), np.nan)), "NaN"),
     ("five channels", dict(image=np.zeros((256, 256, 5), np.uint8)), "channels"),
     ("smoothing of 1", dict(smoothing=1.0), "smoothing must be in [0, 1)"),
+    ("noise level of 2", dict(noise_level=2.0), "noise_level must be 'auto', 'off' or a standard deviation"),
+    ("noise level by name", dict(noise_level="high"), "noise_level must be"),
 ])
 def test_bad_input_is_refused_with_a_message(case, kwargs, message):
     kwargs = {"image": noisy((256, 256, 3)), **kwargs}
     with pytest.raises(ValueError, match=_escape(message)):
         oes_fast.restore(**kwargs, **STEPS)
+
+
+def test_denoising_fits_down_to_the_noise_level_it_estimates():
+    ramp = np.linspace(0.3, 0.7, 256)
+    smooth = np.repeat(((ramp[None, :] + ramp[:, None]) / 2)[:, :, None], 3, axis=2)
+    image = np.clip(smooth + 0.05 * np.random.default_rng(0).standard_normal(smooth.shape), 0, 1)
+    _, report = oes_fast.restore(image, **STEPS)
+    assert report.settings["noise_level"] == restoration.DEFAULT_NOISE_LEVEL == "auto"
+    expected = oes_fast.metrics.noise_sigma(torch.from_numpy(image).permute(2, 0, 1)[None].float())
+    assert report.noise == dict(sigma=expected, source="estimated from the image (metrics.noise_sigma)")
+    assert report.noise["sigma"] == pytest.approx(0.05, rel=0.05)
+    assert report.to_dict()["noise"] == report.noise
+    _, report = oes_fast.restore(image, noise_level="off", **STEPS)
+    assert report.noise == dict(sigma=0.0, source="off")
+    _, report = oes_fast.restore(image, noise_level=0.07, **STEPS)
+    assert report.noise == dict(sigma=0.07, source="given")
+    holes = np.zeros((256, 256), dtype=bool)
+    holes[:20] = True
+    _, report = oes_fast.restore(image, task="inpaint", holes=holes, **STEPS)
+    assert report.noise["sigma"] == 0.0 and report.noise["source"].startswith("off (auto")
 
 
 def test_opaque_alpha_is_not_holes():

@@ -110,6 +110,43 @@ def test_output_smoothing_is_the_moving_average_of_the_outputs(tmp_path):
         oes_fast.train_dense(model, z, y, steps=1, smoothing=1.0, progress=False)
 
 
+def test_noise_level_fits_down_to_the_noise_variance_and_no_further(tmp_path):
+    model = tiny_model()
+    z, clean = tiny_images(model)
+    y = tasks.Denoise(0.1).degrade(clean, seed=0)
+    steps = 6
+    plain = oes_fast.train_dense(model, z, y, steps=steps, progress=False)
+    # a level whose variance lies between the losses: the gradient is the loss's above it, zero below
+    level = (sum(plain.losses[:3]) / 3) ** 0.5
+    fit = oes_fast.train_dense(model, z, y, steps=steps, progress=False, noise_level=level)
+    net = copy.deepcopy(model)
+    opt = torch.optim.Adam(list(net.parameters()), lr=0.01)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(net(z), y)
+        torch.clamp_min(loss - level**2, 0).backward()
+        opt.step()
+        losses.append(loss.item())
+    assert fit.losses == pytest.approx(losses, rel=1e-5)  # the recorded losses are the plain losses
+    assert any(v < level**2 for v in fit.losses) and fit.losses != pytest.approx(plain.losses, rel=1e-6)
+    # a level above every loss: nothing moves
+    still = oes_fast.train_dense(model, z, y, steps=3, progress=False, noise_level=1.0)
+    for (name, p), q in zip(still.model.named_parameters(), model.parameters()):
+        assert torch.equal(p, q), name
+    # 0 is the plain loss; a checkpoint of another level is refused on resume
+    assert oes_fast.train_dense(model, z, y, steps=steps, progress=False, noise_level=0.0).losses == plain.losses
+    path = tmp_path / "train.ckpt"
+    mask = half_mask(model)
+    oes_fast.train_sparse(model, mask, z, y, steps=2, checkpoint=path, checkpoint_every=2, progress=False,
+                          noise_level=level)
+    with pytest.raises(oes_fast.checkpoint.CheckpointError):
+        oes_fast.train_sparse(model, mask, z, y, steps=4, checkpoint=path, resume=True, progress=False)
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="noise_level"):
+            oes_fast.train_dense(model, z, y, steps=1, noise_level=bad, progress=False)
+
+
 def test_interrupted_checkpoint_write_keeps_the_last_good_one(tmp_path, monkeypatch):
     model = tiny_model()
     z, clean = tiny_images(model)

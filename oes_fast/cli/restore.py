@@ -41,7 +41,25 @@ def task_arguments() -> argparse.ArgumentParser:
     task.add_argument("--allow-disconnected", action="store_true", help="train even if the mask cuts the network")
     task.add_argument("--engine", choices=("auto", "sparse", "dense"), default="auto",
                       help="Sparse-DIP training engine: sparse kernels, masked dense, or auto (default)")
+    task.add_argument("--noise-level", type=noise_level_value, default="auto", metavar="auto|off|SIGMA",
+                      help="fit the image only down to this noise level (a standard deviation in [0, 1], the image's "
+                           "range: 0.1 is about 25/255), so the network stops before it fits the noise; auto "
+                           "(default): estimated from the image for denoise, off for inpaint and superres; off: the "
+                           "plain loss, as the OES paper trains")
     return task
+
+
+def noise_level_value(text: str):
+    """--noise-level: auto, off, or a number in [0, 1]."""
+    if text in ("auto", "off"):
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be auto, off or a standard deviation in [0, 1], got {text!r}")
+    return value
 
 
 def task_name(args) -> str:
@@ -145,7 +163,8 @@ def run(args) -> int:
     settings = dict(task=name, holes=obs["holes"], factor=args.factor or 4, kernel=args.kernel, fit=args.fit,
                     density=args.density, search_steps=search_steps, seed=args.seed, engine=args.engine,
                     low_memory=args.low_memory, record_every=args.record_every,
-                    allow_disconnected=args.allow_disconnected, progress=progress, smoothing=smoothing(args))
+                    allow_disconnected=args.allow_disconnected, progress=progress, smoothing=smoothing(args),
+                    noise_level=args.noise_level)
     log = (lambda m: print(m, file=sys.stderr))
     if args.search:
         print(f"searching a mask at density {search_density(args)} for {search_steps:,} steps, then training "

@@ -181,7 +181,9 @@ def _fit(model, z, y, steps, *, kind, clean, lr, degradation, record_every, prog
         out = model(z_run)
         loss = data_loss(out, y, degradation)
         if loss.requires_grad:  # a network cut by its mask may have nothing left to train
-            (loss - noise_floor).clamp_min(0).backward() if noise_floor else loss.backward()
+            # with a noise level: no gradient once the loss is below its variance
+            fitted = (loss - noise_floor).clamp_min(0) if noise_floor else loss
+            fitted.backward()
             if keep_list is not None:
                 torch._foreach_mul_([p.grad for p in params], keep_list)
             optimizer.step()

@@ -132,9 +132,12 @@ def main():
     side = args.size
     if args.noise_level == "estimate":
         level = oes_fast.metrics.noise_sigma(noisy if box is None else noisy[:, :, box[0]:box[2], box[1]:box[3]])
+    elif args.noise_level == "sigma":
+        level = args.sigma
+    elif args.noise_level == "off":
+        level = 0.0
     else:
-        level = dict(off=0.0, sigma=args.sigma).get(args.noise_level)
-        level = float(args.noise_level) if level is None else level
+        level = float(args.noise_level)
     cpu_started, wall_started = time.process_time(), time.perf_counter()
     if args.method == "search":
         model, z = oes_fast.models.skip_oes(seed=0), oes_fast.models.dip_input(32, side, side, seed=0)

@@ -510,8 +510,9 @@ def restore(image, task: str = "denoise", *, holes=None, factor: int = 4, mask=N
         seeds (else `seed`).
     density: "auto" or a number in (0, 1]. With the bundled mask, "auto" takes the density that
         `masks.auto_density` picks for the network's input size (0.05 at every size measured) and
-        a number that density (0.05 or 0.025); of the bundled masks at it, the one searched
-        nearest the input's pixel count (0.05: 256x256 or 512x512); the report names the file.
+        a number that density (0.05, 0.025 or 0.1); of the bundled masks at it, the one searched
+        nearest the input's pixel count (0.05: 256x256 or 512x512; 0.025: 256x256; 0.1: 512x512);
+        the report names the file.
         With mask="search", "auto" is 0.05 (the paper's).
     steps: Sparse-DIP training steps. clean: an optional reference of the output's size, for
         PSNR/SSIM. fit: "pad" (reflect-pad to the network and crop back: the output has the

@@ -41,8 +41,8 @@ def noisy_photo(size: int, folder: str) -> str:
 
 
 def row_key(row: dict) -> tuple:
-    """Which row a new measurement replaces: the same size, threads and copy of the kernels."""
-    return row["size"], row["threads"], row.get("cpu_kernels")
+    """Which row a new measurement replaces: the same size, threads, copy of the kernels and processor."""
+    return row["size"], row["threads"], row.get("cpu_kernels"), row.get("processor")
 
 
 def main():
@@ -82,11 +82,11 @@ def main():
             json.dump(rows, f, indent=2)
         print(f"{size}: estimate {row['estimate_seconds']:.0f} s, run {run:.0f} s ({row['ratio']:.2f}x), "
               f"wall {wall:.0f} s", flush=True)
-    print("\n| size | threads | CPU kernels | steps | estimate printed | run (after the estimate) | run / estimate "
-          "| whole command | date |")
+    print("\n| size | threads | processor (CPU kernels) | steps | estimate printed | run (after the estimate) "
+          "| run / estimate | whole command | date |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---|")
-    for r in sorted(rows, key=lambda r: (r["threads"], r["size"])):
-        print(f"| {r['size']}x{r['size']} | {r['threads']} | {r.get('cpu_kernels', '?')} | {r['steps']:,} | "
+    for r in sorted(rows, key=lambda r: (r["processor"], r["threads"], r["size"])):
+        print(f"| {r['size']}x{r['size']} | {r['threads']} | {r['processor']} ({r.get('cpu_kernels', '?')}) | {r['steps']:,} | "
               f"{r['estimate_seconds']:.0f} s | {r['run_seconds']:.0f} s | {r['ratio']:.2f} | {r['wall_seconds']:.0f} s "
               f"| {r['date']} |")
 

@@ -317,6 +317,12 @@ def test_auto_density_and_the_bundled_masks():
     assert big.meta["bundled_file"] == "bundled_density0.05_512.safetensors" and abs(big.density - 0.05) < 1e-4
     assert "512x512" in big.meta["image"] and big.meta["steps"] == 20000 and masks.health(big, model).ok
     assert bundled(pixels=1024 * 1024).meta["bundled_file"] == big.meta["bundled_file"]
+    # the same search's 10 % mask, taken on request: the 5 % mask is a subset of it
+    wide = bundled(pixels=1024 * 1024, density=0.1)
+    assert wide.meta["bundled_file"] == "bundled_density0.1_512.safetensors" and abs(wide.density - 0.1) < 1e-4
+    assert (wide.seed, wide.z_seed) == (big.seed, big.z_seed) and masks.health(wide, model).ok
+    assert bool((big.to_flat() <= wide.to_flat()).all())
+    assert bundled(pixels=256 * 256, density=0.1).meta["bundled_file"] == wide.meta["bundled_file"]  # the only one
     with pytest.raises(ValueError, match="no bundled mask at density 0.2"):
         bundled(density=0.2)
     with pytest.raises(ValueError, match="pixels must be positive"):

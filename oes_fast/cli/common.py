@@ -33,8 +33,8 @@ def common_arguments() -> argparse.ArgumentParser:
     common.add_argument("--density", type=density_value, default="auto",
                         help="fraction of parameters kept, in (0, 1], or auto (default): with the bundled mask, the "
                              "one masks.auto_density picks for the image's size (0.05 at every size measured; 0.025 "
-                             "is also bundled), searched nearest the image's size (256x256 or 512x512); for a "
-                             "search, 0.05")
+                             "and 0.1 are also bundled), searched nearest the image's size (256x256 or 512x512; "
+                             "0.025 only at 256x256, 0.1 only at 512x512); for a search, 0.05")
     common.add_argument("--seed", type=int, default=0, help="seed of the weights, the input z and the search (default: 0)")
     common.add_argument("--noise-seed", type=int, default=0, help="seed of the synthetic degradation (default: 0)")
     common.add_argument("--preset", choices=sorted(PRESETS), default="quick",

@@ -329,7 +329,7 @@ BUNDLED_SMALL_FILE = "bundled_density0.025_vectors.safetensors"
 BUNDLED_512_FILE = "bundled_density0.05_512.safetensors"
 # The same search's largest 10 % of scores (the 0.05 mask is a subset of it). Taken on request
 # (density=0.1): at 512x512 with the noise level it ends 0.33 and 0.28 dB above the 0.05 mask on
-# barbara and baboon, ties on pepper and the astronaut, and costs about 1.3x the time per step
+# barbara and baboon, ties on pepper and the astronaut, and costs about 1.4x the time per step
 # (docs/quality.md#fitting-down-to-the-noise-level), so `auto_density` does not pick it.
 BUNDLED_DENSE_512_FILE = "bundled_density0.1_512.safetensors"
 # (density, side of the square astronaut image the search ran on): file. `bundled` takes, of the
@@ -355,7 +355,7 @@ def auto_density(pixels: int) -> float:
     the paper's, at both; at 256x256, 0.025 (vectors kept) ended no better on the two images it
     was chosen on (pepper, astronaut) and 1.2 dB lower on barbara; at 512x512, 0.1 fell 0.80 dB
     from its peak on pepper and ended lower there with the plain loss, and with the noise level
-    ended within 0.04 dB of 0.05 on both (at about 1.3x the time per step)."""
+    ended within 0.04 dB of 0.05 on both (at about 1.4x the time per step)."""
     if pixels <= 0:
         raise ValueError(f"pixels must be positive, got {pixels}")
     return 0.05

@@ -36,8 +36,8 @@ X86 = platform.machine().lower() in ("x86_64", "amd64")
 # 4-vector blocks of both dtypes and a partial vector, narrow rows (4-row blocks in float32),
 # zero padding, stride 2 (the generic gradient kernels), the fused upsampling (below and from the
 # stored width of 64 where the 3x3 conv runs in its phase form, and from 256 where its input
-# gradient does), 1x1, and a
-# density that leaves output channels without any kept tap.
+# gradient does), 1x1, a density that leaves output channels without any kept tap, and input
+# gradients in input-channel slices.
 CASES = [
     (1, 8, 8, 19, 150, 3, 1, "reflect", 1, 0.3),
     (2, 4, 6, 13, 37, 5, 1, "reflect", 1, 0.5),
@@ -52,6 +52,12 @@ CASES = [
     # many outputs on few inputs: column-shifted windows (use_shifted_window), plain and phase form
     (1, 2, 16, 10, 70, 3, 1, "reflect", 1, 0.5),
     (1, 2, 12, 4, 64, 3, 1, "reflect", 2, 0.5),
+    # input gradients whose transposed conv reads its input in input-channel slices (kSliceBytes,
+    # where the strip outgrows an L1 of 48 KB or less): 100 outputs (in the AVX2 and AVX-512
+    # copies; the baseline's 16-byte strips stay whole), and 12 outputs of the phase form (48 phase
+    # channels: in the AVX-512 copy)
+    (1, 3, 100, 6, 70, 3, 1, "reflect", 1, 0.3),
+    (1, 2, 12, 3, 257, 3, 1, "reflect", 2, 0.4),
 ]
 DTYPES = [torch.float64, torch.float32]
 THREADS = [1, 2]

@@ -8,6 +8,8 @@
 #include <cstdlib>
 #include <cstring>
 
+#include <unistd.h>
+
 namespace oes_fast {
 namespace {
 
@@ -65,6 +67,17 @@ const char* cpu_isa_name(CpuIsa isa) {
     default:
       return "baseline";
   }
+}
+
+int64_t l1_data_cache_bytes() {
+  static const int64_t bytes = [] {
+    long reported = -1;
+#ifdef _SC_LEVEL1_DCACHE_SIZE
+    reported = sysconf(_SC_LEVEL1_DCACHE_SIZE);
+#endif
+    return reported > 0 ? int64_t(reported) : int64_t(32) * 1024;
+  }();
+  return bytes;
 }
 
 std::vector<std::string> cpu_isas_supported() {

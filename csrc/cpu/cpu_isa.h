@@ -8,6 +8,7 @@
 // (asking for one the CPU lacks is an error, not a crash).
 #pragma once
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -29,6 +30,9 @@ CpuIsa cpu_isa();
 const char* cpu_isa_name(CpuIsa isa);
 // Names of the instruction sets this CPU can run, narrowest first ("baseline" always).
 std::vector<std::string> cpu_isas_supported();
+// The L1 data cache of one core in bytes, as the OS reports it (sysconf); 32 KiB where it does not
+// say. For choices of blocking that do not change any result's bits.
+int64_t l1_data_cache_bytes();
 
 }  // namespace oes_fast
 

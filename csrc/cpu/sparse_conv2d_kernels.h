@@ -391,22 +391,27 @@ inline bool use_shifted_window(const SparseConvGeometry& g, int64_t rows) {
   return g.SW == 1 && g.SH == 1 && g.KW > 1 && copies <= kWindowMaxCost * double(g.nnz);
 }
 
-// R rows x NB vectors of outputs in registers, accumulated over all m taps of one output
-// channel; `valid` columns from xo are stored (the last vector may be partial).
+// acc (R rows x NB vectors from column xo) += the m taps (halo offsets off, weights w), in order.
 template <typename T, int R, int NB>
-inline void tap_block(const T* base, int64_t row_stride, const int64_t* off, const T* w, int64_t m, T b, int64_t xo,
-                      T* out, int64_t out_stride, int64_t valid, double* stats) {
+__attribute__((always_inline)) inline void add_taps(vec_t<T> (&acc)[R][NB], const T* base, int64_t row_stride,
+                                                    const int64_t* off, const T* w, int64_t m, int64_t xo) {
   using V = vec_t<T>;
   constexpr int64_t L = kLanes<T>;
-  V acc[R][NB];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NB; ++v) acc[r][v] = broadcast<V>(b);
   for (int64_t j = 0; j < m; ++j) {
     const T* s = base + off[j] + xo;
     const V wv = broadcast<V>(w[j]);
     for (int r = 0; r < R; ++r)
       for (int v = 0; v < NB; ++v) acc[r][v] += wv * load<V>(s + r * row_stride + v * L);
   }
+}
+
+// Stores the block acc (R rows x NB vectors from column xo; `valid` columns) and, with stats, adds
+// its batch-norm statistics.
+template <typename T, int R, int NB>
+__attribute__((always_inline)) inline void store_block(vec_t<T> (&acc)[R][NB], int64_t xo, T* out,
+                                                       int64_t out_stride, int64_t valid, double* stats) {
+  using V = vec_t<T>;
+  constexpr int64_t L = kLanes<T>;
   V sum = {}, sumsq = {};
   if (valid >= NB * L) {
     // every lane stored (all blocks but a row's last): the loops unrolled, so that the sums
@@ -418,7 +423,9 @@ inline void tap_block(const T* base, int64_t row_stride, const int64_t* off, con
       for (int v = 0; v < NB; ++v) {
         store(out + r * out_stride + xo + v * L, acc[r][v]);
         sum += acc[r][v];
+        in_order(sum);
         sumsq += acc[r][v] * acc[r][v];
+        in_order(sumsq);
       }
     }
   } else {
@@ -429,7 +436,9 @@ inline void tap_block(const T* base, int64_t row_stride, const int64_t* off, con
         if (lanes == L) {
           store(dst, acc[r][v]);
           sum += acc[r][v];
+          in_order(sum);
           sumsq += acc[r][v] * acc[r][v];
+          in_order(sumsq);
         } else if (lanes > 0) {
           T tmp[L];
           store(tmp, acc[r][v]);
@@ -438,21 +447,61 @@ inline void tap_block(const T* base, int64_t row_stride, const int64_t* off, con
             sum[l] += tmp[l];
             sumsq[l] += tmp[l] * tmp[l];
           }
+          in_order(sum);
+          in_order(sumsq);
         }
       }
     }
   }
   if (stats != nullptr) {
     // batch-norm statistics of what was just stored (sums of at most R * NB * L values in T,
-    // then float64 across blocks)
+    // then float64 across blocks), every sum in the order written (in_order: gcc had regrouped
+    // them differently as code elsewhere in forward_kernel changed, and with them the bits of
+    // every later layer of a training step)
     double s = 0.0, ss = 0.0;
     for (int64_t l = 0; l < L; ++l) {
       s += sum[l];
+      in_order(s);
       ss += sumsq[l];
+      in_order(ss);
     }
     stats[0] += s;
     stats[1] += ss;
   }
+}
+
+// R rows x NB vectors of outputs in registers, accumulated over all m taps of one output
+// channel; `valid` columns from xo are stored (the last vector may be partial).
+template <typename T, int R, int NB>
+inline void tap_block(const T* base, int64_t row_stride, const int64_t* off, const T* w, int64_t m, T b, int64_t xo,
+                      T* out, int64_t out_stride, int64_t valid, double* stats) {
+  vec_t<T> acc[R][NB];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NB; ++v) acc[r][v] = broadcast<vec_t<T>>(b);
+  add_taps<T, R, NB>(acc, base, row_stride, off, w, m, xo);
+  store_block<T, R, NB>(acc, xo, out, out_stride, valid, stats);
+}
+
+// tap_block over one slice of an output channel's taps (no statistics), the sums carried from
+// slice to slice in `keep` (R * NB vectors): the first slice starts them at b, the last stores
+// them. Each sum adds the same taps in the same order as tap_block: the same bits.
+template <typename T, int R, int NB>
+inline void tap_block_slice(const T* base, int64_t row_stride, const int64_t* off, const T* w, int64_t m, T b,
+                            int64_t xo, T* out, int64_t out_stride, int64_t valid, T* keep, bool first, bool last) {
+  using V = vec_t<T>;
+  constexpr int64_t L = kLanes<T>;
+  V acc[R][NB];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NB; ++v) acc[r][v] = first ? broadcast<V>(b) : load<V>(keep + (r * NB + v) * L);
+  add_taps<T, R, NB>(acc, base, row_stride, off, w, m, xo);
+  if (!last) {
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+      for (int v = 0; v < NB; ++v) store(keep + (r * NB + v) * L, acc[r][v]);
+    return;
+  }
+  store_block<T, R, NB>(acc, xo, out, out_stride, valid, nullptr);
 }
 
 // The output of the phase form of a 2x-upsampled conv (forward_up2): phase channel o' = 4 o + 2 p + q
@@ -510,10 +559,27 @@ inline std::vector<int64_t> channel_groups(const int64_t* rp, int64_t channels, 
   return bounds;
 }
 
-template <typename T>
+// Input-channel slices (forward_kernel<T, true>, which the input gradients run): with many input
+// channels, the strip of the halo that one block of outputs reads (all input channels, the
+// block's rows and KH - 1 more, 4 vectors and KW - 1 columns) outgrows the L1 cache. The blocks
+// then run over the taps of a slice of input channels whose strip takes at most kSliceBytes,
+// every output channel's taps of one slice before the next slice's, the sums kept between slices
+// (tap_block_slice: the same bits, so the rule may depend on the machine). Only where the whole
+// strip is larger than this core's L1 data cache: on the Intel machine (48 KB), down.2.conv1's
+// input gradient (24 channels, 39 KB) ran 0.80-0.90x as fast in slices. With slices of 24 KB, 1
+// thread: up.0's input gradient (64 phase channels, 67 KB in AVX-512 vectors) 1.05-1.22x faster
+// on the Intel machine (the 512x512 training step 0.99-1.02x, within the noise); 1.13-1.22x on
+// the AVX2-only Zen 3 (35 KB, against its 32 KB of L1; docs/performance.md). Not in the forward's
+// own instantiation: there every narrow layer got slower with slices, and compiling them into it
+// made gcc arrange its statistics' sums anew.
+constexpr int64_t kSliceBytes = 24 * 1024;
+
+template <typename T, bool kSliced = false>
 void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t* ci, const T* bias, T* out,
                     const SparseConvGeometry& g, double* stats = nullptr, const PhaseOutput* phase = nullptr,
                     const PhaseInput* phases_in = nullptr) {
+  // kSliced: input-channel slices where they apply (kSliceBytes); the taps of every output channel
+  // must be in input-channel order, as the transposed taps of padded_input_grad are.
   // stats (optional): per output channel (sum, sum of squares) of the output, float64, [C_out][2]
   // phase (optional): the output channels are the phases of a 2x larger output (PhaseOutput); a
   // block's two column phases go through a small buffer and are interleaved into the output rows.
@@ -535,6 +601,28 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
   // the blocks' output row stride: the output's, or that of the phase rows' buffer
   constexpr int kPhaseRows = 8;
   const int64_t ostride = phase != nullptr ? 4 * L : g.W_out;
+  // the slices: input channels [j * slice, (j + 1) * slice); output channel o's taps of slice j are
+  // [cut[o * (n_slices + 1) + j], cut[o * (n_slices + 1) + j + 1])
+  int64_t n_slices = 1;
+  std::vector<int64_t> cut;
+  if constexpr (kSliced) {
+    if (stats == nullptr && phase == nullptr && !windowed && wide) {
+      const int64_t strip = int64_t(sizeof(T)) * (kWindowBlockRows + g.KH - 1) * (4 * L + g.KW - 1);
+      const int64_t slice = std::max<int64_t>(1, kSliceBytes / strip), KK = g.KH * g.KW;
+      n_slices = g.C_in * strip > l1_data_cache_bytes() ? (g.C_in + slice - 1) / slice : 1;
+      if (n_slices > 1) {
+        cut.resize(g.C_out * (n_slices + 1));
+        for (int64_t o = 0; o < g.C_out; ++o) {
+          int64_t k = rp[o];
+          for (int64_t j = 0; j < n_slices; ++j) {
+            cut[o * (n_slices + 1) + j] = k;
+            while (k < rp[o + 1] && ci[k] / KK < (j + 1) * slice) ++k;
+          }
+          cut[o * (n_slices + 1) + n_slices] = k;
+        }
+      }
+    }
+  }
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     AlignedBuffer<T> halo(g.C_in * rows_h_max * Wa);
     AlignedBuffer<T> phase_rows(phase != nullptr ? 2 * kPhaseRows * ostride : 0);
@@ -620,6 +708,37 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
           tap_block<T, 2, 1>(base, rs, offp + k0, offw + k0, m, b, xo, orow, ostride, valid, st);
         };
         int64_t r = 0;
+        if constexpr (kSliced) {
+          if (n_slices > 1) {
+            // R rows x NB vectors from column xo, slice by slice (each output channel's sums in keep)
+            AlignedBuffer<T> keep(g.C_out * 8 * L);
+            auto sliced = [&](auto rows_c, auto vecs_c, int64_t r, int64_t xo, int64_t valid) {
+              constexpr int R = decltype(rows_c)::value, NB = decltype(vecs_c)::value;
+              for (int64_t j = 0; j < n_slices; ++j) {
+                for (int64_t o = o_begin; o < o_end; ++o) {
+                  const int64_t* c = cut.data() + o * (n_slices + 1) + j;
+                  T* orow = out + ((n * g.C_out + o) * g.H_out + y0 + r) * g.W_out;
+                  tap_block_slice<T, R, NB>(halo.data + r * rs, rs, offp + c[0], offw + c[0], c[1] - c[0],
+                                            bias ? bias[o] : T(0), xo, orow, ostride, valid, keep.data + o * 8 * L,
+                                            j == 0, j == n_slices - 1);
+                }
+              }
+            };
+            using One = std::integral_constant<int, 1>;
+            using Two = std::integral_constant<int, 2>;
+            using Four = std::integral_constant<int, 4>;
+            for (; r + 2 <= rows; r += 2) {
+              int64_t xo = 0;
+              for (; xo + 4 * L <= g.W_out; xo += 4 * L) sliced(Two{}, Four{}, r, xo, 4 * L);
+              for (; xo < g.W_out; xo += L) sliced(Two{}, One{}, r, xo, g.W_out - xo);
+            }
+            for (; r < rows; ++r) {
+              int64_t xo = 0;
+              for (; xo + 4 * L <= g.W_out; xo += 4 * L) sliced(One{}, Four{}, r, xo, 4 * L);
+              for (; xo < g.W_out; xo += L) sliced(One{}, One{}, r, xo, g.W_out - xo);
+            }
+          }
+        }
         for (; r + 2 <= rows; r += 2) {
           if (windowed) shifted_window(halo.data, rows_h_max, Wa, r, window_rows, g, window.data, window_rows);
           int64_t xo = 0;
@@ -835,7 +954,7 @@ void padded_input_grad(const T* gout, const T* vals, const int64_t* rp, const in
   t.H_out = g.H_out + g.KH - 1;  // = H + 2 PH, the padded input
   t.W_out = g.W_out + g.KW - 1;
   const PhaseInput phases{phases_of, false};
-  forward_kernel<T>(gout, tv.data(), trp.data(), tci.data(), nullptr, padded, t, nullptr, nullptr,
+  forward_kernel<T, true>(gout, tv.data(), trp.data(), tci.data(), nullptr, padded, t, nullptr, nullptr,
                     phases_of != nullptr ? &phases : nullptr);
 }
 

@@ -38,6 +38,22 @@ struct IndexVecOf<double> {
   typedef int64_t type __attribute__((vector_size(OES_FAST_VEC_BYTES)));
 };
 
+// An empty asm that "changes" x: the compiler must finish the arithmetic before it and cannot
+// fold later arithmetic into it. -ffast-math lets gcc regroup a chain of additions (a += b; a +=
+// c; ...) wherever the chain is inlined, and the grouping it picks depends on the code around it;
+// with in_order(a) after each addition the chain is added in the order it is written, the same
+// bits whatever code is compiled beside it.
+template <typename X>
+__attribute__((always_inline)) inline void in_order(X& x) {
+#if defined(__x86_64__) || defined(__i386__)
+  __asm__("" : "+v"(x));
+#elif defined(__aarch64__)
+  __asm__("" : "+w"(x));
+#else
+  __asm__("" : "+m"(x));
+#endif
+}
+
 }  // namespace
 }  // namespace OES_FAST_ISA_NS
 }  // namespace oes_fast

@@ -604,19 +604,21 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
   // the slices: input channels [j * slice, (j + 1) * slice); output channel o's taps of slice j are
   // [cut[o * (n_slices + 1) + j], cut[o * (n_slices + 1) + j + 1])
   int64_t n_slices = 1;
+  constexpr int64_t keep_vecs = kWindowBlockRows * 4;  // one output channel's sums of the largest block
   std::vector<int64_t> cut;
   if constexpr (kSliced) {
     if (stats == nullptr && phase == nullptr && !windowed && wide) {
       const int64_t strip = int64_t(sizeof(T)) * (kWindowBlockRows + g.KH - 1) * (4 * L + g.KW - 1);
-      const int64_t slice = std::max<int64_t>(1, kSliceBytes / strip), KK = g.KH * g.KW;
+      const int64_t slice = std::max<int64_t>(1, kSliceBytes / strip);
       n_slices = g.C_in * strip > l1_data_cache_bytes() ? (g.C_in + slice - 1) / slice : 1;
       if (n_slices > 1) {
+        const Divider by_kk(g.KH * g.KW);  // a tap's input channel: col_idx / (KH KW)
         cut.resize(g.C_out * (n_slices + 1));
         for (int64_t o = 0; o < g.C_out; ++o) {
           int64_t k = rp[o];
           for (int64_t j = 0; j < n_slices; ++j) {
             cut[o * (n_slices + 1) + j] = k;
-            while (k < rp[o + 1] && ci[k] / KK < (j + 1) * slice) ++k;
+            while (k < rp[o + 1] && by_kk(ci[k]) < (j + 1) * slice) ++k;
           }
           cut[o * (n_slices + 1) + n_slices] = k;
         }
@@ -626,6 +628,7 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     AlignedBuffer<T> halo(g.C_in * rows_h_max * Wa);
     AlignedBuffer<T> phase_rows(phase != nullptr ? 2 * kPhaseRows * ostride : 0);
+    AlignedBuffer<T> keep(n_slices > 1 ? g.C_out * keep_vecs * L : 0);  // the sums between slices
     const int64_t window_rows = kWindowBlockRows + g.KH - 1;
     AlignedBuffer<T> window(windowed ? g.C_in * g.KW * window_rows * Wa : 0);
     // Tap offsets into the halo (or the window) depend on neither the tile nor the image: decode them once.
@@ -711,7 +714,6 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
         if constexpr (kSliced) {
           if (n_slices > 1) {
             // R rows x NB vectors from column xo, slice by slice (each output channel's sums in keep)
-            AlignedBuffer<T> keep(g.C_out * 8 * L);
             auto sliced = [&](auto rows_c, auto vecs_c, int64_t r, int64_t xo, int64_t valid) {
               constexpr int R = decltype(rows_c)::value, NB = decltype(vecs_c)::value;
               for (int64_t j = 0; j < n_slices; ++j) {
@@ -719,8 +721,8 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
                   const int64_t* c = cut.data() + o * (n_slices + 1) + j;
                   T* orow = out + ((n * g.C_out + o) * g.H_out + y0 + r) * g.W_out;
                   tap_block_slice<T, R, NB>(halo.data + r * rs, rs, offp + c[0], offw + c[0], c[1] - c[0],
-                                            bias ? bias[o] : T(0), xo, orow, ostride, valid, keep.data + o * 8 * L,
-                                            j == 0, j == n_slices - 1);
+                                            bias ? bias[o] : T(0), xo, orow, ostride, valid,
+                                            keep.data + o * keep_vecs * L, j == 0, j == n_slices - 1);
                 }
               }
             };

@@ -44,7 +44,8 @@ def triton_version() -> str:
 
 def measure_bandwidth(mib: int = 256, repeats: int = 10) -> tuple[float, int, int]:
     """Copy bandwidth in bytes/s: median over `repeats` of dst.copy_(src), counting the read and
-    the write (2 x the buffer), buffers far larger than the caches."""
+    the write (2 x the buffer), two buffers of `mib` MiB each (the default far larger than the
+    caches; smaller ones show what the caches serve)."""
     n = mib * 2**20 // 4
     src = torch.rand(n)  # not zeros: some systems shortcut zero pages
     dst = torch.empty_like(src)

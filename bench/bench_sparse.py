@@ -67,6 +67,24 @@ def problem(size: int = SIZE) -> dict:
     return dict(model=model, mask=mask, dense=dense, z=z, target=target)
 
 
+def train_step(net, z, target, mask=None):
+    """One training step of `net` as a callable: forward, MSE loss against target, backward, Adam
+    (oes_fast.train.adam, lr 0.01). With `mask` (the dense model's), the gradients are masked
+    before Adam, as the authors' loop trains the masked dense network."""
+    opt = adam(net.parameters(), 0.01)
+    pairs = [] if mask is None else [(p, mask[n].to(device=p.device, dtype=p.dtype)) for n, p in net.named_parameters()]
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = ((net(z) - target) ** 2).mean()
+        loss.backward()
+        for p, m in pairs:
+            p.grad.mul_(m)
+        opt.step()
+
+    return step
+
+
 @pytest.fixture(scope="module")
 def setup():
     return problem(SIZE)
@@ -175,36 +193,16 @@ def test_forward_torch_sparse(benchmark, setup):
 @pytest.mark.benchmark(group="train-step-512")
 def test_train_step_dense_masked(benchmark, setup):
     net = copy.deepcopy(setup["dense"])
-    mask = setup["mask"]
-    opt = adam(net.parameters(), 0.01)
-    pairs = [(p, mask[n].to(p.dtype)) for n, p in net.named_parameters()]
     benchmark.extra_info.update(macs=3 * dense_macs(net, SIZE, SIZE), kind="masked dense step (grads masked)", baseline=True)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss = ((net(setup["z"]) - setup["target"]) ** 2).mean()
-        loss.backward()
-        for p, m in pairs:
-            p.grad.mul_(m)
-        opt.step()
-
-    _run(benchmark, step)
+    _run(benchmark, train_step(net, setup["z"], setup["target"], setup["mask"]))
 
 
 @pytest.mark.benchmark(group="train-step-512")
 def test_train_step_sparse_generator(benchmark, setup):
     gen = SparseGenerator.from_masked(setup["model"], setup["mask"])
-    opt = adam(gen.parameters(), 0.01)
     benchmark.extra_info.update(macs=3 * sum(r["macs"] for r in gen.layer_stats(SIZE, SIZE)),
                                 kind="sparse generator step")
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss = ((gen(setup["z"]) - setup["target"]) ** 2).mean()
-        loss.backward()
-        opt.step()
-
-    _run(benchmark, step)
+    _run(benchmark, train_step(gen, setup["z"], setup["target"]))
 
 
 # ------------------------------------------------------------------------------ sweep

@@ -4,6 +4,7 @@ network). Run it through bench/gpu_check.sh from the repository root:
 
     bench/gpu_check.sh               # on the GPU machine
     bench/gpu_check.sh --dry-run     # anywhere: walks every phase that needs no GPU
+    bench/gpu_check.sh --log F       # also every phase's whole output, appended to F
 
 Phases, each in its own process with its own timeout (a hung kernel fails its phase loudly and
 the check goes on to write what it has); expected times on an H100 with 16 cores in brackets:
@@ -12,17 +13,20 @@ the check goes on to write what it has); expected times on an H100 with 16 cores
                   --no-deps -e .  (C++ CPU kernels only; no network)                     [1-2 min]
   3. cuda_tests   tests/test_cuda_ops.py: every op on CUDA vs the float64 reference,
                   Philox bit for bit, GPU tiles and split-K (Triton backend)             [1-2 min]
-  4. steps        bench/gpu_suite.py: correctness, machine floors, one search step per
+  4. sparse       issue 16: the Sparse-DIP forward and training step (SparseGenerator) vs the
+                  masked dense model on cuDNN (TF32 and float32) and vs the compacted model with
+                  dense convs, at 512 and 2048, with peak memory; the published pepper mask
+                  where OES_GPU_CHECK_MASK names its file, else the bundled mask        [1-2 min]
+  5. steps        bench/gpu_suite.py: correctness, machine floors, one search step per
                   engine (authors, unfused, fused, graphed) at 512 and 2048 pixels with
                   peak memory                                                            [1-2 min]
-  5. sparse       Sparse-DIP forward (SparseGenerator, bundled mask) vs cuDNN's masked
-                  dense forward at 512 and 2048, with peak memory                        [20 s]
   6. build_cuda   optional: the CUDA C++ build (MAX_JOBS=16), then tests/test_cuda_ops.py
                   again on both backends                                                 [2-4 min]
   7. report       measured vs bench/cost_model.py's prediction; bench/REPORT.md section
                   gpu_check and bench/gpu_check.json
 The budget (--budget, 570 s) is shared: a phase starts only with its timeout left in the
-budget, the optional CUDA C++ build only when 240 s remain.
+budget, the optional CUDA C++ build and its tests only when 150 s remain (they took 62 + 12 s on
+an H200 machine with 16 cores, 2026-11-30).
 """
 from __future__ import annotations
 
@@ -51,7 +55,7 @@ class Phase:
                  dry_ok=(0,)):
         self.name, self.timeout, self.command, self.needs_gpu = name, timeout, command, needs_gpu
         self.optional, self.dry_command, self.env, self.dry_ok = optional, dry_command, env or {}, dry_ok
-        self.status, self.seconds, self.output = "not run", 0.0, ""
+        self.status, self.seconds, self.output, self.full_output = "not run", 0.0, "", ""
 
     def run(self, dry: bool, log):
         command = self.dry_command if dry else self.command
@@ -64,11 +68,13 @@ class Phase:
         try:
             proc = subprocess.run(command, cwd=ROOT, env=os.environ | self.env, capture_output=True, text=True,
                                   timeout=self.timeout)
-            self.output = (proc.stdout + proc.stderr)[-6000:]
+            self.full_output = proc.stdout + proc.stderr
+            self.output = self.full_output[-6000:]
             self.status = "ok" if proc.returncode in (self.dry_ok if dry else (0,)) else f"FAILED (exit {proc.returncode})"
         except subprocess.TimeoutExpired as exc:
             out = (exc.stdout or b"") + (exc.stderr or b"")
-            self.output = (out.decode(errors="replace") if isinstance(out, bytes) else out)[-6000:]
+            self.full_output = out.decode(errors="replace") if isinstance(out, bytes) else out
+            self.output = self.full_output[-6000:]
             self.status = f"FAILED (timeout after {self.timeout} s)"
         self.seconds = time.perf_counter() - start
         log(f"[{self.name}] {self.status} in {self.seconds:.0f} s")
@@ -78,7 +84,7 @@ class Phase:
 
 def phases(tmp: Path, dry: bool) -> list[Phase]:
     pip = [PY, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index", "-e", "."]
-    tests = [PY, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_cuda_ops.py"]
+    tests = [PY, "-m", "pytest", "-q", "-rfE", "--maxfail=20", "-p", "no:cacheprovider", "tests/test_cuda_ops.py"]
     sizes = ",".join(map(str, SIZES))
     return [
         Phase("env", 30, [PY, str(ROOT / "bench" / "gpu_check.py"), "--phase", "env", "--out", str(tmp / "env.json")],
@@ -89,11 +95,11 @@ def phases(tmp: Path, dry: bool) -> list[Phase]:
         # after the Triton-only build the module tests the Triton backend alone
         # (dry run: the module imports and skips itself without CUDA: pytest's "no tests collected", 5)
         Phase("cuda_tests", 180, tests, dry_command=tests + ["--collect-only"], dry_ok=(0, 5)),
-        Phase("steps", 240, [PY, str(ROOT / "bench" / "gpu_suite.py"), "--out", str(tmp / "steps.md"), "--section",
+        Phase("sparse", 150, [PY, str(ROOT / "bench" / "gpu_check.py"), "--phase", "sparse", "--out",
+                             str(tmp / "sparse.json")]),
+        Phase("steps", 200, [PY, str(ROOT / "bench" / "gpu_suite.py"), "--out", str(tmp / "steps.md"), "--section",
                              "gpu_check_steps", "--sizes", sizes, "--variants", STEP_VARIANTS, "--iters", "5",
                              "--warmup", "3", "--precision-steps", "0", "--json", str(tmp / "steps.json")]),
-        Phase("sparse", 90, [PY, str(ROOT / "bench" / "gpu_check.py"), "--phase", "sparse", "--out",
-                             str(tmp / "sparse.json")]),
         Phase("build_cuda", 300, pip, needs_gpu=False, optional=True, env={"MAX_JOBS": "16"}),
         Phase("cuda_tests_cpp", 180, tests, optional=True),
         Phase("cost_model", 60, [PY, str(ROOT / "bench" / "cost_model.py"), "--sizes", sizes, "--json",
@@ -133,34 +139,81 @@ def phase_env(out: Path):
 
 
 def phase_sparse(out: Path):
-    """Sparse-DIP forward (SparseGenerator on the bundled mask) against the masked dense model
-    on cuDNN, batch statistics, at each size: median ms over CUDA events and peak memory."""
+    """Issue 16 on a GPU: the Sparse-DIP forward (no_grad) and training step (forward, MSE loss,
+    backward, Adam; the dense step's gradients masked, as the authors' loop) at each size, the
+    sparse generator against the masked dense model on cuDNN in TF32 (torch's default) and in
+    float32, and against the compacted generator with every conv dense (cuDNN float32). Batch
+    statistics; median ms over CUDA events and peak memory. The mask: the published pepper mask
+    where OES_GPU_CHECK_MASK names its file (the targets' mask), else the bundled one. Each row
+    is written as soon as it is measured, so a timeout keeps the rows before it."""
     import copy
+    import traceback
 
     import torch
 
+    from bench_sparse import train_step
     from gpu_suite import cuda_time, free_memory, median
     from oes_fast import masks, models
     from oes_fast.sparse import SparseGenerator
 
-    mask = masks.bundled()
-    model = models.skip_oes(seed=mask.seed).cuda()
-    dense = mask.apply_(copy.deepcopy(model))
+    mask_file = os.environ.get("OES_GPU_CHECK_MASK")
+    if mask_file and Path(mask_file).exists():
+        model = models.skip_oes(seed=0)
+        mask, mask_name = masks.load_published(mask_file, model), Path(mask_file).name
+    else:
+        mask, mask_name = masks.bundled(), "bundled"
+        model = models.skip_oes(seed=mask.seed)
+    model = model.cuda()
+    dense = mask.apply_(copy.deepcopy(model)).train()
     sparse = SparseGenerator.from_masked(model, mask)
+    compact = SparseGenerator.from_masked(model, mask)
+    compact.set_mode("dense")
+    nets = (("cudnn masked dense tf32", dense, True), ("cudnn masked dense fp32", dense, False),
+            ("compacted, dense convs fp32", compact, False), ("sparse generator", sparse, False))
     rows = []
+
+    def record(**row):
+        rows.append(dict(mask=mask_name) | row)
+        print(rows[-1], flush=True)
+        out.write_text(json.dumps(rows, indent=1))
+
+    tf32_before = torch.backends.cudnn.allow_tf32
     for size in SIZES:
-        z = models.dip_input(32, size, size, seed=mask.z_seed, device="cuda")
-        for name, net in (("cudnn masked dense", dense), ("sparse generator", sparse)):
-            free_memory()
-            torch.cuda.reset_peak_memory_stats()
+        z = models.dip_input(32, size, size, seed=1, device="cuda")
+        target = torch.rand(1, 3, size, size, generator=torch.Generator(device="cuda").manual_seed(2), device="cuda")
+        warmup, iters = (3, 10) if size <= 512 else (2, 5)
+        for kind in ("forward", "step"):
+            for name, net, tf32 in nets:
+                free_memory()
+                torch.cuda.reset_peak_memory_stats()
+                torch.backends.cudnn.allow_tf32 = tf32
+                try:
+                    if kind == "forward":
+                        with torch.no_grad():
+                            ms = median(cuda_time(lambda: net(z), warmup, iters))
+                    else:
+                        step = train_step(copy.deepcopy(net), z, target, mask if net is dense else None)
+                        ms = median(cuda_time(step, warmup, iters))
+                    record(variant=name, kind=kind, size=size, ms=ms, peak_bytes=torch.cuda.max_memory_allocated())
+                except Exception as exc:  # one failing variant must not hide the others' rows
+                    traceback.print_exc()
+                    record(variant=name, kind=kind, size=size, ms=None, peak_bytes=0, error=repr(exc)[:300])
+                finally:
+                    torch.backends.cudnn.allow_tf32 = tf32_before
+        try:
+            torch.backends.cudnn.allow_tf32 = False
             with torch.no_grad():
-                ms = median(cuda_time(lambda: net(z), 3, 10))
-            rows.append(dict(variant=name, size=size, ms=ms, peak_bytes=torch.cuda.max_memory_allocated()))
-            print(rows[-1], flush=True)
-        with torch.no_grad():
-            a, b = dense(z), sparse(z)
-        rows.append(dict(variant="max |sparse - dense|", size=size, ms=float((a - b).abs().max()), peak_bytes=0))
-    out.write_text(json.dumps(rows, indent=1))
+                ref = dense(z)
+                for name, net in (("sparse generator", sparse), ("compacted, dense convs fp32", compact)):
+                    diff = (net(z) - ref).norm() / ref.norm()
+                    record(variant=name, kind="forward rel. diff vs cudnn fp32", size=size, ms=None, peak_bytes=0,
+                           rel_diff=float(diff))
+        except Exception as exc:
+            traceback.print_exc()
+            record(variant="sparse generator", kind="forward rel. diff vs cudnn fp32", size=size, ms=None,
+                   peak_bytes=0, error=repr(exc)[:300])
+        finally:
+            torch.backends.cudnn.allow_tf32 = tf32_before
 
 
 # ----------------------------------------------------------------------------- report
@@ -201,9 +254,16 @@ def report(ph: list[Phase], tmp: Path, dry: bool) -> tuple[str, dict]:
                                                      steps.get("peaks_tflops", {}).items())
                      + f", copy {steps.get('copy_gbps', 0):.0f} GB/s.")
     if sparse:
-        lines += ["", "### Sparse-DIP forward vs cuDNN masked dense (bundled mask, density 0.05, no_grad)\n",
-                  "| size | variant | ms | peak GB |", "|---:|---|---:|---:|"]
-        lines += [f"| {r['size']} | {r['variant']} | {r['ms']:.4g} | {r['peak_bytes'] / 1e9:.2f} |" for r in sparse]
+        base = {(r["kind"], r["size"]): r["ms"] for r in sparse if r["variant"] == "cudnn masked dense tf32"}
+        lines += ["", f"### Sparse-DIP forward (no_grad) and training step vs cuDNN on the masked dense model "
+                  f"(mask {sparse[0].get('mask')}, batch statistics)\n",
+                  "| size | kind | variant | ms | cuDNN TF32 / this | peak GB | note |", "|---:|---|---|---:|---:|---:|---|"]
+        for r in sparse:
+            ms, b = r.get("ms"), base.get((r["kind"], r["size"]))
+            ratio = f"{b / ms:.2f}" if (ms and b) else "-"
+            note = r.get("error") or (f"rel. diff {r['rel_diff']:.2e}" if "rel_diff" in r else "")
+            lines.append(f"| {r['size']} | {r['kind']} | {r['variant']} | {'-' if ms is None else f'{ms:.4g}'} | "
+                         f"{ratio} | {r['peak_bytes'] / 1e9:.2f} | {note} |")
     record = dict(env=env, phases=[dict(name=p.name, status=p.status, seconds=p.seconds) for p in ph],
                   steps=steps, sparse=sparse, predicted=cost, dry_run=dry)
     return "\n".join(lines) + "\n", record
@@ -216,6 +276,7 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", type=float, default=570.0, help="seconds for all phases together")
     parser.add_argument("--report", default=str(ROOT / "bench" / "REPORT.md"))
     parser.add_argument("--json", default=str(ROOT / "bench" / "gpu_check.json"))
+    parser.add_argument("--log", help="also write every phase's whole output to this file (appended per phase)")
     parser.add_argument("--phase", choices=["env", "sparse"], help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -233,7 +294,7 @@ def main(argv=None) -> int:
         ph = phases(tmp, args.dry_run)
         for p in ph:
             left = args.budget - (time.perf_counter() - start)
-            if p.optional and not args.dry_run and left < 240:
+            if p.optional and not args.dry_run and left < 150:
                 p.status = "skipped (budget)"
                 log(f"[{p.name}] skipped: {left:.0f} s left")
                 continue
@@ -243,6 +304,9 @@ def main(argv=None) -> int:
                 continue
             p.timeout = int(max(10, min(p.timeout, left)))
             p.run(args.dry_run, log)
+            if args.log:
+                with open(args.log, "a") as f:
+                    f.write(f"\n===== {p.name}: {p.status} in {p.seconds:.0f} s\n{p.full_output}")
         body, record = report(ph, tmp, args.dry_run)
     print(body)
     if args.dry_run:

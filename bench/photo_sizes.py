@@ -85,30 +85,18 @@ def child(engine: str, size: int, steps: int, allocator: str) -> dict:
 
     torch.set_num_threads(1)
     sys.path.insert(0, str(HERE))
+    from bench_sparse import train_step
     from sparse_profile import problem
 
     from oes_fast.sparse import SparseGenerator
-    from oes_fast.train import adam
 
     load_before = os.getloadavg()[0]
     p = problem(size)
-    z, target = p["z"], p["target"]
     if engine == "sparse":
-        net = SparseGenerator.from_masked(p["model"], p["mask"])
-        pairs = []
+        step = train_step(SparseGenerator.from_masked(p["model"], p["mask"]), p["z"], p["target"])
     else:
-        net = p["dense"]
-        pairs = [(q, p["mask"][n].to(q.dtype)) for n, q in net.named_parameters()]
+        step = train_step(p["dense"], p["z"], p["target"], p["mask"])
     del p
-    opt = adam(net.parameters(), 0.01)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss = ((net(z) - target) ** 2).mean()
-        loss.backward()
-        for q, m in pairs:
-            q.grad.mul_(m)
-        opt.step()
 
     rss_before = _status("VmRSS")
     times = []

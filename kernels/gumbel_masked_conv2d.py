@@ -12,9 +12,9 @@ All three kernels are implicit GEMMs (no im2col buffer):
                 padding (reflect / zeros) folded into the gather of X, bias in the epilogue.
 - input grad:   gpad[m', ci] = sum_kk G[m', kk] * Wm[kk, ci], m' = (n, y', x') over the PADDED
                 input, kk = (co, ky, kx), G gathered from grad_output at (y' - ky, x' - kx);
-                the launcher folds the padded gradient back (reflection: aten's
-                reflection_pad2d_backward, zeros: a slice) - one activation-sized buffer, a
-                cheap pass, instead of a 3x3 gather of mirrored candidates per tap.
+                the launcher folds the padded gradient back (reflection: fold_reflect_padding,
+                zeros: a slice) - one activation-sized buffer, a cheap pass, instead of a 3x3
+                gather of mirrored candidates per tap.
 - weight grad:  dW[co, kk] = sum_r G[co, r] * X[r, kk] over the pixels r, split over programs
                 (split-K) and the epilogue writes grad_logits = dW * w * m (1 - m) / tau (1 - m
                 evaluated as e * m, e = exp(-x), as the CPU kernels do; and
@@ -482,9 +482,24 @@ def gumbel_masked_conv2d_input_grad(grad_output, input, logits, weight, seed, of
     if padding == 0:
         return gpad
     if padding_mode == "reflect":
-        # folds the mirrored borders back onto the pixels they were read from
-        return torch.ops.aten.reflection_pad2d_backward(gpad, input, [padding] * 4)
+        return fold_reflect_padding(gpad, padding)
     return gpad[:, :, padding:padding + h, padding:padding + wd].contiguous()
+
+
+def fold_reflect_padding(grad_padded: torch.Tensor, pad: int) -> torch.Tensor:
+    """The adjoint of reflect padding by `pad` on the last two dims: the gradient of the padded
+    tensor with each mirrored border added back onto the pixels it was read from. Slices and
+    in-place adds, one dim after the other, so the result is the same to the bit on every run;
+    aten's CUDA reflection_pad2d_backward adds with atomics, whose order (and so the last bits)
+    varies from run to run. csrc/cuda/gumbel_masked_conv2d.cu folds the same way."""
+    def fold(g, dim):
+        n = g.shape[dim] - 2 * pad
+        out = g.narrow(dim, pad, n).clone()
+        out.narrow(dim, 1, pad).add_(g.narrow(dim, 0, pad).flip(dim))  # padded i < pad came from pad - i
+        out.narrow(dim, n - 1 - pad, pad).add_(g.narrow(dim, n + pad, pad).flip(dim))  # n + pad + j from n - 2 - j
+        return out
+
+    return fold(fold(grad_padded, 2), 3)
 
 
 def gumbel_masked_conv2d_weight_grad(grad_output, input, logits, weight, seed, offset, tau, padding, padding_mode,

@@ -53,6 +53,7 @@ mode; DIP never reads them).
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 from typing import Sequence
@@ -175,7 +176,7 @@ class _Conv(_Stage):
                     n_out=self.n_out, select_in=self.select_in, upsample=self.upsample)
 
     def parameter_map(self, name):
-        """(parameter, original name, flat indices into the original parameter)."""
+        """(parameter, original name, flat indices into the original parameter, on its device)."""
         kk = self.kernel[0] * self.kernel[1]
         rows = torch.repeat_interleave(torch.arange(self.n_out, device=self.row_ptr.device),
                                        self.row_ptr[1:] - self.row_ptr[:-1])
@@ -183,9 +184,10 @@ class _Conv(_Stage):
         index = (self.live_out[rows] * self.c_in + self.live_in[col // kk]) * kk + col % kk
         out = [(self.values, f"{name}.weight", index)]
         if self.bias is not None:
-            out.append((self.bias, f"{name}.bias", torch.arange(self.c_out)))
+            out.append((self.bias, f"{name}.bias", torch.arange(self.c_out, device=self.row_ptr.device)))
         if self.fold_weight is not None:
-            o, f, r = torch.meshgrid(torch.arange(self.c_out), self.fold_in, torch.arange(kk), indexing="ij")
+            o, f, r = torch.meshgrid(torch.arange(self.c_out, device=self.fold_in.device), self.fold_in,
+                                     torch.arange(kk, device=self.fold_in.device), indexing="ij")
             out.append((self.fold_weight, f"{name}.weight", ((o * self.c_in + f) * kk + r).reshape(-1)))
         return out
 
@@ -386,7 +388,7 @@ class _BatchNorm(_Stage):
         return x, self.constants_after(beta, negative_slope), hw
 
     def parameter_map(self, name):
-        index = torch.arange(self.weight.numel())
+        index = torch.arange(self.weight.numel(), device=self.weight.device)
         return [(self.weight, f"{name}.weight", index), (self.bias, f"{name}.bias", index)]
 
 
@@ -566,9 +568,11 @@ class SparseGenerator(nn.Module):
         compacted weight keeps less than `crossover` (in [0, 1]) run sparse. The generator has the
         model's device and dtype."""
         mask.check_fits(model)
-        specs, tensors = _compile(model, mask, crossover)
-        gen = cls(specs, tensors, model.config, {n: tuple(p.shape) for n, p in model.named_parameters()})
         p = next(model.parameters())
+        # compacted on the CPU (the stages index their masks with CPU index tensors), then moved
+        source = model if p.device.type == "cpu" else copy.deepcopy(model).cpu()
+        specs, tensors = _compile(source, mask, crossover)
+        gen = cls(specs, tensors, model.config, {n: tuple(p.shape) for n, p in model.named_parameters()})
         return gen.to(device=p.device, dtype=p.dtype)
 
     # --- running

@@ -273,3 +273,43 @@ def test_sparse_conv2d(path, dtype, shape):
     for what, a, r64, rlo in zip(("output", "grad_input", "grad_values", "grad_bias"), got, ref64, ref_lowp):
         if a is not None:
             assert_close_to_reference(a.detach().cpu(), r64, rlo, factor=4.0, name=what)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sparse_generator_on_cuda(dtype):
+    """A SparseGenerator compacted from a model on the GPU: every tensor of it on the GPU, and its
+    output and the kept parameters' gradients against the masked dense model in float64 on the
+    CPU, with the same-dtype rule (the dense model run on the CPU in `dtype`), as
+    tests/test_sparse.py checks the CPU generator."""
+    import copy
+    import itertools
+
+    from oes_fast import models
+    from oes_fast.sparse import SparseGenerator
+    from test_sparse import dense_grads, perturbed_model, random_mask
+
+    model = perturbed_model(3, seed=21)
+    mask = random_mask(model, 0.15, seed=22)
+    gen = SparseGenerator.from_masked(copy.deepcopy(model).to(device="cuda", dtype=dtype), mask)
+    assert all(t.device.type == "cuda" for t in itertools.chain(gen.parameters(), gen.buffers()))
+    assert any(conv.mode == "sparse" for _, conv in gen.convs())
+    z = torch.rand(1, 32, 32, 40, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 0.1
+    target = torch.rand(1, 3, 32, 40, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    refs = {}
+    for ref_dtype in {torch.float64, dtype}:
+        dense = models.skip_oes(levels=3)
+        dense.load_state_dict(model.state_dict())
+        mask.apply_(dense)
+        with torch.no_grad():
+            ref_out = dense.to(ref_dtype).train()(z.to(ref_dtype))
+        refs[ref_dtype] = ref_out, dense_grads(model, mask, z.to(ref_dtype), target.to(ref_dtype), ref_dtype)
+    out = gen(z.to(device="cuda", dtype=dtype))
+    ((out - target.to(device="cuda", dtype=dtype)) ** 2).mean().backward()
+    assert_close_to_reference(out.cpu(), refs[torch.float64][0], refs[dtype][0], name="output")
+    largest = max(float(g.abs().max()) for g in refs[torch.float64][1].values())
+    for param, name, index in gen.parameter_map():
+        got = (param.grad if param.grad is not None else torch.zeros_like(param)).cpu()
+        index = index.cpu()
+        assert_close_to_reference(got, refs[torch.float64][1][name].reshape(-1)[index].view_as(got),
+                                  refs[dtype][1][name].reshape(-1)[index].view_as(got).to(dtype), scale=largest,
+                                  name=f"grad {name}")

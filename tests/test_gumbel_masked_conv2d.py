@@ -138,6 +138,21 @@ def _device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@pytest.mark.parametrize("pad, h, w", [(1, 2, 5), (2, 3, 7), (2, 9, 4), (3, 4, 11)])
+def test_fold_reflect_padding_is_the_adjoint_of_reflect_padding(triton_kernels, pad, h, w):
+    """The launchers' deterministic fold against aten's reflection_pad2d_backward (on the CPU),
+    on integer-valued gradients so that every order of the additions gives the same bits; and
+    the adjoint identity <pad(x), g> = <x, fold(g)>."""
+    g = torch.randint(-50, 50, (2, 3, h + 2 * pad, w + 2 * pad), generator=torch.Generator().manual_seed(pad + h),
+                      dtype=torch.float64)
+    x = torch.randn(2, 3, h, w, dtype=torch.float64)
+    folded = triton_kernels.fold_reflect_padding(g, pad)
+    assert folded.is_contiguous()
+    assert torch.equal(folded, torch.ops.aten.reflection_pad2d_backward(g, x, [pad] * 4))
+    lhs = (F.pad(x, [pad] * 4, mode="reflect") * g).sum()
+    torch.testing.assert_close(lhs, (x * folded).sum(), rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("k, mode", CASES)
 def test_triton_matches_reference(triton_kernels, k, mode, dtype):

@@ -9,7 +9,7 @@
 //   weight's mask once per block: Philox amortized over 256 pixels), then every thread
 //   accumulates its pixel for the kCo channels (one input load feeds kCo FMAs).
 // - input grad: the same on the padded input's gradient (a block: 256 padded pixels x kCo
-//   input channels, chunks of output channels), folded back by aten's reflection_pad2d_backward.
+//   input channels, chunks of output channels), folded back by fold_reflect_padding below.
 // - weight grad: a block per (c_out, c_in) pair and split of the pixels; each thread keeps the
 //   k*k partial sums of its pixels, a block reduction, and the epilogue writes grad_logits =
 //   dW * w * m (1 - m) / tau (m (1 - m) evaluated as (e * m) * m, gumbel_sigmoid.cuh;
@@ -273,6 +273,22 @@ Geometry check(const char* op, const at::Tensor& input, const at::Tensor& logits
   return g;
 }
 
+// The adjoint of reflect padding by `pad` on the last two dims: each mirrored border of the padded
+// gradient added back onto the pixels it was read from, with slices and in-place adds, one dim
+// after the other, so the result is the same to the bit on every run (aten's CUDA
+// reflection_pad2d_backward adds with atomics, in a varying order). As the Triton path's
+// kernels/gumbel_masked_conv2d.py fold_reflect_padding.
+at::Tensor fold_reflect_padding(const at::Tensor& grad_padded, int64_t pad) {
+  auto fold = [pad](const at::Tensor& g, int64_t dim) {
+    const int64_t n = g.size(dim) - 2 * pad;
+    at::Tensor out = g.narrow(dim, pad, n).clone();
+    out.narrow(dim, 1, pad).add_(g.narrow(dim, 0, pad).flip({dim}));             // padded i < pad: from pad - i
+    out.narrow(dim, n - 1 - pad, pad).add_(g.narrow(dim, n + pad, pad).flip({dim}));  // n + pad + j: from n - 2 - j
+    return out;
+  };
+  return fold(fold(grad_padded, 2), 3);
+}
+
 template <typename acc_t>
 size_t stage_bytes(int ks) {
   return static_cast<size_t>(kCo) * kCi * ks * ks * sizeof(acc_t);
@@ -346,7 +362,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     if (g.pad == 0) {
       grad_input = gpad;
     } else if (g.reflect) {
-      grad_input = at::reflection_pad2d_backward(gpad, x, {g.pad, g.pad, g.pad, g.pad});
+      grad_input = fold_reflect_padding(gpad, g.pad);
     } else {
       grad_input = gpad.slice(2, g.pad, g.pad + g.H).slice(3, g.pad, g.pad + g.W).contiguous();
     }

@@ -18,8 +18,8 @@ the check goes on to write what it has); expected times on an H100 with 16 cores
                   dense convs, at 512 and 2048, with peak memory; the published pepper mask
                   where OES_GPU_CHECK_MASK names its file, else the bundled mask        [1-2 min]
   5. steps        bench/gpu_suite.py: correctness, machine floors, one search step per
-                  engine (authors, unfused, fused, graphed) at 512 and 2048 pixels with
-                  peak memory                                                            [1-2 min]
+                  engine (authors, unfused, fused, graphed, recompute, fused_graphed) at
+                  512 and 2048 pixels with peak memory                                   [1-2 min]
   6. build_cuda   optional: the CUDA C++ build (MAX_JOBS=16), then tests/test_cuda_ops.py
                   again on both backends                                                 [2-4 min]
   7. report       measured vs bench/cost_model.py's prediction; bench/REPORT.md section
@@ -46,7 +46,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 PY = sys.executable
-STEP_VARIANTS = "authors,unfused,fused,graphed"
+STEP_VARIANTS = "authors,unfused,fused,graphed,recompute,fused_graphed"
 SIZES = (512, 2048)
 
 
@@ -141,11 +141,13 @@ def phase_env(out: Path):
 def phase_sparse(out: Path):
     """Issue 16 on a GPU: the Sparse-DIP forward (no_grad) and training step (forward, MSE loss,
     backward, Adam; the dense step's gradients masked, as the authors' loop) at each size, the
-    sparse generator against the masked dense model on cuDNN in TF32 (torch's default) and in
-    float32, and against the compacted generator with every conv dense (cuDNN float32). Batch
-    statistics; median ms over CUDA events and peak memory. The mask: the published pepper mask
-    where OES_GPU_CHECK_MASK names its file (the targets' mask), else the bundled one. Each row
-    is written as soon as it is measured, so a timeout keeps the rows before it."""
+    generator against the masked dense model on cuDNN, each in TF32 (torch's default) and in
+    float32. "sparse generator": the CPU's crossover, its sparse layers on the Triton kernels;
+    "compacted, dense convs": every conv dense on the compacted weights, the GPU's default
+    (oes_fast.sparse.default_crossover). Batch statistics; median ms over CUDA events and peak
+    memory. The mask: the published pepper mask where OES_GPU_CHECK_MASK names its file (the
+    targets' mask), else the bundled one. Each row is written as soon as it is measured, so a
+    timeout keeps the rows before it."""
     import copy
     import traceback
 
@@ -154,7 +156,7 @@ def phase_sparse(out: Path):
     from bench_sparse import train_step
     from gpu_suite import cuda_time, free_memory, median
     from oes_fast import masks, models
-    from oes_fast.sparse import SparseGenerator
+    from oes_fast.sparse import CROSSOVER_DENSITY, SparseGenerator
 
     mask_file = os.environ.get("OES_GPU_CHECK_MASK")
     if mask_file and Path(mask_file).exists():
@@ -165,11 +167,12 @@ def phase_sparse(out: Path):
         model = models.skip_oes(seed=mask.seed)
     model = model.cuda()
     dense = mask.apply_(copy.deepcopy(model)).train()
-    sparse = SparseGenerator.from_masked(model, mask)
-    compact = SparseGenerator.from_masked(model, mask)
-    compact.set_mode("dense")
+    # the CPU's crossover: the sparse layers on the Triton kernels; the GPU's default: all dense
+    sparse = SparseGenerator.from_masked(model, mask, crossover=CROSSOVER_DENSITY)
+    compact = SparseGenerator.from_masked(model, mask, crossover=0.0)
     nets = (("cudnn masked dense tf32", dense, True), ("cudnn masked dense fp32", dense, False),
-            ("compacted, dense convs fp32", compact, False), ("sparse generator", sparse, False))
+            ("compacted, dense convs tf32", compact, True), ("compacted, dense convs fp32", compact, False),
+            ("sparse generator", sparse, False))
     rows = []
 
     def record(**row):
@@ -229,7 +232,8 @@ def report(ph: list[Phase], tmp: Path, dry: bool) -> tuple[str, dict]:
     steps = _load(tmp / "steps.json") or {}
     sparse = _load(tmp / "sparse.json") or []
     cost = _load(tmp / "cost.json") or {}
-    engine_of = {"unfused": "unfused", "fused": "fused", "graphed": "unfused"}
+    engine_of = {"unfused": "unfused", "fused": "fused", "graphed": "unfused", "recompute": "recompute",
+                 "fused_graphed": "fused"}
     lines = [f"## Device check (bench/gpu_check.sh) - {env.get('device') or 'no GPU'}"
              + (" - DRY RUN" if dry else "") + "\n",
              f"Run on {env.get('date')}: device {env.get('device')}, driver {env.get('driver')}, CUDA "
@@ -243,7 +247,7 @@ def report(ph: list[Phase], tmp: Path, dry: bool) -> tuple[str, dict]:
                   "|---|---:|---:|---:|---:|---:|---|"]
         for r in steps.get("steps", []):
             pred = cost.get(engine_of.get(r["variant"], ""), {}).get(str(r["size"]))
-            p_ms = None if pred is None else pred["graphed_ms" if r["variant"] == "graphed" else "eager_ms"]
+            p_ms = None if pred is None else pred.get("graphed_ms" if r["variant"].endswith("graphed") else "eager_ms")
             ms = r["ms"]
             ratio = f"{ms / p_ms:.2f}" if (ms and p_ms) else "-"
             lines.append(f"| {r['variant']} | {r['size']} | {ms if ms is None else f'{ms:.2f}'} | "

@@ -176,8 +176,10 @@ class GraphedSearchStep:
     next one captures and every call from then on replays. Returns the step's (data loss, KL
     prior) as device tensors that the next call overwrites.
 
-    Needs one process and CUDA tensors; not yet run on a GPU (none was available): the body
-    is tested on the CPU through the Triton interpreter."""
+    Needs one process and CUDA tensors. The body is tested on the CPU through the Triton
+    interpreter; the capture and replay by tests/test_cuda_ops.py on a GPU (written after the
+    only GPU session so far, which timed the unfused graph at 7.7 ms a step at 512x512 on an
+    H200, against 15.3 ms eager)."""
 
     def __init__(self, run: SearchStep, first_step: int, warmup: int = 3):
         if run.group is not None:

@@ -22,7 +22,7 @@ training-mode forward computes (batch norm with batch statistics), in two steps:
    training as well (the structure is fixed by the mask, which training never changes).
 2. Per conv, `oes_fast.sparse_conv2d` (CSR weights, reflection fused, see below) when the
    compacted weight is sparser than `CROSSOVER_DENSITY`, else a dense convolution (oneDNN)
-   on the compacted weight. Fused where it pays: the bias (with the folded constants) in the
+   on the compacted weight; on a GPU every conv is dense (cuDNN; `default_crossover`). Fused where it pays: the bias (with the folded constants) in the
    kernel; the nearest x2 upsampling of the up path in the kernel's input load (and the batch
    norm that follows the upsampling runs before it, on 4x fewer pixels: repeating every value
    four times leaves batch mean and biased variance unchanged); the batch norm statistics in
@@ -82,6 +82,15 @@ FORMAT_VERSION = 1
 # wins at 0.45 (oneDNN reaches only 20-40 GFLOP/s there); 0.5 takes the faster one on every
 # layer but one, where the two are within 10 %.
 CROSSOVER_DENSITY = 0.5
+# On a GPU the Triton sparse kernels lost to cuDNN on the compacted weights (H200, the published
+# pepper mask, float32 without TF32, bench/gpu_check.sh 2026-11-30): the training step took 38.0
+# against 18.1 ms at 512x512 and 244.9 against 87.2 ms at 2048x2048, so every conv runs dense there.
+GPU_CROSSOVER_DENSITY = 0.0
+
+
+def default_crossover(device) -> float:
+    """The crossover density a generator on `device` uses unless given one."""
+    return CROSSOVER_DENSITY if torch.device(device).type == "cpu" else GPU_CROSSOVER_DENSITY
 
 
 # ------------------------------------------------------------------------------------ the op
@@ -562,13 +571,14 @@ class SparseGenerator(nn.Module):
         self.pool_fusion_min_width = 32
 
     @classmethod
-    def from_masked(cls, model: nn.Module, mask, crossover: float = CROSSOVER_DENSITY) -> "SparseGenerator":
+    def from_masked(cls, model: nn.Module, mask, crossover: float | None = None) -> "SparseGenerator":
         """Compact `model` (a Skip hourglass that `oes_fast.connectivity.supports`) with `mask` (an
         oes_fast.masks.Mask that fits it) applied; the model itself is not modified. Convs whose
-        compacted weight keeps less than `crossover` (in [0, 1]) run sparse. The generator has the
-        model's device and dtype."""
+        compacted weight keeps less than `crossover` (in [0, 1]; default: `default_crossover` of
+        the model's device) run sparse. The generator has the model's device and dtype."""
         mask.check_fits(model)
         p = next(model.parameters())
+        crossover = default_crossover(p.device) if crossover is None else crossover
         # compacted on the CPU (the stages index their masks with CPU index tensors), then moved
         source = model if p.device.type == "cpu" else copy.deepcopy(model).cpu()
         specs, tensors = _compile(source, mask, crossover)
@@ -749,12 +759,15 @@ class SparseGenerator(nn.Module):
         return state
 
     def set_mode(self, mode: str | None = None, crossover: float | None = None) -> None:
-        """Force every conv to "sparse" or "dense", or re-choose by a crossover density."""
+        """Force every conv to "sparse" or "dense", or re-choose by a crossover density (default:
+        `default_crossover` of the generator's device)."""
+        if crossover is None:
+            crossover = default_crossover(next(self.parameters()).device)
         for _, conv in self.convs():
             if mode is not None:
                 conv.mode = mode
             else:
-                conv.mode = "sparse" if conv.density < (CROSSOVER_DENSITY if crossover is None else crossover) else "dense"
+                conv.mode = "sparse" if conv.density < crossover else "dense"
 
     def layer_stats(self, height: int, width: int) -> list[dict]:
         """Per conv: kept channels, compacted density, mode, and the multiply-adds executed

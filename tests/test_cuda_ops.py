@@ -277,7 +277,8 @@ def test_sparse_conv2d(path, dtype, shape):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_sparse_generator_on_cuda(dtype):
-    """A SparseGenerator compacted from a model on the GPU: every tensor of it on the GPU, and its
+    """A SparseGenerator compacted from a model on the GPU: every conv dense by default; with the
+    CPU's crossover (sparse layers on the GPU kernels), every tensor of it on the GPU, and its
     output and the kept parameters' gradients against the masked dense model in float64 on the
     CPU, with the same-dtype rule (the dense model run on the CPU in `dtype`), as
     tests/test_sparse.py checks the CPU generator."""
@@ -285,12 +286,14 @@ def test_sparse_generator_on_cuda(dtype):
     import itertools
 
     from oes_fast import models
-    from oes_fast.sparse import SparseGenerator
+    from oes_fast.sparse import CROSSOVER_DENSITY, SparseGenerator
     from test_sparse import dense_grads, perturbed_model, random_mask
 
     model = perturbed_model(3, seed=21)
     mask = random_mask(model, 0.15, seed=22)
-    gen = SparseGenerator.from_masked(copy.deepcopy(model).to(device="cuda", dtype=dtype), mask)
+    on_gpu = copy.deepcopy(model).to(device="cuda", dtype=dtype)
+    assert all(conv.mode == "dense" for _, conv in SparseGenerator.from_masked(on_gpu, mask).convs())  # the default
+    gen = SparseGenerator.from_masked(on_gpu, mask, crossover=CROSSOVER_DENSITY)  # the sparse kernels too
     assert all(t.device.type == "cuda" for t in itertools.chain(gen.parameters(), gen.buffers()))
     assert any(conv.mode == "sparse" for _, conv in gen.convs())
     z = torch.rand(1, 32, 32, 40, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 0.1
@@ -313,3 +316,37 @@ def test_sparse_generator_on_cuda(dtype):
         assert_close_to_reference(got, refs[torch.float64][1][name].reshape(-1)[index].view_as(got),
                                   refs[dtype][1][name].reshape(-1)[index].view_as(got).to(dtype), scale=largest,
                                   name=f"grad {name}")
+
+
+@pytest.mark.parametrize("engine,recompute", [("unfused", False), ("fused", False), ("fused", True)])
+def test_graphed_search_step_replays_the_search_step(engine, recompute):
+    """GraphedSearchStep on the GPU (3 eager warm-up steps, the capture, then replays) against
+    SearchStep run step by step from the same start: the same losses and logits after 8 steps,
+    up to the rounding of the kernels (cuDNN in float32 here; TF32 would round differently in
+    each run)."""
+    from oes_fast.mask_search import GraphedSearchStep, SearchStep
+
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        runs = {}
+        for name in ("eager", "graphed"):
+            model = oes_fast.models.skip(seed=0, in_channels=4, channels_down=(4, 8), channels_up=(4, 8),
+                                         channels_skip=(2, 0)).cuda()
+            side = 4 * model.min_side
+            z = oes_fast.models.dip_input(4, side, side, seed=1, device="cuda")
+            y = torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(0)).cuda()
+            run = SearchStep(model, z, y, density=0.3, kl=1e-3, seed=4, engine=engine, recompute=recompute)
+            graphed = GraphedSearchStep(run, first_step=0) if name == "graphed" else None
+            losses = []
+            for i in range(8):
+                loss, prior = run(i) if graphed is None else graphed()
+                losses.append(loss.item() + 1e-3 * prior.item())
+            runs[name] = run.logits.detach().clone(), losses, run.optimizer.steps
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
+    (l0, loss0, n0), (l1, loss1, n1) = runs["eager"], runs["graphed"]
+    assert n0 == n1 == 8
+    assert l0.abs().max() > 0.01
+    torch.testing.assert_close(l1, l0, rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(loss1), torch.tensor(loss0), rtol=1e-5, atol=0)

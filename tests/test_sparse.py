@@ -712,6 +712,22 @@ def random_mask(model, density, seed, structured=True):
     return masks.Mask(tensors, architecture=model.config)
 
 
+def test_default_crossover_by_device():
+    """The CPU's measured crossover on a CPU, every conv dense on a GPU (oes_fast.sparse's
+    GPU_CROSSOVER_DENSITY); set_mode() re-chooses by the generator's device."""
+    from oes_fast.sparse import CROSSOVER_DENSITY, default_crossover
+
+    assert default_crossover("cpu") == CROSSOVER_DENSITY
+    assert default_crossover(torch.device("cuda", 0)) == 0.0
+    model = perturbed_model(3, seed=11)
+    gen = SparseGenerator.from_masked(model, random_mask(model, 0.1, seed=12))
+    modes = [conv.mode for _, conv in gen.convs()]
+    assert "sparse" in modes
+    gen.set_mode("dense")
+    gen.set_mode()
+    assert [conv.mode for _, conv in gen.convs()] == modes
+
+
 @pytest.mark.parametrize("density", [0.0, 0.02, 0.1, 0.5, 1.0])
 def test_generator_constant_folding(density):
     """Random masks on nonzero biases and betas: constants from pruned channels (a conv's

@@ -13,10 +13,11 @@ the check goes on to write what it has); expected times on an H100 with 16 cores
                   --no-deps -e .  (C++ CPU kernels only; no network)                     [1-2 min]
   3. cuda_tests   tests/test_cuda_ops.py: every op on CUDA vs the float64 reference,
                   Philox bit for bit, GPU tiles and split-K (Triton backend)             [1-2 min]
-  4. sparse       issue 16: the Sparse-DIP forward and training step (SparseGenerator) vs the
-                  masked dense model on cuDNN (TF32 and float32) and vs the compacted model with
-                  dense convs, at 512 and 2048, with peak memory; the published pepper mask
-                  where OES_GPU_CHECK_MASK names its file, else the bundled mask        [1-2 min]
+  4. sparse       issue 16: the Sparse-DIP forward and training step (eager and as one CUDA
+                  graph; SparseGenerator) vs the masked dense model on cuDNN (TF32 and
+                  float32) and vs the compacted model with dense convs, at 512 and 2048, with
+                  peak memory; the published pepper mask where OES_GPU_CHECK_MASK names its
+                  file, else the bundled mask                                           [1 min]
   5. steps        bench/gpu_suite.py: correctness, machine floors, one search step per
                   engine (authors, unfused, fused, graphed, recompute, fused_graphed) at
                   512 and 2048 pixels with peak memory                                   [1-2 min]
@@ -138,16 +139,45 @@ def phase_env(out: Path):
     print(json.dumps(record))
 
 
+def graphed_train_step(net, z, target, mask=None, warmup: int = 3):
+    """bench_sparse.train_step's step captured in one CUDA graph and replayed (z and target
+    static; Adam fused and capturable): `warmup` eager steps on a side stream, then the capture.
+    Returns the replay. Written after the H200 session: not yet run on a GPU."""
+    import torch
+
+    opt = torch.optim.Adam(net.parameters(), lr=0.01, fused=True, capturable=True)
+    pairs = [] if mask is None else [(p, mask[n].to(device=p.device, dtype=p.dtype)) for n, p in net.named_parameters()]
+
+    def body():
+        ((net(z) - target) ** 2).mean().backward()
+        for p, m in pairs:
+            p.grad.mul_(m)
+        opt.step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            opt.zero_grad(set_to_none=True)
+            body()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)  # the gradients then live in the graph's pool; each replay rewrites them
+    with torch.cuda.graph(graph):
+        body()
+    return graph.replay
+
+
 def phase_sparse(out: Path):
     """Issue 16 on a GPU: the Sparse-DIP forward (no_grad) and training step (forward, MSE loss,
-    backward, Adam; the dense step's gradients masked, as the authors' loop) at each size, the
-    generator against the masked dense model on cuDNN, each in TF32 (torch's default) and in
-    float32. "sparse generator": the CPU's crossover, its sparse layers on the Triton kernels;
-    "compacted, dense convs": every conv dense on the compacted weights, the GPU's default
-    (oes_fast.sparse.default_crossover). Batch statistics; median ms over CUDA events and peak
-    memory. The mask: the published pepper mask where OES_GPU_CHECK_MASK names its file (the
-    targets' mask), else the bundled one. Each row is written as soon as it is measured, so a
-    timeout keeps the rows before it."""
+    backward, Adam; the dense step's gradients masked, as the authors' loop), the step also as
+    one CUDA graph (`graphed_train_step`), at each size: the generator against the masked dense
+    model on cuDNN, each in TF32 (torch's default) and in float32. "sparse generator": the
+    CPU's crossover, its sparse layers on the Triton kernels; "compacted, dense convs": every
+    conv dense on the compacted weights, the GPU's default (oes_fast.sparse.default_crossover).
+    Batch statistics; median ms over CUDA events and peak memory. The mask: the published
+    pepper mask where OES_GPU_CHECK_MASK names its file (the targets' mask), else the bundled
+    one. Each row is written as soon as it is measured, so a timeout keeps the rows before it."""
     import copy
     import traceback
 
@@ -185,7 +215,7 @@ def phase_sparse(out: Path):
         z = models.dip_input(32, size, size, seed=1, device="cuda")
         target = torch.rand(1, 3, size, size, generator=torch.Generator(device="cuda").manual_seed(2), device="cuda")
         warmup, iters = (3, 10) if size <= 512 else (2, 5)
-        for kind in ("forward", "step"):
+        for kind in ("forward", "step", "step, CUDA graph"):
             for name, net, tf32 in nets:
                 free_memory()
                 torch.cuda.reset_peak_memory_stats()
@@ -194,9 +224,12 @@ def phase_sparse(out: Path):
                     if kind == "forward":
                         with torch.no_grad():
                             ms = median(cuda_time(lambda: net(z), warmup, iters))
-                    else:
+                    elif kind == "step":
                         step = train_step(copy.deepcopy(net), z, target, mask if net is dense else None)
                         ms = median(cuda_time(step, warmup, iters))
+                    else:
+                        step = graphed_train_step(copy.deepcopy(net), z, target, mask if net is dense else None)
+                        ms = median(cuda_time(step, 1, iters))
                     record(variant=name, kind=kind, size=size, ms=ms, peak_bytes=torch.cuda.max_memory_allocated())
                 except Exception as exc:  # one failing variant must not hide the others' rows
                     traceback.print_exc()

@@ -22,10 +22,11 @@ training-mode forward computes (batch norm with batch statistics), in two steps:
    training as well (the structure is fixed by the mask, which training never changes).
 2. Per conv, `oes_fast.sparse_conv2d` (CSR weights, reflection fused, see below) when the
    compacted weight is sparser than `CROSSOVER_DENSITY`, else a dense convolution (oneDNN)
-   on the compacted weight; on a GPU every conv is dense (cuDNN; `default_crossover`). Fused where it pays: the bias (with the folded constants) in the
-   kernel; the nearest x2 upsampling of the up path in the kernel's input load (and the batch
-   norm that follows the upsampling runs before it, on 4x fewer pixels: repeating every value
-   four times leaves batch mean and biased variance unchanged); the batch norm statistics in
+   on the compacted weight; on a GPU every conv is dense (cuDNN; `default_crossover`). Fused
+   where it pays: the bias (with the folded constants) in the kernel; the nearest x2
+   upsampling of the up path in the kernel's input load (and the batch norm that follows the
+   upsampling runs before it, on 4x fewer pixels: repeating every value four times leaves
+   batch mean and biased variance unchanged); the batch norm statistics in
    the kernel's epilogue (`sparse_conv2d_stats`), so batch norm is one normalization pass.
    LeakyReLU follows batch norm, so it cannot go into the conv's epilogue; the batch norm's
    normalization and the LeakyReLU go into the next sparse conv's input load instead

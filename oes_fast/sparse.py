@@ -808,7 +808,9 @@ class SparseGenerator(nn.Module):
 
     @classmethod
     def load(cls, path, device="cpu") -> "SparseGenerator":
-        """Read a generator written by `save` onto `device` (ValueError for another file)."""
+        """Read a generator written by `save` onto `device` (ValueError for another file). Its
+        convs keep the modes they were saved with; `set_mode()` re-chooses them for the device
+        (every conv dense on a GPU, `default_crossover`)."""
         from safetensors import safe_open
 
         path = os.fspath(path)

@@ -290,6 +290,8 @@ def report(ph: list[Phase], tmp: Path, dry: bool) -> tuple[str, dict]:
                      f"measured peaks: " + ", ".join(f"{k} {v:.0f} TFLOP/s" for k, v in
                                                      steps.get("peaks_tflops", {}).items())
                      + f", copy {steps.get('copy_gbps', 0):.0f} GB/s.")
+        if steps.get("correctness"):  # gpu_suite's checks: the op against the reference, the engines
+            lines += [""] + steps["correctness"]
     if sparse:
         base = {(r["kind"], r["size"]): r["ms"] for r in sparse if r["variant"] == "cudnn masked dense tf32"}
         lines += ["", f"### Sparse-DIP forward (no_grad) and training step vs cuDNN on the masked dense model "

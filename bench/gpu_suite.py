@@ -464,7 +464,8 @@ def main(argv=None):
     ok = check_engine(lines) and ok  # both run, so that the log shows both
     if not ok:
         lines.append("\n**Correctness checks failed: timings below are of wrong results.**\n")
-    print("\n".join(lines[first:]), flush=True)
+    correctness = lines[first:]
+    print("\n".join(correctness), flush=True)
 
     print("timing ...", flush=True)
     results = {}
@@ -527,7 +528,8 @@ def main(argv=None):
 
         record = dict(device=props.name, sms=props.multi_processor_count, total_memory=props.total_memory,
                       cuda=torch.version.cuda, torch=torch.__version__, triton=triton.__version__, date=now,
-                      cuda_cpp=bool(_C.with_cuda), correct=bool(ok), peaks_tflops=peaks, copy_gbps=bw,
+                      cuda_cpp=bool(_C.with_cuda), correct=bool(ok), correctness=correctness, peaks_tflops=peaks,
+                      copy_gbps=bw,
                       steps=[dict(variant=v, size=s, ms=ms, peak_bytes=peak, note=note)
                              for (v, s), (ms, peak, note) in results.items()])
         Path(args.json).write_text(json.dumps(record, indent=1))

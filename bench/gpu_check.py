@@ -13,10 +13,11 @@ the check goes on to write what it has); expected times on an H100 with 16 cores
                   --no-deps -e .  (C++ CPU kernels only; no network)                     [1-2 min]
   3. cuda_tests   tests/test_cuda_ops.py: every op on CUDA vs the float64 reference,
                   Philox bit for bit, GPU tiles and split-K (Triton backend)             [1-2 min]
-  4. sparse       issue 16: the Sparse-DIP forward and training step (eager and as one CUDA
-                  graph; SparseGenerator) vs the masked dense model on cuDNN (TF32 and
-                  float32) and vs the compacted model with dense convs, at 512 and 2048, with
-                  peak memory; the published pepper mask where OES_GPU_CHECK_MASK names its
+  4. sparse       issue 16: the Sparse-DIP forward and training step (eager, its kernels
+                  counted and timed by torch.profiler, and as one CUDA graph;
+                  SparseGenerator) vs the masked dense model on cuDNN (TF32 and float32) and
+                  vs the compacted model with dense convs, at 512 and 2048, with peak
+                  memory; the published pepper mask where OES_GPU_CHECK_MASK names its
                   file, else the bundled mask                                           [1 min]
   5. steps        bench/gpu_suite.py: correctness, machine floors, one search step per
                   engine (authors, unfused, fused, graphed, recompute, fused_graphed) at
@@ -139,6 +140,23 @@ def phase_env(out: Path):
     print(json.dumps(record))
 
 
+def kernel_profile(step, calls: int = 3) -> tuple[float, float]:
+    """(kernels launched, milliseconds spent in them) per call of `step`, from torch.profiler's
+    CUDA activity over `calls` calls after one more: against the call's time, what is left is
+    launch and host overhead."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return len(kernels) / calls, sum(e.time_range.elapsed_us() for e in kernels) / calls / 1e3
+
+
 def graphed_train_step(net, z, target, mask=None, warmup: int = 3):
     """bench_sparse.train_step's step captured in one CUDA graph and replayed (z and target
     static; Adam fused and capturable): `warmup` eager steps on a side stream, then the capture.
@@ -230,7 +248,13 @@ def phase_sparse(out: Path):
                     else:
                         step = graphed_train_step(copy.deepcopy(net), z, target, mask if net is dense else None)
                         ms = median(cuda_time(step, 1, iters))
-                    record(variant=name, kind=kind, size=size, ms=ms, peak_bytes=torch.cuda.max_memory_allocated())
+                    row = dict(variant=name, kind=kind, size=size, ms=ms, peak_bytes=torch.cuda.max_memory_allocated())
+                    if kind == "step":
+                        try:
+                            row["kernels"], row["kernel_ms"] = kernel_profile(step)
+                        except Exception as exc:
+                            row["profile_error"] = repr(exc)[:200]
+                    record(**row)
                 except Exception as exc:  # one failing variant must not hide the others' rows
                     traceback.print_exc()
                     record(variant=name, kind=kind, size=size, ms=None, peak_bytes=0, error=repr(exc)[:300])
@@ -301,6 +325,9 @@ def report(ph: list[Phase], tmp: Path, dry: bool) -> tuple[str, dict]:
             ms, b = r.get("ms"), base.get((r["kind"], r["size"]))
             ratio = f"{b / ms:.2f}" if (ms and b) else "-"
             note = r.get("error") or (f"rel. diff {r['rel_diff']:.2e}" if "rel_diff" in r else "")
+            if "kernel_ms" in r:
+                note = f"{r['kernels']:.0f} kernels, {r['kernel_ms']:.3g} ms in them"
+            note = note or r.get("profile_error", "")
             lines.append(f"| {r['size']} | {r['kind']} | {r['variant']} | {'-' if ms is None else f'{ms:.4g}'} | "
                          f"{ratio} | {r['peak_bytes'] / 1e9:.2f} | {note} |")
     record = dict(env=env, phases=[dict(name=p.name, status=p.status, seconds=p.seconds) for p in ph],

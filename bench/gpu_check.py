@@ -140,23 +140,6 @@ def phase_env(out: Path):
     print(json.dumps(record))
 
 
-def kernel_profile(step, calls: int = 3) -> tuple[float, float]:
-    """(kernels launched, milliseconds spent in them) per call of `step`, from torch.profiler's
-    CUDA activity over `calls` calls after one more: against the call's time, what is left is
-    launch and host overhead."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            step()
-        torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return len(kernels) / calls, sum(e.time_range.elapsed_us() for e in kernels) / calls / 1e3
-
-
 def graphed_train_step(net, z, target, mask=None, warmup: int = 3):
     """bench_sparse.train_step's step captured in one CUDA graph and replayed (z and target
     static; Adam fused and capturable): `warmup` eager steps on a side stream, then the capture.
@@ -202,7 +185,7 @@ def phase_sparse(out: Path):
     import torch
 
     from bench_sparse import train_step
-    from gpu_suite import cuda_time, free_memory, median
+    from gpu_suite import cuda_time, free_memory, kernel_profile, median
     from oes_fast import masks, models
     from oes_fast.sparse import CROSSOVER_DENSITY, SparseGenerator
 

@@ -63,6 +63,22 @@ def cuda_time(fn, warmup: int, iters: int) -> list[float]:
     return times
 
 
+def kernel_profile(step, calls: int = 3) -> tuple[float, float]:
+    """(kernels launched, milliseconds spent in them) per call of `step`, from torch.profiler's
+    CUDA activity over `calls` calls after one more: against the call's time, what is left is
+    launch and host overhead. Not yet run on a GPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return len(kernels) / calls, sum(e.time_range.elapsed_us() for e in kernels) / calls / 1e3
+
+
 def median(xs):
     xs = sorted(xs)
     return xs[len(xs) // 2] if xs else float("nan")
@@ -328,7 +344,13 @@ def run_variant(name, size, warmup, iters):
         model, z, y = problem(size)
         step = VARIANTS[name][1](model, z, y)
         times = cuda_time(step, warmup, iters)
-        return median(times), torch.cuda.max_memory_allocated(), ""
+        peak = torch.cuda.max_memory_allocated()
+        try:
+            kernels, kernel_ms = kernel_profile(step)
+            note = f"{kernels:.0f} kernels, {kernel_ms:.3g} ms in them"
+        except Exception as exc:  # the timing stands without the profile
+            note = f"no kernel profile: {type(exc).__name__}"
+        return median(times), peak, note
     except torch.cuda.OutOfMemoryError:
         return None, torch.cuda.max_memory_allocated(), "OOM"
     except Exception as exc:  # one broken variant must not lose the rest of the run

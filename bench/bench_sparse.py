@@ -67,11 +67,13 @@ def problem(size: int = SIZE) -> dict:
     return dict(model=model, mask=mask, dense=dense, z=z, target=target)
 
 
-def train_step(net, z, target, mask=None):
+def train_step(net, z, target, mask=None, capturable: bool = False):
     """One training step of `net` as a callable: forward, MSE loss against target, backward, Adam
-    (oes_fast.train.adam, lr 0.01). With `mask` (the dense model's), the gradients are masked
-    before Adam, as the authors' loop trains the masked dense network."""
-    opt = adam(net.parameters(), 0.01)
+    (oes_fast.train.adam, lr 0.01; with `capturable`, torch's fused Adam that a CUDA graph can
+    capture). With `mask` (the dense model's), the gradients are masked before Adam, as the
+    authors' loop trains the masked dense network."""
+    opt = (torch.optim.Adam(net.parameters(), lr=0.01, fused=True, capturable=True) if capturable
+           else adam(net.parameters(), 0.01))
     pairs = [] if mask is None else [(p, mask[n].to(device=p.device, dtype=p.dtype)) for n, p in net.named_parameters()]
 
     def step():

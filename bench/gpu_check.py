@@ -57,7 +57,7 @@ class Phase:
                  dry_ok=(0,)):
         self.name, self.timeout, self.command, self.needs_gpu = name, timeout, command, needs_gpu
         self.optional, self.dry_command, self.env, self.dry_ok = optional, dry_command, env or {}, dry_ok
-        self.status, self.seconds, self.output, self.full_output = "not run", 0.0, "", ""
+        self.status, self.seconds, self.full_output = "not run", 0.0, ""
 
     def run(self, dry: bool, log):
         command = self.dry_command if dry else self.command
@@ -71,17 +71,15 @@ class Phase:
             proc = subprocess.run(command, cwd=ROOT, env=os.environ | self.env, capture_output=True, text=True,
                                   timeout=self.timeout)
             self.full_output = proc.stdout + proc.stderr
-            self.output = self.full_output[-6000:]
             self.status = "ok" if proc.returncode in (self.dry_ok if dry else (0,)) else f"FAILED (exit {proc.returncode})"
         except subprocess.TimeoutExpired as exc:
             out = (exc.stdout or b"") + (exc.stderr or b"")
             self.full_output = out.decode(errors="replace") if isinstance(out, bytes) else out
-            self.output = self.full_output[-6000:]
             self.status = f"FAILED (timeout after {self.timeout} s)"
         self.seconds = time.perf_counter() - start
         log(f"[{self.name}] {self.status} in {self.seconds:.0f} s")
         if self.status != "ok":
-            log(self.output[-3000:])
+            log(self.full_output[-3000:])
 
 
 def phases(tmp: Path, dry: bool) -> list[Phase]:
@@ -141,31 +139,24 @@ def phase_env(out: Path):
 
 
 def graphed_train_step(net, z, target, mask=None, warmup: int = 3):
-    """bench_sparse.train_step's step captured in one CUDA graph and replayed (z and target
-    static; Adam fused and capturable): `warmup` eager steps on a side stream, then the capture.
-    Returns the replay. Written after the H200 session: not yet run on a GPU."""
+    """bench_sparse.train_step's step (Adam capturable) captured in one CUDA graph and replayed,
+    z and target static: `warmup` eager steps on a side stream, then the capture (its zero_grad
+    leaves the gradients to the graph's pool, which each replay rewrites). Returns the replay.
+    Written after the H200 session: not yet run on a GPU."""
     import torch
 
-    opt = torch.optim.Adam(net.parameters(), lr=0.01, fused=True, capturable=True)
-    pairs = [] if mask is None else [(p, mask[n].to(device=p.device, dtype=p.dtype)) for n, p in net.named_parameters()]
+    from bench_sparse import train_step
 
-    def body():
-        ((net(z) - target) ** 2).mean().backward()
-        for p, m in pairs:
-            p.grad.mul_(m)
-        opt.step()
-
+    step = train_step(net, z, target, mask, capturable=True)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(warmup):
-            opt.zero_grad(set_to_none=True)
-            body()
+            step()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    opt.zero_grad(set_to_none=True)  # the gradients then live in the graph's pool; each replay rewrites them
     with torch.cuda.graph(graph):
-        body()
+        step()
     return graph.replay
 
 

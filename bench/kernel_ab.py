@@ -3,14 +3,17 @@
 On a shared machine the same call drifts by 15-25 % within minutes, so two builds timed one
 after the other, even in alternating processes, cannot show a 5 % change. This script compiles
 csrc/cpu/sparse_conv2d_kernels.h twice into one throwaway extension: version A as it is at a git
-revision (default HEAD), version B as it is in the working tree, both as the AVX2 copy with the
-build's flags (setup.py: -O3 -ffast-math, baseline x86-64 code outside the AVX2 region). It runs
-the generator's forward once (OES network, seed 0, the published pepper mask, 512x512), captures
-the named layers' inputs, and calls A's and B's `forward` (or `forward_pool` where the network
+revision (default HEAD), version B as it is in the working tree, both as the AVX2 copy (or the
+AVX-512 copy with --isa avx512) with the build's flags (setup.py: -O3 -ffast-math, baseline x86-64
+code outside the ISA region; the region's target as csrc/cpu/per_isa.h sets it). It runs the
+generator's forward once (OES network, seed 0, the published pepper mask, 512x512 or --size),
+captures the named layers' inputs, and calls A's and B's `forward` (or `forward_pool` where the network
 fuses the pooling) in turns, A first in even rounds and B first in odd ones. With --input-grad
-it times `input_grad` instead, on a random output gradient (layers with a fused pooling skipped).
+it times `input_grad` instead, on a random output gradient (layers with a fused pooling skipped);
+with --weight-grad `weight_grad` (`weight_grad_pool` where the network fuses the pooling).
 
-    python bench/kernel_ab.py [--rev REV] [--rounds 20] [--threads 1] [--input-grad] [LAYER ...]
+    python bench/kernel_ab.py [--rev REV] [--rounds 20] [--threads 1] [--input-grad | --weight-grad]
+                              [--size 512] [--isa avx512] [LAYER ...]
 
 Per layer it prints A's and B's minimum and median (ms), the median of the per-round ratios A / B
 (above 1: B is faster) with the 10th and 90th percentiles, and whether the outputs and the
@@ -45,10 +48,21 @@ HARNESS = r"""
 #include <cstring>
 #include <numeric>
 #include <vector>
+#include <unistd.h>
 #include "@ROOT@/csrc/sparse_conv2d.h"
+#include "@ROOT@/csrc/cpu/cpu_isa.h"
+// (the extension's own, csrc/cpu/cpu_isa.cpp, is not linked in: the slice rules' cache sizes)
+int64_t oes_fast::l1_data_cache_bytes() {
+  const long reported = sysconf(_SC_LEVEL1_DCACHE_SIZE);
+  return reported > 0 ? int64_t(reported) : int64_t(32) * 1024;
+}
+int64_t oes_fast::l2_cache_bytes() {
+  const long reported = sysconf(_SC_LEVEL2_CACHE_SIZE);
+  return reported > 0 ? int64_t(reported) : int64_t(1024) * 1024;
+}
 #pragma GCC push_options
-#pragma GCC target("avx,avx2,fma")
-#define OES_FAST_VEC_BYTES 32
+#pragma GCC target(@TARGET@)
+#define OES_FAST_VEC_BYTES @VEC_BYTES@
 #define OES_FAST_ISA_NS isa_a
 #include "@DIR@/a/kernels.h"
 #undef OES_FAST_ISA_NS
@@ -87,9 +101,21 @@ at::Tensor input_grad(bool b_version, const at::Tensor& x, const at::Tensor& gra
          col_idx.data_ptr<int32_t>(), grad_input.data_ptr<float>(), g);
   return grad_input;
 }
+at::Tensor weight_grad(bool b_version, bool pooled, const at::Tensor& x, const at::Tensor& grad_output,
+                       const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t k,
+                       int64_t U) {
+  const auto g = geometry(x, values, row_ptr, k, U);
+  at::Tensor gw = at::zeros_like(values);
+  auto* kernel = b_version ? (pooled ? &oes_fast::isa_b::weight_grad_pool<float> : &oes_fast::isa_b::weight_grad<float>)
+                           : (pooled ? &oes_fast::isa_a::weight_grad_pool<float> : &oes_fast::isa_a::weight_grad<float>);
+  kernel(grad_output.data_ptr<float>(), x.data_ptr<float>(), row_ptr.data_ptr<int64_t>(), col_idx.data_ptr<int32_t>(),
+         gw.data_ptr<float>(), g);
+  return gw;
+}
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward);
   m.def("input_grad", &input_grad);
+  m.def("weight_grad", &weight_grad);
 }
 """
 
@@ -105,7 +131,14 @@ def _working_tree(path: str) -> str | None:
     return (ROOT / path).read_text() if (ROOT / path).exists() else None
 
 
-def build(rev: str, folder: Path):
+# the target pragma and the vector width of each instruction set's copy (csrc/cpu/per_isa.h)
+ISAS = {
+    "avx2": ('"avx,avx2,fma"', 32),
+    "avx512": ('"avx,avx2,fma,avx512f,avx512vl,avx512bw,avx512dq,prefer-vector-width=512"', 64),
+}
+
+
+def build(rev: str, folder: Path, isa: str = "avx2"):
     from torch.utils.cpp_extension import load
 
     # each version in its own folder, with the per-ISA headers it includes where it has them
@@ -116,25 +149,27 @@ def build(rev: str, folder: Path):
             if text is not None:
                 (folder / version / name).write_text(text)
     source = folder / "harness.cpp"
-    source.write_text(HARNESS.replace("@ROOT@", str(ROOT)).replace("@DIR@", str(folder)))
+    target, vec_bytes = ISAS[isa]
+    source.write_text(HARNESS.replace("@ROOT@", str(ROOT)).replace("@DIR@", str(folder))
+                      .replace("@TARGET@", target).replace("@VEC_BYTES@", str(vec_bytes)))
     return load("oes_fast_kernel_ab", [str(source)], extra_cflags=FLAGS, build_directory=str(folder))
 
 
-def captured_layers(names: list[str]) -> dict:
+def captured_layers(names: list[str], size: int = 512) -> dict:
     """Layer name -> (its input in the no-grad forward, its stage, whether the network fuses the
-    pooling after it) of the profile's problem."""
+    pooling after it) of the profile's problem at size x size."""
     sys.path.insert(0, str(ROOT / "bench"))
     import sparse_profile
     from oes_fast.sparse import SparseGenerator
 
-    p = sparse_profile.problem(512)
+    p = sparse_profile.problem(size)
     gen = SparseGenerator.from_masked(p["model"], p["mask"])
     gen.fuse_prologue = False  # each conv's input as a tensor: the activated one (the kernels' own work)
     unknown = set(names) - {n for n in gen.names if n}
     if unknown:
         raise SystemExit(f"no sparse conv named {sorted(unknown)}; the generator's: {[n for n in gen.names if n]}")
     found = {}
-    x, const, hw, stats, i = p["z"], None, (1, 512, 512), None, 0
+    x, const, hw, stats, i = p["z"], None, (1, size, size), None, 0
     with torch.no_grad():
         while i < len(gen._chain):
             if gen.names[i] in names:
@@ -150,15 +185,19 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--input-grad", action="store_true", help="time input_grad instead of the forward")
+    ap.add_argument("--weight-grad", action="store_true",
+                    help="time weight_grad (weight_grad_pool where the network fuses the pooling) instead")
+    ap.add_argument("--size", type=int, default=512, help="the image's side (default 512)")
+    ap.add_argument("--isa", choices=sorted(ISAS), default="avx2", help="the copy to build (default avx2)")
     args = ap.parse_args(argv)
     from oes_fast import _C
 
-    if _C.cpu_isa() not in ("avx2", "avx512"):
-        raise SystemExit(f"needs a processor with AVX2 and FMA; this one runs the {_C.cpu_isa()} kernels")
+    if _C.cpu_isa() not in ("avx2", "avx512") or (args.isa == "avx512" and _C.cpu_isa() != "avx512"):
+        raise SystemExit(f"needs a processor with {args.isa}; this one runs the {_C.cpu_isa()} kernels")
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="oes_fast_kernel_ab_") as tmp:
-        ext = build(args.rev, Path(tmp))
-        for name, (x, st, pooled) in captured_layers(args.layers).items():
+        ext = build(args.rev, Path(tmp), args.isa)
+        for name, (x, st, pooled) in captured_layers(args.layers, args.size).items():
             values = st.values.detach().contiguous()
             if args.input_grad:
                 if pooled:
@@ -168,6 +207,12 @@ def main(argv=None) -> int:
                                           generator=torch.Generator().manual_seed(0))
                 run = lambda version: (ext.input_grad(version, x, grad_output, values, st.row_ptr, st.col_idx,
                                                       st.kernel[0], st.upsample),)
+            elif args.weight_grad:
+                h, w = x.shape[2] * st.upsample, x.shape[3] * st.upsample
+                grad_output = torch.randn(1, st.n_out, h // 2 if pooled else h, w // 2 if pooled else w,
+                                          generator=torch.Generator().manual_seed(0))
+                run = lambda version: (ext.weight_grad(version, pooled, x, grad_output, values, st.row_ptr,
+                                                       st.col_idx, st.kernel[0], st.upsample),)
             else:
                 run = lambda version: ext.forward(version, pooled, x, values, st.row_ptr, st.col_idx,
                                                   torch.zeros(st.n_out), st.kernel[0], st.upsample)

@@ -8,7 +8,11 @@ tensors through the interpreter (tests/conftest.py sets TRITON_INTERPRET=1 witho
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -558,6 +562,85 @@ def test_sparse_conv2d_several_row_tiles(pooled):
     for got, r, name in zip(grads, (ref_grads[0], ref_grads[1].reshape(c_out, -1)[keep.reshape(c_out, -1)],
                                     ref_grads[2]), ("input grad", "weight grad", "bias grad")):
         assert_close_to_reference(got, r, name=name)
+
+
+# Runs in a subprocess (the L2 size is read once per process): the pooled ops on the inputs in
+# argv[1], 1 and 2 threads, float32 and float64, saved to argv[2].
+POOL_SLICE_WORKER = r"""
+import sys
+import torch
+import oes_fast  # noqa: F401  (registers the operators)
+
+ops = torch.ops.oes_fast
+t = torch.load(sys.argv[1])
+conv = ([5, 5], [2, 2], "reflect")
+out = {}
+for threads in (1, 2):
+    torch.set_num_threads(threads)
+    for dtype in (torch.float32, torch.float64):
+        x, v, b, g = (t[n].to(dtype) for n in ("x", "values", "bias", "grad"))
+        key = f"{threads} threads, {dtype}"
+        out[key + ": out"], out[key + ": stats"] = ops.sparse_conv2d_pool_stats(x, v, t["row_ptr"], t["col_idx"],
+                                                                              b, *conv)
+        out[key + ": weight grad"] = ops.sparse_conv2d_pool_weight_grad(g, x, t["row_ptr"], t["col_idx"], *conv)
+        # a batch norm's apply and LeakyReLU in the input load
+        act = (t["scale"], t["shift"], 0.2)
+        out[key + ": act out"], out[key + ": act stats"] = ops.sparse_conv2d_act_stats(
+            x, *act, v, t["row_ptr"], t["col_idx"], b, [5, 5], [2, 2], "reflect", 1, True)
+        out[key + ": act weight grad"] = ops.sparse_conv2d_act_weight_grad(
+            g, x, *act, t["row_ptr"], t["col_idx"], [5, 5], [2, 2], "reflect", 1, True)
+torch.save(out, sys.argv[2])
+"""
+
+
+def _pool_ops_with_l2(l2_bytes: str, inputs: Path, output: Path) -> dict:
+    env = dict(os.environ, OES_FAST_L2_CACHE_BYTES=l2_bytes)
+    proc = subprocess.run([sys.executable, "-c", POOL_SLICE_WORKER, str(inputs), str(output)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return torch.load(output)
+
+
+def test_pooled_halo_slices_keep_the_bits(tmp_path):
+    """The pooled ops make their halo in slices of input channels where it is larger than the L2
+    and the conv has more inputs than outputs (pool_slice_channels): with an L2 of 1 byte every
+    input channel is a slice of its own, with 1 TB nothing is sliced. Forward, statistics and
+    weight gradient, plain and with a batch norm + LeakyReLU in the input load: the same bits
+    either way, 1 and 2 threads, float32 and float64, and close to the reference."""
+    c_in, c_out, h, w_ = 6, 3, 75, 150  # odd pooled rows (37), a partial last column block
+    w, keep = random_weight(c_out, c_in, 5, 0.3, torch.float64, stable_seed("pool slices"))
+    values, row_ptr, col_idx = to_csr(w, keep)
+    gen = torch.Generator().manual_seed(stable_seed("pool slices x"))
+    t = dict(x=torch.randn(2, c_in, h, w_, generator=gen, dtype=torch.float64), values=values, row_ptr=row_ptr,
+             col_idx=col_idx, bias=torch.randn(c_out, generator=gen, dtype=torch.float64),
+             grad=torch.randn(2, c_out, h // 2, w_ // 2, generator=gen, dtype=torch.float64),
+             scale=torch.rand(c_in, generator=gen, dtype=torch.float64) + 0.5,
+             shift=torch.randn(c_in, generator=gen, dtype=torch.float64) * 0.3)
+    torch.save(t, tmp_path / "inputs.pt")
+    sliced = _pool_ops_with_l2("1", tmp_path / "inputs.pt", tmp_path / "sliced.pt")
+    whole = _pool_ops_with_l2(str(2 ** 40), tmp_path / "inputs.pt", tmp_path / "whole.pt")
+    for name in whole:
+        assert torch.equal(sliced[name], whole[name]), f"{name}: sliced and whole halos give different bits"
+    x = t["x"].clone().requires_grad_()
+    wr = w.clone().requires_grad_()
+    ref = F.avg_pool2d(reference_conv(x, wr, t["bias"], 1, 2, "reflect"), 2)
+    ref_gw = torch.autograd.grad(ref, wr, t["grad"])[0].reshape(c_out, -1)[keep.reshape(c_out, -1)]
+    for dtype in (torch.float32, torch.float64):
+        key = f"1 threads, {dtype}"
+        assert_close_to_reference(sliced[key + ": out"], ref.detach(), name=f"sliced forward {dtype}")
+        assert_channel_stats(sliced[key + ": stats"], sliced[key + ": out"], dtype, "sliced stats")
+        assert_close_to_reference(sliced[key + ": weight grad"], ref_gw, name=f"sliced weight grad {dtype}")
+
+
+def test_l2_cache_bytes_override_is_checked():
+    env = dict(os.environ, OES_FAST_L2_CACHE_BYTES="2MB")
+    code = ("import torch, oes_fast; from oes_fast.sparse import to_csr\n"
+            "w = torch.ones(1, 8, 5, 5); v, rp, ci = to_csr(w)\n"
+            "torch.ops.oes_fast.sparse_conv2d_pool_stats(torch.ones(1, 8, 8, 8), v, rp, ci, None, [5, 5], [2, 2], "
+            "'reflect')")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "OES_FAST_L2_CACHE_BYTES must be a positive whole number of bytes (or unset), got '2MB'" in proc.stderr
 
 
 def test_sparse_conv2d_pool_stats_rejects_bad_arguments():

@@ -31,6 +31,9 @@ bool supported(CpuIsa isa) {
   }
 }
 
+// sysconf's answer for a cache size, or `fallback` where it gives none (-1, or 0 on some systems)
+int64_t reported_or(long reported, int64_t fallback) { return reported > 0 ? int64_t(reported) : fallback; }
+
 CpuIsa choose() {
 #if OES_FAST_X86_DISPATCH
   __builtin_cpu_init();
@@ -70,12 +73,29 @@ const char* cpu_isa_name(CpuIsa isa) {
 }
 
 int64_t l1_data_cache_bytes() {
-  static const int64_t bytes = [] {
-    long reported = -1;
 #ifdef _SC_LEVEL1_DCACHE_SIZE
-    reported = sysconf(_SC_LEVEL1_DCACHE_SIZE);
+  static const int64_t bytes = reported_or(sysconf(_SC_LEVEL1_DCACHE_SIZE), 32 * 1024);
+#else
+  static const int64_t bytes = 32 * 1024;
 #endif
-    return reported > 0 ? int64_t(reported) : int64_t(32) * 1024;
+  return bytes;
+}
+
+int64_t l2_cache_bytes() {
+  static const int64_t bytes = [] {  // a throw leaves it unset, as cpu_isa()
+    const char* forced = std::getenv("OES_FAST_L2_CACHE_BYTES");
+    if (forced != nullptr && forced[0] != '\0') {
+      char* end = nullptr;
+      const long long value = std::strtoll(forced, &end, 10);
+      TORCH_CHECK(*end == '\0' && value > 0,
+                  "OES_FAST_L2_CACHE_BYTES must be a positive whole number of bytes (or unset), got '", forced, "'");
+      return int64_t(value);
+    }
+#ifdef _SC_LEVEL2_CACHE_SIZE
+    return reported_or(sysconf(_SC_LEVEL2_CACHE_SIZE), 1024 * 1024);
+#else
+    return int64_t(1024) * 1024;
+#endif
   }();
   return bytes;
 }

@@ -33,6 +33,9 @@ std::vector<std::string> cpu_isas_supported();
 // The L1 data cache of one core in bytes, as the OS reports it (sysconf); 32 KiB where it does not
 // say. For choices of blocking that do not change any result's bits.
 int64_t l1_data_cache_bytes();
+// The L2 cache of one core in bytes, likewise (1 MiB where the OS does not say), or what
+// OES_FAST_L2_CACHE_BYTES says (tests and benchmarks: the choices it makes do not change bits).
+int64_t l2_cache_bytes();
 
 }  // namespace oes_fast
 

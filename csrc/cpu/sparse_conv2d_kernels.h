@@ -308,7 +308,7 @@ struct PhaseInput {
 // split it (or the box mean of two of them) into its two column phases.
 template <typename T>
 void load_halo_phases(const T* x, T* halo, int64_t rows_h, int64_t rows_load, int64_t Wa, int64_t r0,
-                      const PhaseInput& in, int64_t Wp, int64_t n) {
+                      const PhaseInput& in, int64_t Wp, int64_t n, int64_t c_begin = 0, int64_t c_end = -1) {
   using V = vec_t<T>;
   constexpr int64_t L = kLanes<T>;
   const SparseConvGeometry& g = *in.of;
@@ -320,8 +320,11 @@ void load_halo_phases(const T* x, T* halo, int64_t rows_h, int64_t rows_load, in
   T* cur = rows.data();
   T* next = rows.data() + cap;
   const V quarter = broadcast<V>(T(0.25));
-  for (int64_t c = 0; c < g.C_in; ++c) {
-    auto dst = [&](int64_t pu, int64_t pv, int64_t hr) { return halo + ((4 * c + 2 * pu + pv) * rows_h + hr) * Wa; };
+  // (input channels [c_begin, c_end) only, their phase channels from the halo's start)
+  for (int64_t c = c_begin; c < (c_end < 0 ? g.C_in : c_end); ++c) {
+    auto dst = [&](int64_t pu, int64_t pv, int64_t hr) {
+      return halo + ((4 * (c - c_begin) + 2 * pu + pv) * rows_h + hr) * Wa;
+    };
     if (!in.box_mean) {
       for (int64_t hr = 0; hr < rows_load; ++hr) {
         for (int64_t pu = 0; pu < 2; ++pu) {
@@ -487,7 +490,8 @@ inline void tap_block(const T* base, int64_t row_stride, const int64_t* off, con
 // them. Each sum adds the same taps in the same order as tap_block: the same bits.
 template <typename T, int R, int NB>
 inline void tap_block_slice(const T* base, int64_t row_stride, const int64_t* off, const T* w, int64_t m, T b,
-                            int64_t xo, T* out, int64_t out_stride, int64_t valid, T* keep, bool first, bool last) {
+                            int64_t xo, T* out, int64_t out_stride, int64_t valid, T* keep, bool first, bool last,
+                            double* stats = nullptr) {
   using V = vec_t<T>;
   constexpr int64_t L = kLanes<T>;
   V acc[R][NB];
@@ -501,7 +505,7 @@ inline void tap_block_slice(const T* base, int64_t row_stride, const int64_t* of
       for (int v = 0; v < NB; ++v) store(keep + (r * NB + v) * L, acc[r][v]);
     return;
   }
-  store_block<T, R, NB>(acc, xo, out, out_stride, valid, nullptr);
+  store_block<T, R, NB>(acc, xo, out, out_stride, valid, stats);
 }
 
 // The output of the phase form of a 2x-upsampled conv (forward_up2): phase channel o' = 4 o + 2 p + q
@@ -1001,6 +1005,66 @@ void input_grad_stride1(const T* gout, const T* vals, const int64_t* rp, const i
   });
 }
 
+// The sum of the N lanes of a in a fixed tree, the same bits wherever it is inlined: the lower
+// half plus the upper half, down to one lane (in_order pins each level). gcc's own sum of the
+// float32 lanes was this tree; a sum lane by lane, in order, made the deep layers' weight
+// gradients 1.2-1.6x slower (16 dependent additions per tap and tile), and a tree of rotations
+// (__builtin_shuffle) 1.5-3.4x slower.
+template <typename T, int N>
+struct LanesOf {
+  typedef T type __attribute__((vector_size(N * sizeof(T))));
+};
+template <typename T, int N>
+__attribute__((always_inline)) inline T lane_sum(typename LanesOf<T, N>::type a) {
+  if constexpr (N == 2) {
+    T s = a[0] + a[1];
+    in_order(s);
+    return s;
+  } else {
+    using Half = typename LanesOf<T, N / 2>::type;
+    Half lo, hi;
+    std::memcpy(&lo, &a, sizeof(Half));
+    std::memcpy(&hi, reinterpret_cast<const char*>(&a) + sizeof(Half), sizeof(Half));
+    Half s = lo + hi;
+    in_order(s);
+    return lane_sum<T, N / 2>(s);
+  }
+}
+
+// part[i] += the sums over `rows` rows of a tile of the grad rows (grows, nvec vectors a row) times
+// the halo rows (Wa apart) at the KT taps' offsets off[i]. KT taps at once share each load of the
+// grad rows, and their 2 * KT accumulators hide the FMA latency; each tap's accumulators run over
+// all rows of the tile, so the lanes are summed once per tile, not once per row. Every tap's sum
+// has the same grouping (even and odd vectors of every row, then the lanes in order) alone or in
+// a group, so the bits do not depend on how the taps fall into groups (lane_sum: left to itself,
+// gcc summed the lanes of a group of 8 float64 taps in another order than those of a lone tap).
+template <typename T, int KT>
+__attribute__((always_inline)) inline void weight_grad_taps(const T* halo, int64_t Wa, const int64_t* off,
+                                                            int64_t rows, const T* grows, int64_t nvec,
+                                                            double* part) {
+  using V = vec_t<T>;
+  constexpr int64_t L = kLanes<T>;
+  V acc[KT][2] = {};
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* hrow[KT];
+    for (int i = 0; i < KT; ++i) hrow[i] = halo + r * Wa + off[i];
+    const T* gr = grows + r * nvec * L;
+    int64_t v = 0;
+    for (; v + 2 <= nvec; v += 2) {
+      const V g0 = load<V>(gr + v * L), g1 = load<V>(gr + (v + 1) * L);
+      for (int i = 0; i < KT; ++i) {
+        acc[i][0] += g0 * load<V>(hrow[i] + v * L);
+        acc[i][1] += g1 * load<V>(hrow[i] + (v + 1) * L);
+      }
+    }
+    if (v < nvec) {
+      const V g0 = load<V>(gr + v * L);
+      for (int i = 0; i < KT; ++i) acc[i][0] += g0 * load<V>(hrow[i] + v * L);
+    }
+  }
+  for (int i = 0; i < KT; ++i) part[i] += static_cast<double>(lane_sum<T, int(L)>(acc[i][0] + acc[i][1]));
+}
+
 // Weight gradient, stride 1: tasks are (image, row tile); a task loads the tile's padded input
 // rows into a halo (as the forward) and, per output channel, takes the dot product of the
 // tile's grad_output rows with every kept tap's shifted halo rows: full vectors only (the grad
@@ -1013,7 +1077,6 @@ void weight_grad_stride1(const T* gout, const T* x, const int64_t* rp, const int
   // phase (optional): the conv is the phase form of a 2x-upsampled one (forward_up2) and gout
   // the 2x larger output's gradient; each phase channel's rows are read out of it.
   // phases_in (optional): the input channels are stride-2 phases of x (load_halo_phases; forward_pool).
-  using V = vec_t<T>;
   constexpr int64_t L = kLanes<T>;
   if (g.nnz == 0 || g.N == 0) return;
   const HaloPlan plan = plan_halo<T>(g);
@@ -1053,37 +1116,8 @@ void weight_grad_stride1(const T* gout, const T* x, const int64_t* rp, const int
             for (int64_t j = 0; j < g.W_out; ++j) dst[j] = src[2 * j + o % 2];
           }
         }
-        // KT taps at once share each load of the grad rows, and their 2 * KT accumulators hide
-        // the FMA latency; each tap's accumulators run over all rows of the tile, so the lanes
-        // are summed once per tile, not once per row. Every tap's sum has the same grouping
-        // (even and odd vectors of every row) alone or in a group, so the bits do not depend on
-        // how the taps fall into groups.
         auto taps = [&](auto kt, int64_t k) {
-          constexpr int KT = decltype(kt)::value;
-          V acc[KT][2] = {};
-          for (int64_t r = 0; r < rows; ++r) {
-            const T* hrow[KT];
-            for (int i = 0; i < KT; ++i) hrow[i] = halo.data + r * Wa + off[k + i];
-            const T* gr = grows.data + r * nvec * L;
-            int64_t v = 0;
-            for (; v + 2 <= nvec; v += 2) {
-              const V g0 = load<V>(gr + v * L), g1 = load<V>(gr + (v + 1) * L);
-              for (int i = 0; i < KT; ++i) {
-                acc[i][0] += g0 * load<V>(hrow[i] + v * L);
-                acc[i][1] += g1 * load<V>(hrow[i] + (v + 1) * L);
-              }
-            }
-            if (v < nvec) {
-              const V g0 = load<V>(gr + v * L);
-              for (int i = 0; i < KT; ++i) acc[i][0] += g0 * load<V>(hrow[i] + v * L);
-            }
-          }
-          for (int i = 0; i < KT; ++i) {
-            const V a = acc[i][0] + acc[i][1];
-            T s = 0;
-            for (int64_t l = 0; l < L; ++l) s += a[l];
-            part[k + i] += static_cast<double>(s);
-          }
+          weight_grad_taps<T, decltype(kt)::value>(halo.data, Wa, off.data() + k, rows, grows.data, nvec, part + k);
         };
         int64_t k = rp[o];
         if constexpr (OES_FAST_VEC_BYTES == 64) {  // 32 vector registers: 16 accumulators fit
@@ -1260,18 +1294,225 @@ inline std::vector<int32_t> pooled_col_idx(const int32_t* ci, const SparseConvGe
   return out;
 }
 
+// The pooled form with the halo made one slice of input channels at a time. A tile's halo of all
+// 4 C_in phase channels can be far larger than a core's L2: 4.8 MiB for the generator's first
+// conv (32 channels of z at 512x512, 32-row tiles, float32), which then went out to L3 and came
+// back for each block's strip, a strip that only 6 output channels share. Sliced where the whole
+// halo is larger than this core's L2 and the conv has more input than output channels, in slices
+// of input channels whose phases take at most half the L2. On the Intel Xeon (2 MiB of L2), 1
+// thread, in-process A/B (bench/kernel_ab.py, the same bits in every case):
+//   - the first conv (32 -> 6), AVX-512: forward 1.45x / 1.39x / 1.21x / 1.12-1.18x faster at
+//     256 / 512 / 1024 / 2048 pixels, weight gradient 1.63x / 1.61-1.68x / - / 1.28x; AVX2 copy at
+//     512: 1.28x and 1.40x; 2 threads at 512: 1.40x and 1.69x. At 512, slices of 1 to 8 channels
+//     all gave 1.30-1.43x (16 channels, 2.5 MiB: 1.10x);
+//   - down.1.conv1 (6 -> 13) and down.2.conv1 (14 -> 24) at 2048, whose halos (1.7 and 2.2 MiB)
+//     are about the L2's size: forward 0.76-0.84x and 0.88-0.91x as fast in slices, weight
+//     gradient 0.97x: not sliced;
+//   - down.1.conv1 at 512 (313 KB): 0.87-0.90x: not sliced.
+// The rule depends on the machine; the bits do not.
+template <typename T>
+int64_t pool_slice_channels(const SparseConvGeometry& g) {
+  if (g.C_in <= g.C_out) return 0;
+  const SparseConvGeometry t = pooled_geometry(g);
+  const HaloPlan plan = plan_halo<T>(t);
+  const int64_t channel_bytes = 4 * plan.rows_h * plan.Wa * int64_t(sizeof(T));  // one input channel's phases
+  if (g.C_in * channel_bytes <= l2_cache_bytes()) return 0;
+  return std::max<int64_t>(1, l2_cache_bytes() / 2 / channel_bytes);
+}
+
+// The plan both sliced kernels share: the pooled form g of g0, its row tiles, the slices
+// (slice_c input channels each, the last one shorter) and the tasks (image, tile, group of
+// output channels). Output channel o's taps of slice j are [taps(o, j)[0], taps(o, j)[1]), its
+// taps being in input-channel order (pooled_col_idx keeps col_idx's order).
+template <typename T>
+struct PoolSlices {
+  PoolSlices(const int64_t* rp, const int32_t* pci, const SparseConvGeometry& g0, int64_t slice_c)
+      : g(pooled_geometry(g0)),
+        plan(plan_halo<T>(g)),
+        slice_c(slice_c),
+        count((g0.C_in + slice_c - 1) / slice_c),
+        cut(g.C_out * (count + 1)),
+        bounds(channel_groups(rp, g.C_out, 1, g.N * plan.n_tiles)),
+        groups(int64_t(bounds.size()) - 1),
+        tasks(g.N * plan.n_tiles * groups) {
+    const int64_t kk = g.KH * g.KW;
+    for (int64_t o = 0; o < g.C_out; ++o) {
+      int64_t k = rp[o];
+      for (int64_t j = 0; j < count; ++j) {
+        cut[o * (count + 1) + j] = k;
+        while (k < rp[o + 1] && pci[k] / kk / 4 < (j + 1) * slice_c) ++k;
+      }
+      cut[o * (count + 1) + count] = k;
+    }
+    for (int64_t i = 0; i < groups; ++i) group_max = std::max(group_max, bounds[i + 1] - bounds[i]);
+  }
+  const int64_t* taps(int64_t o, int64_t j) const { return cut.data() + o * (count + 1) + j; }
+  // the taps' offsets into the halo of one slice, from the slice's first phase channel
+  std::vector<int64_t> offsets(const int32_t* pci) const {
+    const TapOffsets offset(g, plan.rows_h, plan.Wa);
+    std::vector<int64_t> off(g.nnz);
+    offset.decode(pci, g.nnz, g.C_in, off.data());
+    for (int64_t o = 0; o < g.C_out; ++o)
+      for (int64_t j = 0; j < count; ++j)
+        for (int64_t k = taps(o, j)[0]; k < taps(o, j)[1]; ++k) off[k] -= 4 * j * slice_c * offset.channel;
+    return off;
+  }
+  // task t: image n, rows [y0, y0 + rows), output channels [o_begin, o_end)
+  void task(int64_t t, int64_t* n, int64_t* y0, int64_t* rows, int64_t* o_begin, int64_t* o_end) const {
+    const int64_t grp = t % groups, tl = (t / groups) % plan.n_tiles;
+    *n = t / (groups * plan.n_tiles);
+    *y0 = tl * plan.tile;
+    *rows = std::min(plan.tile, g.H_out - *y0);
+    *o_begin = bounds[grp];
+    *o_end = bounds[grp + 1];
+  }
+  SparseConvGeometry g;
+  HaloPlan plan;
+  int64_t slice_c, count;
+  std::vector<int64_t> cut, bounds;
+  int64_t groups, tasks, group_max = 0;
+};
+
+// The forward: every block of the tile adds each slice's taps in turn, its sums kept between
+// slices (tap_block_slice). Each sum adds the same taps in the same order as forward_kernel (taps
+// in input-channel order, as pooled_col_idx keeps them) and the blocks are forward_kernel's wide
+// blocks in its order: the same bits, the statistics' too.
+template <typename T>
+void forward_pool_sliced(const T* x, const T* vals, const int64_t* rp, const int32_t* pci, const T* bias, T* out,
+                         const SparseConvGeometry& g0, double* stats, int64_t slice_c) {
+  constexpr int64_t L = kLanes<T>;
+  const PoolSlices<T> sl(rp, pci, g0, slice_c);
+  const SparseConvGeometry& g = sl.g;
+  const PhaseInput box{&g0, true};
+  const int64_t Wa = sl.plan.Wa, tile = sl.plan.tile, rows_h = sl.plan.rows_h, tasks = sl.tasks;
+  std::vector<double> partial(stats != nullptr ? tasks * g.C_out * 2 : 0, 0.0);
+  // blocks of a tile: pairs of rows (the last row alone when odd) x column blocks of 4 vectors,
+  // then of 1 (forward_kernel's wide path); each block's sums take 8 vectors of keep
+  const int64_t full_cols = g.W_out / (4 * L), col_blocks = full_cols + (g.W_out % (4 * L) + L - 1) / L;
+  const int64_t row_blocks = (tile + 1) / 2;
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    AlignedBuffer<T> halo(4 * slice_c * rows_h * Wa);
+    AlignedBuffer<T> keep(sl.group_max * row_blocks * col_blocks * 8 * L);
+    const std::vector<int64_t> off = sl.offsets(pci);
+    const int64_t rs = Wa;
+    for (int64_t t = begin; t < end; ++t) {
+      int64_t n, y0, rows, o_begin, o_end;
+      sl.task(t, &n, &y0, &rows, &o_begin, &o_end);
+      double* part = stats != nullptr ? partial.data() + t * g.C_out * 2 : nullptr;
+      for (int64_t j = 0; j < sl.count; ++j) {
+        const int64_t c0 = j * slice_c, c1 = std::min(g0.C_in, c0 + slice_c);
+        load_halo_phases(x, halo.data, rows_h, rows - 1 + g.KH, Wa, y0, box, g.W_out + g.KW - 1, n, c0, c1);
+        const bool first = j == 0, last = j == sl.count - 1;
+        auto block = [&](auto rows_c, auto vecs_c, int64_t r, int64_t xo, int64_t valid, int64_t slot) {
+          constexpr int R = decltype(rows_c)::value, NB = decltype(vecs_c)::value;
+          for (int64_t o = o_begin; o < o_end; ++o) {
+            const int64_t* c = sl.taps(o, j);
+            T* orow = out + ((n * g.C_out + o) * g.H_out + y0 + r) * g.W_out;
+            T* kp = keep.data + (((o - o_begin) * row_blocks + r / 2) * col_blocks + slot) * 8 * L;
+            tap_block_slice<T, R, NB>(halo.data + r * rs, rs, off.data() + c[0], vals + c[0], c[1] - c[0],
+                                      bias ? bias[o] : T(0), xo, orow, g.W_out, valid, kp, first, last,
+                                      part && last ? part + 2 * o : nullptr);
+          }
+        };
+        using One = std::integral_constant<int, 1>;
+        using Two = std::integral_constant<int, 2>;
+        using Four = std::integral_constant<int, 4>;
+        int64_t r = 0;
+        for (; r + 2 <= rows; r += 2) {
+          int64_t xo = 0, slot = 0;
+          for (; xo + 4 * L <= g.W_out; xo += 4 * L) block(Two{}, Four{}, r, xo, 4 * L, slot++);
+          for (; xo < g.W_out; xo += L) block(Two{}, One{}, r, xo, g.W_out - xo, slot++);
+        }
+        for (; r < rows; ++r) {
+          int64_t xo = 0, slot = 0;
+          for (; xo + 4 * L <= g.W_out; xo += 4 * L) block(One{}, Four{}, r, xo, 4 * L, slot++);
+          for (; xo < g.W_out; xo += L) block(One{}, One{}, r, xo, g.W_out - xo, slot++);
+        }
+      }
+    }
+  });
+  if (stats != nullptr) {
+    for (int64_t i = 0; i < g.C_out * 2; ++i) {
+      double s = 0.0;
+      for (int64_t t = 0; t < tasks; ++t) s += partial[t * g.C_out * 2 + i];
+      stats[i] = s;
+    }
+  }
+}
+
 template <typename T>
 void forward_pool(const T* x, const T* vals, const int64_t* rp, const int32_t* ci, const T* bias, T* out,
                   const SparseConvGeometry& g, double* stats) {
   const std::vector<int32_t> pci = pooled_col_idx(ci, g);
+  // (only where forward_kernel would take its wide blocks, which forward_pool_sliced repeats)
+  const int64_t slice_c = pool_slice_channels<T>(g);
+  if (slice_c > 0 && g.W_out / 2 >= 4 * kLanes<T>) {
+    forward_pool_sliced<T>(x, vals, rp, pci.data(), bias, out, g, stats, slice_c);
+    return;
+  }
   const PhaseInput box{&g, true};
   forward_kernel<T>(x, vals, rp, pci.data(), bias, out, pooled_geometry(g), stats, nullptr, &box);
+}
+
+// The weight gradient of the pooled form in slices (as forward_pool_sliced): each tap's sum over a
+// tile runs as in weight_grad_stride1, the same bits. A tile's grad rows of every output channel
+// of the task are copied once, before the slices.
+template <typename T>
+void weight_grad_pool_sliced(const T* gout, const T* x, const int64_t* rp, const int32_t* pci, T* gw,
+                             const SparseConvGeometry& g0, int64_t slice_c) {
+  constexpr int64_t L = kLanes<T>;
+  if (g0.nnz == 0 || g0.N == 0) return;
+  const PoolSlices<T> sl(rp, pci, g0, slice_c);
+  const SparseConvGeometry& g = sl.g;
+  const PhaseInput box{&g0, true};
+  const int64_t Wa = sl.plan.Wa, tile = sl.plan.tile, rows_h = sl.plan.rows_h;
+  const int64_t nvec = (g.W_out + L - 1) / L;
+  std::vector<double> partial(g.N * sl.plan.n_tiles * g.nnz, 0.0);
+  at::parallel_for(0, sl.tasks, 1, [&](int64_t begin, int64_t end) {
+    AlignedBuffer<T> halo(4 * slice_c * rows_h * Wa);
+    // the grad rows of every output channel of a group, each row padded with zeros to whole
+    // vectors (the padding is never written)
+    AlignedBuffer<T> grows(sl.group_max * tile * nvec * L);
+    const std::vector<int64_t> off = sl.offsets(pci);
+    for (int64_t t = begin; t < end; ++t) {
+      int64_t n, y0, rows, o_begin, o_end;
+      sl.task(t, &n, &y0, &rows, &o_begin, &o_end);
+      for (int64_t o = o_begin; o < o_end; ++o)
+        for (int64_t r = 0; r < rows; ++r)
+          std::memcpy(grows.data + ((o - o_begin) * tile + r) * nvec * L,
+                      gout + ((n * g.C_out + o) * g.H_out + y0 + r) * g.W_out, sizeof(T) * g.W_out);
+      double* part = partial.data() + (t / sl.groups) * g.nnz;
+      for (int64_t j = 0; j < sl.count; ++j) {
+        const int64_t c0 = j * slice_c, c1 = std::min(g0.C_in, c0 + slice_c);
+        load_halo_phases(x, halo.data, rows_h, rows - 1 + g.KH, Wa, y0, box, g.W_out + g.KW - 1, n, c0, c1);
+        for (int64_t o = o_begin; o < o_end; ++o) {
+          const T* gr = grows.data + (o - o_begin) * tile * nvec * L;
+          auto taps = [&](auto kt, int64_t k) {
+            weight_grad_taps<T, decltype(kt)::value>(halo.data, Wa, off.data() + k, rows, gr, nvec, part + k);
+          };
+          int64_t k = sl.taps(o, j)[0];
+          const int64_t k_end = sl.taps(o, j)[1];
+          if constexpr (OES_FAST_VEC_BYTES == 64) {
+            for (; k + 8 <= k_end; k += 8) taps(std::integral_constant<int, 8>{}, k);
+          }
+          for (; k + 4 <= k_end; k += 4) taps(std::integral_constant<int, 4>{}, k);
+          for (; k < k_end; ++k) taps(std::integral_constant<int, 1>{}, k);
+        }
+      }
+    }
+  });
+  sum_partials(partial, g.N * sl.plan.n_tiles, g.nnz, gw);
 }
 
 template <typename T>
 void weight_grad_pool(const T* gout, const T* x, const int64_t* rp, const int32_t* ci, T* gw,
                       const SparseConvGeometry& g) {
   const std::vector<int32_t> pci = pooled_col_idx(ci, g);
+  const int64_t slice_c = pool_slice_channels<T>(g);
+  if (slice_c > 0) {
+    weight_grad_pool_sliced<T>(gout, x, rp, pci.data(), gw, g, slice_c);
+    return;
+  }
   const PhaseInput box{&g, true};
   weight_grad_stride1<T>(gout, x, rp, pci.data(), gw, pooled_geometry(g), nullptr, &box);
 }

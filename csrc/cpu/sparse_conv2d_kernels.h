@@ -1299,16 +1299,11 @@ inline std::vector<int32_t> pooled_col_idx(const int32_t* ci, const SparseConvGe
 // conv (32 channels of z at 512x512, 32-row tiles, float32), which then went out to L3 and came
 // back for each block's strip, a strip that only 6 output channels share. Sliced where the whole
 // halo is larger than this core's L2 and the conv has more input than output channels, in slices
-// of input channels whose phases take at most half the L2. On the Intel Xeon (2 MiB of L2), 1
-// thread, in-process A/B (bench/kernel_ab.py, the same bits in every case):
-//   - the first conv (32 -> 6), AVX-512: forward 1.45x / 1.39x / 1.21x / 1.12-1.18x faster at
-//     256 / 512 / 1024 / 2048 pixels, weight gradient 1.63x / 1.61-1.68x / - / 1.28x; AVX2 copy at
-//     512: 1.28x and 1.40x; 2 threads at 512: 1.40x and 1.69x. At 512, slices of 1 to 8 channels
-//     all gave 1.30-1.43x (16 channels, 2.5 MiB: 1.10x);
-//   - down.1.conv1 (6 -> 13) and down.2.conv1 (14 -> 24) at 2048, whose halos (1.7 and 2.2 MiB)
-//     are about the L2's size: forward 0.76-0.84x and 0.88-0.91x as fast in slices, weight
-//     gradient 0.97x: not sliced;
-//   - down.1.conv1 at 512 (313 KB): 0.87-0.90x: not sliced.
+// of input channels whose phases take at most half the L2. On the Intel Xeon (2 MiB of L2; the
+// figures in docs/performance.md, in-process A/B with bench/kernel_ab.py) the first conv (32 -> 6)
+// ran 1.12-1.45x faster forward and 1.28-1.68x in its weight gradient from 256 to 2048 pixels;
+// down.1.conv1 (6 -> 13) and down.2.conv1 (14 -> 24) at 2048, whose halos (1.7 and 2.2 MiB) are
+// about the L2's size, ran 0.76-0.91x as fast forward in slices, so they are not sliced.
 // The rule depends on the machine; the bits do not.
 template <typename T>
 int64_t pool_slice_channels(const SparseConvGeometry& g) {

@@ -48,18 +48,8 @@ HARNESS = r"""
 #include <cstring>
 #include <numeric>
 #include <vector>
-#include <unistd.h>
 #include "@ROOT@/csrc/sparse_conv2d.h"
-#include "@ROOT@/csrc/cpu/cpu_isa.h"
-// (the extension's own, csrc/cpu/cpu_isa.cpp, is not linked in: the slice rules' cache sizes)
-int64_t oes_fast::l1_data_cache_bytes() {
-  const long reported = sysconf(_SC_LEVEL1_DCACHE_SIZE);
-  return reported > 0 ? int64_t(reported) : int64_t(32) * 1024;
-}
-int64_t oes_fast::l2_cache_bytes() {
-  const long reported = sysconf(_SC_LEVEL2_CACHE_SIZE);
-  return reported > 0 ? int64_t(reported) : int64_t(1024) * 1024;
-}
+#include "@ROOT@/csrc/cpu/cpu_isa.h"  // the slice rules' cache sizes (cpu_isa.cpp is compiled in too)
 #pragma GCC push_options
 #pragma GCC target(@TARGET@)
 #define OES_FAST_VEC_BYTES @VEC_BYTES@
@@ -152,7 +142,8 @@ def build(rev: str, folder: Path, isa: str = "avx2"):
     target, vec_bytes = ISAS[isa]
     source.write_text(HARNESS.replace("@ROOT@", str(ROOT)).replace("@DIR@", str(folder))
                       .replace("@TARGET@", target).replace("@VEC_BYTES@", str(vec_bytes)))
-    return load("oes_fast_kernel_ab", [str(source)], extra_cflags=FLAGS, build_directory=str(folder))
+    return load("oes_fast_kernel_ab", [str(source), str(ROOT / "csrc" / "cpu" / "cpu_isa.cpp")], extra_cflags=FLAGS,
+                build_directory=str(folder))
 
 
 def captured_layers(names: list[str], size: int = 512) -> dict:

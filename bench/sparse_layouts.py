@@ -23,25 +23,12 @@ import torch
 
 from oes_fast import masks, models
 from oes_fast.sparse import SparseGenerator
-from oes_fast.train import adam
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_sparse import train_step  # noqa: E402
 from steps_interleaved import round_robin  # noqa: E402
 
 MASK = Path(__file__).resolve().parents[2] / "shared" / "data" / "oes_published_masks" / "pepper_density0.05.npz"
-
-
-def training_step(net, z, target, mask=None):
-    opt = adam(net.parameters(), 0.01)
-    pairs = [] if mask is None else [(p, mask[n].to(p.dtype)) for n, p in net.named_parameters()]
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        ((net(z) - target) ** 2).mean().backward()
-        for p, m in pairs:
-            p.grad.mul_(m)
-        opt.step()
-    return step
 
 
 def forward(net, z):
@@ -66,9 +53,9 @@ def main(argv=None) -> int:
     z_cl = z.contiguous(memory_format=torch.channels_last)
     target = torch.rand(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(2))
     runs = {
-        "train: masked dense, contiguous": training_step(copy.deepcopy(dense), z, target, mask),
-        "train: masked dense, channels-last": training_step(copy.deepcopy(dense), z_cl, target, mask),
-        "train: sparse generator": training_step(gen, z, target),
+        "train: masked dense, contiguous": train_step(copy.deepcopy(dense), z, target, mask),
+        "train: masked dense, channels-last": train_step(copy.deepcopy(dense), z_cl, target, mask),
+        "train: sparse generator": train_step(gen, z, target),
         "forward: masked dense, contiguous": forward(dense, z),
         "forward: masked dense, channels-last": forward(dense, z_cl),
         "forward: sparse generator": forward(gen, z),

@@ -486,22 +486,8 @@ def run(size: int, repeats: int, threads: int = 1) -> dict:
     z_cl = z.contiguous(memory_format=torch.channels_last)
     opt = adam(gen.parameters(), 0.01)
     gen_whole = SparseGenerator.from_masked(p["model"], p["mask"])
-    opt_whole = adam(gen_whole.parameters(), 0.01)
-    dense_step_net = copy.deepcopy(dense)
-    dense_opt = adam(dense_step_net.parameters(), 0.01)
-    pairs = [(q, p["mask"][n].to(q.dtype)) for n, q in dense_step_net.named_parameters()]
-
-    def sparse_step():
-        opt_whole.zero_grad(set_to_none=True)
-        ((gen_whole(z) - target) ** 2).mean().backward()
-        opt_whole.step()
-
-    def dense_step():  # bench_sparse.py's test_train_step_dense_masked
-        dense_opt.zero_grad(set_to_none=True)
-        ((dense_step_net(z) - target) ** 2).mean().backward()
-        for q, m in pairs:
-            q.grad.mul_(m)
-        dense_opt.step()
+    sparse_step = bench_sparse.train_step(gen_whole, z, target)
+    dense_step = bench_sparse.train_step(copy.deepcopy(dense), z, target, p["mask"])  # test_train_step_dense_masked's
 
     def no_grad(fn):
         def f():

@@ -22,9 +22,12 @@ the check goes on to write what it has); expected times on an H100 with 16 cores
   5. steps        bench/gpu_suite.py: correctness, machine floors, one search step per
                   engine (authors, unfused, fused, graphed, recompute, fused_graphed) at
                   512 and 2048 pixels with peak memory                                   [1-2 min]
-  6. build_cuda   optional: the CUDA C++ build (MAX_JOBS=16), then tests/test_cuda_ops.py
+  6. restore      bench/gpu_restore.py: an OES search (1000 steps, CUDA graph) and Sparse-DIP
+                  training (2000 steps, the bundled mask) at 512x512 through the Python
+                  API, end to end                                                        [1 min]
+  7. build_cuda   optional: the CUDA C++ build (MAX_JOBS=16), then tests/test_cuda_ops.py
                   again on both backends                                                 [2-4 min]
-  7. report       measured vs bench/cost_model.py's prediction; bench/REPORT.md section
+  8. report       measured vs bench/cost_model.py's prediction; bench/REPORT.md section
                   gpu_check and bench/gpu_check.json
 The budget (--budget, 570 s) is shared: a phase starts only with its timeout left in the
 budget, the optional CUDA C++ build and its tests only when 150 s remain (they took 62 + 12 s on
@@ -100,6 +103,9 @@ def phases(tmp: Path, dry: bool) -> list[Phase]:
         Phase("steps", 200, [PY, str(ROOT / "bench" / "gpu_suite.py"), "--out", str(tmp / "steps.md"), "--section",
                              "gpu_check_steps", "--sizes", sizes, "--variants", STEP_VARIANTS, "--iters", "5",
                              "--warmup", "3", "--precision-steps", "0", "--json", str(tmp / "steps.json")]),
+        Phase("restore", 150, [PY, str(ROOT / "bench" / "gpu_restore.py"), "--json", str(tmp / "restore.json")],
+              dry_command=[PY, str(ROOT / "bench" / "gpu_restore.py"), "--device", "cpu", "--size", "256",
+                           "--search-steps", "2", "--train-steps", "2"]),
         Phase("build_cuda", 300, pip, needs_gpu=False, optional=True, env={"MAX_JOBS": "16"}),
         Phase("cuda_tests_cpp", 180, tests, optional=True),
         Phase("cost_model", 60, [PY, str(ROOT / "bench" / "cost_model.py"), "--sizes", sizes, "--json",
@@ -304,8 +310,19 @@ def report(ph: list[Phase], tmp: Path, dry: bool) -> tuple[str, dict]:
             note = note or r.get("profile_error", "")
             lines.append(f"| {r['size']} | {r['kind']} | {r['variant']} | {'-' if ms is None else f'{ms:.4g}'} | "
                          f"{ratio} | {r['peak_bytes'] / 1e9:.2f} | {note} |")
+    restore = _load(tmp / "restore.json") or {}
+    if restore:
+        lines += ["", f"### A whole search and Sparse-DIP training on the GPU (bench/gpu_restore.py, "
+                  f"{restore['size']}x{restore['size']}, astronaut, sigma 0.1)\n",
+                  "| what | steps | seconds | ms/step | result |", "|---|---:|---:|---:|---|",
+                  f"| OES search, CUDA graph | {restore['search_steps']} | {restore['search_s']:.1f} | "
+                  f"{restore['search_ms_per_step']:.2f} | loss {restore['search_first_loss']:.4f} -> "
+                  f"{restore['search_last_loss']:.4f}; {restore['mask_health']} |",
+                  f"| Sparse-DIP training, {restore.get('train_mask', 'the searched mask')} | {restore['train_steps']} | {restore['train_s']:.1f} | "
+                  f"{restore['train_ms_per_step']:.2f} | PSNR {restore['noisy_psnr']:.2f} dB noisy -> "
+                  f"{restore['train_final_psnr']:.2f} dB (peak {restore['train_peak_psnr']:.2f}) |"]
     record = dict(env=env, phases=[dict(name=p.name, status=p.status, seconds=p.seconds) for p in ph],
-                  steps=steps, sparse=sparse, predicted=cost, dry_run=dry)
+                  steps=steps, sparse=sparse, restore=restore, predicted=cost, dry_run=dry)
     return "\n".join(lines) + "\n", record
 
 

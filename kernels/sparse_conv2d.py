@@ -200,12 +200,12 @@ def sparse_conv2d_input_grad(grad_output, values, row_ptr, col_idx, input_size, 
         return out
     # CSC: taps grouped by input channel (stable sort keeps a fixed summation order)
     kk = kh * kw
-    rows = torch.repeat_interleave(torch.arange(c_out, device=g.device), row_ptr[1:] - row_ptr[:-1])
+    # nothing here waits for the device (repeat_interleave is told its size; searchsorted, not
+    # bincount), so that a CUDA graph can capture the backward
+    rows = torch.repeat_interleave(row_ptr[1:] - row_ptr[:-1], output_size=col_idx.numel())
     col = col_idx.to(torch.int64)
-    ch = col // kk
-    order = torch.sort(ch, stable=True).indices
-    col_ptr = torch.zeros(c + 1, dtype=torch.int64, device=g.device)
-    col_ptr[1:] = torch.bincount(ch, minlength=c).cumsum(0)
+    ch_sorted, order = torch.sort(col // kk, stable=True)
+    col_ptr = torch.searchsorted(ch_sorted, torch.arange(c + 1, device=g.device))
     t_o = rows[order].to(torch.int32).contiguous()
     t_r = (col % kk)[order].to(torch.int32).contiguous()
     t_w = values[order].contiguous()
@@ -227,7 +227,8 @@ def sparse_conv2d_weight_grad(grad_output, input, row_ptr, col_idx, kernel_size,
     g = grad_output.contiguous()
     if nnz == 0 or g.numel() == 0:
         return torch.zeros(nnz, dtype=x.dtype, device=x.device)
-    rows = torch.repeat_interleave(torch.arange(c_out, device=x.device), row_ptr[1:] - row_ptr[:-1]).to(torch.int32)
+    # told its size: no wait for the device (CUDA graphs)
+    rows = torch.repeat_interleave(row_ptr[1:] - row_ptr[:-1], output_size=nnz).to(torch.int32)
     n_blocks = triton.cdiv(n * h_out * w_out, BLOCK)
     partial = torch.empty((nnz, n_blocks), dtype=x.dtype, device=x.device)
     _weight_grad_kernel[(nnz, n_blocks)](g, x, rows.contiguous(), col_idx.contiguous(), partial, n, c, h, w, c_out,

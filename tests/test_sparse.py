@@ -795,6 +795,21 @@ def random_mask(model, density, seed, structured=True):
     return masks.Mask(tensors, architecture=model.config)
 
 
+def connected_mask(model, density, seed):
+    """random_mask with every batch norm's scale and shift kept. random_mask prunes 1 - density
+    of the scales too, and at the densities the tests use (0.1-0.2, on 3 levels) that kills
+    every channel: the compacted generator then has no taps at all, and a test of its
+    gradients would pass on an empty network. Channels still die here by whole pruned rows."""
+    pruned = random_mask(model, density, seed)
+    return masks.Mask({n: torch.ones_like(t) if ".bn" in n else t for n, t in pruned.items()},
+                      architecture=model.config)
+
+
+def assert_every_conv_keeps_taps(gen):
+    empty = [name for name, conv in gen.convs() if conv.values.numel() == 0]
+    assert not empty, f"convs with no kept taps (the test would not test them): {empty}"
+
+
 def test_default_crossover_by_device():
     """The CPU's measured crossover on a CPU, every conv dense on a GPU (oes_fast.sparse's
     GPU_CROSSOVER_DENSITY); set_mode() re-chooses by the generator's device."""
@@ -803,7 +818,8 @@ def test_default_crossover_by_device():
     assert default_crossover("cpu") == CROSSOVER_DENSITY
     assert default_crossover(torch.device("cuda", 0)) == 0.0
     model = perturbed_model(3, seed=11)
-    gen = SparseGenerator.from_masked(model, random_mask(model, 0.1, seed=12))
+    gen = SparseGenerator.from_masked(model, connected_mask(model, 0.1, seed=12))
+    assert_every_conv_keeps_taps(gen)
     modes = [conv.mode for _, conv in gen.convs()]
     assert "sparse" in modes
     gen.set_mode("dense")
@@ -846,8 +862,9 @@ def test_generator_gradients(mode, fuse):
     batch-norm statistics from the sparse convs' epilogue, and without); the kept entries the
     generator drops (dead channels) get no gradient there either."""
     model = perturbed_model(3, seed=21)
-    mask = random_mask(model, 0.15, seed=22)
+    mask = connected_mask(model, 0.15, seed=22)
     gen = SparseGenerator.from_masked(model, mask).double()
+    assert_every_conv_keeps_taps(gen)
     gen.set_mode(mode)
     gen.fuse_batch_norm = fuse
     gen.pool_fusion_min_width = 0  # the down blocks' conv + pooling as one op wherever fuse is on
@@ -884,12 +901,11 @@ def test_generator_training_fused_batch_norm_leaky_relu(monkeypatch, fuse_stats,
     and with fuse_pairs a batch norm, its LeakyReLU and the batch norm after them in the load of
     the conv after those (ops.batch_norm_leaky_relu_batch_norm_sparse_conv2d): output and gradients of every kept parameter
     equal those of the masked dense model (float64). The batch norms' scales and shifts are all
-    kept, so that most channels stay live through them (the other tests' masks prune many)."""
+    kept (connected_mask), so that most channels stay live through them."""
     model = perturbed_model(3, seed=23)
-    pruned = random_mask(model, 0.3, seed=24)
-    mask = masks.Mask({n: torch.ones_like(t) if ".bn" in n else t for n, t in pruned.items()},
-                      architecture=model.config)
+    mask = connected_mask(model, 0.3, seed=24)
     gen = SparseGenerator.from_masked(model, mask).double()
+    assert_every_conv_keeps_taps(gen)
     gen.fuse_batch_norm, gen.fuse_activation, gen.fuse_prologue = fuse_stats, fuse_activation, fuse_prologue
     gen.fuse_batch_norm_pairs = fuse_pairs
     gen.pool_fusion_min_width = 0  # with fuse_stats, every conv + pooling as one op, whatever the size
@@ -983,8 +999,9 @@ def test_avg_pool_2x2_matches_avg_pool2d(size):
 
 def test_generator_training_keeps_pruned_zero():
     model = perturbed_model(3, seed=31)
-    mask = random_mask(model, 0.2, seed=32)
+    mask = connected_mask(model, 0.2, seed=32)
     gen = SparseGenerator.from_masked(model, mask)
+    assert_every_conv_keeps_taps(gen)
     opt = torch.optim.Adam(gen.parameters(), lr=0.01)
     z = torch.rand(1, 32, 32, 32) * 0.1
     target = torch.rand(1, 3, 32, 32)

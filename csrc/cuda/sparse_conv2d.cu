@@ -210,15 +210,16 @@ at::Tensor sparse_conv2d_input_grad_cuda(const at::Tensor& grad_output, const at
   const at::Tensor go = grad_output.contiguous();
   at::Tensor gin = at::empty({g.N, g.C_in, g.H, g.W}, go.options());
   if (gin.numel() == 0) return gin;
-  // CSC: taps grouped by input channel; the stable sort fixes the summation order.
+  // CSC: taps grouped by input channel; the stable sort fixes the summation order. Nothing here
+  // waits for the device (repeat_interleave is told its size; searchsorted, not bincount), so
+  // that a CUDA graph can capture the backward.
   const int64_t KK = g.KH * g.KW;
-  const at::Tensor rows = at::repeat_interleave(at::arange(g.C_out, row_ptr.options()),
-                                                row_ptr.slice(0, 1) - row_ptr.slice(0, 0, g.C_out));
+  // (the size as an optional: a plain int64_t would pick the overload that repeats each count nnz times)
+  const at::Tensor rows =
+      at::repeat_interleave(row_ptr.slice(0, 1) - row_ptr.slice(0, 0, g.C_out), std::optional<int64_t>(g.nnz));
   const at::Tensor col = col_idx.to(at::kLong);
-  const at::Tensor ch = at::div(col, KK, "floor");
-  const at::Tensor order = std::get<1>(ch.sort(/*stable=*/true, 0, false));
-  at::Tensor cp = at::zeros({g.C_in + 1}, row_ptr.options());
-  if (g.nnz) cp.slice(0, 1).copy_(at::bincount(ch, {}, g.C_in).cumsum(0));
+  const auto [ch_sorted, order] = at::div(col, KK, "floor").sort(/*stable=*/true, 0, false);
+  const at::Tensor cp = at::searchsorted(ch_sorted, at::arange(g.C_in + 1, row_ptr.options()));
   const at::Tensor t_o = rows.index_select(0, order).to(at::kInt).contiguous();
   const at::Tensor t_r = at::remainder(col, KK).index_select(0, order).to(at::kInt).contiguous();
   const at::Tensor t_w = values.index_select(0, order).contiguous();
@@ -252,10 +253,10 @@ at::Tensor sparse_conv2d_weight_grad_cuda(const at::Tensor& grad_output, const a
   at::Tensor gw = at::zeros({g.nnz}, input.options());
   if (g.nnz == 0) return gw;
   const at::Tensor go = grad_output.contiguous(), x = input.contiguous(), ci = col_idx.contiguous();
-  const at::Tensor rowof = at::repeat_interleave(at::arange(g.C_out, row_ptr.options()),
-                                                 row_ptr.slice(0, 1) - row_ptr.slice(0, 0, g.C_out))
-                               .to(at::kInt)
-                               .contiguous();
+  const at::Tensor rowof =  // told its size: no wait for the device (CUDA graphs)
+      at::repeat_interleave(row_ptr.slice(0, 1) - row_ptr.slice(0, 0, g.C_out), std::optional<int64_t>(g.nnz))
+          .to(at::kInt)
+          .contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_conv2d_weight_grad_cuda", [&] {
     weight_grad_kernel<scalar_t><<<g.nnz, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         go.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), rowof.data_ptr<int32_t>(), ci.data_ptr<int32_t>(),

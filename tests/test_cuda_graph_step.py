@@ -103,3 +103,15 @@ def test_cuda_graph_needs_cuda():
     model, z, y = _tiny_problem()
     with pytest.raises(ValueError, match="CUDA device"):
         oes_fast.search(model, z, y, density=0.3, steps=1, cuda_graph=True, progress=False)
+
+
+def test_training_cuda_graph_needs_cuda():
+    """train_dense / train_sparse(cuda_graph=True) refuse CPU tensors, naming the device; the
+    capture and replay are tested on a GPU (tests/test_cuda_ops.py)."""
+    model, z, y = _tiny_problem()
+    mask = oes_fast.masks.Mask({n: torch.ones_like(p, dtype=torch.bool) for n, p in model.named_parameters()},
+                               architecture=model.config)
+    with pytest.raises(ValueError, match="CUDA device .*cpu"):
+        oes_fast.train_dense(model, z, y, steps=1, cuda_graph=True, progress=False)
+    with pytest.raises(ValueError, match="CUDA device"):
+        oes_fast.train_sparse(model, mask, z, y, steps=1, cuda_graph=True, progress=False)

@@ -19,6 +19,7 @@ from torch.func import functional_call
 from . import checkpoint as ckpt
 from . import rng
 from .flat import FlatLayout
+from .graphs import GraphedStep
 from .masks import Mask, MaskHealth, check_density, health, topk
 from .ops import gumbel_mask_with_slope, logit_adam_step_
 from .loop import (check_finite, checkpoint_exists, data_loss, fingerprint, network_input, progress_bar,
@@ -171,9 +172,8 @@ class GraphedSearchStep:
     noise offsets and Adam's step count from it, so one capture serves every step and a step
     launches no kernel from Python. Both engines: "unfused" (gumbel_mask_with_slope, the
     network's own convolutions) and "fused" (every conv through the Triton gumbel_masked_conv2d
-    kernels, with or without recompute). The first `warmup` calls run the same body eagerly
-    on a side stream (they are real steps: Triton compiles, cuDNN picks its algorithms), the
-    next one captures and every call from then on replays. Returns the step's (data loss, KL
+    kernels, with or without recompute). Warm-up, capture and replay as oes_fast.graphs.GraphedStep
+    (the first `warmup` calls are real steps, run eagerly). Returns the step's (data loss, KL
     prior) as device tensors that the next call overwrites.
 
     Needs one process and CUDA tensors. The body is tested on the CPU through the Triton
@@ -183,11 +183,11 @@ class GraphedSearchStep:
     def __init__(self, run: SearchStep, first_step: int, warmup: int = 3):
         if run.group is not None:
             raise ValueError("cuda_graph=True needs a single process (no distributed search)")
-        self.run, self.warmup, self.calls = run, int(warmup), 0
+        self.run = run
         device = run.logits.device
         self.step = torch.full((), int(first_step), dtype=torch.int64, device=device)  # the step about to run
         self.offset, self.count = torch.empty_like(self.step), torch.empty_like(self.step)
-        self.graph, self.outputs = None, None
+        self.graphed = GraphedStep(self.body, warmup)
 
     def body(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One step with every step-dependent number read on the device; advances self.step."""
@@ -200,23 +200,11 @@ class GraphedSearchStep:
         return loss, prior
 
     def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.graph is None and self.calls < self.warmup:
-            self.calls += 1
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                out = self.body()
-            torch.cuda.current_stream().wait_stream(side)
-            return out
-        if self.graph is None:
-            self.graph = torch.cuda.CUDAGraph()
-            steps = self.run.optimizer.steps
-            with torch.cuda.graph(self.graph):  # records the body; nothing runs yet
-                self.outputs = self.body()
-            self.run.optimizer.steps = steps
-        self.graph.replay()
-        self.run.optimizer.steps += 1
-        return self.outputs
+        steps = self.run.optimizer.steps
+        out = self.graphed()
+        if self.graphed.graph is not None:  # replayed: the capture's count put back, the replay counted
+            self.run.optimizer.steps = steps + 1
+        return out
 
 
 def search(model: nn.Module, z: torch.Tensor, y, *, density: float = 0.05, steps: int = 60000,

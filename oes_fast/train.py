@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
+from .graphs import GraphedStep
 from .loop import (check_finite, checkpoint_exists, data_loss, fingerprint, network_input, progress_bar,
                    show_progress)
 from .masks import Mask
@@ -61,34 +62,6 @@ def adam(params, lr: float, capturable: bool = False) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, fused=fused or None, capturable=capturable)
 
 
-class GraphedTrainStep:
-    """One training step (`body`: zero the gradients, forward, loss, backward, the update) run
-    from one CUDA graph: the first `warmup` calls run it eagerly on a side stream (real steps:
-    cuDNN picks its algorithms, the gradients get their buffers), the next captures it and every
-    call from then on replays it. Returns the step's (output, loss), device tensors that the next
-    call overwrites. The optimizer must be capturable (`adam(..., capturable=True)`)."""
-
-    def __init__(self, body, warmup: int = 3):
-        self.body, self.warmup, self.calls = body, int(warmup), 0
-        self.graph, self.outputs = None, None
-
-    def __call__(self):
-        if self.graph is None and self.calls < self.warmup:
-            self.calls += 1
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                out = self.body()
-            torch.cuda.current_stream().wait_stream(side)
-            return out
-        if self.graph is None:
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):  # records the body; nothing runs yet
-                self.outputs = self.body()
-        self.graph.replay()
-        return self.outputs
-
-
 class Recorder:
     """PSNR/SSIM against the clean image every `every` steps and at the end; with `box` (top,
     left, bottom, right), against that region of the output (a padded network's image)."""
@@ -135,7 +108,7 @@ def _fit(model, z, y, steps, *, kind, clean, lr, degradation, record_every, prog
     With `noise_level` = sigma > 0, the gradient is that of max(loss - sigma^2, 0): the fit stops
     where its residual reaches the noise's variance (the discrepancy principle); the recorded
     losses are the losses themselves. With `cuda_graph`, the steps replay one CUDA graph
-    (GraphedTrainStep). The losses are fetched from the device in batches, not once a step."""
+    (oes_fast.graphs.GraphedStep). The losses are fetched from the device in batches, not once a step."""
     steps = int(steps)
     noise_level = float(noise_level)
     if not (math.isfinite(noise_level) and 0.0 <= noise_level <= 1.0):
@@ -222,7 +195,7 @@ def _fit(model, z, y, steps, *, kind, clean, lr, degradation, record_every, prog
             optimizer.step()
         return out, loss.detach()
 
-    run_step = GraphedTrainStep(one_step) if cuda_graph else one_step
+    run_step = GraphedStep(one_step) if cuda_graph else one_step
     pending: list[torch.Tensor] = []  # losses still on the device: a fetch per step would wait for a GPU
 
     def fetch_losses():

@@ -827,13 +827,18 @@ def test_default_crossover_by_device():
     assert [conv.mode for _, conv in gen.convs()] == modes
 
 
-@pytest.mark.parametrize("density", [0.0, 0.02, 0.1, 0.5, 1.0])
-def test_generator_constant_folding(density):
+@pytest.mark.parametrize("kind,density", [("random", 0.0), ("random", 0.1), ("connected", 0.02),
+                                          ("connected", 0.1), ("random", 0.5), ("random", 1.0)])
+def test_generator_constant_folding(kind, density):
     """Random masks on nonzero biases and betas: constants from pruned channels (a conv's
-    bias, a BN's beta) are folded exactly; density 0 (everything pruned) and 1 included."""
+    bias, a BN's beta) are folded exactly; density 0 (everything pruned) and 1 included.
+    random_mask at 0.1 cuts the whole network (constants only); connected_mask keeps taps in
+    every conv at low densities, so that live channels meet folded constants there too."""
     model = perturbed_model(3, seed=11)
-    mask = random_mask(model, density, seed=12)
+    mask = (random_mask if kind == "random" else connected_mask)(model, density, seed=12)
     gen = SparseGenerator.from_masked(model, mask).double()
+    if kind == "connected":
+        assert_every_conv_keeps_taps(gen)
     dense = models.skip_oes(levels=3)
     dense.load_state_dict(model.state_dict())
     mask.apply_(dense)

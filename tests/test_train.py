@@ -264,13 +264,26 @@ def test_sparse_engine_trains_like_the_dense_engine():
 
 
 def test_auto_engine_choice():
+    from oes_fast.sparse import CROSSOVER_DENSITY
     from oes_fast.train import choose_engine
 
     model = tiny_model()
-    low, high = oes_fast.prune.random(model, 0.05), oes_fast.prune.random(model, 0.9)
+    # a mask below the crossover that leaves the network connected (a random 5 % cuts this one:
+    # train_sparse then passes healthy=False, and "auto" never gives the sparse engine)
+    low, high = oes_fast.prune.magnitude(model, 0.3), oes_fast.prune.random(model, 0.9)
+    assert oes_fast.masks.health(low, model).ok and low.density <= CROSSOVER_DENSITY
     assert choose_engine("auto", low, model) == "sparse"
     assert choose_engine("auto", high, model) == "dense"
     assert choose_engine("auto", low, model, "cuda") == "dense"
+    cut = oes_fast.prune.random(model, 0.05)
+    assert not oes_fast.masks.health(cut, model).ok
+    assert choose_engine("auto", cut, model, healthy=False) == "dense"
+    # train_sparse takes the engine "auto" resolves to, with the mask's health
+    z, clean = tiny_images(model)
+    fit = oes_fast.train_sparse(model, low, z, clean, steps=1, progress=False)
+    assert type(fit.model).__name__ == "SparseGenerator"
+    fit = oes_fast.train_sparse(model, cut, z, clean, steps=1, progress=False, allow_disconnected=True)
+    assert type(fit.model).__name__ != "SparseGenerator"
     with_skips = oes_fast.models.skip(seed=0, in_channels=4, channels_down=(4, 8), channels_up=(4, 8),
                                       channels_skip=(2, 2))
     assert choose_engine("auto", oes_fast.prune.random(with_skips, 0.05), with_skips) == "dense"

@@ -278,7 +278,7 @@ def train_dense(model: nn.Module, z, y, steps: int = 4000, clean=None, *, lr: fl
     sigma in [0, 1], the standard deviation of the noise in `y` (e.g. `metrics.noise_sigma(y)`): with
     sigma > 0 the fit minimizes max(loss - sigma^2, 0), so it stops where its residual reaches the
     noise's variance instead of fitting the noise (0: the loss itself, as oes-spec.md); `cuda_graph`
-    (CUDA only): after 3 eager steps, every step replays one captured CUDA graph (GraphedTrainStep,
+    (CUDA only): after 3 eager steps, every step replays one captured CUDA graph (oes_fast.graphs.GraphedStep,
     Adam kept capturable): the same training without a launch per kernel from Python. Measured in
     bench/gpu_check.py's `graphed_train_step` on an H200 at 512x512: 8.0 ms a step for the masked
     dense network and 5.3 ms for the compacted generator (engine="sparse"), against 11.3 and 17.5

@@ -23,8 +23,8 @@ the check goes on to write what it has); expected times on an H100 with 16 cores
                   engine (authors, unfused, fused, graphed, recompute, fused_graphed) at
                   512 and 2048 pixels with peak memory                                   [1-2 min]
   6. restore      bench/gpu_restore.py: an OES search (1000 steps, CUDA graph) and Sparse-DIP
-                  training (2000 steps, the bundled mask) at 512x512 through the Python
-                  API, end to end                                                        [1 min]
+                  training (1000 steps, the bundled mask; eager, then as a CUDA graph with
+                  each engine) at 512x512 through the Python API, end to end              [1 min]
   7. build_cuda   optional: the CUDA C++ build (MAX_JOBS=16), then tests/test_cuda_ops.py
                   again on both backends                                                 [2-4 min]
   8. report       measured vs bench/cost_model.py's prediction; bench/REPORT.md section

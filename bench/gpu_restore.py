@@ -8,7 +8,7 @@ and its loss and health reported, and the training, timed with PSNR recorded, us
 bundled mask. It checks that the pieces run end to end on a GPU (devices, checkpoints, the
 mask's extraction, the training's records). Part of bench/gpu_check.sh (phase `restore`).
 
-    python bench/gpu_restore.py [--size 512] [--search-steps 1000] [--train-steps 2000] [--json F]
+    python bench/gpu_restore.py [--size 512] [--search-steps 1000] [--train-steps 1000] [--json F]
     python bench/gpu_restore.py --device cpu --size 256 --search-steps 20 --train-steps 20   # a dry walk
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--search-steps", type=int, default=1000)
-    parser.add_argument("--train-steps", type=int, default=2000)
+    parser.add_argument("--train-steps", type=int, default=1000)
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args(argv)
 

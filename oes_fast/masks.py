@@ -320,7 +320,7 @@ BUNDLED_FILE = "bundled_density0.05.safetensors"
 # The sparser bundled mask: an OES search at density 0.025 on the same astronaut sample (10,000
 # steps), then every 1-D parameter kept (`keep_vectors`). Taken on request (density=0.025): at
 # 256x256 it overfits less than the 0.05 mask but also peaks lower, and ends lower on barbara
-# (docs/quality.md#density-by-image-size), so `auto_density` does not pick it.
+# (docs/quality.md#density-by-image-size-256x256), so `auto_density` does not pick it.
 BUNDLED_SMALL_FILE = "bundled_density0.025_vectors.safetensors"
 # The mask for larger images: an OES search on the whole 512x512 astronaut (20,000 steps, density
 # 0.05, sigma 0.1, seeds 0; scripts/make_bundled_mask.py --size 512). On three 512x512 photographs
@@ -351,7 +351,7 @@ def keep_vectors(mask: Mask) -> Mask:
 
 def auto_density(pixels: int) -> float:
     """The density `--density auto` stands for at an image of `pixels` pixels (the network's input
-    size, H x W). Measured at 256x256 and 512x512 (docs/quality.md#density-by-image-size): 0.05,
+    size, H x W). Measured at 256x256 and 512x512 (docs/quality.md#density-by-image-size-256x256): 0.05,
     the paper's, at both; at 256x256, 0.025 (vectors kept) ended no better on the two images it
     was chosen on (pepper, astronaut) and 1.2 dB lower on barbara; at 512x512, 0.1 fell 0.80 dB
     from its peak on pepper and ended lower there with the plain loss, and with the noise level

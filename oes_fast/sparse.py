@@ -20,7 +20,7 @@ training-mode forward computes (batch norm with batch statistics), in two steps:
    20-65 % of each conv's output channels disappear. Channels whose kept weights are never
    read also get no gradient in the dense masked model, so the compaction is exact for
    training as well (the structure is fixed by the mask, which training never changes).
-2. Per conv, `oes_fast.sparse_conv2d` (CSR weights, reflection fused, see below) when the
+2. Per conv, `sparse_conv2d` (CSR weights, reflection fused, see below) when the
    compacted weight is sparser than `CROSSOVER_DENSITY`, else a dense convolution (oneDNN)
    on the compacted weight; on a GPU every conv is dense (cuDNN; `default_crossover`). Fused
    where it pays: the bias (with the folded constants) in the kernel; the nearest x2

@@ -21,15 +21,17 @@ class UsageError(Exception):
     """A problem with the user's input: reported in one line, exit status 2."""
 
 
-def common_arguments() -> argparse.ArgumentParser:
-    """Image, budgets, seeds and output: every command that runs a network."""
+def common_arguments(fit: str = "pad") -> argparse.ArgumentParser:
+    """Image, budgets, seeds and output: every command that runs a network (`fit`: the --fit default)."""
+    fit_help = {"pad": "pad, default: the output has the input's size", "crop": "pad: the output has the input's size"}
+    crop_help = {"pad": "crop, for benchmarks", "crop": "crop, default: benchmarks score whole network-sized crops"}
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("image", nargs="?", help="PNG/JPEG image (default: the built-in sample)")
     common.add_argument("--sample", default="astronaut", help="built-in sample used without IMAGE (default: astronaut)")
     common.add_argument("--size", type=int, default=256, help="side of the built-in sample (default: 256)")
-    common.add_argument("--fit", choices=("pad", "crop"), default="pad",
+    common.add_argument("--fit", choices=("pad", "crop"), default=fit,
                         help="an image whose sides the network cannot take: reflect-pad it and crop the result back "
-                             "(pad, default: the output has the input's size) or center-crop it (crop, for benchmarks)")
+                             f"({fit_help[fit]}) or center-crop it ({crop_help[fit]})")
     common.add_argument("--density", type=density_value, default="auto",
                         help="fraction of parameters kept, in (0, 1], or auto (default): with the bundled mask, the "
                              "one masks.auto_density picks for the image's size (0.05 at every size measured; 0.025 "

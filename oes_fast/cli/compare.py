@@ -69,7 +69,6 @@ def add_compare_parser(commands, parents):
         description="Benchmark: IMAGE (or the built-in sample) is the clean reference, degraded synthetically; "
                     "run several methods on the same degraded image, z and initial weights; write a table "
                     "(comparison.md/.csv), PSNR curves, layer-wise densities and report.json.")
-    parser.set_defaults(fit="crop")  # benchmarks score whole network-sized crops
     parser.add_argument("--methods", default=DEFAULT_METHODS,
                         help=f"comma-separated, from: {', '.join(METHODS)} (default: {DEFAULT_METHODS})")
     parser.add_argument("--task", choices=("denoise", "inpaint", "superres"), default="denoise",

@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     find.add_argument("--task", choices=tuple(restore.TASKS), default="denoise")
     # its own copies of the shared arguments: compare changes --fit's default, and argparse
     # parents share their argument objects
-    compare.add_compare_parser(commands, parents=[common_arguments(), benchmark_task_arguments()])
+    compare.add_compare_parser(commands, parents=[common_arguments(fit="crop"), benchmark_task_arguments()])
     look = commands.add_parser("inspect", help="per-layer density table and plot of a mask file")
     look.add_argument("mask", help="mask file (.safetensors)")
     look.add_argument("--out", default=None, help="folder for the plot (default: beside the mask)")

@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     low_memory = argparse.ArgumentParser(add_help=False)
     low_memory.add_argument("--low-memory", action="store_true",
                             help="mask search with less memory per pixel, for large images: the fused engine with "
-                                 "every block recomputed in the backward (same mask; on a CPU about 1.8x slower); also leaves "
+                                 "every block recomputed in the backward (same mask; on a CPU about 1.6x the time of a step); also leaves "
                                  "glibc's allocator as it is (oes_fast/allocator.py)")
     for name, help_text in restore.TASKS.items():
         commands.add_parser(name, parents=[common, task, low_memory], help=help_text)

@@ -145,25 +145,17 @@ def phase_env(out: Path):
 
 
 def graphed_train_step(net, z, target, mask=None, warmup: int = 3):
-    """bench_sparse.train_step's step (Adam capturable) captured in one CUDA graph and replayed,
-    z and target static: `warmup` eager steps on a side stream, then the capture (its zero_grad
-    leaves the gradients to the graph's pool, which each replay rewrites). Returns the replay.
-    Written after the H200 session: not yet run on a GPU."""
-    import torch
-
+    """bench_sparse.train_step's step (Adam capturable) replayed from one CUDA graph, z and target
+    static (oes_fast.graphs.GraphedStep: `warmup` eager steps on a side stream, then the capture;
+    its zero_grad leaves the gradients to the graph's pool, which each replay rewrites). Returns
+    the GraphedStep, captured: each call replays. First run on the H200 2026-11-30 21:00 UTC."""
     from bench_sparse import train_step
+    from oes_fast.graphs import GraphedStep
 
-    step = train_step(net, z, target, mask, capturable=True)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
+    graphed = GraphedStep(train_step(net, z, target, mask, capturable=True), warmup)
+    for _ in range(warmup + 1):  # the warm-up steps, then the capture (and its first replay)
+        graphed()
+    return graphed
 
 
 def phase_sparse(out: Path):

@@ -323,11 +323,12 @@ def test_sparse_generator_on_cuda(dtype):
 
 def test_sparse_generator_step_captures_in_a_cuda_graph():
     """The sparse generator's training step (forward, loss, backward) with its sparse layers on
-    the GPU kernels, captured in one CUDA graph: nothing in it may wait for the device (the
-    sparse convs' backward once did, in repeat_interleave and bincount). One replay gives the
-    eager step's gradients, up to rounding."""
+    the GPU kernels, captured in one CUDA graph (oes_fast.graphs.GraphedStep): nothing in it may
+    wait for the device (the sparse convs' backward once did, in repeat_interleave and bincount).
+    A replay gives the eager step's gradients, up to rounding."""
     import copy
 
+    from oes_fast.graphs import GraphedStep
     from oes_fast.sparse import CROSSOVER_DENSITY, SparseGenerator
     from test_sparse import assert_every_conv_keeps_taps, connected_mask, perturbed_model
 
@@ -346,18 +347,13 @@ def test_sparse_generator_step_captures_in_a_cuda_graph():
 
     step()
     eager = [p.grad.clone() if p.grad is not None else None for p in params]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graphed = GraphedStep(step, warmup=1)
+    graphed()  # the warm-up, eager on a side stream
+    graphed()  # the capture and its first replay
     for p in params:  # poison: the replay must write every gradient
         if p.grad is not None:
             p.grad.fill_(float("nan"))
-    graph.replay()
+    graphed()
     torch.cuda.synchronize()
     assert sum(g is not None for g in eager) > 0
     for p, want in zip(params, eager):

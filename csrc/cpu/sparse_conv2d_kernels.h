@@ -111,7 +111,8 @@ struct TapOffsets {
 };
 
 // gw[k] = the sum over the `parts` rows of partial ([parts][nnz], float64) at k, in row order:
-// the weight gradients' per-task partials, added the same way whatever the thread count.
+// the weight gradients' (and the statistics') per-task partials, added the same way whatever the
+// thread count.
 template <typename Out>
 void sum_partials(const std::vector<double>& partial, int64_t parts, int64_t nnz, Out* gw) {
   at::parallel_for(0, nnz, 4096, [&](int64_t begin, int64_t end) {
@@ -777,13 +778,7 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
       }
     }
   });
-  if (stats != nullptr) {
-    for (int64_t i = 0; i < g.C_out * 2; ++i) {
-      double s = 0.0;
-      for (int64_t t = 0; t < tasks; ++t) s += partial[t * g.C_out * 2 + i];
-      stats[i] = s;
-    }
-  }
+  if (stats != nullptr) sum_partials(partial, tasks, g.C_out * 2, stats);
 }
 
 // Input gradient, any stride: the transposed convolution as a scatter. A task owns one (image, input
@@ -1426,13 +1421,7 @@ void forward_pool_sliced(const T* x, const T* vals, const int64_t* rp, const int
       }
     }
   });
-  if (stats != nullptr) {
-    for (int64_t i = 0; i < g.C_out * 2; ++i) {
-      double s = 0.0;
-      for (int64_t t = 0; t < tasks; ++t) s += partial[t * g.C_out * 2 + i];
-      stats[i] = s;
-    }
-  }
+  if (stats != nullptr) sum_partials(partial, tasks, g.C_out * 2, stats);
 }
 
 template <typename T>

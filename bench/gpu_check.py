@@ -304,20 +304,10 @@ def report(ph: list[Phase], tmp: Path, dry: bool) -> tuple[str, dict]:
                          f"{ratio} | {r['peak_bytes'] / 1e9:.2f} | {note} |")
     restore = _load(tmp / "restore.json") or {}
     if restore:
+        from gpu_restore import table
+
         lines += ["", f"### A whole search and Sparse-DIP training on the GPU (bench/gpu_restore.py, "
-                  f"{restore['size']}x{restore['size']}, astronaut, sigma 0.1)\n",
-                  "| what | steps | seconds | ms/step | result |", "|---|---:|---:|---:|---|",
-                  f"| OES search, CUDA graph | {restore['search_steps']} | {restore['search_s']:.1f} | "
-                  f"{restore['search_ms_per_step']:.2f} | loss {restore['search_first_loss']:.4f} -> "
-                  f"{restore['search_last_loss']:.4f}; {restore['mask_health']} |",
-                  f"| Sparse-DIP training, {restore.get('train_mask', 'the searched mask')} | {restore['train_steps']} | {restore['train_s']:.1f} | "
-                  f"{restore['train_ms_per_step']:.2f} | PSNR {restore['noisy_psnr']:.2f} dB noisy -> "
-                  f"{restore['train_final_psnr']:.2f} dB (peak {restore['train_peak_psnr']:.2f}) |"]
-        for engine in ("dense", "sparse"):
-            r = restore.get(f"graph_{engine}")
-            if r:
-                lines.append(f"| the same, CUDA graph, engine {engine} | {restore['train_steps']} | {r['seconds']:.1f} | "
-                             f"{r['ms_per_step']:.2f} | PSNR {r['final_psnr']:.2f} dB |")
+                  f"{restore['size']}x{restore['size']}, astronaut, sigma 0.1)\n", *table(restore)]
     record = dict(env=env, phases=[dict(name=p.name, status=p.status, seconds=p.seconds) for p in ph],
                   steps=steps, sparse=sparse, restore=restore, predicted=cost, dry_run=dry)
     return "\n".join(lines) + "\n", record

@@ -21,6 +21,25 @@ import time
 from pathlib import Path
 
 
+def table(record: dict) -> list[str]:
+    """The run's figures as markdown table lines, from `main`'s record: what main prints, and the
+    table of bench/gpu_check.py's report (records from before the graphed rows lack them)."""
+    rows = ["| what | steps | seconds | ms/step | result |", "|---|---:|---:|---:|---|",
+            f"| OES search ({record['device']}{'' if record['device'] == 'cpu' else ', CUDA graph'}) | "
+            f"{record['search_steps']} | {record['search_s']:.1f} | {record['search_ms_per_step']:.2f} | loss "
+            f"{record['search_first_loss']:.4f} -> {record['search_last_loss']:.4f}, mask density "
+            f"{record['mask_density']:.4f}, {record['mask_health']} |",
+            f"| Sparse-DIP training, {record.get('train_mask', 'the searched mask')} | {record['train_steps']} | "
+            f"{record['train_s']:.1f} | {record['train_ms_per_step']:.2f} | PSNR {record['noisy_psnr']:.2f} dB noisy -> "
+            f"{record['train_final_psnr']:.2f} dB final (peak {record['train_peak_psnr']:.2f}) |"]
+    for engine in ("dense", "sparse"):
+        r = record.get(f"graph_{engine}")
+        if r:
+            rows.append(f"| the same, CUDA graph, engine {engine} | {record['train_steps']} | {r['seconds']:.1f} | "
+                        f"{r['ms_per_step']:.2f} | PSNR {r['final_psnr']:.2f} dB final |")
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
@@ -80,17 +99,7 @@ def main(argv=None) -> int:
                                              ms_per_step=1e3 * seconds / max(1, args.train_steps))
     record["search_ms_per_step"] = 1e3 * record["search_s"] / max(1, args.search_steps)
     record["train_ms_per_step"] = 1e3 * record["train_s"] / max(1, args.train_steps)
-    print("| what | steps | seconds | ms/step | result |\n|---|---:|---:|---:|---|")
-    print(f"| OES search ({record['device']}, {args.size}x{args.size}) | {args.search_steps} | {record['search_s']:.1f} | "
-          f"{record['search_ms_per_step']:.2f} | loss {losses[0]:.4f} -> {losses[-1]:.4f}, mask density "
-          f"{found.mask.density:.4f}, {found.health.message} |")
-    print(f"| Sparse-DIP training, {record['train_mask']} | {args.train_steps} | {record['train_s']:.1f} | {record['train_ms_per_step']:.2f} | "
-          f"PSNR {record['noisy_psnr']:.2f} dB noisy -> {fit.final_psnr:.2f} dB final (peak {fit.peak_psnr:.2f}) |")
-    for engine in ("dense", "sparse"):
-        if f"graph_{engine}" in record:
-            r = record[f"graph_{engine}"]
-            print(f"| the same, CUDA graph, engine {engine} | {args.train_steps} | {r['seconds']:.1f} | "
-                  f"{r['ms_per_step']:.2f} | PSNR {r['final_psnr']:.2f} dB final |")
+    print("\n".join(table(record)))
     if args.json:
         Path(args.json).write_text(json.dumps(record, indent=1, default=str))
     return 0

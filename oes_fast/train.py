@@ -223,7 +223,7 @@ def _fit(model, z, y, steps, *, kind, clean, lr, degradation, record_every, prog
             recorder.record(step, average if average is not None else out)
             if raw_recorder is not None:
                 raw_recorder.record(step, out)
-        if len(pending) == 100 or step == steps - 1:
+        if len(pending) == 100:
             fetch_losses()
         if bar is not None:
             bar.update(1)

@@ -11,9 +11,11 @@ captures the named layers' inputs, and calls A's and B's `forward` (or `forward_
 fuses the pooling) in turns, A first in even rounds and B first in odd ones. With --input-grad
 it times `input_grad` instead, on a random output gradient (layers with a fused pooling skipped);
 with --weight-grad `weight_grad` (`weight_grad_pool` where the network fuses the pooling).
+With --flush it writes 256 MiB before each call, so that the layer's input (and its weights) come
+from memory as in the network, where the other layers' tensors have evicted them.
 
     python bench/kernel_ab.py [--rev REV] [--rounds 20] [--threads 1] [--input-grad | --weight-grad]
-                              [--size 512] [--isa avx512] [LAYER ...]
+                              [--size 512] [--isa avx512] [--flush] [LAYER ...]
 
 Per layer it prints A's and B's minimum and median (ms), the median of the per-round ratios A / B
 (above 1: B is faster) with the 10th and 90th percentiles, and whether the outputs and the
@@ -180,6 +182,9 @@ def main(argv=None) -> int:
                     help="time weight_grad (weight_grad_pool where the network fuses the pooling) instead")
     ap.add_argument("--size", type=int, default=512, help="the image's side (default 512)")
     ap.add_argument("--isa", choices=sorted(ISAS), default="avx2", help="the copy to build (default avx2)")
+    ap.add_argument("--flush", action="store_true",
+                    help="write 256 MiB before each call, so that the layer's input comes from memory, as in "
+                         "the network (default: it stays in the caches between calls)")
     args = ap.parse_args(argv)
     from oes_fast import _C
 
@@ -210,8 +215,11 @@ def main(argv=None) -> int:
             same = ["yes" if torch.equal(a, b) else f"no ({(a - b).abs().max().item():.1e})"
                     for a, b in zip(run(False), run(True))]
             times = {False: [], True: []}
+            scratch = torch.empty(64 * 2**20) if args.flush else None
             for r in range(args.rounds):
                 for version in (False, True) if r % 2 == 0 else (True, False):
+                    if scratch is not None:
+                        scratch.fill_(float(r))
                     start = time.perf_counter()
                     run(version)
                     times[version].append(time.perf_counter() - start)

@@ -253,10 +253,11 @@ void load_halo(const T* x, T* halo, int64_t rows_h, int64_t rows_load, int64_t W
 
 // dst[j] = row i of the padded input of conv g (its padding applied), for j < len: zeros past
 // the padded size (rows and columns that only feed values no output reads). With g's prologue
-// (act_scale) the row is activated into act_row (g.W values) first.
+// (act_scale) the row is activated into act_row (g.W values) first. With `prefetch`, asks for
+// the stored row kPrefetchRows below (the caller that passes false prefetches on its own).
 template <typename T>
 void padded_row(const T* x, int64_t i, T* dst, int64_t len, const SparseConvGeometry& g, int64_t n, int64_t c,
-                T* act_row) {
+                T* act_row, bool prefetch = true) {
   const int64_t Wx = g.W + 2 * g.PW;
   const int64_t iy = i < g.H + 2 * g.PH ? source_index(i - g.PH, g.H, g) : -1;
   if (iy < 0) {
@@ -264,7 +265,7 @@ void padded_row(const T* x, int64_t i, T* dst, int64_t len, const SparseConvGeom
     return;
   }
   const T* src = x + ((n * g.C_in + c) * g.H + iy) * g.W;
-  prefetch_row_ahead(src, iy, g.H, g.W);
+  if (prefetch) prefetch_row_ahead(src, iy, g.H, g.W);
   if (g.act_scale != nullptr) {
     prologue_row(src, act_row, g.W, g, c);
     src = act_row;
@@ -292,6 +293,33 @@ struct Deinterleave {
     }
   }
   M even, odd;
+};
+
+// The box mean's loader asks for the stored row kBoxPrefetchRows padded rows below the one it reads,
+// two lines at a time between the box mean's vectors (BoxRowPrefetch), into the L2 (locality 2,
+// prefetcht1), instead of padded_row's burst of a whole row into L1. With the burst the memory
+// stream ran only while rows were copied and stopped during the box mean: the generator's first
+// conv (the pooled form of 32 channels of z, 512x512, 1 thread, its input from memory) spent
+// 3.0 ms copying rows and 1.2 ms on the box mean, 4.2 ms for both. Spread, the conv's forward and
+// weight gradient ran 1.12-1.20x faster (bench/kernel_ab.py --flush; 2, 3, 4 or 6 rows ahead and
+// locality 1 or 2 all within that; locality 3 1.03-1.05x). A prefetch changes no value.
+constexpr int64_t kBoxPrefetchRows = 4;
+
+template <typename T>
+struct BoxRowPrefetch {
+  // stored row of padded row i of conv g's input (image n, channel c); none past the padded rows
+  BoxRowPrefetch(const T* x, int64_t i, const SparseConvGeometry& g, int64_t n, int64_t c)
+      : bytes(g.W * int64_t(sizeof(T))) {
+    const int64_t iy = i < g.H + 2 * g.PH ? source_index(i - g.PH, g.H, g) : -1;
+    if (iy >= 0) row = reinterpret_cast<const char*>(x + ((n * g.C_in + c) * g.H + iy) * g.W);
+  }
+  // the row's next two lines
+  __attribute__((always_inline)) inline void next() {
+    if (row == nullptr) return;
+    for (int q = 0; q < 2 && line < bytes; ++q, line += 64) __builtin_prefetch(row + line, 0, 2);
+  }
+  const char* row = nullptr;
+  int64_t bytes, line = 0;
 };
 
 // Where a halo kernel reads its input as stride-2 phases (load_halo_phases): `of` is the conv whose
@@ -342,12 +370,14 @@ void load_halo_phases(const T* x, T* halo, int64_t rows_h, int64_t rows_load, in
       continue;
     }
     // B rows 2 r0 .. 2 (r0 + rows_load) - 1, each from padded rows i and i + 1
-    padded_row(x, 2 * r0, cur, len, g, n, c, act_row.data());
+    padded_row(x, 2 * r0, cur, len, g, n, c, act_row.data(), false);
     for (int64_t i = 2 * r0; i < 2 * (r0 + rows_load); ++i) {
-      padded_row(x, i + 1, next, len, g, n, c, act_row.data());
+      padded_row(x, i + 1, next, len, g, n, c, act_row.data(), false);
       T* d0 = dst(i % 2, 0, i / 2 - r0);
       T* d1 = dst(i % 2, 1, i / 2 - r0);
+      BoxRowPrefetch<T> ahead(x, i + 1 + kBoxPrefetchRows, g, n, c);
       for (int64_t s = 0; s < Wp; s += L) {
+        ahead.next();
         const T* p = cur + 2 * s;
         const T* q = next + 2 * s;
         const V a = quarter * ((load<V>(p) + load<V>(q)) + (load<V>(p + 1) + load<V>(q + 1)));

@@ -251,6 +251,12 @@ void load_halo(const T* x, T* halo, int64_t rows_h, int64_t rows_load, int64_t W
   }
 }
 
+// The stored row that padded row i of conv g's input reads; -1 where the padding reads zeros or i
+// is past the padded rows (padded_row, BoxRowPrefetch).
+inline int64_t padded_source_row(int64_t i, const SparseConvGeometry& g) {
+  return i < g.H + 2 * g.PH ? source_index(i - g.PH, g.H, g) : -1;
+}
+
 // dst[j] = row i of the padded input of conv g (its padding applied), for j < len: zeros past
 // the padded size (rows and columns that only feed values no output reads). With g's prologue
 // (act_scale) the row is activated into act_row (g.W values) first. With `prefetch`, asks for
@@ -259,7 +265,7 @@ template <typename T>
 void padded_row(const T* x, int64_t i, T* dst, int64_t len, const SparseConvGeometry& g, int64_t n, int64_t c,
                 T* act_row, bool prefetch = true) {
   const int64_t Wx = g.W + 2 * g.PW;
-  const int64_t iy = i < g.H + 2 * g.PH ? source_index(i - g.PH, g.H, g) : -1;
+  const int64_t iy = padded_source_row(i, g);
   if (iy < 0) {
     std::fill(dst, dst + len, T(0));
     return;
@@ -310,7 +316,7 @@ struct BoxRowPrefetch {
   // stored row of padded row i of conv g's input (image n, channel c); none past the padded rows
   BoxRowPrefetch(const T* x, int64_t i, const SparseConvGeometry& g, int64_t n, int64_t c)
       : bytes(g.W * int64_t(sizeof(T))) {
-    const int64_t iy = i < g.H + 2 * g.PH ? source_index(i - g.PH, g.H, g) : -1;
+    const int64_t iy = padded_source_row(i, g);
     if (iy >= 0) row = reinterpret_cast<const char*>(x + ((n * g.C_in + c) * g.H + iy) * g.W);
   }
   // the row's next two lines

@@ -532,14 +532,16 @@ def test_batch_norm_act_sparse_conv2d_rejects_bad_arguments():
         ops.batch_norm_act_stats(x, scale.float(), shift, 0.2)
 
 
-@pytest.mark.parametrize("pooled", [False, True], ids=["conv", "pooled"])
-def test_sparse_conv2d_several_row_tiles(pooled):
+@pytest.mark.parametrize("pooled, narrow", [(False, False), (True, False), (False, True)],
+                         ids=["conv", "pooled", "narrow"])
+def test_sparse_conv2d_several_row_tiles(pooled, narrow):
     """Inputs wide and deep enough that the halo kernels split the rows into several tiles (their
     halo budget holds a few rows; tiles are at least 32 rows): forward, statistics, input and
-    weight gradients against the reference across the tile boundaries, float64."""
-    c_in, c_out, h, w_ = (32, 3, 150, 300) if pooled else (64, 4, 75, 300)
-    w, keep = random_weight(c_out, c_in, 5, 0.05, torch.float64, stable_seed("tiles", pooled))
-    gen = torch.Generator().manual_seed(stable_seed("tiles x", pooled))
+    weight gradients against the reference across the tile boundaries, float64. Narrow: rows of
+    fewer than 4 vectors (the forward's planes, forward_kernel's `flat`), many channels, 150 rows."""
+    c_in, c_out, h, w_ = (32, 3, 150, 300) if pooled else (96, 5, 150, 20) if narrow else (64, 4, 75, 300)
+    w, keep = random_weight(c_out, c_in, 5, 0.05, torch.float64, stable_seed("tiles", pooled, *["narrow"] * narrow))
+    gen = torch.Generator().manual_seed(stable_seed("tiles x", pooled, *["narrow"] * narrow))
     x = torch.randn(1, c_in, h, w_, generator=gen, dtype=torch.float64, requires_grad=True)
     b = torch.randn(c_out, generator=gen, dtype=torch.float64, requires_grad=True)
     ref = reference_conv(x, w.requires_grad_(), b, 1, 2, "reflect")

@@ -178,6 +178,32 @@ HaloPlan plan_halo(const SparseConvGeometry& g) {
   return p;
 }
 
+// The row tiling of forward_kernel's planes (its narrow rows): tiles whose planes (every input
+// channel's KW shifted copies) take at most kPlaneBytes, in whole blocks of 16 vectors where such
+// a block is whole rows, and at least kMinPlaneRows rows (each tile loads KH - 1 halo rows more).
+// The budget is the next layer's as much as this one's: with planes of up to 512 KB or 1 MB, up.4
+// of the generator (91 channels, 32x32) ran 1.23-1.28x faster in the network, but the stage after
+// it (up.3, which reads up.4's output) 0.90-0.93x as fast; with 256 KB, 1.33x and 1.00x (1
+// thread, 512x512, rounds of five builds in shuffled turns; docs/performance.md).
+constexpr int64_t kPlaneBytes = 256 * 1024;
+constexpr int64_t kMinPlaneRows = 4;
+
+template <typename T>
+HaloPlan plan_planes(const SparseConvGeometry& g) {
+  HaloPlan p = plan_halo<T>(g);  // (its Wa: the halo's rows)
+  const int64_t L = kLanes<T>;
+  const int64_t row_bytes = int64_t(sizeof(T)) * std::max<int64_t>(1, g.C_in) * g.KW * g.W_out;
+  int64_t rows = std::max(kMinPlaneRows, kPlaneBytes / row_bytes - g.KH);
+  const int64_t unit = 16 * L % g.W_out == 0 ? 16 * L / g.W_out : 1;  // rows of a 16-vector block
+  if (rows >= unit) rows = rows / unit * unit;
+  p.tile = std::min(g.H_out, rows);
+  p.n_tiles = (g.H_out + p.tile - 1) / p.tile;
+  // tiles of equal height (plan_halo) unless that splits the blocks
+  if (p.tile % unit != 0 || g.H_out % p.tile != 0) p.tile = (g.H_out + p.n_tiles - 1) / p.n_tiles;
+  p.rows_h = (p.tile - 1) * g.SH + g.KH;
+  return p;
+}
+
 // The loaders walk each channel's stored rows downwards, one row at a time with other work in
 // between, and the hardware prefetchers did not keep up: loads of the input stalled. So each
 // row load asks for the row kPrefetchRows below it (the generator's first conv, the pooled form
@@ -417,6 +443,43 @@ void shifted_window(const T* halo, int64_t rows_h, int64_t Wa, int64_t r, int64_
   }
 }
 
+// planes + (c KW + kx) plane_rows W_out: rows [0, rows) of input channel c's halo from column kx,
+// W_out values each, packed W_out apart (forward_kernel's narrow rows)
+template <typename T>
+void flat_planes(const T* halo, int64_t rows_h, int64_t Wa, int64_t rows, const SparseConvGeometry& g, T* planes,
+                 int64_t plane_rows) {
+  const int64_t w = g.W_out;
+  for (int64_t c = 0; c < g.C_in; ++c) {
+    for (int64_t kx = 0; kx < g.KW; ++kx) {
+      const T* src = halo + c * rows_h * Wa + kx;
+      T* dst = planes + (c * g.KW + kx) * plane_rows * w;
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t j = 0; j < w; ++j) dst[i * w + j] = src[i * Wa + j];
+    }
+  }
+}
+
+// The vectors that forward_kernel's blocks over a run of P values compute, the lanes past P included.
+inline int64_t flat_block_vectors(int64_t P, int64_t L) {
+  int64_t v = 0, p0 = 0;
+  for (; P - p0 >= 16 * L; p0 += 16 * L) v += 16;
+  for (; P - p0 >= 8 * L; p0 += 8 * L) v += 8;
+  for (; P - p0 > 0; p0 += 4 * L) v += 4;
+  return v;
+}
+
+// Planes for narrow rows where rows are whole vectors or the blocks over the planes compute fewer
+// vectors than the rows' blocks (a row of W_out values takes ceil(W_out / L) of them). At equal
+// counts (rows of 12, 8 + 4 vectors for 12 rows either way) the planes' unaligned loads lost:
+// down.5.conv2's input gradient 0.97x.
+template <typename T>
+bool use_planes(const SparseConvGeometry& g, int64_t rows) {
+  constexpr int64_t L = kLanes<T>;
+  if (g.W_out % L == 0) return true;
+  const int64_t tiles = (g.H_out + rows - 1) / rows;  // (the last tile may be shorter: counted as full)
+  return tiles * flat_block_vectors(rows * g.W_out, L) < g.H_out * ((g.W_out + L - 1) / L);
+}
+
 // Use shifted windows where their copies (per output row) are at most this share of the
 // multiply-adds (per output row, vectors of both), with blocks of `rows` output rows. With
 // AVX2's 32-byte vectors an unaligned load straddles a cache line only half the time, and the
@@ -629,11 +692,24 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
   constexpr int64_t L = kLanes<T>;
   if (g.N == 0 || g.C_out == 0) return;
   const bool wide = g.SW == 1 && g.W_out >= 4 * L;
-  // (narrow rows, 8-row blocks of one vector, were not faster with windows: up.3-up.5, 16-32 wide)
+  // (narrow rows, 8-row blocks of one vector, were not faster with windows: up.3-up.5, 16-32 wide;
+  // they take planes instead, below: blocks of up to 16 vectors along a channel's rows)
   constexpr int64_t kWindowBlockRows = 2;  // the wide rows' blocks
   const bool windowed = wide && use_shifted_window(g, kWindowBlockRows);
-  const HaloPlan plan = plan_halo<T>(g);
-  const int64_t Wa = plan.Wa, tile = plan.tile, n_tiles = plan.n_tiles, rows_h_max = plan.rows_h;
+  // Narrow rows in planes (flat_planes): the KW column-shifted copies of each input channel's halo
+  // rows packed W_out apart, plane_rows rows each (a vector of slack past the halo's rows). The
+  // forward's tiles keep its planes small (plan_planes); the input gradients' are the halo's
+  // (with planes of at most 256 KB their padded rows, 12-36 wide, lost 3-23 %, else won 8-31 %).
+  // Not for the pooled convs' phase inputs (4 C_in channels of 3x3 taps; down.3.conv1 0.87x,
+  // down.4.conv1 0.98x as fast with planes).
+  const HaloPlan halo_plan = plan_halo<T>(g);
+  bool flat = !wide && g.SW == 1 && g.SH == 1 && phase == nullptr && phases_in == nullptr;
+  const HaloPlan plan = flat && !kSliced ? plan_planes<T>(g) : halo_plan;
+  flat = flat && use_planes<T>(g, plan.tile);
+  const int64_t Wa = plan.Wa, tile = flat ? plan.tile : halo_plan.tile;
+  const int64_t n_tiles = flat ? plan.n_tiles : halo_plan.n_tiles, rows_h_max = flat ? plan.rows_h : halo_plan.rows_h;
+  int64_t plane_rows = rows_h_max + (L + g.W_out - 1) / g.W_out;
+  while (plane_rows * g.W_out % L != 0) ++plane_rows;  // every plane starts on a vector boundary
   // (whole output channels of the phase form: its column phases are interleaved in pairs)
   const std::vector<int64_t> bounds = channel_groups(rp, g.C_out, phase != nullptr ? 4 : 1, g.N * n_tiles);
   const int64_t groups = int64_t(bounds.size()) - 1;
@@ -672,10 +748,13 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
     AlignedBuffer<T> keep(n_slices > 1 ? g.C_out * keep_vecs * L : 0);  // the sums between slices
     const int64_t window_rows = kWindowBlockRows + g.KH - 1;
     AlignedBuffer<T> window(windowed ? g.C_in * g.KW * window_rows * Wa : 0);
+    AlignedBuffer<T> planes(flat ? g.C_in * g.KW * plane_rows * g.W_out + 4 * L : 0);
     // Tap offsets into the halo (or the window) depend on neither the tile nor the image: decode them once.
     std::vector<int64_t> off(g.nnz);
     std::vector<T> w(g.nnz);
-    const TapOffsets offset = windowed ? TapOffsets(g, window_rows, Wa, true) : TapOffsets(g, rows_h_max, Wa);
+    const TapOffsets offset = windowed ? TapOffsets(g, window_rows, Wa, true)
+                              : flat   ? TapOffsets(g, plane_rows, g.W_out, true)
+                                       : TapOffsets(g, rows_h_max, Wa);
     offset.decode(ci, g.nnz, g.C_in, off.data());
     for (int64_t k = 0; k < g.nnz; ++k) w[k] = vals[k];
     const int64_t rs = g.SH * Wa;  // halo distance of consecutive output rows
@@ -794,8 +873,28 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
           for (; xo + 4 * L <= g.W_out; xo += 4 * L) run(wide1, 1, 4 * L, r, xo, 4 * L);
           for (; xo < g.W_out; xo += L) run(one, 1, L, r, xo, g.W_out - xo);
         }
+      } else if (flat) {
+        flat_planes(halo.data, rows_h_max, Wa, rows - 1 + g.KH, g, planes.data, plane_rows);
+        // output channel o's rows of the tile are one run of P values; tap (c, ky, kx) reads the
+        // run of plane (c, kx) from its row ky: blocks of up to 16 vectors along the run
+        const int64_t P = rows * g.W_out;
+        auto block = [&](auto vecs_c, int64_t p0) {
+          constexpr int NB = decltype(vecs_c)::value;
+          for (int64_t o = o_begin; o < o_end; ++o) {
+            T* orow = out + ((n * g.C_out + o) * g.H_out + y0) * g.W_out;
+            tap_block<T, 1, NB>(planes.data, 0, offp + rp[o], offw + rp[o], rp[o + 1] - rp[o], bias ? bias[o] : T(0),
+                                p0, orow, 0, P - p0, part ? part + 2 * o : nullptr);
+          }
+        };
+        // (blocks of at least 4 vectors: fewer accumulators wait on the multiply-adds' latency; the
+        // last block's lanes past P are computed from the planes' slack and not stored)
+        int64_t p0 = 0;
+        for (; P - p0 >= 16 * L; p0 += 16 * L) block(std::integral_constant<int, 16>{}, p0);
+        for (; P - p0 >= 8 * L; p0 += 8 * L) block(std::integral_constant<int, 8>{}, p0);
+        for (; P - p0 > 0; p0 += 4 * L) block(std::integral_constant<int, 4>{}, p0);
       } else {
-        // narrow rows: block 8 (or 4) rows per vector instead
+        // narrow rows without planes (the pooled convs' phases, rows that planes do not pack better):
+        // block 8 (or 4) rows per vector instead
         auto eight = [&](const T* base, int64_t k0, int64_t m, T b, int64_t xo, T* orow, int64_t valid, double* st) {
           tap_block<T, 8, 1>(base, rs, offp + k0, offw + k0, m, b, xo, orow, ostride, valid, st);
         };

@@ -702,12 +702,11 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
   // (with planes of at most 256 KB their padded rows, 12-36 wide, lost 3-23 %, else won 8-31 %).
   // Not for the pooled convs' phase inputs (4 C_in channels of 3x3 taps; down.3.conv1 0.87x,
   // down.4.conv1 0.98x as fast with planes).
-  const HaloPlan halo_plan = plan_halo<T>(g);
-  bool flat = !wide && g.SW == 1 && g.SH == 1 && phase == nullptr && phases_in == nullptr;
-  const HaloPlan plan = flat && !kSliced ? plan_planes<T>(g) : halo_plan;
-  flat = flat && use_planes<T>(g, plan.tile);
-  const int64_t Wa = plan.Wa, tile = flat ? plan.tile : halo_plan.tile;
-  const int64_t n_tiles = flat ? plan.n_tiles : halo_plan.n_tiles, rows_h_max = flat ? plan.rows_h : halo_plan.rows_h;
+  const bool narrow = !wide && g.SW == 1 && g.SH == 1 && phase == nullptr && phases_in == nullptr;
+  const HaloPlan planes_plan = narrow && !kSliced ? plan_planes<T>(g) : plan_halo<T>(g);
+  const bool flat = narrow && use_planes<T>(g, planes_plan.tile);
+  const HaloPlan plan = flat ? planes_plan : plan_halo<T>(g);
+  const int64_t Wa = plan.Wa, tile = plan.tile, n_tiles = plan.n_tiles, rows_h_max = plan.rows_h;
   int64_t plane_rows = rows_h_max + (L + g.W_out - 1) / g.W_out;
   while (plane_rows * g.W_out % L != 0) ++plane_rows;  // every plane starts on a vector boundary
   // (whole output channels of the phase form: its column phases are interleaved in pairs)

@@ -1303,12 +1303,15 @@ PhasePlan<T> plan_phases(const T* vals, const int64_t* rp, const int32_t* ci, co
       for (int64_t k = rp[o]; k < rp[o + 1]; ++k) {
         const int64_t c = ci[k] / 9, kh = ci[k] % 9 / 3, kw = ci[k] % 3;
         const int64_t key = c * 9 + (p + kh + 1) / 2 * 3 + (q + kw + 1) / 2;
-        if (slot[key] < 0) {
-          slot[key] = count;
-          pl.ci[count++] = static_cast<int32_t>(key);
-        }
-        pl.of[4 * k + ph] = slot[key];
-        if (vals != nullptr) pl.vals[slot[key]] += vals[k];
+        // without a branch (whether a position is new follows no pattern the predictor learns)
+        const int64_t seen = slot[key];
+        const bool fresh = seen < 0;
+        const int64_t entry = fresh ? count : seen;
+        slot[key] = entry;
+        pl.ci[count] = static_cast<int32_t>(key);  // kept only where fresh: count moves past it
+        count += fresh;
+        pl.of[4 * k + ph] = entry;
+        if (vals != nullptr) pl.vals[entry] += vals[k];
       }
       for (int64_t j = first; j < count; ++j) slot[pl.ci[j]] = -1;
       pl.rp[4 * o + ph + 1] = count;

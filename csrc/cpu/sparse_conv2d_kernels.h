@@ -184,7 +184,10 @@ HaloPlan plan_halo(const SparseConvGeometry& g) {
 // The budget is the next layer's as much as this one's: with planes of up to 512 KB or 1 MB, up.4
 // of the generator (91 channels, 32x32) ran 1.23-1.28x faster in the network, but the stage after
 // it (up.3, which reads up.4's output) 0.90-0.93x as fast; with 256 KB, 1.33x and 1.00x (1
-// thread, 512x512, rounds of five builds in shuffled turns; docs/performance.md).
+// thread, 512x512, rounds of five builds in shuffled turns; docs/performance.md). Tiles hold at
+// least one 8-vector block where that is whole rows: down.4.conv2 (16 rows of 16) in tiles of 6,
+// 6 and 4 rows, 4-vector blocks with lanes to spare, ran 0.85x as fast as the rows' blocks on 2
+// threads; in tiles of 8, 1.28x.
 constexpr int64_t kPlaneBytes = 256 * 1024;
 constexpr int64_t kMinPlaneRows = 4;
 
@@ -194,6 +197,7 @@ HaloPlan plan_planes(const SparseConvGeometry& g) {
   const int64_t L = kLanes<T>;
   const int64_t row_bytes = int64_t(sizeof(T)) * std::max<int64_t>(1, g.C_in) * g.KW * g.W_out;
   int64_t rows = std::max(kMinPlaneRows, kPlaneBytes / row_bytes - g.KH);
+  if (8 * L % g.W_out == 0) rows = std::max(rows, 8 * L / g.W_out);  // at least one 8-vector block
   const int64_t unit = 16 * L % g.W_out == 0 ? 16 * L / g.W_out : 1;  // rows of a 16-vector block
   if (rows >= unit) rows = rows / unit * unit;
   p.tile = std::min(g.H_out, rows);

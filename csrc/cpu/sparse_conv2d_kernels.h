@@ -192,8 +192,7 @@ constexpr int64_t kPlaneBytes = 256 * 1024;
 constexpr int64_t kMinPlaneRows = 4;
 
 template <typename T>
-HaloPlan plan_planes(const SparseConvGeometry& g) {
-  HaloPlan p = plan_halo<T>(g);  // (its Wa: the halo's rows)
+HaloPlan plan_planes(const SparseConvGeometry& g, HaloPlan p) {  // p: plan_halo's (its Wa: the halo's rows)
   const int64_t L = kLanes<T>;
   const int64_t row_bytes = int64_t(sizeof(T)) * std::max<int64_t>(1, g.C_in) * g.KW * g.W_out;
   int64_t rows = std::max(kMinPlaneRows, kPlaneBytes / row_bytes - g.KH);
@@ -463,12 +462,22 @@ void flat_planes(const T* halo, int64_t rows_h, int64_t Wa, int64_t rows, const 
   }
 }
 
-// The vectors that forward_kernel's blocks over a run of P values compute, the lanes past P included.
+// The blocks along a run of P values of L lanes (forward_kernel's planes): f(NB, p0) for blocks of
+// NB = 16, 8 or 4 vectors (std::integral_constant) from p0. Blocks of at least 4 vectors: fewer
+// accumulators wait on the multiply-adds' latency; the last block's lanes past P are computed from
+// the planes' slack and not stored.
+template <typename F>
+__attribute__((always_inline)) inline void flat_blocks(int64_t P, int64_t L, F&& f) {
+  int64_t p0 = 0;
+  for (; P - p0 >= 16 * L; p0 += 16 * L) f(std::integral_constant<int, 16>{}, p0);
+  for (; P - p0 >= 8 * L; p0 += 8 * L) f(std::integral_constant<int, 8>{}, p0);
+  for (; P - p0 > 0; p0 += 4 * L) f(std::integral_constant<int, 4>{}, p0);
+}
+
+// The vectors those blocks compute, the lanes past P included.
 inline int64_t flat_block_vectors(int64_t P, int64_t L) {
-  int64_t v = 0, p0 = 0;
-  for (; P - p0 >= 16 * L; p0 += 16 * L) v += 16;
-  for (; P - p0 >= 8 * L; p0 += 8 * L) v += 8;
-  for (; P - p0 > 0; p0 += 4 * L) v += 4;
+  int64_t v = 0;
+  flat_blocks(P, L, [&](auto vecs_c, int64_t) { v += decltype(vecs_c)::value; });
   return v;
 }
 
@@ -707,9 +716,10 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
   // Not for the pooled convs' phase inputs (4 C_in channels of 3x3 taps; down.3.conv1 0.87x,
   // down.4.conv1 0.98x as fast with planes).
   const bool narrow = !wide && g.SW == 1 && g.SH == 1 && phase == nullptr && phases_in == nullptr;
-  const HaloPlan planes_plan = narrow && !kSliced ? plan_planes<T>(g) : plan_halo<T>(g);
+  const HaloPlan halo_plan = plan_halo<T>(g);
+  const HaloPlan planes_plan = narrow && !kSliced ? plan_planes<T>(g, halo_plan) : halo_plan;
   const bool flat = narrow && use_planes<T>(g, planes_plan.tile);
-  const HaloPlan plan = flat ? planes_plan : plan_halo<T>(g);
+  const HaloPlan plan = flat ? planes_plan : halo_plan;
   const int64_t Wa = plan.Wa, tile = plan.tile, n_tiles = plan.n_tiles, rows_h_max = plan.rows_h;
   int64_t plane_rows = rows_h_max + (L + g.W_out - 1) / g.W_out;
   while (plane_rows * g.W_out % L != 0) ++plane_rows;  // every plane starts on a vector boundary
@@ -889,12 +899,7 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
                                 p0, orow, 0, P - p0, part ? part + 2 * o : nullptr);
           }
         };
-        // (blocks of at least 4 vectors: fewer accumulators wait on the multiply-adds' latency; the
-        // last block's lanes past P are computed from the planes' slack and not stored)
-        int64_t p0 = 0;
-        for (; P - p0 >= 16 * L; p0 += 16 * L) block(std::integral_constant<int, 16>{}, p0);
-        for (; P - p0 >= 8 * L; p0 += 8 * L) block(std::integral_constant<int, 8>{}, p0);
-        for (; P - p0 > 0; p0 += 4 * L) block(std::integral_constant<int, 4>{}, p0);
+        flat_blocks(P, L, block);
       } else {
         // narrow rows without planes (the pooled convs' phases, rows that planes do not pack better):
         // block 8 (or 4) rows per vector instead

@@ -566,6 +566,42 @@ def test_sparse_conv2d_several_row_tiles(pooled, narrow):
         assert_close_to_reference(got, r, name=name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sparse_conv2d_channel_pairs(dtype):
+    """The phase form's output-channel pairs (ChannelPairs, AVX-512 copy): a 3x3 upsampled conv
+    whose taps are dense enough (0.7) that the same phases of consecutive output channels share
+    most positions, 7 output channels (three pairs and one alone), a stored width of 70 (the
+    rows' last vector partial) and 5 rows (a last single row): forward and statistics against the
+    reference, the same bits on 1 and 2 threads; and a NaN in one input pixel reaches only the
+    outputs whose taps read it (a pair adds only each channel's own taps)."""
+    w, keep = random_weight(7, 6, 3, 0.7, torch.float64, stable_seed("pairs"))
+    gen = torch.Generator().manual_seed(stable_seed("pairs x"))
+    x = torch.randn(2, 6, 5, 70, generator=gen, dtype=torch.float64)
+    b = torch.randn(7, generator=gen, dtype=torch.float64)
+    values, row_ptr, col_idx = to_csr(w.to(dtype), keep)
+    conv = ([3, 3], [1, 1], "reflect", 2)
+
+    def run(xin):
+        out, stats = torch.ops.oes_fast.sparse_conv2d_stats(xin.to(dtype), values, row_ptr, col_idx, b.to(dtype),
+                                                            *conv)
+        return {"out": out, "stats": stats}
+
+    def ref(xin):
+        return reference_conv(F.interpolate(xin, scale_factor=2, mode="nearest"), w, b, 1, 1, "reflect")
+
+    got = run(x)
+    assert_close_to_reference(got["out"], ref(x), name="forward")
+    assert_channel_stats(got["stats"], got["out"].double(), dtype, "stats")
+    assert_thread_independent(run, x)
+    x_nan = x.clone()
+    x_nan[1, 2, 3, 40] = float("nan")
+    # (not the reference's NaNs: its dense weight multiplies the NaN by the zeros too)
+    reads_nan = reference_conv(F.interpolate(x_nan.isnan().double(), scale_factor=2, mode="nearest"),
+                               keep.double(), None, 1, 1, "reflect") > 0
+    assert reads_nan.any() and not reads_nan.all()
+    assert torch.equal(run(x_nan)["out"].isnan(), reads_nan)
+
+
 # Runs in a subprocess (the L2 size is read once per process): the pooled ops on the inputs in
 # argv[1], 1 and 2 threads, float32 and float64, saved to argv[2].
 POOL_SLICE_WORKER = r"""

@@ -124,6 +124,25 @@ void sum_partials(const std::vector<double>& partial, int64_t parts, int64_t nnz
   });
 }
 
+// The batch-norm statistics' per-task lane sums (partial: [tasks][C][2][L] in float64, as
+// store_block adds them) summed over the tasks in order, then over the lanes in order: stats
+// [C][2]. Each channel's sums come from the tasks of its group (the rest hold zeros), in tile
+// order, whatever the thread count.
+template <typename T>
+void sum_stat_lanes(const std::vector<double>& partial, int64_t tasks, int64_t C, double* stats) {
+  constexpr int64_t L = kLanes<T>;
+  std::vector<double> lanes(C * 2 * L);
+  sum_partials(partial, tasks, C * 2 * L, lanes.data());
+  for (int64_t i = 0; i < C * 2; ++i) {
+    double s = 0.0;
+    for (int64_t l = 0; l < L; ++l) {
+      s += lanes[i * L + l];
+      in_order(s);
+    }
+    stats[i] = s;
+  }
+}
+
 // Stride-1 output columns whose taps all read inside the row: [lo, hi).
 inline void interior_columns(const SparseConvGeometry& g, int64_t* lo, int64_t* hi) {
   *lo = std::min(g.PW, g.W_out);
@@ -570,19 +589,15 @@ __attribute__((always_inline)) inline void store_block(vec_t<T> (&acc)[R][NB], i
     }
   }
   if (stats != nullptr) {
-    // batch-norm statistics of what was just stored (sums of at most R * NB * L values in T,
-    // then float64 across blocks), every sum in the order written (in_order: gcc had regrouped
-    // them differently as code elsewhere in forward_kernel changed, and with them the bits of
-    // every later layer of a training step)
-    double s = 0.0, ss = 0.0;
+    // batch-norm statistics of what was just stored, lane by lane (sums of at most R * NB values
+    // in T, every sum in the order written: in_order above), added to the channel's float64 lane
+    // sums (stats: L sums, then L sums of squares; sum_stat_lanes adds the lanes at the end).
+    // Adding the lanes here, one after the other, was a chain of 2 L dependent float64 additions a
+    // block: about a tenth of up.0's forward.
     for (int64_t l = 0; l < L; ++l) {
-      s += sum[l];
-      in_order(s);
-      ss += sumsq[l];
-      in_order(ss);
+      stats[l] += sum[l];
+      stats[L + l] += sumsq[l];
     }
-    stats[0] += s;
-    stats[1] += ss;
   }
 }
 
@@ -619,6 +634,120 @@ inline void tap_block_slice(const T* base, int64_t row_stride, const int64_t* of
     return;
   }
   store_block<T, R, NB>(acc, xo, out, out_stride, valid, stats);
+}
+
+// Output-channel pairs in the phase form's wide rows (forward_kernel with a PhaseOutput, AVX-512
+// copy): the same phase of two consecutive output channels (phase channels a and a + 4, a / 4
+// even) run as one block. Each merged position of the phase form collects 1, 2 or 4 of the 3x3
+// kernel's taps, so its channels have taps at about two thirds of the positions and two of them
+// share most. The taps both channels have run first, each loaded input vector serving both
+// channels' multiply-adds (the wide rows' blocks are bound by their loads: one load per
+// multiply-add alone); then each channel's own taps, as alone. No multiply-add by a weight of 0:
+// a non-finite input reaches only the outputs whose taps read it. A channel's sum adds its shared
+// taps, then its own, each in col_idx order: other bits than alone, fixed by the mask (not by the
+// thread count). A pair of channels is taken where the union of their four phases' taps is at most
+// kPairMaxUnion of their taps: 1.04-1.09x on up.0-up.2's forwards (union 0.64-0.66 of the taps,
+// docs/performance.md); with unions of 0.8-0.9 of the taps (the plain form's up.3, the down
+// layers' 5x5 kernels at 10-15 %) pairs in the plain rows ran 0.96-0.98x.
+constexpr double kPairMaxUnion = 0.7;
+
+template <typename T>
+struct ChannelPairs {
+  std::vector<int64_t> first;  // phase channel a -> its pair's index (a the pair's first channel), else -1
+  std::vector<int64_t> rp;     // pair i's taps [rp[i], rp[i + 1]): shared, then a's own, then b's own
+  std::vector<int64_t> split;  // [2 i], [2 i + 1]: the ends of pair i's shared taps and of a's own
+  std::vector<int32_t> ci;
+  std::vector<T> wa, wb;       // the two channels' weights (a's own taps: wb unused; b's: wa)
+  int64_t count = 0;
+};
+
+// The pairs of the phase form's channels (C_out phase channels, each one's taps in increasing
+// col_idx order, as the merge needs: plan_phases' `sorted`): output channels c, c + 1 (c even),
+// all four phases paired or none.
+template <typename T>
+ChannelPairs<T> plan_pairs(const T* vals, const int64_t* rp, const int32_t* ci, int64_t C_out) {
+  constexpr int64_t stride = 4;
+  ChannelPairs<T> pp;
+  pp.first = std::vector<int64_t>(C_out, -1);
+  pp.rp = std::vector<int64_t>(C_out / 2 + 1, 0);
+  pp.split = std::vector<int64_t>(C_out, 0);
+  pp.ci = std::vector<int32_t>(rp[C_out] - rp[0]);
+  pp.wa = std::vector<T>(pp.ci.size());
+  pp.wb = std::vector<T>(pp.ci.size());
+  int64_t n = 0;
+  for (int64_t g0 = 0; g0 + 2 * stride <= C_out; g0 += 2 * stride) {
+    int64_t taps = 0, merged = 0;
+    for (int64_t a = g0; a < g0 + stride; ++a) {
+      const int64_t b = a + stride;
+      taps += rp[a + 1] - rp[a] + rp[b + 1] - rp[b];
+      int64_t i = rp[a], j = rp[b];
+      while (i < rp[a + 1] && j < rp[b + 1]) {
+        const int32_t u = ci[i] < ci[j] ? ci[i] : ci[j];
+        i += ci[i] == u;
+        j += ci[j] == u;
+        ++merged;
+      }
+      merged += (rp[a + 1] - i) + (rp[b + 1] - j);
+    }
+    if (taps == 0 || double(merged) > kPairMaxUnion * double(taps)) continue;
+    for (int64_t a = g0; a < g0 + stride; ++a) {
+      const int64_t b = a + stride;
+      // three passes: the shared taps, a's own, b's own (each in col_idx order)
+      for (int pass = 0; pass < 3; ++pass) {
+        int64_t i = rp[a], j = rp[b];
+        while (i < rp[a + 1] || j < rp[b + 1]) {
+          const int32_t u = j == rp[b + 1] || (i < rp[a + 1] && ci[i] < ci[j]) ? ci[i] : ci[j];
+          const bool in_a = i < rp[a + 1] && ci[i] == u, in_b = j < rp[b + 1] && ci[j] == u;
+          if ((pass == 0 && in_a && in_b) || (pass == 1 && in_a && !in_b) || (pass == 2 && in_b && !in_a)) {
+            pp.ci[n] = u;
+            pp.wa[n] = in_a ? vals[i] : T(0);
+            pp.wb[n] = in_b ? vals[j] : T(0);
+            ++n;
+          }
+          i += in_a;
+          j += in_b;
+        }
+        if (pass < 2) pp.split[2 * pp.count + pass] = n;
+      }
+      pp.first[a] = pp.count;
+      pp.rp[++pp.count] = n;
+    }
+  }
+  return pp;
+}
+
+// tap_block for a pair (ChannelPairs): R rows x NB vectors of both channels in registers (16
+// accumulators at 2 x 4: AVX-512's 32 registers hold them), each stored as tap_block stores it.
+// Of the m taps, [0, shared) are both channels', [shared, own_a) a's own, the rest b's own.
+template <typename T, int R, int NB>
+inline void tap_block_pair(const T* base, int64_t row_stride, const int64_t* off, const T* wa, const T* wb, int64_t m,
+                           int64_t shared, int64_t own_a, T ba, T bb, int64_t xo, T* outa, T* outb, int64_t out_stride,
+                           int64_t valid, double* sta, double* stb) {
+  using V = vec_t<T>;
+  constexpr int64_t L = kLanes<T>;
+  V acc_a[R][NB], acc_b[R][NB];
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < NB; ++v) {
+      acc_a[r][v] = broadcast<V>(ba);
+      acc_b[r][v] = broadcast<V>(bb);
+    }
+  }
+  add_taps<T, R, NB>(acc_a, base, row_stride, off + shared, wa + shared, own_a - shared, xo);
+  add_taps<T, R, NB>(acc_b, base, row_stride, off + own_a, wb + own_a, m - own_a, xo);
+  for (int64_t j = 0; j < shared; ++j) {
+    const T* s = base + off[j] + xo;
+    const V va = broadcast<V>(wa[j]), vb = broadcast<V>(wb[j]);
+    for (int r = 0; r < R; ++r) {
+      for (int v = 0; v < NB; ++v) {
+        V xv = load<V>(s + r * row_stride + v * L);
+        asm("" : "+v"(xv));  // one load for both (else gcc folds it into each multiply-add)
+        acc_a[r][v] += va * xv;
+        acc_b[r][v] += vb * xv;
+      }
+    }
+  }
+  store_block<T, R, NB>(acc_a, xo, outa, out_stride, valid, sta);
+  store_block<T, R, NB>(acc_b, xo, outb, out_stride, valid, stb);
 }
 
 // The output of the phase form of a 2x-upsampled conv (forward_up2): phase channel o' = 4 o + 2 p + q
@@ -723,11 +852,6 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
   const int64_t Wa = plan.Wa, tile = plan.tile, n_tiles = plan.n_tiles, rows_h_max = plan.rows_h;
   int64_t plane_rows = rows_h_max + (L + g.W_out - 1) / g.W_out;
   while (plane_rows * g.W_out % L != 0) ++plane_rows;  // every plane starts on a vector boundary
-  // (whole output channels of the phase form: its column phases are interleaved in pairs)
-  const std::vector<int64_t> bounds = channel_groups(rp, g.C_out, phase != nullptr ? 4 : 1, g.N * n_tiles);
-  const int64_t groups = int64_t(bounds.size()) - 1;
-  const int64_t tasks = g.N * n_tiles * groups;
-  std::vector<double> partial(stats != nullptr ? tasks * g.C_out * 2 : 0, 0.0);
   // the blocks' output row stride: the output's, or that of the phase rows' buffer
   constexpr int kPhaseRows = 8;
   const int64_t ostride = phase != nullptr ? 4 * L : g.W_out;
@@ -755,9 +879,22 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
       }
     }
   }
+  // output-channel pairs (ChannelPairs) in the phase form's wide rows: AVX-512 only, whose 32
+  // registers hold a pair's 16 accumulators
+  ChannelPairs<T> pairs;
+  if constexpr (OES_FAST_VEC_BYTES == 64) {
+    if (wide && phase != nullptr) pairs = plan_pairs(vals, rp, ci, g.C_out);
+  }
+  // (whole output channels of the phase form: its column phases are interleaved in pairs; whole
+  // pairs of output channels where there are pairs)
+  const int64_t unit = phase == nullptr ? 1 : pairs.count > 0 ? 8 : 4;
+  const std::vector<int64_t> bounds = channel_groups(rp, g.C_out, unit, g.N * n_tiles);
+  const int64_t groups = int64_t(bounds.size()) - 1;
+  const int64_t tasks = g.N * n_tiles * groups;
+  std::vector<double> partial(stats != nullptr ? tasks * g.C_out * 2 * L : 0, 0.0);  // (store_block's lanes)
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     AlignedBuffer<T> halo(g.C_in * rows_h_max * Wa);
-    AlignedBuffer<T> phase_rows(phase != nullptr ? 2 * kPhaseRows * ostride : 0);
+    AlignedBuffer<T> phase_rows(phase != nullptr ? (pairs.count > 0 ? 4 : 2) * kPhaseRows * ostride : 0);
     AlignedBuffer<T> keep(n_slices > 1 ? g.C_out * keep_vecs * L : 0);  // the sums between slices
     const int64_t window_rows = kWindowBlockRows + g.KH - 1;
     AlignedBuffer<T> window(windowed ? g.C_in * g.KW * window_rows * Wa : 0);
@@ -770,6 +907,8 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
                                        : TapOffsets(g, rows_h_max, Wa);
     offset.decode(ci, g.nnz, g.C_in, off.data());
     for (int64_t k = 0; k < g.nnz; ++k) w[k] = vals[k];
+    std::vector<int64_t> pair_off(pairs.rp.empty() ? 0 : pairs.rp[pairs.count]);
+    offset.decode(pairs.ci.data(), int64_t(pair_off.size()), g.C_in, pair_off.data());
     const int64_t rs = g.SH * Wa;  // halo distance of consecutive output rows
     for (int64_t t = begin; t < end; ++t) {
       const int64_t grp = t % groups, tl = (t / groups) % n_tiles, n = t / (groups * n_tiles);
@@ -782,31 +921,50 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
       }
       // Output channels innermost: the strip of the halo one column block reads (all input
       // channels, KH rows) stays in L1 while every output channel of the group uses it.
-      double* part = stats != nullptr ? partial.data() + t * g.C_out * 2 : nullptr;
-      // a block of R rows stores min(valid, span) columns from xo
-      auto run = [&](auto block, int R, int64_t span, int64_t r, int64_t xo, int64_t valid) {
+      double* part = stats != nullptr ? partial.data() + t * g.C_out * 2 * L : nullptr;
+      // a block of R rows stores min(valid, span) columns from xo; pblock: the same block for a
+      // pair of the phase form's channels (pairs), or nullptr where the rows take no pairs
+      auto run = [&](auto block, auto pblock, int R, int64_t span, int64_t r, int64_t xo, int64_t valid) {
+        constexpr bool kPaired = !std::is_same_v<decltype(pblock), std::nullptr_t>;
         const T* base = windowed ? window.data : halo.data + r * rs;  // (a window starts at row r)
+        auto bias_of = [&](int64_t o) { return bias ? bias[o] : T(0); };
+        auto stats_of = [&](int64_t o) { return part ? part + 2 * L * o : nullptr; };
+        auto pair_of = [&](int64_t o) { return kPaired && pairs.count > 0 ? pairs.first[o] : int64_t(-1); };
         if (phase == nullptr) {
           for (int64_t o = o_begin; o < o_end; ++o) {
-            const T b = bias ? bias[o] : T(0);
             T* orow = out + ((n * g.C_out + o) * g.H_out + y0 + r) * g.W_out;
-            block(base, rp[o], rp[o + 1] - rp[o], b, xo, orow, valid, part ? part + 2 * o : nullptr);
+            block(base, rp[o], rp[o + 1] - rp[o], bias_of(o), xo, orow, valid, stats_of(o));
           }
           return;
         }
         const int64_t cols = std::min(valid, span);
+        T* t0 = phase_rows.data;  // channel c's column phases q = 0, 1
+        T* t1 = t0 + kPhaseRows * ostride;
+        T* u0 = t1 + kPhaseRows * ostride;  // channel c + 1's, where c is paired
+        T* u1 = u0 + kPhaseRows * ostride;
         for (int64_t o = o_begin; o < o_end; o += 2) {  // column phases q = 0, 1 of one (channel, p)
-          T* t0 = phase_rows.data;
-          T* t1 = phase_rows.data + kPhaseRows * ostride;
-          block(base, rp[o], rp[o + 1] - rp[o], bias ? bias[o] : T(0), xo, t0 - xo, valid,
-                part ? part + 2 * o : nullptr);
-          block(base, rp[o + 1], rp[o + 2] - rp[o + 1], bias ? bias[o + 1] : T(0), xo, t1 - xo,
-                valid, part ? part + 2 * (o + 1) : nullptr);
           const int64_t c = o / 4, p = (o / 2) % 2;
-          for (int rr = 0; rr < R; ++rr) {
-            T* dst = out + ((n * (g.C_out / 4) + c) * phase->H + 2 * (y0 + r + rr) + p) * phase->W + 2 * xo;
-            interleave_row(t0 + rr * ostride, t1 + rr * ostride, cols, dst);
+          const int64_t pi = pair_of(o);  // paired: channel c + 1's phases too (phase channels o + 4, o + 5)
+          if constexpr (kPaired) {
+            if (pi >= 0) {
+              pblock(base, pi, bias_of(o), bias_of(o + 4), xo, t0 - xo, u0 - xo, valid, stats_of(o), stats_of(o + 4));
+              pblock(base, pairs.first[o + 1], bias_of(o + 1), bias_of(o + 5), xo, t1 - xo, u1 - xo, valid,
+                     stats_of(o + 1), stats_of(o + 5));
+            }
           }
+          if (pi < 0) {
+            block(base, rp[o], rp[o + 1] - rp[o], bias_of(o), xo, t0 - xo, valid, stats_of(o));
+            block(base, rp[o + 1], rp[o + 2] - rp[o + 1], bias_of(o + 1), xo, t1 - xo, valid, stats_of(o + 1));
+          }
+          for (int64_t cc = 0; cc < (pi >= 0 ? 2 : 1); ++cc) {
+            const T* a = cc == 0 ? t0 : u0;
+            const T* b = cc == 0 ? t1 : u1;
+            for (int rr = 0; rr < R; ++rr) {
+              T* dst = out + ((n * (g.C_out / 4) + c + cc) * phase->H + 2 * (y0 + r + rr) + p) * phase->W + 2 * xo;
+              interleave_row(a + rr * ostride, b + rr * ostride, cols, dst);
+            }
+          }
+          if (pi >= 0 && p == 1) o += 4;  // channel c + 1's phases are done
         }
       };
       const T* offw = w.data();
@@ -821,9 +979,9 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
               const T* base = halo.data + r * rs + xo * g.SW;
               for (int64_t k = rp[o]; k < rp[o + 1]; ++k) acc += offw[k] * base[offp[k]];
               orow[xo] = acc;
-              if (part) {
-                part[2 * o] += acc;
-                part[2 * o + 1] += double(acc) * acc;
+              if (part) {  // (in lane 0 of the channel's lane sums)
+                part[2 * L * o] += acc;
+                part[2 * L * o + L] += double(acc) * acc;
               }
             }
           }
@@ -843,6 +1001,25 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
         auto one2 = [&](const T* base, int64_t k0, int64_t m, T b, int64_t xo, T* orow, int64_t valid, double* st) {
           tap_block<T, 2, 1>(base, rs, offp + k0, offw + k0, m, b, xo, orow, ostride, valid, st);
         };
+        // the same blocks for a pair (pairs.first), in the AVX-512 copy
+        auto paired = [&](auto rows_c, auto vecs_c) {
+          if constexpr (OES_FAST_VEC_BYTES != 64) {
+            return nullptr;
+          } else {
+            return [&](const T* base, int64_t pi, T ba, T bb, int64_t xo, T* oa, T* ob, int64_t valid, double* sa,
+                       double* sb) {
+              const int64_t k0 = pairs.rp[pi];
+              tap_block_pair<T, decltype(rows_c)::value, decltype(vecs_c)::value>(
+                  base, rs, pair_off.data() + k0, pairs.wa.data() + k0, pairs.wb.data() + k0, pairs.rp[pi + 1] - k0,
+                  pairs.split[2 * pi] - k0, pairs.split[2 * pi + 1] - k0, ba, bb, xo, oa, ob, ostride, valid, sa, sb);
+            };
+          }
+        };
+        using One = std::integral_constant<int, 1>;
+        using Two = std::integral_constant<int, 2>;
+        using Four = std::integral_constant<int, 4>;
+        const auto wide2_pair = paired(Two{}, Four{}), one2_pair = paired(Two{}, One{});
+        const auto wide1_pair = paired(One{}, Four{}), one_pair = paired(One{}, One{});
         int64_t r = 0;
         if constexpr (kSliced) {
           if (n_slices > 1) {
@@ -859,9 +1036,6 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
                 }
               }
             };
-            using One = std::integral_constant<int, 1>;
-            using Two = std::integral_constant<int, 2>;
-            using Four = std::integral_constant<int, 4>;
             for (; r + 2 <= rows; r += 2) {
               int64_t xo = 0;
               for (; xo + 4 * L <= g.W_out; xo += 4 * L) sliced(Two{}, Four{}, r, xo, 4 * L);
@@ -877,14 +1051,14 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
         for (; r + 2 <= rows; r += 2) {
           if (windowed) shifted_window(halo.data, rows_h_max, Wa, r, window_rows, g, window.data, window_rows);
           int64_t xo = 0;
-          for (; xo + 4 * L <= g.W_out; xo += 4 * L) run(wide2, 2, 4 * L, r, xo, 4 * L);
-          for (; xo < g.W_out; xo += L) run(one2, 2, L, r, xo, g.W_out - xo);
+          for (; xo + 4 * L <= g.W_out; xo += 4 * L) run(wide2, wide2_pair, 2, 4 * L, r, xo, 4 * L);
+          for (; xo < g.W_out; xo += L) run(one2, one2_pair, 2, L, r, xo, g.W_out - xo);
         }
         for (; r < rows; ++r) {
           if (windowed) shifted_window(halo.data, rows_h_max, Wa, r, g.KH, g, window.data, window_rows);
           int64_t xo = 0;
-          for (; xo + 4 * L <= g.W_out; xo += 4 * L) run(wide1, 1, 4 * L, r, xo, 4 * L);
-          for (; xo < g.W_out; xo += L) run(one, 1, L, r, xo, g.W_out - xo);
+          for (; xo + 4 * L <= g.W_out; xo += 4 * L) run(wide1, wide1_pair, 1, 4 * L, r, xo, 4 * L);
+          for (; xo < g.W_out; xo += L) run(one, one_pair, 1, L, r, xo, g.W_out - xo);
         }
       } else if (flat) {
         flat_planes(halo.data, rows_h_max, Wa, rows - 1 + g.KH, g, planes.data, plane_rows);
@@ -896,7 +1070,7 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
           for (int64_t o = o_begin; o < o_end; ++o) {
             T* orow = out + ((n * g.C_out + o) * g.H_out + y0) * g.W_out;
             tap_block<T, 1, NB>(planes.data, 0, offp + rp[o], offw + rp[o], rp[o + 1] - rp[o], bias ? bias[o] : T(0),
-                                p0, orow, 0, P - p0, part ? part + 2 * o : nullptr);
+                                p0, orow, 0, P - p0, part ? part + 2 * L * o : nullptr);
           }
         };
         flat_blocks(P, L, block);
@@ -914,14 +1088,14 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
         };
         for (int64_t xo = 0; xo < g.W_out; xo += L) {
           int64_t r = 0;
-          for (; r + 8 <= rows; r += 8) run(eight, 8, L, r, xo, g.W_out - xo);
-          for (; r + 4 <= rows; r += 4) run(four, 4, L, r, xo, g.W_out - xo);
-          for (; r < rows; ++r) run(one, 1, L, r, xo, g.W_out - xo);
+          for (; r + 8 <= rows; r += 8) run(eight, nullptr, 8, L, r, xo, g.W_out - xo);
+          for (; r + 4 <= rows; r += 4) run(four, nullptr, 4, L, r, xo, g.W_out - xo);
+          for (; r < rows; ++r) run(one, nullptr, 1, L, r, xo, g.W_out - xo);
         }
       }
     }
   });
-  if (stats != nullptr) sum_partials(partial, tasks, g.C_out * 2, stats);
+  if (stats != nullptr) sum_stat_lanes<T>(partial, tasks, g.C_out, stats);
 }
 
 // Input gradient, any stride: the transposed convolution as a scatter. A task owns one (image, input
@@ -1289,7 +1463,8 @@ inline bool use_phases(const SparseConvGeometry& g) {
 }
 
 // CSR of the phase form: row 4 o + 2 p + q holds output channel o's taps at phase (p, q), in the
-// order of their first original tap; of[4 k + 2 p + q] = the phase entry original tap k went to.
+// order of their first original tap (sorted: in col_idx order, for the forward's channel pairs);
+// of[4 k + 2 p + q] = the phase entry original tap k went to.
 // With vals, the phase values are the sums of their original taps in CSR order.
 template <typename T>
 struct PhasePlan {
@@ -1300,11 +1475,15 @@ struct PhasePlan {
 };
 
 template <typename T>
-PhasePlan<T> plan_phases(const T* vals, const int64_t* rp, const int32_t* ci, const SparseConvGeometry& g) {
+PhasePlan<T> plan_phases(const T* vals, const int64_t* rp, const int32_t* ci, const SparseConvGeometry& g,
+                         bool sorted = false) {
   // (sized up front, filled by index: no library template is first instantiated in an ISA region)
   PhasePlan<T> pl{std::vector<int64_t>(4 * g.C_out + 1, 0), std::vector<int32_t>(4 * g.nnz),
                   std::vector<T>(vals != nullptr ? 4 * g.nnz : 0, T(0)), std::vector<int64_t>(4 * g.nnz)};
   std::vector<int64_t> slot(g.C_in * 9, -1);
+  std::vector<int64_t> order(g.C_in * 9), rank(g.C_in * 9);
+  std::vector<int32_t> sorted_ci(g.C_in * 9);
+  std::vector<T> sorted_vals(g.C_in * 9);
   int64_t count = 0;
   for (int64_t o = 0; o < g.C_out; ++o) {
     for (int64_t ph = 0; ph < 4; ++ph) {
@@ -1323,6 +1502,30 @@ PhasePlan<T> plan_phases(const T* vals, const int64_t* rp, const int32_t* ci, co
         if (vals != nullptr) pl.vals[entry] += vals[k];
       }
       for (int64_t j = first; j < count; ++j) slot[pl.ci[j]] = -1;
+      if (!sorted) {
+        pl.rp[4 * o + ph + 1] = count;
+        continue;
+      }
+      // sorted: the entries in increasing key order (an insertion sort: two kernel rows' runs of
+      // kw interleave within a phase row), so that two channels' taps merge (plan_pairs); `of`
+      // follows them
+      const int64_t m = count - first;
+      for (int64_t e = 0; e < m; ++e) {
+        const int32_t key = pl.ci[first + e];
+        int64_t i = e;
+        for (; i > 0 && pl.ci[order[i - 1]] > key; --i) order[i] = order[i - 1];
+        order[i] = first + e;
+      }
+      for (int64_t e = 0; e < m; ++e) {
+        sorted_ci[e] = pl.ci[order[e]];
+        if (vals != nullptr) sorted_vals[e] = pl.vals[order[e]];
+        rank[order[e] - first] = e;
+      }
+      for (int64_t e = 0; e < m; ++e) {
+        pl.ci[first + e] = sorted_ci[e];
+        if (vals != nullptr) pl.vals[first + e] = sorted_vals[e];
+      }
+      for (int64_t k = rp[o]; k < rp[o + 1]; ++k) pl.of[4 * k + ph] = first + rank[pl.of[4 * k + ph] - first];
       pl.rp[4 * o + ph + 1] = count;
     }
   }
@@ -1345,7 +1548,8 @@ inline SparseConvGeometry phase_geometry(const SparseConvGeometry& g, int64_t nn
 template <typename T>
 void forward_up2(const T* x, const T* vals, const int64_t* rp, const int32_t* ci, const T* bias, T* out,
                  const SparseConvGeometry& g, double* stats) {
-  const PhasePlan<T> pl = plan_phases(vals, rp, ci, g);
+  // (taps sorted where the AVX-512 copy pairs output channels: ChannelPairs)
+  const PhasePlan<T> pl = plan_phases(vals, rp, ci, g, OES_FAST_VEC_BYTES == 64);
   std::vector<T> phase_bias(bias != nullptr ? 4 * g.C_out : 0);
   for (int64_t i = 0; i < static_cast<int64_t>(phase_bias.size()); ++i) phase_bias[i] = bias[i / 4];
   std::vector<double> phase_stats(stats != nullptr ? 8 * g.C_out : 0);
@@ -1521,7 +1725,7 @@ void forward_pool_sliced(const T* x, const T* vals, const int64_t* rp, const int
   const SparseConvGeometry& g = sl.g;
   const PhaseInput box{&g0, true};
   const int64_t Wa = sl.plan.Wa, tile = sl.plan.tile, rows_h = sl.plan.rows_h, tasks = sl.tasks;
-  std::vector<double> partial(stats != nullptr ? tasks * g.C_out * 2 : 0, 0.0);
+  std::vector<double> partial(stats != nullptr ? tasks * g.C_out * 2 * L : 0, 0.0);  // (store_block's lanes)
   // blocks of a tile: pairs of rows (the last row alone when odd) x column blocks of 4 vectors,
   // then of 1 (forward_kernel's wide path); each block's sums take 8 vectors of keep
   const int64_t full_cols = g.W_out / (4 * L), col_blocks = full_cols + (g.W_out % (4 * L) + L - 1) / L;
@@ -1534,7 +1738,7 @@ void forward_pool_sliced(const T* x, const T* vals, const int64_t* rp, const int
     for (int64_t t = begin; t < end; ++t) {
       int64_t n, y0, rows, o_begin, o_end;
       sl.task(t, &n, &y0, &rows, &o_begin, &o_end);
-      double* part = stats != nullptr ? partial.data() + t * g.C_out * 2 : nullptr;
+      double* part = stats != nullptr ? partial.data() + t * g.C_out * 2 * L : nullptr;
       for (int64_t j = 0; j < sl.count; ++j) {
         const int64_t c0 = j * slice_c, c1 = std::min(g0.C_in, c0 + slice_c);
         load_halo_phases(x, halo.data, rows_h, rows - 1 + g.KH, Wa, y0, box, g.W_out + g.KW - 1, n, c0, c1);
@@ -1547,7 +1751,7 @@ void forward_pool_sliced(const T* x, const T* vals, const int64_t* rp, const int
             T* kp = keep.data + (((o - o_begin) * row_blocks + r / 2) * col_blocks + slot) * 8 * L;
             tap_block_slice<T, R, NB>(halo.data + r * rs, rs, off.data() + c[0], vals + c[0], c[1] - c[0],
                                       bias ? bias[o] : T(0), xo, orow, g.W_out, valid, kp, first, last,
-                                      part && last ? part + 2 * o : nullptr);
+                                      part && last ? part + 2 * L * o : nullptr);
           }
         };
         using One = std::integral_constant<int, 1>;
@@ -1567,7 +1771,7 @@ void forward_pool_sliced(const T* x, const T* vals, const int64_t* rp, const int
       }
     }
   });
-  if (stats != nullptr) sum_partials(partial, tasks, g.C_out * 2, stats);
+  if (stats != nullptr) sum_stat_lanes<T>(partial, tasks, g.C_out, stats);
 }
 
 template <typename T>

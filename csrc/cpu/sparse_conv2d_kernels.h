@@ -665,52 +665,61 @@ struct ChannelPairs {
 // col_idx order, as the merge needs: plan_phases' `sorted`): output channels c, c + 1 (c even),
 // all four phases paired or none.
 template <typename T>
-ChannelPairs<T> plan_pairs(const T* vals, const int64_t* rp, const int32_t* ci, int64_t C_out) {
+ChannelPairs<T> plan_pairs(const T* vals, const int64_t* rp, const int32_t* ci, int64_t C_out, int64_t keys) {
+  // keys: the col_idx values' range. Each pair: a's taps marked in `slot` by their index, b's taps
+  // read the marks (shared: -2 left behind), a's taps read them back; the three runs written by
+  // cursors, without a branch on the (unpredictable) data.
   constexpr int64_t stride = 4;
   ChannelPairs<T> pp;
   pp.first = std::vector<int64_t>(C_out, -1);
   pp.rp = std::vector<int64_t>(C_out / 2 + 1, 0);
   pp.split = std::vector<int64_t>(C_out, 0);
-  pp.ci = std::vector<int32_t>(rp[C_out] - rp[0]);
+  pp.ci = std::vector<int32_t>(rp[C_out] - rp[0] + 1);  // (+ 1: a's pass may rewrite one past the end)
   pp.wa = std::vector<T>(pp.ci.size());
   pp.wb = std::vector<T>(pp.ci.size());
+  std::vector<int64_t> slot(keys, -1);
   int64_t n = 0;
   for (int64_t g0 = 0; g0 + 2 * stride <= C_out; g0 += 2 * stride) {
+    const int64_t n0 = n, count0 = pp.count;
     int64_t taps = 0, merged = 0;
     for (int64_t a = g0; a < g0 + stride; ++a) {
-      const int64_t b = a + stride;
-      taps += rp[a + 1] - rp[a] + rp[b + 1] - rp[b];
-      int64_t i = rp[a], j = rp[b];
-      while (i < rp[a + 1] && j < rp[b + 1]) {
-        const int32_t u = ci[i] < ci[j] ? ci[i] : ci[j];
-        i += ci[i] == u;
-        j += ci[j] == u;
-        ++merged;
+      const int64_t b = a + stride, na = rp[a + 1] - rp[a], nb = rp[b + 1] - rp[b];
+      for (int64_t i = rp[a]; i < rp[a + 1]; ++i) slot[ci[i]] = i;
+      // b's taps in order: shared ones to [n, n + shared), its own to [n + na, ...)
+      int64_t shared = 0, own_b = 0;
+      for (int64_t j = rp[b]; j < rp[b + 1]; ++j) {
+        const int64_t i = slot[ci[j]];
+        const bool both = i >= 0;
+        const int64_t at = both ? n + shared : n + na + own_b;
+        pp.ci[at] = ci[j];
+        pp.wa[at] = vals[both ? i : j];  // (b's own: unused)
+        pp.wb[at] = vals[j];
+        slot[ci[j]] = both ? -2 : -1;
+        shared += both;
+        own_b += !both;
       }
-      merged += (rp[a + 1] - i) + (rp[b + 1] - j);
-    }
-    if (taps == 0 || double(merged) > kPairMaxUnion * double(taps)) continue;
-    for (int64_t a = g0; a < g0 + stride; ++a) {
-      const int64_t b = a + stride;
-      // three passes: the shared taps, a's own, b's own (each in col_idx order)
-      for (int pass = 0; pass < 3; ++pass) {
-        int64_t i = rp[a], j = rp[b];
-        while (i < rp[a + 1] || j < rp[b + 1]) {
-          const int32_t u = j == rp[b + 1] || (i < rp[a + 1] && ci[i] < ci[j]) ? ci[i] : ci[j];
-          const bool in_a = i < rp[a + 1] && ci[i] == u, in_b = j < rp[b + 1] && ci[j] == u;
-          if ((pass == 0 && in_a && in_b) || (pass == 1 && in_a && !in_b) || (pass == 2 && in_b && !in_a)) {
-            pp.ci[n] = u;
-            pp.wa[n] = in_a ? vals[i] : T(0);
-            pp.wb[n] = in_b ? vals[j] : T(0);
-            ++n;
-          }
-          i += in_a;
-          j += in_b;
-        }
-        if (pass < 2) pp.split[2 * pp.count + pass] = n;
+      // a's own taps in order, after the shared ones
+      int64_t own_a = 0;
+      for (int64_t i = rp[a]; i < rp[a + 1]; ++i) {
+        const bool own = slot[ci[i]] != -2;
+        const int64_t at = n + shared + own_a;
+        pp.ci[at] = own ? ci[i] : pp.ci[at];
+        pp.wa[at] = own ? vals[i] : pp.wa[at];
+        own_a += own;
+        slot[ci[i]] = -1;
       }
+      taps += na + nb;
+      merged += na + nb - shared;
+      pp.split[2 * pp.count] = n + shared;
+      pp.split[2 * pp.count + 1] = n + na;
       pp.first[a] = pp.count;
+      n += na + nb - shared;
       pp.rp[++pp.count] = n;
+    }
+    if (taps == 0 || double(merged) > kPairMaxUnion * double(taps)) {  // not paired: undone
+      for (int64_t a = g0; a < g0 + stride; ++a) pp.first[a] = -1;
+      n = n0;
+      pp.count = count0;
     }
   }
   return pp;
@@ -883,7 +892,7 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
   // registers hold a pair's 16 accumulators
   ChannelPairs<T> pairs;
   if constexpr (OES_FAST_VEC_BYTES == 64) {
-    if (wide && phase != nullptr) pairs = plan_pairs(vals, rp, ci, g.C_out);
+    if (wide && phase != nullptr) pairs = plan_pairs(vals, rp, ci, g.C_out, g.C_in * g.KH * g.KW);
   }
   // (whole output channels of the phase form: its column phases are interleaved in pairs; whole
   // pairs of output channels where there are pairs)

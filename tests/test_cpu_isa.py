@@ -51,6 +51,8 @@ CASES = [
     # (at 0.08 every output channel kept a tap: test_a_case_has_output_channels_without_taps)
     (1, 2, 6, 12, 90, 3, 1, "zeros", 1, 0.07),
     # many outputs on few inputs: column-shifted windows (use_shifted_window), plain and phase form
+    # (in the AVX-512 copy the phase form pairs its output channels, ChannelPairs, and drops the
+    # windows where a block's plain strip fits the L1: the second case)
     (1, 2, 16, 10, 70, 3, 1, "reflect", 1, 0.5),
     (1, 2, 12, 4, 64, 3, 1, "reflect", 2, 0.5),
     # input gradients whose transposed conv reads its input in input-channel slices (kSliceBytes,
@@ -63,6 +65,9 @@ CASES = [
     # the forward's 4-vector blocks in every copy: an odd number of pooled rows, a partial last
     # column block
     (1, 7, 3, 19, 150, 5, 1, "reflect", 1, 0.2),
+    # the phase form's pairs with windows: 48 inputs, strips of 50-52 KB in both dtypes (last: the
+    # cases' seeds follow their index)
+    (1, 48, 20, 3, 64, 3, 1, "reflect", 2, 0.5),
 ]
 DTYPES = [torch.float64, torch.float32]
 THREADS = [1, 2]

@@ -846,7 +846,19 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
   // (narrow rows, 8-row blocks of one vector, were not faster with windows: up.3-up.5, 16-32 wide;
   // they take planes instead, below: blocks of up to 16 vectors along a channel's rows)
   constexpr int64_t kWindowBlockRows = 2;  // the wide rows' blocks
-  const bool windowed = wide && use_shifted_window(g, kWindowBlockRows);
+  // output-channel pairs (ChannelPairs) in the phase form's wide rows: AVX-512 only, whose 32
+  // registers hold a pair's 16 accumulators
+  ChannelPairs<T> pairs;
+  if constexpr (OES_FAST_VEC_BYTES == 64) {
+    if (wide && phase != nullptr) pairs = plan_pairs(vals, rp, ci, g.C_out, g.C_in * g.KH * g.KW);
+  }
+  // Windows (shifted_window) make every tap's loads aligned, at 2.4x the strip of input that a
+  // block reads. Not where pairs run and the plain strip fits this core's L1: there the pairs'
+  // fewer loads across cache lines cost less than the copies (up.0, 24 KB, 1.05x and up.1, 36 KB,
+  // 1.02x faster without windows on the Intel machine's 48 KB; up.2, 92 KB, 0.87x).
+  const int64_t plain_strip = int64_t(sizeof(T)) * g.C_in * (kWindowBlockRows + g.KH - 1) * (4 * L + g.KW - 1);
+  const bool windowed = wide && use_shifted_window(g, kWindowBlockRows) &&
+                        !(pairs.count > 0 && plain_strip <= l1_data_cache_bytes());
   // Narrow rows in planes (flat_planes): the KW column-shifted copies of each input channel's halo
   // rows packed W_out apart, plane_rows rows each (a vector of slack past the halo's rows). The
   // forward's tiles keep its planes small (plan_planes); the input gradients' are the halo's
@@ -887,12 +899,6 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
         }
       }
     }
-  }
-  // output-channel pairs (ChannelPairs) in the phase form's wide rows: AVX-512 only, whose 32
-  // registers hold a pair's 16 accumulators
-  ChannelPairs<T> pairs;
-  if constexpr (OES_FAST_VEC_BYTES == 64) {
-    if (wide && phase != nullptr) pairs = plan_pairs(vals, rp, ci, g.C_out, g.C_in * g.KH * g.KW);
   }
   // (whole output channels of the phase form: its column phases are interleaved in pairs; whole
   // pairs of output channels where there are pairs)

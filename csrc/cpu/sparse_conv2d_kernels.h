@@ -636,24 +636,25 @@ inline void tap_block_slice(const T* base, int64_t row_stride, const int64_t* of
   store_block<T, R, NB>(acc, xo, out, out_stride, valid, stats);
 }
 
-// Output-channel pairs in the phase form's wide rows (forward_kernel with a PhaseOutput, AVX-512
-// copy): the same phase of two consecutive output channels (phase channels a and a + 4, a / 4
-// even) run as one block. Each merged position of the phase form collects 1, 2 or 4 of the 3x3
-// kernel's taps, so its channels have taps at about two thirds of the positions and two of them
-// share most. The taps both channels have run first, each loaded input vector serving both
-// channels' multiply-adds (the wide rows' blocks are bound by their loads: one load per
-// multiply-add alone); then each channel's own taps, as alone. No multiply-add by a weight of 0:
-// a non-finite input reaches only the outputs whose taps read it. A channel's sum adds its shared
-// taps, then its own, each in col_idx order: other bits than alone, fixed by the mask (not by the
-// thread count). A pair of channels is taken where the union of their four phases' taps is at most
-// kPairMaxUnion of their taps: 1.04-1.09x on up.0-up.2's forwards (union 0.64-0.66 of the taps,
-// docs/performance.md); with unions of 0.8-0.9 of the taps (the plain form's up.3, the down
-// layers' 5x5 kernels at 10-15 %) pairs in the plain rows ran 0.96-0.98x.
-constexpr double kPairMaxUnion = 0.7;
+// Output-channel pairs in the wide rows (forward_kernel, AVX-512 copy; the forwards and the input
+// gradients outside slices): two output channels run as one block. The taps both channels have
+// run first, each loaded input vector serving both channels' multiply-adds (the wide rows' blocks
+// are bound by their loads: one load per multiply-add alone); then each channel's own taps, as
+// alone. No multiply-add by a weight of 0: a non-finite input reaches only the outputs whose taps
+// read it. A channel's sum adds its shared taps, then its own: other bits than alone, fixed by the
+// mask (not by the thread count: channel_groups keeps pairs whole). Pairs are channels a and a +
+// stride with a / stride even: stride 1, or 4 in the phase form (the same phase of two consecutive
+// output channels; each merged position there collects 1, 2 or 4 of the 3x3 kernel's taps, so a
+// channel has taps at about two thirds of the positions and two channels share most). A group of
+// pairs is taken where the union of its pairs' taps is at most kPairMaxUnion of their taps
+// (docs/performance.md, 1 thread, 512x512, the published pepper mask): forwards of up.0-up.2
+// 1.04-1.15x (unions of 0.64-0.66), up.3 1.05-1.07x (0.8); input gradients of up.1-up.3
+// 1.08-1.21x; the down layers' 5x5 convs (unions of 0.9-0.95) 0.98-1.04x.
+constexpr double kPairMaxUnion = 0.9;
 
 template <typename T>
 struct ChannelPairs {
-  std::vector<int64_t> first;  // phase channel a -> its pair's index (a the pair's first channel), else -1
+  std::vector<int64_t> first;  // channel a -> its pair's index (a the pair's first channel), else -1
   std::vector<int64_t> rp;     // pair i's taps [rp[i], rp[i + 1]): shared, then a's own, then b's own
   std::vector<int64_t> split;  // [2 i], [2 i + 1]: the ends of pair i's shared taps and of a's own
   std::vector<int32_t> ci;
@@ -661,15 +662,15 @@ struct ChannelPairs {
   int64_t count = 0;
 };
 
-// The pairs of the phase form's channels (C_out phase channels, each one's taps in increasing
-// col_idx order, as the merge needs: plan_phases' `sorted`): output channels c, c + 1 (c even),
-// all four phases paired or none.
+// The pairs of channels a, a + stride (a / stride even; groups of `stride` pairs taken whole: in
+// the phase form, all four phases of two output channels or none). A pair's shared taps come in
+// b's order, a's own taps in a's, b's own in b's.
 template <typename T>
-ChannelPairs<T> plan_pairs(const T* vals, const int64_t* rp, const int32_t* ci, int64_t C_out, int64_t keys) {
+ChannelPairs<T> plan_pairs(const T* vals, const int64_t* rp, const int32_t* ci, int64_t C_out, int64_t keys,
+                           int64_t stride) {
   // keys: the col_idx values' range. Each pair: a's taps marked in `slot` by their index, b's taps
   // read the marks (shared: -2 left behind), a's taps read them back; the three runs written by
   // cursors, without a branch on the (unpredictable) data.
-  constexpr int64_t stride = 4;
   ChannelPairs<T> pp;
   pp.first = std::vector<int64_t>(C_out, -1);
   pp.rp = std::vector<int64_t>(C_out / 2 + 1, 0);
@@ -846,19 +847,25 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
   // (narrow rows, 8-row blocks of one vector, were not faster with windows: up.3-up.5, 16-32 wide;
   // they take planes instead, below: blocks of up to 16 vectors along a channel's rows)
   constexpr int64_t kWindowBlockRows = 2;  // the wide rows' blocks
-  // output-channel pairs (ChannelPairs) in the phase form's wide rows: AVX-512 only, whose 32
-  // registers hold a pair's 16 accumulators
+  // the strip of the halo that one wide block reads: every input channel, the block's rows and
+  // KH - 1 more, 4 vectors and KW - 1 columns
+  const int64_t strip = int64_t(sizeof(T)) * (kWindowBlockRows + g.KH - 1) * (4 * L + g.KW - 1);
+  const bool strip_in_l1 = g.C_in * strip <= l1_data_cache_bytes();
+  const bool can_window = wide && use_shifted_window(g, kWindowBlockRows);
+  // kSliced: the input gradients' wide rows in input-channel slices where the strip outgrows the
+  // L1 (kSliceBytes) and there are no windows
+  const bool sliced = kSliced && stats == nullptr && phase == nullptr && wide && !can_window && !strip_in_l1;
+  // output-channel pairs (ChannelPairs) in the wide rows outside slices: AVX-512 only, whose 32
+  // registers hold a pair's 16 accumulators; in the phase form the same phase of two channels
   ChannelPairs<T> pairs;
   if constexpr (OES_FAST_VEC_BYTES == 64) {
-    if (wide && phase != nullptr) pairs = plan_pairs(vals, rp, ci, g.C_out, g.C_in * g.KH * g.KW);
+    if (wide && !sliced) pairs = plan_pairs(vals, rp, ci, g.C_out, g.C_in * g.KH * g.KW, phase != nullptr ? 4 : 1);
   }
-  // Windows (shifted_window) make every tap's loads aligned, at 2.4x the strip of input that a
-  // block reads. Not where pairs run and the plain strip fits this core's L1: there the pairs'
-  // fewer loads across cache lines cost less than the copies (up.0, 24 KB, 1.05x and up.1, 36 KB,
-  // 1.02x faster without windows on the Intel machine's 48 KB; up.2, 92 KB, 0.87x).
-  const int64_t plain_strip = int64_t(sizeof(T)) * g.C_in * (kWindowBlockRows + g.KH - 1) * (4 * L + g.KW - 1);
-  const bool windowed = wide && use_shifted_window(g, kWindowBlockRows) &&
-                        !(pairs.count > 0 && plain_strip <= l1_data_cache_bytes());
+  // Windows (shifted_window) make every tap's loads aligned, at 2.4x the strip. Not where pairs
+  // run and the plain strip fits this core's L1: there the pairs' fewer loads across cache lines
+  // cost less than the copies (up.0, 24 KB, 1.05x and up.1, 36 KB, 1.02x faster without windows
+  // on the Intel machine's 48 KB; up.2, 92 KB, 0.87x).
+  const bool windowed = can_window && !(pairs.count > 0 && strip_in_l1);
   // Narrow rows in planes (flat_planes): the KW column-shifted copies of each input channel's halo
   // rows packed W_out apart, plane_rows rows each (a vector of slack past the halo's rows). The
   // forward's tiles keep its planes small (plan_planes); the input gradients' are the halo's
@@ -882,10 +889,9 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
   constexpr int64_t keep_vecs = kWindowBlockRows * 4;  // one output channel's sums of the largest block
   std::vector<int64_t> cut;
   if constexpr (kSliced) {
-    if (stats == nullptr && phase == nullptr && !windowed && wide) {
-      const int64_t strip = int64_t(sizeof(T)) * (kWindowBlockRows + g.KH - 1) * (4 * L + g.KW - 1);
+    if (sliced) {
       const int64_t slice = std::max<int64_t>(1, kSliceBytes / strip);
-      n_slices = g.C_in * strip > l1_data_cache_bytes() ? (g.C_in + slice - 1) / slice : 1;
+      n_slices = (g.C_in + slice - 1) / slice;
       if (n_slices > 1) {
         const Divider by_kk(g.KH * g.KW);  // a tap's input channel: col_idx / (KH KW)
         cut.resize(g.C_out * (n_slices + 1));
@@ -902,7 +908,7 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
   }
   // (whole output channels of the phase form: its column phases are interleaved in pairs; whole
   // pairs of output channels where there are pairs)
-  const int64_t unit = phase == nullptr ? 1 : pairs.count > 0 ? 8 : 4;
+  const int64_t unit = (phase != nullptr ? 4 : 1) * (pairs.count > 0 ? 2 : 1);
   const std::vector<int64_t> bounds = channel_groups(rp, g.C_out, unit, g.N * n_tiles);
   const int64_t groups = int64_t(bounds.size()) - 1;
   const int64_t tasks = g.N * n_tiles * groups;
@@ -948,6 +954,15 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
         if (phase == nullptr) {
           for (int64_t o = o_begin; o < o_end; ++o) {
             T* orow = out + ((n * g.C_out + o) * g.H_out + y0 + r) * g.W_out;
+            if constexpr (kPaired) {
+              const int64_t pi = pair_of(o);
+              if (pi >= 0) {
+                pblock(base, pi, bias_of(o), bias_of(o + 1), xo, orow, orow + g.H_out * g.W_out, valid, stats_of(o),
+                       stats_of(o + 1));
+                ++o;
+                continue;
+              }
+            }
             block(base, rp[o], rp[o + 1] - rp[o], bias_of(o), xo, orow, valid, stats_of(o));
           }
           return;
@@ -1478,8 +1493,7 @@ inline bool use_phases(const SparseConvGeometry& g) {
 }
 
 // CSR of the phase form: row 4 o + 2 p + q holds output channel o's taps at phase (p, q), in the
-// order of their first original tap (sorted: in col_idx order, for the forward's channel pairs);
-// of[4 k + 2 p + q] = the phase entry original tap k went to.
+// order of their first original tap; of[4 k + 2 p + q] = the phase entry original tap k went to.
 // With vals, the phase values are the sums of their original taps in CSR order.
 template <typename T>
 struct PhasePlan {
@@ -1490,15 +1504,11 @@ struct PhasePlan {
 };
 
 template <typename T>
-PhasePlan<T> plan_phases(const T* vals, const int64_t* rp, const int32_t* ci, const SparseConvGeometry& g,
-                         bool sorted = false) {
+PhasePlan<T> plan_phases(const T* vals, const int64_t* rp, const int32_t* ci, const SparseConvGeometry& g) {
   // (sized up front, filled by index: no library template is first instantiated in an ISA region)
   PhasePlan<T> pl{std::vector<int64_t>(4 * g.C_out + 1, 0), std::vector<int32_t>(4 * g.nnz),
                   std::vector<T>(vals != nullptr ? 4 * g.nnz : 0, T(0)), std::vector<int64_t>(4 * g.nnz)};
   std::vector<int64_t> slot(g.C_in * 9, -1);
-  std::vector<int64_t> order(g.C_in * 9), rank(g.C_in * 9);
-  std::vector<int32_t> sorted_ci(g.C_in * 9);
-  std::vector<T> sorted_vals(g.C_in * 9);
   int64_t count = 0;
   for (int64_t o = 0; o < g.C_out; ++o) {
     for (int64_t ph = 0; ph < 4; ++ph) {
@@ -1517,30 +1527,6 @@ PhasePlan<T> plan_phases(const T* vals, const int64_t* rp, const int32_t* ci, co
         if (vals != nullptr) pl.vals[entry] += vals[k];
       }
       for (int64_t j = first; j < count; ++j) slot[pl.ci[j]] = -1;
-      if (!sorted) {
-        pl.rp[4 * o + ph + 1] = count;
-        continue;
-      }
-      // sorted: the entries in increasing key order (an insertion sort: two kernel rows' runs of
-      // kw interleave within a phase row), so that two channels' taps merge (plan_pairs); `of`
-      // follows them
-      const int64_t m = count - first;
-      for (int64_t e = 0; e < m; ++e) {
-        const int32_t key = pl.ci[first + e];
-        int64_t i = e;
-        for (; i > 0 && pl.ci[order[i - 1]] > key; --i) order[i] = order[i - 1];
-        order[i] = first + e;
-      }
-      for (int64_t e = 0; e < m; ++e) {
-        sorted_ci[e] = pl.ci[order[e]];
-        if (vals != nullptr) sorted_vals[e] = pl.vals[order[e]];
-        rank[order[e] - first] = e;
-      }
-      for (int64_t e = 0; e < m; ++e) {
-        pl.ci[first + e] = sorted_ci[e];
-        if (vals != nullptr) pl.vals[first + e] = sorted_vals[e];
-      }
-      for (int64_t k = rp[o]; k < rp[o + 1]; ++k) pl.of[4 * k + ph] = first + rank[pl.of[4 * k + ph] - first];
       pl.rp[4 * o + ph + 1] = count;
     }
   }
@@ -1563,8 +1549,7 @@ inline SparseConvGeometry phase_geometry(const SparseConvGeometry& g, int64_t nn
 template <typename T>
 void forward_up2(const T* x, const T* vals, const int64_t* rp, const int32_t* ci, const T* bias, T* out,
                  const SparseConvGeometry& g, double* stats) {
-  // (taps sorted where the AVX-512 copy pairs output channels: ChannelPairs)
-  const PhasePlan<T> pl = plan_phases(vals, rp, ci, g, OES_FAST_VEC_BYTES == 64);
+  const PhasePlan<T> pl = plan_phases(vals, rp, ci, g);
   std::vector<T> phase_bias(bias != nullptr ? 4 * g.C_out : 0);
   for (int64_t i = 0; i < static_cast<int64_t>(phase_bias.size()); ++i) phase_bias[i] = bias[i / 4];
   std::vector<double> phase_stats(stats != nullptr ? 8 * g.C_out : 0);

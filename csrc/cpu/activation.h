@@ -56,11 +56,22 @@ inline void store_rounded(scalar_t* p, F64Vec v, int64_t n) {
   }
 }
 
+// kF64Lanes floats as float64 lanes (exact). gcc 12 widens 8 floats to a 512-bit vector as two
+// 4-lane conversions and an insert; the AVX-512 builtin is one vcvtps2pd.
+inline F64Vec widen(F64Narrow<float> v) {
+#if OES_FAST_VEC_BYTES == 64 && defined(__GNUC__) && !defined(__clang__)
+  return __builtin_ia32_cvtps2pd512_mask(v, F64Vec{}, static_cast<unsigned char>(-1), 4 /* current rounding */);
+#else
+  return __builtin_convertvector(v, F64Vec);
+#endif
+}
+inline F64Vec widen(F64Vec v) { return v; }  // (F64Narrow<double>)
+
 // kF64Lanes values at p as float64 lanes
 inline F64Vec load_as_double(const float* p) {
   F64Narrow<float> v;
   __builtin_memcpy(&v, p, sizeof v);
-  return __builtin_convertvector(v, F64Vec);
+  return widen(v);
 }
 inline F64Vec load_as_double(const double* p) { return load_f64(p); }
 
@@ -95,7 +106,7 @@ inline void activate_row_twice(const scalar_t* x, scalar_t* y, int64_t n, double
   for (; i + kF64Lanes <= n; i += kF64Lanes) {
     const F64Narrow<scalar_t> first = __builtin_convertvector(activation_lanes(x + i, vscale, vshift, vslope),
                                                               F64Narrow<scalar_t>);
-    const F64Vec pre = __builtin_convertvector(first, F64Vec) * vscale2 + vshift2;
+    const F64Vec pre = widen(first) * vscale2 + vshift2;
     store_rounded(y + i, pre > 0.0 ? pre : pre * one, kF64Lanes);
   }
   for (; i < n; ++i) {

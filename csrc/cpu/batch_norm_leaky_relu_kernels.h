@@ -104,7 +104,7 @@ constexpr int64_t kHeadAcc = 8;
 constexpr int64_t kHeadChunk = 128;  // a multiple of kHeadAcc * kF64Lanes in every copy (<= 64)
 template <typename scalar_t>
 inline F64Vec round_lanes(F64Vec v) {
-  return __builtin_convertvector(__builtin_convertvector(v, F64Narrow<scalar_t>), F64Vec);
+  return widen(__builtin_convertvector(v, F64Narrow<scalar_t>));
 }
 
 // batch_norm_leaky_relu on channel c: y = leaky_relu(x * scale + shift) over its N planes.

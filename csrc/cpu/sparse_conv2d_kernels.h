@@ -647,9 +647,10 @@ inline void tap_block_slice(const T* base, int64_t row_stride, const int64_t* of
 // output channels; each merged position there collects 1, 2 or 4 of the 3x3 kernel's taps, so a
 // channel has taps at about two thirds of the positions and two channels share most). A group of
 // pairs is taken where the union of its pairs' taps is at most kPairMaxUnion of their taps
-// (docs/performance.md, 1 thread, 512x512, the published pepper mask): forwards of up.0-up.2
-// 1.04-1.15x (unions of 0.64-0.66), up.3 1.05-1.07x (0.8); input gradients of up.1-up.3
-// 1.08-1.21x; the down layers' 5x5 convs (unions of 0.9-0.95) 0.98-1.04x.
+// (docs/performance.md, 1 thread, 512x512, the published pepper mask; with the statistics' lane
+// sums, against the code before both): forwards of up.0-up.2 1.21-1.24x (unions of 0.64-0.66),
+// up.3 1.09x (0.8); input gradients of up.1-up.3 1.10-1.23x; the down layers' 5x5 convs (unions
+// of 0.9-0.95) 0.97-1.11x.
 constexpr double kPairMaxUnion = 0.9;
 
 template <typename T>
@@ -854,12 +855,12 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
   const bool can_window = wide && use_shifted_window(g, kWindowBlockRows);
   // kSliced: the input gradients' wide rows in input-channel slices where the strip outgrows the
   // L1 (kSliceBytes) and there are no windows
-  const bool sliced = kSliced && stats == nullptr && phase == nullptr && wide && !can_window && !strip_in_l1;
+  const bool in_slices = kSliced && stats == nullptr && phase == nullptr && wide && !can_window && !strip_in_l1;
   // output-channel pairs (ChannelPairs) in the wide rows outside slices: AVX-512 only, whose 32
   // registers hold a pair's 16 accumulators; in the phase form the same phase of two channels
   ChannelPairs<T> pairs;
   if constexpr (OES_FAST_VEC_BYTES == 64) {
-    if (wide && !sliced) pairs = plan_pairs(vals, rp, ci, g.C_out, g.C_in * g.KH * g.KW, phase != nullptr ? 4 : 1);
+    if (wide && !in_slices) pairs = plan_pairs(vals, rp, ci, g.C_out, g.C_in * g.KH * g.KW, phase != nullptr ? 4 : 1);
   }
   // Windows (shifted_window) make every tap's loads aligned, at 2.4x the strip. Not where pairs
   // run and the plain strip fits this core's L1: there the pairs' fewer loads across cache lines
@@ -889,7 +890,7 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
   constexpr int64_t keep_vecs = kWindowBlockRows * 4;  // one output channel's sums of the largest block
   std::vector<int64_t> cut;
   if constexpr (kSliced) {
-    if (sliced) {
+    if (in_slices) {
       const int64_t slice = std::max<int64_t>(1, kSliceBytes / strip);
       n_slices = (g.C_in + slice - 1) / slice;
       if (n_slices > 1) {
@@ -944,7 +945,7 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
       // channels, KH rows) stays in L1 while every output channel of the group uses it.
       double* part = stats != nullptr ? partial.data() + t * g.C_out * 2 * L : nullptr;
       // a block of R rows stores min(valid, span) columns from xo; pblock: the same block for a
-      // pair of the phase form's channels (pairs), or nullptr where the rows take no pairs
+      // pair of channels (pairs), or nullptr where the rows take no pairs
       auto run = [&](auto block, auto pblock, int R, int64_t span, int64_t r, int64_t xo, int64_t valid) {
         constexpr bool kPaired = !std::is_same_v<decltype(pblock), std::nullptr_t>;
         const T* base = windowed ? window.data : halo.data + r * rs;  // (a window starts at row r)
@@ -975,14 +976,13 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
         for (int64_t o = o_begin; o < o_end; o += 2) {  // column phases q = 0, 1 of one (channel, p)
           const int64_t c = o / 4, p = (o / 2) % 2;
           const int64_t pi = pair_of(o);  // paired: channel c + 1's phases too (phase channels o + 4, o + 5)
-          if constexpr (kPaired) {
-            if (pi >= 0) {
+          if (pi >= 0) {
+            if constexpr (kPaired) {
               pblock(base, pi, bias_of(o), bias_of(o + 4), xo, t0 - xo, u0 - xo, valid, stats_of(o), stats_of(o + 4));
               pblock(base, pairs.first[o + 1], bias_of(o + 1), bias_of(o + 5), xo, t1 - xo, u1 - xo, valid,
                      stats_of(o + 1), stats_of(o + 5));
             }
-          }
-          if (pi < 0) {
+          } else {
             block(base, rp[o], rp[o + 1] - rp[o], bias_of(o), xo, t0 - xo, valid, stats_of(o));
             block(base, rp[o + 1], rp[o + 2] - rp[o + 1], bias_of(o + 1), xo, t1 - xo, valid, stats_of(o + 1));
           }

@@ -4,14 +4,17 @@
 
 Everything on the OES network (seed 0) with the published pepper mask (density 0.05) applied
 to fresh weights, at 512x512 unless said otherwise, batch norm with batch statistics:
-- forward: masked dense model through torch (oneDNN), compaction alone (dense convs on the
+- forward: masked dense model through torch (oneDNN) on contiguous and on channels-last
+  activations (oneDNN's faster layout on a CPU), compaction alone (dense convs on the
   compacted weights), the sparse generator (per-layer choice), and a torch.sparse baseline
   (unfold + torch.sparse.mm on the masked CSR weights, which is what torch offers);
 - one training step (forward, MSE loss, backward, Adam: oes_fast.train.adam, fused, for both): masked dense (gradients masked, as
-  the authors' loop) against the sparse generator;
+  the authors' loop; both layouts) against the sparse generator;
 - a density sweep of one layer (64 -> 64 channels, 5x5, 128x128): sparse_conv2d against the
   dense conv of the same (compacted) weight, to locate the crossover density;
 - the machine's measured peak (a large float32 matmul).
+In the forward and training-step groups the channels-last dense rows are the baseline of
+bench/report.py's ratios (the faster layout, issue 16's baseline).
 `extra_info` holds the executed multiply-adds, so GFLOP/s = 2 * macs / time.
 Compare ratios within one run: the machine is shared and absolute times move.
 """
@@ -131,9 +134,22 @@ def _run(benchmark, fn):
 @pytest.mark.benchmark(group="forward-512")
 def test_forward_dense_masked(benchmark, setup):
     dense = setup["dense"]
-    benchmark.extra_info.update(macs=dense_macs(dense, SIZE, SIZE), kind="masked dense, torch/oneDNN", baseline=True)
+    benchmark.extra_info.update(macs=dense_macs(dense, SIZE, SIZE), kind="masked dense, torch/oneDNN")
     with torch.no_grad():
         _run(benchmark, lambda: dense(setup["z"]))
+
+
+@pytest.mark.benchmark(group="forward-512")
+def test_forward_dense_masked_channels_last(benchmark, setup):
+    """The masked dense forward on channels-last activations, which oneDNN runs faster on a CPU:
+    z channels-last, as oes_fast.train_dense feeds it (oes_fast.loop.network_input); issue 16's
+    baseline."""
+    dense = setup["dense"]
+    z = setup["z"].contiguous(memory_format=torch.channels_last)
+    benchmark.extra_info.update(macs=dense_macs(dense, SIZE, SIZE), kind="masked dense, torch/oneDNN, channels-last",
+                                baseline=True)
+    with torch.no_grad():
+        _run(benchmark, lambda: dense(z))
 
 
 @pytest.mark.benchmark(group="forward-512")
@@ -195,8 +211,17 @@ def test_forward_torch_sparse(benchmark, setup):
 @pytest.mark.benchmark(group="train-step-512")
 def test_train_step_dense_masked(benchmark, setup):
     net = copy.deepcopy(setup["dense"])
-    benchmark.extra_info.update(macs=3 * dense_macs(net, SIZE, SIZE), kind="masked dense step (grads masked)", baseline=True)
+    benchmark.extra_info.update(macs=3 * dense_macs(net, SIZE, SIZE), kind="masked dense step (grads masked)")
     _run(benchmark, train_step(net, setup["z"], setup["target"], setup["mask"]))
+
+
+@pytest.mark.benchmark(group="train-step-512")
+def test_train_step_dense_masked_channels_last(benchmark, setup):
+    net = copy.deepcopy(setup["dense"])
+    z = setup["z"].contiguous(memory_format=torch.channels_last)  # (as in the forward above)
+    benchmark.extra_info.update(macs=3 * dense_macs(net, SIZE, SIZE),
+                                kind="masked dense step (grads masked), channels-last", baseline=True)
+    _run(benchmark, train_step(net, z, setup["target"], setup["mask"]))
 
 
 @pytest.mark.benchmark(group="train-step-512")

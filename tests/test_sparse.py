@@ -165,6 +165,32 @@ def test_sparse_conv2d_fused_upsample(shape, dtype, device):
         assert_close_to_reference(got.detach().cpu(), e64, elp, name=name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sparse_conv2d_fused_upsample_streamed_output(dtype):
+    """The phase form writes an output of at least 4x the core's L2 with streaming stores (the
+    AVX-512 copy; the others store as usual): a 2048 x 1018 output of 4 channels (33 MB in
+    float32, 67 MB in float64: above 4x an L2 of 4 MB), rows of 1018 values (a partial last
+    vector; in float32 one row in eight starts on a cache line, where the streaming stores run),
+    against the reference, with the statistics of sparse_conv2d_stats."""
+    n, c_in, c_out, h, w_ = 1, 3, 4, 1024, 509
+    w, keep = random_weight(c_out, c_in, 3, 0.4, torch.float64, 21)
+    gen = torch.Generator().manual_seed(22)
+    x = torch.randn(n, c_in, h, w_, generator=gen, dtype=torch.float64)
+    b = torch.randn(c_out, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        refs = [reference_conv(F.interpolate(x.to(dt), scale_factor=2, mode="nearest"), w.to(dt), b.to(dt), 1, 1,
+                               "reflect") for dt in (torch.float64, dtype)]
+        values, row_ptr, col_idx = to_csr(w.to(dtype), keep)
+        out = sparse_conv2d(x.to(dtype), values, row_ptr, col_idx, 3, b.to(dtype), 1, 1, "reflect", upsample=2)
+        y, stats = torch.ops.oes_fast.sparse_conv2d_stats(x.to(dtype), values, row_ptr, col_idx, b.to(dtype), [3, 3],
+                                                          [1, 1], "reflect", 2)
+    assert out.shape == (n, c_out, 2 * h, 2 * w_) and out.element_size() * out.numel() >= 16 * 2**20
+    assert_close_to_reference(out, refs[0], refs[1], name="forward")
+    assert torch.equal(y, out)
+    r = refs[0].transpose(0, 1).reshape(c_out, -1)
+    torch.testing.assert_close(stats, torch.stack([r.sum(1), (r * r).sum(1)], 1), rtol=1e-5, atol=1e-3)
+
+
 @pytest.mark.parametrize("upsample, size", [(1, (6, 7)), (2, (3, 65))])
 def test_sparse_conv2d_gradcheck(upsample, size):
     """Gradients of the op; with upsample=2 at a stored width of 64 and more the CPU runs the 3x3

@@ -39,7 +39,7 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "oes_published_
 # parallel region then waits at its barrier, which makes multi-threaded timings meaningless.
 THREADS = int(os.environ.get("OES_BENCH_THREADS", "1"))
 SIZE = 512
-ROUNDS = 5
+ROUNDS = int(os.environ.get("OES_BENCH_ROUNDS", "5"))  # (as the other bench files)
 
 
 def _mask(model, name="pepper"):

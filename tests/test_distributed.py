@@ -48,8 +48,10 @@ def _worker(rank, port, dtype, folder):
         result = dict(search=dict(logits=found.logits, mask=found.mask.to_flat(), losses=found.losses),
                       imp=dict(masks=[m.to_flat() for m in pruned.masks], losses=pruned.losses))
         torch.save(result, os.path.join(folder, f"rank{proc.rank}.pt"))
-    finally:
-        distributed.finish()
+    except BaseException:
+        distributed.finish(synchronize=False)
+        raise
+    distributed.finish()
 
 
 @pytest.fixture(scope="module", params=[torch.float64, torch.float32], ids=["float64", "float32"])

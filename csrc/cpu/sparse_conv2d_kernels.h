@@ -767,36 +767,38 @@ struct PhaseOutput {
   int64_t H, W;
 };
 
-// Streaming (non-temporal) stores of a full vector to a 64-byte aligned address where the copy
-// has them (AVX-512: one cache line, which the store then writes whole without first reading it);
-// false where not, and the caller stores as usual.
-template <typename T>
-__attribute__((always_inline)) inline bool stream_store(T* dst, const vec_t<T>& v) {
+// Whether this copy has streaming (non-temporal) vector stores: AVX-512's write one whole cache
+// line without first reading it.
 #if defined(__x86_64__)
-  if constexpr (OES_FAST_VEC_BYTES == 64) {
+constexpr bool kStreamStores = OES_FAST_VEC_BYTES == 64;
+#else
+constexpr bool kStreamStores = false;
+#endif
+
+// v to the 64-byte aligned dst in a streaming store (copies with kStreamStores).
+template <typename T>
+__attribute__((always_inline)) inline void stream_store(T* dst, const vec_t<T>& v) {
+#if defined(__x86_64__)
+  if constexpr (kStreamStores) {
     if constexpr (std::is_same_v<T, float>) {
       __builtin_ia32_movntps512(dst, v);
     } else {
       __builtin_ia32_movntpd512(dst, v);
     }
-    return true;
   }
 #endif
-  (void)dst;
-  (void)v;
-  return false;
 }
 
 // Orders the streaming stores this thread issued before every store after it (each thread that
 // streamed calls it before its part of the work is handed back).
 inline void stream_fence() {
 #if defined(__x86_64__)
-  if constexpr (OES_FAST_VEC_BYTES == 64) __builtin_ia32_sfence();
+  if constexpr (kStreamStores) __builtin_ia32_sfence();
 #endif
 }
 
 // dst[2 j] = a[j], dst[2 j + 1] = b[j] for j < n: two phase rows into one output row. With
-// `stream`, the whole vectors go to memory with streaming stores where the copy has them and dst
+// `stream`, the whole vectors go to memory in streaming stores where the copy has them and dst
 // is 64-byte aligned (the caller then fences before the output is read).
 template <typename T>
 inline void interleave_row(const T* a, const T* b, int64_t n, T* dst, bool stream = false) {
@@ -808,18 +810,18 @@ inline void interleave_row(const T* a, const T* b, int64_t n, T* dst, bool strea
     lo[l] = (l % 2) * L + l / 2;
     hi[l] = (l % 2) * L + L / 2 + l / 2;
   }
+  const bool streamed = kStreamStores && stream && reinterpret_cast<uintptr_t>(dst) % 64 == 0;
   int64_t j = 0;
-  if (stream && reinterpret_cast<uintptr_t>(dst) % 64 == 0) {
-    for (; j + L <= n; j += L) {
-      const V va = load<V>(a + j), vb = load<V>(b + j);
-      if (!stream_store(dst + 2 * j, V(__builtin_shuffle(va, vb, lo)))) break;
-      stream_store(dst + 2 * j + L, V(__builtin_shuffle(va, vb, hi)));
-    }
-  }
   for (; j + L <= n; j += L) {
     const V va = load<V>(a + j), vb = load<V>(b + j);
-    store(dst + 2 * j, __builtin_shuffle(va, vb, lo));
-    store(dst + 2 * j + L, __builtin_shuffle(va, vb, hi));
+    const V first = __builtin_shuffle(va, vb, lo), second = __builtin_shuffle(va, vb, hi);
+    if (streamed) {
+      stream_store(dst + 2 * j, first);
+      stream_store(dst + 2 * j + L, second);
+    } else {
+      store(dst + 2 * j, first);
+      store(dst + 2 * j + L, second);
+    }
   }
   for (; j < n; ++j) {
     dst[2 * j] = a[j];
@@ -934,8 +936,8 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
   constexpr int kPhaseRows = 8;
   const int64_t ostride = phase != nullptr ? 4 * L : g.W_out;
   // the phase form's output in streaming stores where it is large (kStreamMinL2)
-  const bool stream = phase != nullptr && g.N * (g.C_out / 4) * phase->H * phase->W * int64_t(sizeof(T)) >=
-                                              stream_min_bytes();
+  const bool stream = kStreamStores && phase != nullptr &&
+                     g.N * (g.C_out / 4) * phase->H * phase->W * int64_t(sizeof(T)) >= stream_min_bytes();
   // the slices: input channels [j * slice, (j + 1) * slice); output channel o's taps of slice j are
   // [cut[o * (n_slices + 1) + j], cut[o * (n_slices + 1) + j + 1])
   int64_t n_slices = 1;

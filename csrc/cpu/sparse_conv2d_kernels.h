@@ -336,7 +336,7 @@ void padded_row(const T* x, int64_t i, T* dst, int64_t len, const SparseConvGeom
 }
 
 // The lane masks that split two vectors (a, b) = 2 L consecutive elements into their even and odd
-// elements.
+// elements, and that take the L elements from a's second on.
 template <typename T>
 struct Deinterleave {
   using M = typename IndexVecOf<T>::type;
@@ -344,9 +344,10 @@ struct Deinterleave {
     for (int64_t l = 0; l < kLanes<T>; ++l) {
       even[l] = 2 * l;
       odd[l] = 2 * l + 1;
+      shift[l] = l + 1;
     }
   }
-  M even, odd;
+  M even, odd, shift;  // shift: (a, b) -> a's lanes 1.. then b's lane 0
 };
 
 // The box mean's loader asks for the stored row kBoxPrefetchRows padded rows below the one it reads,
@@ -430,14 +431,21 @@ void load_halo_phases(const T* x, T* halo, int64_t rows_h, int64_t rows_load, in
       T* d0 = dst(i % 2, 0, i / 2 - r0);
       T* d1 = dst(i % 2, 1, i / 2 - r0);
       BoxRowPrefetch<T> ahead(x, i + 1 + kBoxPrefetchRows, g, n, c);
+      // the column sums v(j) = cur[j] + next[j] in vectors, each made once: B(j) = (v(j) + v(j + 1)) / 4
+      // with v(j + 1) shifted in from the vector after (vertical sums of the shifted columns loaded
+      // again ran slower)
+      V v_lo = load<V>(cur) + load<V>(next);
       for (int64_t s = 0; s < Wp; s += L) {
         ahead.next();
         const T* p = cur + 2 * s;
         const T* q = next + 2 * s;
-        const V a = quarter * ((load<V>(p) + load<V>(q)) + (load<V>(p + 1) + load<V>(q + 1)));
-        const V b = quarter * ((load<V>(p + L) + load<V>(q + L)) + (load<V>(p + L + 1) + load<V>(q + L + 1)));
+        const V v_hi = load<V>(p + L) + load<V>(q + L);
+        const V v_next = load<V>(p + 2 * L) + load<V>(q + 2 * L);
+        const V a = quarter * (v_lo + __builtin_shuffle(v_lo, v_hi, split.shift));
+        const V b = quarter * (v_hi + __builtin_shuffle(v_hi, v_next, split.shift));
         store(d0 + s, __builtin_shuffle(a, b, split.even));
         store(d1 + s, __builtin_shuffle(a, b, split.odd));
+        v_lo = v_next;
       }
       std::swap(cur, next);
     }

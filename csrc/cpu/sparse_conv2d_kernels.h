@@ -351,13 +351,18 @@ struct Deinterleave {
 };
 
 // The box mean's loader asks for the stored row kBoxPrefetchRows padded rows below the one it reads,
-// two lines at a time between the box mean's vectors (BoxRowPrefetch), into the L2 (locality 2,
-// prefetcht1), instead of padded_row's burst of a whole row into L1. With the burst the memory
+// two lines at a time between the box mean's vectors (BoxRowPrefetch), instead of padded_row's
+// burst of a whole row into L1. With the burst the memory
 // stream ran only while rows were copied and stopped during the box mean: the generator's first
 // conv (the pooled form of 32 channels of z, 512x512, 1 thread, its input from memory) spent
 // 3.0 ms copying rows and 1.2 ms on the box mean, 4.2 ms for both. Spread, the conv's forward and
 // weight gradient ran 1.12-1.20x faster (bench/kernel_ab.py --flush; 2, 3, 4 or 6 rows ahead and
-// locality 1 or 2 all within that; locality 3 1.03-1.05x). A prefetch changes no value.
+// locality 1 or 2 all within that; locality 3 1.03-1.05x). Non-temporal (locality 0,
+// prefetchnta): the first conv reads each of z's 33.5 MB once per step, and with a hint that
+// keeps it out of the last-level cache the rest of the network's data and code stay there. On
+// the Zen 5 EPYC (1 MiB of L2, 32 MiB of L3; docs/performance.md) the first conv alone ran as
+// fast (kernel_ab.py --flush: 1.00x) and the whole forward 1.02-1.05x faster, the step 1.03x
+// (bench/step_ab.py, alternating processes). A prefetch changes no value.
 constexpr int64_t kBoxPrefetchRows = 4;
 
 template <typename T>
@@ -371,7 +376,7 @@ struct BoxRowPrefetch {
   // the row's next two lines
   __attribute__((always_inline)) inline void next() {
     if (row == nullptr) return;
-    for (int q = 0; q < 2 && line < bytes; ++q, line += 64) __builtin_prefetch(row + line, 0, 2);
+    for (int q = 0; q < 2 && line < bytes; ++q, line += 64) __builtin_prefetch(row + line, 0, 0);
   }
   const char* row = nullptr;
   int64_t bytes, line = 0;

@@ -7,8 +7,9 @@
 The step is the default job's: OES network (seed 0), the mask (`bundled`: masks.bundled for the
 image's pixels, as `oes-fast` picks it; `pepper`: the published pepper mask at density 0.05),
 z = dip_input(32, S, S, seed 0), a random target, zero_grad + forward + MSE + backward + Adam (lr
-0.01, oes_fast.train.adam) on SparseGenerator.from_masked (with --forward: the forward alone, under torch.no_grad). Each child imports the package from
-its root (OLD, or this working tree), runs 5 warm-up steps and times --steps steps; pairs
+0.01, oes_fast.train.adam) on SparseGenerator.from_masked; with --forward, the forward alone
+under torch.no_grad. Each child imports the package from its root (OLD, or this working tree),
+runs 5 warm-up steps and times --steps steps; pairs
 alternate which version runs first. Per pair the two children's minimum and median step times;
 at the end the medians over pairs and the median of the per-pair ratios old / new (above 1: the
 working tree is faster), by minimum (the least disturbed step: on this shared machine a step's
@@ -72,7 +73,8 @@ def child(root: Path, args) -> dict:
     env = dict(os.environ, PYTHONPATH=str(root))
     # run from an empty folder, so that the working directory's package does not shadow `root`
     out = subprocess.run([sys.executable, "-c", CHILD, str(args.threads), str(args.size), args.mask, str(args.steps),
-                          str(ROOT / "bench"), "forward" if args.forward else "step"], cwd=args.cwd, env=env, capture_output=True, text=True, check=True)
+                          str(ROOT / "bench"), "forward" if args.forward else "step"],
+                         cwd=args.cwd, env=env, capture_output=True, text=True, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     if not Path(result["file"]).resolve().is_relative_to(root.resolve()):
         raise SystemExit(f"the child imported {result['file']}, not the package under {root}")

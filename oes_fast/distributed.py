@@ -253,16 +253,15 @@ def main(argv=None) -> int:
     the exit status."""
     args = build_parser().parse_args(argv)
     proc = init(args.backend)
+    completed = False
     try:
         run(args, proc)
+        completed = True
     except (ValueError, FileNotFoundError) as exc:
         print(f"oes_fast.distributed (rank {proc.rank}): error: {exc}", file=sys.stderr)
-        finish(synchronize=False)
         return 2
-    except BaseException:
-        finish(synchronize=False)
-        raise
-    finish()
+    finally:
+        finish(synchronize=completed)  # the barrier only after a run that went through
     return 0
 
 

@@ -40,6 +40,7 @@ def _worker(rank, port, dtype, folder):
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD))
     proc = distributed.init("gloo")
+    completed = False
     try:
         model, z, ys = problem(dtype)
         mine = distributed.shard(ys)
@@ -48,10 +49,9 @@ def _worker(rank, port, dtype, folder):
         result = dict(search=dict(logits=found.logits, mask=found.mask.to_flat(), losses=found.losses),
                       imp=dict(masks=[m.to_flat() for m in pruned.masks], losses=pruned.losses))
         torch.save(result, os.path.join(folder, f"rank{proc.rank}.pt"))
-    except BaseException:
-        distributed.finish(synchronize=False)
-        raise
-    distributed.finish()
+        completed = True
+    finally:
+        distributed.finish(synchronize=completed)
 
 
 @pytest.fixture(scope="module", params=[torch.float64, torch.float32], ids=["float64", "float32"])

@@ -358,8 +358,9 @@ struct Deinterleave {
 // 3.0 ms copying rows and 1.2 ms on the box mean, 4.2 ms for both. Spread, the conv's forward and
 // weight gradient ran 1.12-1.20x faster (bench/kernel_ab.py --flush; 2, 3, 4 or 6 rows ahead and
 // locality 1 or 2 all within that; locality 3 1.03-1.05x). Non-temporal (locality 0,
-// prefetchnta): the first conv reads each of z's 33.5 MB once per step, and with a hint that
-// keeps it out of the last-level cache the rest of the network's data and code stay there. On
+// prefetchnta): a pooled conv reads each input row once, the first one all of z's 33.5 MB per
+// step, and with a hint that keeps them out of the last-level cache the rest of the network's
+// data and code stay there. On
 // the Zen 5 EPYC (1 MiB of L2, 32 MiB of L3; docs/performance.md) the first conv alone ran as
 // fast (kernel_ab.py --flush: 1.00x) and the whole forward 1.02-1.05x faster, the step 1.03x
 // (bench/step_ab.py, alternating processes). A prefetch changes no value.
@@ -437,8 +438,8 @@ void load_halo_phases(const T* x, T* halo, int64_t rows_h, int64_t rows_load, in
       T* d1 = dst(i % 2, 1, i / 2 - r0);
       BoxRowPrefetch<T> ahead(x, i + 1 + kBoxPrefetchRows, g, n, c);
       // the column sums v(j) = cur[j] + next[j] in vectors, each made once: B(j) = (v(j) + v(j + 1)) / 4
-      // with v(j + 1) shifted in from the vector after (vertical sums of the shifted columns loaded
-      // again ran slower)
+      // with v(j + 1) shifted in from the vector after (both rows loaded again at j + 1, as
+      // before, ran the first conv 1.02-1.03x slower)
       V v_lo = load<V>(cur) + load<V>(next);
       for (int64_t s = 0; s < Wp; s += L) {
         ahead.next();
@@ -891,7 +892,8 @@ constexpr int64_t kSliceBytes = 24 * 1024;
 // processes (1.038x with the caches flushed before each call): its up.0 stage 6.7-7.0 -> 6.2-6.4
 // ms, the head, which then reads that output from memory, 0-0.2 ms slower. With up.1 (5 MB)
 // streamed as well, within the noise of two stage-by-stage runs. The training step: 1.00-1.02x.
-// A store changes no value.
+// On the Zen 5 EPYC (1 MiB of L2, so up.1 streams too): the forward 1.03x; 8 times the L2 (up.0
+// alone) 0.99-1.01x. A store changes no value.
 constexpr int64_t kStreamMinL2 = 4;
 inline int64_t stream_min_bytes() { return kStreamMinL2 * l2_cache_bytes(); }
 

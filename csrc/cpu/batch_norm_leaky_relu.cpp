@@ -110,11 +110,8 @@ at::Tensor batch_norm_act_stats_cpu(const at::Tensor& input, const at::Tensor& s
     auto* kernel = OES_FAST_ISA_DISPATCH(channel_act_stats<scalar_t>);
     const scalar_t* data = x.data_ptr<scalar_t>();
     at::parallel_for(0, p.C, channel_grain(p), [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> plane(p.HW);
-      for (int64_t c = begin; c < end; ++c) {
-        kernel(data + c * p.HW, p.N, p.C * p.HW, p.HW, scale_d[c], shift_d[c], negative_slope, plane.data(),
-               out + 2 * c);
-      }
+      for (int64_t c = begin; c < end; ++c)
+        kernel(data + c * p.HW, p.N, p.C * p.HW, p.HW, scale_d[c], shift_d[c], negative_slope, out + 2 * c);
     });
   });
   return stats;
@@ -125,19 +122,21 @@ at::Tensor batch_norm_act_stats_cpu(const at::Tensor& input, const at::Tensor& s
 // reciprocal for the division: the file's -ffast-math is off here), so that both give the same
 // bits. One call instead of a dozen small tensor ops: on the generator's small layers those
 // cost more than the pass over the activations (about 70 us a batch norm on a 2-core Zen 3).
+// weight and bias are read in their own dtype and widened exactly (no float64 copies made first).
+template <typename W>
 __attribute__((optimize("no-fast-math", "fp-contract=off"))) void batch_norm_constants_loop(
-    const double* stats, double count, const double* weight, const double* bias, double eps, int64_t C, double* mean,
+    const double* stats, double count, const W* weight, const W* bias, double eps, int64_t C, double* mean,
     double* invstd, double* scale, double* shift) {
   for (int64_t c = 0; c < C; ++c) {
     const double m = stats[2 * c] / count;
     double var = stats[2 * c + 1] / count - m * m;
     if (!(var > 0.0)) var = var == var ? 0.0 : var;  // clamp_min(0): NaN stays NaN
     const double std = std::sqrt(var + eps);
-    const double s = weight[c] / std;
+    const double s = static_cast<double>(weight[c]) / std;
     mean[c] = m;
     invstd[c] = 1.0 / std;
     scale[c] = s;
-    shift[c] = bias[c] - m * s;
+    shift[c] = static_cast<double>(bias[c]) - m * s;
   }
 }
 
@@ -156,12 +155,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_constants_
                 " on ", t->device());
   }
   const at::Tensor st = stats.contiguous();
-  const at::Tensor w = weight.to(at::kDouble).contiguous(), b = bias.to(at::kDouble).contiguous();
   at::Tensor mean = at::empty({C}, stats.options()), invstd = at::empty_like(mean), scale = at::empty_like(mean),
              shift = at::empty_like(mean);
-  batch_norm_constants_loop(st.data_ptr<double>(), static_cast<double>(count), w.data_ptr<double>(),
-                            b.data_ptr<double>(), eps, C, mean.data_ptr<double>(), invstd.data_ptr<double>(),
-                            scale.data_ptr<double>(), shift.data_ptr<double>());
+  const bool same = weight.scalar_type() == bias.scalar_type();
+  if (same && weight.scalar_type() == at::kFloat && weight.is_contiguous() && bias.is_contiguous()) {
+    batch_norm_constants_loop(st.data_ptr<double>(), static_cast<double>(count), weight.data_ptr<float>(),
+                              bias.data_ptr<float>(), eps, C, mean.data_ptr<double>(), invstd.data_ptr<double>(),
+                              scale.data_ptr<double>(), shift.data_ptr<double>());
+  } else {
+    const at::Tensor w = weight.to(at::kDouble).contiguous(), b = bias.to(at::kDouble).contiguous();
+    batch_norm_constants_loop(st.data_ptr<double>(), static_cast<double>(count), w.data_ptr<double>(),
+                              b.data_ptr<double>(), eps, C, mean.data_ptr<double>(), invstd.data_ptr<double>(),
+                              scale.data_ptr<double>(), shift.data_ptr<double>());
+  }
   return {mean, invstd, scale, shift};
 }
 

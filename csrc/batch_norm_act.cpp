@@ -13,9 +13,10 @@
 // with its 23 batch norms.
 //
 // Registered for the CPU key (the composition, for calls below autograd) and the Autograd key
-// (the autograd function); the fake kernels are in oes_fast/ops.py. CPU only: the Python wrapper
-// oes_fast.ops.batch_norm_leaky_relu runs the reference composition on other devices, and the
-// generator calls the other two on CPU tensors only.
+// (the autograd function, or the composition where no gradient is wanted: wants_grad); the fake
+// kernels are in oes_fast/ops.py. CPU only: the Python wrapper oes_fast.ops.batch_norm_leaky_relu
+// runs the reference composition on other devices, and the generator calls the other two on CPU
+// tensors only.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>

@@ -525,6 +525,47 @@ def test_batch_norm_act_norm_sparse_conv2d_gradcheck_and_opcheck(form):
                            scale2, shift2))
 
 
+def test_fused_batch_norm_ops_without_autograd():
+    """The fused batch-norm ops run their composition without the autograd function where no
+    gradient is wanted (grad mode off, or no input requiring one): the same bits as through the
+    function, outputs without a graph; a gamma that wants a gradient still gets one. And
+    batch_norm_constants reads float32 weight and bias as their float64 values (the same bits)."""
+    ops = torch.ops.oes_fast
+    w, keep = random_weight(3, 2, 3, 0.5, torch.float32, stable_seed("no grad"))
+    values, row_ptr, col_idx = to_csr(w, keep)
+    gen = torch.Generator().manual_seed(stable_seed("no grad inputs"))
+    x = torch.randn(2, 2, 6, 7, generator=gen) * 2 + 0.3
+    gamma, gamma2 = (torch.rand(2, generator=gen) + 0.5 for _ in range(2))
+    beta, beta2 = (torch.randn(2, generator=gen) for _ in range(2))
+    head_w, b = torch.randn(3, 2, generator=gen), torch.randn(3, generator=gen)
+    conv = ([3, 3], [1, 1], "reflect", 1, False)
+    calls = {
+        "batch_norm_act": lambda g: ops.batch_norm_act(x, None, g, beta, 1e-5, 0.2),
+        "batch_norm_act_conv1x1": lambda g: ops.batch_norm_act_conv1x1(x, None, g, beta, 1e-5, 0.2, head_w, b),
+        "batch_norm_act_sparse_conv2d": lambda g: ops.batch_norm_act_sparse_conv2d(
+            x, None, g, beta, 1e-5, 0.2, values, row_ptr, col_idx, b, *conv),
+        "batch_norm_act_norm_sparse_conv2d": lambda g: ops.batch_norm_act_norm_sparse_conv2d(
+            x, None, g, beta, 1e-5, 0.2, gamma2, beta2, 1e-3, values, row_ptr, col_idx, b, *conv),
+    }
+    for name, call in calls.items():
+        def outputs(g):
+            out = call(g)
+            return list(out) if isinstance(out, (tuple, list)) else [out]
+
+        with torch.no_grad():
+            off = outputs(gamma.clone().requires_grad_())
+        unwanted = outputs(gamma)  # grad mode on, nothing requires a gradient
+        wanted = outputs(gamma.clone().requires_grad_())
+        assert wanted[0].grad_fn is not None, name
+        for a, c, d in zip(off, unwanted, wanted):
+            assert not a.requires_grad and not c.requires_grad, name
+            assert torch.equal(a, d) and torch.equal(c, d), name
+    stats = ops.batch_norm_stats(x)
+    for got, expected in zip(ops.batch_norm_constants(stats, 84, gamma, beta, 1e-5),
+                             ops.batch_norm_constants(stats, 84, gamma.double(), beta.double(), 1e-5)):
+        assert torch.equal(got, expected)
+
+
 def test_batch_norm_act_sparse_conv2d_rejects_bad_arguments():
     ops = torch.ops.oes_fast
     w, keep = random_weight(4, 3, 3, 0.5, torch.float32, 5)

@@ -15,14 +15,23 @@ namespace oes_fast {
 namespace OES_FAST_ISA_NS {
 namespace {
 
+// The float64 lanes v rounded to scalar_t, as stored, and widened back (exact).
+template <typename scalar_t>
+inline F64Vec round_lanes(F64Vec v) {
+  return widen(__builtin_convertvector(v, F64Narrow<scalar_t>));
+}
+
 // The (sum, sum of squares) of one plane's n values in float64: `lanes(i)` gives the kF64Lanes
 // values from i, `one(i)` the value at i (past the last whole vector). kStatAcc interleaved
 // accumulators of each sum (the last whole vectors into the first), added in one fixed tree at
-// the end, then the lanes in order, then the tail. With one accumulator of each, as gcc
-// vectorized a plain loop, the sums waited on the adds' latency: batch_norm_stats of 19 planes of
-// 256x256 took 85 us, now 55-60 us (Zen 5 EPYC, 1 thread). channel_stats and channel_act_stats
-// both sum through this code, so the statistics of an activation made in the pass have the bits
-// of batch_norm_stats on batch_norm_leaky_relu's stored output.
+// the end, then the lanes in order, then the tail. Each value passes a compiler barrier before it
+// is summed: gcc, free to reassociate in this file (-ffast-math), would otherwise contract a
+// computed value into the sums, or vectorize the tail for one caller and not the other, and the
+// callers' bits would differ. With one accumulator of each, as gcc vectorized a plain loop, the
+// sums waited on the adds' latency: batch_norm_stats of 19 planes of 256x256 took 85 us, now
+// 55-60 us (Zen 5 EPYC, 1 thread). channel_stats and channel_act_stats both sum through this
+// code, so the statistics of an activation made in the pass have the bits of batch_norm_stats on
+// batch_norm_leaky_relu's stored output.
 constexpr int kStatAcc = 4;
 template <typename Lanes, typename One>
 __attribute__((always_inline)) inline void plane_sums(int64_t n, Lanes&& lanes, One&& one, double* out) {
@@ -31,13 +40,15 @@ __attribute__((always_inline)) inline void plane_sums(int64_t n, Lanes&& lanes, 
   int64_t i = 0;
   for (; i + kStatAcc * kF64Lanes <= n; i += kStatAcc * kF64Lanes) {
     for (int k = 0; k < kStatAcc; ++k) {
-      const F64Vec v = lanes(i + k * kF64Lanes);
+      F64Vec v = lanes(i + k * kF64Lanes);
+      asm("" : "+v"(v));
       s[k] += v;
       q[k] += v * v;
     }
   }
   for (; i + kF64Lanes <= n; i += kF64Lanes) {  // (whole vectors where activate_row makes vectors)
-    const F64Vec v = lanes(i);
+    F64Vec v = lanes(i);
+    asm("" : "+v"(v));
     s[0] += v;
     q[0] += v * v;
   }
@@ -48,7 +59,8 @@ __attribute__((always_inline)) inline void plane_sums(int64_t n, Lanes&& lanes, 
     sum_sq += Q[l];
   }
   for (; i < n; ++i) {
-    const double v = one(i);
+    double v = one(i);
+    asm("" : "+v"(v));
     sum += v;
     sum_sq += v * v;
   }
@@ -65,20 +77,8 @@ void channel_stats(const scalar_t* x, int64_t images, int64_t image_stride, int6
   for (int64_t n = 0; n < images; ++n) {
     const scalar_t* p = x + n * image_stride;
     double s[2];
-    // (the barriers as channel_act_stats has them: gcc, free to reassociate in this file, would
-    // otherwise vectorize the tail's sums here and not there)
     plane_sums(
-        hw,
-        [&](int64_t i) {
-          F64Vec v = load_as_double(p + i);
-          asm("" : "+v"(v));
-          return v;
-        },
-        [&](int64_t i) {
-          double v = static_cast<double>(p[i]);
-          asm("" : "+v"(v));
-          return v;
-        },
+        hw, [&](int64_t i) { return load_as_double(p + i); }, [&](int64_t i) { return static_cast<double>(p[i]); },
         s);
     sum += s[0];
     sum_sq += s[1];
@@ -99,15 +99,9 @@ void channel_act_stats(const scalar_t* x, int64_t images, int64_t image_stride, 
     double s[2];
     plane_sums(
         hw,
+        [&](int64_t i) { return round_lanes<scalar_t>(activation_lanes(p + i, vscale, vshift, vslope)); },
         [&](int64_t i) {
-          F64Vec v = widen(__builtin_convertvector(activation_lanes(p + i, vscale, vshift, vslope), F64Narrow<scalar_t>));
-          asm("" : "+v"(v));  // the value as stored: not contracted into the sums (float64 has no rounding between)
-          return v;
-        },
-        [&](int64_t i) {
-          double v = static_cast<scalar_t>(activation(static_cast<double>(p[i]), scale, shift, slope));
-          asm("" : "+v"(v));
-          return v;
+          return static_cast<double>(static_cast<scalar_t>(activation(static_cast<double>(p[i]), scale, shift, slope)));
         },
         s);
     sum += s[0];
@@ -163,10 +157,6 @@ void channel_backward(const scalar_t* grad, const scalar_t* x, scalar_t* grad_x,
 // vectors too).
 constexpr int64_t kHeadAcc = 8;
 constexpr int64_t kHeadChunk = 128;  // a multiple of kHeadAcc * kF64Lanes in every copy (<= 64)
-template <typename scalar_t>
-inline F64Vec round_lanes(F64Vec v) {
-  return widen(__builtin_convertvector(v, F64Narrow<scalar_t>));
-}
 
 // batch_norm_leaky_relu on channel c: y = leaky_relu(x * scale + shift) over its N planes.
 template <typename scalar_t>

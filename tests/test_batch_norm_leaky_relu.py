@@ -257,6 +257,26 @@ def test_conv1x1_matches_reference(shape, outputs, dtype, with_bias):
         assert_close_to_reference(a, r, lp, name=f"{name} {shape} -> {outputs}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 16, 23, 29), (1, 5, 16, 48)], ids=lambda s: "x".join(map(str, s)))
+def test_conv1x1_outputs_have_the_bits_of_any_output_count(shape, dtype):
+    """Each output pixel of the head is computed alone, so the head with 1-4 outputs (in the
+    AVX-512 copy: activations kept in registers, blocks of pixels, the staged kernel for the
+    pixels after the last whole block) gives the bits of the same outputs among 6 (the staged
+    kernel: activations buffered per chunk), with and without bias. Planes of whole blocks and
+    of a partial last chunk."""
+    x, weight, bias, _ = make_inputs(shape, 21)
+    xd, wd, bd = (t.to(dtype) for t in (x, weight, bias))
+    conv_weight, conv_bias = (t.to(dtype) for t in head_weights(shape[1], 6, 22))
+    stats = sums(xd)
+    for conv_b in (conv_bias, None):
+        all6 = ops.batch_norm_leaky_relu_conv1x1(xd, stats, wd, bd, EPS, SLOPE, conv_weight, conv_b)
+        for outputs in (1, 2, 3, 4):
+            got = ops.batch_norm_leaky_relu_conv1x1(xd, stats, wd, bd, EPS, SLOPE, conv_weight[:outputs].contiguous(),
+                                                    None if conv_b is None else conv_b[:outputs].contiguous())
+            assert torch.equal(got, all6[:, :outputs]), f"{outputs} outputs of {shape} {dtype}"
+
+
 @pytest.mark.parametrize("outputs", [3, 2])
 def test_conv1x1_gradcheck(outputs):
     x, weight, bias, _ = make_inputs((2, 3, 4, 5), 13)

@@ -313,7 +313,8 @@ def main(argv=None) -> int:
     data["rows"] = rows
     body = render(data, rows, sizes, args.quick)
     print(body)
-    args.json.write_text(json.dumps(data, indent=1) + "\n")
+    if not args.from_json:  # (a re-render leaves the saved measurements, and bench/photo_sizes.json, alone)
+        args.json.write_text(json.dumps(data, indent=1) + "\n")
     from gpu_suite import write_section
 
     write_section(args.out, body, BEGIN, END)

@@ -41,14 +41,14 @@ __attribute__((always_inline)) inline void plane_sums(int64_t n, Lanes&& lanes, 
   for (; i + kStatAcc * kF64Lanes <= n; i += kStatAcc * kF64Lanes) {
     for (int k = 0; k < kStatAcc; ++k) {
       F64Vec v = lanes(i + k * kF64Lanes);
-      asm("" : "+v"(v));
+      in_order(v);
       s[k] += v;
       q[k] += v * v;
     }
   }
   for (; i + kF64Lanes <= n; i += kF64Lanes) {  // (whole vectors where activate_row makes vectors)
     F64Vec v = lanes(i);
-    asm("" : "+v"(v));
+    in_order(v);
     s[0] += v;
     q[0] += v * v;
   }
@@ -60,7 +60,7 @@ __attribute__((always_inline)) inline void plane_sums(int64_t n, Lanes&& lanes, 
   }
   for (; i < n; ++i) {
     double v = one(i);
-    asm("" : "+v"(v));
+    in_order(v);
     sum += v;
     sum_sq += v * v;
   }
@@ -172,9 +172,10 @@ void channel_forward(const scalar_t* x, scalar_t* y, int64_t images, int64_t ima
 // 9.5 ms and the forward at 2.1 ms (isolated, 16 channels at 512x512, 1 thread), 5.2 and 1.3 ms
 // with t0 (t1: 6.4 ms), the Sparse-DIP step 1.07x faster. always_inline: gcc 12 drops calls to a
 // function whose only effect is a prefetch.
+// `span`: the first span values of the next chunk only (a block's share of it).
 template <int kWrite, typename scalar_t>
-__attribute__((always_inline)) inline void prefetch_next_chunk(const scalar_t* p) {
-  for (int64_t i = 0; i < kHeadChunk; i += 64 / int64_t(sizeof(scalar_t))) __builtin_prefetch(p + kHeadChunk + i, kWrite, 3);
+__attribute__((always_inline)) inline void prefetch_next_chunk(const scalar_t* p, int64_t span = kHeadChunk) {
+  for (int64_t i = 0; i < span; i += 64 / int64_t(sizeof(scalar_t))) __builtin_prefetch(p + kHeadChunk + i, kWrite, 3);
 }
 
 // The head (batch_norm_leaky_relu_conv1x1): for `count` pixels of one image, whose channel c
@@ -285,8 +286,7 @@ void head_chunk_fused(const scalar_t* x, scalar_t* out, int64_t plane, int64_t c
     }
     for (int64_t c = 0; c < h.C; ++c) {
       const scalar_t* p = x + c * plane + i0;
-      // this block's share of the channel's next chunk (as prefetch_next_chunk)
-      for (int64_t j = 0; j < block; j += 64 / int64_t(sizeof(scalar_t))) __builtin_prefetch(p + kHeadChunk + j, 0, 3);
+      prefetch_next_chunk<0>(p, block);  // this block's share of the channel's next chunk
       const F64Vec scale = F64Vec{} + h.scale[c], shift = F64Vec{} + h.shift[c];
       V w[kO];
       for (int o = 0; o < kO; ++o) w[o] = V{} + static_cast<scalar_t>(h.weight[o * h.C + c]);
@@ -387,10 +387,22 @@ inline HeadTerms head_terms(const HeadBackward& h, int64_t O, int64_t c, const H
 }
 
 // Channel c's chunk as float64 lanes: x straight from the plane p where it has count values from
-// i on (widened exactly), else from xb, where chunk_as_double put the chunk (zeros after count).
+// i on (widened exactly), else from xb, where chunk_tail_as_double put them (zeros after count).
 template <typename scalar_t>
 inline F64Vec chunk_lanes(const scalar_t* p, const double* xb, int64_t i, int64_t count) {
   return i + kF64Lanes <= count ? load_as_double(p + i) : load_f64(xb + i);
+}
+
+// For chunk_lanes: asks for the plane's next chunk, and puts the chunk's partial last vector (if
+// any) as float64 at its place in xb, zeros after count, as chunk_as_double would. Returns the
+// end of the whole vectors.
+template <typename scalar_t>
+inline int64_t chunk_tail_as_double(const scalar_t* p, int64_t count, double* xb) {
+  prefetch_next_chunk<0>(p);
+  const int64_t whole = count / kF64Lanes * kF64Lanes;
+  if (whole < count)
+    for (int64_t i = whole; i < whole + kF64Lanes; ++i) xb[i] = i < count ? static_cast<double>(p[i]) : 0.0;
+  return whole;
 }
 
 // Pass 1 of the head's backward (batch_norm_leaky_relu_conv1x1_backward) over `count` <=
@@ -426,9 +438,7 @@ void head_backward_sums(const scalar_t* x, const scalar_t* grad, int64_t plane, 
     // x as float64 in a: read from there where kO is 0 (then replaced by the activation), else
     // only for a partial last vector (whole vectors straight from x: chunk_lanes)
     if constexpr (kO > 0) {
-      prefetch_next_chunk<0>(xc);
-      const int64_t whole = count / kF64Lanes * kF64Lanes;
-      if (whole < count) chunk_as_double(xc + whole, count - whole, a + whole);
+      chunk_tail_as_double(xc, count, a);
     } else {
       chunk_as_double(xc, count, a);
     }
@@ -478,9 +488,7 @@ void head_backward_input(const scalar_t* x, const scalar_t* grad, scalar_t* grad
   for (int64_t o = 0; o < O; ++o) chunk_as_double(grad + o * plane, count, g + o * kHeadChunk);
   for (int64_t c = 0; c < C; ++c) {
     const scalar_t* xc = x + c * plane;
-    prefetch_next_chunk<0>(xc);
-    const int64_t whole = count / kF64Lanes * kF64Lanes;
-    if (whole < count) chunk_as_double(xc + whole, count - whole, xb + whole);  // the partial last vector
+    const int64_t whole = chunk_tail_as_double(xc, count, xb);
     const HeadChannel k(h, O, c);
     const F64Vec coef = F64Vec{} + h.xc_coef[c], constant = F64Vec{} + h.constant[c];
     scalar_t* out = grad_x + c * plane;

@@ -633,17 +633,19 @@ def test_sparse_conv2d_several_row_tiles(pooled, narrow):
         assert_close_to_reference(got, r, name=name)
 
 
+@pytest.mark.parametrize("width", [70, 64])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_sparse_conv2d_channel_pairs(dtype):
+def test_sparse_conv2d_channel_pairs(dtype, width):
     """The phase form's output-channel pairs (ChannelPairs, AVX-512 copy): a 3x3 upsampled conv
     whose taps are dense enough (0.7) that the same phases of consecutive output channels share
-    most positions, 7 output channels (three pairs and one alone), a stored width of 70 (the
-    rows' last vector partial) and 5 rows (a last single row): forward and statistics against the
-    reference, the same bits on 1 and 2 threads; and a NaN in one input pixel reaches only the
-    outputs whose taps read it (a pair adds only each channel's own taps)."""
+    most positions, 7 output channels (three pairs and one alone) and 5 rows (a last single row);
+    a stored width of 70 (the rows' last vector partial) or of 64 (whole blocks of 2 vectors,
+    which read block windows, 4 rows at a time): forward and statistics against the reference,
+    the same bits on 1 and 2 threads; and a NaN in one input pixel reaches only the outputs whose
+    taps read it (a pair adds only each channel's own taps)."""
     w, keep = random_weight(7, 6, 3, 0.7, torch.float64, stable_seed("pairs"))
     gen = torch.Generator().manual_seed(stable_seed("pairs x"))
-    x = torch.randn(2, 6, 5, 70, generator=gen, dtype=torch.float64)
+    x = torch.randn(2, 6, 5, width, generator=gen, dtype=torch.float64)
     b = torch.randn(7, generator=gen, dtype=torch.float64)
     values, row_ptr, col_idx = to_csr(w.to(dtype), keep)
     conv = ([3, 3], [1, 1], "reflect", 2)

@@ -479,6 +479,36 @@ void shifted_window(const T* halo, int64_t rows_h, int64_t Wa, int64_t r, int64_
   }
 }
 
+// A block window: rows r .. r + rows - 1 of every halo channel, `width` values from column xo, in
+// KW copies (copy kx from column xo + kx) packed `width` apart ([c][kx][row][width]), so that a
+// block of outputs at xo reads every tap in whole aligned vectors. Made per block of
+// kBlockWindowRows x kBlockWindowVecs outputs in the phase form where pairs run (forward_kernel):
+// there a row window (shifted_window) of all input channels outgrows the L1, the halo's rows
+// are read across cache lines at column shifts 1 and 2, and the pairs' loads bound the blocks. A
+// block window of up.0 (19 channels, 3 copies of 6 rows of 2 vectors) takes 29 KB; its copies
+// are 3-4 % of the block's multiply-adds. Zen 5 EPYC, 1 thread, 512x512, the published pepper
+// mask, each stage alone in alternating processes (docs/performance.md): up.0's stage 3.60-3.66 ->
+// 3.44-3.52 ms, up.1's 1.57-1.58 -> 1.46-1.51 ms, up.2's (a row window before) 1.57-1.61 ->
+// 1.52-1.55 ms; blocks of 2 rows x 4 vectors: up.0 3.49-3.52, up.1 1.61-1.66 ms. Not for the input
+// gradients' pairs or the up layers' non-phase rows (up.3): the training step 1.02x slower. A copy
+// changes no value; the blocks' shape moves the statistics' last bits (store_block's lane sums).
+constexpr int kBlockWindowRows = 4, kBlockWindowVecs = 2;
+
+template <typename T>
+void block_window(const T* halo, int64_t rows_h, int64_t Wa, int64_t r, int64_t xo, int64_t rows, int64_t width,
+                  const SparseConvGeometry& g, T* window) {
+  using V = vec_t<T>;
+  constexpr int64_t L = kLanes<T>;
+  for (int64_t c = 0; c < g.C_in; ++c) {
+    for (int64_t kx = 0; kx < g.KW; ++kx) {
+      const T* src = halo + (c * rows_h + r) * Wa + xo + kx;
+      T* dst = window + (c * g.KW + kx) * rows * width;
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t j = 0; j < width; j += L) store(dst + i * width + j, load<V>(src + i * Wa + j));
+    }
+  }
+}
+
 // planes + (c KW + kx) plane_rows W_out: rows [0, rows) of input channel c's halo from column kx,
 // W_out values each, packed W_out apart (forward_kernel's narrow rows)
 template <typename T>
@@ -932,7 +962,10 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
   // run and the plain strip fits this core's L1: there the pairs' fewer loads across cache lines
   // cost less than the copies (up.0, 24 KB, 1.05x and up.1, 36 KB, 1.02x faster without windows
   // on the Intel machine's 48 KB; up.2, 92 KB, 0.87x).
-  const bool windowed = can_window && !(pairs.count > 0 && strip_in_l1);
+  // Block windows (block_window) in the phase form where pairs run, in place of row windows
+  const bool block_windowed = phase != nullptr && pairs.count > 0 && g.W_out % (kBlockWindowVecs * L) == 0;
+  const bool windowed = can_window && !block_windowed && !(pairs.count > 0 && strip_in_l1);
+  const int64_t bw_rows = kBlockWindowRows + g.KH - 1, bw_width = kBlockWindowVecs * L;
   // Narrow rows in planes (flat_planes): the KW column-shifted copies of each input channel's halo
   // rows packed W_out apart, plane_rows rows each (a vector of slack past the halo's rows). The
   // forward's tiles keep its planes small (plan_planes); the input gradients' are the halo's
@@ -1000,6 +1033,13 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
     for (int64_t k = 0; k < g.nnz; ++k) w[k] = vals[k];
     std::vector<int64_t> pair_off(pairs.rp.empty() ? 0 : pairs.rp[pairs.count]);
     offset.decode(pairs.ci.data(), int64_t(pair_off.size()), g.C_in, pair_off.data());
+    AlignedBuffer<T> bwin(block_windowed ? g.C_in * g.KW * bw_rows * bw_width : 0);
+    std::vector<int64_t> off_b(block_windowed ? g.nnz : 0), pair_off_b(block_windowed ? pair_off.size() : 0);
+    if (block_windowed) {
+      const TapOffsets ob(g, bw_rows, bw_width, true);
+      ob.decode(ci, g.nnz, g.C_in, off_b.data());
+      ob.decode(pairs.ci.data(), int64_t(pair_off_b.size()), g.C_in, pair_off_b.data());
+    }
     const int64_t rs = g.SH * Wa;  // halo distance of consecutive output rows
     for (int64_t t = begin; t < end; ++t) {
       const int64_t grp = t % groups, tl = (t / groups) % n_tiles, n = t / (groups * n_tiles);
@@ -1014,10 +1054,13 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
       // channels, KH rows) stays in L1 while every output channel of the group uses it.
       double* part = stats != nullptr ? partial.data() + t * g.C_out * 2 * L : nullptr;
       // a block of R rows stores min(valid, span) columns from xo; pblock: the same block for a
-      // pair of channels (pairs), or nullptr where the rows take no pairs
-      auto run = [&](auto block, auto pblock, int R, int64_t span, int64_t r, int64_t xo, int64_t valid) {
+      // pair of channels (pairs), or nullptr where the rows take no pairs; base_given: the input
+      // the blocks read (a block window) instead of the halo or the row window
+      auto run = [&](auto block, auto pblock, int R, int64_t span, int64_t r, int64_t xo, int64_t valid,
+                     const T* base_given = nullptr) {
         constexpr bool kPaired = !std::is_same_v<decltype(pblock), std::nullptr_t>;
-        const T* base = windowed ? window.data : halo.data + r * rs;  // (a window starts at row r)
+        // (a row window starts at row r)
+        const T* base = base_given != nullptr ? base_given : windowed ? window.data : halo.data + r * rs;
         auto bias_of = [&](int64_t o) { return bias ? bias[o] : T(0); };
         auto stats_of = [&](int64_t o) { return part ? part + 2 * L * o : nullptr; };
         auto pair_of = [&](int64_t o) { return kPaired && pairs.count > 0 ? pairs.first[o] : int64_t(-1); };
@@ -1144,6 +1187,28 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
               int64_t xo = 0;
               for (; xo + 4 * L <= g.W_out; xo += 4 * L) sliced(One{}, Four{}, r, xo, 4 * L);
               for (; xo < g.W_out; xo += L) sliced(One{}, One{}, r, xo, g.W_out - xo);
+            }
+          }
+        }
+        if constexpr (OES_FAST_VEC_BYTES == 64) {
+          if (block_windowed) {
+            constexpr int R = kBlockWindowRows, NB = kBlockWindowVecs;
+            auto block = [&](const T* base, int64_t k0, int64_t m, T b, int64_t xo, T* orow, int64_t valid,
+                             double* st) {
+              tap_block<T, R, NB>(base, bw_width, off_b.data() + k0, offw + k0, m, b, xo, orow, ostride, valid, st);
+            };
+            auto pblock = [&](const T* base, int64_t pi, T ba, T bb, int64_t xo, T* oa, T* ob, int64_t valid,
+                              double* sa, double* sb) {
+              const int64_t k0 = pairs.rp[pi];
+              tap_block_pair<T, R, NB>(base, bw_width, pair_off_b.data() + k0, pairs.wa.data() + k0,
+                                       pairs.wb.data() + k0, pairs.rp[pi + 1] - k0, pairs.split[2 * pi] - k0,
+                                       pairs.split[2 * pi + 1] - k0, ba, bb, xo, oa, ob, ostride, valid, sa, sb);
+            };
+            for (; r + R <= rows; r += R) {
+              for (int64_t xo = 0; xo < g.W_out; xo += NB * L) {
+                block_window(halo.data, rows_h_max, Wa, r, xo, bw_rows, bw_width, g, bwin.data);
+                run(block, pblock, R, NB * L, r, xo, NB * L, bwin.data - xo);  // (the blocks add xo back)
+              }
             }
           }
         }

@@ -485,13 +485,14 @@ void shifted_window(const T* halo, int64_t rows_h, int64_t Wa, int64_t r, int64_
 // kBlockWindowRows x kBlockWindowVecs outputs in the phase form where pairs run (forward_kernel):
 // there a row window (shifted_window) of all input channels outgrows the L1, the halo's rows
 // are read across cache lines at column shifts 1 and 2, and the pairs' loads bound the blocks. A
-// block window of up.0 (19 channels, 3 copies of 6 rows of 2 vectors) takes 29 KB; its copies
-// are 3-4 % of the block's multiply-adds. Zen 5 EPYC, 1 thread, 512x512, the published pepper
-// mask, each stage alone in alternating processes (docs/performance.md): up.0's stage 3.60-3.66 ->
-// 3.44-3.52 ms, up.1's 1.57-1.58 -> 1.46-1.51 ms, up.2's (a row window before) 1.57-1.61 ->
-// 1.52-1.55 ms; blocks of 2 rows x 4 vectors: up.0 3.49-3.52, up.1 1.61-1.66 ms. Not for the input
-// gradients' pairs or the up layers' non-phase rows (up.3): the training step 1.02x slower. A copy
-// changes no value; the blocks' shape moves the statistics' last bits (store_block's lane sums).
+// block window of up.0 (19 channels, 3 copies of 6 rows of 2 vectors) takes 29 KB; its 684
+// vector copies are 2.6 % of the block's 26,304 multiply-adds. Zen 5 EPYC, 1 thread, 512x512,
+// the published pepper mask, each stage alone in alternating processes (docs/performance.md):
+// up.0's stage 3.60-3.66 -> 3.44-3.52 ms, up.1's 1.57-1.58 -> 1.46-1.51 ms, up.2's (a row window
+// before) 1.57-1.61 -> 1.52-1.55 ms; blocks of 2 rows x 4 vectors: up.0 3.49-3.52, up.1
+// 1.61-1.66 ms. Not for the input gradients' pairs or the up layers' non-phase rows (up.3): the
+// training step 1.02x slower. A copy changes no value; the blocks' shape moves the statistics'
+// last bits (store_block's lane sums).
 constexpr int kBlockWindowRows = 4, kBlockWindowVecs = 2;
 
 template <typename T>

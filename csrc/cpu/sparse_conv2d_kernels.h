@@ -963,8 +963,10 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
   // run and the plain strip fits this core's L1: there the pairs' fewer loads across cache lines
   // cost less than the copies (up.0, 24 KB, 1.05x and up.1, 36 KB, 1.02x faster without windows
   // on the Intel machine's 48 KB; up.2, 92 KB, 0.87x).
-  // Block windows (block_window) in the phase form where pairs run, in place of row windows
-  const bool block_windowed = phase != nullptr && pairs.count > 0 && g.W_out % (kBlockWindowVecs * L) == 0;
+  // Block windows (block_window) in the phase form where pairs run (the AVX-512 copy), in place
+  // of row windows
+  const bool block_windowed = OES_FAST_VEC_BYTES == 64 && phase != nullptr && pairs.count > 0 &&
+                              g.W_out % (kBlockWindowVecs * L) == 0;
   const bool windowed = can_window && !block_windowed && !(pairs.count > 0 && strip_in_l1);
   const int64_t bw_rows = kBlockWindowRows + g.KH - 1, bw_width = kBlockWindowVecs * L;
   // Narrow rows in planes (flat_planes): the KW column-shifted copies of each input channel's halo
@@ -1145,15 +1147,17 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
           tap_block<T, 2, 1>(base, rs, offp + k0, offw + k0, m, b, xo, orow, ostride, valid, st);
         };
         // the same blocks for a pair (pairs.first), in the AVX-512 copy
-        auto paired = [&](auto rows_c, auto vecs_c) {
+        // (poff, stride: the pairs' tap offsets and the row stride of the input they read)
+        auto paired = [&](auto rows_c, auto vecs_c, const int64_t* poff = nullptr, int64_t stride = 0) {
           if constexpr (OES_FAST_VEC_BYTES != 64) {
             return nullptr;
           } else {
-            return [&](const T* base, int64_t pi, T ba, T bb, int64_t xo, T* oa, T* ob, int64_t valid, double* sa,
-                       double* sb) {
+            if (poff == nullptr) poff = pair_off.data(), stride = rs;
+            return [&, poff, stride](const T* base, int64_t pi, T ba, T bb, int64_t xo, T* oa, T* ob, int64_t valid,
+                                     double* sa, double* sb) {
               const int64_t k0 = pairs.rp[pi];
               tap_block_pair<T, decltype(rows_c)::value, decltype(vecs_c)::value>(
-                  base, rs, pair_off.data() + k0, pairs.wa.data() + k0, pairs.wb.data() + k0, pairs.rp[pi + 1] - k0,
+                  base, stride, poff + k0, pairs.wa.data() + k0, pairs.wb.data() + k0, pairs.rp[pi + 1] - k0,
                   pairs.split[2 * pi] - k0, pairs.split[2 * pi + 1] - k0, ba, bb, xo, oa, ob, ostride, valid, sa, sb);
             };
           }
@@ -1191,25 +1195,18 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
             }
           }
         }
-        if constexpr (OES_FAST_VEC_BYTES == 64) {
-          if (block_windowed) {
-            constexpr int R = kBlockWindowRows, NB = kBlockWindowVecs;
-            auto block = [&](const T* base, int64_t k0, int64_t m, T b, int64_t xo, T* orow, int64_t valid,
-                             double* st) {
-              tap_block<T, R, NB>(base, bw_width, off_b.data() + k0, offw + k0, m, b, xo, orow, ostride, valid, st);
-            };
-            auto pblock = [&](const T* base, int64_t pi, T ba, T bb, int64_t xo, T* oa, T* ob, int64_t valid,
-                              double* sa, double* sb) {
-              const int64_t k0 = pairs.rp[pi];
-              tap_block_pair<T, R, NB>(base, bw_width, pair_off_b.data() + k0, pairs.wa.data() + k0,
-                                       pairs.wb.data() + k0, pairs.rp[pi + 1] - k0, pairs.split[2 * pi] - k0,
-                                       pairs.split[2 * pi + 1] - k0, ba, bb, xo, oa, ob, ostride, valid, sa, sb);
-            };
-            for (; r + R <= rows; r += R) {
-              for (int64_t xo = 0; xo < g.W_out; xo += NB * L) {
-                block_window(halo.data, rows_h_max, Wa, r, xo, bw_rows, bw_width, g, bwin.data);
-                run(block, pblock, R, NB * L, r, xo, NB * L, bwin.data - xo);  // (the blocks add xo back)
-              }
+        if (block_windowed) {
+          constexpr int R = kBlockWindowRows, NB = kBlockWindowVecs;
+          auto block = [&](const T* base, int64_t k0, int64_t m, T b, int64_t xo, T* orow, int64_t valid,
+                           double* st) {
+            tap_block<T, R, NB>(base, bw_width, off_b.data() + k0, offw + k0, m, b, xo, orow, ostride, valid, st);
+          };
+          const auto pblock =
+              paired(std::integral_constant<int, R>{}, std::integral_constant<int, NB>{}, pair_off_b.data(), bw_width);
+          for (; r + R <= rows; r += R) {
+            for (int64_t xo = 0; xo < g.W_out; xo += NB * L) {
+              block_window(halo.data, rows_h_max, Wa, r, xo, bw_rows, bw_width, g, bwin.data);
+              run(block, pblock, R, NB * L, r, xo, NB * L, bwin.data - xo);  // (the blocks add xo back)
             }
           }
         }

@@ -671,6 +671,53 @@ def test_sparse_conv2d_channel_pairs(dtype, width):
     assert torch.equal(run(x_nan)["out"].isnan(), reads_nan)
 
 
+def test_structure_plans_follow_the_structure():
+    """The kernels keep what they derive from a weight's structure (the phase form's plan, the
+    output-channel pairs, the pooled taps: csrc/cpu/structure_cache.h) between calls. New values
+    on the same structure, and then a new structure written into the same row_ptr / col_idx
+    tensors (same address, same tap counts per channel), must each give the reference's result:
+    a plan found by where the structure lives rather than by what it is would fail here."""
+    def moved(keep, seed):  # the same taps per output channel, at other positions
+        gen = torch.Generator().manual_seed(seed)
+        flat = keep.reshape(keep.shape[0], -1)
+        return torch.stack([row[torch.randperm(row.numel(), generator=gen)] for row in flat]).reshape(keep.shape)
+
+    gen = torch.Generator().manual_seed(stable_seed("structure plans"))
+    # the phase form with pairs (upsampled 3x3, stored width 64) and the pooled form (5x5)
+    for k, upsample, pooled in ((3, 2, False), (5, 1, True)):
+        w, keep = random_weight(6, 5, k, 0.6, torch.float64, stable_seed("structure plans", k))
+        x = torch.randn(1, 5, 8, 64, generator=gen, dtype=torch.float64)
+        b = torch.randn(6, generator=gen, dtype=torch.float64)
+        p = (k - 1) // 2
+        values, row_ptr, col_idx = to_csr(w, keep)
+
+        def run():
+            if pooled:
+                return torch.ops.oes_fast.sparse_conv2d_pool_stats(x, values, row_ptr, col_idx, b, [k, k], [p, p],
+                                                                   "reflect")[0]
+            return torch.ops.oes_fast.sparse_conv2d_stats(x, values, row_ptr, col_idx, b, [k, k], [p, p], "reflect",
+                                                          upsample)[0]
+
+        def ref(weight):
+            xin = F.interpolate(x, scale_factor=upsample, mode="nearest") if upsample > 1 else x
+            out = reference_conv(xin, weight, b, 1, p, "reflect")
+            return F.avg_pool2d(out, 2) if pooled else out
+
+        assert_close_to_reference(run(), ref(w), name="first call")
+        w2 = torch.randn(w.shape, generator=gen, dtype=torch.float64) * keep
+        values.copy_(to_csr(w2, keep)[0])
+        assert_close_to_reference(run(), ref(w2), name="new values")
+        keep3 = moved(keep, stable_seed("structure plans moved", k))
+        w3 = torch.randn(w.shape, generator=gen, dtype=torch.float64) * keep3
+        v3, rp3, ci3 = to_csr(w3, keep3)
+        assert torch.equal(rp3, row_ptr) and not torch.equal(ci3, col_idx)
+        pointers = (values.data_ptr(), row_ptr.data_ptr(), col_idx.data_ptr())
+        values.copy_(v3)
+        col_idx.copy_(ci3)
+        assert pointers == (values.data_ptr(), row_ptr.data_ptr(), col_idx.data_ptr())
+        assert_close_to_reference(run(), ref(w3), name="new structure in the same tensors")
+
+
 # Runs in a subprocess (the L2 size is read once per process): the pooled ops on the inputs in
 # argv[1], 1 and 2 threads, float32 and float64, saved to argv[2].
 POOL_SLICE_WORKER = r"""

@@ -30,6 +30,7 @@
 
 #include "../sparse_conv2d.h"
 #include "cpu_isa.h"
+#include "structure_cache.h"  // (the kernels keep their structure plans there)
 
 #define OES_FAST_KERNELS_FILE "sparse_conv2d_kernels.h"
 #include "per_isa.h"

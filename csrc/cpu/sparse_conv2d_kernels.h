@@ -698,36 +698,52 @@ inline void tap_block_slice(const T* base, int64_t row_stride, const int64_t* of
 // of 0.9-0.95) 0.97-1.11x.
 constexpr double kPairMaxUnion = 0.9;
 
-template <typename T>
-struct ChannelPairs {
+// The cache's kinds of plan (structure_cache.h), one per plan and kernel copy.
+constexpr int64_t kPairPlanKind = 10 + OES_FAST_VEC_BYTES / 16, kPhasePlanKind = 20 + OES_FAST_VEC_BYTES / 16,
+                  kPooledTapsKind = 30 + OES_FAST_VEC_BYTES / 16;
+
+// The pairs' structure (plan_pairs), kept in the structure cache: the weights' places in the
+// conv's values instead of the weights.
+struct PairPlan : StructurePlan {
   std::vector<int64_t> first;  // channel a -> its pair's index (a the pair's first channel), else -1
   std::vector<int64_t> rp;     // pair i's taps [rp[i], rp[i + 1]): shared, then a's own, then b's own
   std::vector<int64_t> split;  // [2 i], [2 i + 1]: the ends of pair i's shared taps and of a's own
   std::vector<int32_t> ci;
-  std::vector<T> wa, wb;       // the two channels' weights (a's own taps: wb unused; b's: wa)
+  std::vector<int64_t> src_a, src_b;  // where the two channels' weights are in the values (-1: none)
   int64_t count = 0;
+};
+
+template <typename T>
+struct ChannelPairs {
+  std::shared_ptr<const PairPlan> plan;  // (holds what the pointers below point into)
+  const int64_t* first = nullptr;
+  const int64_t* rp = nullptr;
+  const int64_t* split = nullptr;
+  const int32_t* ci = nullptr;
+  std::vector<T> wa, wb;  // the two channels' weights (a's own taps: wb unused; b's: wa)
+  int64_t count = 0, taps = 0;
 };
 
 // The pairs of channels a, a + stride (a / stride even; groups of `stride` pairs taken whole: in
 // the phase form, all four phases of two output channels or none). A pair's shared taps come in
 // b's order, a's own taps in a's, b's own in b's.
-template <typename T>
-ChannelPairs<T> plan_pairs(const T* vals, const int64_t* rp, const int32_t* ci, int64_t C_out, int64_t keys,
-                           int64_t stride) {
+inline std::shared_ptr<PairPlan> make_pair_plan(const int64_t* rp, const int32_t* ci, int64_t C_out, int64_t keys,
+                                                int64_t stride) {
   // keys: the col_idx values' range. Each pair: a's taps marked in `slot` by their index, b's taps
   // read the marks (shared: -2 left behind), a's taps read them back; the three runs written by
   // cursors, without a branch on the (unpredictable) data.
-  ChannelPairs<T> pp;
-  pp.first = std::vector<int64_t>(C_out, -1);
-  pp.rp = std::vector<int64_t>(C_out / 2 + 1, 0);
-  pp.split = std::vector<int64_t>(C_out, 0);
-  pp.ci = std::vector<int32_t>(rp[C_out] - rp[0] + 1);  // (+ 1: a's pass may rewrite one past the end)
-  pp.wa = std::vector<T>(pp.ci.size());
-  pp.wb = std::vector<T>(pp.ci.size());
+  auto pp = std::make_shared<PairPlan>();
+  pp->first = std::vector<int64_t>(C_out, -1);
+  pp->rp = std::vector<int64_t>(C_out / 2 + 1, 0);
+  pp->split = std::vector<int64_t>(C_out, 0);
+  const int64_t cap = rp[C_out] - rp[0] + 1;  // (+ 1: a's pass may rewrite one past the end)
+  pp->ci = std::vector<int32_t>(cap);
+  pp->src_a = std::vector<int64_t>(cap, -1);
+  pp->src_b = std::vector<int64_t>(cap, -1);
   std::vector<int64_t> slot(keys, -1);
   int64_t n = 0;
   for (int64_t g0 = 0; g0 + 2 * stride <= C_out; g0 += 2 * stride) {
-    const int64_t n0 = n, count0 = pp.count;
+    const int64_t n0 = n, count0 = pp->count;
     int64_t taps = 0, merged = 0;
     for (int64_t a = g0; a < g0 + stride; ++a) {
       const int64_t b = a + stride, na = rp[a + 1] - rp[a], nb = rp[b + 1] - rp[b];
@@ -738,9 +754,9 @@ ChannelPairs<T> plan_pairs(const T* vals, const int64_t* rp, const int32_t* ci, 
         const int64_t i = slot[ci[j]];
         const bool both = i >= 0;
         const int64_t at = both ? n + shared : n + na + own_b;
-        pp.ci[at] = ci[j];
-        pp.wa[at] = vals[both ? i : j];  // (b's own: unused)
-        pp.wb[at] = vals[j];
+        pp->ci[at] = ci[j];
+        pp->src_a[at] = both ? i : j;  // (b's own: unused)
+        pp->src_b[at] = j;
         slot[ci[j]] = both ? -2 : -1;
         shared += both;
         own_b += !both;
@@ -750,25 +766,54 @@ ChannelPairs<T> plan_pairs(const T* vals, const int64_t* rp, const int32_t* ci, 
       for (int64_t i = rp[a]; i < rp[a + 1]; ++i) {
         const bool own = slot[ci[i]] != -2;
         const int64_t at = n + shared + own_a;
-        pp.ci[at] = own ? ci[i] : pp.ci[at];
-        pp.wa[at] = own ? vals[i] : pp.wa[at];
+        pp->ci[at] = own ? ci[i] : pp->ci[at];
+        pp->src_a[at] = own ? i : pp->src_a[at];
         own_a += own;
         slot[ci[i]] = -1;
       }
       taps += na + nb;
       merged += na + nb - shared;
-      pp.split[2 * pp.count] = n + shared;
-      pp.split[2 * pp.count + 1] = n + na;
-      pp.first[a] = pp.count;
+      pp->split[2 * pp->count] = n + shared;
+      pp->split[2 * pp->count + 1] = n + na;
+      pp->first[a] = pp->count;
       n += na + nb - shared;
-      pp.rp[++pp.count] = n;
+      pp->rp[++pp->count] = n;
     }
     if (taps == 0 || double(merged) > kPairMaxUnion * double(taps)) {  // not paired: undone
-      for (int64_t a = g0; a < g0 + stride; ++a) pp.first[a] = -1;
+      for (int64_t a = g0; a < g0 + stride; ++a) pp->first[a] = -1;
       n = n0;
-      pp.count = count0;
+      pp->count = count0;
     }
   }
+  pp->bytes = int64_t(sizeof(int64_t)) * (2 * C_out + C_out / 2 + 1 + 2 * cap) + int64_t(sizeof(int32_t)) * cap;
+  return pp;
+}
+
+// The pairs (make_pair_plan, from the structure cache where it has them) with their weights.
+template <typename T>
+ChannelPairs<T> plan_pairs(const T* vals, const int64_t* rp, const int32_t* ci, int64_t C_out, int64_t keys,
+                           int64_t stride) {
+  const StructureKey key{kPairPlanKind, {keys, stride}, rp, C_out, ci};
+  auto plan = std::static_pointer_cast<const PairPlan>(find_structure_plan(key));
+  if (plan == nullptr) {
+    std::shared_ptr<PairPlan> made = make_pair_plan(rp, ci, C_out, keys, stride);
+    keep_structure_plan(key, made);
+    plan = std::move(made);
+  }
+  ChannelPairs<T> pp;
+  pp.first = plan->first.data();
+  pp.rp = plan->rp.data();
+  pp.split = plan->split.data();
+  pp.ci = plan->ci.data();
+  pp.count = plan->count;
+  pp.taps = plan->rp[plan->count];
+  pp.wa.resize(pp.taps);
+  pp.wb.resize(pp.taps);
+  for (int64_t at = 0; at < pp.taps; ++at) {
+    pp.wa[at] = plan->src_a[at] >= 0 ? vals[plan->src_a[at]] : T(0);
+    pp.wb[at] = plan->src_b[at] >= 0 ? vals[plan->src_b[at]] : T(0);
+  }
+  pp.plan = std::move(plan);
   return pp;
 }
 
@@ -1034,14 +1079,14 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
                                        : TapOffsets(g, rows_h_max, Wa);
     offset.decode(ci, g.nnz, g.C_in, off.data());
     for (int64_t k = 0; k < g.nnz; ++k) w[k] = vals[k];
-    std::vector<int64_t> pair_off(pairs.rp.empty() ? 0 : pairs.rp[pairs.count]);
-    offset.decode(pairs.ci.data(), int64_t(pair_off.size()), g.C_in, pair_off.data());
+    std::vector<int64_t> pair_off(pairs.taps);
+    offset.decode(pairs.ci, int64_t(pair_off.size()), g.C_in, pair_off.data());
     AlignedBuffer<T> bwin(block_windowed ? g.C_in * g.KW * bw_rows * bw_width : 0);
     std::vector<int64_t> off_b(block_windowed ? g.nnz : 0), pair_off_b(block_windowed ? pair_off.size() : 0);
     if (block_windowed) {
       const TapOffsets ob(g, bw_rows, bw_width, true);
       ob.decode(ci, g.nnz, g.C_in, off_b.data());
-      ob.decode(pairs.ci.data(), int64_t(pair_off_b.size()), g.C_in, pair_off_b.data());
+      ob.decode(pairs.ci, int64_t(pair_off_b.size()), g.C_in, pair_off_b.data());
     }
     const int64_t rs = g.SH * Wa;  // halo distance of consecutive output rows
     for (int64_t t = begin; t < end; ++t) {
@@ -1627,20 +1672,19 @@ inline bool use_phases(const SparseConvGeometry& g) {
 
 // CSR of the phase form: row 4 o + 2 p + q holds output channel o's taps at phase (p, q), in the
 // order of their first original tap; of[4 k + 2 p + q] = the phase entry original tap k went to.
-// With vals, the phase values are the sums of their original taps in CSR order.
-template <typename T>
-struct PhasePlan {
+// The structure (make_phase_structure) is kept in the structure cache; plan_phases adds the values.
+struct PhaseStructure : StructurePlan {
   std::vector<int64_t> rp;
   std::vector<int32_t> ci;
-  std::vector<T> vals;
   std::vector<int64_t> of;
 };
 
-template <typename T>
-PhasePlan<T> plan_phases(const T* vals, const int64_t* rp, const int32_t* ci, const SparseConvGeometry& g) {
-  // (sized up front, filled by index: no library template is first instantiated in an ISA region)
-  PhasePlan<T> pl{std::vector<int64_t>(4 * g.C_out + 1, 0), std::vector<int32_t>(4 * g.nnz),
-                  std::vector<T>(vals != nullptr ? 4 * g.nnz : 0, T(0)), std::vector<int64_t>(4 * g.nnz)};
+inline std::shared_ptr<PhaseStructure> make_phase_structure(const int64_t* rp, const int32_t* ci,
+                                                            const SparseConvGeometry& g) {
+  auto pl = std::make_shared<PhaseStructure>();
+  pl->rp = std::vector<int64_t>(4 * g.C_out + 1, 0);
+  pl->ci = std::vector<int32_t>(4 * g.nnz);
+  pl->of = std::vector<int64_t>(4 * g.nnz);
   std::vector<int64_t> slot(g.C_in * 9, -1);
   int64_t count = 0;
   for (int64_t o = 0; o < g.C_out; ++o) {
@@ -1654,14 +1698,45 @@ PhasePlan<T> plan_phases(const T* vals, const int64_t* rp, const int32_t* ci, co
         const bool fresh = seen < 0;
         const int64_t entry = fresh ? count : seen;
         slot[key] = entry;
-        pl.ci[count] = static_cast<int32_t>(key);  // kept only where fresh: count moves past it
+        pl->ci[count] = static_cast<int32_t>(key);  // kept only where fresh: count moves past it
         count += fresh;
-        pl.of[4 * k + ph] = entry;
-        if (vals != nullptr) pl.vals[entry] += vals[k];
+        pl->of[4 * k + ph] = entry;
       }
-      for (int64_t j = first; j < count; ++j) slot[pl.ci[j]] = -1;
-      pl.rp[4 * o + ph + 1] = count;
+      for (int64_t j = first; j < count; ++j) slot[pl->ci[j]] = -1;
+      pl->rp[4 * o + ph + 1] = count;
     }
+  }
+  pl->bytes = int64_t(sizeof(int64_t)) * (4 * g.C_out + 1 + 4 * g.nnz) + int64_t(sizeof(int32_t)) * 4 * g.nnz;
+  return pl;
+}
+
+// The phase form's CSR (PhaseStructure) with its values: each phase value the sum of its original
+// taps' values in CSR order (none without vals).
+template <typename T>
+struct PhasePlan {
+  std::shared_ptr<const PhaseStructure> s;
+  const int64_t* rp;
+  const int32_t* ci;
+  const int64_t* of;
+  int64_t nnz;  // the phase taps
+  std::vector<T> vals;
+};
+
+template <typename T>
+PhasePlan<T> plan_phases(const T* vals, const int64_t* rp, const int32_t* ci, const SparseConvGeometry& g) {
+  const StructureKey key{kPhasePlanKind, {g.C_in}, rp, g.C_out, ci};
+  auto s = std::static_pointer_cast<const PhaseStructure>(find_structure_plan(key));
+  if (s == nullptr) {
+    std::shared_ptr<PhaseStructure> made = make_phase_structure(rp, ci, g);
+    keep_structure_plan(key, made);
+    s = std::move(made);
+  }
+  PhasePlan<T> pl{s, s->rp.data(), s->ci.data(), s->of.data(), s->rp[4 * g.C_out], {}};
+  if (vals != nullptr) {
+    pl.vals = std::vector<T>(pl.nnz, T(0));
+    for (int64_t o = 0; o < g.C_out; ++o)
+      for (int64_t ph = 0; ph < 4; ++ph)
+        for (int64_t k = rp[o]; k < rp[o + 1]; ++k) pl.vals[pl.of[4 * k + ph]] += vals[k];
   }
   return pl;
 }
@@ -1687,8 +1762,8 @@ void forward_up2(const T* x, const T* vals, const int64_t* rp, const int32_t* ci
   for (int64_t i = 0; i < static_cast<int64_t>(phase_bias.size()); ++i) phase_bias[i] = bias[i / 4];
   std::vector<double> phase_stats(stats != nullptr ? 8 * g.C_out : 0);
   const PhaseOutput po{g.H_out, g.W_out};
-  forward_kernel<T>(x, pl.vals.data(), pl.rp.data(), pl.ci.data(), bias != nullptr ? phase_bias.data() : nullptr,
-                    out, phase_geometry(g, pl.rp.back()),
+  forward_kernel<T>(x, pl.vals.data(), pl.rp, pl.ci, bias != nullptr ? phase_bias.data() : nullptr,
+                    out, phase_geometry(g, pl.nnz),
                     stats != nullptr ? phase_stats.data() : nullptr, &po);
   if (stats != nullptr) {
     for (int64_t o = 0; o < g.C_out; ++o) {
@@ -1715,7 +1790,7 @@ void input_grad_up2(const T* gout, const T* vals, const int64_t* rp, const int32
   grad.U = 1;
   grad.PH = grad.PW = 2 * (g.KH - 1);
   grad.reflect = grad.replicate = false;
-  input_grad_stride1<T>(gout, pl.vals.data(), pl.rp.data(), pl.ci.data(), gin, phase_geometry(g, pl.rp.back()),
+  input_grad_stride1<T>(gout, pl.vals.data(), pl.rp, pl.ci, gin, phase_geometry(g, pl.nnz),
                         &grad);
 }
 
@@ -1723,13 +1798,13 @@ template <typename T>
 void weight_grad_up2(const T* gout, const T* x, const int64_t* rp, const int32_t* ci, T* gw,
                      const SparseConvGeometry& g) {
   const PhasePlan<T> pl = plan_phases<T>(nullptr, rp, ci, g);
-  std::vector<double> phase_gw(pl.rp.back(), 0.0);
+  std::vector<double> phase_gw(pl.nnz, 0.0);
   const PhaseOutput po{g.H_out, g.W_out};
-  weight_grad_stride1<T, double>(gout, x, pl.rp.data(), pl.ci.data(), phase_gw.data(),
-                                 phase_geometry(g, pl.rp.back()), &po);
+  weight_grad_stride1<T, double>(gout, x, pl.rp, pl.ci, phase_gw.data(),
+                                 phase_geometry(g, pl.nnz), &po);
   // a tap's gradient: the sum of the gradients of the four phase entries it is part of
   for (int64_t k = 0; k < g.nnz; ++k) {
-    const int64_t* of = pl.of.data() + 4 * k;
+    const int64_t* of = pl.of + 4 * k;
     gw[k] = static_cast<T>(phase_gw[of[0]] + phase_gw[of[1]] + phase_gw[of[2]] + phase_gw[of[3]]);
   }
 }
@@ -1761,14 +1836,25 @@ inline SparseConvGeometry pooled_geometry(const SparseConvGeometry& g) {
   return t;
 }
 
-// col_idx of the pooled form: tap (c, ky, kx) of g is tap (4 c + 2 (ky % 2) + kx % 2, ky / 2, kx / 2).
-inline std::vector<int32_t> pooled_col_idx(const int32_t* ci, const SparseConvGeometry& g) {
+// col_idx of the pooled form: tap (c, ky, kx) of g is tap (4 c + 2 (ky % 2) + kx % 2, ky / 2, kx / 2)
+// (kept in the structure cache).
+struct PooledTaps : StructurePlan {
+  std::vector<int32_t> ci;
+};
+
+inline std::shared_ptr<const PooledTaps> pooled_col_idx(const int64_t* rp, const int32_t* ci,
+                                                        const SparseConvGeometry& g) {
+  const StructureKey key{kPooledTapsKind, {g.KH, g.KW}, rp, g.C_out, ci};
+  if (auto kept = find_structure_plan(key)) return std::static_pointer_cast<const PooledTaps>(kept);
   const int64_t KK = g.KH * g.KW, KH2 = pooled_kernel(g.KH), KW2 = pooled_kernel(g.KW);
-  std::vector<int32_t> out(g.nnz);
+  auto out = std::make_shared<PooledTaps>();
+  out->ci = std::vector<int32_t>(g.nnz);
   for (int64_t k = 0; k < g.nnz; ++k) {
     const int64_t c = ci[k] / KK, ky = ci[k] % KK / g.KW, kx = ci[k] % g.KW;
-    out[k] = static_cast<int32_t>(((4 * c + 2 * (ky % 2) + kx % 2) * KH2 + ky / 2) * KW2 + kx / 2);
+    out->ci[k] = static_cast<int32_t>(((4 * c + 2 * (ky % 2) + kx % 2) * KH2 + ky / 2) * KW2 + kx / 2);
   }
+  out->bytes = int64_t(sizeof(int32_t)) * g.nnz;
+  keep_structure_plan(key, out);
   return out;
 }
 
@@ -1910,15 +1996,15 @@ void forward_pool_sliced(const T* x, const T* vals, const int64_t* rp, const int
 template <typename T>
 void forward_pool(const T* x, const T* vals, const int64_t* rp, const int32_t* ci, const T* bias, T* out,
                   const SparseConvGeometry& g, double* stats) {
-  const std::vector<int32_t> pci = pooled_col_idx(ci, g);
+  const auto pci = pooled_col_idx(rp, ci, g);
   // (only where forward_kernel would take its wide blocks, which forward_pool_sliced repeats)
   const int64_t slice_c = pool_slice_channels<T>(g);
   if (slice_c > 0 && g.W_out / 2 >= 4 * kLanes<T>) {
-    forward_pool_sliced<T>(x, vals, rp, pci.data(), bias, out, g, stats, slice_c);
+    forward_pool_sliced<T>(x, vals, rp, pci->ci.data(), bias, out, g, stats, slice_c);
     return;
   }
   const PhaseInput box{&g, true};
-  forward_kernel<T>(x, vals, rp, pci.data(), bias, out, pooled_geometry(g), stats, nullptr, &box);
+  forward_kernel<T>(x, vals, rp, pci->ci.data(), bias, out, pooled_geometry(g), stats, nullptr, &box);
 }
 
 // The weight gradient of the pooled form in slices (as forward_pool_sliced): each tap's sum over a
@@ -1974,14 +2060,14 @@ void weight_grad_pool_sliced(const T* gout, const T* x, const int64_t* rp, const
 template <typename T>
 void weight_grad_pool(const T* gout, const T* x, const int64_t* rp, const int32_t* ci, T* gw,
                       const SparseConvGeometry& g) {
-  const std::vector<int32_t> pci = pooled_col_idx(ci, g);
+  const auto pci = pooled_col_idx(rp, ci, g);
   const int64_t slice_c = pool_slice_channels<T>(g);
   if (slice_c > 0) {
-    weight_grad_pool_sliced<T>(gout, x, rp, pci.data(), gw, g, slice_c);
+    weight_grad_pool_sliced<T>(gout, x, rp, pci->ci.data(), gw, g, slice_c);
     return;
   }
   const PhaseInput box{&g, true};
-  weight_grad_stride1<T>(gout, x, rp, pci.data(), gw, pooled_geometry(g), nullptr, &box);
+  weight_grad_stride1<T>(gout, x, rp, pci->ci.data(), gw, pooled_geometry(g), nullptr, &box);
 }
 
 // The input gradient of the pooled form: the gradient of the box mean's phases (the transposed
@@ -1993,11 +2079,11 @@ void weight_grad_pool(const T* gout, const T* x, const int64_t* rp, const int32_
 template <typename T>
 void input_grad_pool(const T* gout, const T* vals, const int64_t* rp, const int32_t* ci, T* gin,
                      const SparseConvGeometry& g) {
-  const std::vector<int32_t> pci = pooled_col_idx(ci, g);
+  const auto pci = pooled_col_idx(rp, ci, g);
   const SparseConvGeometry t = pooled_geometry(g);
   const int64_t Hb = t.H, Wb = t.W;  // phase rows and columns of B
   std::unique_ptr<T[]> dB(new T[t.N * t.C_in * Hb * Wb]);
-  padded_input_grad(gout, vals, rp, pci.data(), t, nullptr, dB.get());
+  padded_input_grad(gout, vals, rp, pci->ci.data(), t, nullptr, dB.get());
   const int64_t Hx = g.H + 2 * g.PH, Wx = g.W + 2 * g.PW;  // the padded input
   const int64_t len = 2 * Wb + 1;  // padded columns 0 .. 2 Wb reach dB
   at::parallel_for(0, g.N * g.C_in, 1, [&](int64_t begin, int64_t end) {

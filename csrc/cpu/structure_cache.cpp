@@ -14,7 +14,7 @@ constexpr int64_t kStructureCacheBytes = int64_t(64) << 20;
 
 struct Entry {
   int64_t kind;
-  std::vector<int64_t> ints, row_ptr;  // row_ptr relative to its first value
+  std::vector<int64_t> ints, row_ptr;
   std::vector<int32_t> col_idx;
   std::shared_ptr<const StructurePlan> plan;
   int64_t bytes;
@@ -39,10 +39,9 @@ bool matches(const Entry& e, const StructureKey& key) {
   if (e.kind != key.kind || e.ints != key.ints || int64_t(e.row_ptr.size()) != key.rows + 1 ||
       int64_t(e.col_idx.size()) != taps_of(key))
     return false;
-  const int64_t r0 = key.row_ptr[0];
-  for (int64_t i = 0; i <= key.rows; ++i)
-    if (e.row_ptr[i] != key.row_ptr[i] - r0) return false;
-  return e.col_idx.empty() || std::memcmp(e.col_idx.data(), key.col_idx + r0, e.col_idx.size() * sizeof(int32_t)) == 0;
+  if (std::memcmp(e.row_ptr.data(), key.row_ptr, e.row_ptr.size() * sizeof(int64_t)) != 0) return false;
+  return e.col_idx.empty() ||
+         std::memcmp(e.col_idx.data(), key.col_idx + key.row_ptr[0], e.col_idx.size() * sizeof(int32_t)) == 0;
 }
 
 }  // namespace
@@ -63,10 +62,8 @@ void keep_structure_plan(const StructureKey& key, std::shared_ptr<const Structur
   Entry e;
   e.kind = key.kind;
   e.ints = key.ints;
-  const int64_t r0 = key.row_ptr[0];
-  e.row_ptr.resize(key.rows + 1);
-  for (int64_t i = 0; i <= key.rows; ++i) e.row_ptr[i] = key.row_ptr[i] - r0;
-  e.col_idx.assign(key.col_idx + r0, key.col_idx + r0 + taps_of(key));
+  e.row_ptr.assign(key.row_ptr, key.row_ptr + key.rows + 1);
+  e.col_idx.assign(key.col_idx + key.row_ptr[0], key.col_idx + key.row_ptr[0] + taps_of(key));
   e.bytes = plan->bytes + int64_t(sizeof(int64_t) * e.row_ptr.size() + sizeof(int32_t) * e.col_idx.size());
   e.plan = std::move(plan);
   Cache& c = cache();
@@ -82,19 +79,6 @@ void keep_structure_plan(const StructureKey& key, std::shared_ptr<const Structur
     c.bytes -= lru->bytes;
     c.entries.erase(lru);
   }
-}
-
-int64_t structure_plan_count() {
-  Cache& c = cache();
-  std::lock_guard<std::mutex> lock(c.mutex);
-  return int64_t(c.entries.size());
-}
-
-void clear_structure_plans() {
-  Cache& c = cache();
-  std::lock_guard<std::mutex> lock(c.mutex);
-  c.entries.clear();
-  c.bytes = 0;
 }
 
 }  // namespace oes_fast

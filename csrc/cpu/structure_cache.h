@@ -21,8 +21,7 @@ struct StructurePlan {
 };
 
 // The structure a plan is made from: `kind` (which plan, of which kernel copy), `ints` (the plan's
-// other arguments), the `rows` + 1 row_ptr values (taken relative to row_ptr[0]) and the taps
-// col_idx[row_ptr[0] .. row_ptr[rows]).
+// other arguments), the `rows` + 1 row_ptr values and the taps col_idx[row_ptr[0] .. row_ptr[rows]).
 struct StructureKey {
   int64_t kind;
   std::vector<int64_t> ints;
@@ -35,8 +34,5 @@ struct StructureKey {
 std::shared_ptr<const StructurePlan> find_structure_plan(const StructureKey& key);
 // Keeps `plan` for the structure (the least recently used plans go past kStructureCacheBytes).
 void keep_structure_plan(const StructureKey& key, std::shared_ptr<const StructurePlan> plan);
-// The number of plans kept, and dropping them all (tests).
-int64_t structure_plan_count();
-void clear_structure_plans();
 
 }  // namespace oes_fast

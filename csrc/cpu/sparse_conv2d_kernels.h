@@ -793,13 +793,8 @@ inline std::shared_ptr<PairPlan> make_pair_plan(const int64_t* rp, const int32_t
 template <typename T>
 ChannelPairs<T> plan_pairs(const T* vals, const int64_t* rp, const int32_t* ci, int64_t C_out, int64_t keys,
                            int64_t stride) {
-  const StructureKey key{kPairPlanKind, {keys, stride}, rp, C_out, ci};
-  auto plan = std::static_pointer_cast<const PairPlan>(find_structure_plan(key));
-  if (plan == nullptr) {
-    std::shared_ptr<PairPlan> made = make_pair_plan(rp, ci, C_out, keys, stride);
-    keep_structure_plan(key, made);
-    plan = std::move(made);
-  }
+  auto plan = cached_plan<PairPlan>(StructureKey{kPairPlanKind, {keys, stride}, rp, C_out, ci},
+                                    [&] { return make_pair_plan(rp, ci, C_out, keys, stride); });
   ChannelPairs<T> pp;
   pp.first = plan->first.data();
   pp.rp = plan->rp.data();
@@ -1724,13 +1719,8 @@ struct PhasePlan {
 
 template <typename T>
 PhasePlan<T> plan_phases(const T* vals, const int64_t* rp, const int32_t* ci, const SparseConvGeometry& g) {
-  const StructureKey key{kPhasePlanKind, {g.C_in}, rp, g.C_out, ci};
-  auto s = std::static_pointer_cast<const PhaseStructure>(find_structure_plan(key));
-  if (s == nullptr) {
-    std::shared_ptr<PhaseStructure> made = make_phase_structure(rp, ci, g);
-    keep_structure_plan(key, made);
-    s = std::move(made);
-  }
+  auto s = cached_plan<PhaseStructure>(StructureKey{kPhasePlanKind, {g.C_in}, rp, g.C_out, ci},
+                                       [&] { return make_phase_structure(rp, ci, g); });
   PhasePlan<T> pl{s, s->rp.data(), s->ci.data(), s->of.data(), s->rp[4 * g.C_out], {}};
   if (vals != nullptr) {
     pl.vals = std::vector<T>(pl.nnz, T(0));
@@ -1844,18 +1834,17 @@ struct PooledTaps : StructurePlan {
 
 inline std::shared_ptr<const PooledTaps> pooled_col_idx(const int64_t* rp, const int32_t* ci,
                                                         const SparseConvGeometry& g) {
-  const StructureKey key{kPooledTapsKind, {g.KH, g.KW}, rp, g.C_out, ci};
-  if (auto kept = find_structure_plan(key)) return std::static_pointer_cast<const PooledTaps>(kept);
-  const int64_t KK = g.KH * g.KW, KH2 = pooled_kernel(g.KH), KW2 = pooled_kernel(g.KW);
-  auto out = std::make_shared<PooledTaps>();
-  out->ci = std::vector<int32_t>(g.nnz);
-  for (int64_t k = 0; k < g.nnz; ++k) {
-    const int64_t c = ci[k] / KK, ky = ci[k] % KK / g.KW, kx = ci[k] % g.KW;
-    out->ci[k] = static_cast<int32_t>(((4 * c + 2 * (ky % 2) + kx % 2) * KH2 + ky / 2) * KW2 + kx / 2);
-  }
-  out->bytes = int64_t(sizeof(int32_t)) * g.nnz;
-  keep_structure_plan(key, out);
-  return out;
+  return cached_plan<PooledTaps>(StructureKey{kPooledTapsKind, {g.KH, g.KW}, rp, g.C_out, ci}, [&] {
+    const int64_t KK = g.KH * g.KW, KH2 = pooled_kernel(g.KH), KW2 = pooled_kernel(g.KW);
+    auto out = std::make_shared<PooledTaps>();
+    out->ci = std::vector<int32_t>(g.nnz);
+    for (int64_t k = 0; k < g.nnz; ++k) {
+      const int64_t c = ci[k] / KK, ky = ci[k] % KK / g.KW, kx = ci[k] % g.KW;
+      out->ci[k] = static_cast<int32_t>(((4 * c + 2 * (ky % 2) + kx % 2) * KH2 + ky / 2) * KW2 + kx / 2);
+    }
+    out->bytes = int64_t(sizeof(int32_t)) * g.nnz;
+    return out;
+  });
 }
 
 // The pooled form with the halo made one slice of input channels at a time. A tile's halo of all

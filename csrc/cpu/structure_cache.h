@@ -1,6 +1,7 @@
 // A process-wide cache of what the sparse conv kernels derive from a weight's sparsity structure
 // alone (its row_ptr and col_idx and a few integers), not from its values: the phase form's plan
-// (plan_phases) and the output-channel pairs (plan_pairs) in csrc/cpu/sparse_conv2d_kernels.h. A
+// (plan_phases), the output-channel pairs (plan_pairs) and the pooled form's col_idx
+// (pooled_col_idx) in csrc/cpu/sparse_conv2d_kernels.h. A
 // training run calls each layer's kernels thousands of times with one structure and new values;
 // made anew on every call, those plans took about 2 % of the generator's forward (1 thread,
 // 512x512). An entry keeps a copy of the structure it was made from and is returned only for an
@@ -34,5 +35,14 @@ struct StructureKey {
 std::shared_ptr<const StructurePlan> find_structure_plan(const StructureKey& key);
 // Keeps `plan` for the structure (the least recently used plans go past kStructureCacheBytes).
 void keep_structure_plan(const StructureKey& key, std::shared_ptr<const StructurePlan> plan);
+
+// The Plan kept for the key's structure, or make()'s (a std::shared_ptr<Plan>), then kept.
+template <typename Plan, typename Make>
+std::shared_ptr<const Plan> cached_plan(const StructureKey& key, Make&& make) {
+  if (auto kept = find_structure_plan(key)) return std::static_pointer_cast<const Plan>(kept);
+  std::shared_ptr<const Plan> made = make();
+  keep_structure_plan(key, made);
+  return made;
+}
 
 }  // namespace oes_fast

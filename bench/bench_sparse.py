@@ -43,9 +43,9 @@ THREADS = int(os.environ.get("OES_BENCH_THREADS", "1"))
 SIZE = 512
 ROUNDS = int(os.environ.get("OES_BENCH_ROUNDS", "5"))  # at least this many rounds (as the other bench files)
 # and rounds for at least this many seconds (OES_BENCH_MIN_SECONDS): five rounds were 0.1 s of
-# the sparse forward (17-21 ms) and 6 ms of the peak conv (1.2 ms) against 0.8 s of the dense
+# the sparse forward (17-21 ms) and 25 ms of the peak conv (5 ms) against 0.8 s of the dense
 # forward, so a burst of other work on the shared host moved a fast test's median alone (a peak
-# measured at 90 GFLOP/s against 190-214 from the same conv alone). Equal measuring time, not
+# measured at 90 GFLOP/s against 190-232 in the runs around it). Equal measuring time, not
 # equal rounds, exposes every test to the host alike.
 MIN_SECONDS = float(os.environ.get("OES_BENCH_MIN_SECONDS", "2"))
 

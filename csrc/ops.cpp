@@ -9,6 +9,7 @@
 #include <string>
 
 #include "cpu/cpu_isa.h"
+#include "generator_forward.h"
 #include "ops.h"
 
 TORCH_LIBRARY(oes_fast, m) {
@@ -31,6 +32,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // "baseline"; OES_FAST_CPU_ISA forces one. And those this CPU can run.
   m.def("cpu_isa", [] { return std::string(oes_fast::cpu_isa_name(oes_fast::cpu_isa())); });
   m.def("cpu_isas_supported", &oes_fast::cpu_isas_supported);
+  oes_fast::bind_generator_forward(m);
 #ifdef OES_FAST_WITH_CUDA
   m.attr("with_cuda") = true;
   m.def("philox_uniform_cuda", &oes_fast::philox_uniform_cuda);

@@ -41,6 +41,10 @@ training-mode forward computes (batch norm with batch statistics), in two steps:
    keeping only the batch norm's input (`SparseGenerator.run_stage`). The last batch norm, its
    LeakyReLU and the 1x1 output conv are one pass too (`ops.batch_norm_leaky_relu_conv1x1`, two
    passes backward), and without autograd the sigmoid runs in place.
+3. Without autograd (CPU float32 / float64) the whole forward is one C++ call
+   (csrc/generator_forward.cpp): the first forward on an input shape runs the Python loop and
+   records which op each stage took, later ones repeat those ops from C++ with the same bits
+   (`SparseGenerator.forward`; `use_executor = False` keeps the loop).
 
 Weight format: CSR over output channels (row_ptr int64 [C_out + 1], col_idx int32 = c * KH * KW
 + ky * KW + kx, values). The CPU kernel gives each thread whole output rows of one output
@@ -69,6 +73,7 @@ from .ops import (batch_norm_constants, batch_norm_from_stats, batch_norm_leaky_
                   batch_norm_leaky_relu_sparse_conv2d)
 from .files import atomic_path
 from .connectivity import live_channels
+from . import _C  # (built: oes_fast.ops has checked)
 
 __all__ = ["CROSSOVER_DENSITY", "SparseGenerator", "to_csr", "sparse_conv2d"]
 
@@ -437,6 +442,9 @@ def avg_pool2x2(x: torch.Tensor) -> torch.Tensor:
 
 LEAKY_RELU_SLOPE = 0.2  # the OES network's nn.LeakyReLU(0.2)
 
+# SparseGenerator.decide's branches (the numbering of csrc/generator_forward.cpp's Branch)
+POOL_CONV, STATS_CONV, HEAD, PROLOGUE, BATCH_NORM_OP, BATCH_NORM_FROM_STATS, PLAIN = range(7)
+
 _ACTS = {  # one for each of oes_fast.connectivity.ACTIVATIONS
     "LeakyReLU": lambda x, inplace: F.leaky_relu(x, LEAKY_RELU_SLOPE, inplace=inplace),
     "ReLU": lambda x, inplace: F.relu(x, inplace=inplace),
@@ -487,6 +495,27 @@ class _Elementwise(_Stage):
 
 
 _STAGES = {cls.kind: cls for cls in (_Conv, _BatchNorm, _Elementwise)}
+
+
+def _executor_stage(stage: _Stage) -> dict:
+    """What oes_fast._C.GeneratorForward takes of a stage: its tensors (shared, not copied: the
+    executor reads the current parameter values) and settings."""
+    if isinstance(stage, _Conv):
+        d = dict(stage.spec(), kind="conv", values=stage.values, row_ptr=stage.row_ptr, col_idx=stage.col_idx,
+                 live_out=stage.live_out, live_in=stage.live_in, dense_pos=stage.dense_pos)
+        if stage.bias is not None:
+            d.update(bias=stage.bias, bias_mask=stage.bias_mask)
+        if stage.fold_weight is not None:
+            d.update(fold_weight=stage.fold_weight, fold_in=stage.fold_in, fold_mask=stage.fold_mask)
+        return d
+    if isinstance(stage, _BatchNorm):
+        d = dict(kind="bn", live=stage.live, weight=stage.weight, bias=stage.bias, weight_mask=stage.weight_mask,
+                 bias_mask=stage.bias_mask, eps=stage.eps, const_zero=stage.const_zero,
+                 betas_pruned=stage.betas_pruned, live_gammas_kept=stage.live_gammas_kept)
+        if stage.betas_pruned:
+            d.update(zero_beta=stage.zero_beta, zero_beta_live=stage.zero_beta_live)
+        return d
+    return dict(kind="elementwise", op=stage.op, arg=stage.arg)
 
 
 def _masked(module, prefix, name, mask):
@@ -570,6 +599,9 @@ class SparseGenerator(nn.Module):
         # 0.56 -> 0.19 ms at 256, 0.37 -> 0.19 at 128, 0.25 -> 0.17 at 64, 0.28 -> 0.19 at 32, but
         # 0.22 -> 0.31 at 16, where the pooled output is 8 wide; the weight gradients alike)
         self.pool_fusion_min_width = 32
+        # the forward without autograd in one C++ call (see `forward`); False: the Python loop
+        self.use_executor = True
+        self._executors = {}  # _executor_key -> oes_fast._C.GeneratorForward
 
     @classmethod
     def from_masked(cls, model: nn.Module, mask, crossover: float | None = None) -> "SparseGenerator":
@@ -601,12 +633,52 @@ class SparseGenerator(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """The dense masked model's training-mode output for `z` (see `check_input`; the
-        generator's dtype and device, contiguous): (N, out_channels, H, W)."""
+        generator's dtype and device, contiguous): (N, out_channels, H, W). Without autograd on
+        CPU float32 / float64 (and `use_executor`), the stages run in one C++ call that repeats
+        what this Python loop decided on the first call for z's shape (`_executor`): the same
+        ops and bits, without the loop's Python and dispatch between the kernels."""
         self.check_input(z)
+        if (self.use_executor and not torch.is_grad_enabled() and z.device.type == "cpu"
+                and z.dtype in (torch.float32, torch.float64)):
+            executor = self._executors.get(self._executor_key(z))
+            if executor is not None:
+                return executor.run(z)
+            return self._record_executor(z)
         x, const, hw, stats, i = z, None, (z.shape[0], z.shape[2], z.shape[3]), None, 0
         while i < len(self._chain):
             x, const, hw, stats, i, _ = self.run_stage(i, x, const, hw, stats)
         return x
+
+    # --- the forward without autograd in one C++ call (csrc/generator_forward.cpp)
+    def _executor_key(self, z: torch.Tensor) -> tuple:
+        """What the decisions of a forward on z depend on besides the structure: z's shape and
+        dtype, the fusion switches and the convs' modes."""
+        return (tuple(z.shape), z.dtype, self.fuse_batch_norm, self.fuse_activation, self.fuse_prologue,
+                self.fuse_batch_norm_pairs, self.pool_fusion_min_width,
+                tuple(s.mode for s in self._chain if isinstance(s, _Conv)))
+
+    def _record_executor(self, z: torch.Tensor) -> torch.Tensor:
+        """The Python forward of z (without autograd), recording each run_stage call's decision,
+        then the C++ executor of those decisions for later calls on z's key. Returns the output."""
+        key = self._executor_key(z)
+        steps = []
+        x, const, hw, stats, i = z, None, (z.shape[0], z.shape[2], z.shape[3]), None, 0
+        while i < len(self._chain):
+            branch, j, act, pool, bn2 = self.decide(i, x, stats)
+            steps.append((branch, i, j, act, pool, bn2))
+            x, const, hw, stats, i, _ = self.run_stage(i, x, const, hw, stats)
+        self._executors[key] = _C.GeneratorForward([_executor_stage(s) for s in self._chain], steps)
+        return x
+
+    def _apply(self, *args, **kwargs):
+        # .to(), .double(), ...: the executors hold the old buffers
+        self._executors = {}
+        return super()._apply(*args, **kwargs)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_executors"] = {}  # (C++ objects: made again on the next forward)
+        return state
 
     def run_stage(self, i: int, x, const, hw, stats=None):
         """Run stage i (and the stage fused with it) as `forward` does: returns (x, const, hw,
@@ -630,36 +702,56 @@ class SparseGenerator(nn.Module):
         with that fusion off (`fuse_activation`), "bn apply" (in place without autograd) after
         the conv's statistics; "fwd" (the stage alone)."""
         stage = self._chain[i]
-        if self.fuses_pool(i, x):
+        branch, j, act, pool, bn2 = self.decide(i, x, stats)
+        if branch == POOL_CONV:
             x, const, hw, stats = stage(x, const, hw, with_stats=True, pool=True)
             return x, const, hw, stats, i + 2, "conv + pool + bn stats (fused)"
-        if self.fuses_stats(i, x):
+        if branch == STATS_CONV:
             x, const, hw, stats = stage(x, const, hw, with_stats=True)
             return x, const, hw, stats, i + 1, "conv + bn stats (fused)"
-        if self.fuses_head(i, x, stats):
+        if branch == HEAD:
             x, const, hw = self._chain[i + 2].forward_head(x, stats, stage, hw, LEAKY_RELU_SLOPE)
             return x, const, hw, None, i + 3, "bn apply + activation + 1x1 conv (fused)"
-        pair = self.pair_prologue_conv(i, x)
-        j = pair if pair is not None else self.prologue_conv(i, x)
-        if j is not None:
-            # the conv after the batch norm, its LeakyReLU if any (j > i + 1) and a second batch norm if a pair
-            act, pool, bn2 = j > i + 1, self.fuses_pool(j, x), self._chain[i + 2] if pair is not None else None
+        if branch == PROLOGUE:
+            # the conv after the batch norm, its LeakyReLU if any and a second batch norm if a pair
+            second = self._chain[bn2] if bn2 >= 0 else None
             phase = (("bn apply" if stats is not None else "bn stats + apply") + (" + activation" if act else "")
-                     + (" + bn stats + apply" if bn2 is not None else "")
+                     + (" + bn stats + apply" if second is not None else "")
                      + (" + conv + pool + bn stats (fused)" if pool else " + conv + bn stats (fused)"))
             x, const, hw, stats = self._chain[j].forward_after_batch_norm(x, stats, stage, hw,
-                                                                          LEAKY_RELU_SLOPE if act else 1.0, pool, bn2)
+                                                                          LEAKY_RELU_SLOPE if act else 1.0, pool, second)
             return x, const, hw, stats, j + (2 if pool else 1), phase
-        if self.fuses_batch_norm_op(i, x):
-            act = self.fuses_activation(i, x)
+        if branch == BATCH_NORM_OP:
             x, const, hw = stage.forward_leaky_relu(x, stats, const, hw, LEAKY_RELU_SLOPE if act else 1.0)
             phase = ("bn apply" if stats is not None else "bn stats + apply") + (" + activation" if act else "")
             return x, const, hw, None, i + (2 if act else 1), phase + " (fused)"
-        if stats is not None:
+        if branch == BATCH_NORM_FROM_STATS:
             x, const, hw = stage.forward_from_stats(x, stats, const, hw)
             return x, const, hw, None, i + 1, "bn apply"
         x, const, hw = stage(x, const, hw)
         return x, const, hw, None, i + 1, "fwd"
+
+    def decide(self, i: int, x, stats) -> tuple[int, int, bool, bool, int]:
+        """How `run_stage` runs stage i on live inputs x (with `stats` from the conv before, or
+        None): (branch, the conv's index, whether a LeakyReLU is fused, whether a pooling is, the
+        second batch norm's index or -1). Branches: POOL_CONV, STATS_CONV, HEAD, PROLOGUE (the
+        conv's index is where it applies), BATCH_NORM_OP, BATCH_NORM_FROM_STATS, PLAIN. Fixed by
+        the generator's structure, its fusion switches and x's shape, dtype and device."""
+        if self.fuses_pool(i, x):
+            return POOL_CONV, i, False, True, -1
+        if self.fuses_stats(i, x):
+            return STATS_CONV, i, False, False, -1
+        if self.fuses_head(i, x, stats):
+            return HEAD, i + 2, True, False, -1
+        pair = self.pair_prologue_conv(i, x)
+        j = pair if pair is not None else self.prologue_conv(i, x)
+        if j is not None:
+            return PROLOGUE, j, j > i + 1, self.fuses_pool(j, x), i + 2 if pair is not None else -1
+        if self.fuses_batch_norm_op(i, x):
+            return BATCH_NORM_OP, i, self.fuses_activation(i, x), False, -1
+        if stats is not None:
+            return BATCH_NORM_FROM_STATS, i, False, False, -1
+        return PLAIN, i, False, False, -1
 
     def fuses_stats(self, i: int, x) -> bool:
         """Whether `forward` runs stage i, a sparse conv followed by batch norm, with the batch-norm

@@ -928,7 +928,11 @@ def test_generator_prologue_fusion_keeps_the_bits(shared_data):
 def perturbed_model(levels, seed):
     """A small OES-style network whose biases and batch-norm parameters are all nonzero, so
     that constant channels carry nonzero values through the compaction."""
-    model = models.skip_oes(levels=levels, seed=seed)
+    return perturbed(models.skip_oes(levels=levels, seed=seed), seed)
+
+
+def perturbed(model, seed):
+    """model with its 1-D parameters (biases, batch-norm scales and shifts) drawn nonzero."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -1195,6 +1199,141 @@ def test_generator_save_load(tmp_path, shared_data):
     with pytest.raises(ValueError, match="not an oes_fast sparse generator"):
         masks.save(mask, tmp_path / "mask.safetensors")
         SparseGenerator.load(tmp_path / "mask.safetensors")
+
+
+# ------------------------------------------------------------------------------ the C++ forward
+def forward_both_ways(gen, z):
+    """(the Python loop's output, the recording call's, the C++ executor's) for z without
+    autograd: the executor's call must not enter the Python stages."""
+    with torch.no_grad():
+        gen.use_executor = False
+        ref = gen(z)
+        gen.use_executor = True
+        recorded = gen(z)
+        run_stage = gen.run_stage
+        gen.run_stage = None  # (the executor's call must not reach it)
+        try:
+            out = gen(z)
+        finally:
+            gen.run_stage = run_stage
+    return ref, recorded, out
+
+
+def skip_variant(seed, **options):
+    """A 3-level Skip network without skip branches, its 1-D parameters nonzero (as perturbed_model)."""
+    return perturbed(models.skip(seed=seed, in_channels=8, out_channels=3, channels_down=(6, 8, 10),
+                                 channels_up=(6, 8, 10), channels_skip=(0, 0, 0), filter_down=5, filter_up=3,
+                                 **options), seed)
+
+
+EXECUTOR_VARIANTS = [
+    ("oes", dict()),
+    ("relu, max pooling", dict(act="ReLU", downsample="max")),
+    ("elu, bilinear", dict(act="ELU", upsample="bilinear")),
+    ("no activation, no sigmoid", dict(act="none", sigmoid=False)),
+    ("no bias", dict(bias=False)),
+]
+
+
+@pytest.mark.parametrize("density", [0.0, 0.1, 0.3, 0.6, 1.0])
+@pytest.mark.parametrize("variant", EXECUTOR_VARIANTS, ids=lambda v: v[0])
+def test_executor_keeps_the_bits_of_the_python_forward(variant, density):
+    """SparseGenerator's forward without autograd in one C++ call (oes_fast._C.GeneratorForward)
+    against its Python loop: the same bits, on networks whose constants, dead channels, dense
+    convs (density above the crossover), activations, poolings and upsamplings take every branch
+    of the loop, in float64 and float32, batches of two, with every combination of the fusion
+    switches."""
+    name, options = variant
+    model = skip_variant(seed=5, **options) if name != "oes" else perturbed_model(3, seed=5)
+    mask = (connected_mask if density < 0.5 else random_mask)(model, density, seed=6)
+    gen = SparseGenerator.from_masked(model, mask)
+    z = torch.rand(2, model.config["in_channels"], 32, 48, generator=torch.Generator().manual_seed(7))
+    branches = set()
+    for dtype in (torch.float32, torch.float64):
+        gen = gen.to(dtype)
+        for switches in range(16):
+            gen.fuse_batch_norm, gen.fuse_activation, gen.fuse_prologue, gen.fuse_batch_norm_pairs = (
+                bool(switches & 1), bool(switches & 2), bool(switches & 4), bool(switches & 8))
+            gen.pool_fusion_min_width = 0 if switches % 3 else 32
+            ref, recorded, out = forward_both_ways(gen, z.to(dtype))
+            assert torch.equal(recorded, ref) and torch.equal(out, ref), (dtype, switches)
+            assert out.dtype == dtype and out.shape == (2, 3, 32, 48)
+        branches |= _branches_of(gen, z.to(dtype))
+    if name == "oes" and density == 0.1:
+        # every branch of SparseGenerator.decide ran somewhere in this network
+        assert branches == set(range(7)), branches
+
+
+def _branches_of(gen, z):
+    """The branches of SparseGenerator.decide that forwards of z take under each combination of
+    the fusion switches."""
+    out = set()
+    with torch.no_grad():
+        for switches in range(16):
+            gen.fuse_batch_norm, gen.fuse_activation, gen.fuse_prologue, gen.fuse_batch_norm_pairs = (
+                bool(switches & 1), bool(switches & 2), bool(switches & 4), bool(switches & 8))
+            x, const, hw, stats, i = z, None, (z.shape[0], z.shape[2], z.shape[3]), None, 0
+            while i < len(gen._chain):
+                out.add(gen.decide(i, x, stats)[0])
+                x, const, hw, stats, i, _ = gen.run_stage(i, x, const, hw, stats)
+    return out
+
+
+def test_executor_published_mask(shared_data):
+    """The published pepper mask on the OES network at 256x256, float32 and float64: the executor's
+    bits are the Python loop's, and the executor is the forward's path once recorded (one per
+    input shape and dtype)."""
+    model = models.skip_oes(seed=0)
+    gen = SparseGenerator.from_masked(model, published_mask(model, shared_data, "pepper"))
+    for dtype in (torch.float32, torch.float64):
+        gen = gen.to(dtype)
+        z = models.dip_input(32, 256, 256, seed=3).to(dtype)
+        ref, recorded, out = forward_both_ways(gen, z)
+        assert torch.equal(recorded, ref) and torch.equal(out, ref)
+    assert len(gen._executors) == 1  # .to(dtype) dropped the float32 one
+
+
+def test_executor_reads_the_current_parameters():
+    """The executor holds the parameters, not copies: after training steps (Adam, in place) and
+    a load_state_dict, its output is the Python loop's on the new values; with autograd the
+    forward stays in Python (an output with a gradient) and records nothing."""
+    model = perturbed_model(3, seed=21)
+    gen = SparseGenerator.from_masked(model, connected_mask(model, 0.2, seed=22)).double()
+    z = torch.rand(1, 32, 32, 32, generator=torch.Generator().manual_seed(23), dtype=torch.float64)
+    target = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(24), dtype=torch.float64)
+    before = forward_both_ways(gen, z)[2]
+    opt = torch.optim.Adam(gen.parameters(), lr=0.05)
+    for _ in range(2):
+        opt.zero_grad()
+        out = gen(z)
+        assert out.grad_fn is not None
+        ((out - target) ** 2).mean().backward()
+        opt.step()
+    assert len(gen._executors) == 1
+    ref, _, out = forward_both_ways(gen, z)
+    assert torch.equal(out, ref) and not torch.equal(out, before)
+    fresh = SparseGenerator.from_masked(model, connected_mask(model, 0.2, seed=22)).double()
+    gen.load_state_dict(fresh.state_dict())
+    with torch.no_grad():
+        assert torch.equal(gen(z), before)
+
+
+def test_executor_survives_copies():
+    """A generator with a recorded executor can be deep-copied and pickled (the executor is
+    not: the copy records its own), and GeneratorForward refuses to run under autograd."""
+    import copy
+    import pickle
+
+    model = perturbed_model(3, seed=31)
+    gen = SparseGenerator.from_masked(model, connected_mask(model, 0.2, seed=32))
+    z = torch.rand(1, 32, 32, 32, generator=torch.Generator().manual_seed(33))
+    ref = forward_both_ways(gen, z)[2]
+    for other in (copy.deepcopy(gen), pickle.loads(pickle.dumps(gen))):
+        assert other._executors == {}
+        assert torch.equal(forward_both_ways(other, z)[2], ref)
+    executor = next(iter(gen._executors.values()))
+    with pytest.raises(RuntimeError, match="without autograd"):
+        executor.run(z)
 
 
 def test_generator_rejects_bad_input():

@@ -981,7 +981,9 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
   // phases_in->of reads it, or of their box mean (load_halo_phases; forward_pool).
   constexpr int64_t L = kLanes<T>;
   if (g.N == 0 || g.C_out == 0) return;
-  const bool wide = g.SW == 1 && g.W_out >= 4 * L;
+  // (and the phase form's rows of whole block windows in the AVX-512 copy: use_phases_forward)
+  const bool wide = g.SW == 1 && (g.W_out >= 4 * L || (OES_FAST_VEC_BYTES == 64 && phase != nullptr &&
+                                                       g.W_out % (kBlockWindowVecs * L) == 0));
   // (narrow rows, 8-row blocks of one vector, were not faster with windows: up.3-up.5, 16-32 wide;
   // they take planes instead, below: blocks of up to 16 vectors along a channel's rows)
   constexpr int64_t kWindowBlockRows = 2;  // the wide rows' blocks
@@ -1654,8 +1656,8 @@ void weight_grad_stride1(const T* gout, const T* x, const int64_t* rp, const int
 // reflection of the upsampled input at its border (pad 1) reads the stored input's border pixel
 // again (replicate). On the masks OES produces (about 40 % per up layer) the four phases keep about
 // 0.7x the multiply-adds of the upsampled conv, at a quarter of the pixels per phase, and the
-// halo holds stored rows only. Used from a stored width of kPhaseMinWidth (at 32x32 it was not
-// faster, measured on the generator's up layers), for the input gradient from
+// halo holds stored rows only. Used from a stored width of kPhaseMinWidth (the forward also from
+// 32 in the AVX-512 copy: use_phases_forward), for the input gradient from
 // kPhaseInputGradMinWidth (up.0, 256 stored: 8.5 -> 7.3 ms; at 128 even, at 64 slower, 3.0 -> 3.4).
 constexpr int64_t kPhaseMinWidth = 64;
 constexpr int64_t kPhaseInputGradMinWidth = 256;
@@ -1663,6 +1665,23 @@ constexpr int64_t kPhaseInputGradMinWidth = 256;
 inline bool use_phases(const SparseConvGeometry& g) {
   return g.U == 2 && g.SH == 1 && g.SW == 1 && g.KH == 3 && g.KW == 3 && g.PH == 1 && g.PW == 1 &&
          !g.replicate && g.W_src >= kPhaseMinWidth;
+}
+
+// The forward also takes the phase form on narrower stored rows in the AVX-512 copy, where they
+// are whole block windows wide (kBlockWindowVecs vectors, 32 floats): forward_kernel runs such
+// phase rows as wide ones, in the block windows' 4-row blocks of output-channel pairs. up.3
+// (32x32 stored, 71 -> 72 channels; 1 thread, 512x512, the published pepper mask): its stage
+// 1.59-1.68 -> 1.03-1.10 ms (three alternating pairs of processes). Before the pairs ran there
+// (narrow 8 x 1 blocks), the phase form at 32 columns was slower (1.60-1.70 against 1.54-1.57 ms).
+template <typename T>
+bool use_phases_forward(const SparseConvGeometry& g) {
+  const SparseConvGeometry wide_enough = [&] {
+    SparseConvGeometry t = g;
+    t.W_src = kPhaseMinWidth;
+    return t;
+  }();
+  return use_phases(g) || (OES_FAST_VEC_BYTES == 64 && use_phases(wide_enough) &&
+                           g.W_src % (kBlockWindowVecs * kLanes<T>) == 0);
 }
 
 // CSR of the phase form: row 4 o + 2 p + q holds output channel o's taps at phase (p, q), in the
@@ -2122,7 +2141,7 @@ void input_grad_pool(const T* gout, const T* vals, const int64_t* rp, const int3
 template <typename T>
 void forward(const T* x, const T* vals, const int64_t* rp, const int32_t* ci, const T* bias, T* out,
              const SparseConvGeometry& g, double* stats) {
-  if (use_phases(g)) {
+  if (use_phases_forward<T>(g)) {
     forward_up2<T>(x, vals, rp, ci, bias, out, g, stats);
   } else {
     forward_kernel<T>(x, vals, rp, ci, bias, out, g, stats);

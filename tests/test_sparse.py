@@ -633,20 +633,22 @@ def test_sparse_conv2d_several_row_tiles(pooled, narrow):
         assert_close_to_reference(got, r, name=name)
 
 
-@pytest.mark.parametrize("width", [70, 64, 32])
+@pytest.mark.parametrize("width", [70, 64, 32, 16])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_sparse_conv2d_channel_pairs(dtype, width):
     """The phase form's output-channel pairs (ChannelPairs, AVX-512 copy): a 3x3 upsampled conv
     whose taps are dense enough (0.7) that the same phases of consecutive output channels share
-    most positions, 7 output channels (three pairs and one alone) and 5 rows (a last single row);
+    most positions, 7 output channels (three pairs and one alone) and 11 rows (after the blocks of
+    4 or 8 rows, two and a last single one);
     a stored width of 70 (the rows' last vector partial), of 64 (whole blocks of 2 vectors,
-    which read block windows, 4 rows at a time) or of 32 (one block window wide, which only the
-    forward runs in the phase form, use_phases_forward): forward and statistics against the reference,
+    which read block windows, 4 rows at a time), of 32 (one block window wide) or of 16 (one
+    float32 vector, block windows of 8 rows; the last two only the forward runs in the phase
+    form, use_phases_forward): forward and statistics against the reference,
     the same bits on 1 and 2 threads; and a NaN in one input pixel reaches only the outputs whose
     taps read it (a pair adds only each channel's own taps)."""
     w, keep = random_weight(7, 6, 3, 0.7, torch.float64, stable_seed("pairs"))
     gen = torch.Generator().manual_seed(stable_seed("pairs x"))
-    x = torch.randn(2, 6, 5, width, generator=gen, dtype=torch.float64)
+    x = torch.randn(2, 6, 11, width, generator=gen, dtype=torch.float64)
     b = torch.randn(7, generator=gen, dtype=torch.float64)
     values, row_ptr, col_idx = to_csr(w.to(dtype), keep)
     conv = ([3, 3], [1, 1], "reflect", 2)
@@ -664,7 +666,7 @@ def test_sparse_conv2d_channel_pairs(dtype, width):
     assert_channel_stats(got["stats"], got["out"].double(), dtype, "stats")
     assert_thread_independent(run, x)
     x_nan = x.clone()
-    x_nan[1, 2, 3, 40 if width > 40 else 20] = float("nan")
+    x_nan[1, 2, 3, 40 if width > 40 else width // 2 + 4] = float("nan")
     # (not the reference's NaNs: its dense weight multiplies the NaN by the zeros too)
     reads_nan = reference_conv(F.interpolate(x_nan.isnan().double(), scale_factor=2, mode="nearest"),
                                keep.double(), None, 1, 1, "reflect") > 0

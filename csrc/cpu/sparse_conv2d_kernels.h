@@ -494,6 +494,9 @@ void shifted_window(const T* halo, int64_t rows_h, int64_t Wa, int64_t r, int64_
 // training step 1.02x slower. A copy changes no value; the blocks' shape moves the statistics'
 // last bits (store_block's lane sums).
 constexpr int kBlockWindowRows = 4, kBlockWindowVecs = 2;
+// Phase rows of one vector (16 floats: up.4's phases at 512x512) take block windows of 8 rows x
+// 1 vector (the pairs' 16 accumulators again); see use_phases_forward.
+constexpr int kNarrowBlockWindowRows = 8;
 
 template <typename T>
 void block_window(const T* halo, int64_t rows_h, int64_t Wa, int64_t r, int64_t xo, int64_t rows, int64_t width,
@@ -983,7 +986,7 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
   if (g.N == 0 || g.C_out == 0) return;
   // (and the phase form's rows of whole block windows in the AVX-512 copy: use_phases_forward)
   const bool wide = g.SW == 1 && (g.W_out >= 4 * L || (OES_FAST_VEC_BYTES == 64 && phase != nullptr &&
-                                                       g.W_out % (kBlockWindowVecs * L) == 0));
+                                                       (g.W_out % (kBlockWindowVecs * L) == 0 || g.W_out == L)));
   // (narrow rows, 8-row blocks of one vector, were not faster with windows: up.3-up.5, 16-32 wide;
   // they take planes instead, below: blocks of up to 16 vectors along a channel's rows)
   constexpr int64_t kWindowBlockRows = 2;  // the wide rows' blocks
@@ -1007,10 +1010,13 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
   // on the Intel machine's 48 KB; up.2, 92 KB, 0.87x).
   // Block windows (block_window) in the phase form where pairs run (the AVX-512 copy), in place
   // of row windows
+  // (rows of one vector: blocks of kNarrowBlockWindowRows x 1 vector)
+  const bool one_vector_rows = g.W_out == L;
   const bool block_windowed = OES_FAST_VEC_BYTES == 64 && phase != nullptr && pairs.count > 0 &&
-                              g.W_out % (kBlockWindowVecs * L) == 0;
+                              (g.W_out % (kBlockWindowVecs * L) == 0 || one_vector_rows);
   const bool windowed = can_window && !block_windowed && !(pairs.count > 0 && strip_in_l1);
-  const int64_t bw_rows = kBlockWindowRows + g.KH - 1, bw_width = kBlockWindowVecs * L;
+  const int64_t bw_rows = (one_vector_rows ? kNarrowBlockWindowRows : kBlockWindowRows) + g.KH - 1;
+  const int64_t bw_width = one_vector_rows ? L : kBlockWindowVecs * L;
   // Narrow rows in planes (flat_planes): the KW column-shifted copies of each input channel's halo
   // rows packed W_out apart, plane_rows rows each (a vector of slack past the halo's rows). The
   // forward's tiles keep its planes small (plan_planes); the input gradients' are the halo's
@@ -1237,20 +1243,25 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
             }
           }
         }
-        if (block_windowed) {
-          constexpr int R = kBlockWindowRows, NB = kBlockWindowVecs;
+        auto block_windows = [&](auto rows_c, auto vecs_c) {
+          constexpr int R = decltype(rows_c)::value, NB = decltype(vecs_c)::value;
           auto block = [&](const T* base, int64_t k0, int64_t m, T b, int64_t xo, T* orow, int64_t valid,
                            double* st) {
             tap_block<T, R, NB>(base, bw_width, off_b.data() + k0, offw + k0, m, b, xo, orow, ostride, valid, st);
           };
-          const auto pblock =
-              paired(std::integral_constant<int, R>{}, std::integral_constant<int, NB>{}, pair_off_b.data(), bw_width);
+          const auto pblock = paired(rows_c, vecs_c, pair_off_b.data(), bw_width);
           for (; r + R <= rows; r += R) {
             for (int64_t xo = 0; xo < g.W_out; xo += NB * L) {
               block_window(halo.data, rows_h_max, Wa, r, xo, bw_rows, bw_width, g, bwin.data);
               run(block, pblock, R, NB * L, r, xo, NB * L, bwin.data - xo);  // (the blocks add xo back)
             }
           }
+        };
+        if (block_windowed && one_vector_rows) {
+          static_assert(kNarrowBlockWindowRows <= kPhaseRows, "the phase rows' buffer holds a block's rows");
+          block_windows(std::integral_constant<int, kNarrowBlockWindowRows>{}, One{});
+        } else if (block_windowed) {
+          block_windows(std::integral_constant<int, kBlockWindowRows>{}, std::integral_constant<int, kBlockWindowVecs>{});
         }
         for (; r + 2 <= rows; r += 2) {
           if (windowed) shifted_window(halo.data, rows_h_max, Wa, r, window_rows, g, window.data, window_rows);
@@ -1668,11 +1679,13 @@ inline bool use_phases(const SparseConvGeometry& g) {
 }
 
 // The forward also takes the phase form on narrower stored rows in the AVX-512 copy, where they
-// are whole block windows wide (kBlockWindowVecs vectors, 32 floats): forward_kernel runs such
-// phase rows as wide ones, in the block windows' 4-row blocks of output-channel pairs. up.3
-// (32x32 stored, 71 -> 72 channels; 1 thread, 512x512, the published pepper mask): its stage
-// 1.59-1.68 -> 1.03-1.10 ms (three alternating pairs of processes). Before the pairs ran there
-// (narrow 8 x 1 blocks), the phase form at 32 columns was slower (1.60-1.70 against 1.54-1.57 ms).
+// are whole block windows wide (kBlockWindowVecs vectors, 32 floats) or one vector: forward_kernel
+// runs such phase rows as wide ones, in block windows of output-channel pairs, 4 rows x 2 vectors
+// or 8 rows x 1 vector. 1 thread, 512x512, the published pepper mask, each stage alone in
+// alternating processes: up.3 (32x32 stored, 71 -> 72 channels) 1.59-1.68 -> 1.03-1.10 ms (three
+// pairs), up.4 (16x16 stored, 91 -> 71) 0.68-0.90 -> 0.53-0.75 ms (faster in all of seven
+// pairs). Before the pairs ran there (narrow 8 x 1 blocks), the phase form at 32 columns was
+// slower (1.60-1.70 against 1.54-1.57 ms).
 template <typename T>
 bool use_phases_forward(const SparseConvGeometry& g) {
   const SparseConvGeometry wide_enough = [&] {
@@ -1681,7 +1694,7 @@ bool use_phases_forward(const SparseConvGeometry& g) {
     return t;
   }();
   return use_phases(g) || (OES_FAST_VEC_BYTES == 64 && use_phases(wide_enough) &&
-                           g.W_src % (kBlockWindowVecs * kLanes<T>) == 0);
+                           (g.W_src % (kBlockWindowVecs * kLanes<T>) == 0 || g.W_src == kLanes<T>));
 }
 
 // CSR of the phase form: row 4 o + 2 p + q holds output channel o's taps at phase (p, q), in the

@@ -67,7 +67,8 @@ Allocator: by default glibc keeps freed memory for reuse (oes_fast.allocator.kee
 as the oes-fast command runs); with --allocator default every large temporary is a fresh mapping
 whose pages fault in again on every call. Minor page faults per call are counted either way.
 
-Whole-network times (uninstrumented sparse forward and step, the masked dense forward through
+Whole-network times (uninstrumented sparse forward and step, the forward as
+SparseGenerator.forward runs it without autograd: one C++ call after the first; the masked dense forward through
 oneDNN in NCHW and channels-last, and the masked dense training step of bench_sparse.py) are
 timed in rounds with the instrumented runs, every round in its own shuffled order (seeded; a
 fixed or rotated order makes each call follow the same neighbour, whose freed memory or cache
@@ -740,7 +741,10 @@ def render(d: dict, quick: bool) -> str:
               f"({100 * med(it['forward']) / f_ref:.0f} %), those of the instrumented step to {ms(med(it['step']))} ms "
               f"against {ms(s_ref)} ms ({100 * med(it['step']) / s_ref:.0f} %). The sums of the per-row medians below "
               f"are lower, {ms(s_f)} ms ({100 * s_f / f_ref:.0f} %) and {ms(s_s)} ms ({100 * s_s / s_ref:.0f} %): "
-              "on the loaded machine each row's slow rounds fall on different rounds. Not covered by any row: the "
+              "on the loaded machine each row's slow rounds fall on different rounds. The uninstrumented forward "
+              "runs as SparseGenerator.forward does without autograd, its stages in one C++ call "
+              "(oes_fast._C.GeneratorForward); the instrumented one runs them from Python (run_stage), whose loop "
+              "and calls the rows also hold. Not covered by any row: the "
               "Python loop between stages and check_input; in the step, each stage's backward row also holds the "
               "autograd bookkeeping and the small graph of the folded constants that the engine runs in between, "
               "and a freed tensor's release is charged to the stage during which its last reference goes.\n"]

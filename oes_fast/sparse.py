@@ -635,8 +635,11 @@ class SparseGenerator(nn.Module):
         """The dense masked model's training-mode output for `z` (see `check_input`; the
         generator's dtype and device, contiguous): (N, out_channels, H, W). Without autograd on
         CPU float32 / float64 (and `use_executor`), the stages run in one C++ call that repeats
-        what this Python loop decided on the first call for z's shape (`_executor`): the same
-        ops and bits, without the loop's Python and dispatch between the kernels."""
+        what this Python loop decided on the first call for z's shape (`_record_executor`): the
+        same ops and bits, without the loop's Python and dispatch between the kernels. The C++
+        call reads the stages' tensors themselves, so new values (an optimizer step, a
+        load_state_dict) are seen; after replacing a tensor object of a stage, `.to()` the
+        generator (or set `use_executor` to False) so that the next forward records again."""
         self.check_input(z)
         if (self.use_executor and not torch.is_grad_enabled() and z.device.type == "cpu"
                 and z.dtype in (torch.float32, torch.float64)):

@@ -62,7 +62,7 @@ struct Stage {
 enum Branch : int64_t { kPoolConv = 0, kStatsConv, kHead, kPrologue, kBatchNormOp, kBatchNormFromStats, kPlain };
 
 struct Step {
-  int64_t branch, i, j;  // j: the conv of kPrologue
+  int64_t branch, i, j;  // j: the conv that kHead and kPrologue end with
   bool act, pool;        // kPrologue, kBatchNormOp: a LeakyReLU fused; kPrologue: the conv's pooling
   int64_t bn2;           // kPrologue: the second batch norm's stage, or -1
 };
@@ -80,7 +80,7 @@ c10::TypedOperatorHandle<F> find_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<F>();
 }
 
-// one handle per op, found once (OP(name, signature) below)
+// one handle per op, found once: OES_OP(accessor, op name, signature)
 #define OES_OP(fn, name, ...)                                           \
   const auto& fn() {                                                    \
     static const auto handle = find_op<__VA_ARGS__>("oes_fast::" name); \
@@ -406,7 +406,7 @@ class GeneratorForward {
           conv_forward(s.conv, st, true, false);
           break;
         case kHead:
-          head(stages_[step.i + 2].conv, s.bn, st);
+          head(stages_[step.j].conv, s.bn, st);
           break;
         case kPrologue:
           prologue(stages_[step.j].conv, s.bn, step.bn2 >= 0 ? &stages_[step.bn2].bn : nullptr, st,

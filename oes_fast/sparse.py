@@ -667,9 +667,9 @@ class SparseGenerator(nn.Module):
         steps = []
         x, const, hw, stats, i = z, None, (z.shape[0], z.shape[2], z.shape[3]), None, 0
         while i < len(self._chain):
-            branch, j, act, pool, bn2 = self.decide(i, x, stats)
-            steps.append((branch, i, j, act, pool, bn2))
-            x, const, hw, stats, i, _ = self.run_stage(i, x, const, hw, stats)
+            decision = self.decide(i, x, stats)
+            steps.append((decision[0], i, *decision[1:]))
+            x, const, hw, stats, i, _ = self._run_decided(i, decision, x, const, hw, stats)
         self._executors[key] = _C.GeneratorForward([_executor_stage(s) for s in self._chain], steps)
         return x
 
@@ -704,8 +704,12 @@ class SparseGenerator(nn.Module):
         LeakyReLU after it included when there is one (else a slope of 1: the identity);
         with that fusion off (`fuse_activation`), "bn apply" (in place without autograd) after
         the conv's statistics; "fwd" (the stage alone)."""
+        return self._run_decided(i, self.decide(i, x, stats), x, const, hw, stats)
+
+    def _run_decided(self, i: int, decision: tuple, x, const, hw, stats):
+        """run_stage with stage i's `decide` already made."""
         stage = self._chain[i]
-        branch, j, act, pool, bn2 = self.decide(i, x, stats)
+        branch, j, act, pool, bn2 = decision
         if branch == POOL_CONV:
             x, const, hw, stats = stage(x, const, hw, with_stats=True, pool=True)
             return x, const, hw, stats, i + 2, "conv + pool + bn stats (fused)"
@@ -713,7 +717,7 @@ class SparseGenerator(nn.Module):
             x, const, hw, stats = stage(x, const, hw, with_stats=True)
             return x, const, hw, stats, i + 1, "conv + bn stats (fused)"
         if branch == HEAD:
-            x, const, hw = self._chain[i + 2].forward_head(x, stats, stage, hw, LEAKY_RELU_SLOPE)
+            x, const, hw = self._chain[j].forward_head(x, stats, stage, hw, LEAKY_RELU_SLOPE)
             return x, const, hw, None, i + 3, "bn apply + activation + 1x1 conv (fused)"
         if branch == PROLOGUE:
             # the conv after the batch norm, its LeakyReLU if any and a second batch norm if a pair
@@ -737,8 +741,9 @@ class SparseGenerator(nn.Module):
     def decide(self, i: int, x, stats) -> tuple[int, int, bool, bool, int]:
         """How `run_stage` runs stage i on live inputs x (with `stats` from the conv before, or
         None): (branch, the conv's index, whether a LeakyReLU is fused, whether a pooling is, the
-        second batch norm's index or -1). Branches: POOL_CONV, STATS_CONV, HEAD, PROLOGUE (the
-        conv's index is where it applies), BATCH_NORM_OP, BATCH_NORM_FROM_STATS, PLAIN. Fixed by
+        second batch norm's index or -1). Branches: POOL_CONV, STATS_CONV, HEAD, PROLOGUE (for
+        these two the conv's index is that of the conv they end with), BATCH_NORM_OP,
+        BATCH_NORM_FROM_STATS, PLAIN. Fixed by
         the generator's structure, its fusion switches and x's shape, dtype and device."""
         if self.fuses_pool(i, x):
             return POOL_CONV, i, False, True, -1

@@ -498,6 +498,13 @@ constexpr int kBlockWindowRows = 4, kBlockWindowVecs = 2;
 // 1 vector (the pairs' 16 accumulators again); see use_phases_forward.
 constexpr int kNarrowBlockWindowRows = 8;
 
+// Whether the phase form's rows of `width` values are read in block windows (the AVX-512 copy):
+// whole windows of kBlockWindowVecs vectors, or one vector.
+template <typename T>
+constexpr bool block_window_rows(int64_t width) {
+  return OES_FAST_VEC_BYTES == 64 && (width % (kBlockWindowVecs * kLanes<T>) == 0 || width == kLanes<T>);
+}
+
 template <typename T>
 void block_window(const T* halo, int64_t rows_h, int64_t Wa, int64_t r, int64_t xo, int64_t rows, int64_t width,
                   const SparseConvGeometry& g, T* window) {
@@ -985,8 +992,7 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
   constexpr int64_t L = kLanes<T>;
   if (g.N == 0 || g.C_out == 0) return;
   // (and the phase form's rows of whole block windows in the AVX-512 copy: use_phases_forward)
-  const bool wide = g.SW == 1 && (g.W_out >= 4 * L || (OES_FAST_VEC_BYTES == 64 && phase != nullptr &&
-                                                       (g.W_out % (kBlockWindowVecs * L) == 0 || g.W_out == L)));
+  const bool wide = g.SW == 1 && (g.W_out >= 4 * L || (phase != nullptr && block_window_rows<T>(g.W_out)));
   // (narrow rows, 8-row blocks of one vector, were not faster with windows: up.3-up.5, 16-32 wide;
   // they take planes instead, below: blocks of up to 16 vectors along a channel's rows)
   constexpr int64_t kWindowBlockRows = 2;  // the wide rows' blocks
@@ -1012,8 +1018,7 @@ void forward_kernel(const T* x, const T* vals, const int64_t* rp, const int32_t*
   // of row windows
   // (rows of one vector: blocks of kNarrowBlockWindowRows x 1 vector)
   const bool one_vector_rows = g.W_out == L;
-  const bool block_windowed = OES_FAST_VEC_BYTES == 64 && phase != nullptr && pairs.count > 0 &&
-                              (g.W_out % (kBlockWindowVecs * L) == 0 || one_vector_rows);
+  const bool block_windowed = phase != nullptr && pairs.count > 0 && block_window_rows<T>(g.W_out);
   const bool windowed = can_window && !block_windowed && !(pairs.count > 0 && strip_in_l1);
   const int64_t bw_rows = (one_vector_rows ? kNarrowBlockWindowRows : kBlockWindowRows) + g.KH - 1;
   const int64_t bw_width = one_vector_rows ? L : kBlockWindowVecs * L;
@@ -1673,10 +1678,12 @@ void weight_grad_stride1(const T* gout, const T* x, const int64_t* rp, const int
 constexpr int64_t kPhaseMinWidth = 64;
 constexpr int64_t kPhaseInputGradMinWidth = 256;
 
-inline bool use_phases(const SparseConvGeometry& g) {
-  return g.U == 2 && g.SH == 1 && g.SW == 1 && g.KH == 3 && g.KW == 3 && g.PH == 1 && g.PW == 1 &&
-         !g.replicate && g.W_src >= kPhaseMinWidth;
+// a 2x-upsampled 3x3 conv with padding 1, stride 1: what the phase form computes
+inline bool phase_shape(const SparseConvGeometry& g) {
+  return g.U == 2 && g.SH == 1 && g.SW == 1 && g.KH == 3 && g.KW == 3 && g.PH == 1 && g.PW == 1 && !g.replicate;
 }
+
+inline bool use_phases(const SparseConvGeometry& g) { return phase_shape(g) && g.W_src >= kPhaseMinWidth; }
 
 // The forward also takes the phase form on narrower stored rows in the AVX-512 copy, where they
 // are whole block windows wide (kBlockWindowVecs vectors, 32 floats) or one vector: forward_kernel
@@ -1688,13 +1695,7 @@ inline bool use_phases(const SparseConvGeometry& g) {
 // slower (1.60-1.70 against 1.54-1.57 ms).
 template <typename T>
 bool use_phases_forward(const SparseConvGeometry& g) {
-  const SparseConvGeometry wide_enough = [&] {
-    SparseConvGeometry t = g;
-    t.W_src = kPhaseMinWidth;
-    return t;
-  }();
-  return use_phases(g) || (OES_FAST_VEC_BYTES == 64 && use_phases(wide_enough) &&
-                           (g.W_src % (kBlockWindowVecs * kLanes<T>) == 0 || g.W_src == kLanes<T>));
+  return use_phases(g) || (phase_shape(g) && block_window_rows<T>(g.W_src));
 }
 
 // CSR of the phase form: row 4 o + 2 p + q holds output channel o's taps at phase (p, q), in the
